@@ -1,0 +1,194 @@
+// DMAMappingTable.swift — the user's DMA mappings (VFIO type1's `vfio_dma` list):
+// IOVA range → host virtual range + permission, each with its "iopf mapped" bitmap.
+//
+// Ranges are `[iova, iova + size)`; `iovaLast` is inclusive. Lookups are binary searches
+// over arrays sorted by IOVA and by host address: O(log n) to find, O(n) to insert or
+// remove, which at the type1 default limit of 65535 entries is a short memmove.
+
+public struct MappingID: Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt64
+    public var description: String { "mapping#\(rawValue)" }
+}
+
+/// One DMA mapping. Mutable state is changed only under the engine's update lock.
+public final class DMAMapping: @unchecked Sendable {
+    public let id: MappingID
+    public let iova: UInt64
+    public let size: UInt64
+    public let prot: Protection
+    /// Host virtual address of the first byte.
+    public internal(set) var vaddr: UInt64
+    /// Bit i set ⇔ page i is mapped in every domain by the fault path.
+    public internal(set) var iopfMapped: PageBitmap
+
+    init(id: MappingID, iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) {
+        self.id = id
+        self.iova = iova
+        self.vaddr = vaddr
+        self.size = size
+        self.prot = prot
+        iopfMapped = PageBitmap(count: Int(size >> pageShift))
+    }
+
+    public var pageCount: Int { iopfMapped.count }
+    public var iovaLast: UInt64 { iova + size - 1 }
+    public var vaddrEnd: UInt64 { vaddr + size }
+
+    @inline(__always) public func contains(iova address: UInt64) -> Bool { address >= iova && address <= iovaLast }
+    @inline(__always) func pageIndex(iova address: UInt64) -> Int { Int((address - iova) >> pageShift) }
+    @inline(__always) func iova(page: Int) -> UInt64 { iova + UInt64(page) << pageShift }
+    @inline(__always) func hostAddress(page: Int) -> UInt64 { vaddr + UInt64(page) << pageShift }
+}
+
+public enum DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
+    case zeroSize(iova: UInt64)
+    case unaligned(what: String, value: UInt64)
+    case overflow(what: String, start: UInt64, size: UInt64)
+    case outOfIOVASpace(iova: UInt64, size: UInt64)
+    case noPermission(iova: UInt64)
+    case overlap(iova: UInt64, size: UInt64, existing: MappingID, existingIOVA: UInt64, existingSize: UInt64)
+    case entryLimit(limit: Int)
+    case partialUnmap(iova: UInt64, size: UInt64, mapping: MappingID, mappingIOVA: UInt64, mappingSize: UInt64)
+
+    public var description: String {
+        switch self {
+        case .zeroSize(let iova):
+            "DMA map at iova \(hex(iova)): size is zero"
+        case .unaligned(let what, let value):
+            "DMA map: \(what) \(hex(value)) is not a multiple of 4 KiB"
+        case .overflow(let what, let start, let size):
+            "DMA map: \(what) \(hex(start)) + size \(hex(size)) overflows 64 bits"
+        case .outOfIOVASpace(let iova, let size):
+            "DMA map: [\(hex(iova)), +\(hex(size))) does not fit in the 48-bit IOVA space"
+        case .noPermission(let iova):
+            "DMA map at iova \(hex(iova)): neither read nor write permission requested"
+        case .overlap(let iova, let size, let existing, let eIOVA, let eSize):
+            "DMA map: [\(hex(iova)), +\(hex(size))) overlaps \(existing) at [\(hex(eIOVA)), +\(hex(eSize)))"
+        case .entryLimit(let limit):
+            "DMA map: the table already holds its limit of \(limit) mappings (dma_entry_limit)"
+        case .partialUnmap(let iova, let size, let m, let mIOVA, let mSize):
+            "DMA unmap: [\(hex(iova)), +\(hex(size))) cuts \(m) at [\(hex(mIOVA)), +\(hex(mSize))); unmap whole mappings only (nothing was unmapped)"
+        }
+    }
+}
+
+public struct DMAMappingTable: Sendable {
+    public static let defaultEntryLimit = 65535
+
+    public let entryLimit: Int
+    /// Sorted by `iova`; IOVA ranges never overlap.
+    public private(set) var byIOVA: [DMAMapping] = []
+    /// Sorted by `vaddr`; host ranges may overlap (one buffer mapped at two IOVAs).
+    private var byHost: [DMAMapping] = []
+    /// Largest mapping size, so that a host-range query knows how far back to look.
+    private var largestSize: UInt64 = 0
+    private var nextID: UInt64 = 1
+
+    public init(entryLimit: Int = Self.defaultEntryLimit) {
+        precondition(entryLimit > 0, "entry limit \(entryLimit) must be positive")
+        self.entryLimit = entryLimit
+    }
+
+    public var count: Int { byIOVA.count }
+
+    /// Validates like VFIO type1 (`vfio_dma_do_map`); changes nothing on error.
+    public static func validate(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError) {
+        guard size > 0 else { throw .zeroSize(iova: iova) }
+        guard isPageAligned(size) else { throw .unaligned(what: "size", value: size) }
+        guard isPageAligned(iova) else { throw .unaligned(what: "iova", value: iova) }
+        guard isPageAligned(vaddr) else { throw .unaligned(what: "vaddr", value: vaddr) }
+        guard let last = lastAddress(start: iova, size: size) else { throw .overflow(what: "iova", start: iova, size: size) }
+        guard lastAddress(start: vaddr, size: size) != nil else { throw .overflow(what: "vaddr", start: vaddr, size: size) }
+        guard last < IOPageTable.iovaLimit else { throw .outOfIOVASpace(iova: iova, size: size) }
+        guard !prot.isEmpty else { throw .noPermission(iova: iova) }
+    }
+
+    /// Adds a mapping after full validation.
+    public mutating func insert(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError) -> DMAMapping {
+        try Self.validate(iova: iova, vaddr: vaddr, size: size, prot: prot)
+        guard count < entryLimit else { throw .entryLimit(limit: entryLimit) }
+        let at = firstIndex(iovaLastAtLeast: iova)
+        if at < byIOVA.count, byIOVA[at].iova <= iova + size - 1 {
+            let e = byIOVA[at]
+            throw .overlap(iova: iova, size: size, existing: e.id, existingIOVA: e.iova, existingSize: e.size)
+        }
+        let mapping = DMAMapping(id: MappingID(rawValue: nextID), iova: iova, vaddr: vaddr, size: size, prot: prot)
+        nextID += 1
+        byIOVA.insert(mapping, at: at)
+        byHost.insert(mapping, at: firstIndex(vaddrAtLeast: vaddr))
+        largestSize = max(largestSize, size)
+        return mapping
+    }
+
+    /// The mappings inside `[iova, iova + size)`, which must not cut any mapping (VFIO
+    /// type1 refuses to split a mapping). Validates only; `remove` does the removal.
+    public func mappings(coveringWhole iova: UInt64, size: UInt64) throws(DMAMapError) -> ArraySlice<DMAMapping> {
+        guard size > 0 else { throw .zeroSize(iova: iova) }
+        guard isPageAligned(iova) else { throw .unaligned(what: "iova", value: iova) }
+        guard isPageAligned(size) else { throw .unaligned(what: "size", value: size) }
+        guard let last = lastAddress(start: iova, size: size) else { throw .overflow(what: "iova", start: iova, size: size) }
+        let lo = firstIndex(iovaLastAtLeast: iova)
+        var hi = lo
+        while hi < byIOVA.count, byIOVA[hi].iova <= last { hi += 1 }
+        // Only the first and last mapping of the span can stick out of it.
+        if lo < hi, let cut = [byIOVA[lo], byIOVA[hi - 1]].first(where: { $0.iova < iova || $0.iovaLast > last }) {
+            throw .partialUnmap(iova: iova, size: size, mapping: cut.id, mappingIOVA: cut.iova, mappingSize: cut.size)
+        }
+        return byIOVA[lo..<hi]
+    }
+
+    /// Removes one mapping from both indexes.
+    public mutating func remove(_ mapping: DMAMapping) {
+        guard let i = byIOVA.firstIndex(where: { $0 === mapping }) else { return }
+        byIOVA.remove(at: i)
+        if let j = byHost.firstIndex(where: { $0 === mapping }) { byHost.remove(at: j) }
+    }
+
+    /// Replaces a mapping's host address (VFIO's `VFIO_DMA_MAP_FLAG_VADDR`), keeping the
+    /// host index sorted.
+    mutating func updateHostAddress(_ mapping: DMAMapping, to vaddr: UInt64) {
+        if let j = byHost.firstIndex(where: { $0 === mapping }) { byHost.remove(at: j) }
+        mapping.vaddr = vaddr
+        byHost.insert(mapping, at: firstIndex(vaddrAtLeast: vaddr))
+    }
+
+    /// The mapping whose IOVA range holds `iova`.
+    @inline(__always)
+    public func mapping(containing iova: UInt64) -> DMAMapping? {
+        let i = firstIndex(iovaLastAtLeast: iova)
+        guard i < byIOVA.count, byIOVA[i].iova <= iova else { return nil }
+        return byIOVA[i]
+    }
+
+    /// Calls `body` for each mapping whose host range overlaps `[start, end)`.
+    public func forEachMapping(overlappingHost start: UInt64, end: UInt64, _ body: (DMAMapping) throws -> Void) rethrows {
+        guard start < end else { return }
+        // A mapping starting at or before `start - largestSize` ends before `start`.
+        var i = firstIndex(vaddrAtLeast: start > largestSize ? start - largestSize + 1 : 0)
+        while i < byHost.count, byHost[i].vaddr < end {
+            let m = byHost[i]
+            if m.vaddrEnd > start { try body(m) }
+            i += 1
+        }
+    }
+
+    /// First index in `byIOVA` whose mapping ends at or after `iova`.
+    @inline(__always)
+    private func firstIndex(iovaLastAtLeast iova: UInt64) -> Int {
+        var (lo, hi) = (0, byIOVA.count)
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if byIOVA[mid].iovaLast < iova { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
+    private func firstIndex(vaddrAtLeast vaddr: UInt64) -> Int {
+        var (lo, hi) = (0, byHost.count)
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if byHost[mid].vaddr < vaddr { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+}

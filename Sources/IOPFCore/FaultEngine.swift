@@ -1,0 +1,554 @@
+// FaultEngine.swift — every decision of the fault service: DMA mappings, I/O page tables
+// (domains), fault handling and invalidation. No system calls; host memory is reached
+// through `HostMemory`.
+//
+// Conventions: page ranges are half-open `Range<Int>` of page indices within a mapping;
+// host ranges are `[start, end)`; gathered IOVA ranges are inclusive.
+//
+// Concurrency, after the MMU interval notifier (include/linux/mmu_notifier.h): one update
+// lock guards mappings, bitmaps and page-table writes. A sequence number is bumped (odd)
+// when an invalidation or unmap starts and again (even) when it ends, both under the lock.
+// A fault reads the sequence and looks up its mapping under the lock, resolves the host
+// page without it, then re-takes the lock and installs only if the sequence has not
+// moved; otherwise it starts again. This closes the window in which a fault installs a
+// translation for a page that an invalidation has just taken away (seed 003).
+
+import Synchronization
+
+public struct DomainID: Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: Int
+    public var description: String { "domain#\(rawValue)" }
+}
+
+public struct EngineConfiguration: Sendable {
+    /// VFIO type1's `dma_entry_limit`.
+    public var entryLimit = DMAMappingTable.defaultEntryLimit
+    public var gatherPolicy = GatherPolicy.defaultRangeList
+    /// Page sizes the domains' page tables may use.
+    public var pageSizes = Set(PageSize.allCases)
+    public init() {}
+}
+
+/// Why one page request got the answer it did.
+public enum RequestOutcome: Sendable, Hashable {
+    /// Resolved and mapped into every domain.
+    case mapped
+    /// Already mapped (its bit was set): answered SUCCESS, nothing done.
+    case spurious
+    /// No DMA mapping holds the address.
+    case noMapping
+    /// The mapping does not grant the requested access.
+    case permissionDenied
+    /// The host could not provide the page.
+    case resolveFailed
+    /// The page table refused the page (pool exhausted or an inconsistent entry).
+    case mapFailed
+    /// The engine is stopped after a fatal invalidation failure.
+    case engineFailed
+
+    public var succeeded: Bool { self == .mapped || self == .spurious }
+}
+
+public struct GroupOutcome: Sendable, Equatable {
+    /// SUCCESS only if every request of the group succeeded.
+    public var code: ResponseCode
+    public var mapped = 0
+    public var spurious = 0
+    /// Times the group was resolved again because an invalidation ran meanwhile.
+    public var retries = 0
+}
+
+public struct InvalidationOutcome: Sendable, Equatable {
+    public var mappingsTouched = 0
+    /// Pages whose bits were cleared because they were really unmapped in every domain;
+    /// more than asked when a block was removed whole.
+    public var pagesUnmapped = 0
+}
+
+public struct EngineStatistics: Sendable, Equatable {
+    public var groups = 0
+    public var requests = 0
+    public var successGroups = 0
+    public var invalidGroups = 0
+    public var mappedPages = 0
+    public var spurious = 0
+    public var retries = 0
+    public var noMapping = 0
+    public var permissionDenied = 0
+    public var resolveFailures = 0
+    public var mapFailures = 0
+    public var invalidations = 0
+    public var pagesUnmapped = 0
+    /// IOTLB syncs over all domains, and the ranges they carried.
+    public var iotlbSyncs = 0
+    public var syncedRanges = 0
+}
+
+/// An unmap that could not remove a present translation during an invalidation: the
+/// device would keep access to memory the host took back. The engine stops serving
+/// faults (every later request is answered INVALID) and the caller must detach devices.
+public struct FatalInvalidationError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var domain: DomainID
+    public var iova: UInt64
+    public var reason: String
+    public var description: String {
+        "fatal: \(domain) could not unmap iova \(hex(iova)) during an invalidation (\(reason)); "
+            + "a device would keep access to memory the host took back, so fault service is stopped"
+    }
+}
+
+public final class FaultEngine: Sendable {
+    public let memory: any HostMemory
+    public let configuration: EngineConfiguration
+    let state: Mutex<State>
+    /// Odd while an invalidation or unmap runs; changed only under the lock.
+    let sequence = Atomic<UInt64>(0)
+
+    struct State {
+        var mappings: DMAMappingTable
+        var domains: [IOPageTable] = []
+        /// One gather per domain, kept between invalidations (allocation-free reuse).
+        var gathers: [IOTLBGather] = []
+        var stats = EngineStatistics()
+        var failure: FatalInvalidationError?
+    }
+
+    public init(memory: any HostMemory, configuration: EngineConfiguration = EngineConfiguration()) {
+        self.memory = memory
+        self.configuration = configuration
+        state = Mutex(State(mappings: DMAMappingTable(entryLimit: configuration.entryLimit)))
+    }
+
+    // MARK: Domains
+
+    /// Adds an I/O page table. Pages already faulted in are replayed into it, so that a
+    /// set bit keeps meaning "mapped in every domain".
+    public func createDomain(invalidator: (any IOTLBInvalidator)? = nil) throws(IOPageTableError) -> DomainID {
+        let table = IOPageTable(pageSizes: configuration.pageSizes, invalidator: invalidator)
+        return try state.withLock { s throws(IOPageTableError) in
+            if let source = s.domains.first {
+                for m in s.mappings.byIOVA {
+                    var p = m.iopfMapped.findNextSet(from: 0)
+                    while p < m.pageCount {
+                        let iova = m.iova(page: p)
+                        let t = source.translate(iova)!
+                        try table.map(iova: iova, phys: t.phys, size: pageBytes, prot: t.prot)
+                        p = m.iopfMapped.findNextSet(from: p + 1)
+                    }
+                }
+            }
+            s.domains.append(table)
+            s.gathers.append(IOTLBGather(policy: configuration.gatherPolicy))
+            return DomainID(rawValue: s.domains.count - 1)
+        }
+    }
+
+    /// The page table of a domain, for lock-free `translate` walks by devices.
+    public func pageTable(_ domain: DomainID) -> IOPageTable {
+        state.withLock { $0.domains[domain.rawValue] }
+    }
+
+    public func setInvalidator(_ invalidator: (any IOTLBInvalidator)?, for domain: DomainID) {
+        state.withLock { $0.domains[domain.rawValue].invalidator = invalidator }
+    }
+
+    // MARK: DMA mappings
+
+    /// Adds a DMA mapping (VFIO_IOMMU_MAP_DMA in fault mode): nothing is pinned or mapped
+    /// until a device faults.
+    @discardableResult
+    public func map(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError) -> MappingID {
+        try state.withLock { s throws(DMAMapError) in
+            try s.mappings.insert(iova: iova, vaddr: vaddr, size: size, prot: prot).id
+        }
+    }
+
+    /// Removes every mapping inside `[iova, iova + size)` (which must not cut one), unmapping
+    /// their faulted pages from every domain with one sync per domain. Returns the bytes of
+    /// the mappings removed.
+    @discardableResult
+    public func unmap(iova: UInt64, size: UInt64) throws -> UInt64 {
+        try state.withLock { s throws in
+            let victims = try s.mappings.mappings(coveringWhole: iova, size: size)
+            guard !victims.isEmpty else { return 0 }
+            beginInvalidation()
+            defer { endInvalidation() }
+            var bytes: UInt64 = 0
+            for m in victims {
+                _ = try unmapPages(of: m, in: 0..<m.pageCount, &s)
+                bytes += m.size
+            }
+            syncAll(&s)
+            for m in Array(victims) { s.mappings.remove(m) }
+            return bytes
+        }
+    }
+
+    /// Points a mapping at a new host address (VFIO_DMA_MAP_FLAG_VADDR). Pages already
+    /// mapped are unmapped first: they translate to the old memory.
+    public func updateHostAddress(iova: UInt64, size: UInt64, vaddr: UInt64) throws {
+        try state.withLock { s throws in
+            let found = try s.mappings.mappings(coveringWhole: iova, size: size)
+            guard found.count == 1, let m = found.first, m.iova == iova, m.size == size else {
+                throw DMAMapError.partialUnmap(iova: iova, size: size, mapping: found.first?.id ?? MappingID(rawValue: 0),
+                                               mappingIOVA: found.first?.iova ?? 0, mappingSize: found.first?.size ?? 0)
+            }
+            try DMAMappingTable.validate(iova: iova, vaddr: vaddr, size: size, prot: m.prot)
+            beginInvalidation()
+            defer { endInvalidation() }
+            _ = try unmapPages(of: m, in: 0..<m.pageCount, &s)
+            syncAll(&s)
+            s.mappings.updateHostAddress(m, to: vaddr)
+        }
+    }
+
+    public var mappingCount: Int { state.withLock { $0.mappings.count } }
+
+    // MARK: Faults
+
+    /// A handler owns the scratch buffers of the fault path; use one per thread.
+    public func makeFaultHandler() -> FaultHandler { FaultHandler(engine: self) }
+
+    /// Resolves and maps `[iova, iova + size)` ahead of any fault, with the largest pages
+    /// that alignment and physical contiguity allow (the VFIO IOPF series' pre-mapping).
+    /// Pages already mapped are left alone. Returns the pages newly mapped.
+    @discardableResult
+    public func premap(iova: UInt64, size: UInt64, write: Bool) throws -> Int {
+        var physical: [UInt64] = []
+        while true {
+            let (seq, m, first, count) = try state.withLock { s throws in
+                guard isPageAligned(iova), isPageAligned(size), size > 0,
+                    let m = s.mappings.mapping(containing: iova), let last = lastAddress(start: iova, size: size),
+                    last <= m.iovaLast
+                else { throw DMAMapError.unaligned(what: "premap range inside one mapping at iova", value: iova) }
+                return (sequence.load(ordering: .relaxed), m, m.pageIndex(iova: iova), Int(size >> pageShift))
+            }
+            physical.removeAll(keepingCapacity: true)
+            try memory.resolve(address: m.hostAddress(page: first), pageCount: count, write: write, physical: &physical)
+            let done: Int? = try state.withLock { s throws in
+                guard sequence.load(ordering: .relaxed) == seq else { return nil }
+                var mapped = 0
+                var p = m.iopfMapped.findNextClear(from: first)
+                while p < first + count {
+                    // A run of clear bits whose physical pages are contiguous maps in one call.
+                    var end = p + 1
+                    while end < first + count, !m.iopfMapped.test(end),
+                        physical[end - first] == physical[end - first - 1] + pageBytes
+                    { end += 1 }
+                    let bytes = UInt64(end - p) << pageShift
+                    for (i, d) in s.domains.enumerated() {
+                        do {
+                            try d.map(iova: m.iova(page: p), phys: physical[p - first], size: bytes, prot: m.prot)
+                        } catch {
+                            for u in 0..<i {
+                                _ = s.domains[u].unmap(iova: m.iova(page: p), size: bytes, gather: &s.gathers[u])
+                                s.domains[u].sync(&s.gathers[u])
+                            }
+                            throw error
+                        }
+                    }
+                    m.iopfMapped.set(p..<end)
+                    mapped += end - p
+                    p = m.iopfMapped.findNextClear(from: end)
+                }
+                s.stats.mappedPages += mapped
+                return mapped
+            }
+            if let done { return done }
+            state.withLock { $0.stats.retries += 1 }
+        }
+    }
+
+    // MARK: Invalidation
+
+    /// Handles an MMU-notifier event for host range `[start, start + length)`: every
+    /// faulted page of every mapping that overlaps it (widened outwards to whole pages) is
+    /// unmapped from every domain, bits are cleared by what was really unmapped, and each
+    /// domain syncs once at the end.
+    @discardableResult
+    public func invalidate(hostAddress start: UInt64, length: UInt64) throws(FatalInvalidationError) -> InvalidationOutcome {
+        guard length > 0 else { return InvalidationOutcome() }
+        let first = start & ~pageMask
+        let (sum, overflow) = start.addingReportingOverflow(length)
+        let end = overflow || sum > UInt64.max - pageMask ? UInt64.max & ~pageMask : (sum + pageMask) & ~pageMask
+        return try state.withLock { s throws(FatalInvalidationError) in
+            if let failure = s.failure { throw failure }
+            beginInvalidation()
+            defer { endInvalidation() }
+            var outcome = InvalidationOutcome()
+            var failure: FatalInvalidationError?
+            s.mappings.forEachMapping(overlappingHost: first, end: end) { m in
+                guard failure == nil else { return }
+                let lo = Int((max(first, m.vaddr) - m.vaddr) >> pageShift)
+                let hi = Int((min(end, m.vaddrEnd) - m.vaddr) >> pageShift)
+                outcome.mappingsTouched += 1
+                do throws(FatalInvalidationError) {
+                    outcome.pagesUnmapped += try unmapPages(of: m, in: lo..<hi, &s)
+                } catch {
+                    failure = error
+                }
+            }
+            syncAll(&s)
+            s.stats.invalidations += 1
+            if let failure {
+                s.failure = failure
+                throw failure
+            }
+            return outcome
+        }
+    }
+
+    @inline(__always) private func beginInvalidation() { sequence.add(1, ordering: .releasing) }
+    @inline(__always) private func endInvalidation() { sequence.add(1, ordering: .releasing) }
+
+    private func syncAll(_ s: inout State) {
+        for d in s.domains.indices { s.domains[d].sync(&s.gathers[d]) }
+    }
+
+    /// Unmaps the faulted pages of `m` in `pages` from every domain, walking the bitmap by
+    /// runs, and clears the bits of what was really unmapped. Returns the bits cleared.
+    private func unmapPages(of m: DMAMapping, in pages: Range<Int>, _ s: inout State) throws(FatalInvalidationError) -> Int {
+        var cleared = 0
+        var i = m.iopfMapped.findNextSet(from: pages.lowerBound)
+        while i < pages.upperBound {
+            let runEnd = min(m.iopfMapped.findNextClear(from: i), pages.upperBound)
+            let really = try unmapRun(of: m, i..<runEnd, &s)
+            cleared += m.iopfMapped.population(in: really)
+            m.iopfMapped.clear(really)
+            i = m.iopfMapped.findNextSet(from: really.upperBound)
+        }
+        s.stats.pagesUnmapped += cleared
+        return cleared
+    }
+
+    /// Unmaps `run` in every domain and returns the page range really unmapped in all of
+    /// them. Unmap may remove more than asked (a block reached at its first address) or
+    /// stop early (a block entered in its middle, or a hole); the range widens to whole
+    /// blocks and every domain is brought to the same extent, so bitmap and tables stay in
+    /// step (seed 003: continue from `iova + unmapped`, never from `iova + requested`).
+    private func unmapRun(of m: DMAMapping, _ run: Range<Int>, _ s: inout State) throws(FatalInvalidationError) -> Range<Int> {
+        var (lo, hi) = (run.lowerBound, run.upperBound)
+        var widened = true
+        while widened {
+            widened = false
+            for d in s.domains.indices {
+                let table = s.domains[d]
+                var pos = lo
+                while pos < hi {
+                    let iova = m.iova(page: pos)
+                    let bytes = table.unmap(iova: iova, size: UInt64(hi - pos) << pageShift, gather: &s.gathers[d])
+                    if bytes > 0 {
+                        pos += Int(bytes >> pageShift)
+                        if pos > hi {
+                            hi = pos
+                            widened = true
+                        }
+                        continue
+                    }
+                    guard let t = table.translate(iova) else {
+                        pos += 1  // a hole: nothing to unmap here in this domain
+                        continue
+                    }
+                    let blockIOVA = iova & ~(t.pageSize.bytes - 1)
+                    guard t.pageSize != .size4K, blockIOVA >= m.iova, blockIOVA + t.pageSize.bytes - 1 <= m.iovaLast else {
+                        let reason = t.pageSize == .size4K
+                            ? "the page table kept a present 4 KiB leaf"
+                            : "a \(t.pageSize) block crosses the bounds of \(m.id)"
+                        throw FatalInvalidationError(domain: DomainID(rawValue: d), iova: iova, reason: reason)
+                    }
+                    // Inside a block: unmap it whole from its first address.
+                    let blockFirst = m.pageIndex(iova: blockIOVA)
+                    let blockEnd = blockFirst + Int(t.pageSize.bytes >> pageShift)
+                    if blockFirst < lo { lo = blockFirst; widened = true }
+                    if blockEnd > hi { hi = blockEnd; widened = true }
+                    pos = blockFirst
+                }
+            }
+        }
+        return lo..<hi
+    }
+
+    // MARK: Inspection
+
+    public var statistics: EngineStatistics {
+        state.withLock { s in
+            var stats = s.stats
+            stats.iotlbSyncs = s.domains.reduce(0) { $0 + $1.syncCount }
+            stats.syncedRanges = s.domains.reduce(0) { $0 + $1.syncedRanges }
+            return stats
+        }
+    }
+
+    /// The fatal invalidation failure that stopped the engine, if any.
+    public var failure: FatalInvalidationError? { state.withLock { $0.failure } }
+
+    /// The invalidation sequence: odd while an invalidation runs.
+    public var invalidationSequence: UInt64 { sequence.load(ordering: .acquiring) }
+
+    /// Faulted pages over all mappings (the bits set).
+    public var mappedPageCount: Int {
+        state.withLock { s in s.mappings.byIOVA.reduce(0) { $0 + $1.iopfMapped.population } }
+    }
+
+    /// Whether page `iova` is marked mapped in its mapping's bitmap.
+    public func isMarkedMapped(iova: UInt64) -> Bool {
+        state.withLock { s in
+            guard let m = s.mappings.mapping(containing: iova) else { return false }
+            return m.iopfMapped.test(m.pageIndex(iova: iova))
+        }
+    }
+}
+
+// MARK: - Fault handler
+
+/// Handles page request groups for one thread, reusing its scratch buffers so that the
+/// steady state allocates nothing. Not thread-safe; make one per thread.
+public final class FaultHandler {
+    public let engine: FaultEngine
+
+    private struct Work {
+        var iova: UInt64
+        var host: UInt64
+        var write: Bool
+        var mapping: DMAMapping?
+        var outcome: RequestOutcome?
+    }
+
+    private var work: [Work] = []
+    private var physical: [UInt64] = []
+    /// Index into `physical` for each work item, or -1 when it was not resolved.
+    private var physicalIndex: [Int] = []
+
+    init(engine: FaultEngine) {
+        self.engine = engine
+        work.reserveCapacity(32)
+        physical.reserveCapacity(32)
+        physicalIndex.reserveCapacity(32)
+    }
+
+    /// Handles one complete page request group and returns its single answer.
+    public func handle(_ group: [PageRequest]) -> GroupOutcome {
+        var outcome = GroupOutcome(code: .success)
+        while true {
+            let seq = lookUp(group)
+            resolve()
+            if install(seq: seq, into: &outcome) { break }
+            outcome.retries += 1
+        }
+        return outcome
+    }
+
+    /// Phase 1, under the lock: classify each request and note the sequence.
+    private func lookUp(_ group: [PageRequest]) -> UInt64 {
+        work.removeAll(keepingCapacity: true)
+        return engine.state.withLock { s in
+            let failed = s.failure != nil
+            for r in group {
+                let iova = r.page
+                var w = Work(iova: iova, host: 0, write: r.wantsWrite, mapping: nil, outcome: nil)
+                if failed {
+                    w.outcome = .engineFailed
+                } else if let m = s.mappings.mapping(containing: iova) {
+                    let wants: Protection = r.wantsWrite ? .write : .read
+                    if !m.prot.contains(wants) || (r.perm.contains(.read) && !m.prot.contains(.read)) {
+                        w.outcome = .permissionDenied
+                    } else if m.iopfMapped.test(m.pageIndex(iova: iova)) {
+                        w.outcome = .spurious
+                    } else {
+                        w.host = m.hostAddress(page: m.pageIndex(iova: iova))
+                        w.mapping = m
+                    }
+                } else {
+                    w.outcome = .noMapping
+                }
+                work.append(w)
+            }
+            return engine.sequence.load(ordering: .relaxed)
+        }
+    }
+
+    /// Phase 2, without the lock: resolve host pages, one call per contiguous run.
+    private func resolve() {
+        physical.removeAll(keepingCapacity: true)
+        physicalIndex.removeAll(keepingCapacity: true)
+        var i = 0
+        while i < work.count {
+            guard work[i].mapping != nil else {
+                physicalIndex.append(-1)
+                i += 1
+                continue
+            }
+            var end = i + 1
+            while end < work.count, work[end].mapping != nil, work[end].write == work[i].write,
+                work[end].host == work[end - 1].host + pageBytes
+            { end += 1 }
+            let base = physical.count
+            do {
+                try engine.memory.resolve(address: work[i].host, pageCount: end - i, write: work[i].write, physical: &physical)
+                for k in i..<end { physicalIndex.append(base + k - i) }
+            } catch {
+                physical.removeSubrange(base...)
+                for k in i..<end {
+                    physicalIndex.append(-1)
+                    work[k].outcome = .resolveFailed
+                }
+            }
+            i = end
+        }
+    }
+
+    /// Phase 3, under the lock: install unless an invalidation ran since phase 1.
+    private func install(seq: UInt64, into outcome: inout GroupOutcome) -> Bool {
+        engine.state.withLock { s in
+            guard engine.sequence.load(ordering: .relaxed) == seq else {
+                s.stats.retries += 1
+                return false
+            }
+            var code = ResponseCode.success
+            for k in work.indices {
+                var result = work[k].outcome ?? .mapped
+                if result == .mapped, let m = work[k].mapping {
+                    result = s.mapFaultedPage(iova: work[k].iova, phys: physical[physicalIndex[k]], mapping: m)
+                }
+                switch result {
+                case .mapped: outcome.mapped += 1; s.stats.mappedPages += 1
+                case .spurious: outcome.spurious += 1; s.stats.spurious += 1
+                case .noMapping: s.stats.noMapping += 1
+                case .permissionDenied: s.stats.permissionDenied += 1
+                case .resolveFailed: s.stats.resolveFailures += 1
+                case .mapFailed: s.stats.mapFailures += 1
+                case .engineFailed: break
+                }
+                if !result.succeeded { code = .invalid }
+            }
+            outcome.code = code
+            s.stats.groups += 1
+            s.stats.requests += work.count
+            if code == .success { s.stats.successGroups += 1 } else { s.stats.invalidGroups += 1 }
+            return true
+        }
+    }
+}
+
+extension FaultEngine.State {
+    /// Maps one faulted page into every domain and sets its bit; on failure undoes the
+    /// domains already mapped so that the bit keeps meaning "mapped everywhere".
+    mutating func mapFaultedPage(iova: UInt64, phys: UInt64, mapping m: DMAMapping) -> RequestOutcome {
+        let index = m.pageIndex(iova: iova)
+        // A duplicate within the group, or another thread, may have mapped it meanwhile.
+        if m.iopfMapped.test(index) { return .spurious }
+        for d in domains.indices {
+            do {
+                try domains[d].mapPage(iova: iova, phys: phys, prot: m.prot)
+            } catch {
+                for undo in 0..<d {
+                    _ = domains[undo].unmap(iova: iova, size: pageBytes, gather: &gathers[undo])
+                    domains[undo].sync(&gathers[undo])
+                }
+                return .mapFailed
+            }
+        }
+        m.iopfMapped.set(index)
+        return .mapped
+    }
+}

@@ -1,0 +1,85 @@
+// HostMemory.swift — how the engine reaches host memory without making system calls
+// itself. The runtime implements it over real anonymous memory (MADV_POPULATE_*,
+// /proc/self/pagemap); `SimulatedHostMemory` serves tests and micro-benchmarks.
+//
+// Addresses are host virtual addresses, page aligned; runs are `[address, address +
+// pageCount * 4 KiB)`.
+
+import Synchronization
+
+public struct HostMemoryError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var address: UInt64
+    public var reason: String
+    public init(address: UInt64, reason: String) {
+        self.address = address
+        self.reason = reason
+    }
+    public var description: String { "host memory at \(hex(address)): \(reason)" }
+}
+
+public protocol HostMemory: AnyObject, Sendable {
+    /// Makes a run of pages resident for the access (faulting them in for write when
+    /// `write`), then appends the physical address of each page to `physical`, in order.
+    /// Called without the engine's lock held: an invalidation may run meanwhile, and the
+    /// engine's sequence check discards the result if one did.
+    func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError)
+
+    /// The physical address now backing a page, without faulting it in; nil when unknown.
+    /// Used by invariant checks only.
+    func currentPhysical(of address: UInt64) -> UInt64?
+}
+
+/// Host memory whose physical address is the host address plus a fixed offset, so that a
+/// translation that skips the offset, or uses another page's, shows up as a wrong address.
+/// Resolving always succeeds except in ranges marked unresolvable; `beforeResolve` lets a
+/// test act in the window between resolve and install (e.g. run an invalidation).
+public final class SimulatedHostMemory: HostMemory {
+    public let physicalOffset: UInt64
+    private let state = Mutex(State())
+
+    struct State {
+        var unresolvable: [Range<UInt64>] = []
+        var resolvedPages = 0
+        var resolveCalls = 0
+        var hook: (@Sendable (UInt64, Int) -> Void)?
+    }
+
+    public init(physicalOffset: UInt64 = 0x10_0000_0000) {
+        precondition(isPageAligned(physicalOffset), "physical offset must be page aligned")
+        self.physicalOffset = physicalOffset
+    }
+
+    /// Runs at the start of every `resolve(address:pageCount:…)` call, outside any engine lock.
+    public func setBeforeResolve(_ hook: (@Sendable (_ address: UInt64, _ pageCount: Int) -> Void)?) {
+        state.withLock { $0.hook = hook }
+    }
+
+    /// Makes resolving any page in `range` fail, as for memory the host took away.
+    public func markUnresolvable(_ range: Range<UInt64>) {
+        state.withLock { $0.unresolvable.append(range) }
+    }
+
+    public var resolvedPages: Int { state.withLock { $0.resolvedPages } }
+    public var resolveCalls: Int { state.withLock { $0.resolveCalls } }
+
+    public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
+        let end = address + UInt64(pageCount) << pageShift
+        let (hook, bad) = state.withLock { s in
+            s.resolveCalls += 1
+            let bad = s.unresolvable.first { $0.overlaps(address..<end) }
+            if bad == nil { s.resolvedPages += pageCount }
+            return (s.hook, bad)
+        }
+        hook?(address, pageCount)
+        if let bad {
+            throw HostMemoryError(address: max(bad.lowerBound, address), reason: "no memory is mapped there")
+        }
+        for i in 0..<pageCount {
+            physical.append(address + UInt64(i) << pageShift + physicalOffset)
+        }
+    }
+
+    public func currentPhysical(of address: UInt64) -> UInt64? {
+        address + physicalOffset
+    }
+}

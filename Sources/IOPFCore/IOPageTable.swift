@@ -1,0 +1,262 @@
+// IOPageTable.swift — a 4-level radix I/O page table over a 48-bit IOVA space, one per
+// IOMMU domain.
+//
+// Levels: 0 is the root (512 GiB per entry), 1 maps 1 GiB blocks, 2 maps 2 MiB blocks,
+// 3 maps 4 KiB pages. Every walk is one short loop or recursion per operation, after
+// drivers/iommu/io-pgtable-arm.c.
+//
+// Threading: one writer (map, unmap, sync), serialised by the owner (the engine's update
+// lock); any number of concurrent `translate` walkers on other threads. Entries are
+// published with release stores and table pages are reused only after the gather that
+// freed them is synced, so a walker never follows an entry into a recycled page unless
+// a sync was skipped.
+//
+// Ranges: `iova`/`size` pairs are `[iova, iova + size)`; gathered ranges are inclusive.
+
+/// What `translate` found for one IOVA.
+public struct Translation: Sendable, Hashable {
+    /// Physical address of the byte at the translated IOVA.
+    public var phys: UInt64
+    public var prot: Protection
+    /// Size of the leaf that holds it.
+    public var pageSize: PageSize
+}
+
+public enum IOPageTableError: Error, Sendable, Equatable, CustomStringConvertible {
+    case unaligned(iova: UInt64, phys: UInt64, size: UInt64)
+    case outOfRange(iova: UInt64, size: UInt64)
+    case overlap(iova: UInt64, size: UInt64, at: UInt64)
+    case noPermission(iova: UInt64)
+    case outOfTablePages
+
+    public var description: String {
+        switch self {
+        case .unaligned(let iova, let phys, let size):
+            "map: iova \(hex(iova)), phys \(hex(phys)) and size \(hex(size)) must all be non-zero multiples of 4 KiB"
+        case .outOfRange(let iova, let size):
+            "map: [\(hex(iova)), +\(hex(size))) does not fit in the 48-bit IOVA space"
+        case .overlap(let iova, let size, let at):
+            "map: [\(hex(iova)), +\(hex(size))) overlaps an existing mapping at \(hex(at)); nothing was mapped"
+        case .noPermission(let iova):
+            "map: the mapping at \(hex(iova)) grants neither read nor write"
+        case .outOfTablePages:
+            "map: the page-table pool is exhausted (16 TiB of 4 KiB leaves); nothing was mapped"
+        }
+    }
+}
+
+public final class IOPageTable: @unchecked Sendable {
+    public static let iovaBits: UInt64 = 48
+    public static let iovaLimit: UInt64 = 1 << iovaBits
+
+    let pool = TablePagePool()
+    let root: TablePageID
+    /// Page sizes `map` may use, largest first.
+    public let pageSizes: [PageSize]
+    /// The devices' IOTLBs, flushed on every sync. Set by the runtime as devices attach.
+    public var invalidator: (any IOTLBInvalidator)?
+
+    /// Syncs that flushed something, and how many ranges they carried in total.
+    public private(set) var syncCount = 0
+    public private(set) var syncedRanges = 0
+
+    public init(pageSizes: Set<PageSize> = Set(PageSize.allCases), invalidator: (any IOTLBInvalidator)? = nil) {
+        precondition(pageSizes.contains(.size4K), "an I/O page table must support 4 KiB pages")
+        self.pageSizes = pageSizes.sorted { $0.bytes > $1.bytes }
+        self.invalidator = invalidator
+        root = pool.allocate()!
+    }
+
+    /// Table pages allocated, freed, and live (allocated - freed), root included.
+    public var tablePageAllocations: Int { pool.allocations }
+    public var tablePageFrees: Int { pool.frees }
+    public var liveTablePages: Int { pool.livePages }
+
+    @inline(__always) static func shift(level: Int) -> UInt64 { 39 - 9 * UInt64(level) }
+    @inline(__always) static func index(_ iova: UInt64, level: Int) -> Int { Int((iova >> shift(level: level)) & 511) }
+    @inline(__always) static func level(of size: PageSize) -> Int {
+        switch size {
+        case .size4K: 3
+        case .size2M: 2
+        case .size1G: 1
+        }
+    }
+
+    // MARK: Map
+
+    /// Maps `[iova, iova + size)` to `[phys, phys + size)`, using the largest page sizes
+    /// that the alignment of both addresses allows (like `iommu_map`). On any failure the
+    /// part already mapped is unmapped and synced again: nothing is left half-mapped.
+    public func map(iova: UInt64, phys: UInt64, size: UInt64, prot: Protection) throws(IOPageTableError) {
+        guard size > 0, isPageAligned(iova), isPageAligned(phys), isPageAligned(size) else {
+            throw .unaligned(iova: iova, phys: phys, size: size)
+        }
+        guard let last = lastAddress(start: iova, size: size), last < Self.iovaLimit,
+            lastAddress(start: phys, size: size).map({ $0 <= PTE.addressMask }) == true
+        else { throw .outOfRange(iova: iova, size: size) }
+        guard !prot.isEmpty else { throw .noPermission(iova: iova) }
+
+        var done: UInt64 = 0
+        while done < size {
+            let (va, pa, left) = (iova + done, phys + done, size - done)
+            let pageSize = pageSizes.first { s in
+                (va | pa) & (s.bytes - 1) == 0 && s.bytes <= left
+            }!
+            do {
+                try mapOne(iova: va, phys: pa, pageSize: pageSize, prot: prot)
+            } catch {
+                if done > 0 {
+                    var gather = IOTLBGather()
+                    _ = unmap(iova: iova, size: done, gather: &gather)
+                    sync(&gather)
+                }
+                throw error
+            }
+            done += pageSize.bytes
+        }
+    }
+
+    /// Maps one 4 KiB page: the fault path's call.
+    @inline(__always)
+    public func mapPage(iova: UInt64, phys: UInt64, prot: Protection) throws(IOPageTableError) {
+        guard isPageAligned(iova), isPageAligned(phys), iova < Self.iovaLimit, phys <= PTE.addressMask else {
+            throw .unaligned(iova: iova, phys: phys, size: pageBytes)
+        }
+        guard !prot.isEmpty else { throw .noPermission(iova: iova) }
+        try mapOne(iova: iova, phys: phys, pageSize: .size4K, prot: prot)
+    }
+
+    @inline(__always)
+    private func mapOne(iova: UInt64, phys: UInt64, pageSize: PageSize, prot: Protection) throws(IOPageTableError) {
+        let target = Self.level(of: pageSize)
+        var page = root
+        for level in 0..<target {
+            let i = Self.index(iova, level: level)
+            let e = pool.load(page, i)
+            if !PTE.isPresent(e) {
+                guard let child = pool.allocate() else { throw .outOfTablePages }
+                pool.store(page, i, PTE.table(child))
+                page = child
+            } else if PTE.isLeaf(e) {
+                throw .overlap(iova: iova, size: pageSize.bytes, at: iova & ~((1 << Self.shift(level: level)) - 1))
+            } else {
+                page = PTE.child(e)
+            }
+        }
+        let i = Self.index(iova, level: target)
+        guard !PTE.isPresent(pool.load(page, i)) else {
+            throw .overlap(iova: iova, size: pageSize.bytes, at: iova)
+        }
+        pool.store(page, i, PTE.leaf(phys: phys, prot: prot))
+    }
+
+    // MARK: Unmap
+
+    /// Unmaps from `iova` onwards and returns the bytes really unmapped, which may be more
+    /// or less than `size`:
+    /// - a block whose first address is reached is removed whole, even past `iova + size`;
+    /// - a block entered in its middle cannot be split: the walk stops there;
+    /// - the walk stops at the first hole.
+    /// Unaligned or zero `iova`/`size` unmaps nothing. Removed leaves and emptied table pages
+    /// go on `gather`; the caller syncs (as `iommu_unmap_fast`).
+    public func unmap(iova: UInt64, size: UInt64, gather: inout IOTLBGather) -> UInt64 {
+        guard size > 0, isPageAligned(iova), isPageAligned(size), iova < Self.iovaLimit else { return 0 }
+        let end = min(iova.addingReportingOverflow(size).overflow ? Self.iovaLimit : iova + size, Self.iovaLimit)
+        let reached = unmap(page: root, level: 0, from: iova, end: end, gather: &gather).reached
+        return reached - iova
+    }
+
+    /// Unmaps entries of `page` (at `level`) from `start` towards `end`. Returns the address
+    /// reached and whether the walk stopped early (hole or block interior).
+    private func unmap(
+        page: TablePageID, level: Int, from start: UInt64, end: UInt64, gather: inout IOTLBGather
+    ) -> (reached: UInt64, stopped: Bool) {
+        let shift = Self.shift(level: level)
+        let entrySize: UInt64 = 1 << shift
+        var pos = start
+        while pos < end {
+            let i = Self.index(pos, level: level)
+            let e = pool.load(page, i)
+            guard PTE.isPresent(e) else { return (pos, true) }
+            if PTE.isLeaf(e) {
+                guard pos & (entrySize - 1) == 0 else { return (pos, true) }
+                pool.store(page, i, 0)
+                gatherAdd(IOVARange(start: pos, last: pos + entrySize - 1), pageSize: entrySize, &gather)
+                pos += entrySize
+            } else {
+                let child = PTE.child(e)
+                let entryEnd = (pos & ~(entrySize - 1)) + entrySize
+                let (reached, stopped) = unmap(page: child, level: level + 1, from: pos, end: min(end, entryEnd), gather: &gather)
+                if pool.isEmpty(child) {
+                    pool.store(page, i, 0)
+                    gather.freedPages.append(child)
+                }
+                pos = reached
+                if stopped { return (pos, true) }
+            }
+        }
+        return (pos, false)
+    }
+
+    @inline(__always)
+    private func gatherAdd(_ range: IOVARange, pageSize: UInt64, _ gather: inout IOTLBGather) {
+        if gather.needsSync(before: range, pageSize: pageSize) { sync(&gather) }
+        gather.add(range, pageSize: pageSize)
+    }
+
+    // MARK: Sync
+
+    /// Flushes the devices' IOTLBs for the gathered ranges, then returns the gathered table
+    /// pages to the pool: only now can no walker or cache still refer to them.
+    public func sync(_ gather: inout IOTLBGather) {
+        guard !gather.isEmpty else { return }
+        if !gather.ranges.isEmpty {
+            invalidator?.invalidate(gather.ranges)
+            syncCount += 1
+            syncedRanges += gather.ranges.count
+        }
+        for page in gather.freedPages { pool.free(page) }
+        gather.reset()
+    }
+
+    // MARK: Walk
+
+    /// Translates one IOVA; nil when nothing is mapped there. Safe to call from any thread
+    /// concurrently with the writer.
+    @inline(__always)
+    public func translate(_ iova: UInt64) -> Translation? {
+        guard iova < Self.iovaLimit else { return nil }
+        var page = root
+        for level in 0...3 {
+            let e = pool.load(page, Self.index(iova, level: level))
+            guard PTE.isPresent(e) else { return nil }
+            if PTE.isLeaf(e) || level == 3 {
+                let size: PageSize = level == 3 ? .size4K : (level == 2 ? .size2M : .size1G)
+                return Translation(phys: PTE.phys(e) + (iova & (size.bytes - 1)), prot: PTE.prot(e), pageSize: size)
+            }
+            page = PTE.child(e)
+        }
+        return nil
+    }
+
+    /// Calls `body` for every leaf in IOVA order: (iova, translation of its first byte).
+    /// Writer side only.
+    public func forEachLeaf(_ body: (UInt64, Translation) throws -> Void) rethrows {
+        try forEachLeaf(page: root, level: 0, base: 0, body)
+    }
+
+    private func forEachLeaf(page: TablePageID, level: Int, base: UInt64, _ body: (UInt64, Translation) throws -> Void) rethrows {
+        let shift = Self.shift(level: level)
+        for i in 0..<TablePagePool.entriesPerPage {
+            let e = pool.load(page, i)
+            guard PTE.isPresent(e) else { continue }
+            let iova = base | UInt64(i) << shift
+            if PTE.isLeaf(e) || level == 3 {
+                let size: PageSize = level == 3 ? .size4K : (level == 2 ? .size2M : .size1G)
+                try body(iova, Translation(phys: PTE.phys(e), prot: PTE.prot(e), pageSize: size))
+            } else {
+                try forEachLeaf(page: PTE.child(e), level: level + 1, base: iova, body)
+            }
+        }
+    }
+}

@@ -1,0 +1,4 @@
+import ArgumentParser
+struct Microbench: ParsableCommand {
+    func run() throws {}
+}
