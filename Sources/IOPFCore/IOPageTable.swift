@@ -56,6 +56,9 @@ public final class IOPageTable: @unchecked Sendable {
     /// The devices' IOTLBs, flushed on every sync. Set by the runtime as devices attach.
     public var invalidator: (any IOTLBInvalidator)?
 
+    /// Tests only: makes every unmap remove nothing, to exercise the fatal path.
+    var testsOnly_refuseUnmap = false
+
     /// Syncs that flushed something, and how many ranges they carried in total.
     public private(set) var syncCount = 0
     public private(set) var syncedRanges = 0
@@ -160,7 +163,7 @@ public final class IOPageTable: @unchecked Sendable {
     /// Unaligned or zero `iova`/`size` unmaps nothing. Removed leaves and emptied table pages
     /// go on `gather`; the caller syncs (as `iommu_unmap_fast`).
     public func unmap(iova: UInt64, size: UInt64, gather: inout IOTLBGather) -> UInt64 {
-        guard size > 0, isPageAligned(iova), isPageAligned(size), iova < Self.iovaLimit else { return 0 }
+        guard !testsOnly_refuseUnmap, size > 0, isPageAligned(iova), isPageAligned(size), iova < Self.iovaLimit else { return 0 }
         let end = min(iova.addingReportingOverflow(size).overflow ? Self.iovaLimit : iova + size, Self.iovaLimit)
         let reached = unmap(page: root, level: 0, from: iova, end: end, gather: &gather).reached
         return reached - iova

@@ -34,7 +34,7 @@ public enum GatherPolicy: Sendable, Hashable, CustomStringConvertible {
 
 public struct IOTLBGather {
     public let policy: GatherPolicy
-    /// Pending ranges, disjoint and non-adjacent.
+    /// Pending ranges: sorted by start, disjoint and non-adjacent.
     public private(set) var ranges: [IOVARange] = []
     /// Page size of the pending range under the Linux policy (0 when empty).
     private var pageSize: UInt64 = 0
@@ -64,27 +64,31 @@ public struct IOTLBGather {
         }
     }
 
-    /// Adds a range; the caller has synced first if `needsSync` said so.
+    /// Adds a range; the caller has synced first if `needsSync` said so. Ranges stay
+    /// sorted by start, so a new range merges only with its neighbours; the insertion
+    /// point is searched from the end because unmap walks ascend.
     @inline(__always)
     mutating func add(_ range: IOVARange, pageSize size: UInt64) {
         pageSize = size
-        let n = ranges.count
-        if n > 0, ranges[n - 1].touches(range) {
-            ranges[n - 1] = IOVARange(start: min(ranges[n - 1].start, range.start), last: max(ranges[n - 1].last, range.last))
-            return
+        var lo = ranges.count
+        while lo > 0, ranges[lo - 1].start > range.start { lo -= 1 }
+        var hi = lo
+        var merged = range
+        if lo > 0, ranges[lo - 1].touches(merged) {
+            lo -= 1
+            merged = IOVARange(start: ranges[lo].start, last: max(ranges[lo].last, merged.last))
         }
-        if case .rangeList = policy, let i = ranges.firstIndex(where: { $0.touches(range) }) {
-            var merged = IOVARange(start: min(ranges[i].start, range.start), last: max(ranges[i].last, range.last))
-            ranges.remove(at: i)
-            // The widened range may now touch others; fold them in so ranges stay disjoint.
-            while let j = ranges.firstIndex(where: { $0.touches(merged) }) {
-                merged = IOVARange(start: min(ranges[j].start, merged.start), last: max(ranges[j].last, merged.last))
-                ranges.remove(at: j)
-            }
-            ranges.append(merged)
-            return
+        while hi < ranges.count, ranges[hi].touches(merged) {
+            merged.last = max(ranges[hi].last, merged.last)
+            hi += 1
         }
-        ranges.append(range)
+        if lo == hi {
+            ranges.insert(merged, at: lo)
+        } else if hi == lo + 1 {
+            ranges[lo] = merged
+        } else {
+            ranges.replaceSubrange(lo..<hi, with: CollectionOfOne(merged))
+        }
     }
 
     /// Empties the gather, keeping its storage so steady-state use does not allocate.

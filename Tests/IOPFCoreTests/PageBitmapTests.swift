@@ -1,0 +1,91 @@
+// Exhaustive checks of PageBitmap against swift-collections' BitSet as an oracle: every
+// range of every small universe, from seeded random starting contents.
+
+import BitCollections
+import Testing
+@testable import IOPFCore
+
+@Suite struct PageBitmapTests {
+    static let universes = [0, 1, 2, 63, 64, 65, 127, 128, 130, 200]
+
+    static func randomPair(count: Int, using rng: inout SeededGenerator) -> (PageBitmap, BitSet) {
+        var bitmap = PageBitmap(count: count)
+        var oracle = BitSet()
+        for i in 0..<count where rng.next() % 3 == 0 {
+            bitmap.set(i)
+            oracle.insert(i)
+        }
+        return (bitmap, oracle)
+    }
+
+    static func assertSame(_ bitmap: PageBitmap, _ oracle: BitSet, _ comment: Comment? = nil) {
+        #expect(bitmap.population == oracle.count, comment)
+        for i in 0..<bitmap.count where bitmap.test(i) != oracle.contains(i) {
+            Issue.record("bit \(i) differs: bitmap \(bitmap.test(i)), oracle \(oracle.contains(i)) \(comment.map { "\($0)" } ?? "")")
+            return
+        }
+    }
+
+    @Test(arguments: universes)
+    func rangeSetAndClearMatchOracle(count: Int) {
+        var rng = SeededGenerator(seed: UInt64(count) &+ 1)
+        for lo in 0...count {
+            for hi in lo...count {
+                var (bitmap, oracle) = Self.randomPair(count: count, using: &rng)
+                #expect(bitmap.population(in: lo..<hi) == oracle.filter { (lo..<hi).contains($0) }.count)
+                bitmap.set(lo..<hi)
+                oracle.formUnion(lo..<hi)
+                Self.assertSame(bitmap, oracle, "set \(lo)..<\(hi) in \(count)")
+                var (bitmap2, oracle2) = Self.randomPair(count: count, using: &rng)
+                bitmap2.clear(lo..<hi)
+                oracle2.subtract(lo..<hi)
+                Self.assertSame(bitmap2, oracle2, "clear \(lo)..<\(hi) in \(count)")
+            }
+        }
+    }
+
+    @Test(arguments: universes)
+    func findNextMatchesOracle(count: Int) {
+        var rng = SeededGenerator(seed: UInt64(count) &* 7 &+ 3)
+        for _ in 0..<20 {
+            let (bitmap, oracle) = Self.randomPair(count: count, using: &rng)
+            for from in 0...(count + 2) {
+                let nextSet = oracle.first { $0 >= from } ?? count
+                let nextClear = (from..<max(from, count)).first { !oracle.contains($0) } ?? count
+                #expect(bitmap.findNextSet(from: from) == nextSet, "findNextSet(from: \(from)) in \(count)")
+                #expect(bitmap.findNextClear(from: from) == nextClear, "findNextClear(from: \(from)) in \(count)")
+            }
+        }
+    }
+
+    @Test func singleBitsAndEmptiness() {
+        var b = PageBitmap(count: 70)
+        #expect(b.isEmpty)
+        b.set(69)
+        b.set(0)
+        #expect(b.test(69) && b.test(0) && !b.test(1))
+        #expect(b.population == 2)
+        b.clear(69)
+        #expect(!b.test(69) && b.population == 1)
+        b.clear(0)
+        #expect(b.isEmpty)
+        #expect(b.findNextSet(from: 0) == 70)
+        #expect(b.findNextClear(from: 0) == 0)
+    }
+
+    @Test func runsOverLargeBitmap() {
+        // 1 GiB of 4 KiB pages: runs found by set/clear scanning, like the invalidation walk.
+        var b = PageBitmap(count: 262_144)
+        b.set(100..<5000)
+        b.set(70_000..<70_001)
+        b.set(262_000..<262_144)
+        var runs: [Range<Int>] = []
+        var i = b.findNextSet(from: 0)
+        while i < b.count {
+            let end = b.findNextClear(from: i)
+            runs.append(i..<end)
+            i = b.findNextSet(from: end)
+        }
+        #expect(runs == [100..<5000, 70_000..<70_001, 262_000..<262_144])
+    }
+}
