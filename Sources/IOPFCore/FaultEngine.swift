@@ -309,13 +309,13 @@ public final class FaultEngine: Sendable {
     /// runs, and clears the bits of what was really unmapped. Returns the bits cleared.
     private func unmapPages(of m: DMAMapping, in pages: Range<Int>, _ s: inout State) throws(FatalInvalidationError) -> Int {
         var cleared = 0
-        var i = m.iopfMapped.findNextSet(from: pages.lowerBound)
+        var i = m.iopfMapped.findNextSet(from: pages.lowerBound, to: pages.upperBound)
         while i < pages.upperBound {
-            let runEnd = min(m.iopfMapped.findNextClear(from: i), pages.upperBound)
+            let runEnd = m.iopfMapped.findNextClear(from: i, to: pages.upperBound)
             let really = try unmapRun(of: m, i..<runEnd, &s)
             cleared += m.iopfMapped.population(in: really)
             m.iopfMapped.clear(really)
-            i = m.iopfMapped.findNextSet(from: really.upperBound)
+            i = m.iopfMapped.findNextSet(from: min(really.upperBound, pages.upperBound), to: pages.upperBound)
         }
         s.stats.pagesUnmapped += cleared
         return cleared

@@ -176,6 +176,16 @@ public final class IOPageTable: @unchecked Sendable {
     ) -> (reached: UInt64, stopped: Bool) {
         let shift = Self.shift(level: level)
         let entrySize: UInt64 = 1 << shift
+        if level == 3 {
+            // Leaf level: entries are 4 KiB pages; clear the present run in one go.
+            let i = Self.index(start, level: 3)
+            let wanted = Int(min(end - start, UInt64(TablePagePool.entriesPerPage - i) << 12) >> 12)
+            let n = pool.clearPresentRun(page, from: i, limit: wanted)
+            guard n > 0 else { return (start, true) }
+            let reached = start + UInt64(n) << 12
+            gatherAdd(IOVARange(start: start, last: reached - 1), pageSize: entrySize, &gather)
+            return (reached, n < wanted)
+        }
         var pos = start
         while pos < end {
             let i = Self.index(pos, level: level)

@@ -73,26 +73,38 @@ public struct PageBitmap: Sendable, Equatable {
 
     /// The first set bit at or after `from`, or `count` when there is none.
     public func findNextSet(from: Int) -> Int {
-        find(from: from, invert: 0)
+        find(from: from, to: count, invert: 0)
     }
 
     /// The first clear bit at or after `from`, or `count` when there is none.
     public func findNextClear(from: Int) -> Int {
-        find(from: from, invert: ~0)
+        find(from: from, to: count, invert: ~0)
+    }
+
+    /// The first set bit in `from..<to`, or `to` when there is none. Bounding the scan
+    /// keeps a small query on a large bitmap cheap (`find_next_bit`'s `size`).
+    public func findNextSet(from: Int, to: Int) -> Int {
+        find(from: from, to: to, invert: 0)
+    }
+
+    /// The first clear bit in `from..<to`, or `to` when there is none.
+    public func findNextClear(from: Int, to: Int) -> Int {
+        find(from: from, to: to, invert: ~0)
     }
 
     @inline(__always)
-    private func find(from: Int, invert: UInt64) -> Int {
-        precondition(from >= 0, "findNext from \(from) is negative")
-        guard from < count else { return count }
+    private func find(from: Int, to: Int, invert: UInt64) -> Int {
+        precondition(from >= 0 && to <= count, "findNext in \(from)..<\(to) is outside the bitmap of \(count) pages")
+        guard from < to else { return to }
         var w = from &>> 6
+        let lastWord = (to - 1) &>> 6
         var word = (words[w] ^ invert) & (~0 &<< UInt64(from & 63))
         while word == 0 {
             w += 1
-            if w == words.count { return count }
+            if w > lastWord { return to }
             word = words[w] ^ invert
         }
-        return Swift.min(w &<< 6 + word.trailingZeroBitCount, count)
+        return Swift.min(w &<< 6 + word.trailingZeroBitCount, to)
     }
 
     @inline(__always)

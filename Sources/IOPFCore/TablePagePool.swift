@@ -104,6 +104,21 @@ final class TablePagePool: @unchecked Sendable {
         }
     }
 
+    /// Writer only: clears up to `limit` consecutive present entries of `page` from
+    /// `index`, stopping at the first entry that is not present, and returns how many it
+    /// cleared. The leaf level's unmap loop: one present-count update per run.
+    @inline(__always)
+    func clearPresentRun(_ page: TablePageID, from index: Int, limit: Int) -> Int {
+        let base = entryPointer(page, index)
+        var n = 0
+        while n < limit, base[n].load(ordering: .relaxed) & PTE.present != 0 {
+            base[n].store(0, ordering: .releasing)
+            n += 1
+        }
+        presentEntries[Int(page)] -= UInt16(truncatingIfNeeded: n)
+        return n
+    }
+
     @inline(__always)
     func isEmpty(_ page: TablePageID) -> Bool { presentEntries[Int(page)] == 0 }
 }

@@ -1,0 +1,222 @@
+// Microbench.swift — `iopf-microbench`: timings and allocation counts of the engine's hot
+// paths, run in-process over `SimulatedHostMemory` so that only the engine is measured.
+//
+// Scenarios (each reports the median of --repeat runs):
+// - bitmap-scan: walk every set run of a 1 GiB bitmap (262,144 pages) with
+//   findNextSet/findNextClear, as the invalidation walk does.
+// - fault: handle one-page groups for pages whose host memory is resident, in steady
+//   state (table pages and scratch buffers already exist), counting mallocs.
+// - invalidate: unmap a dense (and a sparse) 1 GiB fault-mode mapping in one
+//   invalidation under each gather policy, against unmapping and syncing page by page.
+
+import ArgumentParser
+import Foundation
+import IOPFCore
+import MallocInterposerSwift
+
+@main
+struct Microbench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "iopf-microbench",
+        abstract: "Measure the fault engine's hot paths: bitmap scans, fault handling, invalidation."
+    )
+
+    enum Scenario: String, ExpressibleByArgument, CaseIterable {
+        case all, bitmapScan = "bitmap-scan", fault, invalidate
+    }
+
+    @Option(help: "Which scenario to run: \(Scenario.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var scenario: Scenario = .all
+
+    @Option(help: "Runs per measurement; the median is reported.")
+    var `repeat` = 5
+
+    @Option(help: "Nanoseconds each IOTLB sync spins, standing in for a device's invalidation round trip.")
+    var syncCostNs = 0
+
+    @Flag(help: "Print one JSON object instead of a table.")
+    var json = false
+
+    func validate() throws {
+        guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1, got \(`repeat`)") }
+        guard syncCostNs >= 0 else { throw ValidationError("--sync-cost-ns must not be negative, got \(syncCostNs)") }
+    }
+
+    func run() throws {
+        MallocInterposerSwift.initialize()
+        var results: [Result] = []
+        if scenario == .all || scenario == .bitmapScan { results += bitmapScan() }
+        if scenario == .all || scenario == .fault { results += try fault() }
+        if scenario == .all || scenario == .invalidate { results += try invalidate() }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(["syncCostNs": AnyEncodable(syncCostNs), "results": AnyEncodable(results)]), as: UTF8.self))
+        } else {
+            print("iopf micro-benchmarks (median of \(`repeat`), sync cost \(syncCostNs) ns)")
+            print(pad("name", 44) + pad("total", 12) + pad("per unit", 14) + pad("syncs", 9) + "mallocs")
+            for r in results {
+                print(pad(r.name, 44) + pad(format(r.seconds), 12) + pad(String(format: "%.1f ns/\(r.unit)", r.nsPerUnit), 14)
+                    + pad(r.syncs.map(String.init) ?? "-", 9) + String(r.mallocs))
+            }
+        }
+    }
+
+    struct Result: Encodable {
+        var name: String
+        var seconds: Double
+        var unit: String
+        var units: Int
+        var nsPerUnit: Double
+        var syncs: Int?
+        var mallocs: Int
+    }
+
+    // MARK: Scenarios
+
+    func bitmapScan() -> [Result] {
+        let pages = 262_144
+        var bitmap = PageBitmap(count: pages)
+        var rng = SystemRandomNumberGenerator()
+        var i = 0
+        while i < pages {  // runs of 1...64 pages, about half set
+            let length = Int.random(in: 1...64, using: &rng)
+            if Bool.random(using: &rng) { bitmap.set(i..<min(i + length, pages)) }
+            i += length
+        }
+        var runs = 0
+        let (seconds, mallocs) = measure {
+            runs = 0
+            var p = bitmap.findNextSet(from: 0)
+            while p < pages {
+                let end = bitmap.findNextClear(from: p)
+                runs &+= 1
+                p = bitmap.findNextSet(from: end)
+            }
+        }
+        precondition(runs > 0, "the bitmap scan found no runs")
+        return [Result(name: "bitmap-scan 1 GiB (\(runs) runs)", seconds: seconds, unit: "page", units: pages,
+                       nsPerUnit: seconds * 1e9 / Double(pages), syncs: nil, mallocs: mallocs)]
+    }
+
+    func fault() throws -> [Result] {
+        let pages = 65_536  // 256 MiB
+        let host: UInt64 = 0x7f00_0000_0000
+        let engine = FaultEngine(memory: SimulatedHostMemory(), configuration: configuration(pageSizes: [.size4K]))
+        _ = try engine.createDomain(invalidator: SpinInvalidator(costNs: syncCostNs))
+        try engine.map(iova: 0, vaddr: host, size: UInt64(pages) << 12, prot: .readWrite)
+        let handler = engine.makeFaultHandler()
+        var group = [PageRequest(flags: .lastPage, deviceID: 1, groupIndex: 0, perm: [.read, .write], addr: 0, cookie: 1)]
+        var failures = 0
+        func faultAll() {
+            for p in 0..<pages {
+                group[0].addr = UInt64(p) << 12
+                if handler.handle(group).code != .success { failures += 1 }
+            }
+        }
+        // Warm up: table pages, gathers and scratch buffers come to their steady size.
+        faultAll()
+        _ = try engine.invalidate(hostAddress: host, length: UInt64(pages) << 12)
+        var samples: [(Double, Int)] = []
+        for _ in 0..<`repeat` {
+            samples.append(measure(once: true) { faultAll() })
+            _ = try engine.invalidate(hostAddress: host, length: UInt64(pages) << 12)
+        }
+        precondition(failures == 0, "\(failures) faults were not answered SUCCESS")
+        let (seconds, mallocs) = median(samples)
+        return [Result(name: "fault (resident page, 1-page group)", seconds: seconds, unit: "fault", units: pages,
+                       nsPerUnit: seconds * 1e9 / Double(pages), syncs: nil, mallocs: mallocs)]
+    }
+
+    func invalidate() throws -> [Result] {
+        let pages = 262_144  // 1 GiB
+        let size = UInt64(pages) << 12
+        let host: UInt64 = 0x7e00_0000_0000
+        var results: [Result] = []
+        for dense in [true, false] {
+            let policies: [GatherPolicy?] = [.linux, .defaultRangeList, nil]  // nil: page by page
+            for policy in policies {
+                let engine = FaultEngine(memory: SimulatedHostMemory(), configuration: configuration(pageSizes: [.size4K], policy: policy ?? .linux))
+                _ = try engine.createDomain(invalidator: SpinInvalidator(costNs: syncCostNs))
+                try engine.map(iova: 0, vaddr: host, size: size, prot: .readWrite)
+                var samples: [(Double, Int)] = []
+                var syncs = 0
+                for _ in 0..<`repeat` {
+                    if dense {
+                        try engine.premap(iova: 0, size: size, write: true)
+                    } else {
+                        for p in stride(from: 0, to: pages, by: 2) { try engine.premap(iova: UInt64(p) << 12, size: 4096, write: true) }
+                    }
+                    let before = engine.statistics.iotlbSyncs
+                    samples.append(try measure(once: true) {
+                        if policy == nil {
+                            for p in 0..<pages { _ = try engine.invalidate(hostAddress: host + UInt64(p) << 12, length: 4096) }
+                        } else {
+                            _ = try engine.invalidate(hostAddress: host, length: size)
+                        }
+                    })
+                    syncs = engine.statistics.iotlbSyncs - before
+                    precondition(engine.mappedPageCount == 0, "pages left mapped after invalidating everything")
+                }
+                let (seconds, mallocs) = median(samples)
+                let label = policy.map { "one invalidation, \($0)" } ?? "page by page, sync each"
+                results.append(Result(name: "invalidate 1 GiB \(dense ? "dense" : "sparse"): \(label)", seconds: seconds,
+                                      unit: "page", units: pages, nsPerUnit: seconds * 1e9 / Double(pages), syncs: syncs, mallocs: mallocs))
+            }
+        }
+        return results
+    }
+
+    // MARK: Helpers
+
+    func configuration(pageSizes: Set<PageSize>, policy: GatherPolicy = .defaultRangeList) -> EngineConfiguration {
+        var c = EngineConfiguration()
+        c.pageSizes = pageSizes
+        c.gatherPolicy = policy
+        return c
+    }
+
+    /// Median seconds and mallocs of `repeat` runs (or of one run when `once`).
+    func measure(once: Bool = false, _ body: () throws -> Void) rethrows -> (Double, Int) {
+        var samples: [(Double, Int)] = []
+        for _ in 0..<(once ? 1 : `repeat`) {
+            MallocInterposerSwift.reset()
+            MallocInterposerSwift.hook()
+            let start = ContinuousClock.now
+            try body()
+            let elapsed = ContinuousClock.now - start
+            MallocInterposerSwift.unhook()
+            samples.append((Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18,
+                            MallocInterposerSwift.getStatistics().mallocCount))
+        }
+        return median(samples)
+    }
+
+    func median(_ samples: [(Double, Int)]) -> (Double, Int) {
+        let sorted = samples.sorted { $0.0 < $1.0 }
+        return sorted[sorted.count / 2]
+    }
+
+    func format(_ seconds: Double) -> String {
+        seconds >= 1 ? String(format: "%.2f s", seconds) : seconds >= 1e-3 ? String(format: "%.2f ms", seconds * 1e3) : String(format: "%.1f µs", seconds * 1e6)
+    }
+
+    func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
+}
+
+/// Stands in for the devices' IOTLBs: counts nothing, spins `costNs` per sync.
+final class SpinInvalidator: IOTLBInvalidator {
+    let costNs: Int
+    init(costNs: Int) { self.costNs = costNs }
+    func invalidate(_ ranges: [IOVARange]) {
+        guard costNs > 0 else { return }
+        let until = ContinuousClock.now + .nanoseconds(costNs)
+        while ContinuousClock.now < until {}
+    }
+}
+
+struct AnyEncodable: Encodable {
+    let value: any Encodable
+    init(_ value: any Encodable) { self.value = value }
+    func encode(to encoder: any Encoder) throws { try value.encode(to: encoder) }
+}

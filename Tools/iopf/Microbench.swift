@@ -1,4 +1,0 @@
-import ArgumentParser
-struct Microbench: ParsableCommand {
-    func run() throws {}
-}
