@@ -8,6 +8,7 @@ let package = Package(
     name: "iopf",
     products: [
         .library(name: "IOPFCore", targets: ["IOPFCore"]),
+        .library(name: "IOPFRuntime", targets: ["IOPFRuntime"]),
         .executable(name: "iopf", targets: ["iopf"]),
         .executable(name: "iopf-microbench", targets: ["iopf-microbench"]),
     ],
@@ -15,16 +16,36 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/ordo-one/malloc-interposer.git", from: "1.6.1"),
+        .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
         // Pure Swift: every decision the service makes. No system calls; host memory is
         // reached through the `HostMemory` protocol that the runtime implements.
         .target(name: "IOPFCore"),
+        // Debian's liburing-dev (2.3), through pkg-config.
+        .systemLibrary(name: "CLiburing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
+        // What Swift cannot import: variadic syscall(), mremap, pipe2, UFFDIO_* ioctls.
+        .target(name: "CIOPFShim"),
+        // Everything that touches the OS: io_uring event loop, fault channels, host memory,
+        // simulated devices.
+        .target(
+            name: "IOPFRuntime",
+            dependencies: [
+                "IOPFCore", "CLiburing", "CIOPFShim",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
         .executableTarget(
             name: "iopf",
             dependencies: [
-                "IOPFCore",
+                "IOPFCore", "IOPFRuntime",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             path: "Tools/iopf"
         ),
@@ -47,6 +68,10 @@ let package = Package(
                 "IOPFCore",
                 .product(name: "BitCollections", package: "swift-collections"),
             ]
+        ),
+        .testTarget(
+            name: "IOPFRuntimeTests",
+            dependencies: ["IOPFRuntime", "IOPFCore", "CIOPFShim"]
         ),
     ]
 )

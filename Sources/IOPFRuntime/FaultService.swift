@@ -1,0 +1,508 @@
+// FaultService.swift — the running service: one thread owns an io_uring and serves every
+// device's fault channel, plus a command channel (attach, invalidate, check, stop) rung
+// through an eventfd doorbell. All engine work for faults and invalidations happens on
+// that thread, in batches: completions are reaped together, responses are written back
+// together, one submit per loop turn.
+//
+// Latency: a thread wake-up costs about 10 µs here, so after any activity the loop
+// busy-polls its completion queue for `spinNanoseconds` before it sleeps.
+
+import CLiburing  // <sys/eventfd.h>
+import Dispatch
+import Foundation
+import Glibc
+import IOPFCore
+import Logging
+import Synchronization
+
+public struct ServiceConfiguration: Sendable {
+    public var transport = ChannelTransport.socket
+    /// How long the loop busy-polls after activity before sleeping.
+    public var spinNanoseconds: Int64 = 200_000
+    public var ringEntries: UInt32 = 256
+    public init() {}
+}
+
+public struct ServiceStatistics: Sendable, Equatable {
+    /// Well-formed page requests received.
+    public var records = 0
+    public var groups = 0
+    public var success = 0
+    public var invalid = 0
+    /// Records refused by the wire-format checks.
+    public var malformed = 0
+    /// Records whose device id or PASID is not attached on their channel.
+    public var unknownDevice = 0
+    /// Records beyond the device's outstanding-request credit.
+    public var creditExceeded = 0
+    /// Incomplete groups answered INVALID because their device closed or the service stopped.
+    public var abandonedGroups = 0
+    public var devicesClosed = 0
+    public var invalidationRequests = 0
+    public var loopTurns = 0
+    public var completions = 0
+}
+
+public struct InvalidationFailed: Error, CustomStringConvertible {
+    public var description: String
+}
+
+/// Waits for one command's completion on another thread.
+public final class Ticket<Value: Sendable>: Sendable {
+    private let semaphore = DispatchSemaphore(value: 0)
+    private let value = Mutex<Result<Value, InvalidationFailed>?>(nil)
+
+    func complete(_ result: Result<Value, InvalidationFailed>) {
+        value.withLock { $0 = result }
+        semaphore.signal()
+    }
+
+    /// Blocks until the service completed the command.
+    public func wait() throws(InvalidationFailed) -> Value {
+        semaphore.wait()
+        semaphore.signal()  // later waiters pass too
+        return try value.withLock { $0! }.get()
+    }
+}
+
+public final class FaultService: Sendable {
+    public let engine: FaultEngine
+    public let configuration: ServiceConfiguration
+    let logger: Logger
+
+    enum Command {
+        case attach(DeviceRegistration)
+        case invalidate(start: UInt64, length: UInt64, Ticket<InvalidationOutcome>)
+        case check(Ticket<[InvariantViolation]>)
+        case stop
+    }
+
+    struct DeviceRegistration: Sendable {
+        var deviceID: UInt32
+        var pasid: UInt32?
+        var domain: DomainID
+        var credit: Int
+        var readFD: CInt
+        var writeFD: CInt
+    }
+
+    private let commands = Mutex<[Command]>([])
+    let doorbell: CInt
+    private let published = Mutex(ServiceStatistics())
+    private let finished = DispatchSemaphore(value: 0)
+    private let started = Atomic<Bool>(false)
+    private let stopped = Atomic<Bool>(false)
+
+    public init(engine: FaultEngine, configuration: ServiceConfiguration = ServiceConfiguration(),
+                logger: Logger = Logger(label: "iopf.service")) throws(SystemCallError) {
+        self.engine = engine
+        self.configuration = configuration
+        self.logger = logger
+        // Blocking on purpose: io_uring waits on a blocking eventfd; O_NONBLOCK would make
+        // the read complete at once with -EAGAIN.
+        doorbell = try Sys.eventfd(flags: CInt(EFD_CLOEXEC))
+    }
+
+    deinit {
+        Sys.close(doorbell)
+    }
+
+    /// Starts the service thread and returns once its ring is ready.
+    public func start() throws {
+        precondition(!started.exchange(true, ordering: .relaxed), "FaultService.start called twice")
+        let ready = Ticket<Void>()
+        let thread = Thread { [self] in
+            let loop: EventLoop
+            do {
+                loop = try EventLoop(service: self)
+            } catch {
+                ready.complete(.failure(InvalidationFailed(description: "cannot start the event loop: \(error)")))
+                finished.signal()
+                return
+            }
+            ready.complete(.success(()))
+            loop.run()
+            finished.signal()
+        }
+        thread.name = "iopf-service"
+        thread.start()
+        try ready.wait()
+    }
+
+    /// Stops the loop: incomplete groups are answered INVALID, channels closed. Idempotent.
+    public func stop() {
+        guard started.load(ordering: .relaxed), !stopped.exchange(true, ordering: .relaxed) else { return }
+        send(.stop)
+        finished.wait()
+    }
+
+    /// Attaches a device (and optionally one PASID) to a domain and returns its channel.
+    /// `credit` is its PRI outstanding page request allocation.
+    public func attach(deviceID: UInt32, pasid: UInt32? = nil, domain: DomainID, credit: Int = 32) throws -> DeviceChannel {
+        precondition(credit > 0, "a device needs a credit of at least one page request")
+        let ends = try ChannelEnds.make(configuration.transport)
+        let channel = try DeviceChannel(readFD: ends.deviceRead, writeFD: ends.deviceWrite)
+        send(.attach(DeviceRegistration(deviceID: deviceID, pasid: pasid, domain: domain, credit: credit,
+                                        readFD: ends.serviceRead, writeFD: ends.serviceWrite)))
+        return channel
+    }
+
+    /// Queues an invalidation of host range `[start, start + length)` (an MMU-notifier
+    /// event); the ticket completes after every domain has synced.
+    @discardableResult
+    public func invalidate(hostAddress start: UInt64, length: UInt64) -> Ticket<InvalidationOutcome> {
+        let ticket = Ticket<InvalidationOutcome>()
+        send(.invalidate(start: start, length: length, ticket))
+        return ticket
+    }
+
+    /// Runs the engine's invariant checks on the service thread, between batches.
+    public func checkInvariants() -> Ticket<[InvariantViolation]> {
+        let ticket = Ticket<[InvariantViolation]>()
+        send(.check(ticket))
+        return ticket
+    }
+
+    public var statistics: ServiceStatistics { published.withLock { $0 } }
+
+    func publish(_ stats: ServiceStatistics) { published.withLock { $0 = stats } }
+
+    func takeCommands() -> [Command] { commands.withLock { c in defer { c.removeAll() }; return c } }
+
+    private func send(_ command: Command) {
+        commands.withLock { $0.append(command) }
+        var one: UInt64 = 1
+        _ = withUnsafeBytes(of: &one) { try? Sys.write(doorbell, $0) }
+    }
+}
+
+// MARK: - Event loop
+
+/// One attached device as the loop sees it. Buffers are owned here and freed on close.
+final class DeviceSlot {
+    static let readCapacity = PageRequest.byteCount * 102  // 4080 bytes
+    static let writeCapacity = PageResponse.byteCount * 512
+
+    let registration: FaultService.DeviceRegistration
+    let generation: UInt32
+    let readBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: readCapacity, alignment: 8)
+    let writeBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: writeCapacity, alignment: 8)
+    /// Bytes of an incomplete record kept at the start of `readBuffer`.
+    var leftover = 0
+    var partial = [PartialGroup?](repeating: nil, count: Int(PageRequest.maxGroupIndex) + 1)
+    /// Requests received and not yet answered, against the credit.
+    var outstanding = 0
+    var queued: [PageResponse] = []
+    /// Bytes of `writeBuffer` being written, and how many are done.
+    var writing = 0
+    var written = 0
+    var readArmed = false
+    var closing = false
+
+    struct PartialGroup {
+        var cookie: UInt32
+        var requests: [PageRequest] = []
+        /// Requests counted against the credit.
+        var counted = 0
+        var failure: Failure?
+    }
+
+    enum Failure { case malformed, unknownDevice, creditExceeded }
+
+    init(registration: FaultService.DeviceRegistration, generation: UInt32) {
+        self.registration = registration
+        self.generation = generation
+    }
+
+    deinit {
+        readBuffer.deallocate()
+        writeBuffer.deallocate()
+    }
+}
+
+final class EventLoop {
+    let service: FaultService
+    let engine: FaultEngine
+    let ring: Ring
+    let handler: FaultHandler
+    var slots: [DeviceSlot?] = []
+    var generation: UInt32 = 0
+    var completions: [Completion] = []
+    var stats = ServiceStatistics()
+    let doorbellBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
+    var running = true
+    var group: [PageRequest] = []
+
+    init(service: FaultService) throws {
+        self.service = service
+        engine = service.engine
+        ring = try Ring(entries: service.configuration.ringEntries)
+        handler = engine.makeFaultHandler()
+        completions.reserveCapacity(Int(service.configuration.ringEntries) * 2)
+    }
+
+    deinit { doorbellBuffer.deallocate() }
+
+    func run() {
+        do {
+            try ring.prepareRead(fd: service.doorbell, into: doorbellBuffer, token: RingToken(kind: .doorbell))
+            var lastActivity = ContinuousClock.now
+            let spin = Duration.nanoseconds(service.configuration.spinNanoseconds)
+            while running {
+                try ring.submit()
+                completions.removeAll(keepingCapacity: true)
+                if ring.reap(into: &completions) == 0 {
+                    if ContinuousClock.now - lastActivity < spin {
+                        ring.flushCompletions()
+                    } else {
+                        try ring.submitAndWait(timeoutNanoseconds: 100_000_000)
+                    }
+                    ring.reap(into: &completions)
+                    if completions.isEmpty { continue }
+                }
+                lastActivity = ContinuousClock.now
+                stats.loopTurns += 1
+                stats.completions += completions.count
+                for c in completions { try dispatch(c) }
+                try flushResponses()
+                service.publish(stats)
+            }
+        } catch {
+            service.logger.critical("event loop stopped: \(error)")
+        }
+        shutdown()
+    }
+
+    private func dispatch(_ c: Completion) throws {
+        switch c.token.kind {
+        case .doorbell:
+            try ring.prepareRead(fd: service.doorbell, into: doorbellBuffer, token: RingToken(kind: .doorbell))
+            for command in service.takeCommands() { try perform(command) }
+        case .deviceRead:
+            guard let slot = slot(c.token) else { return }
+            slot.readArmed = false
+            if c.result <= 0 {
+                close(slot, at: c.token.slot, reason: c.result == 0 ? "closed its channel" : "read failed: errno \(-c.result)")
+                return
+            }
+            receive(slot, bytes: Int(c.result))
+            try armRead(slot, at: c.token.slot)
+        case .deviceWrite:
+            guard let slot = slot(c.token) else { return }
+            if c.result < 0 {
+                close(slot, at: c.token.slot, reason: "write failed: errno \(-c.result)")
+                return
+            }
+            slot.written += Int(c.result)
+            if slot.written < slot.writing {
+                try armWrite(slot, at: c.token.slot)
+            } else {
+                slot.writing = 0
+                slot.written = 0
+            }
+        case .timeout:
+            break
+        }
+    }
+
+    private func slot(_ token: RingToken) -> DeviceSlot? {
+        guard token.slot < slots.count, let s = slots[token.slot], s.generation == token.generation else { return nil }
+        return s
+    }
+
+    private func perform(_ command: FaultService.Command) throws {
+        switch command {
+        case .attach(let registration):
+            generation &+= 1
+            let slot = DeviceSlot(registration: registration, generation: generation)
+            let index = slots.firstIndex { $0 == nil } ?? slots.count
+            if index == slots.count { slots.append(slot) } else { slots[index] = slot }
+            try armRead(slot, at: index)
+        case .invalidate(let start, let length, let ticket):
+            stats.invalidationRequests += 1
+            do {
+                ticket.complete(.success(try engine.invalidate(hostAddress: start, length: length)))
+            } catch {
+                service.logger.critical("\(error)")
+                ticket.complete(.failure(InvalidationFailed(description: error.description)))
+            }
+        case .check(let ticket):
+            ticket.complete(.success(engine.checkInvariants()))
+        case .stop:
+            running = false
+        }
+    }
+
+    private func armRead(_ slot: DeviceSlot, at index: Int) throws {
+        guard !slot.closing, !slot.readArmed else { return }
+        slot.readArmed = true
+        let free = UnsafeMutableRawBufferPointer(rebasing: slot.readBuffer[slot.leftover...])
+        try ring.prepareRead(fd: slot.registration.readFD, into: free,
+                             token: RingToken(kind: .deviceRead, slot: index, generation: slot.generation))
+    }
+
+    private func armWrite(_ slot: DeviceSlot, at index: Int) throws {
+        let rest = UnsafeRawBufferPointer(rebasing: slot.writeBuffer[slot.written..<slot.writing])
+        try ring.prepareWrite(fd: slot.registration.writeFD, from: rest,
+                              token: RingToken(kind: .deviceWrite, slot: index, generation: slot.generation))
+    }
+
+    /// Parses whole records out of the read buffer, keeping a split record's head.
+    private func receive(_ slot: DeviceSlot, bytes: Int) {
+        let total = slot.leftover + bytes
+        var offset = 0
+        while total - offset >= PageRequest.byteCount {
+            handleRecord(slot, UnsafeRawBufferPointer(rebasing: slot.readBuffer[offset..<(offset + PageRequest.byteCount)]))
+            offset += PageRequest.byteCount
+        }
+        slot.leftover = total - offset
+        if slot.leftover > 0 && offset > 0 {
+            slot.readBuffer.baseAddress!.copyMemory(from: slot.readBuffer.baseAddress! + offset, byteCount: slot.leftover)
+        }
+    }
+
+    private func handleRecord(_ slot: DeviceSlot, _ bytes: UnsafeRawBufferPointer) {
+        let request: PageRequest
+        do {
+            request = try PageRequest(bytes: bytes)
+        } catch {
+            stats.malformed += 1
+            if stats.malformed <= 10 {
+                service.logger.warning("device \(slot.registration.deviceID): \(error)")
+            }
+            // Best effort on an untrusted record: fail its group so that it is answered
+            // INVALID, once, if its cookie and group index can be read.
+            let raw = RawRecord(bytes)
+            guard raw.cookie != 0 else { return }
+            fail(slot, groupIndex: Int(raw.groupIndex & PageRequest.maxGroupIndex), cookie: raw.cookie, .malformed, last: raw.isLast)
+            return
+        }
+        stats.records += 1
+        let g = Int(request.groupIndex)
+        var partial = slot.partial[g] ?? DeviceSlot.PartialGroup(cookie: request.cookie)
+        if partial.cookie != request.cookie {
+            partial.failure = .malformed  // one group, one cookie
+            stats.malformed += 1
+        }
+        let r = slot.registration
+        if request.deviceID != r.deviceID || (request.flags.contains(.pasidValid) ? request.pasid : nil) != r.pasid {
+            if partial.failure == nil { stats.unknownDevice += 1 }
+            partial.failure = partial.failure ?? .unknownDevice
+        } else if slot.outstanding >= r.credit {
+            if partial.failure == nil { stats.creditExceeded += 1 }
+            partial.failure = partial.failure ?? .creditExceeded
+        } else {
+            slot.outstanding += 1
+            partial.counted += 1
+        }
+        partial.requests.append(request)
+        slot.partial[g] = nil
+        if request.isLastPage {
+            complete(slot, partial)
+        } else {
+            slot.partial[g] = partial
+        }
+    }
+
+    private func fail(_ slot: DeviceSlot, groupIndex g: Int, cookie: UInt32, _ failure: DeviceSlot.Failure, last: Bool) {
+        var partial = slot.partial[g] ?? DeviceSlot.PartialGroup(cookie: cookie)
+        partial.failure = failure
+        slot.partial[g] = nil
+        if last { complete(slot, partial) } else { slot.partial[g] = partial }
+    }
+
+    /// Answers a complete group once, with the code of the whole group.
+    private func complete(_ slot: DeviceSlot, _ partial: DeviceSlot.PartialGroup) {
+        let code: ResponseCode
+        if partial.failure != nil {
+            code = .invalid
+        } else {
+            code = handler.handle(partial.requests).code
+        }
+        slot.outstanding -= partial.counted
+        stats.groups += 1
+        if code == .success { stats.success += 1 } else { stats.invalid += 1 }
+        slot.queued.append(PageResponse(cookie: partial.cookie, code: code))
+    }
+
+    /// Starts a write for every device with queued responses and none in flight.
+    private func flushResponses() throws {
+        for (index, slot) in slots.enumerated() {
+            guard let slot, !slot.queued.isEmpty, slot.writing == 0, !slot.closing else { continue }
+            let n = min(slot.queued.count, DeviceSlot.writeCapacity / PageResponse.byteCount)
+            for i in 0..<n {
+                let at = i * PageResponse.byteCount
+                slot.queued[i].encode(into: UnsafeMutableRawBufferPointer(rebasing: slot.writeBuffer[at..<(at + PageResponse.byteCount)]))
+            }
+            slot.queued.removeFirst(n)
+            slot.writing = n * PageResponse.byteCount
+            slot.written = 0
+            try armWrite(slot, at: index)
+        }
+    }
+
+    /// A device went away: its incomplete groups count as answered INVALID (there is no
+    /// one left to tell), and the service goes on serving the others.
+    private func close(_ slot: DeviceSlot, at index: Int, reason: String) {
+        let pending = slot.partial.compactMap { $0 }.count
+        stats.abandonedGroups += pending
+        stats.invalid += pending
+        stats.devicesClosed += 1
+        service.logger.info("device \(slot.registration.deviceID) \(reason); \(pending) incomplete groups answered INVALID")
+        slot.closing = true
+        Sys.close(slot.registration.readFD)
+        if slot.registration.writeFD != slot.registration.readFD { Sys.close(slot.registration.writeFD) }
+        slots[index] = nil
+    }
+
+    /// Answers every incomplete group INVALID (synchronously: the devices are waiting),
+    /// then closes every channel, so nothing is left waiting.
+    private func shutdown() {
+        for (index, slot) in slots.enumerated() {
+            guard let slot else { continue }
+            var bytes: [UInt8] = []
+            for case let p? in slot.partial {
+                var b = [UInt8](repeating: 0, count: PageResponse.byteCount)
+                b.withUnsafeMutableBytes { PageResponse(cookie: p.cookie, code: .invalid).encode(into: $0) }
+                bytes += b
+                stats.abandonedGroups += 1
+                stats.invalid += 1
+            }
+            for r in slot.queued {
+                var b = [UInt8](repeating: 0, count: PageResponse.byteCount)
+                b.withUnsafeMutableBytes { r.encode(into: $0) }
+                bytes += b
+            }
+            if !bytes.isEmpty { _ = bytes.withUnsafeBytes { try? Sys.writeAll(slot.registration.writeFD, $0) } }
+            // Shut the socket down so a pending ring read completes, then close.
+            _ = Glibc.shutdown(slot.registration.readFD, CInt(SHUT_RDWR))
+            Sys.close(slot.registration.readFD)
+            if slot.registration.writeFD != slot.registration.readFD { Sys.close(slot.registration.writeFD) }
+            slots[index] = nil
+        }
+        for command in service.takeCommands() {
+            switch command {
+            case .invalidate(_, _, let ticket): ticket.complete(.failure(InvalidationFailed(description: "the service stopped")))
+            case .check(let ticket): ticket.complete(.success([]))
+            case .attach(let r):
+                Sys.close(r.readFD)
+                if r.writeFD != r.readFD { Sys.close(r.writeFD) }
+            case .stop: break
+            }
+        }
+        service.publish(stats)
+    }
+}
+
+/// The fields of a record that failed validation, read without trusting them.
+struct RawRecord {
+    var flags: UInt32
+    var groupIndex: UInt32
+    var cookie: UInt32
+    init(_ b: UnsafeRawBufferPointer) {
+        flags = UInt32(littleEndian: b.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
+        groupIndex = UInt32(littleEndian: b.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+        cookie = UInt32(littleEndian: b.loadUnaligned(fromByteOffset: 36, as: UInt32.self))
+    }
+    var isLast: Bool { flags & PageRequest.Flags.lastPage.rawValue != 0 }
+}

@@ -1,0 +1,72 @@
+// HostRegion.swift — real anonymous host memory for DMA, and the engine's `HostMemory`
+// over the process's own address space.
+//
+// In fault mode nothing is pinned or locked: resolving a page makes it resident with
+// MADV_POPULATE_READ/WRITE (Linux 5.14+), one call per contiguous run. The host virtual
+// address stands for the physical address, so a simulated device can reach the memory a
+// translation names. Ranges are `[start, start + length)`.
+
+import CIOPFShim
+import Glibc
+import IOPFCore
+
+/// One anonymous, private mapping, unmapped on deinit.
+public final class HostRegion: @unchecked Sendable {
+    public let base: UInt64
+    public let length: UInt64
+    private var unmapped = false
+
+    public init(length: UInt64) throws(SystemCallError) {
+        precondition(length > 0 && length & 0xFFF == 0, "region length \(length) must be a positive multiple of 4 KiB")
+        let p = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard p != MAP_FAILED, let p else { throw SystemCallError("mmap", .init(rawValue: Glibc.errno)) }
+        base = UInt64(UInt(bitPattern: p))
+        self.length = length
+    }
+
+    deinit {
+        if !unmapped { munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(length)) }
+    }
+
+    public var end: UInt64 { base + length }
+
+    /// Bytes of the region now resident, by mincore(2).
+    public func residentBytes() throws(SystemCallError) -> UInt64 {
+        let pages = Int(length >> 12)
+        var vec = [UInt8](repeating: 0, count: pages)
+        _ = try syscall("mincore") { mincore(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(length), &vec) }
+        return UInt64(vec.reduce(0) { $0 + Int($1 & 1) }) << 12
+    }
+}
+
+/// The engine's view of this process's memory.
+public final class ProcessMemory: HostMemory {
+    public init() {}
+
+    public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
+        let advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ
+        let r = madvise(UnsafeMutableRawPointer(bitPattern: UInt(address)), pageCount << 12, advice)
+        if r != 0 {
+            let e = Glibc.errno
+            let what = e == EFAULT || e == ENOMEM ? "not mapped" : e == EINVAL ? "not populatable (VM_PFNMAP/IO)" : "errno \(e)"
+            throw HostMemoryError(address: address, reason: "MADV_POPULATE_\(write ? "WRITE" : "READ") of \(pageCount) pages failed: \(what)")
+        }
+        for i in 0..<pageCount { physical.append(address + UInt64(i) << 12) }
+    }
+
+    public func currentPhysical(of address: UInt64) -> UInt64? { address }
+}
+
+/// Device memory access through a translation: the only raw pointer use of the runtime's
+/// data path. `phys` is a host virtual address (see the file header).
+enum DMA {
+    @inline(__always)
+    static func load(_ phys: UInt64) -> UInt64 {
+        UnsafeRawPointer(bitPattern: UInt(phys))!.loadUnaligned(as: UInt64.self)
+    }
+
+    @inline(__always)
+    static func store(_ phys: UInt64, _ value: UInt64) {
+        UnsafeMutableRawPointer(bitPattern: UInt(phys))!.storeBytes(of: value, as: UInt64.self)
+    }
+}

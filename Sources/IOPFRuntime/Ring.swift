@@ -1,0 +1,141 @@
+// Ring.swift — the owner of one io_uring, confined to the thread that created it (the
+// ring is set up with IORING_SETUP_SINGLE_ISSUER; another thread would get -EEXIST).
+// liburing's `-errno` results become `RingError`s naming the operation.
+//
+// `user_data` packs what a completion is for (see `RingToken`), as swift-nio's
+// URingUserData does, so that the loop needs no lookup table for it.
+
+import CLiburing
+import Glibc
+import SystemPackage
+
+public struct RingError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var operation: String
+    public var errno: Errno
+    public var description: String { "io_uring \(operation): \(errno) (errno \(errno.rawValue))" }
+}
+
+/// What a submission was for: kind (8 bits), slot (24 bits), generation (32 bits). The
+/// generation lets the loop drop completions for a slot that has since been reused.
+struct RingToken: Equatable {
+    enum Kind: UInt8 {
+        case deviceRead = 1, deviceWrite, doorbell, timeout
+    }
+
+    var kind: Kind
+    var slot: Int
+    var generation: UInt32
+
+    var userData: UInt64 {
+        UInt64(kind.rawValue) << 56 | UInt64(slot & 0xFF_FFFF) << 32 | UInt64(generation)
+    }
+
+    init(kind: Kind, slot: Int = 0, generation: UInt32 = 0) {
+        self.kind = kind
+        self.slot = slot
+        self.generation = generation
+    }
+
+    init?(userData: UInt64) {
+        guard let kind = Kind(rawValue: UInt8(userData >> 56)) else { return nil }
+        self.kind = kind
+        slot = Int((userData >> 32) & 0xFF_FFFF)
+        generation = UInt32(truncatingIfNeeded: userData)
+    }
+}
+
+struct Completion {
+    var token: RingToken
+    var result: Int32
+}
+
+final class Ring {
+    private var ring = io_uring()
+    private var cqes: [UnsafeMutablePointer<io_uring_cqe>?]
+    private let owner = pthread_self()
+
+    init(entries: UInt32 = 256) throws(RingError) {
+        cqes = Array(repeating: nil, count: Int(entries) * 2)
+        var params = io_uring_params()
+        params.flags = UInt32(IORING_SETUP_SINGLE_ISSUER) | UInt32(IORING_SETUP_COOP_TASKRUN)
+        var r = io_uring_queue_init_params(entries, &ring, &params)
+        if r == -EINVAL {  // older kernels: no SINGLE_ISSUER
+            params = io_uring_params()
+            r = io_uring_queue_init_params(entries, &ring, &params)
+        }
+        guard r == 0 else { throw RingError(operation: "queue_init", errno: Errno(rawValue: -r)) }
+    }
+
+    deinit {
+        io_uring_queue_exit(&ring)
+    }
+
+    private func checkThread() {
+        assert(pthread_equal(owner, pthread_self()) != 0, "a Ring is used from a thread other than its owner")
+    }
+
+    /// A free submission entry, submitting queued ones first if the queue is full.
+    private func sqe() throws(RingError) -> UnsafeMutablePointer<io_uring_sqe> {
+        checkThread()
+        if let s = io_uring_get_sqe(&ring) { return s }
+        try submit()
+        guard let s = io_uring_get_sqe(&ring) else { throw RingError(operation: "get_sqe", errno: .resourceBusy) }
+        return s
+    }
+
+    func prepareRead(fd: CInt, into buffer: UnsafeMutableRawBufferPointer, token: RingToken) throws(RingError) {
+        let s = try sqe()
+        io_uring_prep_read(s, fd, buffer.baseAddress, UInt32(buffer.count), UInt64(bitPattern: -1))
+        io_uring_sqe_set_data64(s, token.userData)
+    }
+
+    func prepareWrite(fd: CInt, from buffer: UnsafeRawBufferPointer, token: RingToken) throws(RingError) {
+        let s = try sqe()
+        io_uring_prep_write(s, fd, buffer.baseAddress, UInt32(buffer.count), UInt64(bitPattern: -1))
+        io_uring_sqe_set_data64(s, token.userData)
+    }
+
+    /// Submits what is queued without waiting.
+    func submit() throws(RingError) {
+        checkThread()
+        let r = io_uring_submit(&ring)
+        guard r >= 0 else { throw RingError(operation: "submit", errno: Errno(rawValue: -r)) }
+    }
+
+    /// Submits what is queued and waits for at least one completion or the timeout.
+    func submitAndWait(timeoutNanoseconds: Int64) throws(RingError) {
+        checkThread()
+        var ts = __kernel_timespec(tv_sec: timeoutNanoseconds / 1_000_000_000, tv_nsec: timeoutNanoseconds % 1_000_000_000)
+        var cqe: UnsafeMutablePointer<io_uring_cqe>?
+        let r = io_uring_submit_and_wait_timeout(&ring, &cqe, 1, &ts, nil)
+        guard r >= 0 || r == -ETIME || r == -EINTR || r == -EBUSY else {
+            throw RingError(operation: "submit_and_wait_timeout", errno: Errno(rawValue: -r))
+        }
+    }
+
+    /// Lets the kernel post pending completions (task work) without sleeping.
+    func flushCompletions() {
+        _ = io_uring_get_events(&ring)
+    }
+
+    /// Appends every ready completion to `out` and marks them seen. Returns how many.
+    @discardableResult
+    func reap(into out: inout [Completion]) -> Int {
+        checkThread()
+        var total = 0
+        while true {
+            let n = cqes.withUnsafeMutableBufferPointer { buf in
+                Int(io_uring_peek_batch_cqe(&ring, buf.baseAddress, UInt32(buf.count)))
+            }
+            guard n > 0 else { return total }
+            for i in 0..<n {
+                let c = cqes[i]!.pointee
+                if let token = RingToken(userData: c.user_data) {
+                    out.append(Completion(token: token, result: c.res))
+                }
+            }
+            io_uring_cq_advance(&ring, UInt32(n))
+            total += n
+        }
+    }
+}

@@ -1,0 +1,223 @@
+// ServeSession.swift — one run of the fault service with simulated devices, shared by
+// `iopf serve` and the end-to-end tests.
+//
+// Layout: one anonymous host region of `memoryBytes`, split evenly among the devices;
+// device d's slice is one DMA mapping at IOVA `iovaBase + d * slice`. Devices attach to
+// domain `d % domains`. A host thread asks for invalidations of random page ranges every
+// `invalidateInterval`.
+
+import Foundation
+import Glibc
+import Histogram
+import IOPFCore
+import Logging
+
+public struct ServeOptions: Sendable {
+    public var devices = 4
+    public var memoryBytes: UInt64 = 256 << 20
+    public var seconds = 3.0
+    public var workload = Workload.random
+    /// Seconds between invalidations (0: none).
+    public var invalidateInterval = 0.005
+    /// Largest invalidation, in pages.
+    public var invalidateMaxPages = 512
+    public var domains = 1
+    public var seed: UInt64 = 1
+    public var transport = ChannelTransport.socket
+    public var spinNanoseconds: Int64 = 200_000
+    public var gatherPolicy = GatherPolicy.defaultRangeList
+    /// Stop each device after this many DMA operations instead of after `seconds`.
+    public var operationsPerDevice: Int?
+    public static let iovaBase: UInt64 = 1 << 32
+    public init() {}
+}
+
+public struct LatencySummary: Codable, Sendable, Equatable {
+    public var p50: UInt64 = 0
+    public var p90: UInt64 = 0
+    public var p99: UInt64 = 0
+    public var p999: UInt64 = 0
+    public var max: UInt64 = 0
+
+    init(_ h: Histogram<UInt64>) {
+        guard h.totalCount > 0 else { return }
+        p50 = h.valueAtPercentile(50)
+        p90 = h.valueAtPercentile(90)
+        p99 = h.valueAtPercentile(99)
+        p999 = h.valueAtPercentile(99.9)
+        max = h.max
+    }
+}
+
+/// What `iopf serve --json` prints; the keys are the README's.
+public struct ServeResult: Codable, Sendable {
+    public struct Responses: Codable, Sendable, Equatable {
+        public var success = 0
+        public var invalid = 0
+    }
+
+    public var mode = "fault"
+    public var devices = 0
+    public var domains = 0
+    public var transport = ""
+    public var dmaOps = 0
+    public var dmaErrors = 0
+    public var faults = 0
+    public var groups = 0
+    public var responses = Responses()
+    public var invalidations = 0
+    public var pagesUnmapped = 0
+    public var iotlbSyncs = 0
+    public var retries = 0
+    public var integrityErrors = 0
+    public var violations = 0
+    public var residentBytes: UInt64 = 0
+    public var lockedBytes: UInt64 = 0
+    public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
+    public var elapsedSeconds = 0.0
+    /// The first problems seen, enough to reproduce (empty on a clean run).
+    public var problems: [String] = []
+}
+
+public struct ServeProgress: Sendable {
+    public var elapsed: Double
+    public var faults: Int
+    public var groups: Int
+    public var invalidations: Int
+    public var violations: Int
+}
+
+public enum ServeSession {
+    /// Runs the demo and returns its summary. `progress` is called about twice a second.
+    public static func run(_ o: ServeOptions, logger: Logger = Logger(label: "iopf"),
+                           progress: (ServeProgress) -> Void = { _ in }) throws -> ServeResult {
+        precondition(o.devices > 0 && o.domains > 0, "at least one device and one domain")
+        let slicePages = Int(o.memoryBytes >> 12) / o.devices
+        guard slicePages > 0 else { throw InvalidationFailed(description: "--memory is too small for \(o.devices) devices") }
+        let slice = UInt64(slicePages) << 12
+        let region = try HostRegion(length: slice * UInt64(o.devices))
+
+        var config = EngineConfiguration()
+        config.gatherPolicy = o.gatherPolicy
+        config.pageSizes = [.size4K]
+        let engine = FaultEngine(memory: ProcessMemory(), configuration: config)
+        let fanouts = (0..<o.domains).map { _ in DomainIOTLBs() }
+        let domains = try fanouts.map { try engine.createDomain(invalidator: $0) }
+        var serviceConfig = ServiceConfiguration()
+        serviceConfig.transport = o.transport
+        serviceConfig.spinNanoseconds = o.spinNanoseconds
+        let service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
+        try service.start()
+        defer { service.stop() }
+
+        var devices: [SimulatedDevice] = []
+        for d in 0..<o.devices {
+            let iova = ServeOptions.iovaBase + UInt64(d) * slice
+            let host = region.base + UInt64(d) * slice
+            try engine.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
+            let domain = domains[d % o.domains]
+            var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host)
+            dc.workload = o.workload
+            dc.seed = o.seed &+ UInt64(d) &* 7919
+            dc.spinNanoseconds = o.spinNanoseconds
+            dc.operationLimit = o.operationsPerDevice
+            let channel = try service.attach(deviceID: dc.deviceID, domain: domain)
+            let device = SimulatedDevice(configuration: dc, channel: channel, pageTable: engine.pageTable(domain))
+            fanouts[d % o.domains].add(device.iotlb)
+            devices.append(device)
+        }
+
+        let start = ContinuousClock.now
+        let elapsed = { () -> Double in
+            let e = ContinuousClock.now - start
+            return Double(e.components.seconds) + Double(e.components.attoseconds) / 1e18
+        }
+        devices.forEach { $0.start() }
+
+        var rng = Xoshiro(seed: o.seed ^ 0x5EED)
+        var violations: [InvariantViolation] = []
+        var problems: [String] = []
+        var nextInvalidate = 0.0
+        var nextProgress = 0.5
+        var nextCheck = 1.0
+        let limited = o.operationsPerDevice != nil
+        while limited ? !devices.allSatisfy({ $0.isFinished }) : elapsed() < o.seconds {
+            let now = elapsed()
+            if o.invalidateInterval > 0 && now >= nextInvalidate {
+                let pages = 1 + Int(rng.next() % UInt64(o.invalidateMaxPages))
+                let first = Int(rng.next() % UInt64(region.length >> 12))
+                let length = UInt64(min(pages, Int(region.length >> 12) - first)) << 12
+                do {
+                    _ = try service.invalidate(hostAddress: region.base + UInt64(first) << 12, length: length).wait()
+                } catch {
+                    problems.append("invalidation failed: \(error)")
+                    break
+                }
+                nextInvalidate = now + o.invalidateInterval
+            }
+            if now >= nextCheck {
+                violations += (try? service.checkInvariants().wait()) ?? []
+                nextCheck = now + 1
+            }
+            if now >= nextProgress {
+                let s = service.statistics
+                progress(ServeProgress(elapsed: now, faults: s.records, groups: s.groups,
+                                       invalidations: s.invalidationRequests, violations: violations.count))
+                nextProgress = now + 0.5
+            }
+            usleep(o.invalidateInterval > 0 ? UInt32(min(o.invalidateInterval, 0.05) * 1e6 / 2) : 10_000)
+        }
+        let reports = devices.map { $0.finish() }
+        let seconds = elapsed()
+        violations += (try? service.checkInvariants().wait()) ?? []
+        service.stop()
+
+        var result = ServeResult()
+        result.devices = o.devices
+        result.domains = o.domains
+        result.transport = o.transport.rawValue
+        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        for r in reports {
+            result.dmaOps += r.dmaOps
+            result.dmaErrors += r.dmaErrors
+            result.integrityErrors += r.integrityErrors
+            problems += r.firstProblems
+            latency.add(r.latency)
+        }
+        for d in devices { let bad = d.verifyHostMemory(); result.integrityErrors += bad.count; problems += bad }
+        let s = service.statistics
+        let e = engine.statistics
+        result.faults = s.records
+        result.groups = s.groups
+        result.responses = .init(success: s.success, invalid: s.invalid)
+        result.invalidations = e.invalidations
+        result.pagesUnmapped = e.pagesUnmapped
+        result.iotlbSyncs = e.iotlbSyncs
+        result.retries = e.retries
+        // Every group answered exactly once: what devices sent, got, and the service answered agree.
+        let sent = reports.reduce(0) { $0 + $1.groups }
+        let answered = reports.reduce(0) { $0 + $1.success + $1.invalid }
+        let protocolErrors = reports.reduce(0) { $0 + $1.protocolErrors }
+        var accounting: [String] = []
+        if sent != answered || answered != s.groups - s.abandonedGroups {
+            accounting.append("groups sent \(sent), answered to devices \(answered), answered by the service \(s.groups - s.abandonedGroups)")
+        }
+        result.violations = violations.count + protocolErrors + accounting.count
+        problems += violations.prefix(5).map(\.description) + accounting
+        result.residentBytes = (try? region.residentBytes()) ?? 0
+        result.lockedBytes = lockedBytesOfProcess()
+        result.faultLatencyNs = LatencySummary(latency)
+        result.elapsedSeconds = seconds
+        result.problems = Array(problems.prefix(10))
+        return result
+    }
+
+    /// VmLck of this process, from /proc/self/status.
+    public static func lockedBytesOfProcess() -> UInt64 {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmLck:") }),
+            let kb = UInt64(line.split(separator: " ").dropFirst().first ?? "")
+        else { return 0 }
+        return kb * 1024
+    }
+}

@@ -1,0 +1,359 @@
+// SimulatedDevice.swift — an SVA-capable device model: a thread with an IOTLB that runs a
+// DMA workload against its IOVA range, and really reads and writes host memory through
+// the translations the service gave it.
+//
+// - A miss walks the service's I/O page table, as an ATS translation request would.
+// - A page that is not present sends a page request group (one request per missing
+//   page, the last flagged LAST_PAGE) and stalls until the answer: SUCCESS retries the
+//   access, INVALID counts a DMA error.
+// - The IOTLB lock is held across lookup, walk and access, and an IOTLB sync takes the
+//   same lock: when a sync returns, no access that used a dropped translation is still
+//   in flight, and no walk that raced the unmap can insert a stale entry afterwards.
+// - Each page's first 8 bytes hold the last value this device wrote there; reads compare
+//   with a shadow copy, so a wrong translation shows up as wrong data.
+//
+// IOVA ranges are `[iovaBase, iovaBase + pages * 4 KiB)`.
+
+import Foundation
+import Histogram
+import IOPFCore
+import Synchronization
+
+public enum Workload: String, Sendable, CaseIterable {
+    case sequential, random, zipf
+}
+
+/// A device's translation cache: direct-mapped, `entries` slots, invalidated by range.
+public final class DeviceIOTLB: Sendable {
+    struct Entry {
+        var page: UInt64 = .max  // IOVA page number, .max when empty
+        var phys: UInt64 = 0
+        var prot: Protection = []
+    }
+
+    let state: Mutex<[Entry]>
+    let entries: Int
+
+    public init(entries: Int) {
+        precondition(entries > 0, "an IOTLB needs at least one entry")
+        self.entries = entries
+        state = Mutex(Array(repeating: Entry(), count: entries))
+    }
+
+    /// Drops every cached translation in `ranges`; returns once no access is using one.
+    func invalidate(_ ranges: [IOVARange]) {
+        state.withLock { slots in
+            for i in slots.indices where slots[i].page != .max {
+                let iova = slots[i].page << 12
+                if ranges.contains(where: { $0.start <= iova && iova <= $0.last }) { slots[i] = Entry() }
+            }
+        }
+    }
+
+    public var cachedCount: Int { state.withLock { $0.reduce(0) { $1.page == .max ? $0 : $0 + 1 } } }
+}
+
+/// A domain's sync target: every attached device's IOTLB.
+public final class DomainIOTLBs: IOTLBInvalidator, Sendable {
+    private let devices = Mutex<[DeviceIOTLB]>([])
+    public init() {}
+    public func add(_ iotlb: DeviceIOTLB) { devices.withLock { $0.append(iotlb) } }
+    public func remove(_ iotlb: DeviceIOTLB) { devices.withLock { $0.removeAll { $0 === iotlb } } }
+    public func invalidate(_ ranges: [IOVARange]) {
+        for d in devices.withLock({ $0 }) { d.invalidate(ranges) }
+    }
+}
+
+public struct DeviceConfiguration: Sendable {
+    public var deviceID: UInt32
+    public var pasid: UInt32?
+    public var iovaBase: UInt64
+    public var pages: Int
+    /// Host address behind `iovaBase`, for the end-of-run check only: DMA never uses it.
+    public var hostBase: UInt64
+    public var workload = Workload.random
+    public var iotlbEntries = 64
+    /// Pages per DMA burst, at most.
+    public var burst = 4
+    public var writePercent = 50
+    public var seed: UInt64 = 1
+    /// How long the device busy-polls for an answer before sleeping.
+    public var spinNanoseconds: Int64 = 200_000
+    /// Stop after this many operations (nil: until stopped).
+    public var operationLimit: Int?
+
+    public init(deviceID: UInt32, iovaBase: UInt64, pages: Int, hostBase: UInt64) {
+        self.deviceID = deviceID
+        self.iovaBase = iovaBase
+        self.pages = pages
+        self.hostBase = hostBase
+    }
+}
+
+public struct DeviceReport: Sendable {
+    public var deviceID: UInt32
+    public var dmaOps = 0
+    public var dmaErrors = 0
+    public var faults = 0
+    public var groups = 0
+    public var success = 0
+    public var invalid = 0
+    /// Reads that did not return what this device last wrote there.
+    public var integrityErrors = 0
+    /// Responses for a cookie this device was not waiting for, or a closed channel mid-wait.
+    public var protocolErrors = 0
+    public var firstProblems: [String] = []
+    public var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+}
+
+public final class SimulatedDevice: @unchecked Sendable {
+    public let configuration: DeviceConfiguration
+    public let iotlb: DeviceIOTLB
+    let channel: DeviceChannel
+    let pageTable: IOPageTable
+    private let stopFlag = Atomic<Bool>(false)
+    private let finished = Atomic<Bool>(false)
+    private let done = DispatchSemaphore(value: 0)
+    private var report: DeviceReport
+    /// Last value written to each page's first 8 bytes (0: never written; fresh memory is 0).
+    private var shadow: [UInt64]
+    private var rng: Xoshiro
+    private var cookie: UInt32 = 0
+    private var groupIndex: UInt32 = 0
+    private var sequentialNext = 0
+    private var version: UInt64 = 0
+    private let zipf: ZipfSampler?
+
+    public init(configuration: DeviceConfiguration, channel: DeviceChannel, pageTable: IOPageTable) {
+        precondition(configuration.pages > 0 && configuration.burst > 0, "a device needs pages and a burst of at least 1")
+        self.configuration = configuration
+        self.channel = channel
+        self.pageTable = pageTable
+        iotlb = DeviceIOTLB(entries: configuration.iotlbEntries)
+        report = DeviceReport(deviceID: configuration.deviceID)
+        shadow = Array(repeating: 0, count: configuration.pages)
+        rng = Xoshiro(seed: configuration.seed)
+        zipf = configuration.workload == .zipf ? ZipfSampler(count: configuration.pages, exponent: 1.1) : nil
+    }
+
+    /// Runs the workload on a thread of its own.
+    public func start() {
+        let thread = Thread { [self] in
+            runWorkload()
+            finished.store(true, ordering: .releasing)
+            done.signal()
+        }
+        thread.name = "iopf-device-\(configuration.deviceID)"
+        thread.start()
+    }
+
+    public func stop() { stopFlag.store(true, ordering: .relaxed) }
+
+    /// True once the workload has ended (operation limit reached or stopped).
+    public var isFinished: Bool { finished.load(ordering: .acquiring) }
+
+    /// Waits for the workload to end and returns the device's report.
+    public func finish() -> DeviceReport {
+        stop()
+        done.wait()
+        done.signal()
+        return report
+    }
+
+    private func runWorkload() {
+        while !stopFlag.load(ordering: .relaxed) {
+            if let limit = configuration.operationLimit, report.dmaOps >= limit { break }
+            let count = 1 + Int(rng.next() % UInt64(configuration.burst))
+            let first = min(nextPage(), configuration.pages - count)
+            let write = Int(rng.next() % 100) < configuration.writePercent
+            guard dma(pages: max(first, 0)..<max(first, 0) + min(count, configuration.pages), write: write) else { break }
+        }
+        channel.close()
+    }
+
+    private func nextPage() -> Int {
+        switch configuration.workload {
+        case .sequential:
+            defer { sequentialNext = (sequentialNext + 1) % configuration.pages }
+            return sequentialNext
+        case .random:
+            return Int(rng.next() % UInt64(configuration.pages))
+        case .zipf:
+            return zipf!.sample(&rng)
+        }
+    }
+
+    /// One DMA burst; false when the channel is gone and the device must stop.
+    private func dma(pages: Range<Int>, write: Bool) -> Bool {
+        report.dmaOps += 1
+        var remaining = Array(pages)
+        var attempts = 0
+        while !remaining.isEmpty {
+            var missing: [Int] = []
+            var denied = false
+            for p in remaining {
+                switch access(page: p, write: write) {
+                case .done: break
+                case .notPresent: missing.append(p)
+                case .denied: denied = true
+                }
+            }
+            if denied {
+                report.dmaErrors += 1
+                return true
+            }
+            guard !missing.isEmpty else { return true }
+            attempts += 1
+            if attempts > 1000 {  // the service keeps answering SUCCESS without mapping
+                report.dmaErrors += 1
+                problem("pages \(missing) still not present after 1000 SUCCESS answers")
+                return true
+            }
+            guard let code = pageRequest(missing, write: write) else { return false }
+            if code == .invalid {
+                report.dmaErrors += 1
+                return true
+            }
+            remaining = missing
+        }
+        return true
+    }
+
+    private enum AccessResult { case done, notPresent, denied }
+
+    /// Translates and accesses one page under the IOTLB lock (see the file header).
+    private func access(page p: Int, write: Bool) -> AccessResult {
+        let iova = configuration.iovaBase + UInt64(p) << 12
+        let vpn = iova >> 12
+        return iotlb.state.withLock { slots in
+            let i = Int(truncatingIfNeeded: vpn) % slots.count
+            if slots[i].page != vpn {
+                guard let t = pageTable.translate(iova) else { return .notPresent }
+                slots[i] = DeviceIOTLB.Entry(page: vpn, phys: t.phys & ~0xFFF, prot: t.prot)
+            }
+            let entry = slots[i]
+            guard entry.prot.contains(write ? .write : .read) else { return .denied }
+            if write {
+                version &+= 1
+                let value = UInt64(configuration.deviceID) << 56 | UInt64(p) << 24 | (version & 0xFF_FFFF)
+                DMA.store(entry.phys, value)
+                shadow[p] = value
+            } else {
+                let value = DMA.load(entry.phys)
+                if value != shadow[p] {
+                    report.integrityErrors += 1
+                    problem("read of iova \(hex(iova)) gave \(hex(value)), expected \(hex(shadow[p]))")
+                }
+            }
+            return .done
+        }
+    }
+
+    /// Sends one group and waits for its answer; nil when the channel is gone.
+    private func pageRequest(_ pages: [Int], write: Bool) -> ResponseCode? {
+        cookie = cookie == UInt32.max ? 1 : cookie + 1
+        groupIndex = (groupIndex + 1) & PageRequest.maxGroupIndex
+        let perm: PageRequest.Permission = write ? [.read, .write] : [.read]
+        var flags: PageRequest.Flags = configuration.pasid == nil ? [] : [.pasidValid]
+        let records = pages.enumerated().map { k, p in
+            if k == pages.count - 1 { flags.insert(.lastPage) }
+            return PageRequest(flags: flags, deviceID: configuration.deviceID, pasid: configuration.pasid ?? 0,
+                               groupIndex: groupIndex, perm: perm, addr: configuration.iovaBase + UInt64(p) << 12, cookie: cookie)
+        }
+        report.faults += records.count
+        report.groups += 1
+        let start = ContinuousClock.now
+        do {
+            try channel.send(records)
+            while true {
+                guard let responses = try channel.receive(spinNanoseconds: configuration.spinNanoseconds) else {
+                    return nil
+                }
+                for r in responses where r.cookie != cookie {
+                    report.protocolErrors += 1
+                    problem("response for cookie \(r.cookie) while waiting for \(cookie)")
+                }
+                if let r = responses.first(where: { $0.cookie == cookie }) {
+                    if responses.filter({ $0.cookie == cookie }).count > 1 {
+                        report.protocolErrors += 1
+                        problem("cookie \(cookie) answered more than once")
+                    }
+                    let elapsed = ContinuousClock.now - start
+                    report.latency.record(UInt64(elapsed.components.seconds) * 1_000_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000))
+                    if r.code == .success { report.success += 1 } else { report.invalid += 1 }
+                    return r.code
+                }
+            }
+        } catch {
+            if !stopFlag.load(ordering: .relaxed) { problem("channel failed: \(error)") }
+            return nil
+        }
+    }
+
+    private func problem(_ text: String) {
+        if report.firstProblems.count < 5 { report.firstProblems.append("device \(configuration.deviceID): \(text)") }
+    }
+
+    /// After the run: every page's first 8 bytes in host memory hold what this device last
+    /// wrote (DMA landed where the translations said). Returns the mismatches.
+    public func verifyHostMemory() -> [String] {
+        var out: [String] = []
+        for p in 0..<configuration.pages where shadow[p] != 0 {
+            let host = configuration.hostBase + UInt64(p) << 12
+            let value = DMA.load(host)
+            if value != shadow[p] && out.count < 5 {
+                out.append("device \(configuration.deviceID): host page \(hex(host)) holds \(hex(value)), device wrote \(hex(shadow[p]))")
+            }
+        }
+        return out
+    }
+}
+
+func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+
+/// xoshiro256**: a small, seeded generator for workloads.
+struct Xoshiro: RandomNumberGenerator {
+    var s: (UInt64, UInt64, UInt64, UInt64)
+    init(seed: UInt64) {
+        var x = seed
+        func splitmix() -> UInt64 {
+            x &+= 0x9E37_79B9_7F4A_7C15
+            var z = x
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+        s = (splitmix(), splitmix(), splitmix(), splitmix())
+    }
+    mutating func next() -> UInt64 {
+        let result = ((s.1 &* 5) << 7 | (s.1 &* 5) >> 57) &* 9
+        let t = s.1 << 17
+        s.2 ^= s.0; s.3 ^= s.1; s.1 ^= s.2; s.0 ^= s.3; s.2 ^= t
+        s.3 = s.3 << 45 | s.3 >> 19
+        return result
+    }
+}
+
+/// Zipf-distributed page indices by inverse CDF over a precomputed table.
+struct ZipfSampler: Sendable {
+    let cdf: [Double]
+    init(count: Int, exponent: Double) {
+        var acc = 0.0
+        var c: [Double] = []
+        c.reserveCapacity(count)
+        for k in 1...count {
+            acc += 1 / pow(Double(k), exponent)
+            c.append(acc)
+        }
+        cdf = c.map { $0 / acc }
+    }
+    func sample<G: RandomNumberGenerator>(_ rng: inout G) -> Int {
+        let u = Double.random(in: 0..<1, using: &rng)
+        var (lo, hi) = (0, cdf.count - 1)
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if cdf[mid] < u { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+}

@@ -1,0 +1,125 @@
+// Serve.swift — `iopf serve`: the fault service with simulated SVA devices. With no flags
+// it runs the built-in demo: 4 devices over 256 MiB for 3 seconds with periodic
+// invalidations of random ranges.
+
+import ArgumentParser
+import Foundation
+import IOPFCore
+import IOPFRuntime
+import Logging
+
+struct Serve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Serve device page faults for simulated SVA devices and report what happened.",
+        discussion: "Exits non-zero when data checks or invariant checks failed."
+    )
+
+    @Option(help: "Number of simulated devices.")
+    var devices = 4
+
+    @Option(help: "Host memory shared among the devices, e.g. 256M, 1G.")
+    var memory = "256M"
+
+    @Option(help: "Seconds to run.")
+    var duration = 3.0
+
+    @Option(help: "DMA pattern: \(Workload.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var workload = "random"
+
+    @Option(help: "Milliseconds between invalidations of a random host range (0: none).")
+    var invalidateInterval = 5.0
+
+    @Option(help: "I/O page tables (domains); devices are spread over them.")
+    var domains = 1
+
+    @Option(help: "Fault channel: socket (AF_UNIX socketpair) or pipe (a pipe each way).")
+    var transport = "socket"
+
+    @Option(help: "Microseconds the service and devices busy-poll before sleeping.")
+    var spinMicroseconds = 200
+
+    @Option(help: "Seed for workloads and invalidations.")
+    var seed: UInt64 = 1
+
+    @Flag(help: "Print one JSON object at the end instead of progress and a table.")
+    var json = false
+
+    func validate() throws {
+        guard devices >= 1 && devices <= 4096 else { throw ValidationError("--devices must be 1...4096, got \(devices)") }
+        guard let bytes = parseSize(memory), bytes >= 4096 * UInt64(devices) else {
+            throw ValidationError("--memory '\(memory)' must be a size like 256M or 1G, at least one 4 KiB page per device")
+        }
+        guard bytes <= 1 << 40 else { throw ValidationError("--memory '\(memory)' is above 1 TiB") }
+        guard duration > 0 && duration <= 86_400 else { throw ValidationError("--duration must be in (0, 86400] seconds, got \(duration)") }
+        guard Workload(rawValue: workload) != nil else {
+            throw ValidationError("--workload '\(workload)' is not one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard invalidateInterval >= 0 else { throw ValidationError("--invalidate-interval must not be negative, got \(invalidateInterval)") }
+        guard domains >= 1 && domains <= 64 else { throw ValidationError("--domains must be 1...64, got \(domains)") }
+        guard ChannelTransport(rawValue: transport) != nil else {
+            throw ValidationError("--transport '\(transport)' is not one of \(ChannelTransport.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard spinMicroseconds >= 0 else { throw ValidationError("--spin-microseconds must not be negative, got \(spinMicroseconds)") }
+    }
+
+    func run() throws {
+        var o = ServeOptions()
+        o.devices = devices
+        o.memoryBytes = parseSize(memory)! & ~0xFFF
+        o.seconds = duration
+        o.workload = Workload(rawValue: workload)!
+        o.invalidateInterval = invalidateInterval / 1000
+        o.domains = domains
+        o.transport = ChannelTransport(rawValue: transport)!
+        o.spinNanoseconds = Int64(spinMicroseconds) * 1000
+        o.seed = seed
+        var logger = Logger(label: "iopf")
+        logger.logLevel = .warning
+        let tty = isatty(STDERR_FILENO) != 0
+        let result = try ServeSession.run(o, logger: logger) { p in
+            guard !json else { return }
+            let line = String(format: "%5.1fs  faults %9d (%7.0f/s)  groups %8d  invalidations %6d  violations %d",
+                              p.elapsed, p.faults, Double(p.faults) / max(p.elapsed, 0.001), p.groups, p.invalidations, p.violations)
+            FileHandle.standardError.write(Data(((tty ? "\r" : "") + line + (tty ? "" : "\n")).utf8))
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(result), as: UTF8.self))
+        } else {
+            if tty { FileHandle.standardError.write(Data("\n".utf8)) }
+            printSummary(result)
+        }
+        if result.integrityErrors > 0 || result.violations > 0 { throw ExitCode(1) }
+    }
+
+    func printSummary(_ r: ServeResult) {
+        func row(_ name: String, _ value: String) { print(name.padding(toLength: 26, withPad: " ", startingAt: 0) + value) }
+        print("iopf serve: \(r.devices) devices, \(memory) memory, \(r.domains) domain(s), \(r.transport) channel, \(String(format: "%.2f", r.elapsedSeconds)) s")
+        row("DMA operations", "\(r.dmaOps) (\(r.dmaErrors) errors)")
+        row("page requests (faults)", "\(r.faults) in \(r.groups) groups")
+        row("responses", "\(r.responses.success) success, \(r.responses.invalid) invalid")
+        row("fault latency (device)", "p50 \(us(r.faultLatencyNs.p50))  p90 \(us(r.faultLatencyNs.p90))  p99 \(us(r.faultLatencyNs.p99))  p99.9 \(us(r.faultLatencyNs.p999))  max \(us(r.faultLatencyNs.max))")
+        row("invalidations", "\(r.invalidations): \(r.pagesUnmapped) pages unmapped, \(r.iotlbSyncs) IOTLB syncs, \(r.retries) fault retries")
+        row("resident / locked", "\(mib(r.residentBytes)) / \(mib(r.lockedBytes))")
+        row("integrity errors", "\(r.integrityErrors)")
+        row("invariant violations", "\(r.violations)")
+        for p in r.problems { print("  ! \(p)") }
+    }
+
+    func us(_ ns: UInt64) -> String { String(format: "%.1fµs", Double(ns) / 1000) }
+    func mib(_ b: UInt64) -> String { String(format: "%.1f MiB", Double(b) / 1_048_576) }
+}
+
+/// "256M", "1G", "4096", "2T" → bytes.
+func parseSize(_ text: String) -> UInt64? {
+    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+    var s = text.uppercased()
+    if s.hasSuffix("IB") { s.removeLast(2) } else if s.hasSuffix("B") { s.removeLast() }
+    guard let last = s.last else { return nil }
+    if let unit = units[last] {
+        guard let n = UInt64(s.dropLast()), n.multipliedReportingOverflow(by: unit).overflow == false else { return nil }
+        return n * unit
+    }
+    return UInt64(s)
+}
