@@ -1,0 +1,87 @@
+// End to end: simulated devices doing real DMA through the service, with invalidations in
+// between. Every group must be answered exactly once, the data checks must pass, and the
+// page table must match the bitmaps afterwards.
+
+import Foundation
+import Testing
+@testable import IOPFCore
+@testable import IOPFRuntime
+
+@Suite(.serialized) struct EndToEndTests {
+    @Test(arguments: [
+        (2, Workload.random, ChannelTransport.socket, 1),
+        (3, Workload.sequential, ChannelTransport.pipe, 2),
+        (4, Workload.zipf, ChannelTransport.socket, 2),
+    ])
+    func devicesFaultAndDMAWithInvalidationsInBetween(devices: Int, workload: Workload, transport: ChannelTransport, domains: Int) throws {
+        var o = ServeOptions()
+        o.devices = devices
+        o.memoryBytes = 16 << 20
+        o.workload = workload
+        o.transport = transport
+        o.domains = domains
+        o.operationsPerDevice = 4000
+        o.invalidateInterval = 0.001
+        o.invalidateMaxPages = 64
+        o.spinNanoseconds = 20_000
+        o.seed = UInt64(devices)
+        let r = try ServeSession.run(o)
+        #expect(r.problems.isEmpty, "\(r.problems)")
+        #expect(r.dmaOps >= devices * 4000)
+        #expect(r.faults > 0 && r.responses.success > 0)
+        #expect(r.groups == r.responses.success + r.responses.invalid)
+        #expect(r.dmaErrors == 0)
+        #expect(r.integrityErrors == 0)
+        #expect(r.violations == 0)
+        #expect(r.invalidations > 0 && r.iotlbSyncs <= r.invalidations * domains)
+        #expect(r.lockedBytes == 0)
+        #expect(r.residentBytes > 0)
+    }
+
+    @Test func serveJSONHasTheDocumentedKeys() throws {
+        var o = ServeOptions()
+        o.devices = 2
+        o.memoryBytes = 8 << 20
+        o.seconds = 0.5
+        o.spinNanoseconds = 20_000
+        let r = try ServeSession.run(o)
+        let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(r)) as! [String: Any]
+        for key in ["mode", "devices", "dmaOps", "dmaErrors", "faults", "groups", "responses", "invalidations", "pagesUnmapped",
+                    "iotlbSyncs", "integrityErrors", "violations", "residentBytes", "lockedBytes", "faultLatencyNs", "elapsedSeconds"] {
+            #expect(json[key] != nil, "missing key \(key)")
+        }
+        #expect(json["mode"] as? String == "fault")
+        #expect(Set((json["responses"] as! [String: Any]).keys) == ["success", "invalid"])
+        #expect(Set((json["faultLatencyNs"] as! [String: Any]).keys) == ["p50", "p90", "p99", "p999", "max"])
+        #expect(r.faults > 0 && r.faultLatencyNs.p50 > 0 && r.faultLatencyNs.p50 <= r.faultLatencyNs.max)
+    }
+
+    @Test func aWrongTranslationShowsUpAsWrongData() throws {
+        // Map a device's pages to the wrong host page behind the service's back: the
+        // device's reads and the host check must catch it.
+        let region = try HostRegion(length: 1 << 20)
+        let engine = FaultEngine(memory: ProcessMemory())
+        let fanout = DomainIOTLBs()
+        let domain = try engine.createDomain(invalidator: fanout)
+        let service = try FaultService(engine: engine)
+        try service.start()
+        defer { service.stop() }
+        let iova: UInt64 = 1 << 30
+        try engine.map(iova: iova, vaddr: region.base, size: 64 << 12, prot: .readWrite)
+        let table = engine.pageTable(domain)
+        // Pages 0 and 1 both translate to host page 0.
+        for p in 0..<2 { try table.mapPage(iova: iova + UInt64(p) << 12, phys: region.base, prot: .readWrite) }
+        var dc = DeviceConfiguration(deviceID: 1, iovaBase: iova, pages: 2, hostBase: region.base)
+        dc.operationLimit = 500
+        dc.burst = 1
+        let device = SimulatedDevice(configuration: dc, channel: try service.attach(deviceID: 1, domain: domain), pageTable: table)
+        fanout.add(device.iotlb)
+        device.start()
+        while !device.isFinished { usleep(1000) }
+        let report = device.finish()
+        #expect(report.dmaOps == 500)
+        let hostErrors = device.verifyHostMemory()
+        #expect(report.integrityErrors + hostErrors.count > 0)
+        #expect(!engine.checkInvariants().isEmpty)
+    }
+}
