@@ -38,4 +38,14 @@ int iopf_uffd_unregister(int uffd, uint64_t start, uint64_t len) {
     return ioctl(uffd, UFFDIO_UNREGISTER, &range);
 }
 
+int iopf_uffd_zeropage(int uffd, uint64_t start, uint64_t len) {
+    struct uffdio_zeropage z = {.range = {.start = start, .len = len}, .mode = 0};
+    return ioctl(uffd, UFFDIO_ZEROPAGE, &z);
+}
+
+uint64_t iopf_uffd_mode_missing(void) { return UFFDIO_REGISTER_MODE_MISSING; }
+uint32_t iopf_uffd_event_pagefault(void) { return UFFD_EVENT_PAGEFAULT; }
+
+int iopf_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
+
 int iopf_gettid(void) { return (int)syscall(SYS_gettid); }

@@ -4,6 +4,8 @@
 // split across reads; each side reassembles.
 //
 // Transports (chosen by measurement, see README "Fault channel"):
+// - shared: a memfd with two rings (see SharedQueue.swift); eventfd doorbells are rung
+//   only when the other side sleeps, so a busy channel makes no system calls.
 // - socket: one AF_UNIX stream socketpair, full duplex; a closed device shows as EOF.
 // - pipe: two pipes, one per direction.
 
@@ -12,7 +14,7 @@ import IOPFCore
 import Synchronization
 
 public enum ChannelTransport: String, Sendable, CaseIterable {
-    case socket, pipe
+    case shared, socket, pipe
 }
 
 /// The service's ends and the device's ends of one channel.
@@ -32,50 +34,142 @@ struct ChannelEnds {
             let responses = try Sys.pipe()
             return ChannelEnds(serviceRead: requests.read, serviceWrite: responses.write,
                                deviceRead: responses.read, deviceWrite: requests.write)
+        case .shared:
+            preconditionFailure("a shared channel has no stream ends")
         }
     }
 }
 
 /// The device's end: send request groups, receive responses. One thread at a time.
 public final class DeviceChannel: @unchecked Sendable {
-    let readFD: CInt
-    let writeFD: CInt
+    enum Backing {
+        case stream(read: CInt, write: CInt)
+        /// The device's own mapping of the queue; `doorbell` wakes the service, `wake` is
+        /// rung by the service when this device sleeps. All three fds are owned here.
+        case shared(SharedQueue, doorbell: CInt, wake: CInt)
+    }
+
+    let backing: Backing
     private var sendBuffer: [UInt8] = []
     private var receiveBuffer = [UInt8](repeating: 0, count: 4096)
     private var received = 0
+    private var requestTail: UInt32 = 0
+    private var responseHead: UInt32 = 0
     private let closed = Atomic<Bool>(false)
 
     init(readFD: CInt, writeFD: CInt) throws(SystemCallError) {
-        self.readFD = readFD
-        self.writeFD = writeFD
+        backing = .stream(read: readFD, write: writeFD)
         try Sys.setNonBlocking(readFD, true)
+    }
+
+    init(shared queue: SharedQueue, doorbell: CInt, wake: CInt) {
+        backing = .shared(queue, doorbell: doorbell, wake: wake)
     }
 
     deinit { close() }
 
-    /// Closes the device's end; the service sees EOF.
+    /// Closes the device's end; the service sees EOF (or the closed flag and a doorbell).
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        Sys.close(readFD)
-        if writeFD != readFD { Sys.close(writeFD) }
+        switch backing {
+        case .stream(let r, let w):
+            Sys.close(r)
+            if w != r { Sys.close(w) }
+        case .shared(let q, let doorbell, let wake):
+            q.storeSequential(.deviceClosed, 1)
+            ring(doorbell)
+            Sys.close(doorbell)
+            Sys.close(wake)
+            Sys.close(q.fd)
+        }
     }
 
-    /// Writes the records in one write (atomic for a pipe up to PIPE_BUF, 102 records).
+    private func ring(_ eventfd: CInt) {
+        var one: UInt64 = 1
+        _ = withUnsafeBytes(of: &one) { try? Sys.write(eventfd, $0) }
+    }
+
+    /// Sends the records of one group (a stream gets them in one write, atomic for a pipe
+    /// up to PIPE_BUF, 102 records).
     public func send(_ records: [PageRequest]) throws {
-        sendBuffer.removeAll(keepingCapacity: true)
-        for r in records { sendBuffer.append(contentsOf: r.bytes) }
-        try sendRaw(sendBuffer)
+        switch backing {
+        case .stream:
+            sendBuffer.removeAll(keepingCapacity: true)
+            for r in records { sendBuffer.append(contentsOf: r.bytes) }
+            try sendRaw(sendBuffer)
+        case .shared(let q, let doorbell, _):
+            for r in records {
+                while requestTail &- q.load(.requestHead) >= UInt32(SharedQueue.capacity) {
+                    if q.load(.serviceClosed) != 0 { throw SystemCallError("send", .brokenPipe) }
+                    sched_yield()
+                }
+                r.encode(into: q.requestSlot(requestTail))
+                requestTail &+= 1
+            }
+            q.storeSequential(.requestTail, requestTail)
+            if q.loadSequential(.serviceWaiting) != 0 { ring(doorbell) }
+        }
     }
 
-    /// Writes raw bytes: tests use it to send malformed or split records.
+    /// Writes raw bytes on a stream channel: tests use it to send malformed or split records.
     public func sendRaw(_ bytes: [UInt8]) throws {
+        guard case .stream(_, let writeFD) = backing else {
+            preconditionFailure("raw bytes go over stream channels only")
+        }
         try bytes.withUnsafeBytes { try Sys.writeAll(writeFD, $0) }
     }
 
-    /// Waits for responses: busy-polls for `spinNanoseconds`, then sleeps in poll(2) up to
-    /// `timeoutMs` (-1: forever). Returns the whole responses that arrived (maybe none on
-    /// timeout); nil when the service closed the channel.
+    /// Waits for responses: busy-polls for `spinNanoseconds`, then sleeps up to `timeoutMs`
+    /// (-1: forever). Returns the whole responses that arrived (maybe none on timeout);
+    /// nil when the service closed the channel.
     public func receive(spinNanoseconds: Int64, timeoutMs: CInt = -1) throws -> [PageResponse]? {
+        switch backing {
+        case .stream(let readFD, _):
+            return try receiveStream(readFD, spinNanoseconds: spinNanoseconds, timeoutMs: timeoutMs)
+        case .shared(let q, _, let wake):
+            return try receiveShared(q, wake: wake, spinNanoseconds: spinNanoseconds, timeoutMs: timeoutMs)
+        }
+    }
+
+    private func receiveShared(_ q: SharedQueue, wake: CInt, spinNanoseconds: Int64, timeoutMs: CInt) throws -> [PageResponse]? {
+        let spinStart = ContinuousClock.now
+        let spinUntil = spinStart + .nanoseconds(spinNanoseconds)
+        var slept = false
+        while true {
+            let tail = q.load(.responseTail)
+            if tail != responseHead {
+                var out: [PageResponse] = []
+                while responseHead != tail {
+                    out.append(try PageResponse(bytes: UnsafeRawBufferPointer(q.responseSlot(responseHead))))
+                    responseHead &+= 1
+                }
+                q.store(.responseHead, responseHead)
+                return out
+            }
+            if q.load(.serviceClosed) != 0 { return nil }
+            if slept && timeoutMs >= 0 { return [] }
+            let now = ContinuousClock.now
+            if now < spinUntil {
+                // Poll without a system call for the first microseconds (a typical answer),
+                // then yield so that the service can run on an oversubscribed machine.
+                if now - spinStart > .microseconds(4) { sched_yield() }
+                continue
+            }
+            // Announce the sleep, then look again: a response published before the flag
+            // was seen is found here; one published after rings `wake`.
+            q.storeSequential(.deviceWaiting, 1)
+            if q.loadSequential(.responseTail) == responseHead && q.load(.serviceClosed) == 0 {
+                if try Sys.pollReadable(wake, timeoutMs: timeoutMs) {
+                    var value: UInt64 = 0
+                    _ = withUnsafeMutableBytes(of: &value) { try? Sys.read(wake, $0) }
+                }
+                slept = true
+            }
+            q.store(.deviceWaiting, 0)
+        }
+    }
+
+    private func receiveStream(_ readFD: CInt, spinNanoseconds: Int64, timeoutMs: CInt) throws -> [PageResponse]? {
         let spinUntil = ContinuousClock.now + .nanoseconds(spinNanoseconds)
         var slept = false
         while true {

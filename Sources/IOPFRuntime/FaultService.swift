@@ -5,7 +5,8 @@
 // together, one submit per loop turn.
 //
 // Latency: a thread wake-up costs about 10 µs here, so after any activity the loop
-// busy-polls its completion queue for `spinNanoseconds` before it sleeps.
+// busy-polls (shared queues in memory, stream channels through the completion queue) for
+// `spinNanoseconds` before it sleeps in io_uring.
 
 import CLiburing  // <sys/eventfd.h>
 import Dispatch
@@ -16,7 +17,7 @@ import Logging
 import Synchronization
 
 public struct ServiceConfiguration: Sendable {
-    public var transport = ChannelTransport.socket
+    public var transport = ChannelTransport.shared
     /// How long the loop busy-polls after activity before sleeping.
     public var spinNanoseconds: Int64 = 200_000
     public var ringEntries: UInt32 = 256
@@ -82,8 +83,24 @@ public final class FaultService: Sendable {
         var pasid: UInt32?
         var domain: DomainID
         var credit: Int
-        var readFD: CInt
-        var writeFD: CInt
+        var ends: Ends
+    }
+
+    /// The service's ends of a channel, owned by the loop once attached.
+    enum Ends: Sendable {
+        case stream(read: CInt, write: CInt)
+        case shared(SharedQueue, wake: CInt)
+
+        func close() {
+            switch self {
+            case .stream(let r, let w):
+                Sys.close(r)
+                if w != r { Sys.close(w) }
+            case .shared(let q, let wake):
+                Sys.close(wake)
+                Sys.close(q.fd)
+            }
+        }
     }
 
     private let commands = Mutex<[Command]>([])
@@ -139,11 +156,23 @@ public final class FaultService: Sendable {
     /// Attaches a device (and optionally one PASID) to a domain and returns its channel.
     /// `credit` is its PRI outstanding page request allocation.
     public func attach(deviceID: UInt32, pasid: UInt32? = nil, domain: DomainID, credit: Int = 32) throws -> DeviceChannel {
-        precondition(credit > 0, "a device needs a credit of at least one page request")
-        let ends = try ChannelEnds.make(configuration.transport)
-        let channel = try DeviceChannel(readFD: ends.deviceRead, writeFD: ends.deviceWrite)
-        send(.attach(DeviceRegistration(deviceID: deviceID, pasid: pasid, domain: domain, credit: credit,
-                                        readFD: ends.serviceRead, writeFD: ends.serviceWrite)))
+        precondition(credit > 0 && credit <= SharedQueue.capacity,
+                     "a device's credit must be 1...\(SharedQueue.capacity) page requests, got \(credit)")
+        let channel: DeviceChannel
+        let ends: Ends
+        if configuration.transport == .shared {
+            // The device gets its own fds (dup) and its own mapping, as another process would.
+            let queue = try SharedQueue.create()
+            let wake = try Sys.eventfd(flags: CInt(EFD_CLOEXEC | EFD_NONBLOCK))
+            let deviceQueue = try SharedQueue(fd: try Sys.dup(queue.fd))
+            channel = DeviceChannel(shared: deviceQueue, doorbell: try Sys.dup(doorbell), wake: try Sys.dup(wake))
+            ends = .shared(queue, wake: wake)
+        } else {
+            let e = try ChannelEnds.make(configuration.transport)
+            channel = try DeviceChannel(readFD: e.deviceRead, writeFD: e.deviceWrite)
+            ends = .stream(read: e.serviceRead, write: e.serviceWrite)
+        }
+        send(.attach(DeviceRegistration(deviceID: deviceID, pasid: pasid, domain: domain, credit: credit, ends: ends)))
         return channel
     }
 
@@ -198,6 +227,14 @@ final class DeviceSlot {
     var written = 0
     var readArmed = false
     var closing = false
+    /// Shared queues: the service's own copies of the ring indices.
+    var requestHead: UInt32 = 0
+    var responseTail: UInt32 = 0
+
+    var shared: SharedQueue? {
+        if case .shared(let q, _) = registration.ends { return q }
+        return nil
+    }
 
     struct PartialGroup {
         var cookie: UInt32
@@ -230,6 +267,8 @@ final class EventLoop {
     var completions: [Completion] = []
     var stats = ServiceStatistics()
     let doorbellBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
+    /// The 8-byte 1 written to a sleeping device's eventfd; never changes while in flight.
+    let wakeValue = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
     var running = true
     var group: [PageRequest] = []
 
@@ -239,26 +278,42 @@ final class EventLoop {
         ring = try Ring(entries: service.configuration.ringEntries)
         handler = engine.makeFaultHandler()
         completions.reserveCapacity(Int(service.configuration.ringEntries) * 2)
+        wakeValue.storeBytes(of: UInt64(1), as: UInt64.self)
     }
 
-    deinit { doorbellBuffer.deallocate() }
+    deinit {
+        doorbellBuffer.deallocate()
+        wakeValue.deallocate()
+    }
 
     func run() {
         do {
             try ring.prepareRead(fd: service.doorbell, into: doorbellBuffer, token: RingToken(kind: .doorbell))
             var lastActivity = ContinuousClock.now
+            var lastFlush = lastActivity
             let spin = Duration.nanoseconds(service.configuration.spinNanoseconds)
             while running {
                 try ring.submit()
                 completions.removeAll(keepingCapacity: true)
-                if ring.reap(into: &completions) == 0 {
-                    if ContinuousClock.now - lastActivity < spin {
-                        ring.flushCompletions()
+                ring.reap(into: &completions)
+                var work = pollSharedQueues()
+                if completions.isEmpty && work == 0 {
+                    let now = ContinuousClock.now
+                    if now - lastActivity < spin {
+                        // Stream channels and commands progress only when the kernel runs
+                        // the ring's task work; shared queues need no system call at all.
+                        if hasStreams || now - lastFlush > .microseconds(20) {
+                            ring.flushCompletions()
+                            lastFlush = now
+                        }
+                        ring.reap(into: &completions)
+                        if completions.isEmpty { continue }
                     } else {
-                        try ring.submitAndWait(timeoutNanoseconds: 100_000_000)
+                        try sleep()
+                        ring.reap(into: &completions)
+                        work = pollSharedQueues()
+                        if completions.isEmpty && work == 0 { continue }
                     }
-                    ring.reap(into: &completions)
-                    if completions.isEmpty { continue }
                 }
                 lastActivity = ContinuousClock.now
                 stats.loopTurns += 1
@@ -271,6 +326,40 @@ final class EventLoop {
             service.logger.critical("event loop stopped: \(error)")
         }
         shutdown()
+    }
+
+    var hasStreams: Bool { slots.contains { $0 != nil && $0!.shared == nil } }
+
+    /// Sleeps in io_uring until a completion or the doorbell. Shared queues are told first,
+    /// then looked at once more, so a device that published before seeing the flag is not
+    /// missed and one that published after rings the doorbell.
+    private func sleep() throws {
+        let queues = slots.compactMap { $0?.shared }
+        for q in queues { q.storeSequential(.serviceWaiting, 1) }
+        let ready = queues.contains { $0.loadSequential(.requestTail) != $0.load(.requestHead) || $0.load(.deviceClosed) != 0 }
+        if !ready { try ring.submitAndWait(timeoutNanoseconds: 100_000_000) }
+        for q in queues { q.store(.serviceWaiting, 0) }
+    }
+
+    /// Takes every published request from every shared queue. Returns how many.
+    private func pollSharedQueues() -> Int {
+        var taken = 0
+        for index in slots.indices {
+            guard let slot = slots[index], let q = slot.shared else { continue }
+            let tail = q.load(.requestTail)
+            if tail != slot.requestHead {
+                while slot.requestHead != tail {
+                    handleRecord(slot, UnsafeRawBufferPointer(q.requestSlot(slot.requestHead)))
+                    slot.requestHead &+= 1
+                    taken += 1
+                }
+                q.store(.requestHead, slot.requestHead)
+            } else if q.load(.deviceClosed) != 0 {
+                close(slot, at: index, reason: "closed its channel")
+                taken += 1
+            }
+        }
+        return taken
     }
 
     private func dispatch(_ c: Completion) throws {
@@ -300,8 +389,8 @@ final class EventLoop {
                 slot.writing = 0
                 slot.written = 0
             }
-        case .timeout:
-            break
+        case .wake:
+            break  // a sleeping device's eventfd was rung; nothing to do
         }
     }
 
@@ -317,7 +406,7 @@ final class EventLoop {
             let slot = DeviceSlot(registration: registration, generation: generation)
             let index = slots.firstIndex { $0 == nil } ?? slots.count
             if index == slots.count { slots.append(slot) } else { slots[index] = slot }
-            try armRead(slot, at: index)
+            if slot.shared == nil { try armRead(slot, at: index) }
         case .invalidate(let start, let length, let ticket):
             stats.invalidationRequests += 1
             do {
@@ -334,16 +423,17 @@ final class EventLoop {
     }
 
     private func armRead(_ slot: DeviceSlot, at index: Int) throws {
-        guard !slot.closing, !slot.readArmed else { return }
+        guard !slot.closing, !slot.readArmed, case .stream(let readFD, _) = slot.registration.ends else { return }
         slot.readArmed = true
         let free = UnsafeMutableRawBufferPointer(rebasing: slot.readBuffer[slot.leftover...])
-        try ring.prepareRead(fd: slot.registration.readFD, into: free,
+        try ring.prepareRead(fd: readFD, into: free,
                              token: RingToken(kind: .deviceRead, slot: index, generation: slot.generation))
     }
 
     private func armWrite(_ slot: DeviceSlot, at index: Int) throws {
+        guard case .stream(_, let writeFD) = slot.registration.ends else { return }
         let rest = UnsafeRawBufferPointer(rebasing: slot.writeBuffer[slot.written..<slot.writing])
-        try ring.prepareWrite(fd: slot.registration.writeFD, from: rest,
+        try ring.prepareWrite(fd: writeFD, from: rest,
                               token: RingToken(kind: .deviceWrite, slot: index, generation: slot.generation))
     }
 
@@ -428,7 +518,22 @@ final class EventLoop {
     /// Starts a write for every device with queued responses and none in flight.
     private func flushResponses() throws {
         for (index, slot) in slots.enumerated() {
-            guard let slot, !slot.queued.isEmpty, slot.writing == 0, !slot.closing else { continue }
+            guard let slot, !slot.queued.isEmpty, !slot.closing else { continue }
+            if case .shared(let q, let wake) = slot.registration.ends {
+                // Responses never outnumber the credit, which fits the ring.
+                for r in slot.queued {
+                    r.encode(into: q.responseSlot(slot.responseTail))
+                    slot.responseTail &+= 1
+                }
+                slot.queued.removeAll(keepingCapacity: true)
+                q.storeSequential(.responseTail, slot.responseTail)
+                if q.loadSequential(.deviceWaiting) != 0 {
+                    try ring.prepareWrite(fd: wake, from: UnsafeRawBufferPointer(wakeValue),
+                                          token: RingToken(kind: .wake, slot: index, generation: slot.generation))
+                }
+                continue
+            }
+            guard slot.writing == 0 else { continue }
             let n = min(slot.queued.count, DeviceSlot.writeCapacity / PageResponse.byteCount)
             for i in 0..<n {
                 let at = i * PageResponse.byteCount
@@ -450,8 +555,7 @@ final class EventLoop {
         stats.devicesClosed += 1
         service.logger.info("device \(slot.registration.deviceID) \(reason); \(pending) incomplete groups answered INVALID")
         slot.closing = true
-        Sys.close(slot.registration.readFD)
-        if slot.registration.writeFD != slot.registration.readFD { Sys.close(slot.registration.writeFD) }
+        slot.registration.ends.close()
         slots[index] = nil
     }
 
@@ -460,33 +564,39 @@ final class EventLoop {
     private func shutdown() {
         for (index, slot) in slots.enumerated() {
             guard let slot else { continue }
-            var bytes: [UInt8] = []
             for case let p? in slot.partial {
-                var b = [UInt8](repeating: 0, count: PageResponse.byteCount)
-                b.withUnsafeMutableBytes { PageResponse(cookie: p.cookie, code: .invalid).encode(into: $0) }
-                bytes += b
+                slot.queued.append(PageResponse(cookie: p.cookie, code: .invalid))
                 stats.abandonedGroups += 1
                 stats.invalid += 1
             }
-            for r in slot.queued {
-                var b = [UInt8](repeating: 0, count: PageResponse.byteCount)
-                b.withUnsafeMutableBytes { r.encode(into: $0) }
-                bytes += b
+            switch slot.registration.ends {
+            case .shared(let q, let wake):
+                for r in slot.queued {
+                    r.encode(into: q.responseSlot(slot.responseTail))
+                    slot.responseTail &+= 1
+                }
+                q.storeSequential(.responseTail, slot.responseTail)
+                q.storeSequential(.serviceClosed, 1)
+                _ = try? Sys.write(wake, UnsafeRawBufferPointer(wakeValue))
+            case .stream(let readFD, let writeFD):
+                var bytes = [UInt8](repeating: 0, count: slot.queued.count * PageResponse.byteCount)
+                bytes.withUnsafeMutableBytes { b in
+                    for (i, r) in slot.queued.enumerated() {
+                        r.encode(into: UnsafeMutableRawBufferPointer(rebasing: b[(i * 8)..<(i * 8 + 8)]))
+                    }
+                }
+                if !bytes.isEmpty { _ = bytes.withUnsafeBytes { try? Sys.writeAll(writeFD, $0) } }
+                // Shut the socket down so that a pending ring read completes.
+                _ = Glibc.shutdown(readFD, CInt(SHUT_RDWR))
             }
-            if !bytes.isEmpty { _ = bytes.withUnsafeBytes { try? Sys.writeAll(slot.registration.writeFD, $0) } }
-            // Shut the socket down so a pending ring read completes, then close.
-            _ = Glibc.shutdown(slot.registration.readFD, CInt(SHUT_RDWR))
-            Sys.close(slot.registration.readFD)
-            if slot.registration.writeFD != slot.registration.readFD { Sys.close(slot.registration.writeFD) }
+            slot.registration.ends.close()
             slots[index] = nil
         }
         for command in service.takeCommands() {
             switch command {
             case .invalidate(_, _, let ticket): ticket.complete(.failure(InvalidationFailed(description: "the service stopped")))
             case .check(let ticket): ticket.complete(.success([]))
-            case .attach(let r):
-                Sys.close(r.readFD)
-                if r.writeFD != r.readFD { Sys.close(r.writeFD) }
+            case .attach(let r): r.ends.close()
             case .stop: break
             }
         }

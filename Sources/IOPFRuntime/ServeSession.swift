@@ -23,7 +23,7 @@ public struct ServeOptions: Sendable {
     public var invalidateMaxPages = 512
     public var domains = 1
     public var seed: UInt64 = 1
-    public var transport = ChannelTransport.socket
+    public var transport = ChannelTransport.shared
     public var spinNanoseconds: Int64 = 200_000
     public var gatherPolicy = GatherPolicy.defaultRangeList
     /// Stop each device after this many DMA operations instead of after `seconds`.

@@ -73,6 +73,11 @@ enum Sys {
         return (fds[0], fds[1])
     }
 
+    @inline(never)
+    static func dup(_ fd: CInt) throws(SystemCallError) -> CInt {
+        try syscall("fcntl(F_DUPFD_CLOEXEC)") { fcntl(fd, F_DUPFD_CLOEXEC, 0) }
+    }
+
     static func setNonBlocking(_ fd: CInt, _ on: Bool) throws(SystemCallError) {
         let flags = try syscall("fcntl(F_GETFL)") { fcntl(fd, F_GETFL) }
         _ = try syscall("fcntl(F_SETFL)") { fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK) }

@@ -11,7 +11,8 @@ import Testing
     @Test(arguments: [
         (2, Workload.random, ChannelTransport.socket, 1),
         (3, Workload.sequential, ChannelTransport.pipe, 2),
-        (4, Workload.zipf, ChannelTransport.socket, 2),
+        (4, Workload.zipf, ChannelTransport.shared, 2),
+        (2, Workload.random, ChannelTransport.shared, 1),
     ])
     func devicesFaultAndDMAWithInvalidationsInBetween(devices: Int, workload: Workload, transport: ChannelTransport, domains: Int) throws {
         var o = ServeOptions()

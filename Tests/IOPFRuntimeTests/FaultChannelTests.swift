@@ -57,7 +57,7 @@ final class Harness {
 }
 
 @Suite(.serialized) struct FaultChannelTests {
-    @Test(arguments: ChannelTransport.allCases)
+    @Test(arguments: [ChannelTransport.socket, .pipe])
     func recordsSplitAcrossReadsAreReassembled(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
         let channel = try h.service.attach(deviceID: 1, domain: h.domain)
@@ -134,8 +134,9 @@ final class Harness {
         #expect(s.malformed == 1 && s.unknownDevice == 3 && s.success == 1)
     }
 
-    @Test func stoppingAnswersIncompleteGroupsInvalid() throws {
-        let h = try Harness(transport: .socket)
+    @Test(arguments: ChannelTransport.allCases)
+    func stoppingAnswersIncompleteGroupsInvalid(transport: ChannelTransport) throws {
+        let h = try Harness(transport: transport)
         let channel = try h.service.attach(deviceID: 1, domain: h.domain)
         try channel.send([h.request(page: 0, cookie: 21, group: 3, last: false)])
         _ = h.waitFor { $0.records == 1 }
@@ -144,8 +145,9 @@ final class Harness {
         #expect(try channel.receive(spinNanoseconds: 0, timeoutMs: 1000) == nil)  // then EOF
     }
 
-    @Test func invalidationThroughTheServiceUnmapsAndTheDeviceRefaults() throws {
-        let h = try Harness(transport: .socket)
+    @Test(arguments: ChannelTransport.allCases)
+    func invalidationThroughTheServiceUnmapsAndTheDeviceRefaults(transport: ChannelTransport) throws {
+        let h = try Harness(transport: transport)
         let channel = try h.service.attach(deviceID: 1, domain: h.domain)
         try channel.send((0..<4).map { h.request(page: $0, cookie: 30, last: $0 == 3, write: true) })
         #expect(try h.responses(channel, count: 1) == [PageResponse(cookie: 30, code: .success)])

@@ -32,8 +32,8 @@ struct Serve: ParsableCommand {
     @Option(help: "I/O page tables (domains); devices are spread over them.")
     var domains = 1
 
-    @Option(help: "Fault channel: socket (AF_UNIX socketpair) or pipe (a pipe each way).")
-    var transport = "socket"
+    @Option(help: "Fault channel: shared (memfd rings + eventfd doorbells), socket (AF_UNIX socketpair) or pipe (a pipe each way).")
+    var transport = "shared"
 
     @Option(help: "Microseconds the service and devices busy-poll before sleeping.")
     var spinMicroseconds = 200

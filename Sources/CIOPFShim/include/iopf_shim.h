@@ -5,6 +5,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <linux/userfaultfd.h>  // struct uffd_msg imports into Swift
 
 /// pipe2(2) with O_CLOEXEC | extra flags.
 int iopf_pipe2(int fds[2], int flags);
@@ -23,6 +24,16 @@ int iopf_uffd_register(int uffd, uint64_t start, uint64_t len, uint64_t mode);
 
 /// UFFDIO_UNREGISTER over [start, start + len).
 int iopf_uffd_unregister(int uffd, uint64_t start, uint64_t len);
+
+/// UFFDIO_ZEROPAGE over [start, start + len): resolves a missing fault with zeros.
+int iopf_uffd_zeropage(int uffd, uint64_t start, uint64_t len);
+
+/// The register mode and event constants, which are macros.
+uint64_t iopf_uffd_mode_missing(void);
+uint32_t iopf_uffd_event_pagefault(void);
+
+/// memfd_create(2) with MFD_CLOEXEC.
+int iopf_memfd_create(const char *name);
 
 /// The gettid(2) of the calling thread.
 int iopf_gettid(void);

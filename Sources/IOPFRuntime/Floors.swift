@@ -1,0 +1,82 @@
+// Floors.swift — the machine's own floors, measured in the same run as the service so
+// that results can be stated as ratios: a userfaultfd fault round trip, populating a page
+// with MADV_POPULATE_WRITE, and mlock of fresh memory per GiB.
+
+import CIOPFShim
+import Foundation
+import Glibc
+
+public struct Floors: Codable, Sendable {
+    /// With a handler thread sleeping in read(2), the usual way to serve userfaultfd.
+    public var uffdRoundTripNs: Double
+    /// With a handler thread busy-polling a non-blocking userfaultfd: no wake-up on the
+    /// handler's side, the strictest floor.
+    public var uffdRoundTripPolledNs: Double
+    public var populateNsPerPage: Double
+    public var mlockSecondsPerGiB: Double
+
+    public static func measure(pages: Int = 16384, mlockBytes: UInt64 = 256 << 20) throws -> Floors {
+        Floors(uffdRoundTripNs: try userfaultfdRoundTrip(pages: pages, polled: false),
+               uffdRoundTripPolledNs: try userfaultfdRoundTrip(pages: pages, polled: true),
+               populateNsPerPage: try populatePerPage(pages: pages),
+               mlockSecondsPerGiB: try mlockPerGiB(bytes: mlockBytes))
+    }
+
+    /// Mean time for a thread to touch a missing page of a userfaultfd-registered range and
+    /// continue after a handler thread resolved it with UFFDIO_ZEROPAGE.
+    public static func userfaultfdRoundTrip(pages: Int, polled: Bool) throws -> Double {
+        let region = try HostRegion(length: UInt64(pages) << 12)
+        let uffd = try syscall("userfaultfd") { iopf_userfaultfd(O_CLOEXEC | (polled ? O_NONBLOCK : 0)) }
+        defer { Sys.close(uffd) }
+        var features: UInt64 = 0
+        var ioctls: UInt64 = 0
+        _ = try syscall("UFFDIO_API") { iopf_uffd_api(uffd, 0, &features, &ioctls) }
+        _ = try syscall("UFFDIO_REGISTER") { iopf_uffd_register(uffd, region.base, region.length, iopf_uffd_mode_missing()) }
+        let handler = Thread {
+            var msg = uffd_msg()
+            while true {
+                let n = withUnsafeMutableBytes(of: &msg) { Glibc.read(uffd, $0.baseAddress, $0.count) }
+                if n < 0 && errno == EAGAIN { continue }  // polled: spin
+                guard n == MemoryLayout<uffd_msg>.size else { return }
+                guard UInt32(msg.event) == iopf_uffd_event_pagefault() else { continue }
+                let page = msg.arg.pagefault.address & ~0xFFF
+                _ = iopf_uffd_zeropage(uffd, page, 4096)
+            }
+        }
+        handler.start()
+        let start = ContinuousClock.now
+        for p in 0..<pages {
+            UnsafeMutableRawPointer(bitPattern: UInt(region.base) + UInt(p) << 12)!.storeBytes(of: 1, as: UInt8.self)
+        }
+        let elapsed = ContinuousClock.now - start
+        _ = iopf_uffd_unregister(uffd, region.base, region.length)
+        return nanoseconds(elapsed) / Double(pages)
+    }
+
+    /// Mean time of MADV_POPULATE_WRITE on one fresh page, one call per page.
+    public static func populatePerPage(pages: Int) throws -> Double {
+        let region = try HostRegion(length: UInt64(pages) << 12)
+        let start = ContinuousClock.now
+        for p in 0..<pages {
+            _ = try syscall("madvise(MADV_POPULATE_WRITE)") {
+                madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base) + UInt(p) << 12), 4096, MADV_POPULATE_WRITE)
+            }
+        }
+        return nanoseconds(ContinuousClock.now - start) / Double(pages)
+    }
+
+    /// Seconds per GiB to mlock fresh anonymous memory (faulting and locking it).
+    public static func mlockPerGiB(bytes: UInt64) throws -> Double {
+        let region = try HostRegion(length: bytes)
+        let pointer = UnsafeMutableRawPointer(bitPattern: UInt(region.base))
+        let start = ContinuousClock.now
+        _ = try syscall("mlock") { mlock(pointer, Int(bytes)) }
+        let elapsed = ContinuousClock.now - start
+        _ = munlock(pointer, Int(bytes))
+        return nanoseconds(elapsed) / 1e9 / (Double(bytes) / Double(1 << 30))
+    }
+
+    static func nanoseconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) * 1e9 + Double(d.components.attoseconds) / 1e9
+    }
+}
