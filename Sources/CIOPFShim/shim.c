@@ -16,6 +16,13 @@ void *iopf_mremap(void *old_address, size_t old_size, size_t new_size, void *new
     return mremap(old_address, old_size, new_size, MREMAP_MAYMOVE);
 }
 
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4
+#endif
+void *iopf_mremap_dontunmap(void *old_address, size_t size, void *new_address) {
+    return mremap(old_address, size, size, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, new_address);
+}
+
 int iopf_userfaultfd(int flags) { return (int)syscall(SYS_userfaultfd, flags); }
 
 int iopf_uffd_api(int uffd, uint64_t wanted_features, uint64_t *granted_features, uint64_t *ioctls) {

@@ -20,6 +20,9 @@ public final class DMAMapping: @unchecked Sendable {
     public internal(set) var vaddr: UInt64
     /// Bit i set ⇔ page i is mapped in every domain by the fault path.
     public internal(set) var iopfMapped: PageBitmap
+    /// Pages whose host memory was unmapped or moved away (UNMAP/REMAP events): faults
+    /// there are answered INVALID until the host address is updated. Nil while none.
+    public internal(set) var hostGone: PageBitmap?
 
     init(id: MappingID, iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) {
         self.id = id
@@ -49,6 +52,7 @@ public enum DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
     case overlap(iova: UInt64, size: UInt64, existing: MappingID, existingIOVA: UInt64, existingSize: UInt64)
     case entryLimit(limit: Int)
     case partialUnmap(iova: UInt64, size: UInt64, mapping: MappingID, mappingIOVA: UInt64, mappingSize: UInt64)
+    case noSuchMapping(iova: UInt64, size: UInt64)
 
     public var description: String {
         switch self {
@@ -68,6 +72,8 @@ public enum DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
             "DMA map: the table already holds its limit of \(limit) mappings (dma_entry_limit)"
         case .partialUnmap(let iova, let size, let m, let mIOVA, let mSize):
             "DMA unmap: [\(hex(iova)), +\(hex(size))) cuts \(m) at [\(hex(mIOVA)), +\(hex(mSize))); unmap whole mappings only (nothing was unmapped)"
+        case .noSuchMapping(let iova, let size):
+            "DMA update: no mapping is exactly [\(hex(iova)), +\(hex(size))); a host address is updated for one whole mapping"
         }
     }
 }

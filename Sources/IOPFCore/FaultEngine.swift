@@ -45,6 +45,9 @@ public enum RequestOutcome: Sendable, Hashable {
     case mapFailed
     /// The engine is stopped after a fatal invalidation failure.
     case engineFailed
+    /// The host unmapped or moved the memory behind the page (until the host address is
+    /// updated, as VFIO answers for an invalid vaddr).
+    case hostGone
 
     public var succeeded: Bool { self == .mapped || self == .spurious }
 }
@@ -77,6 +80,8 @@ public struct EngineStatistics: Sendable, Equatable {
     public var permissionDenied = 0
     public var resolveFailures = 0
     public var mapFailures = 0
+    public var hostGoneFaults = 0
+    /// Invalidations of host ranges, DMA unmaps and host-address updates.
     public var invalidations = 0
     public var pagesUnmapped = 0
     /// IOTLB syncs over all domains, and the ranges they carried.
@@ -168,19 +173,39 @@ public final class FaultEngine: Sendable {
     /// the mappings removed.
     @discardableResult
     public func unmap(iova: UInt64, size: UInt64) throws -> UInt64 {
+        try removeMappings(iova: iova, size: size).reduce(0) { $0 + ($1.upperBound - $1.lowerBound) }
+    }
+
+    /// `unmap`, returning the host ranges of the mappings removed.
+    public func removeMappings(iova: UInt64, size: UInt64) throws -> [Range<UInt64>] {
         try state.withLock { s throws in
-            let victims = try s.mappings.mappings(coveringWhole: iova, size: size)
-            guard !victims.isEmpty else { return 0 }
+            let victims = Array(try s.mappings.mappings(coveringWhole: iova, size: size))
+            guard !victims.isEmpty else { return [] }
             beginInvalidation()
             defer { endInvalidation() }
-            var bytes: UInt64 = 0
-            for m in victims {
-                _ = try unmapPages(of: m, in: 0..<m.pageCount, &s)
-                bytes += m.size
-            }
+            for m in victims { _ = try unmapPages(of: m, in: 0..<m.pageCount, &s) }
             syncAll(&s)
-            for m in Array(victims) { s.mappings.remove(m) }
-            return bytes
+            s.stats.invalidations += 1
+            for m in victims { s.mappings.remove(m) }
+            return victims.map { $0.vaddr..<$0.vaddrEnd }
+        }
+    }
+
+    /// The parts of host range `[start, end)` that no live mapping covers.
+    public func uncoveredHostRanges(_ range: Range<UInt64>) -> [Range<UInt64>] {
+        state.withLock { s in
+            var covered: [Range<UInt64>] = []
+            s.mappings.forEachMapping(overlappingHost: range.lowerBound, end: range.upperBound) { covered.append($0.vaddr..<$0.vaddrEnd) }
+            covered.sort { $0.lowerBound < $1.lowerBound }
+            var out: [Range<UInt64>] = []
+            var cursor = range.lowerBound
+            for c in covered {
+                if c.lowerBound > cursor { out.append(cursor..<min(c.lowerBound, range.upperBound)) }
+                cursor = max(cursor, c.upperBound)
+                if cursor >= range.upperBound { break }
+            }
+            if cursor < range.upperBound { out.append(cursor..<range.upperBound) }
+            return out
         }
     }
 
@@ -188,21 +213,26 @@ public final class FaultEngine: Sendable {
     /// mapped are unmapped first: they translate to the old memory.
     public func updateHostAddress(iova: UInt64, size: UInt64, vaddr: UInt64) throws {
         try state.withLock { s throws in
-            let found = try s.mappings.mappings(coveringWhole: iova, size: size)
-            guard found.count == 1, let m = found.first, m.iova == iova, m.size == size else {
-                throw DMAMapError.partialUnmap(iova: iova, size: size, mapping: found.first?.id ?? MappingID(rawValue: 0),
-                                               mappingIOVA: found.first?.iova ?? 0, mappingSize: found.first?.size ?? 0)
+            guard let m = s.mappings.mapping(containing: iova), m.iova == iova, m.size == size else {
+                throw DMAMapError.noSuchMapping(iova: iova, size: size)
             }
             try DMAMappingTable.validate(iova: iova, vaddr: vaddr, size: size, prot: m.prot)
             beginInvalidation()
             defer { endInvalidation() }
             _ = try unmapPages(of: m, in: 0..<m.pageCount, &s)
             syncAll(&s)
+            s.stats.invalidations += 1
             s.mappings.updateHostAddress(m, to: vaddr)
+            m.hostGone = nil
         }
     }
 
     public var mappingCount: Int { state.withLock { $0.mappings.count } }
+
+    /// A mapping's range, host address and permission, by any IOVA inside it.
+    public func mappingInfo(iova: UInt64) -> (iova: UInt64, size: UInt64, vaddr: UInt64, prot: Protection)? {
+        state.withLock { s in s.mappings.mapping(containing: iova).map { ($0.iova, $0.size, $0.vaddr, $0.prot) } }
+    }
 
     // MARK: Faults
 
@@ -265,8 +295,12 @@ public final class FaultEngine: Sendable {
     /// faulted page of every mapping that overlaps it (widened outwards to whole pages) is
     /// unmapped from every domain, bits are cleared by what was really unmapped, and each
     /// domain syncs once at the end.
+    ///
+    /// With `hostGone` (UNMAP and REMAP events) the overlapped pages are also marked as
+    /// having no host memory: later faults there are answered INVALID until the mapping's
+    /// host address is updated.
     @discardableResult
-    public func invalidate(hostAddress start: UInt64, length: UInt64) throws(FatalInvalidationError) -> InvalidationOutcome {
+    public func invalidate(hostAddress start: UInt64, length: UInt64, hostGone: Bool = false) throws(FatalInvalidationError) -> InvalidationOutcome {
         guard length > 0 else { return InvalidationOutcome() }
         let first = start & ~pageMask
         let (sum, overflow) = start.addingReportingOverflow(length)
@@ -282,6 +316,10 @@ public final class FaultEngine: Sendable {
                 let lo = Int((max(first, m.vaddr) - m.vaddr) >> pageShift)
                 let hi = Int((min(end, m.vaddrEnd) - m.vaddr) >> pageShift)
                 outcome.mappingsTouched += 1
+                if hostGone {
+                    if m.hostGone == nil { m.hostGone = PageBitmap(count: m.pageCount) }
+                    m.hostGone!.set(lo..<hi)
+                }
                 do throws(FatalInvalidationError) {
                     outcome.pagesUnmapped += try unmapPages(of: m, in: lo..<hi, &s)
                 } catch {
@@ -452,6 +490,8 @@ public final class FaultHandler {
                     let wants: Protection = r.wantsWrite ? .write : .read
                     if !m.prot.contains(wants) || (r.perm.contains(.read) && !m.prot.contains(.read)) {
                         w.outcome = .permissionDenied
+                    } else if let gone = m.hostGone, gone.test(m.pageIndex(iova: iova)) {
+                        w.outcome = .hostGone
                     } else if m.iopfMapped.test(m.pageIndex(iova: iova)) {
                         w.outcome = .spurious
                     } else {
@@ -518,6 +558,7 @@ public final class FaultHandler {
                 case .resolveFailed: s.stats.resolveFailures += 1
                 case .mapFailed: s.stats.mapFailures += 1
                 case .engineFailed: break
+                case .hostGone: s.stats.hostGoneFaults += 1
                 }
                 if !result.succeeded { code = .invalid }
             }

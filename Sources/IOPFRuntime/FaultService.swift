@@ -21,6 +21,9 @@ public struct ServiceConfiguration: Sendable {
     /// How long the loop busy-polls after activity before sleeping.
     public var spinNanoseconds: Int64 = 200_000
     public var ringEntries: UInt32 = 256
+    /// Watch the mappings' host memory through userfaultfd (falls back to API-only
+    /// invalidation, with a warning, when the kernel refuses).
+    public var hostEvents = true
     public init() {}
 }
 
@@ -40,6 +43,11 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var abandonedGroups = 0
     public var devicesClosed = 0
     public var invalidationRequests = 0
+    /// Host events read from the userfaultfd, by kind.
+    public var uffdEvents = 0
+    public var uffdRemove = 0
+    public var uffdUnmap = 0
+    public var uffdRemap = 0
     public var loopTurns = 0
     public var completions = 0
 }
@@ -75,6 +83,7 @@ public final class FaultService: Sendable {
         case attach(DeviceRegistration)
         case invalidate(start: UInt64, length: UInt64, Ticket<InvalidationOutcome>)
         case check(Ticket<[InvariantViolation]>)
+        case barrier(Ticket<Void>)
         case stop
     }
 
@@ -105,6 +114,13 @@ public final class FaultService: Sendable {
 
     private let commands = Mutex<[Command]>([])
     let doorbell: CInt
+    /// The userfaultfd watching the mappings' host memory; nil when host events are off.
+    let uffd: UserfaultfdSource?
+    /// Why host events are off, when they are.
+    public let hostEventsUnavailable: String?
+    public let window = HostChangeWindow()
+    /// Host events whose invalidation has completed.
+    let hostEventsHandled = Atomic<Int>(0)
     private let published = Mutex(ServiceStatistics())
     private let finished = DispatchSemaphore(value: 0)
     private let started = Atomic<Bool>(false)
@@ -118,11 +134,82 @@ public final class FaultService: Sendable {
         // Blocking on purpose: io_uring waits on a blocking eventfd; O_NONBLOCK would make
         // the read complete at once with -EAGAIN.
         doorbell = try Sys.eventfd(flags: CInt(EFD_CLOEXEC))
+        if configuration.hostEvents {
+            do {
+                uffd = try UserfaultfdSource()
+                hostEventsUnavailable = nil
+            } catch {
+                uffd = nil
+                hostEventsUnavailable = error.description
+                logger.warning("host events are off, invalidations come from the API only: \(error)")
+            }
+        } else {
+            uffd = nil
+            hostEventsUnavailable = "turned off by configuration"
+        }
     }
 
     deinit {
         Sys.close(doorbell)
     }
+
+    public var hostEventsEnabled: Bool { uffd != nil }
+
+    // MARK: DMA mappings, watched by the host's userfaultfd
+
+    /// Adds a DMA mapping and starts watching its host range. A range the kernel cannot
+    /// watch (e.g. a file mapping) is refused with the reason, and nothing is left
+    /// registered or mapped.
+    @discardableResult
+    public func map(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws -> MappingID {
+        try DMAMappingTable.validate(iova: iova, vaddr: vaddr, size: size, prot: prot)
+        try uffd?.register(start: vaddr, length: size)
+        do {
+            return try engine.map(iova: iova, vaddr: vaddr, size: size, prot: prot)
+        } catch {
+            unwatch([vaddr..<(vaddr + size)])
+            throw error
+        }
+    }
+
+    /// Removes the mappings inside `[iova, iova + size)` (whole mappings only) and stops
+    /// watching host memory no other mapping covers.
+    @discardableResult
+    public func unmap(iova: UInt64, size: UInt64) throws -> UInt64 {
+        let ranges = try engine.removeMappings(iova: iova, size: size)
+        unwatch(ranges)
+        return ranges.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) }
+    }
+
+    /// Points a mapping at new host memory (VFIO_DMA_MAP_FLAG_VADDR): watches the new range,
+    /// drops translations to the old one, and clears pages marked gone by UNMAP/REMAP.
+    public func updateHostAddress(iova: UInt64, size: UInt64, vaddr: UInt64) throws {
+        guard let m = engine.mappingInfo(iova: iova), m.iova == iova, m.size == size else {
+            throw DMAMapError.noSuchMapping(iova: iova, size: size)
+        }
+        try uffd?.register(start: vaddr, length: size)
+        try engine.updateHostAddress(iova: iova, size: size, vaddr: vaddr)
+        if m.vaddr != vaddr { unwatch([m.vaddr..<(m.vaddr + size)]) }
+    }
+
+    private func unwatch(_ ranges: [Range<UInt64>]) {
+        guard let uffd else { return }
+        for r in ranges {
+            for part in engine.uncoveredHostRanges(r) {
+                uffd.unregister(start: part.lowerBound, length: part.upperBound - part.lowerBound)
+            }
+        }
+    }
+
+    /// Completes after every command and host event queued before it was handled.
+    public func barrier() -> Ticket<Void> {
+        let ticket = Ticket<Void>()
+        send(.barrier(ticket))
+        return ticket
+    }
+
+    /// Host events whose invalidation has completed so far.
+    public var hostEventsCompleted: Int { hostEventsHandled.load(ordering: .acquiring) }
 
     /// Starts the service thread and returns once its ring is ready.
     public func start() throws {
@@ -151,6 +238,9 @@ public final class FaultService: Sendable {
         guard started.load(ordering: .relaxed), !stopped.exchange(true, ordering: .relaxed) else { return }
         send(.stop)
         finished.wait()
+        // Nobody reads host events any more: drop every registration, or a later munmap of
+        // a watched range would wait forever for its event to be read.
+        uffd?.close()
     }
 
     /// Attaches a device (and optionally one PASID) to a domain and returns its channel.
@@ -270,7 +360,8 @@ final class EventLoop {
     /// The 8-byte 1 written to a sleeping device's eventfd; never changes while in flight.
     let wakeValue = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
     var running = true
-    var group: [PageRequest] = []
+    /// Room for 16 userfaultfd messages per read.
+    let uffdBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * UserfaultfdSource.messageBytes, alignment: 8)
 
     init(service: FaultService) throws {
         self.service = service
@@ -284,11 +375,13 @@ final class EventLoop {
     deinit {
         doorbellBuffer.deallocate()
         wakeValue.deallocate()
+        uffdBuffer.deallocate()
     }
 
     func run() {
         do {
             try ring.prepareRead(fd: service.doorbell, into: doorbellBuffer, token: RingToken(kind: .doorbell))
+            if let uffd = service.uffd { try ring.prepareRead(fd: uffd.fd, into: uffdBuffer, token: RingToken(kind: .hostEvent)) }
             var lastActivity = ContinuousClock.now
             var lastFlush = lastActivity
             let spin = Duration.nanoseconds(service.configuration.spinNanoseconds)
@@ -391,6 +484,25 @@ final class EventLoop {
             }
         case .wake:
             break  // a sleeping device's eventfd was rung; nothing to do
+        case .hostEvent:
+            guard let uffd = service.uffd else { return }
+            if c.result == -EINTR || c.result == -EAGAIN {
+                try ring.prepareRead(fd: uffd.fd, into: uffdBuffer, token: RingToken(kind: .hostEvent))
+                return
+            }
+            if c.result < 0 {
+                // Nobody would read the host's events again, and the host's madvise/munmap
+                // would wait forever for that: drop every registration instead.
+                service.logger.critical("reading host events failed: errno \(-c.result); host events stop and every range is unwatched")
+                uffd.close()
+                return
+            }
+            let n = Int(c.result) / UserfaultfdSource.messageBytes
+            for i in 0..<n {
+                let at = i * UserfaultfdSource.messageBytes
+                handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])))
+            }
+            try ring.prepareRead(fd: uffd.fd, into: uffdBuffer, token: RingToken(kind: .hostEvent))
         }
     }
 
@@ -399,7 +511,39 @@ final class EventLoop {
         return s
     }
 
+    /// Turns one host event into an invalidation. The event was read: the host may now be
+    /// changing the memory, so the range is in the late window until the sync is done.
+    private func handle(_ event: HostEvent) {
+        let range: Range<UInt64>
+        let gone: Bool
+        switch event {
+        case .remove(let r):
+            (range, gone) = (r, false)
+            stats.uffdRemove += 1
+        case .unmap(let r):
+            (range, gone) = (r, true)
+            stats.uffdUnmap += 1
+        case .remap(let from, let to, let length):
+            (range, gone) = (from..<(from + length), true)
+            stats.uffdRemap += 1
+            service.logger.info("host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID until its mapping's host address is updated")
+        case .other(let kind):
+            service.logger.warning("ignoring userfaultfd event \(kind)")
+            return
+        }
+        stats.uffdEvents += 1
+        service.window.beginEvent(range)
+        do {
+            _ = try engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
+        } catch {
+            service.logger.critical("\(error)")
+        }
+        service.window.endEvent(range)
+        service.hostEventsHandled.add(1, ordering: .releasing)
+    }
+
     private func perform(_ command: FaultService.Command) throws {
+        // Tickets publish this turn's statistics before completing: their waiters read them next.
         switch command {
         case .attach(let registration):
             generation &+= 1
@@ -409,6 +553,7 @@ final class EventLoop {
             if slot.shared == nil { try armRead(slot, at: index) }
         case .invalidate(let start, let length, let ticket):
             stats.invalidationRequests += 1
+            service.publish(stats)
             do {
                 ticket.complete(.success(try engine.invalidate(hostAddress: start, length: length)))
             } catch {
@@ -416,7 +561,11 @@ final class EventLoop {
                 ticket.complete(.failure(InvalidationFailed(description: error.description)))
             }
         case .check(let ticket):
+            service.publish(stats)
             ticket.complete(.success(engine.checkInvariants()))
+        case .barrier(let ticket):
+            service.publish(stats)
+            ticket.complete(.success(()))
         case .stop:
             running = false
         }
@@ -596,6 +745,7 @@ final class EventLoop {
             switch command {
             case .invalidate(_, _, let ticket): ticket.complete(.failure(InvalidationFailed(description: "the service stopped")))
             case .check(let ticket): ticket.complete(.success([]))
+            case .barrier(let ticket): ticket.complete(.success(()))
             case .attach(let r): r.ends.close()
             case .stop: break
             }

@@ -19,7 +19,7 @@ public struct RingError: Error, Sendable, Equatable, CustomStringConvertible {
 /// generation lets the loop drop completions for a slot that has since been reused.
 struct RingToken: Equatable {
     enum Kind: UInt8 {
-        case deviceRead = 1, deviceWrite, doorbell, wake
+        case deviceRead = 1, deviceWrite, doorbell, wake, hostEvent
     }
 
     var kind: Kind

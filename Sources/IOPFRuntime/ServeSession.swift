@@ -6,6 +6,7 @@
 // domain `d % domains`. A host thread asks for invalidations of random page ranges every
 // `invalidateInterval`.
 
+import CIOPFShim
 import Foundation
 import Glibc
 import Histogram
@@ -28,6 +29,11 @@ public struct ServeOptions: Sendable {
     public var gatherPolicy = GatherPolicy.defaultRangeList
     /// Stop each device after this many DMA operations instead of after `seconds`.
     public var operationsPerDevice: Int?
+    /// Seconds between host changes to the devices' memory: madvise(MADV_DONTNEED),
+    /// mmap(MAP_FIXED) over a range, or mremap of a range (0: none).
+    public var hostChurnInterval = 0.0
+    /// Largest host change, in pages.
+    public var hostChurnMaxPages = 64
     public static let iovaBase: UInt64 = 1 << 32
     public init() {}
 }
@@ -71,6 +77,16 @@ public struct ServeResult: Codable, Sendable {
     public var retries = 0
     public var integrityErrors = 0
     public var violations = 0
+    /// Host events read from the userfaultfd, and how many of them there were per kind.
+    public var uffdEvents = 0
+    public var uffdEventKinds = [String: Int]()
+    /// Host changes made by `--host-churn`.
+    public var hostChanges = 0
+    /// Device accesses through a translation after its host event was read but before
+    /// its sync (see HostChangeWindow).
+    public var lateAccesses = 0
+    /// Faults answered INVALID because the host had unmapped or moved the memory.
+    public var hostGoneFaults = 0
     public var residentBytes: UInt64 = 0
     public var lockedBytes: UInt64 = 0
     public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
@@ -114,15 +130,16 @@ public enum ServeSession {
         for d in 0..<o.devices {
             let iova = ServeOptions.iovaBase + UInt64(d) * slice
             let host = region.base + UInt64(d) * slice
-            try engine.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
+            try service.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
             let domain = domains[d % o.domains]
             var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host)
             dc.workload = o.workload
             dc.seed = o.seed &+ UInt64(d) &* 7919
             dc.spinNanoseconds = o.spinNanoseconds
             dc.operationLimit = o.operationsPerDevice
+            dc.hostMayChangeMemory = o.hostChurnInterval > 0
             let channel = try service.attach(deviceID: dc.deviceID, domain: domain)
-            let device = SimulatedDevice(configuration: dc, channel: channel, pageTable: engine.pageTable(domain))
+            let device = SimulatedDevice(configuration: dc, channel: channel, pageTable: engine.pageTable(domain), window: service.window)
             fanouts[d % o.domains].add(device.iotlb)
             devices.append(device)
         }
@@ -140,6 +157,13 @@ public enum ServeSession {
         var nextInvalidate = 0.0
         var nextProgress = 0.5
         var nextCheck = 1.0
+        var nextChurn = 0.0
+        var churn = o.hostChurnInterval > 0 && service.hostEventsEnabled
+            ? try HostChurn(service: service, region: region, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages, seed: o.seed)
+            : nil
+        if o.hostChurnInterval > 0 && !service.hostEventsEnabled {
+            problems.append("--host-churn needs host events, which are off: \(service.hostEventsUnavailable ?? "")")
+        }
         let limited = o.operationsPerDevice != nil
         while limited ? !devices.allSatisfy({ $0.isFinished }) : elapsed() < o.seconds {
             let now = elapsed()
@@ -154,6 +178,15 @@ public enum ServeSession {
                     break
                 }
                 nextInvalidate = now + o.invalidateInterval
+            }
+            if churn != nil && now >= nextChurn {
+                do {
+                    try churn!.step()
+                } catch {
+                    problems.append("host change failed: \(error)")
+                    churn = nil
+                }
+                nextChurn = now + o.hostChurnInterval
             }
             if now >= nextCheck {
                 violations += (try? service.checkInvariants().wait()) ?? []
@@ -194,6 +227,11 @@ public enum ServeSession {
         result.pagesUnmapped = e.pagesUnmapped
         result.iotlbSyncs = e.iotlbSyncs
         result.retries = e.retries
+        result.uffdEvents = s.uffdEvents
+        result.uffdEventKinds = ["remove": s.uffdRemove, "unmap": s.uffdUnmap, "remap": s.uffdRemap]
+        result.hostChanges = churn?.changes ?? 0
+        result.lateAccesses = service.window.lateAccesses
+        result.hostGoneFaults = e.hostGoneFaults
         // Every group answered exactly once: what devices sent, got, and the service answered agree.
         let sent = reports.reduce(0) { $0 + $1.groups }
         let answered = reports.reduce(0) { $0 + $1.success + $1.invalid }
@@ -219,5 +257,79 @@ public enum ServeSession {
             let kb = UInt64(line.split(separator: " ").dropFirst().first ?? "")
         else { return 0 }
         return kb * 1024
+    }
+}
+
+/// Changes the devices' host memory the way a VMM or guest would, so that real
+/// userfaultfd events flow: MADV_DONTNEED (REMOVE), mmap(MAP_FIXED) over a range (UNMAP),
+/// mremap with MREMAP_DONTUNMAP (REMAP). The ranges always stay mapped, so a device that
+/// still holds a translation touches fresh memory rather than a hole. After an UNMAP or
+/// REMAP the mapping's host address is re-declared (VFIO_DMA_MAP_FLAG_VADDR), as a VMM
+/// does after replacing guest memory; faults in between are answered INVALID.
+struct HostChurn {
+    let service: FaultService
+    let region: HostRegion
+    let slice: UInt64
+    let devices: [SimulatedDevice]
+    let maxPages: Int
+    let scratch: HostRegion
+    var rng: Xoshiro
+    var changes = 0
+
+    init(service: FaultService, region: HostRegion, slice: UInt64, devices: [SimulatedDevice], maxPages: Int, seed: UInt64) throws {
+        self.service = service
+        self.region = region
+        self.slice = slice
+        self.devices = devices
+        self.maxPages = max(1, min(maxPages, Int(slice >> 12)))
+        scratch = try HostRegion(length: UInt64(self.maxPages) << 12)
+        rng = Xoshiro(seed: seed ^ 0xC4A2)
+    }
+
+    mutating func step() throws {
+        let d = Int(rng.next() % UInt64(devices.count))
+        let pages = 1 + Int(rng.next() % UInt64(maxPages))
+        let slicePages = Int(slice >> 12)
+        let first = Int(rng.next() % UInt64(slicePages - pages + 1))
+        let sliceBase = region.base + UInt64(d) * slice
+        let start = sliceBase + UInt64(first) << 12
+        // mremap moves ranges within one VMA; earlier changes split the slice into several.
+        let vma = Self.mapping(containing: start) ?? start..<(start + 4096)
+        let length = min(UInt64(pages) << 12, vma.upperBound - start)
+        let range = start..<(start + length)
+        let pointer = UnsafeMutableRawPointer(bitPattern: UInt(start))
+        service.window.beginHostChange(range)
+        defer { service.window.endHostChange(range) }
+        for device in devices { device.iotlb.barrier() }
+        let kind = rng.next() % 3
+        switch kind {
+        case 0:
+            _ = try syscall("madvise(MADV_DONTNEED)") { madvise(pointer, Int(length), MADV_DONTNEED) }
+        case 1:
+            let p = mmap(pointer, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+            guard p == pointer else { throw SystemCallError("mmap(MAP_FIXED)", .init(rawValue: errno)) }
+        default:
+            let target = UnsafeMutableRawPointer(bitPattern: UInt(scratch.base))
+            let p = iopf_mremap_dontunmap(pointer, Int(length), target)
+            guard p == target else { throw SystemCallError("mremap(MREMAP_DONTUNMAP)", .init(rawValue: errno)) }
+        }
+        // The op returned, so its events were read; the barrier completes after they are handled.
+        try service.barrier().wait()
+        if kind != 0 {
+            let iova = ServeOptions.iovaBase + UInt64(d) * slice
+            try service.updateHostAddress(iova: iova, size: slice, vaddr: sliceBase)
+        }
+        changes += 1
+    }
+
+    /// The VMA holding `address`, from /proc/self/maps.
+    static func mapping(containing address: UInt64) -> Range<UInt64>? {
+        guard let maps = try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8) else { return nil }
+        for line in maps.split(separator: "\n") {
+            let bounds = line.prefix { $0 != " " }.split(separator: "-")
+            guard bounds.count == 2, let lo = UInt64(bounds[0], radix: 16), let hi = UInt64(bounds[1], radix: 16) else { continue }
+            if lo <= address && address < hi { return lo..<hi }
+        }
+        return nil
     }
 }

@@ -23,7 +23,8 @@ public enum Workload: String, Sendable, CaseIterable {
     case sequential, random, zipf
 }
 
-/// A device's translation cache: direct-mapped, `entries` slots, invalidated by range.
+/// A device's translation cache (direct-mapped, invalidated by range) and, under the same
+/// lock, its record of what it last wrote to each page.
 public final class DeviceIOTLB: Sendable {
     struct Entry {
         var page: UInt64 = .max  // IOVA page number, .max when empty
@@ -31,26 +32,49 @@ public final class DeviceIOTLB: Sendable {
         var prot: Protection = []
     }
 
-    let state: Mutex<[Entry]>
-    let entries: Int
+    struct State {
+        var slots: [Entry]
+        /// Last value written to each page's first 8 bytes: 0 never written (fresh memory
+        /// reads 0), `unknown` after the host may have changed the page.
+        var shadow: [UInt64]
+    }
 
-    public init(entries: Int) {
+    static let unknown = UInt64.max
+    let state: Mutex<State>
+    let iovaBase: UInt64
+    /// Set when the host may drop or move pages (userfaultfd churn): an invalidation then
+    /// makes the pages' contents unknown until the device writes them again.
+    let forgetOnInvalidate: Bool
+
+    public init(entries: Int, iovaBase: UInt64, pages: Int, forgetOnInvalidate: Bool) {
         precondition(entries > 0, "an IOTLB needs at least one entry")
-        self.entries = entries
-        state = Mutex(Array(repeating: Entry(), count: entries))
+        self.iovaBase = iovaBase
+        self.forgetOnInvalidate = forgetOnInvalidate
+        state = Mutex(State(slots: Array(repeating: Entry(), count: entries), shadow: Array(repeating: 0, count: pages)))
     }
 
     /// Drops every cached translation in `ranges`; returns once no access is using one.
     func invalidate(_ ranges: [IOVARange]) {
-        state.withLock { slots in
-            for i in slots.indices where slots[i].page != .max {
-                let iova = slots[i].page << 12
-                if ranges.contains(where: { $0.start <= iova && iova <= $0.last }) { slots[i] = Entry() }
+        state.withLock { s in
+            for i in s.slots.indices where s.slots[i].page != .max {
+                let iova = s.slots[i].page << 12
+                if ranges.contains(where: { $0.start <= iova && iova <= $0.last }) { s.slots[i] = Entry() }
+            }
+            guard forgetOnInvalidate else { return }
+            let end = iovaBase + UInt64(s.shadow.count) << 12
+            for r in ranges where r.last >= iovaBase && r.start < end {
+                let first = Int((max(r.start, iovaBase) - iovaBase) >> 12)
+                let last = Int((min(r.last, end - 1) - iovaBase) >> 12)
+                for p in first...last { s.shadow[p] = Self.unknown }
             }
         }
     }
 
-    public var cachedCount: Int { state.withLock { $0.reduce(0) { $1.page == .max ? $0 : $0 + 1 } } }
+    /// Returns once any access in progress has finished: later ones see what was published
+    /// before the call (e.g. a range entered into the host change window).
+    func barrier() { state.withLock { _ in } }
+
+    public var cachedCount: Int { state.withLock { $0.slots.reduce(0) { $1.page == .max ? $0 : $0 + 1 } } }
 }
 
 /// A domain's sync target: every attached device's IOTLB.
@@ -79,6 +103,8 @@ public struct DeviceConfiguration: Sendable {
     public var seed: UInt64 = 1
     /// How long the device busy-polls for an answer before sleeping.
     public var spinNanoseconds: Int64 = 200_000
+    /// The host may drop or move pages under the device (see `DeviceIOTLB`).
+    public var hostMayChangeMemory = false
     /// Stop after this many operations (nil: until stopped).
     public var operationLimit: Int?
 
@@ -111,12 +137,11 @@ public final class SimulatedDevice: @unchecked Sendable {
     public let iotlb: DeviceIOTLB
     let channel: DeviceChannel
     let pageTable: IOPageTable
+    let window: HostChangeWindow?
     private let stopFlag = Atomic<Bool>(false)
     private let finished = Atomic<Bool>(false)
     private let done = DispatchSemaphore(value: 0)
     private var report: DeviceReport
-    /// Last value written to each page's first 8 bytes (0: never written; fresh memory is 0).
-    private var shadow: [UInt64]
     private var rng: Xoshiro
     private var cookie: UInt32 = 0
     private var groupIndex: UInt32 = 0
@@ -124,14 +149,15 @@ public final class SimulatedDevice: @unchecked Sendable {
     private var version: UInt64 = 0
     private let zipf: ZipfSampler?
 
-    public init(configuration: DeviceConfiguration, channel: DeviceChannel, pageTable: IOPageTable) {
+    public init(configuration: DeviceConfiguration, channel: DeviceChannel, pageTable: IOPageTable, window: HostChangeWindow? = nil) {
         precondition(configuration.pages > 0 && configuration.burst > 0, "a device needs pages and a burst of at least 1")
         self.configuration = configuration
         self.channel = channel
         self.pageTable = pageTable
-        iotlb = DeviceIOTLB(entries: configuration.iotlbEntries)
+        self.window = window
+        iotlb = DeviceIOTLB(entries: configuration.iotlbEntries, iovaBase: configuration.iovaBase,
+                            pages: configuration.pages, forgetOnInvalidate: configuration.hostMayChangeMemory)
         report = DeviceReport(deviceID: configuration.deviceID)
-        shadow = Array(repeating: 0, count: configuration.pages)
         rng = Xoshiro(seed: configuration.seed)
         zipf = configuration.workload == .zipf ? ZipfSampler(count: configuration.pages, exponent: 1.1) : nil
     }
@@ -225,24 +251,25 @@ public final class SimulatedDevice: @unchecked Sendable {
     private func access(page p: Int, write: Bool) -> AccessResult {
         let iova = configuration.iovaBase + UInt64(p) << 12
         let vpn = iova >> 12
-        return iotlb.state.withLock { slots in
-            let i = Int(truncatingIfNeeded: vpn) % slots.count
-            if slots[i].page != vpn {
+        return iotlb.state.withLock { s in
+            let i = Int(truncatingIfNeeded: vpn) % s.slots.count
+            if s.slots[i].page != vpn {
                 guard let t = pageTable.translate(iova) else { return .notPresent }
-                slots[i] = DeviceIOTLB.Entry(page: vpn, phys: t.phys & ~0xFFF, prot: t.prot)
+                s.slots[i] = DeviceIOTLB.Entry(page: vpn, phys: t.phys & ~0xFFF, prot: t.prot)
             }
-            let entry = slots[i]
+            let entry = s.slots[i]
             guard entry.prot.contains(write ? .write : .read) else { return .denied }
+            if let window, window.mustSkip(entry.phys) { return .done }
             if write {
                 version &+= 1
                 let value = UInt64(configuration.deviceID) << 56 | UInt64(p) << 24 | (version & 0xFF_FFFF)
                 DMA.store(entry.phys, value)
-                shadow[p] = value
+                s.shadow[p] = value
             } else {
                 let value = DMA.load(entry.phys)
-                if value != shadow[p] {
+                if value != s.shadow[p] && s.shadow[p] != DeviceIOTLB.unknown {
                     report.integrityErrors += 1
-                    problem("read of iova \(hex(iova)) gave \(hex(value)), expected \(hex(shadow[p]))")
+                    problem("read of iova \(hex(iova)) gave \(hex(value)), expected \(hex(s.shadow[p]))")
                 }
             }
             return .done
@@ -298,7 +325,8 @@ public final class SimulatedDevice: @unchecked Sendable {
     /// wrote (DMA landed where the translations said). Returns the mismatches.
     public func verifyHostMemory() -> [String] {
         var out: [String] = []
-        for p in 0..<configuration.pages where shadow[p] != 0 {
+        let shadow = iotlb.state.withLock { $0.shadow }
+        for p in 0..<configuration.pages where shadow[p] != 0 && shadow[p] != DeviceIOTLB.unknown {
             let host = configuration.hostBase + UInt64(p) << 12
             let value = DMA.load(host)
             if value != shadow[p] && out.count < 5 {

@@ -209,6 +209,33 @@ import Testing
         #expect(e.checkInvariants().isEmpty)
     }
 
+    @Test func hostGonePagesAnswerInvalidUntilTheHostAddressIsUpdated() throws {
+        let (e, _) = try engine()
+        try e.map(iova: 0x100000, vaddr: Self.host, size: 16 * KiB, prot: .read)
+        let h = e.makeFaultHandler()
+        _ = h.handle([request(0x100000), request(0x101000)])
+        let out = try e.invalidate(hostAddress: Self.host + 4096, length: 8192, hostGone: true)
+        #expect(out.pagesUnmapped == 1)
+        #expect(h.handle([request(0x101000)]).code == .invalid)
+        #expect(h.handle([request(0x102000)]).code == .invalid)
+        #expect(h.handle([request(0x103000)]).code == .success)
+        #expect(e.statistics.hostGoneFaults == 2)
+        try e.updateHostAddress(iova: 0x100000, size: 16 * KiB, vaddr: Self.host)
+        #expect(h.handle([request(0x101000)]).code == .success)
+        #expect(throws: DMAMapError.noSuchMapping(iova: 0x100000, size: 8 * KiB)) {
+            try e.updateHostAddress(iova: 0x100000, size: 8 * KiB, vaddr: Self.host)
+        }
+    }
+
+    @Test func uncoveredHostRangesSubtractLiveMappings() throws {
+        let (e, _) = try engine()
+        try e.map(iova: 0x100000, vaddr: 0x10000, size: 0x4000, prot: .read)
+        try e.map(iova: 0x200000, vaddr: 0x12000, size: 0x4000, prot: .read)
+        #expect(e.uncoveredHostRanges(0x8000..<0x20000) == [0x8000..<0x10000, 0x16000..<0x20000])
+        #expect(e.uncoveredHostRanges(0x11000..<0x15000) == [])
+        #expect(e.uncoveredHostRanges(0x30000..<0x31000) == [0x30000..<0x31000])
+    }
+
     @Test func anUnmapThatFailsStopsTheEngine() throws {
         let (e, _) = try engine()
         try e.map(iova: 0x100000, vaddr: Self.host, size: 16 * KiB, prot: .read)

@@ -29,6 +29,9 @@ struct Serve: ParsableCommand {
     @Option(help: "Milliseconds between invalidations of a random host range (0: none).")
     var invalidateInterval = 5.0
 
+    @Option(help: "Milliseconds between host changes (madvise DONTNEED, mmap MAP_FIXED, mremap) to random parts of the devices' memory, seen through userfaultfd (0: none).")
+    var hostChurn = 0.0
+
     @Option(help: "I/O page tables (domains); devices are spread over them.")
     var domains = 1
 
@@ -55,6 +58,7 @@ struct Serve: ParsableCommand {
             throw ValidationError("--workload '\(workload)' is not one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         guard invalidateInterval >= 0 else { throw ValidationError("--invalidate-interval must not be negative, got \(invalidateInterval)") }
+        guard hostChurn >= 0 else { throw ValidationError("--host-churn must not be negative, got \(hostChurn)") }
         guard domains >= 1 && domains <= 64 else { throw ValidationError("--domains must be 1...64, got \(domains)") }
         guard ChannelTransport(rawValue: transport) != nil else {
             throw ValidationError("--transport '\(transport)' is not one of \(ChannelTransport.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -73,6 +77,7 @@ struct Serve: ParsableCommand {
         o.transport = ChannelTransport(rawValue: transport)!
         o.spinNanoseconds = Int64(spinMicroseconds) * 1000
         o.seed = seed
+        o.hostChurnInterval = hostChurn / 1000
         var logger = Logger(label: "iopf")
         logger.logLevel = .warning
         let tty = isatty(STDERR_FILENO) != 0
@@ -101,6 +106,12 @@ struct Serve: ParsableCommand {
         row("responses", "\(r.responses.success) success, \(r.responses.invalid) invalid")
         row("fault latency (device)", "p50 \(us(r.faultLatencyNs.p50))  p90 \(us(r.faultLatencyNs.p90))  p99 \(us(r.faultLatencyNs.p99))  p99.9 \(us(r.faultLatencyNs.p999))  max \(us(r.faultLatencyNs.max))")
         row("invalidations", "\(r.invalidations): \(r.pagesUnmapped) pages unmapped, \(r.iotlbSyncs) IOTLB syncs, \(r.retries) fault retries")
+        if r.uffdEvents > 0 || r.hostChanges > 0 {
+            let kinds = r.uffdEventKinds.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+            row("host events (uffd)", "\(r.uffdEvents) (\(kinds)) from \(r.hostChanges) host changes")
+            row("late accesses", "\(r.lateAccesses) (after an event was read, before its sync)")
+            row("faults on gone memory", "\(r.hostGoneFaults) answered INVALID")
+        }
         row("resident / locked", "\(mib(r.residentBytes)) / \(mib(r.lockedBytes))")
         row("integrity errors", "\(r.integrityErrors)")
         row("invariant violations", "\(r.violations)")

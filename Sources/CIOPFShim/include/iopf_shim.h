@@ -13,6 +13,10 @@ int iopf_pipe2(int fds[2], int flags);
 /// mremap(2) with MREMAP_MAYMOVE (| MREMAP_FIXED when new_address is not NULL).
 void *iopf_mremap(void *old_address, size_t old_size, size_t new_size, void *new_address);
 
+/// mremap(2) with MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP (Linux 5.7+): moves the
+/// pages to new_address and leaves the old range mapped and empty.
+void *iopf_mremap_dontunmap(void *old_address, size_t size, void *new_address);
+
 /// userfaultfd(2) through syscall(2): Swift cannot call variadic syscall().
 int iopf_userfaultfd(int flags);
 

@@ -1,0 +1,69 @@
+// HostChangeWindow.swift — the ordering window between the host changing memory and the
+// devices losing their translations, made visible.
+//
+// Linux lets madvise/munmap/mremap proceed as soon as the userfaultfd event is *read*,
+// before the service has unmapped and synced. So between "event read" and "sync done" a
+// device may still use the old translation. What iopf guarantees is only this: after the
+// service's sync, no device uses the old translation. This window counts the accesses in
+// between (`lateAccesses`): ranges are entered when the event loop takes an event and left
+// when its invalidation has synced.
+//
+// Simulation safety: a host thread that changes memory on purpose (`iopf serve
+// --host-churn`) first marks its range as changing; devices then neither access nor
+// verify pages in it until the service has handled the event, because the host address
+// is what they write through and its contents are in flux. Real DMA to a freed page would
+// corrupt memory instead; the count says how often that window was hit.
+//
+// Ranges are host addresses `[start, end)`.
+
+import Synchronization
+
+public final class HostChangeWindow: Sendable {
+    private struct State {
+        var changing: [Range<UInt64>] = []
+        var eventRead: [Range<UInt64>] = []
+    }
+
+    private let state = Mutex(State())
+    /// Entries in both lists: a device checks only this while nothing is in flux.
+    private let active = Atomic<Int>(0)
+    private let late = Atomic<Int>(0)
+
+    public init() {}
+
+    /// Accesses that used a translation after its event was read but before its sync.
+    public var lateAccesses: Int { late.load(ordering: .relaxed) }
+
+    func beginHostChange(_ r: Range<UInt64>) {
+        state.withLock { $0.changing.append(r) }
+        active.add(1, ordering: .sequentiallyConsistent)
+    }
+
+    func endHostChange(_ r: Range<UInt64>) {
+        state.withLock { s in if let i = s.changing.firstIndex(of: r) { s.changing.remove(at: i) } }
+        active.subtract(1, ordering: .sequentiallyConsistent)
+    }
+
+    func beginEvent(_ r: Range<UInt64>) {
+        state.withLock { $0.eventRead.append(r) }
+        active.add(1, ordering: .sequentiallyConsistent)
+    }
+
+    func endEvent(_ r: Range<UInt64>) {
+        state.withLock { s in if let i = s.eventRead.firstIndex(of: r) { s.eventRead.remove(at: i) } }
+        active.subtract(1, ordering: .sequentiallyConsistent)
+    }
+
+    /// Called by a device, under its IOTLB lock, before it accesses host address `address`
+    /// through a translation. True when the access must be skipped (the memory is in flux);
+    /// counts it when its event was already read.
+    @inline(__always)
+    func mustSkip(_ address: UInt64) -> Bool {
+        guard active.load(ordering: .sequentiallyConsistent) > 0 else { return false }
+        return state.withLock { s in
+            let read = s.eventRead.contains { $0.contains(address) }
+            if read { late.add(1, ordering: .relaxed) }
+            return read || s.changing.contains { $0.contains(address) }
+        }
+    }
+}
