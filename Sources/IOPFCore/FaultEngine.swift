@@ -26,6 +26,8 @@ public struct EngineConfiguration: Sendable {
     public var gatherPolicy = GatherPolicy.defaultRangeList
     /// Page sizes the domains' page tables may use.
     public var pageSizes = Set(PageSize.allCases)
+    /// Bugs planted for `iopf stress` and tests; none otherwise.
+    @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
     public init() {}
 }
 
@@ -128,8 +130,10 @@ public final class FaultEngine: Sendable {
 
     /// Adds an I/O page table. Pages already faulted in are replayed into it, so that a
     /// set bit keeps meaning "mapped in every domain".
-    public func createDomain(invalidator: (any IOTLBInvalidator)? = nil) throws(IOPageTableError) -> DomainID {
+    public func createDomain(invalidator: (any IOTLBInvalidator)? = nil, observer: (any IOTLBSyncObserver)? = nil) throws(IOPageTableError) -> DomainID {
         let table = IOPageTable(pageSizes: configuration.pageSizes, invalidator: invalidator)
+        table.bugs = configuration.injectedBugs
+        table.observer = observer
         return try state.withLock { s throws(IOPageTableError) in
             if let source = s.domains.first {
                 for m in s.mappings.byIOVA {
@@ -351,8 +355,9 @@ public final class FaultEngine: Sendable {
         while i < pages.upperBound {
             let runEnd = m.iopfMapped.findNextClear(from: i, to: pages.upperBound)
             let really = try unmapRun(of: m, i..<runEnd, &s)
-            cleared += m.iopfMapped.population(in: really)
-            m.iopfMapped.clear(really)
+            let clear = configuration.injectedBugs.contains(.clearRequested) ? i..<runEnd : really
+            cleared += m.iopfMapped.population(in: clear)
+            m.iopfMapped.clear(clear)
             i = m.iopfMapped.findNextSet(from: min(really.upperBound, pages.upperBound), to: pages.upperBound)
         }
         s.stats.pagesUnmapped += cleared
@@ -540,7 +545,7 @@ public final class FaultHandler {
     /// Phase 3, under the lock: install unless an invalidation ran since phase 1.
     private func install(seq: UInt64, into outcome: inout GroupOutcome) -> Bool {
         engine.state.withLock { s in
-            guard engine.sequence.load(ordering: .relaxed) == seq else {
+            guard engine.sequence.load(ordering: .relaxed) == seq || engine.configuration.injectedBugs.contains(.noRetry) else {
                 s.stats.retries += 1
                 return false
             }

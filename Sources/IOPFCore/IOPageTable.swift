@@ -58,6 +58,10 @@ public final class IOPageTable: @unchecked Sendable {
 
     /// Tests only: makes every unmap remove nothing, to exercise the fatal path.
     var testsOnly_refuseUnmap = false
+    /// Planted bugs (skip-sync, early-free); empty outside `iopf stress` and tests.
+    var bugs: InjectedBugs = []
+    /// Told after each sync, for checkers.
+    public var observer: (any IOTLBSyncObserver)?
 
     /// Syncs that flushed something, and how many ranges they carried in total.
     public private(set) var syncCount = 0
@@ -202,7 +206,9 @@ public final class IOPageTable: @unchecked Sendable {
                 let (reached, stopped) = unmap(page: child, level: level + 1, from: pos, end: min(end, entryEnd), gather: &gather)
                 if pool.isEmpty(child) {
                     pool.store(page, i, 0)
+                    pool.unlinked(child)
                     gather.freedPages.append(child)
+                    if bugs.contains(.earlyFree) { pool.free(child) }
                 }
                 pos = reached
                 if stopped { return (pos, true) }
@@ -224,11 +230,15 @@ public final class IOPageTable: @unchecked Sendable {
     public func sync(_ gather: inout IOTLBGather) {
         guard !gather.isEmpty else { return }
         if !gather.ranges.isEmpty {
-            invalidator?.invalidate(gather.ranges)
+            if !bugs.contains(.skipSync) { invalidator?.invalidate(gather.ranges) }
+            observer?.synced(gather.ranges)
             syncCount += 1
             syncedRanges += gather.ranges.count
         }
-        for page in gather.freedPages { pool.free(page) }
+        for page in gather.freedPages {
+            pool.synced(page)
+            if !bugs.contains(.earlyFree) { pool.free(page) }
+        }
         gather.reset()
     }
 

@@ -13,6 +13,13 @@ public protocol IOTLBInvalidator: AnyObject {
     func invalidate(_ ranges: [IOVARange])
 }
 
+/// Told after every IOTLB sync of a page table, once the devices have dropped the ranges:
+/// lets a checker know which translations no device may use any more. Called with the
+/// engine's update lock held.
+public protocol IOTLBSyncObserver: AnyObject, Sendable {
+    func synced(_ ranges: [IOVARange])
+}
+
 /// When a gather must sync before it can take another range.
 public enum GatherPolicy: Sendable, Hashable, CustomStringConvertible {
     /// Linux's `iommu_iotlb_gather_add_page`: sync first when the page size changes or the

@@ -6,7 +6,9 @@
 //   each of its pages has its bit set and the physical address the host reports;
 // - every set bit has a present leaf in every domain (checked by count: leaves cover
 //   exactly as many pages as there are bits);
-// - table pages allocated = freed + live, and live = reachable from the root.
+// - table pages allocated = freed + live, and live = reachable from the root;
+// - no table page was freed before the sync of the gather that unlinked it;
+// - no page whose host memory is gone (UNMAP/REMAP) is mapped.
 
 public struct InvariantViolation: Sendable, Hashable, CustomStringConvertible {
     public enum Kind: String, Sendable, Hashable, CaseIterable {
@@ -16,6 +18,8 @@ public struct InvariantViolation: Sendable, Hashable, CustomStringConvertible {
         case wrongPhysical
         case wrongPermission
         case tablePageLeak
+        case tablePageFreedBeforeSync
+        case leafOnGoneMemory
     }
 
     public var kind: Kind
@@ -41,6 +45,9 @@ extension FaultEngine {
                         report(.leafOutsideMapping, "domain#\(d) has a \(t.pageSize) leaf at \(hex(iova)) outside every live mapping")
                         return
                     }
+                    if let gone = m.hostGone, gone.population(in: m.pageIndex(iova: iova)..<(m.pageIndex(iova: iova) + pages)) > 0 {
+                        report(.leafOnGoneMemory, "domain#\(d) maps iova \(hex(iova)) of \(m.id), whose host memory is gone")
+                    }
                     if t.prot != m.prot {
                         report(.wrongPermission, "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot)")
                     }
@@ -59,6 +66,9 @@ extension FaultEngine {
                 }
                 if leafPages < bits {
                     report(.bitWithoutLeaf, "domain#\(d) maps \(leafPages) pages but \(bits) bits are set")
+                }
+                if table.pool.freedBeforeSync > 0 {
+                    report(.tablePageFreedBeforeSync, "domain#\(d): \(table.pool.freedBeforeSync) table pages returned to the pool before their gather was synced")
                 }
                 let reachable = table.reachableTablePages
                 if table.tablePageAllocations != table.tablePageFrees + table.liveTablePages || reachable != table.liveTablePages {

@@ -29,6 +29,11 @@ final class TablePagePool: @unchecked Sendable {
     /// Present entries per page, kept by the writer so that empty pages can be freed.
     private(set) var presentEntries: [UInt16] = []
 
+    /// Pages unlinked from the table whose gather has not been synced yet; freeing one of
+    /// them is a bug (`freedBeforeSync` counts it).
+    private var awaitingSync: [Bool] = []
+    private(set) var freedBeforeSync = 0
+
     /// Counts for the "allocated = freed + live" invariant.
     private(set) var allocations = 0
     private(set) var frees = 0
@@ -68,6 +73,7 @@ final class TablePagePool: @unchecked Sendable {
         }
         highWater += 1
         presentEntries.append(0)
+        awaitingSync.append(false)
         return page
     }
 
@@ -75,9 +81,16 @@ final class TablePagePool: @unchecked Sendable {
     /// frees a page only when its present count reaches zero).
     func free(_ page: TablePageID) {
         precondition(presentEntries[Int(page)] == 0, "table page \(page) freed with entries present")
+        if awaitingSync[Int(page)] { freedBeforeSync += 1 }
         frees += 1
         freeList.append(page)
     }
+
+    /// The page was unlinked from its parent; it may be freed once `synced` is called.
+    func unlinked(_ page: TablePageID) { awaitingSync[Int(page)] = true }
+
+    /// The gather that unlinked the page has been synced.
+    func synced(_ page: TablePageID) { awaitingSync[Int(page)] = false }
 
     @inline(__always)
     private func entryPointer(_ page: TablePageID, _ index: Int) -> UnsafeMutablePointer<Atomic<UInt64>> {
