@@ -381,7 +381,7 @@ final class EventLoop {
     func run() {
         do {
             try ring.prepareRead(fd: service.doorbell, into: doorbellBuffer, token: RingToken(kind: .doorbell))
-            if let uffd = service.uffd { try ring.prepareRead(fd: uffd.fd, into: uffdBuffer, token: RingToken(kind: .hostEvent)) }
+            if let uffd = service.uffd { try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent)) }
             var lastActivity = ContinuousClock.now
             var lastFlush = lastActivity
             let spin = Duration.nanoseconds(service.configuration.spinNanoseconds)
@@ -486,23 +486,23 @@ final class EventLoop {
             break  // a sleeping device's eventfd was rung; nothing to do
         case .hostEvent:
             guard let uffd = service.uffd else { return }
-            if c.result == -EINTR || c.result == -EAGAIN {
-                try ring.prepareRead(fd: uffd.fd, into: uffdBuffer, token: RingToken(kind: .hostEvent))
-                return
-            }
-            if c.result < 0 {
+            do {
+                while true {
+                    let bytes = try uffd.drain(into: uffdBuffer)
+                    if bytes == 0 { break }
+                    for i in 0..<(bytes / UserfaultfdSource.messageBytes) {
+                        let at = i * UserfaultfdSource.messageBytes
+                        handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])))
+                    }
+                }
+            } catch {
                 // Nobody would read the host's events again, and the host's madvise/munmap
                 // would wait forever for that: drop every registration instead.
-                service.logger.critical("reading host events failed: errno \(-c.result); host events stop and every range is unwatched")
+                service.logger.critical("reading host events failed: \(error); host events stop and every range is unwatched")
                 uffd.close()
                 return
             }
-            let n = Int(c.result) / UserfaultfdSource.messageBytes
-            for i in 0..<n {
-                let at = i * UserfaultfdSource.messageBytes
-                handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])))
-            }
-            try ring.prepareRead(fd: uffd.fd, into: uffdBuffer, token: RingToken(kind: .hostEvent))
+            try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent))
         }
     }
 

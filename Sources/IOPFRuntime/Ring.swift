@@ -89,6 +89,13 @@ final class Ring {
         io_uring_sqe_set_data64(s, token.userData)
     }
 
+    /// One-shot poll for readability.
+    func preparePollIn(fd: CInt, token: RingToken) throws(RingError) {
+        let s = try sqe()
+        io_uring_prep_poll_add(s, fd, UInt32(POLLIN))
+        io_uring_sqe_set_data64(s, token.userData)
+    }
+
     func prepareWrite(fd: CInt, from buffer: UnsafeRawBufferPointer, token: RingToken) throws(RingError) {
         let s = try sqe()
         io_uring_prep_write(s, fd, buffer.baseAddress, UInt32(buffer.count), UInt64(bitPattern: -1))

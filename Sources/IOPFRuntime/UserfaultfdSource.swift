@@ -9,6 +9,11 @@
 // ask for UFFD_FEATURE_WP_UNPOPULATED). So ordinary CPU and device accesses never block
 // on the uffd: it carries events only.
 //
+// Reading: the loop polls the (non-blocking) uffd through io_uring and drains it with
+// read(2) itself. An io_uring READ would dequeue the event in the kernel and post its
+// completion later, so a host thread whose madvise had returned could see a later command
+// (a barrier) handled before its event; dequeuing on the loop thread keeps them in order.
+//
 // Caveats, checked on Linux 6.18: madvise(MADV_DONTNEED), munmap and mremap of a
 // registered range block until their event is read, so the thread that reads the uffd
 // (the event loop) must never unmap a registered range itself. mremap yields REMAP and
@@ -37,7 +42,7 @@ final class UserfaultfdSource: @unchecked Sendable {
     /// Opens a userfaultfd and negotiates the event features; throws naming what the
     /// kernel refused.
     init() throws(UserfaultfdError) {
-        let fd = iopf_userfaultfd(O_CLOEXEC)
+        let fd = iopf_userfaultfd(O_CLOEXEC | O_NONBLOCK)
         guard fd >= 0 else {
             let e = Glibc.errno
             throw UserfaultfdError(description: "userfaultfd(2) failed: errno \(e)"
@@ -76,6 +81,15 @@ final class UserfaultfdSource: @unchecked Sendable {
             default: "errno \(e)"
             }
             throw UserfaultfdError(description: "cannot watch host range [0x\(String(start, radix: 16)), +0x\(String(length, radix: 16))): \(why)")
+        }
+    }
+
+    /// Reads the pending events into `buffer`; 0 when there are none (EAGAIN).
+    func drain(into buffer: UnsafeMutableRawBufferPointer) throws(SystemCallError) -> Int {
+        do {
+            return try Sys.read(fd, buffer)
+        } catch where error.errno == .wouldBlock {
+            return 0
         }
     }
 
