@@ -12,9 +12,9 @@ import CLiburing  // <sys/eventfd.h>
 import Dispatch
 import Foundation
 import Glibc
-import IOPFCore
 import Logging
 import Synchronization
+@_spi(FaultInjection) import IOPFCore
 
 public struct ServiceConfiguration: Sendable {
     public var transport = ChannelTransport.shared
@@ -24,6 +24,8 @@ public struct ServiceConfiguration: Sendable {
     /// Watch the mappings' host memory through userfaultfd (falls back to API-only
     /// invalidation, with a warning, when the kernel refuses).
     public var hostEvents = true
+    /// Bugs planted for `iopf stress` and tests (the service plants double-answer).
+    @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
     public init() {}
 }
 
@@ -360,6 +362,7 @@ final class EventLoop {
     /// The 8-byte 1 written to a sleeping device's eventfd; never changes while in flight.
     let wakeValue = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
     var running = true
+    let doubleAnswer: Bool
     /// Room for 16 userfaultfd messages per read.
     let uffdBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * UserfaultfdSource.messageBytes, alignment: 8)
 
@@ -368,6 +371,7 @@ final class EventLoop {
         engine = service.engine
         ring = try Ring(entries: service.configuration.ringEntries)
         handler = engine.makeFaultHandler()
+        doubleAnswer = service.configuration.injectedBugs.contains(.doubleAnswer)
         completions.reserveCapacity(Int(service.configuration.ringEntries) * 2)
         wakeValue.storeBytes(of: UInt64(1), as: UInt64.self)
     }
@@ -662,6 +666,7 @@ final class EventLoop {
         stats.groups += 1
         if code == .success { stats.success += 1 } else { stats.invalid += 1 }
         slot.queued.append(PageResponse(cookie: partial.cookie, code: code))
+        if doubleAnswer { slot.queued.append(PageResponse(cookie: partial.cookie, code: code)) }
     }
 
     /// Starts a write for every device with queued responses and none in flight.

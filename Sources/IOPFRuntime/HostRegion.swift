@@ -16,11 +16,20 @@ public final class HostRegion: @unchecked Sendable {
     public let length: UInt64
     private var unmapped = false
 
-    public init(length: UInt64) throws(SystemCallError) {
+    /// Maps `length` bytes at an address aligned to `alignment` (a power of two, at least
+    /// 4 KiB), e.g. 2 MiB so that the I/O page table can use blocks.
+    public init(length: UInt64, alignment: UInt64 = 4096) throws(SystemCallError) {
         precondition(length > 0 && length & 0xFFF == 0, "region length \(length) must be a positive multiple of 4 KiB")
-        let p = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        precondition(alignment >= 4096 && alignment & (alignment - 1) == 0, "alignment \(alignment) must be a power of two >= 4 KiB")
+        let extra = alignment - 4096
+        let p = mmap(nil, Int(length + extra), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard p != MAP_FAILED, let p else { throw SystemCallError("mmap", .init(rawValue: Glibc.errno)) }
-        base = UInt64(UInt(bitPattern: p))
+        let raw = UInt64(UInt(bitPattern: p))
+        base = (raw + extra) & ~(alignment - 1)
+        // Give back the slack on both sides.
+        if base > raw { munmap(p, Int(base - raw)) }
+        let tail = raw + length + extra - (base + length)
+        if tail > 0 { munmap(UnsafeMutableRawPointer(bitPattern: UInt(base + length)), Int(tail)) }
         self.length = length
     }
 

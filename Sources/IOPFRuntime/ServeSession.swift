@@ -210,10 +210,12 @@ public enum ServeSession {
         result.domains = o.domains
         result.transport = o.transport.rawValue
         var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var deviceViolations = 0
         for r in reports {
             result.dmaOps += r.dmaOps
             result.dmaErrors += r.dmaErrors
-            result.integrityErrors += r.integrityErrors
+            result.integrityErrors += r.integrityErrors + r.wrongTranslations
+            deviceViolations += r.staleTranslations
             problems += r.firstProblems
             latency.add(r.latency)
         }
@@ -240,7 +242,7 @@ public enum ServeSession {
         if sent != answered || answered != s.groups - s.abandonedGroups {
             accounting.append("groups sent \(sent), answered to devices \(answered), answered by the service \(s.groups - s.abandonedGroups)")
         }
-        result.violations = violations.count + protocolErrors + accounting.count
+        result.violations = violations.count + protocolErrors + accounting.count + deviceViolations
         problems += violations.prefix(5).map(\.description) + accounting
         result.residentBytes = (try? region.residentBytes()) ?? 0
         result.lockedBytes = lockedBytesOfProcess()
@@ -269,17 +271,21 @@ public enum ServeSession {
 struct HostChurn {
     let service: FaultService
     let region: HostRegion
-    let slice: UInt64
+    /// The region is a run of equal DMA mappings of this size, the first at `iovaBase`.
+    let mappingBytes: UInt64
+    let iovaBase: UInt64
     let devices: [SimulatedDevice]
     let maxPages: Int
     let scratch: HostRegion
     var rng: Xoshiro
     var changes = 0
 
-    init(service: FaultService, region: HostRegion, slice: UInt64, devices: [SimulatedDevice], maxPages: Int, seed: UInt64) throws {
+    init(service: FaultService, region: HostRegion, slice: UInt64, devices: [SimulatedDevice], maxPages: Int, seed: UInt64,
+         iovaBase: UInt64 = ServeOptions.iovaBase) throws {
         self.service = service
         self.region = region
-        self.slice = slice
+        mappingBytes = slice
+        self.iovaBase = iovaBase
         self.devices = devices
         self.maxPages = max(1, min(maxPages, Int(slice >> 12)))
         scratch = try HostRegion(length: UInt64(self.maxPages) << 12)
@@ -287,11 +293,11 @@ struct HostChurn {
     }
 
     mutating func step() throws {
-        let d = Int(rng.next() % UInt64(devices.count))
+        let d = Int(rng.next() % (region.length / mappingBytes))
         let pages = 1 + Int(rng.next() % UInt64(maxPages))
-        let slicePages = Int(slice >> 12)
+        let slicePages = Int(mappingBytes >> 12)
         let first = Int(rng.next() % UInt64(slicePages - pages + 1))
-        let sliceBase = region.base + UInt64(d) * slice
+        let sliceBase = region.base + UInt64(d) * mappingBytes
         let start = sliceBase + UInt64(first) << 12
         // mremap moves ranges within one VMA; earlier changes split the slice into several.
         let vma = Self.mapping(containing: start) ?? start..<(start + 4096)
@@ -316,8 +322,8 @@ struct HostChurn {
         // The op returned, so its events were read; the barrier completes after they are handled.
         try service.barrier().wait()
         if kind != 0 {
-            let iova = ServeOptions.iovaBase + UInt64(d) * slice
-            try service.updateHostAddress(iova: iova, size: slice, vaddr: sliceBase)
+            let iova = iovaBase + UInt64(d) * mappingBytes
+            try service.updateHostAddress(iova: iova, size: mappingBytes, vaddr: sliceBase)
         }
         changes += 1
     }

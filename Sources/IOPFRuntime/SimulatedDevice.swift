@@ -30,6 +30,8 @@ public final class DeviceIOTLB: Sendable {
         var page: UInt64 = .max  // IOVA page number, .max when empty
         var phys: UInt64 = 0
         var prot: Protection = []
+        /// The audit epoch when the entry was filled (0 without an audit).
+        var filled: UInt64 = 0
     }
 
     struct State {
@@ -126,6 +128,12 @@ public struct DeviceReport: Sendable {
     public var invalid = 0
     /// Reads that did not return what this device last wrote there.
     public var integrityErrors = 0
+    /// Walks that returned another page than the one the device's mapping holds.
+    public var wrongTranslations = 0
+    /// Uses of an IOTLB entry after a sync covering it (see TranslationAudit).
+    public var staleTranslations = 0
+    /// Translations checked (each walk and each audited use).
+    public var checks = 0
     /// Responses for a cookie this device was not waiting for, or a closed channel mid-wait.
     public var protocolErrors = 0
     public var firstProblems: [String] = []
@@ -138,6 +146,7 @@ public final class SimulatedDevice: @unchecked Sendable {
     let channel: DeviceChannel
     let pageTable: IOPageTable
     let window: HostChangeWindow?
+    let audit: TranslationAudit?
     private let stopFlag = Atomic<Bool>(false)
     private let finished = Atomic<Bool>(false)
     private let done = DispatchSemaphore(value: 0)
@@ -149,7 +158,9 @@ public final class SimulatedDevice: @unchecked Sendable {
     private var version: UInt64 = 0
     private let zipf: ZipfSampler?
 
-    public init(configuration: DeviceConfiguration, channel: DeviceChannel, pageTable: IOPageTable, window: HostChangeWindow? = nil) {
+    public init(configuration: DeviceConfiguration, channel: DeviceChannel, pageTable: IOPageTable, window: HostChangeWindow? = nil,
+                audit: TranslationAudit? = nil) {
+        self.audit = audit
         precondition(configuration.pages > 0 && configuration.burst > 0, "a device needs pages and a burst of at least 1")
         self.configuration = configuration
         self.channel = channel
@@ -253,9 +264,25 @@ public final class SimulatedDevice: @unchecked Sendable {
         let vpn = iova >> 12
         return iotlb.state.withLock { s in
             let i = Int(truncatingIfNeeded: vpn) % s.slots.count
+            if s.slots[i].page == vpn, let audit {
+                report.checks += 1
+                if audit.isStale(iova: iova, filled: s.slots[i].filled) {
+                    report.staleTranslations += 1
+                    problem("used the translation of iova \(hex(iova)) filled at epoch \(s.slots[i].filled) after a sync covered it")
+                    s.slots[i] = DeviceIOTLB.Entry()
+                }
+            }
             if s.slots[i].page != vpn {
+                let filled = audit?.current ?? 0
                 guard let t = pageTable.translate(iova) else { return .notPresent }
-                s.slots[i] = DeviceIOTLB.Entry(page: vpn, phys: t.phys & ~0xFFF, prot: t.prot)
+                let expected = configuration.hostBase + UInt64(p) << 12
+                report.checks += 1
+                if t.phys & ~0xFFF != expected {
+                    report.wrongTranslations += 1
+                    problem("iova \(hex(iova)) translates to \(hex(t.phys & ~0xFFF)), its host page is \(hex(expected))")
+                    return .denied
+                }
+                s.slots[i] = DeviceIOTLB.Entry(page: vpn, phys: t.phys & ~0xFFF, prot: t.prot, filled: filled)
             }
             let entry = s.slots[i]
             guard entry.prot.contains(write ? .write : .read) else { return .denied }

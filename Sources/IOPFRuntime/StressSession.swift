@@ -1,0 +1,258 @@
+// StressSession.swift — `iopf stress`: devices fault and DMA while a storm thread
+// invalidates, takes memory away, pre-maps blocks, removes and re-creates mappings and
+// changes host memory for real; invariants are checked continuously and at the end.
+//
+// Layout: device d owns `mappingsPerDevice` DMA mappings of 2 MiB each, contiguous in IOVA
+// and in 2 MiB-aligned host memory, so that pre-mapping can use 2 MiB blocks and random
+// invalidations cut through blocks and across mappings.
+
+import Foundation
+import Glibc
+@_spi(FaultInjection) import IOPFCore
+import Logging
+
+public struct StressOptions: Sendable {
+    public var seed: UInt64 = 1
+    /// Stop after this many seconds, or after `operations` storm operations, whichever first.
+    public var seconds = 10.0
+    public var operations: Int?
+    public var devices = 4
+    public var mappingsPerDevice = 2
+    public var domains = 2
+    public var hostChurn = true
+    @_spi(FaultInjection) public var injected: InjectedBugs = []
+    public static let mappingBytes: UInt64 = 2 << 20
+    public static let iovaBase: UInt64 = 1 << 40
+    public init() {}
+}
+
+public struct StressResult: Codable, Sendable {
+    public var seed: UInt64 = 0
+    public var seconds = 0.0
+    public var injected: [String] = []
+    public var faults = 0
+    public var groups = 0
+    public var invalidations = 0
+    public var uffdEvents = 0
+    public var retries = 0
+    public var iotlbSyncs = 0
+    /// Engine invariant checks run, plus translations checked by devices.
+    public var checks = 0
+    public var violations = 0
+    public var violationKinds: [String: Int] = [:]
+    public var lateAccesses = 0
+    public var dmaOps = 0
+    public var dmaErrors = 0
+    public var stormOperations: [String: Int] = [:]
+    /// The first violation, with the seed and what was happening.
+    public var firstViolation: String?
+}
+
+public struct StressProgress: Sendable {
+    public var elapsed: Double
+    public var faults: Int
+    public var invalidations: Int
+    public var violations: Int
+}
+
+public enum StressSession {
+    public static func run(_ o: StressOptions, logger: Logger = Logger(label: "iopf.stress"),
+                           progress: (StressProgress) -> Void = { _ in }) throws -> StressResult {
+        precondition(o.devices > 0 && o.mappingsPerDevice > 0 && o.domains > 0, "stress needs devices, mappings and domains")
+        let slice = StressOptions.mappingBytes * UInt64(o.mappingsPerDevice)
+        let region = try HostRegion(length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes)
+        var config = EngineConfiguration()
+        config.injectedBugs = o.injected
+        let engine = FaultEngine(memory: ProcessMemory(), configuration: config)
+        let fanouts = (0..<o.domains).map { _ in DomainIOTLBs() }
+        let audits = (0..<o.domains).map { _ in TranslationAudit(iovaBase: StressOptions.iovaBase, pages: Int(slice >> 12) * o.devices) }
+        let domains = try (0..<o.domains).map { try engine.createDomain(invalidator: fanouts[$0], observer: audits[$0]) }
+        var serviceConfig = ServiceConfiguration()
+        serviceConfig.spinNanoseconds = 50_000
+        serviceConfig.hostEvents = o.hostChurn
+        serviceConfig.injectedBugs = o.injected
+        let service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
+        try service.start()
+        defer { service.stop() }
+
+        struct Mapping { var iova: UInt64; var host: UInt64 }
+        var mappings: [Mapping] = []
+        var devices: [SimulatedDevice] = []
+        for d in 0..<o.devices {
+            let iova = StressOptions.iovaBase + UInt64(d) * slice
+            let host = region.base + UInt64(d) * slice
+            for k in 0..<o.mappingsPerDevice {
+                let m = Mapping(iova: iova + UInt64(k) * StressOptions.mappingBytes, host: host + UInt64(k) * StressOptions.mappingBytes)
+                try service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
+                mappings.append(m)
+            }
+            var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: Int(slice >> 12), hostBase: host)
+            dc.seed = o.seed &+ UInt64(d) &* 104_729
+            dc.burst = 8
+            dc.iotlbEntries = 32
+            dc.spinNanoseconds = 50_000
+            dc.hostMayChangeMemory = true
+            let domain = domains[d % o.domains]
+            let device = SimulatedDevice(configuration: dc, channel: try service.attach(deviceID: dc.deviceID, domain: domain),
+                                         pageTable: engine.pageTable(domain), window: service.window, audit: audits[d % o.domains])
+            fanouts[d % o.domains].add(device.iotlb)
+            devices.append(device)
+        }
+
+        var result = StressResult()
+        result.seed = o.seed
+        result.injected = InjectedBugs.names.filter { o.injected.contains($0.1) }.map(\.0)
+        var kinds: [String: Int] = [:]
+        var first: String?
+        var engineChecks = 0
+        var doing = "starting"
+        func record(_ violations: [InvariantViolation]) {
+            engineChecks += 1
+            for v in violations {
+                kinds[v.kind.rawValue, default: 0] += 1
+                if first == nil { first = "seed \(o.seed), while \(doing): \(v)" }
+            }
+        }
+
+        let start = ContinuousClock.now
+        let elapsed = { () -> Double in
+            let e = ContinuousClock.now - start
+            return Double(e.components.seconds) + Double(e.components.attoseconds) / 1e18
+        }
+        devices.forEach { $0.start() }
+        var rng = Xoshiro(seed: o.seed ^ 0x57_0235)
+        var churn = o.hostChurn && service.hostEventsEnabled
+            ? try HostChurn(service: service, region: region, slice: StressOptions.mappingBytes, devices: devices, maxPages: 64,
+                            seed: o.seed, iovaBase: StressOptions.iovaBase)
+            : nil
+        var counts: [String: Int] = [:]
+        var nextProgress = 0.5
+        var nextCheck = 0.05
+        var operations = 0
+        let total = region.length
+        while elapsed() < o.seconds && operations < (o.operations ?? .max) {
+            operations += 1
+            do {
+                let roll = rng.next() % 100
+                let m = mappings[Int(rng.next() % UInt64(mappings.count))]
+                switch roll {
+                case 0..<45:  // an invalidation storm through the loop: any size, unaligned edges, across mappings
+                    doing = "a service invalidation"
+                    let (s, len) = randomRange(&rng, base: region.base, total: total)
+                    _ = try service.invalidate(hostAddress: s, length: len).wait()
+                    counts["serviceInvalidate", default: 0] += 1
+                case 45..<75:  // from this thread, as an MMU notifier runs in the thread changing memory
+                    doing = "a direct invalidation"
+                    let (s, len) = randomRange(&rng, base: region.base, total: total)
+                    try engine.invalidate(hostAddress: s, length: len)
+                    counts["directInvalidate", default: 0] += 1
+                case 75..<85:  // take memory away under running faults, check, give it back
+                    doing = "a take-away of \(hex(m.host))"
+                    try engine.invalidate(hostAddress: m.host, length: StressOptions.mappingBytes, hostGone: true)
+                    usleep(50)
+                    record(engine.checkInvariants())
+                    try service.updateHostAddress(iova: m.iova, size: StressOptions.mappingBytes, vaddr: m.host)
+                    counts["takeAway", default: 0] += 1
+                case 85..<92:  // pre-map a whole mapping: 2 MiB blocks that later invalidations cut into
+                    doing = "a pre-map of \(hex(m.iova))"
+                    try engine.invalidate(hostAddress: m.host, length: StressOptions.mappingBytes)
+                    do {
+                        try engine.premap(iova: m.iova, size: StressOptions.mappingBytes, write: true)
+                    } catch let error as HostMemoryError {
+                        logger.debug("pre-map: \(error)")  // the host may be changing it: fine
+                    }
+                    counts["premap", default: 0] += 1
+                case 92..<96:  // remove a mapping and create it again; faults in between are INVALID
+                    doing = "re-creating the mapping at \(hex(m.iova))"
+                    try service.unmap(iova: m.iova, size: StressOptions.mappingBytes)
+                    try service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
+                    counts["remap", default: 0] += 1
+                default:  // real host events
+                    if churn != nil {
+                        doing = "a host change"
+                        try churn!.step()
+                        counts["hostChange", default: 0] += 1
+                    }
+                }
+            } catch {
+                // A correct engine never fails these: an error is itself a broken invariant.
+                kinds["stormOperationFailed", default: 0] += 1
+                if first == nil { first = "seed \(o.seed), while \(doing): \(error)" }
+            }
+            let now = elapsed()
+            if now >= nextCheck {
+                doing = "a periodic check"
+                record(try service.checkInvariants().wait())
+                nextCheck = now + 0.05
+            }
+            if now >= nextProgress {
+                let s = service.statistics
+                progress(StressProgress(elapsed: now, faults: s.records, invalidations: engine.statistics.invalidations,
+                                        violations: kinds.values.reduce(0, +)))
+                nextProgress = now + 0.5
+            }
+        }
+        doing = "the final checks"
+        devices.forEach { $0.stop() }
+        // No device may be left waiting: each must come back within a few seconds.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !devices.allSatisfy({ $0.isFinished }) && ContinuousClock.now < deadline { usleep(1000) }
+        let stuck = devices.filter { !$0.isFinished }.count
+        if stuck > 0 {
+            kinds["deviceLeftWaiting", default: 0] += stuck
+            if first == nil { first = "seed \(o.seed): \(stuck) devices still waiting for an answer after the run" }
+        }
+        let reports = stuck == 0 ? devices.map { $0.finish() } : []
+        record(try service.checkInvariants().wait())
+        let seconds = elapsed()
+        service.stop()
+        _ = churn
+
+        for r in reports {
+            result.dmaOps += r.dmaOps
+            result.dmaErrors += r.dmaErrors
+            result.checks += r.checks
+            for (k, n) in [("staleTranslation", r.staleTranslations), ("wrongTranslation", r.wrongTranslations),
+                           ("wrongData", r.integrityErrors), ("groupNotAnsweredOnce", r.protocolErrors)] where n > 0 {
+                kinds[k, default: 0] += n
+            }
+            if first == nil, let p = r.firstProblems.first { first = "seed \(o.seed), device side: \(p)" }
+        }
+        let sent = reports.reduce(0) { $0 + $1.groups }
+        let answered = reports.reduce(0) { $0 + $1.success + $1.invalid }
+        if sent != answered {
+            kinds["groupNotAnsweredOnce", default: 0] += abs(sent - answered)
+            if first == nil { first = "seed \(o.seed): devices sent \(sent) groups and got \(answered) answers" }
+        }
+        let locked = ServeSession.lockedBytesOfProcess()
+        if locked != 0 {
+            kinds["lockedMemoryLeft", default: 0] += 1
+            if first == nil { first = "seed \(o.seed): \(locked) bytes still locked after the run" }
+        }
+        let s = service.statistics
+        let e = engine.statistics
+        result.seconds = seconds
+        result.faults = s.records
+        result.groups = s.groups
+        result.invalidations = e.invalidations
+        result.uffdEvents = s.uffdEvents
+        result.retries = e.retries
+        result.iotlbSyncs = e.iotlbSyncs
+        result.checks += engineChecks
+        result.violationKinds = kinds
+        result.violations = kinds.values.reduce(0, +)
+        result.lateAccesses = service.window.lateAccesses
+        result.stormOperations = counts
+        result.firstViolation = first
+        return result
+    }
+
+    /// A random host range in `[base, base + total)`: mostly small, sometimes several
+    /// mappings long, with unaligned edges.
+    static func randomRange(_ rng: inout Xoshiro, base: UInt64, total: UInt64) -> (UInt64, UInt64) {
+        let start = base + rng.next() % total
+        let scale: UInt64 = [4096, 64 << 10, 2 << 20, 8 << 20][Int(rng.next() % 4)]
+        let length = 1 + rng.next() % scale
+        return (start, min(length, base + total - start))
+    }
+}

@@ -1,0 +1,39 @@
+// The stress tester finds planted bugs: each one makes a short run report violations,
+// and the same run without it reports none. This is what shows the checks can fail.
+
+import Testing
+@_spi(FaultInjection) @testable import IOPFCore
+@_spi(FaultInjection) @testable import IOPFRuntime
+
+@Suite(.serialized) struct StressTests {
+    static func run(_ bugs: InjectedBugs, seconds: Double = 3) throws -> StressResult {
+        var o = StressOptions()
+        o.seed = 11
+        o.seconds = seconds
+        o.devices = 3
+        o.injected = bugs
+        return try StressSession.run(o)
+    }
+
+    @Test func aCleanRunHasNoViolations() throws {
+        let r = try Self.run([])
+        #expect(r.violations == 0, "\(r.violationKinds) \(r.firstViolation ?? "")")
+        #expect(r.faults > 1000 && r.invalidations > 100 && r.checks > 1000)
+        #expect(r.stormOperations.count == 6, "every kind of storm operation ran: \(r.stormOperations)")
+    }
+
+    @Test(arguments: InjectedBugs.names.map(\.0))
+    func aPlantedBugIsFound(name: String) throws {
+        let r = try Self.run(InjectedBugs(name: name)!)
+        #expect(r.violations > 0, "\(name) went unnoticed")
+        #expect(r.firstViolation?.contains("seed 11") == true)
+        let expected: [String: Set<String>] = [
+            "skip-sync": ["staleTranslation"],
+            "clear-requested": ["bitWithoutLeaf"],
+            "no-retry": ["leafOnGoneMemory", "leafWithoutBit", "stormOperationFailed"],
+            "early-free": ["tablePageFreedBeforeSync"],
+            "double-answer": ["groupNotAnsweredOnce"],
+        ]
+        #expect(!expected[name]!.isDisjoint(with: r.violationKinds.keys), "\(name) was caught as \(r.violationKinds)")
+    }
+}

@@ -1,0 +1,87 @@
+// Stress.swift — `iopf stress`: find races between device faults and invalidations. The
+// only command that can plant known bugs (`--inject`), to show the checks catch them.
+
+import ArgumentParser
+import Foundation
+@_spi(FaultInjection) import IOPFCore
+@_spi(FaultInjection) import IOPFRuntime
+import Logging
+
+struct Stress: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Stress faults against invalidations, checking invariants all along.",
+        discussion: "Exits non-zero on any violation. Use --inject list to see the bugs that can be planted."
+    )
+
+    @Option(help: "Seed for every random choice; a failing run is repeated with the same seed.")
+    var seed: UInt64 = 1
+
+    @Option(help: "Seconds to run.")
+    var seconds = 10.0
+
+    @Option(help: "Stop after this many storm operations (invalidations, take-aways, pre-maps, re-mappings, host changes).")
+    var ops: Int?
+
+    @Option(help: "Simulated devices.")
+    var devices = 4
+
+    @Option(help: "I/O page tables; devices are spread over them.")
+    var domains = 2
+
+    @Flag(inversion: .prefixedNo, help: "Change host memory for real (madvise, mmap MAP_FIXED, mremap) so that userfaultfd events flow.")
+    var hostChurn = true
+
+    @Option(help: "Plant a known bug (repeatable): \(InjectedBugs.names.map(\.0).joined(separator: ", ")), or 'list'.")
+    var inject: [String] = []
+
+    @Flag(help: "Print one JSON object at the end instead of progress and a summary.")
+    var json = false
+
+    func validate() throws {
+        for name in inject where name != "list" && InjectedBugs(name: name) == nil {
+            throw ValidationError("--inject '\(name)' is not a known bug; known: \(InjectedBugs.names.map(\.0).joined(separator: ", "))")
+        }
+        guard seconds > 0 else { throw ValidationError("--seconds must be positive, got \(seconds)") }
+        guard ops.map({ $0 > 0 }) ?? true else { throw ValidationError("--ops must be positive") }
+        guard devices >= 1 && devices <= 64 else { throw ValidationError("--devices must be 1...64, got \(devices)") }
+        guard domains >= 1 && domains <= 16 else { throw ValidationError("--domains must be 1...16, got \(domains)") }
+    }
+
+    func run() throws {
+        if inject.contains("list") {
+            for (name, _, what) in InjectedBugs.names { print(name.padding(toLength: 16, withPad: " ", startingAt: 0) + what) }
+            return
+        }
+        var o = StressOptions()
+        o.seed = seed
+        o.seconds = seconds
+        o.operations = ops
+        o.devices = devices
+        o.domains = domains
+        o.hostChurn = hostChurn
+        o.injected = inject.reduce(into: InjectedBugs()) { $0.insert(InjectedBugs(name: $1)!) }
+        var logger = Logger(label: "iopf.stress")
+        logger.logLevel = .error
+        let tty = isatty(STDERR_FILENO) != 0
+        let r = try StressSession.run(o, logger: logger) { p in
+            guard !json else { return }
+            let line = String(format: "%5.1fs  faults %9d (%7.0f/s)  invalidations %8d (%6.0f/s)  violations %d",
+                              p.elapsed, p.faults, Double(p.faults) / p.elapsed, p.invalidations, Double(p.invalidations) / p.elapsed, p.violations)
+            FileHandle.standardError.write(Data(((tty ? "\r" : "") + line + (tty ? "" : "\n")).utf8))
+        }
+        if json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try e.encode(r), as: UTF8.self))
+        } else {
+            if tty { FileHandle.standardError.write(Data("\n".utf8)) }
+            print("iopf stress: seed \(r.seed), \(String(format: "%.1f", r.seconds)) s" + (r.injected.isEmpty ? "" : ", injected: \(r.injected.joined(separator: ", "))"))
+            print("  faults \(r.faults) in \(r.groups) groups (\(Int(Double(r.faults) / r.seconds))/s), DMA \(r.dmaOps) ops, \(r.dmaErrors) errors")
+            print("  invalidations \(r.invalidations) (\(Int(Double(r.invalidations) / r.seconds))/s), IOTLB syncs \(r.iotlbSyncs), retries \(r.retries), uffd events \(r.uffdEvents), late accesses \(r.lateAccesses)")
+            print("  storm: " + r.stormOperations.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
+            print("  checks \(r.checks), violations \(r.violations)" + (r.violationKinds.isEmpty ? "" : ": " + r.violationKinds.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
+            if let f = r.firstViolation { print("  first violation (repeat with --seed \(r.seed)): \(f)") }
+        }
+        if r.violations > 0 { throw ExitCode(1) }
+    }
+}
