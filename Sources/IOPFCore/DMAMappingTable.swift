@@ -23,6 +23,11 @@ public final class DMAMapping: @unchecked Sendable {
     /// Pages whose host memory was unmapped or moved away (UNMAP/REMAP events): faults
     /// there are answered INVALID until the host address is updated. Nil while none.
     public internal(set) var hostGone: PageBitmap?
+    /// Pinned (VFIO type1) rather than fault-driven: every page is mapped at creation and
+    /// host events leave it alone.
+    public internal(set) var pinned = false
+    /// Pages of a pinned mapping charged to locked memory (device memory is not).
+    public internal(set) var chargedPages = 0
 
     init(id: MappingID, iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) {
         self.id = id

@@ -26,6 +26,9 @@ public struct EngineConfiguration: Sendable {
     public var gatherPolicy = GatherPolicy.defaultRangeList
     /// Page sizes the domains' page tables may use.
     public var pageSizes = Set(PageSize.allCases)
+    /// RLIMIT_MEMLOCK for the pinned path, and whether CAP_IPC_LOCK lifts it.
+    public var lockedMemoryLimit: UInt64 = .max
+    public var bypassesLockedMemoryLimit = true
     /// Bugs planted for `iopf stress` and tests; none otherwise.
     @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
     public init() {}
@@ -83,6 +86,7 @@ public struct EngineStatistics: Sendable, Equatable {
     public var resolveFailures = 0
     public var mapFailures = 0
     public var hostGoneFaults = 0
+    public var pinnedMapCalls = 0
     /// Invalidations of host ranges, DMA unmaps and host-address updates.
     public var invalidations = 0
     public var pagesUnmapped = 0
@@ -107,6 +111,8 @@ public struct FatalInvalidationError: Error, Sendable, Equatable, CustomStringCo
 public final class FaultEngine: Sendable {
     public let memory: any HostMemory
     public let configuration: EngineConfiguration
+    /// Locked memory charged by pinned mappings.
+    public let lockedMemory: LockedMemoryAccount
     let state: Mutex<State>
     /// Odd while an invalidation or unmap runs; changed only under the lock.
     let sequence = Atomic<UInt64>(0)
@@ -123,6 +129,7 @@ public final class FaultEngine: Sendable {
     public init(memory: any HostMemory, configuration: EngineConfiguration = EngineConfiguration()) {
         self.memory = memory
         self.configuration = configuration
+        lockedMemory = LockedMemoryAccount(limitBytes: configuration.lockedMemoryLimit, bypassesLimit: configuration.bypassesLockedMemoryLimit)
         state = Mutex(State(mappings: DMAMappingTable(entryLimit: configuration.entryLimit)))
     }
 
@@ -190,7 +197,13 @@ public final class FaultEngine: Sendable {
             for m in victims { _ = try unmapPages(of: m, in: 0..<m.pageCount, &s) }
             syncAll(&s)
             s.stats.invalidations += 1
-            for m in victims { s.mappings.remove(m) }
+            for m in victims {
+                s.mappings.remove(m)
+                if m.pinned {  // unmapped and synced: now the pages can go
+                    memory.unpin(address: m.vaddr, pageCount: m.pageCount)
+                    lockedMemory.uncharge(pages: m.chargedPages)
+                }
+            }
             return victims.map { $0.vaddr..<$0.vaddrEnd }
         }
     }
@@ -316,7 +329,8 @@ public final class FaultEngine: Sendable {
             var outcome = InvalidationOutcome()
             var failure: FatalInvalidationError?
             s.mappings.forEachMapping(overlappingHost: first, end: end) { m in
-                guard failure == nil else { return }
+                // Pinned pages stay where they are whatever the host does (VFIO type1).
+                guard failure == nil, !m.pinned else { return }
                 let lo = Int((max(first, m.vaddr) - m.vaddr) >> pageShift)
                 let hi = Int((min(end, m.vaddrEnd) - m.vaddr) >> pageShift)
                 outcome.mappingsTouched += 1
@@ -340,16 +354,16 @@ public final class FaultEngine: Sendable {
         }
     }
 
-    @inline(__always) private func beginInvalidation() { sequence.add(1, ordering: .releasing) }
-    @inline(__always) private func endInvalidation() { sequence.add(1, ordering: .releasing) }
+    @inline(__always) func beginInvalidation() { sequence.add(1, ordering: .releasing) }
+    @inline(__always) func endInvalidation() { sequence.add(1, ordering: .releasing) }
 
-    private func syncAll(_ s: inout State) {
+    func syncAll(_ s: inout State) {
         for d in s.domains.indices { s.domains[d].sync(&s.gathers[d]) }
     }
 
     /// Unmaps the faulted pages of `m` in `pages` from every domain, walking the bitmap by
     /// runs, and clears the bits of what was really unmapped. Returns the bits cleared.
-    private func unmapPages(of m: DMAMapping, in pages: Range<Int>, _ s: inout State) throws(FatalInvalidationError) -> Int {
+    func unmapPages(of m: DMAMapping, in pages: Range<Int>, _ s: inout State) throws(FatalInvalidationError) -> Int {
         var cleared = 0
         var i = m.iopfMapped.findNextSet(from: pages.lowerBound, to: pages.upperBound)
         while i < pages.upperBound {
@@ -491,7 +505,7 @@ public final class FaultHandler {
                 var w = Work(iova: iova, host: 0, write: r.wantsWrite, mapping: nil, outcome: nil)
                 if failed {
                     w.outcome = .engineFailed
-                } else if let m = s.mappings.mapping(containing: iova) {
+                } else if let m = s.mappings.mapping(containing: iova), !m.pinned || m.iopfMapped.test(m.pageIndex(iova: iova)) {
                     let wants: Protection = r.wantsWrite ? .write : .read
                     if !m.prot.contains(wants) || (r.perm.contains(.read) && !m.prot.contains(.read)) {
                         w.outcome = .permissionDenied

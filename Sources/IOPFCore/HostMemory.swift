@@ -27,6 +27,25 @@ public protocol HostMemory: AnyObject, Sendable {
     /// The physical address now backing a page, without faulting it in; nil when unknown.
     /// Used by invariant checks only.
     func currentPhysical(of address: UInt64) -> UInt64?
+
+    /// Pins a run of pages (faults them in and locks them) and appends one entry per
+    /// page. Pages without page backing (device memory) are mapped but not charged.
+    /// On a throw nothing of this call stays pinned.
+    func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError)
+
+    /// Releases pages pinned earlier.
+    func unpin(address: UInt64, pageCount: Int)
+}
+
+/// One pinned page: where it is, and whether it counts against locked memory.
+public struct PinnedPage: Sendable, Hashable {
+    public var phys: UInt64
+    /// False for memory without page backing (device memory, VM_PFNMAP): never charged.
+    public var chargeable: Bool
+    public init(phys: UInt64, chargeable: Bool) {
+        self.phys = phys
+        self.chargeable = chargeable
+    }
 }
 
 /// Host memory whose physical address is the host address plus a fixed offset, so that a
@@ -42,6 +61,8 @@ public final class SimulatedHostMemory: HostMemory {
         var resolvedPages = 0
         var resolveCalls = 0
         var hook: (@Sendable (UInt64, Int) -> Void)?
+        var deviceMemory: [(range: Range<UInt64>, phys: UInt64)] = []
+        var pinned: [UInt64: Int] = [:]  // page address -> pin count
     }
 
     public init(physicalOffset: UInt64 = 0x10_0000_0000) {
@@ -60,6 +81,42 @@ public final class SimulatedHostMemory: HostMemory {
     }
 
     public var resolvedPages: Int { state.withLock { $0.resolvedPages } }
+
+    /// Makes `range` device memory (no page backing) whose pages sit at `phys` onwards.
+    public func markDeviceMemory(_ range: Range<UInt64>, phys: UInt64) {
+        state.withLock { $0.deviceMemory.append((range, phys)) }
+    }
+
+    /// Pages now pinned (device memory included), for tests of the pinned path.
+    public var pinnedPageCount: Int { state.withLock { $0.pinned.values.reduce(0, +) } }
+
+    public func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError) {
+        let end = address + UInt64(pageCount) << pageShift
+        try state.withLock { (s) throws(HostMemoryError) in
+            if let bad = s.unresolvable.first(where: { $0.overlaps(address..<end) }) {
+                throw HostMemoryError(address: max(bad.lowerBound, address), reason: "no memory is mapped there")
+            }
+            for i in 0..<pageCount {
+                let page = address + UInt64(i) << pageShift
+                if let d = s.deviceMemory.first(where: { $0.range.contains(page) }) {
+                    pages.append(PinnedPage(phys: d.phys + (page - d.range.lowerBound), chargeable: false))
+                } else {
+                    pages.append(PinnedPage(phys: page + physicalOffset, chargeable: true))
+                }
+                s.pinned[page, default: 0] += 1
+            }
+        }
+    }
+
+    public func unpin(address: UInt64, pageCount: Int) {
+        state.withLock { s in
+            for i in 0..<pageCount {
+                let page = address + UInt64(i) << pageShift
+                guard let n = s.pinned[page] else { preconditionFailure("unpin of page \(hex(page)), which is not pinned") }
+                s.pinned[page] = n == 1 ? nil : n - 1
+            }
+        }
+    }
     public var resolveCalls: Int { state.withLock { $0.resolveCalls } }
 
     public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
@@ -80,6 +137,9 @@ public final class SimulatedHostMemory: HostMemory {
     }
 
     public func currentPhysical(of address: UInt64) -> UInt64? {
-        address + physicalOffset
+        if let d = state.withLock({ s in s.deviceMemory.first { $0.range.contains(address) } }) {
+            return d.phys + (address - d.range.lowerBound)
+        }
+        return address + physicalOffset
     }
 }

@@ -9,6 +9,7 @@
 import CIOPFShim
 import Glibc
 import IOPFCore
+import Synchronization
 
 /// One anonymous, private mapping, unmapped on deinit.
 public final class HostRegion: @unchecked Sendable {
@@ -50,7 +51,58 @@ public final class HostRegion: @unchecked Sendable {
 
 /// The engine's view of this process's memory.
 public final class ProcessMemory: HostMemory {
+    /// Ranges standing for device memory (MMIO-like, no page backing): pinned mappings map
+    /// them but never lock or charge them (seed 002).
+    private let deviceMemory = Mutex<[Range<UInt64>]>([])
+
     public init() {}
+
+    public func markDeviceMemory(_ range: Range<UInt64>) {
+        deviceMemory.withLock { $0.append(range) }
+    }
+
+    /// Locks normal pages with mlock(2), one call per run of one kind; device memory is
+    /// only described. On failure it unlocks what it locked and says why.
+    public func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError) {
+        let device = deviceMemory.withLock { $0 }
+        var locked: [(UInt64, Int)] = []
+        var i = 0
+        while i < pageCount {
+            let start = address + UInt64(i) << 12
+            let isDevice = device.contains { $0.contains(start) }
+            var n = 1
+            while i + n < pageCount, device.contains(where: { $0.contains(address + UInt64(i + n) << 12) }) == isDevice { n += 1 }
+            if !isDevice {
+                if mlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) != 0 {
+                    let e = Glibc.errno
+                    for (a, c) in locked { munlock(UnsafeRawPointer(bitPattern: UInt(a)), c << 12) }
+                    let why = switch e {
+                    case ENOMEM: "mlock: over RLIMIT_MEMLOCK without CAP_IPC_LOCK, or part of the range is not mapped"
+                    case EAGAIN: "mlock: some pages could not be locked"
+                    case EPERM: "mlock: not permitted (no CAP_IPC_LOCK and RLIMIT_MEMLOCK is 0)"
+                    default: "mlock: errno \(e)"
+                    }
+                    throw HostMemoryError(address: start, reason: why)
+                }
+                locked.append((start, n))
+            }
+            for k in 0..<n { pages.append(PinnedPage(phys: start + UInt64(k) << 12, chargeable: !isDevice)) }
+            i += n
+        }
+    }
+
+    public func unpin(address: UInt64, pageCount: Int) {
+        let device = deviceMemory.withLock { $0 }
+        var i = 0
+        while i < pageCount {
+            let start = address + UInt64(i) << 12
+            let isDevice = device.contains { $0.contains(start) }
+            var n = 1
+            while i + n < pageCount, device.contains(where: { $0.contains(address + UInt64(i + n) << 12) }) == isDevice { n += 1 }
+            if !isDevice { munlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) }
+            i += n
+        }
+    }
 
     public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
         let advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ
