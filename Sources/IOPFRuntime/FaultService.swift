@@ -174,6 +174,13 @@ public final class FaultService: Sendable {
         }
     }
 
+    /// Adds a pinned mapping (VFIO type1): pinned, charged and fully mapped before it
+    /// returns; host events leave it alone, so its range is not watched.
+    @discardableResult
+    public func mapPinned(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws -> MappingID {
+        try engine.mapPinned(iova: iova, vaddr: vaddr, size: size, prot: prot).0
+    }
+
     /// Removes the mappings inside `[iova, iova + size)` (whole mappings only) and stops
     /// watching host memory no other mapping covers.
     @discardableResult

@@ -8,6 +8,7 @@
 
 import CIOPFShim
 import Glibc
+import Foundation
 import IOPFCore
 import Synchronization
 
@@ -46,6 +47,19 @@ public final class HostRegion: @unchecked Sendable {
         var vec = [UInt8](repeating: 0, count: pages)
         _ = try syscall("mincore") { mincore(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(length), &vec) }
         return UInt64(vec.reduce(0) { $0 + Int($1 & 1) }) << 12
+    }
+}
+
+/// RLIMIT_MEMLOCK and CAP_IPC_LOCK of this process, for the pinned path's accounting.
+public enum LockedMemoryLimits {
+    public static func current() -> (limitBytes: UInt64, capIPCLock: Bool) {
+        var limit = rlimit()
+        let bytes = getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 ? UInt64(limit.rlim_cur) : 0
+        // CapEff is a hex mask; CAP_IPC_LOCK is bit 14.
+        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        let capEff = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
+            .flatMap { UInt64($0.split(separator: "\t").last ?? "", radix: 16) } ?? 0
+        return (bytes, capEff & (1 << 14) != 0)
     }
 }
 
@@ -129,5 +143,20 @@ enum DMA {
     @inline(__always)
     static func store(_ phys: UInt64, _ value: UInt64) {
         UnsafeMutableRawPointer(bitPattern: UInt(phys))!.storeBytes(of: value, as: UInt64.self)
+    }
+
+    /// Writes `byteCount` bytes (a multiple of 8) of `value`.
+    static func fill(_ phys: UInt64, byteCount: Int, _ value: UInt64) {
+        UnsafeMutableRawPointer(bitPattern: UInt(phys))!.bindMemory(to: UInt64.self, capacity: byteCount / 8)
+            .update(repeating: value, count: byteCount / 8)
+    }
+
+    /// Reads `byteCount` bytes (a multiple of 8), as a device read would move them.
+    @discardableResult
+    static func touch(_ phys: UInt64, byteCount: Int) -> UInt64 {
+        let words = UnsafeRawPointer(bitPattern: UInt(phys))!.bindMemory(to: UInt64.self, capacity: byteCount / 8)
+        var x: UInt64 = 0
+        for i in 0..<(byteCount / 8) { x ^= words[i] }
+        return x
     }
 }

@@ -13,7 +13,14 @@ import Histogram
 import IOPFCore
 import Logging
 
+/// Fault-driven (nothing pinned, pages mapped on demand) or pinned (VFIO type1: all
+/// memory pinned, locked and mapped before the devices start).
+public enum MemoryMode: String, Sendable, CaseIterable, Codable {
+    case fault, pinned
+}
+
 public struct ServeOptions: Sendable {
+    public var mode = MemoryMode.fault
     public var devices = 4
     public var memoryBytes: UInt64 = 256 << 20
     public var seconds = 3.0
@@ -45,7 +52,7 @@ public struct LatencySummary: Codable, Sendable, Equatable {
     public var p999: UInt64 = 0
     public var max: UInt64 = 0
 
-    init(_ h: Histogram<UInt64>) {
+    public init(_ h: Histogram<UInt64>) {
         guard h.totalCount > 0 else { return }
         p50 = h.valueAtPercentile(50)
         p90 = h.valueAtPercentile(90)
@@ -111,17 +118,22 @@ public enum ServeSession {
         let slicePages = Int(o.memoryBytes >> 12) / o.devices
         guard slicePages > 0 else { throw InvalidationFailed(description: "--memory is too small for \(o.devices) devices") }
         let slice = UInt64(slicePages) << 12
-        let region = try HostRegion(length: slice * UInt64(o.devices))
+        let region = try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20)
 
         var config = EngineConfiguration()
         config.gatherPolicy = o.gatherPolicy
-        config.pageSizes = [.size4K]
+        // Faults map single pages; pinning maps whole runs and may use blocks.
+        config.pageSizes = o.mode == .fault ? [.size4K] : Set(PageSize.allCases)
+        let limits = LockedMemoryLimits.current()
+        config.lockedMemoryLimit = limits.limitBytes
+        config.bypassesLockedMemoryLimit = limits.capIPCLock
         let engine = FaultEngine(memory: ProcessMemory(), configuration: config)
         let fanouts = (0..<o.domains).map { _ in DomainIOTLBs() }
         let domains = try fanouts.map { try engine.createDomain(invalidator: $0) }
         var serviceConfig = ServiceConfiguration()
         serviceConfig.transport = o.transport
         serviceConfig.spinNanoseconds = o.spinNanoseconds
+        serviceConfig.hostEvents = o.mode == .fault
         let service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
         try service.start()
         defer { service.stop() }
@@ -130,7 +142,10 @@ public enum ServeSession {
         for d in 0..<o.devices {
             let iova = ServeOptions.iovaBase + UInt64(d) * slice
             let host = region.base + UInt64(d) * slice
-            try service.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
+            switch o.mode {
+            case .fault: try service.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
+            case .pinned: try service.mapPinned(iova: iova, vaddr: host, size: slice, prot: .readWrite)
+            }
             let domain = domains[d % o.domains]
             var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host)
             dc.workload = o.workload
@@ -206,6 +221,7 @@ public enum ServeSession {
         service.stop()
 
         var result = ServeResult()
+        result.mode = o.mode.rawValue
         result.devices = o.devices
         result.domains = o.domains
         result.transport = o.transport.rawValue
@@ -246,6 +262,9 @@ public enum ServeSession {
         problems += violations.prefix(5).map(\.description) + accounting
         result.residentBytes = (try? region.residentBytes()) ?? 0
         result.lockedBytes = lockedBytesOfProcess()
+        if o.mode == .pinned {
+            for d in 0..<o.devices { _ = try? service.unmap(iova: ServeOptions.iovaBase + UInt64(d) * slice, size: slice) }
+        }
         result.faultLatencyNs = LatencySummary(latency)
         result.elapsedSeconds = seconds
         result.problems = Array(problems.prefix(10))

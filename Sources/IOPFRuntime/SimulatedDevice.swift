@@ -99,8 +99,12 @@ public struct DeviceConfiguration: Sendable {
     public var hostBase: UInt64
     public var workload = Workload.random
     public var iotlbEntries = 64
-    /// Pages per DMA burst, at most.
+    /// Pages per DMA burst, at most (exactly, with `fixedBurst`).
     public var burst = 4
+    public var fixedBurst = false
+    /// Bytes each access moves: 8 (a tagged word) up to 4096 (the whole page, for
+    /// throughput); the first 8 bytes always carry the checked tag.
+    public var bytesPerAccess = 8
     public var writePercent = 50
     public var seed: UInt64 = 1
     /// How long the device busy-polls for an answer before sleeping.
@@ -137,6 +141,9 @@ public struct DeviceReport: Sendable {
     /// Responses for a cookie this device was not waiting for, or a closed channel mid-wait.
     public var protocolErrors = 0
     public var firstProblems: [String] = []
+    /// When the first DMA operation completed without error.
+    public var firstCompletion: ContinuousClock.Instant?
+    public var bytesMoved = 0
     public var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
 }
 
@@ -200,18 +207,21 @@ public final class SimulatedDevice: @unchecked Sendable {
     private func runWorkload() {
         while !stopFlag.load(ordering: .relaxed) {
             if let limit = configuration.operationLimit, report.dmaOps >= limit { break }
-            let count = 1 + Int(rng.next() % UInt64(configuration.burst))
-            let first = min(nextPage(), configuration.pages - count)
+            let count = min(configuration.fixedBurst ? configuration.burst : 1 + Int(rng.next() % UInt64(configuration.burst)),
+                            configuration.pages)
+            let first = min(nextPage(advance: count), configuration.pages - count)
             let write = Int(rng.next() % 100) < configuration.writePercent
-            guard dma(pages: max(first, 0)..<max(first, 0) + min(count, configuration.pages), write: write) else { break }
+            let errors = report.dmaErrors
+            guard dma(pages: first..<(first + count), write: write) else { break }
+            if report.firstCompletion == nil && report.dmaErrors == errors { report.firstCompletion = .now }
         }
         channel.close()
     }
 
-    private func nextPage() -> Int {
+    private func nextPage(advance: Int) -> Int {
         switch configuration.workload {
         case .sequential:
-            defer { sequentialNext = (sequentialNext + 1) % configuration.pages }
+            defer { sequentialNext = (sequentialNext + advance) % configuration.pages }
             return sequentialNext
         case .random:
             return Int(rng.next() % UInt64(configuration.pages))
@@ -287,12 +297,15 @@ public final class SimulatedDevice: @unchecked Sendable {
             let entry = s.slots[i]
             guard entry.prot.contains(write ? .write : .read) else { return .denied }
             if let window, window.mustSkip(entry.phys) { return .done }
+            report.bytesMoved += configuration.bytesPerAccess
             if write {
                 version &+= 1
                 let value = UInt64(configuration.deviceID) << 56 | UInt64(p) << 24 | (version & 0xFF_FFFF)
                 DMA.store(entry.phys, value)
+                if configuration.bytesPerAccess > 8 { DMA.fill(entry.phys + 8, byteCount: configuration.bytesPerAccess - 8, value) }
                 s.shadow[p] = value
             } else {
+                if configuration.bytesPerAccess > 8 { DMA.touch(entry.phys + 8, byteCount: configuration.bytesPerAccess - 8) }
                 let value = DMA.load(entry.phys)
                 if value != s.shadow[p] && s.shadow[p] != DeviceIOTLB.unknown {
                     report.integrityErrors += 1

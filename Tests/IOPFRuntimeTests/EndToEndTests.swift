@@ -88,3 +88,33 @@ import Testing
         #expect(!engine.checkInvariants().isEmpty)
     }
 }
+
+@Suite(.serialized) struct PinnedModeTests {
+    @Test func servePinnedLocksEverythingAndTakesNoFaults() throws {
+        var o = ServeOptions()
+        o.mode = .pinned
+        o.devices = 2
+        o.memoryBytes = 8 << 20
+        o.seconds = 0.5
+        o.spinNanoseconds = 20_000
+        let r = try ServeSession.run(o)
+        #expect(r.mode == "pinned" && r.problems.isEmpty, "\(r.problems)")
+        #expect(r.faults == 0 && r.dmaOps > 0 && r.dmaErrors == 0)
+        #expect(r.lockedBytes == 8 << 20)
+        #expect(r.integrityErrors == 0 && r.violations == 0)
+        #expect(ServeSession.lockedBytesOfProcess() == 0, "pinned memory was unlocked at the end")
+    }
+
+    @Test func benchMeasuresBothModesOnTheSameWorkload() throws {
+        let pinned = try BenchSession.measure(size: 16 << 20, touch: 0.5, mode: .pinned, dmaSeconds: 0.1)
+        let fault = try BenchSession.measure(size: 16 << 20, touch: 0.5, mode: .fault, dmaSeconds: 0.1)
+        #expect(pinned.lockedBytes == 16 << 20 && pinned.residentBytes == 16 << 20)
+        #expect(fault.lockedBytes == 0)
+        // Fault mode makes resident what was touched, and (nearly) nothing else.
+        #expect(fault.residentBytes >= 8 << 20 && fault.residentBytes <= (8 << 20) + (8 << 20) / 100)
+        #expect(fault.faultLatencyNs.p50 > 0 && pinned.faultLatencyNs.p50 == 0)
+        #expect(fault.mapSeconds < pinned.mapSeconds)
+        #expect(pinned.dmaGBps > 0 && fault.dmaGBps > 0)
+        #expect(ServeSession.lockedBytesOfProcess() == 0)
+    }
+}

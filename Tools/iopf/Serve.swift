@@ -14,6 +14,9 @@ struct Serve: ParsableCommand {
         discussion: "Exits non-zero when data checks or invariant checks failed."
     )
 
+    @Option(help: "Memory mode: fault (map on demand, nothing pinned) or pinned (VFIO type1: pin, lock and map everything first).")
+    var mode = "fault"
+
     @Option(help: "Number of simulated devices.")
     var devices = 4
 
@@ -58,6 +61,8 @@ struct Serve: ParsableCommand {
             throw ValidationError("--workload '\(workload)' is not one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         guard invalidateInterval >= 0 else { throw ValidationError("--invalidate-interval must not be negative, got \(invalidateInterval)") }
+        guard let m = MemoryMode(rawValue: mode) else { throw ValidationError("--mode '\(mode)' is not one of fault, pinned") }
+        guard m == .fault || hostChurn == 0 else { throw ValidationError("--host-churn needs --mode fault: pinned memory ignores host events") }
         guard hostChurn >= 0 else { throw ValidationError("--host-churn must not be negative, got \(hostChurn)") }
         guard domains >= 1 && domains <= 64 else { throw ValidationError("--domains must be 1...64, got \(domains)") }
         guard ChannelTransport(rawValue: transport) != nil else {
@@ -68,6 +73,7 @@ struct Serve: ParsableCommand {
 
     func run() throws {
         var o = ServeOptions()
+        o.mode = MemoryMode(rawValue: mode)!
         o.devices = devices
         o.memoryBytes = parseSize(memory)! & ~0xFFF
         o.seconds = duration
@@ -100,7 +106,7 @@ struct Serve: ParsableCommand {
 
     func printSummary(_ r: ServeResult) {
         func row(_ name: String, _ value: String) { print(name.padding(toLength: 26, withPad: " ", startingAt: 0) + value) }
-        print("iopf serve: \(r.devices) devices, \(memory) memory, \(r.domains) domain(s), \(r.transport) channel, \(String(format: "%.2f", r.elapsedSeconds)) s")
+        print("iopf serve (\(r.mode)): \(r.devices) devices, \(memory) memory, \(r.domains) domain(s), \(r.transport) channel, \(String(format: "%.2f", r.elapsedSeconds)) s")
         row("DMA operations", "\(r.dmaOps) (\(r.dmaErrors) errors)")
         row("page requests (faults)", "\(r.faults) in \(r.groups) groups")
         row("responses", "\(r.responses.success) success, \(r.responses.invalid) invalid")

@@ -1,0 +1,135 @@
+// BenchSession.swift — pinned against fault-driven memory on the same workload, with the
+// VFIO maintainer's yardsticks side by side: start-up (map time, time to the first DMA),
+// density (resident and locked bytes), and throughput under load. One run per (size,
+// touch fraction, mode); the bench interleaves the modes and repeats.
+
+import Foundation
+import Histogram
+import IOPFCore
+import Logging
+
+public struct BenchRow: Codable, Sendable {
+    public var sizeBytes: UInt64
+    public var touchFraction: Double
+    public var mode: String
+    /// Until every mapping call returned.
+    public var mapSeconds: Double
+    /// From the first mapping call to the first completed device DMA.
+    public var firstDmaSeconds: Double
+    /// From the end of mapping until the devices had touched the fraction of pages.
+    public var touchSeconds: Double
+    public var residentBytes: UInt64
+    public var lockedBytes: UInt64
+    /// Aggregate device DMA over the touched pages, whole 4 KiB pages per access.
+    public var dmaGBps: Double
+    public var faultLatencyNs: LatencySummary
+}
+
+public enum BenchSession {
+    public static let devices = 2
+
+    /// Measures one (size, touch, mode) run on fresh memory.
+    public static func measure(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
+                               logger: Logger = Logger(label: "iopf.bench")) throws -> BenchRow {
+        let slice = (size / UInt64(devices)) & ~((2 << 20) - 1)
+        precondition(slice > 0, "bench size \(size) is below 2 MiB per device")
+        let region = try HostRegion(length: slice * UInt64(devices), alignment: 2 << 20)
+        var config = EngineConfiguration()
+        config.pageSizes = mode == .fault ? [.size4K] : Set(PageSize.allCases)
+        let limits = LockedMemoryLimits.current()
+        config.lockedMemoryLimit = limits.limitBytes
+        config.bypassesLockedMemoryLimit = limits.capIPCLock
+        let engine = FaultEngine(memory: ProcessMemory(), configuration: config)
+        let fanout = DomainIOTLBs()
+        let domain = try engine.createDomain(invalidator: fanout)
+        var serviceConfig = ServiceConfiguration()
+        serviceConfig.hostEvents = mode == .fault
+        let service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
+        try service.start()
+        defer { service.stop() }
+
+        let iova = { (d: Int) in ServeOptions.iovaBase + UInt64(d) * slice }
+        let host = { (d: Int) in region.base + UInt64(d) * slice }
+        let start = ContinuousClock.now
+        for d in 0..<devices {
+            switch mode {
+            case .fault: try service.map(iova: iova(d), vaddr: host(d), size: slice, prot: .readWrite)
+            case .pinned: try service.mapPinned(iova: iova(d), vaddr: host(d), size: slice, prot: .readWrite)
+            }
+        }
+        let mapped = ContinuousClock.now
+
+        // Touch: each device writes its first `touch` of pages once, 32 pages a burst.
+        let touchPages = max(1, Int(Double(slice >> 12) * touch))
+        func devicesFor(phase: Int, _ shape: (inout DeviceConfiguration) -> Void) throws -> [SimulatedDevice] {
+            try (0..<devices).map { d in
+                var dc = DeviceConfiguration(deviceID: UInt32(phase * 100 + d + 1), iovaBase: iova(d), pages: touchPages, hostBase: host(d))
+                shape(&dc)
+                let device = SimulatedDevice(configuration: dc, channel: try service.attach(deviceID: dc.deviceID, domain: domain),
+                                             pageTable: engine.pageTable(domain))
+                fanout.add(device.iotlb)
+                return device
+            }
+        }
+        let touchers = try devicesFor(phase: 0) { dc in
+            dc.workload = .sequential
+            dc.burst = 32
+            dc.fixedBurst = true
+            dc.writePercent = 100
+            dc.operationLimit = (touchPages + 31) / 32
+        }
+        touchers.forEach { $0.start() }
+        while !touchers.allSatisfy({ $0.isFinished }) { usleep(200) }
+        let touched = ContinuousClock.now
+        let touchReports = touchers.map { $0.finish() }
+        touchers.forEach { fanout.remove($0.iotlb) }
+        let resident = try region.residentBytes()
+        let locked = ServeSession.lockedBytesOfProcess()
+
+        // Throughput: random whole-page reads and writes over the touched pages.
+        let movers = try devicesFor(phase: 1) { dc in
+            dc.workload = .random
+            dc.bytesPerAccess = 4096
+            dc.seed = 42 &+ UInt64(dc.deviceID)
+        }
+        let dmaStart = ContinuousClock.now
+        movers.forEach { $0.start() }
+        usleep(UInt32(dmaSeconds * 1e6))
+        let moverReports = movers.map { $0.finish() }
+        let dmaElapsed = seconds(ContinuousClock.now - dmaStart)
+
+        for d in 0..<devices { try service.unmap(iova: iova(d), size: slice) }
+        service.stop()
+        withExtendedLifetime(region) {}
+
+        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        for r in touchReports { latency.add(r.latency) }
+        let firstDMA = touchReports.compactMap(\.firstCompletion).min() ?? touched
+        let problems = (touchReports + moverReports).flatMap(\.firstProblems)
+        if !problems.isEmpty { logger.warning("bench run had problems: \(problems.prefix(3))") }
+        return BenchRow(
+            sizeBytes: slice * UInt64(devices), touchFraction: touch, mode: mode.rawValue,
+            mapSeconds: seconds(mapped - start), firstDmaSeconds: seconds(firstDMA - start), touchSeconds: seconds(touched - mapped),
+            residentBytes: resident, lockedBytes: locked,
+            dmaGBps: Double(moverReports.reduce(0) { $0 + $1.bytesMoved }) / dmaElapsed / 1e9,
+            faultLatencyNs: LatencySummary(latency))
+    }
+
+    static func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+
+    /// The median of each measure over runs of the same (size, touch, mode).
+    public static func median(_ runs: [BenchRow]) -> BenchRow {
+        func mid<T: Comparable>(_ values: [T]) -> T { values.sorted()[values.count / 2] }
+        var row = runs[0]
+        row.mapSeconds = mid(runs.map(\.mapSeconds))
+        row.firstDmaSeconds = mid(runs.map(\.firstDmaSeconds))
+        row.touchSeconds = mid(runs.map(\.touchSeconds))
+        row.residentBytes = mid(runs.map(\.residentBytes))
+        row.lockedBytes = mid(runs.map(\.lockedBytes))
+        row.dmaGBps = mid(runs.map(\.dmaGBps))
+        row.faultLatencyNs = runs.sorted { $0.faultLatencyNs.p50 < $1.faultLatencyNs.p50 }[runs.count / 2].faultLatencyNs
+        return row
+    }
+}

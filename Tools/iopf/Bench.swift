@@ -1,0 +1,207 @@
+// Bench.swift — `iopf bench`: pinned against fault-driven memory, same machine, same run,
+// with this machine's floors measured alongside so that every figure has a yardstick.
+
+import ArgumentParser
+import Foundation
+import IOPFCore
+import IOPFRuntime
+import Logging
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure pinned and fault-driven memory side by side: start-up, density, throughput.",
+        discussion: "Each (size, touch) runs both modes, interleaved, --repeat times; medians are reported."
+    )
+
+    @Option(help: "Memory sizes, comma-separated (e.g. 1G,2G,4G,8G).")
+    var sizes = "1G,2G,4G,8G"
+
+    @Option(help: "Fractions of the pages the devices touch, comma-separated, each in (0, 1].")
+    var touch = "0.1,1.0"
+
+    @Option(help: "Runs per (size, touch, mode); the median is reported.")
+    var `repeat` = 3
+
+    @Option(help: "Seconds of random whole-page DMA for the throughput figure.")
+    var dmaSeconds = 0.5
+
+    @Flag(help: "Print one JSON object instead of the table.")
+    var json = false
+
+    @Option(help: "Also write the rows as CSV to this file.")
+    var csv: String?
+
+    @Option(help: "Also draw the comparison as a PNG with gnuplot (Debian: gnuplot-nox).")
+    var plot: String?
+
+    var parsedSizes: [UInt64] { sizes.split(separator: ",").compactMap { parseSize(String($0)) } }
+    var parsedTouch: [Double] { touch.split(separator: ",").compactMap { Double($0) } }
+
+    func validate() throws {
+        let s = sizes.split(separator: ",")
+        guard !s.isEmpty, s.count == parsedSizes.count, parsedSizes.allSatisfy({ $0 >= 4 << 20 }) else {
+            throw ValidationError("--sizes '\(sizes)' must be sizes like 1G,2G of at least 4M each")
+        }
+        let t = touch.split(separator: ",")
+        guard !t.isEmpty, t.count == parsedTouch.count, parsedTouch.allSatisfy({ $0 > 0 && $0 <= 1 }) else {
+            throw ValidationError("--touch '\(touch)' must be fractions in (0, 1], e.g. 0.1,1.0")
+        }
+        guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1, got \(`repeat`)") }
+        guard dmaSeconds > 0 else { throw ValidationError("--dma-seconds must be positive, got \(dmaSeconds)") }
+        if plot != nil && !gnuplotAvailable() {
+            throw ValidationError("--plot needs gnuplot: apt-get install -y gnuplot-nox")
+        }
+    }
+
+    func run() throws {
+        var logger = Logger(label: "iopf.bench")
+        logger.logLevel = .error
+        let tty = isatty(STDERR_FILENO) != 0
+        func say(_ line: String) { FileHandle.standardError.write(Data(((tty ? "\r\u{1B}[K" : "") + line + (tty ? "" : "\n")).utf8)) }
+        say("measuring floors…")
+        let floors = try Floors.measure()
+        var rows: [BenchRow] = []
+        for size in parsedSizes {
+            for t in parsedTouch {
+                var runs: [MemoryMode: [BenchRow]] = [:]
+                for r in 1...`repeat` {
+                    for mode in MemoryMode.allCases {  // interleaved, so drift hits both modes alike
+                        say("\(human(size)) touch \(t): \(mode) run \(r)/\(`repeat`)")
+                        runs[mode, default: []].append(try BenchSession.measure(size: size, touch: t, mode: mode, dmaSeconds: dmaSeconds, logger: logger))
+                    }
+                }
+                for mode in MemoryMode.allCases { rows.append(BenchSession.median(runs[mode]!)) }
+            }
+        }
+        if tty { say("") }
+        if let csv { try writeCSV(rows, to: csv) }
+        if let plot { try drawPlot(rows, to: plot) }
+        if json {
+            struct Output: Encodable {
+                struct FloorsOut: Encodable {
+                    var mlockSecondsPerGiB: Double
+                    var populateNsPerPage: Double
+                    var uffdRoundTripNs: Double
+                    var uffdRoundTripPolledNs: Double
+                }
+                var floors: FloorsOut
+                var rows: [BenchRow]
+            }
+            let e = JSONEncoder()
+            e.outputFormatting = [.prettyPrinted, .sortedKeys]
+            let out = Output(floors: .init(mlockSecondsPerGiB: floors.mlockSecondsPerGiB, populateNsPerPage: floors.populateNsPerPage,
+                                           uffdRoundTripNs: floors.uffdRoundTripNs, uffdRoundTripPolledNs: floors.uffdRoundTripPolledNs),
+                             rows: rows)
+            print(String(decoding: try e.encode(out), as: UTF8.self))
+        } else {
+            printTable(rows, floors)
+        }
+    }
+
+    func printTable(_ rows: [BenchRow], _ f: Floors) {
+        print(String(format: "floors: mlock %.3f s/GiB, MADV_POPULATE_WRITE %.0f ns/page, userfaultfd round trip %.1f µs (%.1f µs polled)",
+                     f.mlockSecondsPerGiB, f.populateNsPerPage, f.uffdRoundTripNs / 1000, f.uffdRoundTripPolledNs / 1000))
+        print("")
+        print("size   touch | time to first DMA        | map call             | touch          | resident        | locked          | DMA GB/s")
+        print("             | pinned   fault  speed-up | pinned     fault     | pinned  fault  | pinned  fault   | pinned  fault   | pinned fault")
+        var i = 0
+        while i + 1 < rows.count {
+            let (p, q) = rows[i].mode == "pinned" ? (rows[i], rows[i + 1]) : (rows[i + 1], rows[i])
+            print(pad(human(p.sizeBytes), 6) + " " + pad(String(format: "%.2f", p.touchFraction), 5) + " | "
+                + pad(secs(p.firstDmaSeconds), 8) + " " + pad(secs(q.firstDmaSeconds), 7) + pad(String(format: "%.0fx", p.firstDmaSeconds / max(q.firstDmaSeconds, 1e-9)), 9) + " | "
+                + pad(secs(p.mapSeconds), 10) + " " + pad(secs(q.mapSeconds), 10) + "| "
+                + pad(secs(p.touchSeconds), 7) + " " + pad(secs(q.touchSeconds), 7) + "| "
+                + pad(human(p.residentBytes), 7) + " " + pad(human(q.residentBytes), 8) + "| "
+                + pad(human(p.lockedBytes), 7) + " " + pad(human(q.lockedBytes), 8) + "| "
+                + pad(String(format: "%.2f", p.dmaGBps), 6) + " " + String(format: "%.2f", q.dmaGBps))
+            i += 2
+        }
+        print("")
+        print("against the floors:")
+        for r in rows {
+            let gib = Double(r.sizeBytes) / Double(1 << 30)
+            if r.mode == "pinned" {
+                print(String(format: "  pinned %@: map %.3f s/GiB = %.2fx the mlock floor", human(r.sizeBytes), r.mapSeconds / gib,
+                             r.mapSeconds / gib / f.mlockSecondsPerGiB))
+            } else {
+                let pages = Double(r.sizeBytes >> 12) * r.touchFraction
+                let perPage = r.touchSeconds * 1e9 / pages
+                // Touch groups carry 32 page requests, so a group's latency is set beside 32
+                // userfaultfd round trips, not one.
+                print(String(format: "  fault %@ touch %.2f: first touch %.0f ns/page = %.2fx the populate floor's throughput; "
+                             + "32-page group p50 %.1f µs = %.2fx 32 uffd round trips; resident %.2f%% of touched",
+                             human(r.sizeBytes), r.touchFraction, perPage, f.populateNsPerPage / perPage,
+                             Double(r.faultLatencyNs.p50) / 1000, Double(r.faultLatencyNs.p50) / (32 * f.uffdRoundTripNs),
+                             100 * Double(r.residentBytes) / (pages * 4096)))
+            }
+        }
+    }
+
+    func writeCSV(_ rows: [BenchRow], to path: String) throws {
+        var text = "sizeBytes,touchFraction,mode,mapSeconds,firstDmaSeconds,touchSeconds,residentBytes,lockedBytes,dmaGBps,faultP50Ns,faultP99Ns\n"
+        for r in rows {
+            text += "\(r.sizeBytes),\(r.touchFraction),\(r.mode),\(r.mapSeconds),\(r.firstDmaSeconds),\(r.touchSeconds),"
+                + "\(r.residentBytes),\(r.lockedBytes),\(r.dmaGBps),\(r.faultLatencyNs.p50),\(r.faultLatencyNs.p99)\n"
+        }
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+    }
+
+    /// Two panels over size: time to the first DMA (log scale) and resident memory, one
+    /// line per mode and touch fraction.
+    func drawPlot(_ rows: [BenchRow], to path: String) throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("iopf-plot-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var series: [String] = []
+        for mode in MemoryMode.allCases {
+            for t in parsedTouch {
+                let name = "\(mode.rawValue) touch \(t)"
+                let file = dir.appendingPathComponent("\(mode.rawValue)-\(t).dat").path
+                let data = rows.filter { $0.mode == mode.rawValue && $0.touchFraction == t }
+                    .map { "\(Double($0.sizeBytes) / Double(1 << 30)) \($0.firstDmaSeconds) \(Double($0.residentBytes) / Double(1 << 30)) \($0.lockedBytes >> 30)" }
+                try (data.joined(separator: "\n") + "\n").write(toFile: file, atomically: true, encoding: .utf8)
+                series.append("'\(file)' using 1:COL with linespoints lw 2 title '\(name)'")
+            }
+        }
+        let script = """
+            set terminal pngcairo size 1200,500 font 'DejaVu Sans,11'
+            set output '\(path)'
+            set multiplot layout 1,2 title 'iopf bench: pinned vs fault-driven'
+            set xlabel 'memory (GiB)'
+            set grid
+            set key top left
+            set logscale y
+            set ylabel 'time to first DMA (s)'
+            plot \(series.map { $0.replacingOccurrences(of: "COL", with: "2") }.joined(separator: ", "))
+            unset logscale y
+            set ylabel 'resident memory (GiB)'
+            plot \(series.map { $0.replacingOccurrences(of: "COL", with: "3") }.joined(separator: ", "))
+            unset multiplot
+            """
+        let scriptPath = dir.appendingPathComponent("plot.gp").path
+        try script.write(toFile: scriptPath, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["gnuplot", scriptPath]
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { throw ValidationError("gnuplot failed (status \(p.terminationStatus)) drawing \(path)") }
+    }
+
+    func gnuplotAvailable() -> Bool {
+        (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":")
+            .contains { FileManager.default.isExecutableFile(atPath: "\($0)/gnuplot") }
+    }
+
+    func human(_ bytes: UInt64) -> String {
+        bytes >= 1 << 30 && bytes % (1 << 30) == 0 ? "\(bytes >> 30)G"
+            : bytes >= 1 << 30 ? String(format: "%.1fG", Double(bytes) / Double(1 << 30))
+            : String(format: "%.0fM", Double(bytes) / Double(1 << 20))
+    }
+
+    func secs(_ s: Double) -> String {
+        s >= 1 ? String(format: "%.2fs", s) : s >= 1e-3 ? String(format: "%.1fms", s * 1e3) : String(format: "%.0fµs", s * 1e6)
+    }
+
+    func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
+}
