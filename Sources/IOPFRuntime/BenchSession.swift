@@ -23,12 +23,34 @@ public struct BenchRow: Codable, Sendable {
     /// Aggregate device DMA over the touched pages, whole 4 KiB pages per access.
     public var dmaGBps: Double
     public var faultLatencyNs: LatencySummary
+    /// The floor measured right after this run at the same size: mlock seconds per GiB for
+    /// pinned rows, MADV_POPULATE_WRITE ns per page for fault rows.
+    public var adjacentFloor = 0.0
+    /// This run against `adjacentFloor`: pinned map time per GiB over the mlock floor, or
+    /// fault first-touch throughput over the populate floor's.
+    public var ratioToFloor = 0.0
 }
 
 public enum BenchSession {
     public static let devices = 2
 
     /// Measures one (size, touch, mode) run on fresh memory.
+    /// Measures the run, then its floor on fresh memory of the same size: mlock of the whole
+    /// size for pinned, one MADV_POPULATE_WRITE per page over the touched pages for fault.
+    /// After, not before: the run meets the colder memory, so the ratio errs against iopf.
+    public static func measureWithFloor(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
+                                        logger: Logger = Logger(label: "iopf.bench")) throws -> BenchRow {
+        var row = try measure(size: size, touch: touch, mode: mode, dmaSeconds: dmaSeconds, logger: logger)
+        let floor = mode == .pinned
+            ? try Floors.mlockPerGiB(bytes: row.sizeBytes)
+            : try Floors.populatePerPage(pages: max(1, Int(Double(row.sizeBytes >> 12) * touch)))
+        row.adjacentFloor = floor
+        let gib = Double(row.sizeBytes) / Double(1 << 30)
+        let touchedPages = Double(row.sizeBytes >> 12) * touch
+        row.ratioToFloor = mode == .pinned ? row.mapSeconds / gib / floor : floor / (row.touchSeconds * 1e9 / touchedPages)
+        return row
+    }
+
     public static func measure(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
                                logger: Logger = Logger(label: "iopf.bench")) throws -> BenchRow {
         let slice = (size / UInt64(devices)) & ~((2 << 20) - 1)
@@ -129,6 +151,8 @@ public enum BenchSession {
         row.residentBytes = mid(runs.map(\.residentBytes))
         row.lockedBytes = mid(runs.map(\.lockedBytes))
         row.dmaGBps = mid(runs.map(\.dmaGBps))
+        row.adjacentFloor = mid(runs.map(\.adjacentFloor))
+        row.ratioToFloor = mid(runs.map(\.ratioToFloor))
         row.faultLatencyNs = runs.sorted { $0.faultLatencyNs.p50 < $1.faultLatencyNs.p50 }[runs.count / 2].faultLatencyNs
         return row
     }

@@ -76,6 +76,29 @@ public struct Floors: Codable, Sendable {
         return nanoseconds(elapsed) / 1e9 / (Double(bytes) / Double(1 << 30))
     }
 
+    /// Touches and frees `bytes` of fresh memory once. On a virtual machine the first use
+    /// of guest memory also pays the hypervisor's fault; warming makes every later run, and
+    /// the floors, see memory in the same state, whichever mode ran before.
+    public static func warmUp(bytes: UInt64) throws {
+        let region = try HostRegion(length: bytes & ~0xFFF)
+        let chunk = 256 << 20
+        var offset: UInt64 = 0
+        while offset < region.length {
+            let n = Int(min(UInt64(chunk), region.length - offset))
+            _ = try syscall("madvise(MADV_POPULATE_WRITE)") {
+                madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base + offset)), n, MADV_POPULATE_WRITE)
+            }
+            offset += UInt64(n)
+        }
+    }
+
+    /// MemAvailable from /proc/meminfo, in bytes.
+    public static func availableMemory() -> UInt64 {
+        let info = (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8)) ?? ""
+        let line = info.split(separator: "\n").first { $0.hasPrefix("MemAvailable:") }
+        return line.flatMap(ServeSession.procBytes) ?? 0
+    }
+
     static func nanoseconds(_ d: Duration) -> Double {
         Double(d.components.seconds) * 1e9 + Double(d.components.attoseconds) / 1e9
     }

@@ -78,14 +78,8 @@ public final class ProcessMemory: HostMemory {
     /// Locks normal pages with mlock(2), one call per run of one kind; device memory is
     /// only described. On failure it unlocks what it locked and says why.
     public func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError) {
-        let device = deviceMemory.withLock { $0 }
         var locked: [(UInt64, Int)] = []
-        var i = 0
-        while i < pageCount {
-            let start = address + UInt64(i) << 12
-            let isDevice = device.contains { $0.contains(start) }
-            var n = 1
-            while i + n < pageCount, device.contains(where: { $0.contains(address + UInt64(i + n) << 12) }) == isDevice { n += 1 }
+        try forEachRun(address: address, pageCount: pageCount) { (start, n, isDevice) throws(HostMemoryError) in
             if !isDevice {
                 if mlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) != 0 {
                     let e = Glibc.errno
@@ -101,19 +95,26 @@ public final class ProcessMemory: HostMemory {
                 locked.append((start, n))
             }
             for k in 0..<n { pages.append(PinnedPage(phys: start + UInt64(k) << 12, chargeable: !isDevice)) }
-            i += n
         }
     }
 
     public func unpin(address: UInt64, pageCount: Int) {
+        forEachRun(address: address, pageCount: pageCount) { start, n, isDevice in
+            if !isDevice { munlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) }
+        }
+    }
+
+    /// Splits `pageCount` pages from `address` into maximal runs of one kind (device
+    /// memory or not): (start, pages, isDevice).
+    private func forEachRun<E: Error>(address: UInt64, pageCount: Int, _ body: (UInt64, Int, Bool) throws(E) -> Void) throws(E) {
         let device = deviceMemory.withLock { $0 }
+        let isDevice = { (page: Int) in device.contains { $0.contains(address + UInt64(page) << 12) } }
         var i = 0
         while i < pageCount {
-            let start = address + UInt64(i) << 12
-            let isDevice = device.contains { $0.contains(start) }
+            let kind = isDevice(i)
             var n = 1
-            while i + n < pageCount, device.contains(where: { $0.contains(address + UInt64(i + n) << 12) }) == isDevice { n += 1 }
-            if !isDevice { munlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) }
+            while i + n < pageCount, isDevice(i + n) == kind { n += 1 }
+            try body(address + UInt64(i) << 12, n, kind)
             i += n
         }
     }

@@ -275,9 +275,15 @@ public enum ServeSession {
     public static func lockedBytesOfProcess() -> UInt64 {
         guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
             let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmLck:") }),
-            let kb = UInt64(line.split(separator: " ").dropFirst().first ?? "")
+            let bytes = procBytes(line)
         else { return 0 }
-        return kb * 1024
+        return bytes
+    }
+
+    /// The value of a /proc "Name:<whitespace>N kB" line, in bytes. The padding after the
+    /// colon is tabs and spaces, or just a tab once N has 8 digits.
+    static func procBytes(_ line: Substring) -> UInt64? {
+        line.split(whereSeparator: \.isWhitespace).dropFirst().first.flatMap { UInt64($0) }.map { $0 * 1024 }
     }
 }
 

@@ -105,6 +105,13 @@ import Testing
         #expect(ServeSession.lockedBytesOfProcess() == 0, "pinned memory was unlocked at the end")
     }
 
+    @Test func procStatusSizesParseWhateverThePadding() {
+        #expect(ServeSession.procBytes("VmLck:\t16777216 kB") == 16 << 30)  // no space once it has 8 digits
+        #expect(ServeSession.procBytes("VmLck:\t  262144 kB") == 256 << 20)
+        #expect(ServeSession.procBytes("VmLck:\t       0 kB") == 0)
+        #expect(ServeSession.procBytes("MemAvailable:   24452732 kB") == 24_452_732 * 1024)
+    }
+
     @Test func benchMeasuresBothModesOnTheSameWorkload() throws {
         let pinned = try BenchSession.measure(size: 16 << 20, touch: 0.5, mode: .pinned, dmaSeconds: 0.1)
         let fault = try BenchSession.measure(size: 16 << 20, touch: 0.5, mode: .fault, dmaSeconds: 0.1)

@@ -28,6 +28,9 @@ struct Bench: ParsableCommand {
     @Flag(help: "Print one JSON object instead of the table.")
     var json = false
 
+    @Flag(inversion: .prefixedNo, help: "Touch and free twice the largest size once first (up to 3/4 of available memory), so that every run sees warm memory; matters on virtual machines.")
+    var warmUp = true
+
     @Option(help: "Also write the rows as CSV to this file.")
     var csv: String?
 
@@ -56,8 +59,12 @@ struct Bench: ParsableCommand {
     func run() throws {
         var logger = Logger(label: "iopf.bench")
         logger.logLevel = .error
-        let tty = isatty(STDERR_FILENO) != 0
-        func say(_ line: String) { FileHandle.standardError.write(Data(((tty ? "\r\u{1B}[K" : "") + line + (tty ? "" : "\n")).utf8)) }
+        let say = Output.progress
+        if warmUp {
+            let bytes = min(2 * (parsedSizes.max() ?? 0), Floors.availableMemory() / 4 * 3)
+            say("warming \(human(bytes)) of memory…")
+            try Floors.warmUp(bytes: bytes)
+        }
         say("measuring floors…")
         let floors = try Floors.measure()
         var rows: [BenchRow] = []
@@ -67,17 +74,17 @@ struct Bench: ParsableCommand {
                 for r in 1...`repeat` {
                     for mode in MemoryMode.allCases {  // interleaved, so drift hits both modes alike
                         say("\(human(size)) touch \(t): \(mode) run \(r)/\(`repeat`)")
-                        runs[mode, default: []].append(try BenchSession.measure(size: size, touch: t, mode: mode, dmaSeconds: dmaSeconds, logger: logger))
+                        runs[mode, default: []].append(try BenchSession.measureWithFloor(size: size, touch: t, mode: mode, dmaSeconds: dmaSeconds, logger: logger))
                     }
                 }
                 for mode in MemoryMode.allCases { rows.append(BenchSession.median(runs[mode]!)) }
             }
         }
-        if tty { say("") }
+        say(nil)
         if let csv { try writeCSV(rows, to: csv) }
         if let plot { try drawPlot(rows, to: plot) }
         if json {
-            struct Output: Encodable {
+            struct Report: Encodable {
                 struct FloorsOut: Encodable {
                     var mlockSecondsPerGiB: Double
                     var populateNsPerPage: Double
@@ -87,12 +94,9 @@ struct Bench: ParsableCommand {
                 var floors: FloorsOut
                 var rows: [BenchRow]
             }
-            let e = JSONEncoder()
-            e.outputFormatting = [.prettyPrinted, .sortedKeys]
-            let out = Output(floors: .init(mlockSecondsPerGiB: floors.mlockSecondsPerGiB, populateNsPerPage: floors.populateNsPerPage,
+            try Output.printJSON(Report(floors: .init(mlockSecondsPerGiB: floors.mlockSecondsPerGiB, populateNsPerPage: floors.populateNsPerPage,
                                            uffdRoundTripNs: floors.uffdRoundTripNs, uffdRoundTripPolledNs: floors.uffdRoundTripPolledNs),
-                             rows: rows)
-            print(String(decoding: try e.encode(out), as: UTF8.self))
+                             rows: rows))
         } else {
             printTable(rows, floors)
         }
@@ -121,16 +125,16 @@ struct Bench: ParsableCommand {
         for r in rows {
             let gib = Double(r.sizeBytes) / Double(1 << 30)
             if r.mode == "pinned" {
-                print(String(format: "  pinned %@: map %.3f s/GiB = %.2fx the mlock floor", human(r.sizeBytes), r.mapSeconds / gib,
-                             r.mapSeconds / gib / f.mlockSecondsPerGiB))
+                print(String(format: "  pinned %@ touch %.2f: map %.3f s/GiB = %.2fx plain mlock of the same size (%.3f s/GiB)", human(r.sizeBytes),
+                             r.touchFraction, r.mapSeconds / gib, r.ratioToFloor, r.adjacentFloor))
             } else {
                 let pages = Double(r.sizeBytes >> 12) * r.touchFraction
                 let perPage = r.touchSeconds * 1e9 / pages
                 // Touch groups carry 32 page requests, so a group's latency is set beside 32
                 // userfaultfd round trips, not one.
-                print(String(format: "  fault %@ touch %.2f: first touch %.0f ns/page = %.2fx the populate floor's throughput; "
+                print(String(format: "  fault  %@ touch %.2f: first touch %.0f ns/page = %.2fx the throughput of plain MADV_POPULATE_WRITE on as many pages (%.0f ns/page); "
                              + "32-page group p50 %.1f µs = %.2fx 32 uffd round trips; resident %.2f%% of touched",
-                             human(r.sizeBytes), r.touchFraction, perPage, f.populateNsPerPage / perPage,
+                             human(r.sizeBytes), r.touchFraction, perPage, r.ratioToFloor, r.adjacentFloor,
                              Double(r.faultLatencyNs.p50) / 1000, Double(r.faultLatencyNs.p50) / (32 * f.uffdRoundTripNs),
                              100 * Double(r.residentBytes) / (pages * 4096)))
             }
@@ -138,10 +142,10 @@ struct Bench: ParsableCommand {
     }
 
     func writeCSV(_ rows: [BenchRow], to path: String) throws {
-        var text = "sizeBytes,touchFraction,mode,mapSeconds,firstDmaSeconds,touchSeconds,residentBytes,lockedBytes,dmaGBps,faultP50Ns,faultP99Ns\n"
+        var text = "sizeBytes,touchFraction,mode,mapSeconds,firstDmaSeconds,touchSeconds,residentBytes,lockedBytes,dmaGBps,faultP50Ns,faultP99Ns,adjacentFloor,ratioToFloor\n"
         for r in rows {
             text += "\(r.sizeBytes),\(r.touchFraction),\(r.mode),\(r.mapSeconds),\(r.firstDmaSeconds),\(r.touchSeconds),"
-                + "\(r.residentBytes),\(r.lockedBytes),\(r.dmaGBps),\(r.faultLatencyNs.p50),\(r.faultLatencyNs.p99)\n"
+                + "\(r.residentBytes),\(r.lockedBytes),\(r.dmaGBps),\(r.faultLatencyNs.p50),\(r.faultLatencyNs.p99),\(r.adjacentFloor),\(r.ratioToFloor)\n"
         }
         try text.write(toFile: path, atomically: true, encoding: .utf8)
     }

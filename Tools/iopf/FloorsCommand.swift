@@ -17,9 +17,7 @@ struct FloorsCommand: ParsableCommand {
     func run() throws {
         let f = try Floors.measure()
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try e.encode(f), as: UTF8.self))
+            try Output.printJSON(f)
         } else {
             print(String(format: "userfaultfd fault round trip   %8.0f ns (handler sleeping in read)", f.uffdRoundTripNs))
             print(String(format: "userfaultfd fault round trip   %8.0f ns (handler busy-polling)", f.uffdRoundTripPolledNs))

@@ -86,19 +86,15 @@ struct Serve: ParsableCommand {
         o.hostChurnInterval = hostChurn / 1000
         var logger = Logger(label: "iopf")
         logger.logLevel = .warning
-        let tty = isatty(STDERR_FILENO) != 0
         let result = try ServeSession.run(o, logger: logger) { p in
             guard !json else { return }
-            let line = String(format: "%5.1fs  faults %9d (%7.0f/s)  groups %8d  invalidations %6d  violations %d",
-                              p.elapsed, p.faults, Double(p.faults) / max(p.elapsed, 0.001), p.groups, p.invalidations, p.violations)
-            FileHandle.standardError.write(Data(((tty ? "\r" : "") + line + (tty ? "" : "\n")).utf8))
+            Output.progress(String(format: "%5.1fs  faults %9d (%7.0f/s)  groups %8d  invalidations %6d  violations %d",
+                                   p.elapsed, p.faults, Double(p.faults) / max(p.elapsed, 0.001), p.groups, p.invalidations, p.violations))
         }
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(result), as: UTF8.self))
+            try Output.printJSON(result)
         } else {
-            if tty { FileHandle.standardError.write(Data("\n".utf8)) }
+            Output.progress(nil)
             printSummary(result)
         }
         if result.integrityErrors > 0 || result.violations > 0 { throw ExitCode(1) }

@@ -62,19 +62,15 @@ struct Stress: ParsableCommand {
         o.injected = inject.reduce(into: InjectedBugs()) { $0.insert(InjectedBugs(name: $1)!) }
         var logger = Logger(label: "iopf.stress")
         logger.logLevel = .error
-        let tty = isatty(STDERR_FILENO) != 0
         let r = try StressSession.run(o, logger: logger) { p in
             guard !json else { return }
-            let line = String(format: "%5.1fs  faults %9d (%7.0f/s)  invalidations %8d (%6.0f/s)  violations %d",
-                              p.elapsed, p.faults, Double(p.faults) / p.elapsed, p.invalidations, Double(p.invalidations) / p.elapsed, p.violations)
-            FileHandle.standardError.write(Data(((tty ? "\r" : "") + line + (tty ? "" : "\n")).utf8))
+            Output.progress(String(format: "%5.1fs  faults %9d (%7.0f/s)  invalidations %8d (%6.0f/s)  violations %d",
+                                   p.elapsed, p.faults, Double(p.faults) / p.elapsed, p.invalidations, Double(p.invalidations) / p.elapsed, p.violations))
         }
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try e.encode(r), as: UTF8.self))
+            try Output.printJSON(r)
         } else {
-            if tty { FileHandle.standardError.write(Data("\n".utf8)) }
+            Output.progress(nil)
             print("iopf stress: seed \(r.seed), \(String(format: "%.1f", r.seconds)) s" + (r.injected.isEmpty ? "" : ", injected: \(r.injected.joined(separator: ", "))"))
             print("  faults \(r.faults) in \(r.groups) groups (\(Int(Double(r.faults) / r.seconds))/s), DMA \(r.dmaOps) ops, \(r.dmaErrors) errors")
             print("  invalidations \(r.invalidations) (\(Int(Double(r.invalidations) / r.seconds))/s), IOTLB syncs \(r.iotlbSyncs), retries \(r.retries), uffd events \(r.uffdEvents), late accesses \(r.lateAccesses)")

@@ -1,0 +1,20 @@
+// Output.swift — what every `iopf` command prints the same way: one JSON object at the
+// end, and a progress line on standard error (rewritten in place on a terminal).
+
+import Foundation
+
+enum Output {
+    static func printJSON(_ value: some Encodable) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        print(String(decoding: try encoder.encode(value), as: UTF8.self))
+    }
+
+    static let terminal = isatty(STDERR_FILENO) != 0
+
+    /// Shows `line` as the current progress; `nil` ends the progress line.
+    static func progress(_ line: String?) {
+        let text = terminal ? "\r\u{1B}[K" + (line ?? "") + (line == nil ? "\n" : "") : line.map { $0 + "\n" } ?? ""
+        FileHandle.standardError.write(Data(text.utf8))
+    }
+}
