@@ -56,12 +56,7 @@ public enum BenchSession {
         let slice = (size / UInt64(devices)) & ~((2 << 20) - 1)
         precondition(slice > 0, "bench size \(size) is below 2 MiB per device")
         let region = try HostRegion(length: slice * UInt64(devices), alignment: 2 << 20)
-        var config = EngineConfiguration()
-        config.pageSizes = mode == .fault ? [.size4K] : Set(PageSize.allCases)
-        let limits = LockedMemoryLimits.current()
-        config.lockedMemoryLimit = limits.limitBytes
-        config.bypassesLockedMemoryLimit = limits.capIPCLock
-        let engine = FaultEngine(memory: ProcessMemory(), configuration: config)
+        let engine = FaultEngine(memory: ProcessMemory(), configuration: .forThisProcess(mode: mode))
         let fanout = DomainIOTLBs()
         let domain = try engine.createDomain(invalidator: fanout)
         var serviceConfig = ServiceConfiguration()

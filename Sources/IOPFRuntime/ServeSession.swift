@@ -19,6 +19,20 @@ public enum MemoryMode: String, Sendable, CaseIterable, Codable {
     case fault, pinned
 }
 
+extension EngineConfiguration {
+    /// The engine for `mode` in this process: faults map single pages, pinning maps whole
+    /// runs with blocks; locked memory follows this process's RLIMIT_MEMLOCK and
+    /// CAP_IPC_LOCK.
+    public static func forThisProcess(mode: MemoryMode) -> EngineConfiguration {
+        var config = EngineConfiguration()
+        config.pageSizes = mode == .fault ? [.size4K] : Set(PageSize.allCases)
+        let limits = LockedMemoryLimits.current()
+        config.lockedMemoryLimit = limits.limitBytes
+        config.bypassesLockedMemoryLimit = limits.capIPCLock
+        return config
+    }
+}
+
 public struct ServeOptions: Sendable {
     public var mode = MemoryMode.fault
     public var devices = 4
@@ -120,13 +134,8 @@ public enum ServeSession {
         let slice = UInt64(slicePages) << 12
         let region = try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20)
 
-        var config = EngineConfiguration()
+        var config = EngineConfiguration.forThisProcess(mode: o.mode)
         config.gatherPolicy = o.gatherPolicy
-        // Faults map single pages; pinning maps whole runs and may use blocks.
-        config.pageSizes = o.mode == .fault ? [.size4K] : Set(PageSize.allCases)
-        let limits = LockedMemoryLimits.current()
-        config.lockedMemoryLimit = limits.limitBytes
-        config.bypassesLockedMemoryLimit = limits.capIPCLock
         let engine = FaultEngine(memory: ProcessMemory(), configuration: config)
         let fanouts = (0..<o.domains).map { _ in DomainIOTLBs() }
         let domains = try fanouts.map { try engine.createDomain(invalidator: $0) }
