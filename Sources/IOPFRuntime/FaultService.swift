@@ -54,22 +54,23 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var completions = 0
 }
 
-public struct InvalidationFailed: Error, CustomStringConvertible {
+/// A command the service could not carry out (or a service that could not start), with why.
+public struct ServiceError: Error, CustomStringConvertible {
     public var description: String
 }
 
 /// Waits for one command's completion on another thread.
 public final class Ticket<Value: Sendable>: Sendable {
     private let semaphore = DispatchSemaphore(value: 0)
-    private let value = Mutex<Result<Value, InvalidationFailed>?>(nil)
+    private let value = Mutex<Result<Value, ServiceError>?>(nil)
 
-    func complete(_ result: Result<Value, InvalidationFailed>) {
+    func complete(_ result: Result<Value, ServiceError>) {
         value.withLock { $0 = result }
         semaphore.signal()
     }
 
     /// Blocks until the service completed the command.
-    public func wait() throws(InvalidationFailed) -> Value {
+    public func wait() throws(ServiceError) -> Value {
         semaphore.wait()
         semaphore.signal()  // later waiters pass too
         return try value.withLock { $0! }.get()
@@ -229,7 +230,7 @@ public final class FaultService: Sendable {
             do {
                 loop = try EventLoop(service: self)
             } catch {
-                ready.complete(.failure(InvalidationFailed(description: "cannot start the event loop: \(error)")))
+                ready.complete(.failure(ServiceError(description: "cannot start the event loop: \(error)")))
                 finished.signal()
                 return
             }
@@ -569,7 +570,7 @@ final class EventLoop {
                 ticket.complete(.success(try engine.invalidate(hostAddress: start, length: length)))
             } catch {
                 service.logger.critical("\(error)")
-                ticket.complete(.failure(InvalidationFailed(description: error.description)))
+                ticket.complete(.failure(ServiceError(description: error.description)))
             }
         case .check(let ticket):
             service.publish(stats)
@@ -755,7 +756,7 @@ final class EventLoop {
         }
         for command in service.takeCommands() {
             switch command {
-            case .invalidate(_, _, let ticket): ticket.complete(.failure(InvalidationFailed(description: "the service stopped")))
+            case .invalidate(_, _, let ticket): ticket.complete(.failure(ServiceError(description: "the service stopped")))
             case .check(let ticket): ticket.complete(.success([]))
             case .barrier(let ticket): ticket.complete(.success(()))
             case .attach(let r): r.ends.close()

@@ -34,23 +34,21 @@ public final class HostChangeWindow: Sendable {
     /// Accesses that used a translation after its event was read but before its sync.
     public var lateAccesses: Int { late.load(ordering: .relaxed) }
 
-    func beginHostChange(_ r: Range<UInt64>) {
-        state.withLock { $0.changing.append(r) }
+    /// A host thread is about to change `r` on purpose.
+    func beginHostChange(_ r: Range<UInt64>) { enter(\.changing, r) }
+    func endHostChange(_ r: Range<UInt64>) { leave(\.changing, r) }
+
+    /// The event loop has taken the event for `r`; its sync is not done yet.
+    func beginEvent(_ r: Range<UInt64>) { enter(\.eventRead, r) }
+    func endEvent(_ r: Range<UInt64>) { leave(\.eventRead, r) }
+
+    private func enter(_ list: WritableKeyPath<State, [Range<UInt64>]>, _ r: Range<UInt64>) {
+        state.withLock { $0[keyPath: list].append(r) }
         active.add(1, ordering: .sequentiallyConsistent)
     }
 
-    func endHostChange(_ r: Range<UInt64>) {
-        state.withLock { s in if let i = s.changing.firstIndex(of: r) { s.changing.remove(at: i) } }
-        active.subtract(1, ordering: .sequentiallyConsistent)
-    }
-
-    func beginEvent(_ r: Range<UInt64>) {
-        state.withLock { $0.eventRead.append(r) }
-        active.add(1, ordering: .sequentiallyConsistent)
-    }
-
-    func endEvent(_ r: Range<UInt64>) {
-        state.withLock { s in if let i = s.eventRead.firstIndex(of: r) { s.eventRead.remove(at: i) } }
+    private func leave(_ list: WritableKeyPath<State, [Range<UInt64>]>, _ r: Range<UInt64>) {
+        state.withLock { s in if let i = s[keyPath: list].firstIndex(of: r) { s[keyPath: list].remove(at: i) } }
         active.subtract(1, ordering: .sequentiallyConsistent)
     }
 

@@ -130,7 +130,7 @@ public enum ServeSession {
                            progress: (ServeProgress) -> Void = { _ in }) throws -> ServeResult {
         precondition(o.devices > 0 && o.domains > 0, "at least one device and one domain")
         let slicePages = Int(o.memoryBytes >> 12) / o.devices
-        guard slicePages > 0 else { throw InvalidationFailed(description: "--memory is too small for \(o.devices) devices") }
+        guard slicePages > 0 else { throw ServiceError(description: "--memory is too small for \(o.devices) devices") }
         let slice = UInt64(slicePages) << 12
         let region = try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20)
 
