@@ -7,9 +7,14 @@ import PackageDescription
 let package = Package(
     name: "iopf",
     products: [
+        .library(name: "IOPFWire", targets: ["IOPFWire"]),
         .library(name: "IOPFCore", targets: ["IOPFCore"]),
-        .library(name: "IOPFRuntime", targets: ["IOPFRuntime"]),
+        .library(name: "IOPFService", targets: ["IOPFService"]),
+        .library(name: "IOPFDevice", targets: ["IOPFDevice"]),
+        .library(name: "IOPFSimulation", targets: ["IOPFSimulation"]),
+        .library(name: "CIOPFClient", targets: ["CIOPFClient"]),
         .executable(name: "iopf", targets: ["iopf"]),
+        .executable(name: "iopf-device-example", targets: ["iopf-device-example"]),
         .executable(name: "iopf-microbench", targets: ["iopf-microbench"]),
     ],
     dependencies: [
@@ -21,28 +26,52 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
+        // Pure Swift, no dependencies: fault records and the device protocol's messages,
+        // encoded and validated. Shared by the service, every client and the fuzzers.
+        .target(name: "IOPFWire"),
         // Pure Swift: every decision the service makes. No system calls; host memory is
-        // reached through the `HostMemory` protocol that the runtime implements.
-        .target(name: "IOPFCore"),
+        // reached through the `HostMemory` protocol that the service implements.
+        .target(name: "IOPFCore", dependencies: ["IOPFWire"]),
         // Debian's liburing-dev (2.3), through pkg-config.
         .systemLibrary(name: "CLiburing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
-        // What Swift cannot import: variadic syscall(), mremap, pipe2, UFFDIO_* ioctls.
+        // What Swift cannot import: variadic syscall(), mremap, pipe2, UFFDIO_*, SCM_RIGHTS.
         .target(name: "CIOPFShim"),
-        // Everything that touches the OS: io_uring event loop, fault channels, host memory,
-        // simulated devices.
+        // One wrapper per system call with typed errors, the shared ring mapping, memory
+        // region mappings and fd passing: what both the service and device clients need.
         .target(
-            name: "IOPFRuntime",
+            name: "IOPFSystem",
+            dependencies: ["IOPFWire", "CIOPFShim", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        // The service: io_uring event loop, fault transports, userfaultfd, host memory,
+        // the socket listener and its peers, the `FaultService` facade.
+        .target(
+            name: "IOPFService",
             dependencies: [
-                "IOPFCore", "CLiburing", "CIOPFShim",
+                "IOPFCore", "IOPFSystem", "CLiburing", "CIOPFShim",
                 .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The device side: protocol client, fault channel end, IOTLB, DMA through
+        // translations into mapped regions. What a Swift device model links.
+        .target(name: "IOPFDevice", dependencies: ["IOPFCore", "IOPFSystem", "CIOPFShim"]),
+        // Simulated devices, workloads, host churn, translation audit, the serve / bench /
+        // stress sessions and floors, built on the service and the device API.
+        .target(
+            name: "IOPFSimulation",
+            dependencies: [
+                "IOPFCore", "IOPFService", "IOPFDevice", "IOPFSystem", "CIOPFShim",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        // The C client library: header + source, libc only, for device emulators in C.
+        .target(name: "CIOPFClient"),
+        .executableTarget(name: "iopf-device-example", dependencies: ["CIOPFClient"], path: "Tools/iopf-device-example"),
         .executableTarget(
             name: "iopf",
             dependencies: [
-                "IOPFCore", "IOPFRuntime",
+                "IOPFCore", "IOPFService", "IOPFDevice", "IOPFSimulation",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
@@ -69,9 +98,10 @@ let package = Package(
                 .product(name: "BitCollections", package: "swift-collections"),
             ]
         ),
+        .testTarget(name: "IOPFWireTests", dependencies: ["IOPFWire"]),
         .testTarget(
-            name: "IOPFRuntimeTests",
-            dependencies: ["IOPFRuntime", "IOPFCore", "CIOPFShim"]
+            name: "IOPFServiceTests",
+            dependencies: ["IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem", "IOPFCore", "CIOPFShim"]
         ),
     ]
 )

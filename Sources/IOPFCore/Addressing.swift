@@ -8,6 +8,8 @@
 //   in `start + size - 1`, which every validator here checks before computing it.
 // - The smallest page is 4 KiB. "Aligned" without qualification means 4 KiB aligned.
 
+@_exported import IOPFWire
+
 /// The page sizes an I/O page table can map: 4 KiB leaves and 2 MiB / 1 GiB blocks.
 public enum PageSize: UInt64, Sendable, CaseIterable, CustomStringConvertible {
     case size4K = 0x1000
@@ -78,7 +80,6 @@ public struct IOVARange: Sendable, Hashable, CustomStringConvertible {
     return overflow ? nil : last
 }
 
-func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
 
 /// Human-readable byte count, for error messages.
 func byteCount(_ bytes: UInt64) -> String {

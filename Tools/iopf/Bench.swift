@@ -4,7 +4,8 @@
 import ArgumentParser
 import Foundation
 import IOPFCore
-import IOPFRuntime
+import IOPFSimulation
+import IOPFService
 import Logging
 
 struct Bench: ParsableCommand {

@@ -3,7 +3,8 @@
 
 import ArgumentParser
 import Foundation
-import IOPFRuntime
+import IOPFSimulation
+import IOPFService
 
 struct FloorsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

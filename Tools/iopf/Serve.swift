@@ -5,7 +5,8 @@
 import ArgumentParser
 import Foundation
 import IOPFCore
-import IOPFRuntime
+import IOPFSimulation
+import IOPFService
 import Logging
 
 struct Serve: ParsableCommand {
@@ -17,14 +18,26 @@ struct Serve: ParsableCommand {
     @Option(help: "Memory mode: fault (map on demand, nothing pinned) or pinned (VFIO type1: pin, lock and map everything first).")
     var mode = "fault"
 
-    @Option(help: "Number of simulated devices.")
+    @Option(help: "Number of simulated devices in this process (0: only devices that connect to --listen).")
     var devices = 4
 
     @Option(help: "Host memory shared among the devices, e.g. 256M, 1G.")
     var memory = "256M"
 
-    @Option(help: "Seconds to run.")
+    @Option(help: "Seconds to run (0: until SIGINT or SIGTERM).")
     var duration = 3.0
+
+    @Option(help: "Accept devices in other processes on this AF_UNIX socket (protocol: see the README).")
+    var listen: String?
+
+    @Option(help: "Permissions of the --listen socket, in octal.")
+    var socketMode = "0600"
+
+    @Option(help: "Memory (and DMA window) each device that connects gets, e.g. 64M.")
+    var deviceMemory = "64M"
+
+    @Option(help: "Milliseconds a device that connected has to acknowledge an invalidation before it is fenced.")
+    var invalidateTimeout = 1000.0
 
     @Option(help: "DMA pattern: \(Workload.allCases.map(\.rawValue).joined(separator: ", ")).")
     var workload = "random"
@@ -51,12 +64,22 @@ struct Serve: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard devices >= 1 && devices <= 4096 else { throw ValidationError("--devices must be 1...4096, got \(devices)") }
-        guard let bytes = parseSize(memory), bytes >= 4096 * UInt64(devices) else {
+        guard devices >= 0 && devices <= 4096 else { throw ValidationError("--devices must be 0...4096, got \(devices)") }
+        guard devices > 0 || listen != nil else { throw ValidationError("--devices 0 needs --listen PATH: there would be no device") }
+        guard let bytes = parseSize(memory), bytes >= 4096 * UInt64(max(devices, 1)) else {
             throw ValidationError("--memory '\(memory)' must be a size like 256M or 1G, at least one 4 KiB page per device")
         }
         guard bytes <= 1 << 40 else { throw ValidationError("--memory '\(memory)' is above 1 TiB") }
-        guard duration > 0 && duration <= 86_400 else { throw ValidationError("--duration must be in (0, 86400] seconds, got \(duration)") }
+        guard duration >= 0 && duration <= 86_400 else { throw ValidationError("--duration must be in [0, 86400] seconds, got \(duration)") }
+        guard mode_t(socketMode, radix: 8).map({ $0 <= 0o777 }) == true else {
+            throw ValidationError("--socket-mode '\(socketMode)' must be octal permissions like 0600 or 0660")
+        }
+        guard let dm = parseSize(deviceMemory), dm >= 4096, dm <= 1 << 30, dm & 0xFFF == 0 else {
+            throw ValidationError("--device-memory '\(deviceMemory)' must be a multiple of 4 KiB from 4K to 1G, e.g. 64M")
+        }
+        guard invalidateTimeout >= 1 && invalidateTimeout <= 600_000 else {
+            throw ValidationError("--invalidate-timeout must be 1...600000 ms, got \(invalidateTimeout)")
+        }
         guard Workload(rawValue: workload) != nil else {
             throw ValidationError("--workload '\(workload)' is not one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
@@ -84,12 +107,18 @@ struct Serve: ParsableCommand {
         o.spinNanoseconds = Int64(spinMicroseconds) * 1000
         o.seed = seed
         o.hostChurnInterval = hostChurn / 1000
+        o.listenPath = listen
+        o.socketMode = mode_t(socketMode, radix: 8)!
+        o.deviceMemoryBytes = parseSize(deviceMemory)!
+        o.invalidateTimeout = .milliseconds(invalidateTimeout)
         var logger = Logger(label: "iopf")
-        logger.logLevel = .warning
-        let result = try ServeSession.run(o, logger: logger) { p in
+        logger.logLevel = listen != nil && !json ? .info : .warning
+        Signals.stopOnInterrupt()
+        let result = try ServeSession.run(o, logger: logger, shouldStop: Signals.stopRequested) { p in
             guard !json else { return }
-            Output.progress(String(format: "%5.1fs  faults %9d (%7.0f/s)  groups %8d  invalidations %6d  violations %d",
-                                   p.elapsed, p.faults, Double(p.faults) / max(p.elapsed, 0.001), p.groups, p.invalidations, p.violations))
+            Output.progress(String(format: "%5.1fs  faults %9d (%7.0f/s)  groups %8d  invalidations %6d  violations %d  external %d",
+                                   p.elapsed, p.faults, Double(p.faults) / max(p.elapsed, 0.001), p.groups, p.invalidations,
+                                   p.violations, p.externalDevices))
         }
         if json {
             try Output.printJSON(result)
@@ -113,6 +142,11 @@ struct Serve: ParsableCommand {
             row("host events (uffd)", "\(r.uffdEvents) (\(kinds)) from \(r.hostChanges) host changes")
             row("late accesses", "\(r.lateAccesses) (after an event was read, before its sync)")
             row("faults on gone memory", "\(r.hostGoneFaults) answered INVALID")
+        }
+        if listen != nil {
+            let kinds = r.protocolErrorKinds.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+            row("external devices", "\(r.externalDevices) attached, \(r.devicesFenced) fenced, \(r.peersDisconnected) disconnected")
+            row("protocol errors", "\(r.protocolErrors)" + (kinds.isEmpty ? "" : " (\(kinds))"))
         }
         row("resident / locked", "\(mib(r.residentBytes)) / \(mib(r.lockedBytes))")
         row("integrity errors", "\(r.integrityErrors)")

@@ -4,7 +4,8 @@
 import ArgumentParser
 import Foundation
 @_spi(FaultInjection) import IOPFCore
-@_spi(FaultInjection) import IOPFRuntime
+@_spi(FaultInjection) import IOPFSimulation
+@_spi(FaultInjection) import IOPFService
 import Logging
 
 struct Stress: ParsableCommand {

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <linux/userfaultfd.h>  // struct uffd_msg imports into Swift
+#include <sys/eventfd.h>
+#include <sys/types.h>
 
 /// pipe2(2) with O_CLOEXEC | extra flags.
 int iopf_pipe2(int fds[2], int flags);
@@ -38,6 +40,32 @@ uint32_t iopf_uffd_event_pagefault(void);
 
 /// memfd_create(2) with MFD_CLOEXEC.
 int iopf_memfd_create(const char *name);
+
+/// memfd_create(2) with MFD_CLOEXEC | MFD_ALLOW_SEALING.
+int iopf_memfd_create_sealable(const char *name);
+
+/// fcntl(F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL): the size can never change.
+int iopf_seal_size(int fd);
+
+/// fcntl(F_GET_SEALS) has F_SEAL_SHRINK and F_SEAL_GROW: 1 yes, 0 no, -1 error.
+int iopf_size_is_sealed(int fd);
+
+/// sendmsg(2) of one message with up to `nfds` descriptors (SCM_RIGHTS), MSG_NOSIGNAL
+/// and MSG_DONTWAIT when `nonblocking`. Returns bytes sent or -1.
+ssize_t iopf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds, int nonblocking);
+
+/// recvmsg(2) of one message (MSG_CMSG_CLOEXEC, MSG_DONTWAIT when `nonblocking`). Stores
+/// up to `max_fds` received descriptors in `fds` and their count in `*nfds`; descriptors
+/// beyond `max_fds` are closed. `*truncated` is set when the message or its descriptors did
+/// not fit (MSG_TRUNC / MSG_CTRUNC). Returns bytes received, 0 at end of stream, or -1.
+ssize_t iopf_recv_with_fds(int sock, void *buf, size_t len, int *fds, int max_fds, int *nfds, int *truncated,
+                           int nonblocking);
+
+/// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK.
+int iopf_accept(int sock);
+
+/// SO_PEERCRED of a connected AF_UNIX socket.
+int iopf_peer_credentials(int sock, int *pid, int *uid, int *gid);
 
 /// The gettid(2) of the calling thread.
 int iopf_gettid(void);

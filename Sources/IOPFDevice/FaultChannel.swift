@@ -10,35 +10,9 @@
 // - pipe: two pipes, one per direction.
 
 import Glibc
-import IOPFCore
+import IOPFSystem
+import IOPFWire
 import Synchronization
-
-public enum ChannelTransport: String, Sendable, CaseIterable {
-    case shared, socket, pipe
-}
-
-/// The service's ends and the device's ends of one channel.
-struct ChannelEnds {
-    var serviceRead: CInt
-    var serviceWrite: CInt
-    var deviceRead: CInt
-    var deviceWrite: CInt
-
-    static func make(_ transport: ChannelTransport) throws(SystemCallError) -> ChannelEnds {
-        switch transport {
-        case .socket:
-            let (s, d) = try Sys.socketpair()
-            return ChannelEnds(serviceRead: s, serviceWrite: s, deviceRead: d, deviceWrite: d)
-        case .pipe:
-            let requests = try Sys.pipe()
-            let responses = try Sys.pipe()
-            return ChannelEnds(serviceRead: requests.read, serviceWrite: responses.write,
-                               deviceRead: responses.read, deviceWrite: requests.write)
-        case .shared:
-            preconditionFailure("a shared channel has no stream ends")
-        }
-    }
-}
 
 /// The device's end: send request groups, receive responses. One thread at a time.
 public final class DeviceChannel: @unchecked Sendable {
@@ -57,13 +31,20 @@ public final class DeviceChannel: @unchecked Sendable {
     private var responseHead: UInt32 = 0
     private let closed = Atomic<Bool>(false)
 
-    init(readFD: CInt, writeFD: CInt) throws(SystemCallError) {
-        backing = .stream(read: readFD, write: writeFD)
-        try Sys.setNonBlocking(readFD, true)
-    }
-
-    init(shared queue: SharedQueue, doorbell: CInt, wake: CInt) {
-        backing = .shared(queue, doorbell: doorbell, wake: wake)
+    /// Takes ownership of the device's ends of a channel (closed on failure too).
+    public init(_ ends: DeviceChannelEnds) throws(SystemCallError) {
+        do {
+            switch ends {
+            case .stream(let r, let w):
+                try Sys.setNonBlocking(r, true)
+                backing = .stream(read: r, write: w)
+            case .shared(let q, let doorbell, let wake):
+                backing = .shared(try SharedQueue(fd: q), doorbell: doorbell, wake: wake)
+            }
+        } catch {
+            ends.close()
+            throw error
+        }
     }
 
     deinit { close() }

@@ -9,6 +9,8 @@
 import Foundation
 import Glibc
 @_spi(FaultInjection) import IOPFCore
+@_spi(FaultInjection) import IOPFService
+import IOPFDevice
 import Logging
 
 public struct StressOptions: Sendable {
@@ -63,16 +65,13 @@ public enum StressSession {
         let region = try HostRegion(length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes)
         var config = EngineConfiguration()
         config.injectedBugs = o.injected
-        let engine = FaultEngine(memory: ProcessMemory(), configuration: config)
-        let fanouts = (0..<o.domains).map { _ in DomainIOTLBs() }
         let audits = (0..<o.domains).map { _ in TranslationAudit(iovaBase: StressOptions.iovaBase, pages: Int(slice >> 12) * o.devices) }
-        let domains = try (0..<o.domains).map { try engine.createDomain(invalidator: fanouts[$0], observer: audits[$0]) }
         var serviceConfig = ServiceConfiguration()
         serviceConfig.spinNanoseconds = 50_000
         serviceConfig.hostEvents = o.hostChurn
         serviceConfig.injectedBugs = o.injected
-        let service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
-        try service.start()
+        let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, audits: audits, logger: logger)
+        let (engine, service) = (rig.engine, rig.service)
         defer { service.stop() }
 
         struct Mapping { var iova: UInt64; var host: UInt64 }
@@ -86,17 +85,14 @@ public enum StressSession {
                 try service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
                 mappings.append(m)
             }
-            var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: Int(slice >> 12), hostBase: host)
+            var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: Int(slice >> 12), hostBase: host,
+                                         physBase: region.phys! + UInt64(d) * slice)
             dc.seed = o.seed &+ UInt64(d) &* 104_729
             dc.burst = 8
             dc.iotlbEntries = 32
             dc.spinNanoseconds = 50_000
             dc.hostMayChangeMemory = true
-            let domain = domains[d % o.domains]
-            let device = SimulatedDevice(configuration: dc, channel: try service.attach(deviceID: dc.deviceID, domain: domain),
-                                         pageTable: engine.pageTable(domain), window: service.window, audit: audits[d % o.domains])
-            fanouts[d % o.domains].add(device.iotlb)
-            devices.append(device)
+            devices.append(try rig.device(dc, domain: d % o.domains, regions: [region]))
         }
 
         var result = StressResult()

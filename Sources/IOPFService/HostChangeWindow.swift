@@ -35,8 +35,8 @@ public final class HostChangeWindow: Sendable {
     public var lateAccesses: Int { late.load(ordering: .relaxed) }
 
     /// A host thread is about to change `r` on purpose.
-    func beginHostChange(_ r: Range<UInt64>) { enter(\.changing, r) }
-    func endHostChange(_ r: Range<UInt64>) { leave(\.changing, r) }
+    package func beginHostChange(_ r: Range<UInt64>) { enter(\.changing, r) }
+    package func endHostChange(_ r: Range<UInt64>) { leave(\.changing, r) }
 
     /// The event loop has taken the event for `r`; its sync is not done yet.
     func beginEvent(_ r: Range<UInt64>) { enter(\.eventRead, r) }
@@ -56,7 +56,7 @@ public final class HostChangeWindow: Sendable {
     /// through a translation. True when the access must be skipped (the memory is in flux);
     /// counts it when its event was already read.
     @inline(__always)
-    func mustSkip(_ address: UInt64) -> Bool {
+    package func mustSkip(_ address: UInt64) -> Bool {
         guard active.load(ordering: .sequentiallyConsistent) > 0 else { return false }
         return state.withLock { s in
             let read = s.eventRead.contains { $0.contains(address) }

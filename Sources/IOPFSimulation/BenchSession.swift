@@ -6,6 +6,7 @@
 import Foundation
 import Histogram
 import IOPFCore
+import IOPFService
 import Logging
 
 public struct BenchRow: Codable, Sendable {
@@ -56,13 +57,10 @@ public enum BenchSession {
         let slice = (size / UInt64(devices)) & ~((2 << 20) - 1)
         precondition(slice > 0, "bench size \(size) is below 2 MiB per device")
         let region = try HostRegion(length: slice * UInt64(devices), alignment: 2 << 20)
-        let engine = FaultEngine(memory: ProcessMemory(), configuration: .forThisProcess(mode: mode))
-        let fanout = DomainIOTLBs()
-        let domain = try engine.createDomain(invalidator: fanout)
         var serviceConfig = ServiceConfiguration()
         serviceConfig.hostEvents = mode == .fault
-        let service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
-        try service.start()
+        let rig = try Rig(engine: .forThisProcess(mode: mode), service: serviceConfig, domains: 1, logger: logger)
+        let service = rig.service
         defer { service.stop() }
 
         let iova = { (d: Int) in ServeOptions.iovaBase + UInt64(d) * slice }
@@ -80,12 +78,10 @@ public enum BenchSession {
         let touchPages = max(1, Int(Double(slice >> 12) * touch))
         func devicesFor(phase: Int, _ shape: (inout DeviceConfiguration) -> Void) throws -> [SimulatedDevice] {
             try (0..<devices).map { d in
-                var dc = DeviceConfiguration(deviceID: UInt32(phase * 100 + d + 1), iovaBase: iova(d), pages: touchPages, hostBase: host(d))
+                var dc = DeviceConfiguration(deviceID: UInt32(phase * 100 + d + 1), iovaBase: iova(d), pages: touchPages,
+                                             hostBase: host(d), physBase: region.phys! + UInt64(d) * slice)
                 shape(&dc)
-                let device = SimulatedDevice(configuration: dc, channel: try service.attach(deviceID: dc.deviceID, domain: domain),
-                                             pageTable: engine.pageTable(domain))
-                fanout.add(device.iotlb)
-                return device
+                return try rig.device(dc, domain: 0, regions: [region])
             }
         }
         let touchers = try devicesFor(phase: 0) { dc in
@@ -99,7 +95,7 @@ public enum BenchSession {
         while !touchers.allSatisfy({ $0.isFinished }) { usleep(200) }
         let touched = ContinuousClock.now
         let touchReports = touchers.map { $0.finish() }
-        touchers.forEach { fanout.remove($0.iotlb) }
+        touchers.forEach { rig.remove($0, domain: 0) }
         let resident = try region.residentBytes()
         let locked = ServeSession.lockedBytesOfProcess()
 

@@ -1,8 +1,10 @@
-// SimulatedDevice.swift — an SVA-capable device model: a thread with an IOTLB that runs a
-// DMA workload against its IOVA range, and really reads and writes host memory through
-// the translations the service gave it.
+// SimulatedDevice.swift — an SVA-capable device model built on the device API
+// (IOPFDevice): a thread with an IOTLB that runs a DMA workload against its IOVA range,
+// and really reads and writes host memory through the translations the service gave it,
+// into its own mapping of the service's memory regions.
 //
-// - A miss walks the service's I/O page table, as an ATS translation request would.
+// - A miss translates: an in-process device walks the service's I/O page table in shared
+//   memory; a device in another process sends TRANSLATE (ATS-like) over its socket.
 // - A page that is not present sends a page request group (one request per missing
 //   page, the last flagged LAST_PAGE) and stalls until the answer: SUCCESS retries the
 //   access, INVALID counts a DMA error.
@@ -17,77 +19,20 @@
 import Foundation
 import Histogram
 import IOPFCore
+import IOPFDevice
+import IOPFService
 import Synchronization
 
 public enum Workload: String, Sendable, CaseIterable {
     case sequential, random, zipf
 }
 
-/// A device's translation cache (direct-mapped, invalidated by range) and, under the same
-/// lock, its record of what it last wrote to each page.
-public final class DeviceIOTLB: Sendable {
-    struct Entry {
-        var page: UInt64 = .max  // IOVA page number, .max when empty
-        var phys: UInt64 = 0
-        var prot: Protection = []
-        /// The audit epoch when the entry was filled (0 without an audit).
-        var filled: UInt64 = 0
-    }
-
-    struct State {
-        var slots: [Entry]
-        /// Last value written to each page's first 8 bytes: 0 never written (fresh memory
-        /// reads 0), `unknown` after the host may have changed the page.
-        var shadow: [UInt64]
-    }
-
-    static let unknown = UInt64.max
-    let state: Mutex<State>
-    let iovaBase: UInt64
-    /// Set when the host may drop or move pages (userfaultfd churn): an invalidation then
-    /// makes the pages' contents unknown until the device writes them again.
-    let forgetOnInvalidate: Bool
-
-    public init(entries: Int, iovaBase: UInt64, pages: Int, forgetOnInvalidate: Bool) {
-        precondition(entries > 0, "an IOTLB needs at least one entry")
-        self.iovaBase = iovaBase
-        self.forgetOnInvalidate = forgetOnInvalidate
-        state = Mutex(State(slots: Array(repeating: Entry(), count: entries), shadow: Array(repeating: 0, count: pages)))
-    }
-
-    /// Drops every cached translation in `ranges`; returns once no access is using one.
-    func invalidate(_ ranges: [IOVARange]) {
-        state.withLock { s in
-            for i in s.slots.indices where s.slots[i].page != .max {
-                let iova = s.slots[i].page << 12
-                if ranges.contains(where: { $0.start <= iova && iova <= $0.last }) { s.slots[i] = Entry() }
-            }
-            guard forgetOnInvalidate else { return }
-            let end = iovaBase + UInt64(s.shadow.count) << 12
-            for r in ranges where r.last >= iovaBase && r.start < end {
-                let first = Int((max(r.start, iovaBase) - iovaBase) >> 12)
-                let last = Int((min(r.last, end - 1) - iovaBase) >> 12)
-                for p in first...last { s.shadow[p] = Self.unknown }
-            }
-        }
-    }
-
-    /// Returns once any access in progress has finished: later ones see what was published
-    /// before the call (e.g. a range entered into the host change window).
-    func barrier() { state.withLock { _ in } }
-
-    public var cachedCount: Int { state.withLock { $0.slots.reduce(0) { $1.page == .max ? $0 : $0 + 1 } } }
-}
-
-/// A domain's sync target: every attached device's IOTLB.
-public final class DomainIOTLBs: IOTLBInvalidator, Sendable {
-    private let devices = Mutex<[DeviceIOTLB]>([])
-    public init() {}
-    public func add(_ iotlb: DeviceIOTLB) { devices.withLock { $0.append(iotlb) } }
-    public func remove(_ iotlb: DeviceIOTLB) { devices.withLock { $0.removeAll { $0 === iotlb } } }
-    public func invalidate(_ ranges: [IOVARange]) {
-        for d in devices.withLock({ $0 }) { d.invalidate(ranges) }
-    }
+/// Where a device's translations come from.
+public enum Translator: @unchecked Sendable {
+    /// Walk the service's page table (in-process devices; IOTLB syncs are synchronous).
+    case pageTable(IOPageTable)
+    /// TRANSLATE requests over the device socket (devices in other processes).
+    case remote(DeviceClient)
 }
 
 public struct DeviceConfiguration: Sendable {
@@ -95,8 +40,12 @@ public struct DeviceConfiguration: Sendable {
     public var pasid: UInt32?
     public var iovaBase: UInt64
     public var pages: Int
-    /// Host address behind `iovaBase`, for the end-of-run check only: DMA never uses it.
-    public var hostBase: UInt64
+    /// Host address behind `iovaBase`, for the host change window (nil: not known, as for
+    /// a device in another process). DMA never uses it.
+    public var hostBase: UInt64?
+    /// Physical address behind `iovaBase`, when the device knows its layout: walks are
+    /// checked against it, and host memory is verified at the end.
+    public var physBase: UInt64?
     public var workload = Workload.random
     public var iotlbEntries = 64
     /// Pages per DMA burst, at most (exactly, with `fixedBurst`).
@@ -114,11 +63,12 @@ public struct DeviceConfiguration: Sendable {
     /// Stop after this many operations (nil: until stopped).
     public var operationLimit: Int?
 
-    public init(deviceID: UInt32, iovaBase: UInt64, pages: Int, hostBase: UInt64) {
+    public init(deviceID: UInt32, iovaBase: UInt64, pages: Int, hostBase: UInt64? = nil, physBase: UInt64? = nil) {
         self.deviceID = deviceID
         self.iovaBase = iovaBase
         self.pages = pages
         self.hostBase = hostBase
+        self.physBase = physBase
     }
 }
 
@@ -140,6 +90,12 @@ public struct DeviceReport: Sendable {
     public var checks = 0
     /// Responses for a cookie this device was not waiting for, or a closed channel mid-wait.
     public var protocolErrors = 0
+    /// TRANSLATE round trips (remote devices), and replies dropped as older than an
+    /// INVALIDATE already processed.
+    public var translations = 0
+    public var staleReplies = 0
+    /// DMA through a translation that named no memory this device was given.
+    public var outsideMemory = 0
     public var firstProblems: [String] = []
     /// When the first DMA operation completed without error.
     public var firstCompletion: ContinuousClock.Instant?
@@ -151,7 +107,8 @@ public final class SimulatedDevice: @unchecked Sendable {
     public let configuration: DeviceConfiguration
     public let iotlb: DeviceIOTLB
     let channel: DeviceChannel
-    let pageTable: IOPageTable
+    let memory: DeviceMemory
+    let translator: Translator
     let window: HostChangeWindow?
     let audit: TranslationAudit?
     private let stopFlag = Atomic<Bool>(false)
@@ -165,13 +122,14 @@ public final class SimulatedDevice: @unchecked Sendable {
     private var version: UInt64 = 0
     private let zipf: ZipfSampler?
 
-    public init(configuration: DeviceConfiguration, channel: DeviceChannel, pageTable: IOPageTable, window: HostChangeWindow? = nil,
-                audit: TranslationAudit? = nil) {
+    public init(configuration: DeviceConfiguration, channel: DeviceChannel, memory: DeviceMemory, translator: Translator,
+                window: HostChangeWindow? = nil, audit: TranslationAudit? = nil) {
         self.audit = audit
         precondition(configuration.pages > 0 && configuration.burst > 0, "a device needs pages and a burst of at least 1")
         self.configuration = configuration
         self.channel = channel
-        self.pageTable = pageTable
+        self.memory = memory
+        self.translator = translator
         self.window = window
         iotlb = DeviceIOTLB(entries: configuration.iotlbEntries, iovaBase: configuration.iovaBase,
                             pages: configuration.pages, forgetOnInvalidate: configuration.hostMayChangeMemory)
@@ -243,6 +201,7 @@ public final class SimulatedDevice: @unchecked Sendable {
                 case .done: break
                 case .notPresent: missing.append(p)
                 case .denied: denied = true
+                case .gone: return false
                 }
             }
             if denied {
@@ -266,54 +225,100 @@ public final class SimulatedDevice: @unchecked Sendable {
         return true
     }
 
-    private enum AccessResult { case done, notPresent, denied }
+    private enum AccessResult { case done, notPresent, denied, gone }
 
-    /// Translates and accesses one page under the IOTLB lock (see the file header).
+    /// Translates and accesses one page under the IOTLB lock (see the file header). A
+    /// remote translation is fetched without the lock, then filled under it only if no
+    /// INVALIDATE newer than the reply was processed meanwhile.
     private func access(page p: Int, write: Bool) -> AccessResult {
         let iova = configuration.iovaBase + UInt64(p) << 12
         let vpn = iova >> 12
-        return iotlb.state.withLock { s in
-            let i = Int(truncatingIfNeeded: vpn) % s.slots.count
-            if s.slots[i].page == vpn, let audit {
-                report.checks += 1
-                if audit.isStale(iova: iova, filled: s.slots[i].filled) {
-                    report.staleTranslations += 1
-                    problem("used the translation of iova \(hex(iova)) filled at epoch \(s.slots[i].filled) after a sync covered it")
-                    s.slots[i] = DeviceIOTLB.Entry()
+        var fetched: (entry: UInt64, sequence: UInt64)?
+        while true {
+            let result = iotlb.state.withLock { (s: inout DeviceIOTLB.State) -> AccessResult? in
+                let i = Int(truncatingIfNeeded: vpn) % s.slots.count
+                if s.slots[i].page == vpn, let audit {
+                    report.checks += 1
+                    if audit.isStale(iova: iova, filled: s.slots[i].filled) {
+                        report.staleTranslations += 1
+                        problem("used the translation of iova \(hex(iova)) filled at epoch \(s.slots[i].filled) after a sync covered it")
+                        s.slots[i] = DeviceIOTLB.Entry()
+                    }
                 }
-            }
-            if s.slots[i].page != vpn {
-                let filled = audit?.current ?? 0
-                guard let t = pageTable.translate(iova) else { return .notPresent }
-                let expected = configuration.hostBase + UInt64(p) << 12
-                report.checks += 1
-                if t.phys & ~0xFFF != expected {
-                    report.wrongTranslations += 1
-                    problem("iova \(hex(iova)) translates to \(hex(t.phys & ~0xFFF)), its host page is \(hex(expected))")
-                    return .denied
+                if s.slots[i].page != vpn {
+                    let t: (phys: UInt64, prot: Protection)
+                    switch translator {
+                    case .pageTable(let table):
+                        let filled = audit?.current ?? 0
+                        guard let walk = table.translate(iova) else { return .notPresent }
+                        t = (walk.phys & ~0xFFF, walk.prot)
+                        s.slots[i] = DeviceIOTLB.Entry(page: vpn, phys: t.phys, prot: t.prot, filled: filled)
+                    case .remote:
+                        guard let f = fetched else { return nil }  // fetch without the lock
+                        fetched = nil
+                        guard f.sequence >= s.invalidationSequence else {
+                            report.staleReplies += 1
+                            return nil  // an INVALIDATE overtook the reply: ask again
+                        }
+                        guard f.entry != 0 else { return .notPresent }
+                        var prot: Protection = []
+                        if f.entry & TranslateReply.read != 0 { prot.insert(.read) }
+                        if f.entry & TranslateReply.write != 0 { prot.insert(.write) }
+                        t = (f.entry & ~0xFFF, prot)
+                        s.slots[i] = DeviceIOTLB.Entry(page: vpn, phys: t.phys, prot: t.prot)
+                    }
+                    if let physBase = configuration.physBase {
+                        let expected = physBase + UInt64(p) << 12
+                        report.checks += 1
+                        if t.phys != expected {
+                            report.wrongTranslations += 1
+                            problem("iova \(hex(iova)) translates to \(hex(t.phys)), its host page is \(hex(expected))")
+                            s.slots[i] = DeviceIOTLB.Entry()
+                            return .denied
+                        }
+                    }
                 }
-                s.slots[i] = DeviceIOTLB.Entry(page: vpn, phys: t.phys & ~0xFFF, prot: t.prot, filled: filled)
-            }
-            let entry = s.slots[i]
-            guard entry.prot.contains(write ? .write : .read) else { return .denied }
-            if let window, window.mustSkip(entry.phys) { return .done }
-            report.bytesMoved += configuration.bytesPerAccess
-            if write {
-                version &+= 1
-                let value = UInt64(configuration.deviceID) << 56 | UInt64(p) << 24 | (version & 0xFF_FFFF)
-                DMA.store(entry.phys, value)
-                if configuration.bytesPerAccess > 8 { DMA.fill(entry.phys + 8, byteCount: configuration.bytesPerAccess - 8, value) }
-                s.shadow[p] = value
-            } else {
-                if configuration.bytesPerAccess > 8 { DMA.touch(entry.phys + 8, byteCount: configuration.bytesPerAccess - 8) }
-                let value = DMA.load(entry.phys)
-                if value != s.shadow[p] && s.shadow[p] != DeviceIOTLB.unknown {
-                    report.integrityErrors += 1
-                    problem("read of iova \(hex(iova)) gave \(hex(value)), expected \(hex(s.shadow[p]))")
+                let entry = s.slots[i]
+                guard entry.prot.contains(write ? .write : .read) else { return .denied }
+                if let window, let hostBase = configuration.hostBase, window.mustSkip(hostBase + UInt64(p) << 12) { return .done }
+                let bytes = configuration.bytesPerAccess
+                if write {
+                    version &+= 1
+                    let value = UInt64(configuration.deviceID) << 56 | UInt64(p) << 24 | (version & 0xFF_FFFF)
+                    guard memory.store(entry.phys, value), bytes <= 8 || memory.fill(entry.phys + 8, byteCount: bytes - 8, value) else {
+                        return outside(iova, entry.phys)
+                    }
+                    s.shadow[p] = value
+                } else {
+                    if bytes > 8 && memory.touch(entry.phys + 8, byteCount: bytes - 8) == nil { return outside(iova, entry.phys) }
+                    guard let value = memory.load(entry.phys) else { return outside(iova, entry.phys) }
+                    if value != s.shadow[p] && s.shadow[p] != DeviceIOTLB.unknown {
+                        report.integrityErrors += 1
+                        problem("read of iova \(hex(iova)) gave \(hex(value)), expected \(hex(s.shadow[p]))")
+                    }
                 }
+                report.bytesMoved += bytes
+                return .done
             }
-            return .done
+            if let result { return result }
+            guard case .remote(let client) = translator else { return .notPresent }
+            do {
+                let reply = try client.translate(iova: iova, pages: 1)
+                report.translations += 1
+                fetched = (reply.entries[0], reply.sequence)
+            } catch {
+                if !stopFlag.load(ordering: .relaxed) { problem("TRANSLATE failed: \(error)") }
+                return .gone
+            }
         }
+    }
+
+    /// DMA to a physical address outside every region this device mapped: a wrong translation.
+    private func outside(_ iova: UInt64, _ phys: UInt64) -> AccessResult {
+        report.outsideMemory += 1
+        report.wrongTranslations += 1
+        problem("iova \(hex(iova)) translates to \(hex(phys)), outside every memory region this device was given")
+        return .denied
     }
 
     /// Sends one group and waits for its answer; nil when the channel is gone.
@@ -362,22 +367,22 @@ public final class SimulatedDevice: @unchecked Sendable {
     }
 
     /// After the run: every page's first 8 bytes in host memory hold what this device last
-    /// wrote (DMA landed where the translations said). Returns the mismatches.
+    /// wrote (DMA landed where the translations said), read through the device's own
+    /// mapping at the physical address its layout names. Returns the mismatches.
     public func verifyHostMemory() -> [String] {
+        guard let physBase = configuration.physBase else { return [] }
         var out: [String] = []
         let shadow = iotlb.state.withLock { $0.shadow }
         for p in 0..<configuration.pages where shadow[p] != 0 && shadow[p] != DeviceIOTLB.unknown {
-            let host = configuration.hostBase + UInt64(p) << 12
-            let value = DMA.load(host)
+            let phys = physBase + UInt64(p) << 12
+            let value = memory.load(phys)
             if value != shadow[p] && out.count < 5 {
-                out.append("device \(configuration.deviceID): host page \(hex(host)) holds \(hex(value)), device wrote \(hex(shadow[p]))")
+                out.append("device \(configuration.deviceID): page at \(hex(phys)) holds \(value.map(hex) ?? "nothing"), device wrote \(hex(shadow[p]))")
             }
         }
         return out
     }
 }
-
-func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 
 /// xoshiro256**: a small, seeded generator for workloads.
 struct Xoshiro: RandomNumberGenerator {

@@ -7,6 +7,7 @@
 
 import CLiburing
 import Glibc
+import IOPFSystem
 import SystemPackage
 
 public struct RingError: Error, Sendable, Equatable, CustomStringConvertible {
@@ -19,7 +20,20 @@ public struct RingError: Error, Sendable, Equatable, CustomStringConvertible {
 /// generation lets the loop drop completions for a slot that has since been reused.
 struct RingToken: Equatable {
     enum Kind: UInt8 {
-        case deviceRead = 1, deviceWrite, doorbell, wake, hostEvent
+        /// The service's own command eventfd.
+        case commands = 1
+        /// A stream channel's read and write.
+        case deviceRead, deviceWrite
+        /// A shared channel's doorbell eventfd: a read, or a poll once the device made the
+        /// eventfd non-blocking (its flags are shared with the device).
+        case doorbellRead, doorbellPoll
+        /// A write to a sleeping device's wake eventfd.
+        case wake
+        case hostEvent
+        /// The listening socket, and a peer's control and invalidation sockets (polls).
+        case listener, peerControl, peerInvalidation
+        /// An IORING_OP_ASYNC_CANCEL; its completion carries nothing to act on.
+        case cancel
     }
 
     var kind: Kind
@@ -53,6 +67,9 @@ final class Ring {
     private var ring = io_uring()
     private var cqes: [UnsafeMutablePointer<io_uring_cqe>?]
     private let owner = pthread_self()
+    /// Operations submitted (or queued) whose completion has not been reaped, cancels
+    /// excluded: buffers they name must stay allocated until this drops.
+    private(set) var inFlight = 0
 
     init(entries: UInt32 = 256) throws(RingError) {
         cqes = Array(repeating: nil, count: Int(entries) * 2)
@@ -74,17 +91,21 @@ final class Ring {
         assert(pthread_equal(owner, pthread_self()) != 0, "a Ring is used from a thread other than its owner")
     }
 
-    /// A free submission entry, submitting queued ones first if the queue is full.
+    /// A free submission entry, submitting queued ones first if the queue is full (a few
+    /// tries: a transiently busy kernel frees room once completions are reaped).
     private func sqe() throws(RingError) -> UnsafeMutablePointer<io_uring_sqe> {
         checkThread()
-        if let s = io_uring_get_sqe(&ring) { return s }
-        try submit()
-        guard let s = io_uring_get_sqe(&ring) else { throw RingError(operation: "get_sqe", errno: .resourceBusy) }
-        return s
+        for _ in 0..<8 {
+            if let s = io_uring_get_sqe(&ring) { return s }
+            try submit()
+            flushCompletions()
+        }
+        throw RingError(operation: "get_sqe", errno: .resourceBusy)
     }
 
     func prepareRead(fd: CInt, into buffer: UnsafeMutableRawBufferPointer, token: RingToken) throws(RingError) {
         let s = try sqe()
+        inFlight += 1
         io_uring_prep_read(s, fd, buffer.baseAddress, UInt32(buffer.count), UInt64(bitPattern: -1))
         io_uring_sqe_set_data64(s, token.userData)
     }
@@ -92,21 +113,41 @@ final class Ring {
     /// One-shot poll for readability.
     func preparePollIn(fd: CInt, token: RingToken) throws(RingError) {
         let s = try sqe()
+        inFlight += 1
         io_uring_prep_poll_add(s, fd, UInt32(POLLIN))
         io_uring_sqe_set_data64(s, token.userData)
     }
 
     func prepareWrite(fd: CInt, from buffer: UnsafeRawBufferPointer, token: RingToken) throws(RingError) {
         let s = try sqe()
+        inFlight += 1
         io_uring_prep_write(s, fd, buffer.baseAddress, UInt32(buffer.count), UInt64(bitPattern: -1))
         io_uring_sqe_set_data64(s, token.userData)
     }
 
-    /// Submits what is queued without waiting.
+    /// Asks the kernel to cancel the operation submitted with `token`; its completion
+    /// (usually -ECANCELED) still arrives and must be waited for before its buffer is freed.
+    func prepareCancel(_ token: RingToken) throws(RingError) {
+        let s = try sqe()
+        io_uring_prep_cancel64(s, token.userData, 0)
+        io_uring_sqe_set_data64(s, RingToken(kind: .cancel).userData)
+    }
+
+    /// Cancels every operation in flight.
+    func prepareCancelAll() throws(RingError) {
+        let s = try sqe()
+        io_uring_prep_cancel64(s, 0, CInt(IORING_ASYNC_CANCEL_ANY))
+        io_uring_sqe_set_data64(s, RingToken(kind: .cancel).userData)
+    }
+
+    /// Submits what is queued without waiting. A busy kernel (EAGAIN, EBUSY: completions
+    /// to reap first) or a signal is transient: the entries stay queued for the next call.
     func submit() throws(RingError) {
         checkThread()
         let r = io_uring_submit(&ring)
-        guard r >= 0 else { throw RingError(operation: "submit", errno: Errno(rawValue: -r)) }
+        guard r >= 0 || r == -EAGAIN || r == -EBUSY || r == -EINTR else {
+            throw RingError(operation: "submit", errno: Errno(rawValue: -r))
+        }
     }
 
     /// Submits what is queued and waits for at least one completion or the timeout.
@@ -137,7 +178,8 @@ final class Ring {
             guard n > 0 else { return total }
             for i in 0..<n {
                 let c = cqes[i]!.pointee
-                if let token = RingToken(userData: c.user_data) {
+                if let token = RingToken(userData: c.user_data), token.kind != .cancel {
+                    inFlight -= 1
                     out.append(Completion(token: token, result: c.res))
                 }
             }

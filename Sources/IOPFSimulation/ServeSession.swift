@@ -1,17 +1,24 @@
 // ServeSession.swift — one run of the fault service with simulated devices, shared by
 // `iopf serve` and the end-to-end tests.
 //
-// Layout: one anonymous host region of `memoryBytes`, split evenly among the devices;
-// device d's slice is one DMA mapping at IOVA `iovaBase + d * slice`. Devices attach to
-// domain `d % domains`. A host thread asks for invalidations of random page ranges every
-// `invalidateInterval`.
+// Layout: one shared host region of `memoryBytes`, split evenly among the in-process
+// devices; device d's slice is one DMA mapping at IOVA `iovaBase + d * slice`. Devices
+// attach to domain `d % domains`. With `listenPath`, devices in other processes attach
+// over the socket too, each to a DMA window of its own (`deviceMemoryBytes` of fresh
+// memory at `externalIOVABase + k * 1 GiB`), so devices never share pages by accident.
+// A host thread asks for invalidations of random page ranges, over all of that memory,
+// every `invalidateInterval`.
 
 import CIOPFShim
 import Foundation
 import Glibc
 import Histogram
 import IOPFCore
+import IOPFDevice
+import IOPFService
+import IOPFSystem
 import Logging
+import Synchronization
 
 /// Fault-driven (nothing pinned, pages mapped on demand) or pinned (VFIO type1: all
 /// memory pinned, locked and mapped before the devices start).
@@ -55,7 +62,14 @@ public struct ServeOptions: Sendable {
     public var hostChurnInterval = 0.0
     /// Largest host change, in pages.
     public var hostChurnMaxPages = 64
+    /// Accept devices in other processes on this AF_UNIX socket.
+    public var listenPath: String?
+    public var socketMode: mode_t = 0o600
+    /// Memory (and DMA window) each external device gets.
+    public var deviceMemoryBytes: UInt64 = 64 << 20
+    public var invalidateTimeout: Duration = .seconds(1)
     public static let iovaBase: UInt64 = 1 << 32
+    public static let externalIOVABase: UInt64 = 1 << 44
     public init() {}
 }
 
@@ -112,6 +126,12 @@ public struct ServeResult: Codable, Sendable {
     public var lockedBytes: UInt64 = 0
     public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
     public var elapsedSeconds = 0.0
+    /// Devices in other processes: attached, fenced, and the peers' protocol errors.
+    public var externalDevices = 0
+    public var devicesFenced = 0
+    public var protocolErrors = 0
+    public var protocolErrorKinds = [String: Int]()
+    public var peersDisconnected = 0
     /// The first problems seen, enough to reproduce (empty on a clean run).
     public var problems: [String] = []
 }
@@ -122,50 +142,107 @@ public struct ServeProgress: Sendable {
     public var groups: Int
     public var invalidations: Int
     public var violations: Int
+    public var externalDevices: Int
+}
+
+/// Gives each external device a DMA window of fresh shared memory, mapped at attach and
+/// removed at detach (on the service thread: `unmap` unwatches the range before the
+/// region is unmapped, so nothing waits for a host event there).
+final class ServeProvisioner: DeviceProvisioner, @unchecked Sendable {
+    weak var service: FaultService?
+    let domains: [DomainID]
+    let bytes: UInt64
+    let mode: MemoryMode
+    private let state = Mutex<(next: Int, free: [Int], live: [Int: HostRegion])>((0, [], [:]))
+
+    init(domains: [DomainID], bytes: UInt64, mode: MemoryMode) {
+        self.domains = domains
+        self.bytes = bytes
+        self.mode = mode
+    }
+
+    func provision(deviceID: UInt32, pasid: UInt32?) throws(ServiceError) -> DeviceProvision {
+        guard let service else { throw .stopped }
+        let k = state.withLock { s in
+            if let k = s.free.popLast() { return k }
+            defer { s.next += 1 }
+            return s.next
+        }
+        let iova = ServeOptions.externalIOVABase + UInt64(k) << 30
+        do {
+            let region = try HostRegion(length: bytes, alignment: 2 << 20)
+            switch mode {
+            case .fault: try service.map(iova: iova, vaddr: region.base, size: bytes, prot: .readWrite)
+            case .pinned: try service.mapPinned(iova: iova, vaddr: region.base, size: bytes, prot: .readWrite)
+            }
+            state.withLock { $0.live[k] = region }
+            return DeviceProvision(domain: domains[k % domains.count], windows: [DMAWindow(iova: iova, size: bytes, prot: 3)],
+                                   regions: [region], token: k)
+        } catch {
+            state.withLock { $0.free.append(k) }
+            throw .invalidRequest("cannot give device \(deviceID) \(bytes >> 20) MiB of memory: \(error)")
+        }
+    }
+
+    func release(_ p: DeviceProvision) {
+        _ = try? service?.unmap(iova: p.windows[0].iova, size: p.windows[0].size)
+        state.withLock { s in
+            s.live[p.token] = nil
+            s.free.append(p.token)
+        }
+    }
+
+    /// The external devices' memory now, for invalidating it.
+    var regions: [HostRegion] { state.withLock { Array($0.live.values) } }
 }
 
 public enum ServeSession {
     /// Runs the demo and returns its summary. `progress` is called about twice a second.
+    /// With `seconds` 0 it runs until `shouldStop` says so (SIGINT/SIGTERM in the CLI).
     public static func run(_ o: ServeOptions, logger: Logger = Logger(label: "iopf"),
+                           shouldStop: @escaping () -> Bool = { false },
                            progress: (ServeProgress) -> Void = { _ in }) throws -> ServeResult {
-        precondition(o.devices > 0 && o.domains > 0, "at least one device and one domain")
-        let slicePages = Int(o.memoryBytes >> 12) / o.devices
-        guard slicePages > 0 else { throw ServiceError(description: "--memory is too small for \(o.devices) devices") }
+        precondition(o.devices >= 0 && o.domains > 0, "devices must not be negative; at least one domain")
+        precondition(o.devices > 0 || o.listenPath != nil, "no devices: at least one in-process device or --listen")
+        let slicePages = o.devices > 0 ? Int(o.memoryBytes >> 12) / o.devices : 0
+        guard o.devices == 0 || slicePages > 0 else {
+            throw ServiceError.invalidRequest("--memory is too small for \(o.devices) devices")
+        }
         let slice = UInt64(slicePages) << 12
-        let region = try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20)
+        let region = o.devices > 0 ? try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20) : nil
 
         var config = EngineConfiguration.forThisProcess(mode: o.mode)
         config.gatherPolicy = o.gatherPolicy
-        let engine = FaultEngine(memory: ProcessMemory(), configuration: config)
-        let fanouts = (0..<o.domains).map { _ in DomainIOTLBs() }
-        let domains = try fanouts.map { try engine.createDomain(invalidator: $0) }
         var serviceConfig = ServiceConfiguration()
         serviceConfig.transport = o.transport
         serviceConfig.spinNanoseconds = o.spinNanoseconds
         serviceConfig.hostEvents = o.mode == .fault
-        let service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
-        try service.start()
+        serviceConfig.invalidateTimeout = o.invalidateTimeout
+        let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, logger: logger)
+        let (engine, service) = (rig.engine, rig.service)
         defer { service.stop() }
 
         var devices: [SimulatedDevice] = []
         for d in 0..<o.devices {
             let iova = ServeOptions.iovaBase + UInt64(d) * slice
-            let host = region.base + UInt64(d) * slice
+            let host = region!.base + UInt64(d) * slice
             switch o.mode {
             case .fault: try service.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
             case .pinned: try service.mapPinned(iova: iova, vaddr: host, size: slice, prot: .readWrite)
             }
-            let domain = domains[d % o.domains]
-            var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host)
+            var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host,
+                                         physBase: region!.phys! + UInt64(d) * slice)
             dc.workload = o.workload
             dc.seed = o.seed &+ UInt64(d) &* 7919
             dc.spinNanoseconds = o.spinNanoseconds
             dc.operationLimit = o.operationsPerDevice
             dc.hostMayChangeMemory = o.hostChurnInterval > 0
-            let channel = try service.attach(deviceID: dc.deviceID, domain: domain)
-            let device = SimulatedDevice(configuration: dc, channel: channel, pageTable: engine.pageTable(domain), window: service.window)
-            fanouts[d % o.domains].add(device.iotlb)
-            devices.append(device)
+            devices.append(try rig.device(dc, domain: d % o.domains, regions: [region!]))
+        }
+        let provisioner = ServeProvisioner(domains: rig.domains, bytes: o.deviceMemoryBytes, mode: o.mode)
+        provisioner.service = service
+        if let path = o.listenPath {
+            try service.listen(path: path, mode: o.socketMode, provisioner: provisioner)
         }
 
         let start = ContinuousClock.now
@@ -182,24 +259,33 @@ public enum ServeSession {
         var nextProgress = 0.5
         var nextCheck = 1.0
         var nextChurn = 0.0
-        var churn = o.hostChurnInterval > 0 && service.hostEventsEnabled
-            ? try HostChurn(service: service, region: region, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages, seed: o.seed)
+        var churn = o.hostChurnInterval > 0 && service.hostEventsEnabled && region != nil
+            ? try HostChurn(service: service, region: region!, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages, seed: o.seed)
             : nil
         if o.hostChurnInterval > 0 && !service.hostEventsEnabled {
             problems.append("--host-churn needs host events, which are off: \(service.hostEventsUnavailable ?? "")")
         }
-        let limited = o.operationsPerDevice != nil
-        while limited ? !devices.allSatisfy({ $0.isFinished }) : elapsed() < o.seconds {
+        let limited = o.operationsPerDevice != nil && o.devices > 0
+        func running() -> Bool {
+            if shouldStop() { return false }
+            if limited { return !devices.allSatisfy { $0.isFinished } }
+            return o.seconds == 0 || elapsed() < o.seconds
+        }
+        while running() {
             let now = elapsed()
             if o.invalidateInterval > 0 && now >= nextInvalidate {
-                let pages = 1 + Int(rng.next() % UInt64(o.invalidateMaxPages))
-                let first = Int(rng.next() % UInt64(region.length >> 12))
-                let length = UInt64(min(pages, Int(region.length >> 12) - first)) << 12
-                do {
-                    _ = try service.invalidate(hostAddress: region.base + UInt64(first) << 12, length: length).wait()
-                } catch {
-                    problems.append("invalidation failed: \(error)")
-                    break
+                // Any page of the in-process region or of an external device's window.
+                let targets = (region.map { [$0] } ?? []) + provisioner.regions
+                if let target = targets.isEmpty ? nil : targets[Int(rng.next() % UInt64(targets.count))] {
+                    let pages = 1 + Int(rng.next() % UInt64(o.invalidateMaxPages))
+                    let first = Int(rng.next() % UInt64(target.length >> 12))
+                    let length = UInt64(min(pages, Int(target.length >> 12) - first)) << 12
+                    do {
+                        _ = try service.invalidate(hostAddress: target.base + UInt64(first) << 12, length: length).wait()
+                    } catch {
+                        problems.append("invalidation failed: \(error)")
+                        break
+                    }
                 }
                 nextInvalidate = now + o.invalidateInterval
             }
@@ -218,8 +304,8 @@ public enum ServeSession {
             }
             if now >= nextProgress {
                 let s = service.statistics
-                progress(ServeProgress(elapsed: now, faults: s.records, groups: s.groups,
-                                       invalidations: s.invalidationRequests, violations: violations.count))
+                progress(ServeProgress(elapsed: now, faults: s.records, groups: s.groups, invalidations: s.invalidationRequests,
+                                       violations: violations.count, externalDevices: s.externalDevices))
                 nextProgress = now + 0.5
             }
             usleep(o.invalidateInterval > 0 ? UInt32(min(o.invalidateInterval, 0.05) * 1e6 / 2) : 10_000)
@@ -259,17 +345,23 @@ public enum ServeSession {
         result.hostChanges = churn?.changes ?? 0
         result.lateAccesses = service.window.lateAccesses
         result.hostGoneFaults = e.hostGoneFaults
-        // Every group answered exactly once: what devices sent, got, and the service answered agree.
+        result.externalDevices = s.externalDevices
+        result.devicesFenced = s.devicesFenced
+        result.protocolErrors = s.protocolErrors
+        result.protocolErrorKinds = s.protocolErrorKinds
+        result.peersDisconnected = s.peersDisconnected
+        // Every group answered exactly once: what devices sent, got, and the service answered
+        // agree (checked when every device is in this process).
         let sent = reports.reduce(0) { $0 + $1.groups }
         let answered = reports.reduce(0) { $0 + $1.success + $1.invalid }
         let protocolErrors = reports.reduce(0) { $0 + $1.protocolErrors }
         var accounting: [String] = []
-        if sent != answered || answered != s.groups - s.abandonedGroups {
+        if s.externalDevices == 0 && (sent != answered || answered != s.groups - s.abandonedGroups) {
             accounting.append("groups sent \(sent), answered to devices \(answered), answered by the service \(s.groups - s.abandonedGroups)")
         }
         result.violations = violations.count + protocolErrors + accounting.count + deviceViolations
         problems += violations.prefix(5).map(\.description) + accounting
-        result.residentBytes = (try? region.residentBytes()) ?? 0
+        result.residentBytes = (try? region?.residentBytes() ?? 0) ?? 0
         result.lockedBytes = lockedBytesOfProcess()
         if o.mode == .pinned {
             for d in 0..<o.devices { _ = try? service.unmap(iova: ServeOptions.iovaBase + UInt64(d) * slice, size: slice) }
@@ -297,9 +389,10 @@ public enum ServeSession {
 }
 
 /// Changes the devices' host memory the way a VMM or guest would, so that real
-/// userfaultfd events flow: MADV_DONTNEED (REMOVE), mmap(MAP_FIXED) over a range (UNMAP),
-/// mremap with MREMAP_DONTUNMAP (REMAP). The ranges always stay mapped, so a device that
-/// still holds a translation touches fresh memory rather than a hole. After an UNMAP or
+/// userfaultfd events flow: MADV_REMOVE (REMOVE: the shared pages are freed),
+/// mmap(MAP_FIXED) of the same memfd range over itself (UNMAP), mremap with
+/// MREMAP_DONTUNMAP (REMAP). The ranges always stay mapped to the same memfd pages, so a
+/// device that still holds a translation touches memory of the region rather than a hole. After an UNMAP or
 /// REMAP the mapping's host address is re-declared (VFIO_DMA_MAP_FLAG_VADDR), as a VMM
 /// does after replacing guest memory; faults in between are answered INVALID.
 struct HostChurn {
@@ -322,7 +415,7 @@ struct HostChurn {
         self.iovaBase = iovaBase
         self.devices = devices
         self.maxPages = max(1, min(maxPages, Int(slice >> 12)))
-        scratch = try HostRegion(length: UInt64(self.maxPages) << 12)
+        scratch = try HostRegion(length: UInt64(self.maxPages) << 12, shared: false)
         rng = Xoshiro(seed: seed ^ 0xC4A2)
     }
 
@@ -344,9 +437,9 @@ struct HostChurn {
         let kind = rng.next() % 3
         switch kind {
         case 0:
-            _ = try syscall("madvise(MADV_DONTNEED)") { madvise(pointer, Int(length), MADV_DONTNEED) }
+            _ = try syscall("madvise(MADV_REMOVE)") { madvise(pointer, Int(length), MADV_REMOVE) }
         case 1:
-            let p = mmap(pointer, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0)
+            let p = mmap(pointer, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, region.fd, off_t(start - region.base))
             guard p == pointer else { throw SystemCallError("mmap(MAP_FIXED)", .init(rawValue: errno)) }
         default:
             let target = UnsafeMutableRawPointer(bitPattern: UInt(scratch.base))

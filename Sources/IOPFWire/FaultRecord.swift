@@ -6,6 +6,9 @@
 //   0 flags u32 | 4 dev_id u32 | 8 pasid u32 | 12 grpid u32 | 16 perm u32 |
 //   20 __reserved u32 | 24 addr u64 | 32 length u32 | 36 cookie u32
 // struct iommu_hwpt_page_response (8 bytes): 0 cookie u32 | 4 code u32
+//
+// Every decoder here takes bytes it does not trust (another process wrote them): it reads
+// each field once from the caller's copy and validates before anything is used.
 
 /// One page request: `struct iommu_hwpt_pgfault`.
 public struct PageRequest: Sendable, Hashable {
@@ -18,7 +21,7 @@ public struct PageRequest: Sendable, Hashable {
         public init(rawValue: UInt32) { self.rawValue = rawValue }
         public static let pasidValid = Flags(rawValue: 1 << 0)
         public static let lastPage = Flags(rawValue: 1 << 1)
-        static let known: Flags = [.pasidValid, .lastPage]
+        public static let known: Flags = [.pasidValid, .lastPage]
     }
 
     public struct Permission: OptionSet, Sendable, Hashable {
@@ -28,7 +31,7 @@ public struct PageRequest: Sendable, Hashable {
         public static let write = Permission(rawValue: 1 << 1)
         public static let exec = Permission(rawValue: 1 << 2)
         public static let priv = Permission(rawValue: 1 << 3)
-        static let known: Permission = [.read, .write, .exec, .priv]
+        public static let known: Permission = [.read, .write, .exec, .priv]
     }
 
     public var flags: Flags
@@ -56,7 +59,7 @@ public struct PageRequest: Sendable, Hashable {
 
     public var isLastPage: Bool { flags.contains(.lastPage) }
     /// The faulting page (the handler aligns the address down).
-    public var page: UInt64 { addr & ~pageMask }
+    public var page: UInt64 { addr & ~0xFFF }
     public var wantsWrite: Bool { perm.contains(.write) }
 
     /// Decodes and validates one record from exactly 40 bytes.
@@ -171,3 +174,6 @@ public struct PageResponse: Sendable, Hashable {
         bytes.storeBytes(of: code.rawValue.littleEndian, toByteOffset: 4, as: UInt32.self)
     }
 }
+
+/// `0x`-prefixed hexadecimal, for messages.
+package func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

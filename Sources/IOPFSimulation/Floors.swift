@@ -5,6 +5,8 @@
 import CIOPFShim
 import Foundation
 import Glibc
+import IOPFService
+import IOPFSystem
 
 public struct Floors: Codable, Sendable {
     /// With a handler thread sleeping in read(2), the usual way to serve userfaultfd.

@@ -21,6 +21,7 @@
 
 import CIOPFShim
 import Glibc
+import IOPFSystem
 import Logging
 import Synchronization
 

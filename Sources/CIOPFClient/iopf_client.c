@@ -1,0 +1,1 @@
+#include "iopf_client.h"

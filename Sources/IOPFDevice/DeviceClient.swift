@@ -1,0 +1,222 @@
+// DeviceClient.swift — the device side of the iopf device protocol (IOPFWire.docc/
+// Protocol.md): connect, HELLO, ATTACH (regions, DMA windows and the fault channel come
+// back as descriptors), TRANSLATE, and INVALIDATE handling with acknowledgements, then
+// DETACH.
+//
+// Two sockets, one direction of requests each, so neither side can wait on the other:
+// the control socket carries the device's requests and the service's replies; the
+// invalidation socket (received in the ATTACH reply) carries the service's INVALIDATEs and
+// the device's acknowledgements. A thread of this client reads the invalidation socket,
+// so invalidations are answered while the device waits for anything else.
+//
+// Ordering across the two sockets: a TRANSLATE reply names the last INVALIDATE sequence
+// sent before the service walked its table. `DeviceIOTLB.insert(remote:)` drops a reply
+// older than the last INVALIDATE this device processed, under the IOTLB lock.
+
+import Dispatch
+import Foundation
+import Glibc
+import IOPFCore
+@_exported import IOPFSystem
+import IOPFWire
+import Synchronization
+
+public enum DeviceClientError: Error, Sendable, CustomStringConvertible {
+    case system(SystemCallError)
+    /// The service answered with an error reply.
+    case refused(Command, errno: UInt32, text: String)
+    /// The service sent something this client cannot accept.
+    case protocolViolation(String)
+    /// The service closed the connection.
+    case disconnected
+
+    public var description: String {
+        switch self {
+        case .system(let e): "\(e)"
+        case .refused(let c, let errno, let text): "\(c) refused (errno \(errno)): \(text)"
+        case .protocolViolation(let what): "protocol violation by the service: \(what)"
+        case .disconnected: "the service closed the connection"
+        }
+    }
+}
+
+/// What ATTACH gave the device.
+public struct Attachment: @unchecked Sendable {
+    public var credit: Int
+    public var windows: [DMAWindow]
+    public var memory: DeviceMemory
+    public var channel: DeviceChannel
+    public var invalidateTimeoutMs: UInt32
+}
+
+public final class DeviceClient: @unchecked Sendable {
+    private let control: CInt
+    private var invalidation: CInt = -1
+    private var nextID: UInt16 = 0
+    private let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes, alignment: 8)
+    private var invalidationThread: Thread?
+    private let invalidationsDone = DispatchSemaphore(value: 0)
+    private let closed = Atomic<Bool>(false)
+    /// INVALIDATEs acknowledged so far.
+    public let invalidationsAcked = Atomic<Int>(0)
+    public private(set) var granted: HelloReply?
+
+    /// Connects to a service listening at `path` and says HELLO.
+    public convenience init(connectingTo path: String) throws(DeviceClientError) {
+        let fd: CInt
+        do { fd = try Sys.connectUnix(path: path) } catch { throw .system(error) }
+        try self.init(socket: fd)
+    }
+
+    /// Speaks the protocol over a connected SOCK_SEQPACKET socket, which it now owns.
+    public init(socket: CInt) throws(DeviceClientError) {
+        control = socket
+        do throws(DeviceClientError) {
+            let (_, payload) = try request(Hello().message(id: takeID()), expecting: .hello)
+            let reply: HelloReply
+            do { reply = try HelloReply(message: payload) } catch { throw .protocolViolation("\(error)") }
+            guard reply.major == WireVersion.major else {
+                throw .protocolViolation("HELLO reply major \(reply.major), this client speaks \(WireVersion.major)")
+            }
+            granted = reply
+        } catch {
+            Sys.close(control)
+            receiveBuffer.deallocate()
+            throw error
+        }
+    }
+
+    deinit {
+        close()
+        receiveBuffer.deallocate()
+    }
+
+    private func takeID() -> UInt16 {
+        nextID &+= 1
+        return nextID
+    }
+
+    /// Sends one request and waits for its reply; error replies become `.refused`.
+    private func request(_ message: [UInt8], fds: [CInt] = [], expecting command: Command) throws(DeviceClientError)
+        -> (MessageHeader, [UInt8])
+    {
+        let id = message.withUnsafeBytes { peekMessageID($0)!.id }
+        do { try Sys.send(control, message, fds: fds, nonBlocking: false) } catch { throw .system(error) }
+        while true {
+            let got: Sys.Received
+            do {
+                got = try Sys.receive(control, into: receiveBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: false)
+            } catch { throw .system(error) }
+            guard got.count > 0 else { throw .disconnected }
+            let bytes = Array(UnsafeRawBufferPointer(rebasing: receiveBuffer[..<got.count]))
+            let header: MessageHeader
+            do {
+                header = try MessageHeader(message: UnsafeRawBufferPointer(rebasing: receiveBuffer[..<got.count]))
+            } catch {
+                for fd in got.fds { Sys.close(fd) }
+                throw .protocolViolation("\(error)")
+            }
+            guard header.isReply, header.id == id, header.command == command else {
+                for fd in got.fds { Sys.close(fd) }
+                throw .protocolViolation("expected the reply to \(command) #\(id), got \(header.command) #\(header.id)")
+            }
+            if header.isError {
+                for fd in got.fds { Sys.close(fd) }
+                let text = bytes.withUnsafeBytes { Wire.errorText(UnsafeRawBufferPointer(rebasing: $0[MessageHeader.byteCount...])) }
+                throw .refused(command, errno: header.error, text: text)
+            }
+            pendingFDs = got.fds
+            return (header, bytes)
+        }
+    }
+
+    /// Descriptors that came with the last reply.
+    private var pendingFDs: [CInt] = []
+
+    /// Attaches the device and maps what the service gave it.
+    public func attach(_ a: Attach) throws(DeviceClientError) -> Attachment {
+        let (_, bytes) = try request(a.message(id: takeID()), expecting: .attach)
+        let fds = pendingFDs
+        pendingFDs = []
+        let reply: AttachReply
+        do {
+            reply = try AttachReply(message: bytes)
+        } catch {
+            for fd in fds { Sys.close(fd) }
+            throw .protocolViolation("\(error)")
+        }
+        guard fds.count == reply.fdCount else {
+            for fd in fds { Sys.close(fd) }
+            throw .protocolViolation("ATTACH reply carried \(fds.count) descriptors, its payload names \(reply.fdCount)")
+        }
+        invalidation = fds[0]
+        let channelFDs = Array(fds[1..<(1 + reply.channel.fdCount)])
+        let regionFDs = Array(fds[(1 + reply.channel.fdCount)...])
+        do {
+            let ends: DeviceChannelEnds = reply.channel == .sharedRing
+                ? .shared(queue: channelFDs[0], doorbell: channelFDs[1], wake: channelFDs[2])
+                : .stream(read: channelFDs[0], write: channelFDs[0])
+            let channel = try DeviceChannel(ends)
+            let memory = try DeviceMemory(Array(zip(reply.regions, regionFDs)))
+            return Attachment(credit: Int(reply.credit), windows: reply.windows, memory: memory, channel: channel,
+                              invalidateTimeoutMs: reply.invalidateTimeoutMs)
+        } catch {
+            throw .system(error)
+        }
+    }
+
+    /// Asks for the translations of `pages` pages from `iova`.
+    public func translate(iova: UInt64, pages: Int) throws(DeviceClientError) -> TranslateReply {
+        let (_, bytes) = try request(Translate(iova: iova, pages: UInt32(pages)).message(id: takeID()), expecting: .translate)
+        let reply: TranslateReply
+        do { reply = try TranslateReply(message: bytes) } catch { throw .protocolViolation("\(error)") }
+        guard reply.entries.count == pages else {
+            throw .protocolViolation("TRANSLATE of \(pages) pages answered with \(reply.entries.count)")
+        }
+        return reply
+    }
+
+    /// Starts the thread that answers INVALIDATEs: `handler` must drop the ranges and drain
+    /// the DMA that used them before it returns; it returns false to withhold the
+    /// acknowledgement (a misbehaving device, for tests and demos).
+    public func serveInvalidations(_ handler: @escaping @Sendable (Invalidate) -> Bool) {
+        precondition(invalidation >= 0 && invalidationThread == nil, "serveInvalidations after attach, once")
+        let fd = invalidation
+        let thread = Thread { [self] in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes, alignment: 8)
+            defer {
+                buffer.deallocate()
+                invalidationsDone.signal()
+            }
+            while true {
+                guard let got = try? Sys.receive(fd, into: buffer, maxFDs: 0, nonBlocking: false), got.count > 0 else { return }
+                let message = UnsafeRawBufferPointer(rebasing: buffer[..<got.count])
+                guard let header = try? MessageHeader(message: message), header.command == .invalidate, !header.isReply,
+                    let inv = try? Invalidate(payload: UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...]))
+                else { return }  // the service is not speaking the protocol: stop answering
+                guard handler(inv) else { continue }
+                let ack = InvalidateAck(sequence: inv.sequence).message(id: header.id, flags: .reply)
+                guard (try? Sys.send(fd, ack, nonBlocking: false)) != nil else { return }
+                invalidationsAcked.add(1, ordering: .relaxed)
+            }
+        }
+        thread.name = "iopf-invalidations"
+        invalidationThread = thread
+        thread.start()
+    }
+
+    /// Says DETACH and waits for its reply; the service then closes the connection.
+    public func detach() throws(DeviceClientError) {
+        _ = try request(Empty().message(id: takeID()), expecting: .detach)
+    }
+
+    /// Closes both sockets and waits for the invalidation thread. Idempotent.
+    public func close() {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        if invalidation >= 0 { _ = Glibc.shutdown(invalidation, CInt(SHUT_RDWR)) }
+        if invalidationThread != nil { invalidationsDone.wait() }
+        if invalidation >= 0 { Sys.close(invalidation) }
+        for fd in pendingFDs { Sys.close(fd) }
+        Sys.close(control)
+    }
+}

@@ -1,0 +1,479 @@
+// EventLoop.swift — the service thread: one io_uring serves every device's fault channel,
+// the command eventfd, the userfaultfd, the listening socket and every peer's sockets.
+// All engine work for faults and invalidations happens here, in batches: completions are
+// reaped together, responses written back together, one submit per loop turn.
+//
+// Latency: a thread wake-up costs about 10 µs here, so after any activity the loop
+// busy-polls (shared rings in memory, streams through the completion queue) for
+// `spinNanoseconds` before it sleeps in io_uring.
+//
+// Lifetimes: a device's transport is dropped only after its ring operations completed
+// (cancelled on close); a peer's sockets are only polled (no buffers in flight), so they
+// are closed at once and stale completions are told apart by generation.
+
+import CIOPFShim
+import Foundation
+import Glibc
+import IOPFSystem
+import IOPFWire
+import Logging
+@_spi(FaultInjection) import IOPFCore
+
+/// One attached device as the loop sees it.
+final class AttachedDevice {
+    let token: TokenSource
+    let deviceID: UInt32
+    let pasid: UInt32?
+    let domain: DomainID
+    var assembler: GroupAssembler
+    let transport: any FaultTransport
+    var queued: [PageResponse] = []
+    /// IOVA ranges an external device may fault on and translate; empty: anywhere.
+    let windows: [DMAWindow]
+    /// The connection that attached it; nil for in-process devices.
+    var peer: Peer?
+    var closing = false
+
+    init(token: TokenSource, deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int,
+         transport: any FaultTransport, windows: [DMAWindow] = []) {
+        self.token = token
+        self.deviceID = deviceID
+        self.pasid = pasid
+        self.domain = domain
+        assembler = GroupAssembler(deviceID: deviceID, pasid: pasid, credit: credit)
+        self.transport = transport
+        self.windows = windows
+    }
+
+    var generation: UInt32 { token.generation }
+
+    func inWindows(_ iova: UInt64) -> Bool {
+        windows.isEmpty || windows.contains { iova >= $0.iova && iova - $0.iova < $0.size }
+    }
+}
+
+final class EventLoop {
+    let service: FaultService
+    let engine: FaultEngine
+    let ring: Ring
+    let handler: FaultHandler
+    let fences: InvalidationFences
+    var devices: [AttachedDevice?] = []
+    var byGeneration: [UInt32: AttachedDevice] = [:]
+    var peers: [Peer?] = []
+    var listener: (fd: CInt, path: String, provisioner: any DeviceProvisioner)?
+    var generation: UInt32 = 0
+    var completions: [Completion] = []
+    var stats = ServiceStatistics()
+    /// Completions that wait for external acknowledgements, in order.
+    var deferred: [(fence: Fence, action: () -> Void)] = []
+    let commandBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
+    /// One received peer message at a time.
+    let messageBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes + 1, alignment: 8)
+    var running = true
+    let doubleAnswer: Bool
+    var streamDevices = 0
+    /// Room for 16 userfaultfd messages per read.
+    let uffdBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * UserfaultfdSource.messageBytes, alignment: 8)
+
+    init(service: FaultService) throws {
+        self.service = service
+        engine = service.engine
+        fences = service.fences
+        ring = try Ring(entries: service.configuration.ringEntries)
+        handler = engine.makeFaultHandler()
+        doubleAnswer = service.configuration.injectedBugs.contains(.doubleAnswer)
+        completions.reserveCapacity(Int(service.configuration.ringEntries) * 2)
+    }
+
+    deinit {
+        commandBuffer.deallocate()
+        messageBuffer.deallocate()
+        uffdBuffer.deallocate()
+    }
+
+    func nextGeneration() -> UInt32 {
+        generation &+= 1
+        if generation == 0 { generation = 1 }
+        return generation
+    }
+
+    func run() {
+        signal(SIGPIPE, SIG_IGN)
+        do {
+            try ring.prepareRead(fd: service.doorbell, into: commandBuffer, token: RingToken(kind: .commands))
+            if let uffd = service.uffd { try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent)) }
+            var lastActivity = ContinuousClock.now
+            var lastFlush = lastActivity
+            let spin = Duration.nanoseconds(service.configuration.spinNanoseconds)
+            while running {
+                try ring.submit()
+                completions.removeAll(keepingCapacity: true)
+                ring.reap(into: &completions)
+                var work = pollSharedRings()
+                if completions.isEmpty && work == 0 && !fences.pending.load(ordering: .acquiring) {
+                    let now = ContinuousClock.now
+                    if now - lastActivity < spin {
+                        // Streams and commands progress only when the kernel runs the
+                        // ring's task work; shared rings need no system call at all.
+                        if streamDevices > 0 || now - lastFlush > .microseconds(20) {
+                            ring.flushCompletions()
+                            lastFlush = now
+                        }
+                        ring.reap(into: &completions)
+                        if completions.isEmpty && deferred.isEmpty { continue }
+                    } else {
+                        try sleep()
+                        ring.reap(into: &completions)
+                        work = pollSharedRings()
+                    }
+                }
+                lastActivity = ContinuousClock.now
+                stats.loopTurns += 1
+                stats.completions += completions.count
+                for c in completions { try dispatch(c) }
+                serveExternalDevices()
+                try flushResponses()
+                runDeferred()
+                service.publish(stats)
+            }
+        } catch {
+            service.logger.critical("event loop stopped: \(error)")
+        }
+        shutdown()
+    }
+
+    /// Sleeps in io_uring until a completion, the doorbell, or the nearest invalidation
+    /// deadline. Shared rings are told first, then looked at once more, so a device that
+    /// published before seeing the flag is not missed and one that published after rings
+    /// its doorbell.
+    private func sleep() throws {
+        var ready = false
+        for case let d? in devices where d.transport.isShared && !d.closing {
+            if d.transport.announceSleep() { ready = true }
+        }
+        if !ready {
+            var timeout: Int64 = 100_000_000
+            if let deadline = fences.nearestDeadline() {
+                let left = deadline - ContinuousClock.now
+                timeout = max(0, min(timeout, left.components.seconds * 1_000_000_000 + left.components.attoseconds / 1_000_000_000))
+            }
+            try ring.submitAndWait(timeoutNanoseconds: max(timeout, 1000))
+        }
+        for case let d? in devices where d.transport.isShared { d.transport.endSleep() }
+    }
+
+    /// Takes the published requests of every shared ring. Returns how many.
+    private func pollSharedRings() -> Int {
+        var taken = 0
+        for case let d? in devices where d.transport.isShared && !d.closing {
+            do {
+                taken += try d.transport.poll(limit: SharedQueue.capacity) { handleRecord(d, $0) }
+            } catch {
+                fault(d, error)
+                taken += 1
+            }
+        }
+        return taken
+    }
+
+    private func dispatch(_ c: Completion) throws {
+        switch c.token.kind {
+        case .commands:
+            try ring.prepareRead(fd: service.doorbell, into: commandBuffer, token: RingToken(kind: .commands))
+            for command in service.takeCommands() { try perform(command) }
+        case .deviceRead, .deviceWrite, .doorbellRead, .doorbellPoll, .wake:
+            guard c.token.slot < devices.count, let d = devices[c.token.slot], d.generation == c.token.generation else { return }
+            if d.closing {
+                d.transport.dropped(c)
+                finishClosing(d)
+                return
+            }
+            do {
+                try d.transport.completed(c, ring, d.token) { handleRecord(d, $0) }
+            } catch {
+                fault(d, error)
+            }
+        case .hostEvent:
+            readHostEvents()
+        case .listener:
+            acceptPeers()
+        case .peerControl:
+            guard let p = peer(c.token) else { return }
+            p.controlArmed = false
+            readControl(p)
+        case .peerInvalidation:
+            guard let p = peer(c.token) else { return }
+            p.invalidationArmed = false
+            readAcknowledgements(p)
+        case .cancel:
+            break
+        }
+    }
+
+    private func peer(_ token: RingToken) -> Peer? {
+        guard token.slot < peers.count, let p = peers[token.slot], p.generation == token.generation else { return nil }
+        return p
+    }
+
+    // MARK: Records and responses
+
+    func handleRecord(_ d: AttachedDevice, _ bytes: UnsafeRawBufferPointer) {
+        let group = d.assembler.add(bytes)
+        if let refusal = d.assembler.lastRefusal {
+            switch refusal {
+            case .malformed: stats.malformed += 1
+            case .unknownDevice: stats.unknownDevice += 1
+            case .creditExceeded: stats.creditExceeded += 1
+            }
+            if d.peer != nil { stats.protocolError(refusal == .malformed ? "badRecord" : refusal.rawValue) }
+        } else {
+            stats.records += 1
+        }
+        if let group { complete(d, group) }
+    }
+
+    /// Answers a complete group once, with the code of the whole group.
+    private func complete(_ d: AttachedDevice, _ group: PageRequestGroup) {
+        let code: ResponseCode
+        if group.failure != nil || !group.requests.allSatisfy({ d.inWindows($0.page) }) {
+            code = .invalid
+        } else {
+            code = handler.handle(group.requests).code
+        }
+        d.assembler.answered(group)
+        stats.groups += 1
+        if code == .success { stats.success += 1 } else { stats.invalid += 1 }
+        d.queued.append(PageResponse(cookie: group.cookie, code: code))
+        if doubleAnswer { d.queued.append(PageResponse(cookie: group.cookie, code: code)) }
+    }
+
+    private func flushResponses() throws {
+        for case let d? in devices where !d.queued.isEmpty && !d.closing {
+            do {
+                try d.transport.send(&d.queued, ring, d.token)
+            } catch {
+                fault(d, error)
+            }
+        }
+    }
+
+    /// A transport gave up: the device is detached (an external one also disconnected).
+    private func fault(_ d: AttachedDevice, _ error: Error) {
+        guard let fault = error as? TransportFault else {
+            detach(d, reason: "\(error)")
+            return
+        }
+        switch fault {
+        case .closed(let why):
+            if let p = d.peer {
+                closePeer(p, reason: "device \(d.deviceID) \(why)", disconnected: false)
+            } else {
+                detach(d, reason: why)
+            }
+        case .misbehaved(let kind, let why):
+            stats.protocolError(kind)
+            if let p = d.peer {
+                stats.devicesFenced += 1
+                closePeer(p, reason: "device \(d.deviceID) fenced: \(why)", disconnected: true)
+            } else {
+                detach(d, reason: why)
+            }
+        }
+    }
+
+    // MARK: Devices
+
+    func addDevice(deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int, transport: any FaultTransport,
+                   windows: [DMAWindow] = []) throws -> AttachedDevice {
+        let slot = devices.firstIndex { $0 == nil } ?? devices.count
+        let d = AttachedDevice(token: TokenSource(slot: slot, generation: nextGeneration()), deviceID: deviceID, pasid: pasid,
+                               domain: domain, credit: credit, transport: transport, windows: windows)
+        if slot == devices.count { devices.append(d) } else { devices[slot] = d }
+        byGeneration[d.generation] = d
+        if !transport.isShared { streamDevices += 1 }
+        try transport.arm(ring, d.token)
+        return d
+    }
+
+    /// A device went away (or is sent away): its incomplete groups are answered INVALID,
+    /// best effort, its ring operations cancelled, and the service goes on serving the others.
+    func detach(_ d: AttachedDevice, reason: String) {
+        guard !d.closing else { return }
+        let pending = d.assembler.abandonAll()
+        stats.abandonedGroups += pending.count
+        stats.invalid += pending.count
+        stats.devicesClosed += 1
+        d.queued += pending.map { PageResponse(cookie: $0.cookie, code: .invalid) }
+        d.transport.finalFlush(d.queued)
+        d.queued = []
+        service.logger.info("device \(d.deviceID) \(reason); \(pending.count) incomplete groups answered INVALID")
+        d.closing = true
+        if d.peer != nil { fences.remove(device: d.generation) }
+        byGeneration[d.generation] = nil
+        if !d.transport.isShared { streamDevices -= 1 }
+        d.transport.cancel(ring, d.token)
+        finishClosing(d)
+    }
+
+    private func finishClosing(_ d: AttachedDevice) {
+        guard d.closing, d.transport.inFlight == 0 else { return }
+        d.transport.close()
+        if d.token.slot < devices.count, devices[d.token.slot] === d { devices[d.token.slot] = nil }
+    }
+
+    // MARK: Commands
+
+    private func perform(_ command: FaultService.Command) throws {
+        // Tickets publish this turn's statistics before completing: their waiters read them next.
+        switch command {
+        case .attach(let a):
+            _ = try addDevice(deviceID: a.deviceID, pasid: a.pasid, domain: a.domain, credit: a.credit, transport: a.transport)
+        case .listen(let fd, let path, let provisioner):
+            if let old = listener { Sys.close(old.fd) }
+            listener = (fd, path, provisioner)
+            try ring.preparePollIn(fd: fd, token: RingToken(kind: .listener))
+        case .invalidate(let start, let length, let ticket):
+            stats.invalidationRequests += 1
+            do {
+                let outcome = try engine.invalidate(hostAddress: start, length: length)
+                afterExternalDevices { [self] in
+                    service.publish(stats)
+                    ticket.complete(.success(outcome))
+                }
+            } catch {
+                service.logger.critical("\(error)")
+                service.publish(stats)
+                ticket.complete(.failure(.invalidationFailed(error.description)))
+            }
+        case .check(let ticket):
+            service.publish(stats)
+            ticket.complete(.success(engine.checkInvariants()))
+        case .barrier(let ticket):
+            afterExternalDevices { [self] in
+                service.publish(stats)
+                ticket.complete(.success(()))
+            }
+        case .stop:
+            running = false
+        }
+    }
+
+    /// Runs `action` once every external device acknowledged what was posted so far (at
+    /// once when none owes anything), after the actions queued before it.
+    func afterExternalDevices(_ action: @escaping () -> Void) {
+        let fence = fences.fenceAll()
+        if deferred.isEmpty && fence.isEmpty {
+            action()
+        } else {
+            deferred.append((fence, action))
+        }
+    }
+
+    private func runDeferred() {
+        var done = 0
+        while done < deferred.count, fences.isComplete(deferred[done].fence) {
+            deferred[done].action()
+            done += 1
+        }
+        if done > 0 { deferred.removeFirst(done) }
+    }
+
+    // MARK: Host events
+
+    private func readHostEvents() {
+        guard let uffd = service.uffd else { return }
+        do {
+            while true {
+                let bytes = try uffd.drain(into: uffdBuffer)
+                if bytes == 0 { break }
+                for i in 0..<(bytes / UserfaultfdSource.messageBytes) {
+                    let at = i * UserfaultfdSource.messageBytes
+                    handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])))
+                }
+            }
+            try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent))
+        } catch {
+            // Nobody would read the host's events again, and the host's madvise/munmap
+            // would wait forever for that: drop every registration instead.
+            service.logger.critical("reading host events failed: \(error); host events stop and every range is unwatched")
+            uffd.close()
+        }
+    }
+
+    /// Turns one host event into an invalidation. The event was read: the host may now be
+    /// changing the memory, so the range is in the late window until every device dropped it.
+    private func handle(_ event: HostEvent) {
+        let range: Range<UInt64>
+        let gone: Bool
+        switch event {
+        case .remove(let r):
+            (range, gone) = (r, false)
+            stats.uffdRemove += 1
+        case .unmap(let r):
+            (range, gone) = (r, true)
+            stats.uffdUnmap += 1
+        case .remap(let from, let to, let length):
+            (range, gone) = (from..<(from + length), true)
+            stats.uffdRemap += 1
+            service.logger.info("host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID until its mapping's host address is updated")
+        case .other(let kind):
+            service.logger.warning("ignoring userfaultfd event \(kind)")
+            return
+        }
+        stats.uffdEvents += 1
+        service.window.beginEvent(range)
+        do {
+            _ = try engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
+        } catch {
+            service.logger.critical("\(error)")
+        }
+        afterExternalDevices { [service] in
+            service.window.endEvent(range)
+            service.hostEventsHandled.add(1, ordering: .releasing)
+        }
+    }
+
+    // MARK: Shutdown
+
+    /// Answers every incomplete group INVALID (best effort, never blocking: the devices
+    /// are waiting), closes every channel and peer, fails what is still queued, and waits
+    /// for the ring's operations to finish before their buffers go.
+    private func shutdown() {
+        running = false
+        for command in service.closeCommands() {
+            switch command {
+            case .invalidate(_, _, let ticket): ticket.complete(.failure(.stopped))
+            case .check(let ticket): ticket.complete(.failure(.stopped))
+            case .barrier(let ticket): ticket.complete(.failure(.stopped))
+            case .attach(let a): a.transport.close()
+            case .listen(let fd, _, _): Sys.close(fd)
+            case .stop: break
+            }
+        }
+        for case let p? in peers { closePeer(p, reason: "the service stopped", disconnected: false) }
+        for case let d? in devices { detach(d, reason: "closed: the service stopped") }
+        if let l = listener {
+            Sys.close(l.fd)
+            unlink(l.path)
+            listener = nil
+        }
+        for (_, action) in deferred { action() }
+        deferred = []
+        // Wait for every cancelled operation's completion, a second at most.
+        try? ring.prepareCancelAll()
+        let until = ContinuousClock.now + .seconds(1)
+        while ring.inFlight > 0 && ContinuousClock.now < until {
+            try? ring.submitAndWait(timeoutNanoseconds: 10_000_000)
+            completions.removeAll(keepingCapacity: true)
+            ring.reap(into: &completions)
+            for c in completions where c.token.slot < devices.count {
+                if let d = devices[c.token.slot], d.generation == c.token.generation, d.closing {
+                    d.transport.dropped(c)
+                    finishClosing(d)
+                }
+            }
+        }
+        service.publish(stats)
+    }
+}

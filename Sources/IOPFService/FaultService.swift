@@ -1,0 +1,437 @@
+// FaultService.swift — the service as an embedder sees it: DMA mappings watched through
+// userfaultfd, domains, in-process device attachment, a socket for devices in other
+// processes, and commands to the service thread (invalidate, check, barrier, stop), each
+// answered through a `Ticket`. The thread itself is `EventLoop` (EventLoop.swift).
+//
+// A command sent to a service whose loop has stopped (stopped on purpose, or ended by an
+// error) fails at once with `ServiceError.stopped`: nothing waits forever.
+
+import CIOPFShim
+import Dispatch
+import Foundation
+import Glibc
+@_exported import IOPFSystem
+import Logging
+import Synchronization
+@_spi(FaultInjection) import IOPFCore
+
+public struct ServiceConfiguration: Sendable {
+    /// The fault channel of in-process devices (external devices choose in ATTACH).
+    public var transport = ChannelTransport.shared
+    /// How long the loop busy-polls after activity before sleeping.
+    public var spinNanoseconds: Int64 = 200_000
+    public var ringEntries: UInt32 = 256
+    /// Watch the mappings' host memory through userfaultfd (falls back to API-only
+    /// invalidation, with a warning, when the kernel refuses).
+    public var hostEvents = true
+    /// How long an external device has to acknowledge an INVALIDATE before it is fenced.
+    public var invalidateTimeout: Duration = .seconds(1)
+    /// Connected peers at most; further connections are closed at once.
+    public var maxPeers = 256
+    /// Bugs planted for `iopf stress` and tests (the service plants double-answer).
+    @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
+    public init() {}
+}
+
+public struct ServiceStatistics: Sendable, Equatable {
+    /// Well-formed page requests received.
+    public var records = 0
+    public var groups = 0
+    public var success = 0
+    public var invalid = 0
+    /// Records refused by the wire-format checks.
+    public var malformed = 0
+    /// Records whose device id or PASID is not attached on their channel.
+    public var unknownDevice = 0
+    /// Records beyond the device's outstanding-request credit.
+    public var creditExceeded = 0
+    /// Incomplete groups answered INVALID because their device went away or the service stopped.
+    public var abandonedGroups = 0
+    public var devicesClosed = 0
+    public var invalidationRequests = 0
+    /// Host events read from the userfaultfd, by kind.
+    public var uffdEvents = 0
+    public var uffdRemove = 0
+    public var uffdUnmap = 0
+    public var uffdRemap = 0
+    public var loopTurns = 0
+    public var completions = 0
+    /// Devices attached over the socket, in all.
+    public var externalDevices = 0
+    /// External devices detached for missing an invalidation deadline or breaking a channel's rules.
+    public var devicesFenced = 0
+    /// Protocol errors by peers, in all and by kind.
+    public var protocolErrors = 0
+    public var protocolErrorKinds: [String: Int] = [:]
+    public var peersConnected = 0
+    /// Peers the service disconnected (protocol errors, fencing), as opposed to clean closes.
+    public var peersDisconnected = 0
+    /// INVALIDATE messages sent to external devices, and acknowledgements received.
+    public var invalidationsSent = 0
+    public var invalidationsAcked = 0
+
+    mutating func protocolError(_ kind: String) {
+        protocolErrors += 1
+        protocolErrorKinds[kind, default: 0] += 1
+    }
+}
+
+/// Why the service could not do what was asked.
+public enum ServiceError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The service's loop is not running (stopped, or ended by an error).
+    case stopped
+    /// The event loop could not start.
+    case startFailed(String)
+    /// An invalidation could not remove a translation: fatal for the engine (seed 003).
+    case invalidationFailed(String)
+    /// A system call failed.
+    case system(SystemCallError)
+    /// The request itself is wrong (bad sizes, unknown domain, ...).
+    case invalidRequest(String)
+
+    public var description: String {
+        switch self {
+        case .stopped: "the service has stopped"
+        case .startFailed(let why): "the service could not start: \(why)"
+        case .invalidationFailed(let why): "invalidation failed: \(why)"
+        case .system(let e): "\(e)"
+        case .invalidRequest(let why): why
+        }
+    }
+}
+
+/// Waits for one command's completion on another thread.
+public final class Ticket<Value: Sendable>: Sendable {
+    private let semaphore = DispatchSemaphore(value: 0)
+    private let value = Mutex<Result<Value, ServiceError>?>(nil)
+
+    init() {}
+
+    func complete(_ result: Result<Value, ServiceError>) {
+        value.withLock { $0 = result }
+        semaphore.signal()
+    }
+
+    /// Blocks until the service completed the command.
+    public func wait() throws(ServiceError) -> Value {
+        semaphore.wait()
+        semaphore.signal()  // later waiters pass too
+        return try value.withLock { $0! }.get()
+    }
+}
+
+/// What an external device may reach, decided by the embedder when it attaches.
+public struct DeviceProvision: Sendable {
+    public var domain: DomainID
+    public var windows: [DMAWindow]
+    public var regions: [HostRegion]
+    /// The embedder's own handle, given back in `release`.
+    public var token: Int
+    public init(domain: DomainID, windows: [DMAWindow], regions: [HostRegion], token: Int = 0) {
+        self.domain = domain
+        self.windows = windows
+        self.regions = regions
+        self.token = token
+    }
+}
+
+/// Decides what each external device gets. Called on the service thread: keep it short,
+/// and never unmap memory that is still watched by the userfaultfd there.
+public protocol DeviceProvisioner: AnyObject, Sendable {
+    func provision(deviceID: UInt32, pasid: UInt32?) throws(ServiceError) -> DeviceProvision
+    func release(_ provision: DeviceProvision)
+}
+
+public final class FaultService: Sendable {
+    public let engine: FaultEngine
+    public let configuration: ServiceConfiguration
+    let logger: Logger
+
+    enum Command {
+        case attach(InProcessAttachment)
+        case listen(fd: CInt, path: String, provisioner: any DeviceProvisioner)
+        case invalidate(start: UInt64, length: UInt64, Ticket<InvalidationOutcome>)
+        case check(Ticket<[InvariantViolation]>)
+        case barrier(Ticket<Void>)
+        case stop
+    }
+
+    struct InProcessAttachment: @unchecked Sendable {
+        var deviceID: UInt32
+        var pasid: UInt32?
+        var domain: DomainID
+        var credit: Int
+        var transport: any FaultTransport
+    }
+
+    /// Pending commands, and whether the loop still takes them.
+    private let commands = Mutex<(queue: [Command], accepting: Bool)>(([], true))
+    let doorbell: CInt
+    /// The userfaultfd watching the mappings' host memory; nil when host events are off.
+    let uffd: UserfaultfdSource?
+    /// Why host events are off, when they are.
+    public let hostEventsUnavailable: String?
+    public let window = HostChangeWindow()
+    /// Host events whose invalidation has completed.
+    let hostEventsHandled = Atomic<Int>(0)
+    let fences: InvalidationFences
+    private let published = Mutex(ServiceStatistics())
+    private let finished = DispatchSemaphore(value: 0)
+    private let started = Atomic<Bool>(false)
+    private let stopped = Atomic<Bool>(false)
+    /// The loop thread's id, for telling whether a caller is on it.
+    let loopThread = Atomic<Int32>(0)
+
+    public init(engine: FaultEngine, configuration: ServiceConfiguration = ServiceConfiguration(),
+                logger: Logger = Logger(label: "iopf.service")) throws(ServiceError) {
+        self.engine = engine
+        self.configuration = configuration
+        self.logger = logger
+        // Blocking on purpose: io_uring waits on a blocking eventfd; O_NONBLOCK would make
+        // the read complete at once with -EAGAIN.
+        do { doorbell = try Sys.eventfd(flags: CInt(EFD_CLOEXEC)) } catch { throw .system(error) }
+        let bell = doorbell
+        fences = InvalidationFences(timeout: configuration.invalidateTimeout) { FaultService.ring(bell) }
+        if configuration.hostEvents {
+            do {
+                uffd = try UserfaultfdSource()
+                hostEventsUnavailable = nil
+            } catch {
+                uffd = nil
+                hostEventsUnavailable = error.description
+                logger.warning("host events are off, invalidations come from the API only: \(error)")
+            }
+        } else {
+            uffd = nil
+            hostEventsUnavailable = "turned off by configuration"
+        }
+    }
+
+    deinit {
+        Sys.close(doorbell)
+    }
+
+    public var hostEventsEnabled: Bool { uffd != nil }
+
+    var isOnLoopThread: Bool { loopThread.load(ordering: .relaxed) == iopf_gettid() }
+
+    // MARK: Domains
+
+    /// Adds an I/O page table whose IOTLB syncs reach `local` (in-process devices, called
+    /// inside the sync) and every external device attached to it (by message).
+    public func createDomain(local: (any IOTLBInvalidator)? = nil, observer: (any IOTLBSyncObserver)? = nil)
+        throws(IOPageTableError) -> DomainID
+    {
+        let domain = try engine.createDomain(invalidator: nil, observer: observer)
+        engine.setInvalidator(DomainSync(domain: domain, local: local, fences: fences) { [weak self] in
+            self?.isOnLoopThread ?? false
+        }, for: domain)
+        return domain
+    }
+
+    // MARK: DMA mappings, watched by the host's userfaultfd
+
+    /// Adds a DMA mapping and starts watching its host range. A range the kernel cannot
+    /// watch (e.g. a file mapping) is refused with the reason, and nothing is left
+    /// registered or mapped.
+    @discardableResult
+    public func map(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws -> MappingID {
+        try DMAMappingTable.validate(iova: iova, vaddr: vaddr, size: size, prot: prot)
+        try uffd?.register(start: vaddr, length: size)
+        do {
+            return try engine.map(iova: iova, vaddr: vaddr, size: size, prot: prot)
+        } catch {
+            unwatch([vaddr..<(vaddr + size)])
+            throw error
+        }
+    }
+
+    /// Adds a pinned mapping (VFIO type1): pinned, charged and fully mapped before it
+    /// returns; host events leave it alone, so its range is not watched.
+    @discardableResult
+    public func mapPinned(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws -> MappingID {
+        try engine.mapPinned(iova: iova, vaddr: vaddr, size: size, prot: prot).0
+    }
+
+    /// Removes the mappings inside `[iova, iova + size)` (whole mappings only) and stops
+    /// watching host memory no other mapping covers. Off the service thread it returns
+    /// once every external device acknowledged the invalidation (or was fenced).
+    @discardableResult
+    public func unmap(iova: UInt64, size: UInt64) throws -> UInt64 {
+        let ranges = try engine.removeMappings(iova: iova, size: size)
+        unwatch(ranges)
+        awaitExternalDevices()
+        return ranges.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) }
+    }
+
+    /// Points a mapping at new host memory (VFIO_DMA_MAP_FLAG_VADDR): watches the new range,
+    /// drops translations to the old one, and clears pages marked gone by UNMAP/REMAP.
+    public func updateHostAddress(iova: UInt64, size: UInt64, vaddr: UInt64) throws {
+        guard let m = engine.mappingInfo(iova: iova), m.iova == iova, m.size == size else {
+            throw DMAMapError.noSuchMapping(iova: iova, size: size)
+        }
+        try uffd?.register(start: vaddr, length: size)
+        try engine.updateHostAddress(iova: iova, size: size, vaddr: vaddr)
+        if m.vaddr != vaddr { unwatch([m.vaddr..<(m.vaddr + size)]) }
+        awaitExternalDevices()
+    }
+
+    private func unwatch(_ ranges: [Range<UInt64>]) {
+        guard let uffd else { return }
+        for r in ranges {
+            for part in engine.uncoveredHostRanges(r) {
+                uffd.unregister(start: part.lowerBound, length: part.upperBound - part.lowerBound)
+            }
+        }
+    }
+
+    /// Waits (off the loop only) until external devices acknowledged what was posted.
+    private func awaitExternalDevices() {
+        guard !isOnLoopThread else { return }
+        let fence = fences.fenceAll()
+        if !fence.isEmpty { _ = fences.wait(for: fence, limit: configuration.invalidateTimeout * 2 + .seconds(1)) }
+    }
+
+    // MARK: Devices
+
+    /// Attaches an in-process device (and optionally one PASID) to a domain over the
+    /// configured transport and returns the device's ends of its channel. `credit` is its
+    /// PRI outstanding page request allocation.
+    public func attach(deviceID: UInt32, pasid: UInt32? = nil, domain: DomainID, credit: Int = 32)
+        throws(ServiceError) -> DeviceChannelEnds
+    {
+        guard credit > 0 && credit <= SharedQueue.capacity else {
+            throw .invalidRequest("a device's credit must be 1...\(SharedQueue.capacity) page requests, got \(credit)")
+        }
+        let made: (any FaultTransport, DeviceChannelEnds)
+        do {
+            made = configuration.transport == .shared
+                ? try SharedRingTransport.make() : try StreamTransport.make(configuration.transport)
+        } catch {
+            throw .system(error)
+        }
+        let attachment = InProcessAttachment(deviceID: deviceID, pasid: pasid, domain: domain, credit: credit, transport: made.0)
+        do {
+            try send(.attach(attachment))
+        } catch {
+            made.0.close()
+            made.1.close()
+            throw error
+        }
+        return made.1
+    }
+
+    /// Accepts devices in other processes on an AF_UNIX SOCK_SEQPACKET socket at `path`
+    /// (created with `mode`, 0600 by default; a stale socket file is replaced). The
+    /// protocol is IOPFWire.docc/Protocol.md; `provisioner` decides what each device gets.
+    public func listen(path: String, mode: mode_t = 0o600, provisioner: any DeviceProvisioner) throws(ServiceError) {
+        let fd: CInt
+        do { fd = try Sys.listenUnix(path: path, mode: mode) } catch { throw .system(error) }
+        do {
+            try send(.listen(fd: fd, path: path, provisioner: provisioner))
+        } catch {
+            Sys.close(fd)
+            throw error
+        }
+        logger.info("listening for devices on \(path) (mode \(String(mode, radix: 8)))")
+    }
+
+    // MARK: Commands
+
+    /// Completes after every command and host event queued before it was handled,
+    /// including the acknowledgements of the invalidations they caused.
+    public func barrier() -> Ticket<Void> {
+        let ticket = Ticket<Void>()
+        submit(.barrier(ticket), ticket)
+        return ticket
+    }
+
+    /// Host events whose invalidation has completed so far.
+    public var hostEventsCompleted: Int { hostEventsHandled.load(ordering: .acquiring) }
+
+    /// Starts the service thread and returns once its ring is ready.
+    public func start() throws(ServiceError) {
+        precondition(!started.exchange(true, ordering: .relaxed), "FaultService.start called twice")
+        let ready = Ticket<Void>()
+        let thread = Thread { [self] in
+            loopThread.store(iopf_gettid(), ordering: .relaxed)
+            let loop: EventLoop
+            do {
+                loop = try EventLoop(service: self)
+            } catch {
+                _ = closeCommands()
+                ready.complete(.failure(.startFailed("\(error)")))
+                finished.signal()
+                return
+            }
+            ready.complete(.success(()))
+            loop.run()
+            finished.signal()
+        }
+        thread.name = "iopf-service"
+        thread.start()
+        try ready.wait()
+    }
+
+    /// Stops the loop: incomplete groups are answered INVALID, channels and peers closed.
+    /// Idempotent.
+    public func stop() {
+        guard started.load(ordering: .relaxed), !stopped.exchange(true, ordering: .relaxed) else { return }
+        try? send(.stop)
+        finished.wait()
+        finished.signal()
+        // Nobody reads host events any more: drop every registration, or a later munmap of
+        // a watched range would wait forever for its event to be read.
+        uffd?.close()
+    }
+
+    /// Queues an invalidation of host range `[start, start + length)` (an MMU-notifier
+    /// event); the ticket completes after every domain has synced and every external
+    /// device acknowledged.
+    @discardableResult
+    public func invalidate(hostAddress start: UInt64, length: UInt64) -> Ticket<InvalidationOutcome> {
+        let ticket = Ticket<InvalidationOutcome>()
+        submit(.invalidate(start: start, length: length, ticket), ticket)
+        return ticket
+    }
+
+    /// Runs the engine's invariant checks on the service thread, between batches.
+    public func checkInvariants() -> Ticket<[InvariantViolation]> {
+        let ticket = Ticket<[InvariantViolation]>()
+        submit(.check(ticket), ticket)
+        return ticket
+    }
+
+    public var statistics: ServiceStatistics { published.withLock { $0 } }
+
+    func publish(_ stats: ServiceStatistics) { published.withLock { $0 = stats } }
+
+    func takeCommands() -> [Command] { commands.withLock { c in defer { c.queue.removeAll() }; return c.queue } }
+
+    /// Stops taking commands and returns those still queued (for the loop's shutdown).
+    func closeCommands() -> [Command] {
+        commands.withLock { c in
+            c.accepting = false
+            defer { c.queue.removeAll() }
+            return c.queue
+        }
+    }
+
+    private func submit<V>(_ command: Command, _ ticket: Ticket<V>) {
+        do { try send(command) } catch { ticket.complete(.failure(error)) }
+    }
+
+    private func send(_ command: Command) throws(ServiceError) {
+        let accepted = commands.withLock { c in
+            if c.accepting { c.queue.append(command) }
+            return c.accepting
+        }
+        guard accepted else { throw .stopped }
+        Self.ring(doorbell)
+    }
+
+    static func ring(_ eventfd: CInt) {
+        var one: UInt64 = 1
+        _ = withUnsafeBytes(of: &one) { try? Sys.write(eventfd, $0) }
+    }
+}

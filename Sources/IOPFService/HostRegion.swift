@@ -1,0 +1,231 @@
+// HostRegion.swift — real host memory for DMA that another process can reach (sealed
+// memfds, each at a base in one physical address space), and the engine's `HostMemory`
+// over this process's address space.
+//
+// In fault mode nothing is pinned or locked: resolving a page makes it resident with
+// MADV_POPULATE_READ/WRITE (Linux 5.14+), one call per contiguous run. A translation's
+// physical address is (region base + offset), so a device that mapped the region's memfd
+// reaches exactly the page the translation names. Ranges are `[start, start + length)`.
+
+import CIOPFShim
+import Glibc
+import Foundation
+import IOPFCore
+import IOPFSystem
+import IOPFWire
+import Synchronization
+
+/// Host memory for DMA: a sealed memfd mapped shared at an aligned address, at a base of
+/// its own in the physical address space (see `PhysicalSpace`). The memfd is what another
+/// process maps to reach the same pages. `shared: false` gives plain anonymous private
+/// memory instead (no fd, no physical address), for floors that need it.
+public final class HostRegion: @unchecked Sendable {
+    public let base: UInt64
+    public let length: UInt64
+    /// The sealed memfd behind the region; -1 for anonymous memory.
+    public let fd: CInt
+    /// Where the region sits in the physical address space; nil for anonymous memory.
+    public let phys: UInt64?
+
+    /// Maps `length` bytes at an address aligned to `alignment` (a power of two, at least
+    /// 4 KiB), e.g. 2 MiB so that the I/O page table can use blocks.
+    public init(length: UInt64, alignment: UInt64 = 4096, shared: Bool = true) throws(SystemCallError) {
+        precondition(length > 0 && length & 0xFFF == 0, "region length \(length) must be a positive multiple of 4 KiB")
+        precondition(alignment >= 4096 && alignment & (alignment - 1) == 0, "alignment \(alignment) must be a power of two >= 4 KiB")
+        var fd: CInt = -1
+        if shared {
+            fd = try syscall("memfd_create") { iopf_memfd_create_sealable("iopf-host-memory") }
+            do {
+                _ = try syscall("ftruncate") { ftruncate(fd, off_t(length)) }
+                _ = try syscall("fcntl(F_ADD_SEALS)") { iopf_seal_size(fd) }
+            } catch {
+                Sys.close(fd)
+                throw error
+            }
+        }
+        // Reserve with slack, then place the region at the aligned address inside it.
+        let extra = alignment - 4096
+        let p = mmap(nil, Int(length + extra), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard p != MAP_FAILED, let p else {
+            if fd >= 0 { Sys.close(fd) }
+            throw SystemCallError("mmap", .init(rawValue: Glibc.errno))
+        }
+        let raw = UInt64(UInt(bitPattern: p))
+        base = (raw + extra) & ~(alignment - 1)
+        let at = UnsafeMutableRawPointer(bitPattern: UInt(base))
+        let placed = shared
+            ? mmap(at, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0)
+            : mmap(at, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+        guard placed == at else {
+            let e = Glibc.errno
+            munmap(p, Int(length + extra))
+            if fd >= 0 { Sys.close(fd) }
+            throw SystemCallError("mmap(MAP_FIXED)", .init(rawValue: e))
+        }
+        // Give back the slack on both sides.
+        if base > raw { munmap(p, Int(base - raw)) }
+        let tail = raw + length + extra - (base + length)
+        if tail > 0 { munmap(UnsafeMutableRawPointer(bitPattern: UInt(base + length)), Int(tail)) }
+        self.length = length
+        self.fd = fd
+        phys = shared ? PhysicalSpace.shared.add(host: base..<(base + length), alignment: max(alignment, 2 << 20)) : nil
+    }
+
+    deinit {
+        if phys != nil { PhysicalSpace.shared.remove(host: base) }
+        munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(length))
+        if fd >= 0 { Sys.close(fd) }
+    }
+
+    public var end: UInt64 { base + length }
+
+    /// The region as a device sees it: where it is in the physical address space.
+    public var info: MemoryRegionInfo? { phys.map { MemoryRegionInfo(phys: $0, size: length) } }
+
+    /// Bytes of the region now resident, by mincore(2).
+    public func residentBytes() throws(SystemCallError) -> UInt64 {
+        let pages = Int(length >> 12)
+        var vec = [UInt8](repeating: 0, count: pages)
+        _ = try syscall("mincore") { mincore(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(length), &vec) }
+        return UInt64(vec.reduce(0) { $0 + Int($1 & 1) }) << 12
+    }
+}
+
+/// The process's physical address space: every shared `HostRegion` gets a base here, so
+/// that a translation's physical address means (region, offset) in every process that
+/// maps the region's memfd, as guest-physical addresses do in vhost-user. Bases start at
+/// 1 GiB, are never reused, and are separated by a 2 MiB hole, so an address that strays
+/// past a region lands outside every region rather than in a neighbour.
+public final class PhysicalSpace: Sendable {
+    public static let shared = PhysicalSpace()
+
+    private struct Entry {
+        var host: Range<UInt64>
+        var phys: UInt64
+    }
+
+    private let state = Mutex<(next: UInt64, entries: [Entry])>((1 << 30, []))
+
+    func add(host: Range<UInt64>, alignment: UInt64) -> UInt64 {
+        state.withLock { s in
+            let phys = (s.next + alignment - 1) & ~(alignment - 1)
+            s.next = phys + UInt64(host.count) + (2 << 20)
+            s.entries.append(Entry(host: host, phys: phys))
+            return phys
+        }
+    }
+
+    func remove(host base: UInt64) {
+        state.withLock { s in s.entries.removeAll { $0.host.lowerBound == base } }
+    }
+
+    /// The physical address of host address `address`; nil outside every shared region.
+    public func physical(of address: UInt64) -> UInt64? {
+        state.withLock { s in
+            for e in s.entries where e.host.contains(address) { return e.phys + (address - e.host.lowerBound) }
+            return nil
+        }
+    }
+
+    /// The physical address of `pages` consecutive pages from `address`, all inside one region.
+    func physicalRun(of address: UInt64, pages: Int) -> UInt64? {
+        state.withLock { s in
+            for e in s.entries where e.host.contains(address) {
+                guard address + UInt64(pages) << 12 <= e.host.upperBound else { return nil }
+                return e.phys + (address - e.host.lowerBound)
+            }
+            return nil
+        }
+    }
+}
+
+/// RLIMIT_MEMLOCK and CAP_IPC_LOCK of this process, for the pinned path's accounting.
+public enum LockedMemoryLimits {
+    public static func current() -> (limitBytes: UInt64, capIPCLock: Bool) {
+        var limit = rlimit()
+        let bytes = getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 ? UInt64(limit.rlim_cur) : 0
+        // CapEff is a hex mask; CAP_IPC_LOCK is bit 14.
+        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        let capEff = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
+            .flatMap { UInt64($0.split(separator: "\t").last ?? "", radix: 16) } ?? 0
+        return (bytes, capEff & (1 << 14) != 0)
+    }
+}
+
+/// The engine's view of this process's memory.
+public final class ProcessMemory: HostMemory {
+    /// Ranges standing for device memory (MMIO-like, no page backing): pinned mappings map
+    /// them but never lock or charge them (seed 002).
+    private let deviceMemory = Mutex<[Range<UInt64>]>([])
+
+    public init() {}
+
+    public func markDeviceMemory(_ range: Range<UInt64>) {
+        deviceMemory.withLock { $0.append(range) }
+    }
+
+    /// Locks normal pages with mlock(2), one call per run of one kind; device memory is
+    /// only described. On failure it unlocks what it locked and says why.
+    public func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError) {
+        var locked: [(UInt64, Int)] = []
+        try forEachRun(address: address, pageCount: pageCount) { (start, n, isDevice) throws(HostMemoryError) in
+            if !isDevice {
+                if mlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) != 0 {
+                    let e = Glibc.errno
+                    for (a, c) in locked { munlock(UnsafeRawPointer(bitPattern: UInt(a)), c << 12) }
+                    let why = switch e {
+                    case ENOMEM: "mlock: over RLIMIT_MEMLOCK without CAP_IPC_LOCK, or part of the range is not mapped"
+                    case EAGAIN: "mlock: some pages could not be locked"
+                    case EPERM: "mlock: not permitted (no CAP_IPC_LOCK and RLIMIT_MEMLOCK is 0)"
+                    default: "mlock: errno \(e)"
+                    }
+                    throw HostMemoryError(address: start, reason: why)
+                }
+                locked.append((start, n))
+            }
+            // Device memory stands for itself; normal memory must be in a shared region.
+            guard let phys = isDevice ? start : PhysicalSpace.shared.physicalRun(of: start, pages: n) else {
+                for (a, c) in locked { munlock(UnsafeRawPointer(bitPattern: UInt(a)), c << 12) }
+                throw HostMemoryError(address: start, reason: "not inside a shared host region (no physical address)")
+            }
+            for k in 0..<n { pages.append(PinnedPage(phys: phys + UInt64(k) << 12, chargeable: !isDevice)) }
+        }
+    }
+
+    public func unpin(address: UInt64, pageCount: Int) {
+        forEachRun(address: address, pageCount: pageCount) { start, n, isDevice in
+            if !isDevice { munlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) }
+        }
+    }
+
+    /// Splits `pageCount` pages from `address` into maximal runs of one kind (device
+    /// memory or not): (start, pages, isDevice).
+    private func forEachRun<E: Error>(address: UInt64, pageCount: Int, _ body: (UInt64, Int, Bool) throws(E) -> Void) throws(E) {
+        let device = deviceMemory.withLock { $0 }
+        let isDevice = { (page: Int) in device.contains { $0.contains(address + UInt64(page) << 12) } }
+        var i = 0
+        while i < pageCount {
+            let kind = isDevice(i)
+            var n = 1
+            while i + n < pageCount, isDevice(i + n) == kind { n += 1 }
+            try body(address + UInt64(i) << 12, n, kind)
+            i += n
+        }
+    }
+
+    public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
+        let advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ
+        let r = madvise(UnsafeMutableRawPointer(bitPattern: UInt(address)), pageCount << 12, advice)
+        if r != 0 {
+            let e = Glibc.errno
+            let what = e == EFAULT || e == ENOMEM ? "not mapped" : e == EINVAL ? "not populatable (VM_PFNMAP/IO)" : "errno \(e)"
+            throw HostMemoryError(address: address, reason: "MADV_POPULATE_\(write ? "WRITE" : "READ") of \(pageCount) pages failed: \(what)")
+        }
+        guard let phys = PhysicalSpace.shared.physicalRun(of: address, pages: pageCount) else {
+            throw HostMemoryError(address: address, reason: "not inside a shared host region (no physical address)")
+        }
+        for i in 0..<pageCount { physical.append(phys + UInt64(i) << 12) }
+    }
+
+    public func currentPhysical(of address: UInt64) -> UInt64? { PhysicalSpace.shared.physical(of: address) }
+}

@@ -1,0 +1,375 @@
+// Peer.swift — devices in other processes: the listening socket, each connection's
+// protocol state (HELLO, ATTACH, TRANSLATE, DETACH on the control socket; INVALIDATE
+// acknowledgements on the invalidation socket), sending INVALIDATEs and fencing devices
+// that miss their deadline. Runs on the loop thread (an extension of `EventLoop`).
+//
+// Every byte a peer sends is hostile. A message is received whole (SOCK_SEQPACKET) into
+// the loop's buffer, its header and payload validated before use; descriptors a peer
+// sends are closed and counted. A request that is wrong gets an error reply; a peer whose
+// framing cannot be trusted, or that does not read what it is sent (a full socket), is
+// disconnected alone. Sends never block; the loop never waits for a peer.
+
+import Foundation
+import Glibc
+import IOPFCore
+import IOPFSystem
+import IOPFWire
+
+final class Peer {
+    enum State { case greeting, ready, attached, closed }
+
+    let index: Int
+    let generation: UInt32
+    let control: CInt
+    /// The service's end of the invalidation socket, once attached.
+    var invalidation: CInt = -1
+    var state = State.greeting
+    var device: AttachedDevice?
+    var provision: DeviceProvision?
+    let pid: Int32
+    let uid: UInt32
+    var controlArmed = false
+    var invalidationArmed = false
+
+    init(index: Int, generation: UInt32, control: CInt) {
+        self.index = index
+        self.generation = generation
+        self.control = control
+        (pid, uid) = Sys.peerCredentials(control) ?? (-1, .max)
+    }
+
+    var name: String { "peer \(index) (pid \(pid), uid \(uid))" }
+}
+
+/// Messages handled per peer per wake-up, so that one chatty peer cannot starve the rest.
+private let messagesPerTurn = 16
+
+extension EventLoop {
+    // MARK: Connections
+
+    func acceptPeers() {
+        guard let l = listener else { return }
+        for _ in 0..<16 {
+            let fd: CInt?
+            do { fd = try Sys.accept(l.fd) } catch {
+                service.logger.error("accept on \(l.path) failed: \(error)")
+                break
+            }
+            guard let fd else { break }
+            guard peers.compactMap({ $0 }).count < service.configuration.maxPeers else {
+                stats.protocolError("tooManyPeers")
+                Sys.close(fd)
+                continue
+            }
+            let index = peers.firstIndex { $0 == nil } ?? peers.count
+            let p = Peer(index: index, generation: nextGeneration(), control: fd)
+            if index == peers.count { peers.append(p) } else { peers[index] = p }
+            stats.peersConnected += 1
+            service.logger.info("\(p.name) connected")
+            armControl(p)
+        }
+        do { try ring.preparePollIn(fd: l.fd, token: RingToken(kind: .listener)) } catch {
+            service.logger.critical("cannot poll the listening socket: \(error)")
+        }
+    }
+
+    private func armControl(_ p: Peer) {
+        guard p.state != .closed, !p.controlArmed else { return }
+        do {
+            try ring.preparePollIn(fd: p.control, token: RingToken(kind: .peerControl, slot: p.index, generation: p.generation))
+            p.controlArmed = true
+        } catch {
+            closePeer(p, reason: "cannot poll its socket: \(error)", disconnected: true)
+        }
+    }
+
+    private func armInvalidation(_ p: Peer) {
+        guard p.state == .attached, !p.invalidationArmed else { return }
+        do {
+            try ring.preparePollIn(fd: p.invalidation, token: RingToken(kind: .peerInvalidation, slot: p.index, generation: p.generation))
+            p.invalidationArmed = true
+        } catch {
+            closePeer(p, reason: "cannot poll its invalidation socket: \(error)", disconnected: true)
+        }
+    }
+
+    /// Closes a connection and detaches its device. `disconnected`: the service sent it away.
+    func closePeer(_ p: Peer, reason: String, disconnected: Bool) {
+        guard p.state != .closed else { return }
+        p.state = .closed
+        if let d = p.device {
+            d.peer = nil
+            detach(d, reason: reason)
+            p.device = nil
+        }
+        if let provision = p.provision, let l = listener {
+            l.provisioner.release(provision)
+            p.provision = nil
+        }
+        if p.controlArmed { try? ring.prepareCancel(RingToken(kind: .peerControl, slot: p.index, generation: p.generation)) }
+        if p.invalidationArmed {
+            try? ring.prepareCancel(RingToken(kind: .peerInvalidation, slot: p.index, generation: p.generation))
+        }
+        // Polls hold no buffers: the sockets can go now; stale completions are dropped by generation.
+        Sys.close(p.control)
+        if p.invalidation >= 0 { Sys.close(p.invalidation) }
+        peers[p.index] = nil
+        if disconnected { stats.peersDisconnected += 1 }
+        service.logger.info("\(p.name) closed: \(reason)")
+    }
+
+    // MARK: Control socket
+
+    func readControl(_ p: Peer) {
+        for _ in 0..<messagesPerTurn where p.state != .closed {
+            let got: Sys.Received
+            do {
+                got = try Sys.receive(p.control, into: messageBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: true)
+            } catch where error.errno == .wouldBlock {
+                break
+            } catch {
+                closePeer(p, reason: "receive failed: \(error)", disconnected: false)
+                return
+            }
+            guard got.count > 0 else {
+                closePeer(p, reason: "closed the connection", disconnected: false)
+                return
+            }
+            let message = UnsafeRawBufferPointer(rebasing: messageBuffer[..<got.count])
+            let fdsSent = !got.fds.isEmpty
+            for fd in got.fds { Sys.close(fd) }
+            if got.truncated || got.count > WireLimits.maxMessageBytes {
+                refuse(p, message, kind: "tooLarge", errno: WireErrno.messageSize,
+                       "message larger than \(WireLimits.maxMessageBytes) bytes or with more than \(WireLimits.maxFDs) descriptors")
+                continue
+            }
+            let header: MessageHeader
+            do {
+                header = try MessageHeader(message: message)
+            } catch {
+                if case .unknownCommand = error {
+                    refuse(p, message, kind: error.kind, errno: error.errno, error.description)
+                    continue
+                }
+                stats.protocolError(error.kind)
+                closePeer(p, reason: "sent a malformed message: \(error)", disconnected: true)
+                return
+            }
+            if fdsSent {
+                refuse(p, message, kind: "unexpectedFDs", errno: WireErrno.invalid, "\(header.command) carries no descriptors")
+                continue
+            }
+            let payload = UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...])
+            if header.isReply || header.command == .invalidate {
+                refuse(p, message, kind: "badState", errno: WireErrno.protocolError,
+                       "\(header.command) \(header.isReply ? "reply" : "request") is not allowed on the control socket")
+                continue
+            }
+            handleRequest(p, header, payload)
+        }
+        armControl(p)
+    }
+
+    private func handleRequest(_ p: Peer, _ header: MessageHeader, _ payload: UnsafeRawBufferPointer) {
+        do throws(WireError) {
+            switch (header.command, p.state) {
+            case (.hello, .greeting):
+                let hello = try Hello(payload: payload)
+                guard hello.major == WireVersion.major else {
+                    stats.protocolError("badVersion")
+                    reply(p, Wire.errorReply(command: .hello, id: header.id, errno: WireErrno.notSupported,
+                                             text: "protocol major \(hello.major) is not supported; this service speaks \(WireVersion.major).\(WireVersion.minor)"))
+                    closePeer(p, reason: "asked for protocol major \(hello.major)", disconnected: true)
+                    return
+                }
+                p.state = .ready
+                let granted = HelloReply(major: WireVersion.major, minor: min(hello.minor, WireVersion.minor),
+                                         capabilities: hello.capabilities.intersection(.all))
+                reply(p, granted.message(id: header.id, flags: .reply))
+            case (.attach, .ready):
+                attach(p, header, try Attach(payload: payload))
+            case (.translate, .attached):
+                translate(p, header, try Translate(payload: payload))
+            case (.detach, .attached), (.detach, .ready):
+                try Empty(payload: payload)
+                reply(p, Wire.message(command: .detach, id: header.id, flags: .reply))
+                closePeer(p, reason: "detached", disconnected: false)
+            default:
+                let expected = p.state == .greeting ? "HELLO" : p.state == .ready ? "ATTACH or DETACH" : "TRANSLATE or DETACH"
+                stats.protocolError("badState")
+                reply(p, Wire.errorReply(command: header.command, id: header.id, errno: WireErrno.protocolError,
+                                         text: "\(header.command) is not allowed now: expected \(expected)"))
+            }
+        } catch {
+            stats.protocolError(error.kind)
+            reply(p, Wire.errorReply(command: header.command, id: header.id, errno: error.errno, text: error.description))
+        }
+    }
+
+    /// An error reply to a message whose header may not have decoded.
+    private func refuse(_ p: Peer, _ message: UnsafeRawBufferPointer, kind: String, errno: UInt32, _ text: String) {
+        stats.protocolError(kind)
+        let (id, rawCommand) = peekMessageID(message) ?? (0, 0)
+        // The reply names the command as received when it is one; unknown ones answer as HELLO.
+        let command = Command(rawValue: rawCommand) ?? .hello
+        reply(p, Wire.errorReply(command: command, id: id, errno: errno, text: text))
+    }
+
+    /// Sends without blocking; a peer whose socket is full is not reading and goes.
+    private func reply(_ p: Peer, _ bytes: [UInt8], fds: [CInt] = []) {
+        guard p.state != .closed else { return }
+        do {
+            try Sys.send(p.control, bytes, fds: fds, nonBlocking: true)
+        } catch {
+            if error.errno == .wouldBlock { stats.protocolError("slowReader") }
+            closePeer(p, reason: "cannot send to it: \(error)", disconnected: true)
+        }
+    }
+
+    private func attach(_ p: Peer, _ header: MessageHeader, _ request: Attach) {
+        guard let l = listener else { return }
+        if byGeneration.values.contains(where: { $0.deviceID == request.deviceID && $0.pasid == request.pasid }) {
+            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.exists,
+                                     text: "device \(request.deviceID) is already attached"))
+            return
+        }
+        let provision: DeviceProvision
+        do {
+            provision = try l.provisioner.provision(deviceID: request.deviceID, pasid: request.pasid)
+        } catch {
+            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.noSpace, text: "\(error)"))
+            return
+        }
+        var made: (any FaultTransport, DeviceChannelEnds)?
+        var invalidationPair: (CInt, CInt)?
+        do {
+            made = request.wantsStream ? try StreamTransport.make(.socket) : try SharedRingTransport.make()
+            invalidationPair = try Sys.seqpacketPair()
+        } catch {
+            if let made { made.0.close(); made.1.close() }
+            l.provisioner.release(provision)
+            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: UInt32(error.errno.rawValue), text: "\(error)"))
+            return
+        }
+        let (transport, ends) = made!
+        let (serviceEnd, deviceEnd) = invalidationPair!
+        let regions = provision.regions.compactMap { r in r.info.map { ($0, r.fd) } }
+        let answer = AttachReply(credit: request.credit, channel: request.wantsStream ? .stream : .sharedRing,
+                                 invalidateTimeoutMs: UInt32(service.configuration.invalidateTimeout.components.seconds * 1000
+                                     + service.configuration.invalidateTimeout.components.attoseconds / 1_000_000_000_000_000),
+                                 ringEntries: request.wantsStream ? 0 : UInt32(SharedQueue.capacity),
+                                 windows: provision.windows, regions: regions.map(\.0))
+        p.invalidation = serviceEnd
+        p.provision = provision
+        do {
+            let d = try addDevice(deviceID: request.deviceID, pasid: request.pasid, domain: provision.domain,
+                                  credit: Int(request.credit), transport: transport, windows: provision.windows)
+            d.peer = p
+            p.device = d
+            p.state = .attached
+            fences.add(device: d.generation, domain: provision.domain, pasid: request.pasid)
+        } catch {
+            transport.close()
+            ends.close()
+            Sys.close(deviceEnd)
+            closePeer(p, reason: "cannot attach: \(error)", disconnected: true)
+            return
+        }
+        reply(p, answer.message(id: header.id, flags: .reply), fds: [deviceEnd] + ends.fds + regions.map(\.1))
+        // The device has its own copies now (or is gone).
+        Sys.close(deviceEnd)
+        ends.close()
+        guard p.state == .attached, let d = p.device else { return }
+        stats.externalDevices += 1
+        armInvalidation(p)
+        service.logger.info("device \(d.deviceID) attached from \(p.name): \(provision.windows.count) windows, \(regions.count) regions, \(request.wantsStream ? "stream" : "shared ring") channel, credit \(request.credit)")
+    }
+
+    private func translate(_ p: Peer, _ header: MessageHeader, _ request: Translate) {
+        guard let d = p.device else { return }
+        // Read before the walk: any unmap the walk missed is posted with a higher sequence.
+        let sequence = fences.lastPosted(device: d.generation)
+        let table = engine.pageTable(d.domain)
+        var entries: [UInt64] = []
+        entries.reserveCapacity(Int(request.pages))
+        for k in 0..<UInt64(request.pages) {
+            let iova = request.iova + k << 12
+            guard d.inWindows(iova), let t = table.translate(iova) else {
+                entries.append(0)
+                continue
+            }
+            entries.append(t.phys & ~0xFFF | (t.prot.contains(.read) ? TranslateReply.read : 0)
+                | (t.prot.contains(.write) ? TranslateReply.write : 0))
+        }
+        reply(p, TranslateReply(sequence: sequence, entries: entries).message(id: header.id, flags: .reply))
+    }
+
+    // MARK: Invalidation socket
+
+    func readAcknowledgements(_ p: Peer) {
+        guard let d = p.device else { return }
+        for _ in 0..<(4 * messagesPerTurn) where p.state == .attached {
+            let got: Sys.Received
+            do {
+                got = try Sys.receive(p.invalidation, into: messageBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: true)
+            } catch where error.errno == .wouldBlock {
+                break
+            } catch {
+                closePeer(p, reason: "receive on the invalidation socket failed: \(error)", disconnected: false)
+                return
+            }
+            guard got.count > 0 else {
+                closePeer(p, reason: "closed its invalidation socket", disconnected: false)
+                return
+            }
+            for fd in got.fds { Sys.close(fd) }
+            if !got.fds.isEmpty { stats.protocolError("unexpectedFDs") }
+            let message = UnsafeRawBufferPointer(rebasing: messageBuffer[..<got.count])
+            guard !got.truncated, let header = try? MessageHeader(message: message), header.command == .invalidate,
+                header.isReply, !header.isError,
+                let ack = try? InvalidateAck(payload: UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...]))
+            else {
+                stats.protocolError("badAck")
+                closePeer(p, reason: "sent something other than an INVALIDATE acknowledgement on its invalidation socket",
+                          disconnected: true)
+                return
+            }
+            if fences.acknowledge(device: d.generation, sequence: ack.sequence) {
+                stats.invalidationsAcked += 1
+            } else {
+                stats.protocolError("unknownAck")
+            }
+        }
+        armInvalidation(p)
+    }
+
+    /// Sends the INVALIDATEs the engine's syncs posted, and fences every device past its
+    /// deadline: detached, pending groups answered INVALID, disconnected.
+    func serveExternalDevices() {
+        if fences.pending.load(ordering: .acquiring) {
+            for (generation, message) in fences.takeOutbox() {
+                guard let d = byGeneration[generation], let p = d.peer, p.state == .attached else { continue }
+                do {
+                    try Sys.send(p.invalidation, message.message(id: UInt16(truncatingIfNeeded: message.sequence)), nonBlocking: true)
+                    stats.invalidationsSent += 1
+                } catch {
+                    stats.protocolError(error.errno == .wouldBlock ? "slowReader" : "invalidationSocket")
+                    stats.devicesFenced += 1
+                    closePeer(p, reason: "device \(d.deviceID) fenced: cannot send INVALIDATE \(message.sequence): \(error)",
+                              disconnected: true)
+                }
+            }
+        }
+        guard !byGeneration.isEmpty, !peers.isEmpty else { return }
+        for generation in fences.overdue(at: .now) {
+            guard let d = byGeneration[generation], let p = d.peer else {
+                fences.remove(device: generation)
+                continue
+            }
+            stats.protocolError("invalidateTimeout")
+            stats.devicesFenced += 1
+            closePeer(p, reason: "device \(d.deviceID) fenced: no acknowledgement within \(service.configuration.invalidateTimeout)",
+                      disconnected: true)
+        }
+    }
+}

@@ -1,0 +1,60 @@
+// Rig.swift — the setup that serve, bench and stress share: an engine over this process's
+// memory, a running service, domains whose IOTLB syncs reach the in-process devices, and
+// in-process simulated devices attached over the service's transport. A device maps the
+// regions it is given from their memfds, as a device in another process does, and does
+// its DMA through that mapping.
+
+import IOPFCore
+import IOPFDevice
+import IOPFService
+import IOPFSystem
+import Logging
+import Synchronization
+
+/// A domain's in-process sync target: every attached in-process device's IOTLB.
+public final class DomainIOTLBs: IOTLBInvalidator, Sendable {
+    private let devices = Mutex<[DeviceIOTLB]>([])
+    public init() {}
+    public func add(_ iotlb: DeviceIOTLB) { devices.withLock { $0.append(iotlb) } }
+    public func remove(_ iotlb: DeviceIOTLB) { devices.withLock { $0.removeAll { $0 === iotlb } } }
+    public func invalidate(_ ranges: [IOVARange]) {
+        for d in devices.withLock({ $0 }) { d.invalidate(ranges) }
+    }
+}
+
+final class Rig {
+    let engine: FaultEngine
+    let service: FaultService
+    let fanouts: [DomainIOTLBs]
+    let domains: [DomainID]
+    let audits: [TranslationAudit?]
+
+    /// Starts a service over a new engine; stop it with `service.stop()`.
+    init(engine config: EngineConfiguration, service serviceConfig: ServiceConfiguration, domains count: Int,
+         audits: [TranslationAudit?]? = nil, logger: Logger) throws {
+        engine = FaultEngine(memory: ProcessMemory(), configuration: config)
+        service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
+        fanouts = (0..<count).map { _ in DomainIOTLBs() }
+        self.audits = audits ?? Array(repeating: nil, count: count)
+        domains = try (0..<count).map { [service, fanouts, audits] d in
+            try service.createDomain(local: fanouts[d], observer: audits?[d])
+        }
+        try service.start()
+    }
+
+    /// Attaches an in-process device to domain `domainIndex` and builds it over `regions`.
+    func device(_ dc: DeviceConfiguration, domain domainIndex: Int, regions: [HostRegion]) throws -> SimulatedDevice {
+        let domain = domains[domainIndex]
+        let channel = try DeviceChannel(try service.attach(deviceID: dc.deviceID, pasid: dc.pasid, domain: domain))
+        let memory = try DeviceMemory(try regions.map { ($0.info!, try Sys.dup($0.fd)) })
+        let device = SimulatedDevice(configuration: dc, channel: channel, memory: memory,
+                                     translator: .pageTable(engine.pageTable(domain)), window: service.window,
+                                     audit: audits[domainIndex])
+        fanouts[domainIndex].add(device.iotlb)
+        return device
+    }
+
+    func remove(_ device: SimulatedDevice, domain domainIndex: Int) {
+        fanouts[domainIndex].remove(device.iotlb)
+    }
+}

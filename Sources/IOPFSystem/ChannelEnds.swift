@@ -1,0 +1,32 @@
+// ChannelEnds.swift — the file descriptors of one fault channel, as handed from the
+// service to a device (in-process, or by SCM_RIGHTS over the device socket).
+
+import Glibc
+
+/// How page requests travel between a device and the service (chosen by measurement, see
+/// README "Fault channel"): shared rings in a memfd with eventfd doorbells rung only for
+/// sleepers (the default), a socketpair, or a pipe each way.
+public enum ChannelTransport: String, Sendable, CaseIterable {
+    case shared, socket, pipe
+}
+
+/// The device's end of a fault channel. Whoever holds it owns the descriptors.
+public enum DeviceChannelEnds: Sendable {
+    /// The ring memfd, the doorbell eventfd (the device rings the service) and the wake
+    /// eventfd (the service rings the device).
+    case shared(queue: CInt, doorbell: CInt, wake: CInt)
+    /// Byte streams: requests written to `write`, responses read from `read` (one
+    /// descriptor for a socket).
+    case stream(read: CInt, write: CInt)
+
+    package var fds: [CInt] {
+        switch self {
+        case .shared(let q, let d, let w): [q, d, w]
+        case .stream(let r, let w): r == w ? [r] : [r, w]
+        }
+    }
+
+    package func close() {
+        for fd in fds { Sys.close(fd) }
+    }
+}

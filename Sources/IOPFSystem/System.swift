@@ -1,0 +1,221 @@
+// System.swift — one small wrapper per system call, after swift-nio's System.swift: each
+// is @inline(never) so nothing runs between the call and reading errno, and failures
+// become a `SystemCallError` that names the call. EINTR is retried in one place.
+
+import CIOPFShim  // brings <sys/eventfd.h>
+import Glibc
+import SystemPackage
+
+/// A failed system call: which one, and the errno it returned.
+public struct SystemCallError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var call: String
+    public var errno: Errno
+    public init(_ call: String, _ errno: Errno) {
+        self.call = call
+        self.errno = errno
+    }
+    public var description: String { "\(call): \(errno) (errno \(errno.rawValue))" }
+}
+
+/// Runs `body` until it does not fail with EINTR; -1 becomes a thrown error naming `call`.
+@inline(never)
+package func syscall<T: FixedWidthInteger>(_ call: String, _ body: () -> T) throws(SystemCallError) -> T {
+    while true {
+        let r = body()
+        if r != -1 { return r }
+        let e = Errno(rawValue: Glibc.errno)
+        if e == .interrupted { continue }
+        throw SystemCallError(call, e)
+    }
+}
+
+package enum Sys {
+    @inline(never)
+    package static func read(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer) throws(SystemCallError) -> Int {
+        try syscall("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    @inline(never)
+    package static func write(_ fd: CInt, _ buffer: UnsafeRawBufferPointer) throws(SystemCallError) -> Int {
+        try syscall("write") { Glibc.write(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    /// Writes all of `buffer`, looping over short writes.
+    package static func writeAll(_ fd: CInt, _ buffer: UnsafeRawBufferPointer) throws(SystemCallError) {
+        var done = 0
+        while done < buffer.count {
+            done += try write(fd, UnsafeRawBufferPointer(rebasing: buffer[done...]))
+        }
+    }
+
+    package static func close(_ fd: CInt) {
+        // Linux closes the fd even when close returns EINTR: never retry.
+        _ = Glibc.close(fd)
+    }
+
+    @inline(never)
+    package static func eventfd(initial: UInt32 = 0, flags: CInt = CInt(EFD_CLOEXEC | EFD_NONBLOCK)) throws(SystemCallError) -> CInt {
+        try syscall("eventfd") { CIOPFShim.eventfd(initial, flags) }
+    }
+
+    @inline(never)
+    package static func socketpair() throws(SystemCallError) -> (CInt, CInt) {
+        var fds: [CInt] = [-1, -1]
+        _ = try syscall("socketpair") { Glibc.socketpair(AF_UNIX, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) }
+        return (fds[0], fds[1])
+    }
+
+    @inline(never)
+    package static func pipe() throws(SystemCallError) -> (read: CInt, write: CInt) {
+        var fds: [CInt] = [-1, -1]
+        _ = try syscall("pipe2") { iopf_pipe2(&fds, 0) }
+        return (fds[0], fds[1])
+    }
+
+    @inline(never)
+    package static func dup(_ fd: CInt) throws(SystemCallError) -> CInt {
+        try syscall("fcntl(F_DUPFD_CLOEXEC)") { fcntl(fd, F_DUPFD_CLOEXEC, 0) }
+    }
+
+    package static func setNonBlocking(_ fd: CInt, _ on: Bool) throws(SystemCallError) {
+        let flags = try syscall("fcntl(F_GETFL)") { fcntl(fd, F_GETFL) }
+        _ = try syscall("fcntl(F_SETFL)") { fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK) }
+    }
+
+    /// Waits until `fd` is readable or `timeoutMs` passes (-1: forever). True when readable.
+    package static func pollReadable(_ fd: CInt, timeoutMs: CInt) throws(SystemCallError) -> Bool {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return try syscall("poll") { Glibc.poll(&p, 1, timeoutMs) } > 0
+    }
+
+    /// A connected pair of SOCK_SEQPACKET sockets: message boundaries are kept, so one
+    /// recvmsg returns exactly one protocol message with its descriptors.
+    @inline(never)
+    package static func seqpacketPair() throws(SystemCallError) -> (CInt, CInt) {
+        var fds: [CInt] = [-1, -1]
+        _ = try syscall("socketpair(SOCK_SEQPACKET)") {
+            Glibc.socketpair(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds)
+        }
+        return (fds[0], fds[1])
+    }
+
+    /// Sends one message with `fds` attached (never raises SIGPIPE). Non-blocking sends
+    /// fail with EAGAIN when the peer's buffer is full.
+    @inline(never)
+    package static func send(_ fd: CInt, _ bytes: [UInt8], fds: [CInt] = [], nonBlocking: Bool) throws(SystemCallError) {
+        let n = try syscall("sendmsg") {
+            bytes.withUnsafeBytes { b in
+                fds.withUnsafeBufferPointer { f in
+                    iopf_send_with_fds(fd, b.baseAddress, b.count, f.baseAddress, CInt(f.count), nonBlocking ? 1 : 0)
+                }
+            }
+        }
+        guard n == bytes.count else { throw SystemCallError("sendmsg (short)", .messageTooLong) }
+    }
+
+    /// One received message: its bytes, the descriptors that came with it (owned by the
+    /// caller now), and whether anything was cut off.
+    package struct Received {
+        package var count: Int
+        package var fds: [CInt]
+        package var truncated: Bool
+    }
+
+    /// Receives one message into `buffer`; `count` 0 means end of stream.
+    @inline(never)
+    package static func receive(_ fd: CInt, into buffer: UnsafeMutableRawBufferPointer, maxFDs: Int,
+                                nonBlocking: Bool) throws(SystemCallError) -> Received {
+        var fds = [CInt](repeating: -1, count: max(maxFDs, 1))
+        var nfds: CInt = 0
+        var truncated: CInt = 0
+        let n = try syscall("recvmsg") {
+            fds.withUnsafeMutableBufferPointer { f in
+                iopf_recv_with_fds(fd, buffer.baseAddress, buffer.count, f.baseAddress, CInt(maxFDs), &nfds, &truncated,
+                                   nonBlocking ? 1 : 0)
+            }
+        }
+        return Received(count: n, fds: Array(fds.prefix(Int(nfds))), truncated: truncated != 0)
+    }
+
+    /// A listening AF_UNIX SOCK_SEQPACKET socket at `path` with permissions `mode`. A stale
+    /// socket file at `path` is replaced; any other file is an error.
+    package static func listenUnix(path: String, mode: mode_t, backlog: CInt = 64) throws(SystemCallError) -> CInt {
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else { throw SystemCallError("listen: \(path) exists and is not a socket", .fileExists) }
+            unlink(path)
+        }
+        let fd = try syscall("socket(AF_UNIX, SOCK_SEQPACKET)") {
+            Glibc.socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue) | CInt(SOCK_NONBLOCK.rawValue), 0)
+        }
+        do {
+            var addr = try unixAddress(path)
+            _ = try syscall("bind(\(path))") {
+                withUnsafePointer(to: &addr) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                }
+            }
+            _ = try syscall("chmod(\(path))") { chmod(path, mode) }
+            _ = try syscall("listen") { Glibc.listen(fd, backlog) }
+            return fd
+        } catch {
+            Sys.close(fd)
+            throw error
+        }
+    }
+
+    /// Connects to the AF_UNIX SOCK_SEQPACKET socket at `path` (blocking).
+    package static func connectUnix(path: String) throws(SystemCallError) -> CInt {
+        let fd = try syscall("socket(AF_UNIX, SOCK_SEQPACKET)") {
+            Glibc.socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
+        }
+        do {
+            var addr = try unixAddress(path)
+            _ = try syscall("connect(\(path))") {
+                withUnsafePointer(to: &addr) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                }
+            }
+            return fd
+        } catch {
+            Sys.close(fd)
+            throw error
+        }
+    }
+
+    /// Accepts one connection (non-blocking, close-on-exec); nil when none is waiting.
+    package static func accept(_ fd: CInt) throws(SystemCallError) -> CInt? {
+        do {
+            return try syscall("accept4") { iopf_accept(fd) }
+        } catch where error.errno == .wouldBlock || error.errno == Errno(rawValue: ECONNABORTED) {
+            return nil
+        }
+    }
+
+    /// The peer's pid and uid of a connected AF_UNIX socket (SO_PEERCRED).
+    package static func peerCredentials(_ fd: CInt) -> (pid: Int32, uid: UInt32)? {
+        var pid: CInt = 0, uid: CInt = 0, gid: CInt = 0
+        guard iopf_peer_credentials(fd, &pid, &uid, &gid) == 0 else { return nil }
+        return (pid, UInt32(bitPattern: uid))
+    }
+
+    /// Size of the file behind `fd`.
+    package static func fileSize(_ fd: CInt) throws(SystemCallError) -> UInt64 {
+        var st = stat()
+        _ = try syscall("fstat") { fstat(fd, &st) }
+        return UInt64(st.st_size)
+    }
+
+    private static func unixAddress(_ path: String) throws(SystemCallError) -> sockaddr_un {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw SystemCallError("socket path '\(path)' is longer than \(MemoryLayout.size(ofValue: addr.sun_path) - 1) bytes", .fileNameTooLong)
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in bytes.enumerated() { p[i] = b }
+        }
+        return addr
+    }
+}

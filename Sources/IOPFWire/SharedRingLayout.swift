@@ -1,0 +1,36 @@
+// SharedRingLayout.swift — the byte layout of the shared fault channel: one memfd holding
+// two single-producer/single-consumer rings, mapped by the device and by the service.
+// Part of the protocol (see IOPFWire.docc/Protocol.md): clients in any language lay it
+// out exactly so.
+//
+//   offset  field (UInt32, free-running; slot = index % entries)
+//   0       request head    written by the service (it consumes requests)
+//   64      request tail    written by the device (it produces requests)
+//   128     response head   written by the device (it consumes responses)
+//   192     response tail   written by the service (it produces responses)
+//   256     device waiting  the device sleeps on its wake eventfd; the service must ring it
+//   320     service waiting the service sleeps; the device must ring its doorbell eventfd
+//   384     closed by the device
+//   448     closed by the service
+//   4096    request slots: entries x 40 bytes (struct iommu_hwpt_pgfault)
+//   then    response slots: entries x 8 bytes (struct iommu_hwpt_page_response)
+//
+// Ordering: a producer writes slots, then publishes the tail with a release store; the
+// consumer reads the tail with an acquire load. A sleeper sets its waiting flag, then
+// re-checks the ring (both sequentially consistent), so a producer that saw the flag clear
+// had published before the re-check: no wake-up is lost.
+
+public enum SharedRingLayout {
+    public static let entries = 256
+    public static let headerBytes = 4096
+    public static let requestSlotsOffset = headerBytes
+    public static let responseSlotsOffset = headerBytes + entries * PageRequest.byteCount
+    public static let byteCount = responseSlotsOffset + entries * PageResponse.byteCount
+
+    /// The header's UInt32 fields, each on its own 64-byte cache line.
+    public enum Field: Int, CaseIterable, Sendable {
+        case requestHead = 0, requestTail, responseHead, responseTail, deviceWaiting, serviceWaiting, deviceClosed,
+             serviceClosed
+        public var offset: Int { rawValue * 64 }
+    }
+}
