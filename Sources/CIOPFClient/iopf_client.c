@@ -1,1 +1,317 @@
+/* iopf_client.c — the iopf device protocol 1.0 from the device side, in C (see
+ * iopf_client.h and Sources/IOPFWire/IOPFWire.docc/Protocol.md). Everything the service
+ * sends is checked before use: header size against what was received, reply ids and
+ * commands, counts against payload sizes, descriptor counts against the payload. */
+#define _GNU_SOURCE
 #include "iopf_client.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+enum { CMD_HELLO = 1, CMD_ATTACH = 2, CMD_TRANSLATE = 3, CMD_DETACH = 4, CMD_INVALIDATE = 5 };
+enum { FLAG_REPLY = 1, FLAG_ERROR = 1 << 5 };
+enum { HEADER = 16, MAX_MESSAGE = 16384, MAX_FDS = 16, RECORD = 40 };
+
+static int fail(struct iopf_client *c, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->error, sizeof(c->error), fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
+static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t get32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = v << 8 | p[i]; return v; }
+static uint64_t get64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = v << 8 | p[i]; return v; }
+
+static void header(uint8_t *m, uint16_t id, uint16_t cmd, uint32_t size, uint32_t flags) {
+    put16(m, id);
+    put16(m + 2, cmd);
+    put32(m + 4, size);
+    put32(m + 8, flags);
+    put32(m + 12, 0);
+}
+
+static void close_fds(const int *fds, int n) {
+    for (int i = 0; i < n; i++) close(fds[i]);
+}
+
+/* One message with its descriptors; 0 bytes means the peer closed. */
+static ssize_t receive(int fd, uint8_t *buf, size_t cap, int *fds, int *nfds) {
+    struct iovec iov = {.iov_base = buf, .iov_len = cap};
+    union {
+        char b[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.b, .msg_controllen = sizeof(control.b)};
+    *nfds = 0;
+    ssize_t n;
+    do n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC); while (n < 0 && errno == EINTR);
+    if (n < 0) return n;
+    for (struct cmsghdr *h = CMSG_FIRSTHDR(&msg); h; h = CMSG_NXTHDR(&msg, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS) continue;
+        int count = (int)((h->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < count; i++) {
+            int got;
+            memcpy(&got, CMSG_DATA(h) + i * sizeof(int), sizeof(int));
+            if (fds && *nfds < MAX_FDS) fds[(*nfds)++] = got;
+            else close(got);
+        }
+    }
+    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+        if (fds) close_fds(fds, *nfds);
+        *nfds = 0;
+        errno = EMSGSIZE;
+        return -1;
+    }
+    return n;
+}
+
+static int send_all(int fd, const void *buf, size_t len) {
+    const uint8_t *p = buf;
+    while (len > 0) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Answers one INVALIDATE message (already received). */
+static int answer_invalidation(struct iopf_client *c, const uint8_t *m, ssize_t n) {
+    if (n < HEADER + 24 || get32(m + 4) != (uint32_t)n || get16(m + 2) != CMD_INVALIDATE || (get32(m + 8) & 0xF) != 0)
+        return fail(c, "the service sent a malformed INVALIDATE");
+    const uint8_t *p = m + HEADER;
+    uint64_t sequence = get64(p);
+    uint32_t count = get32(p + 16);
+    if (count < 1 || count > 256 || (ssize_t)(HEADER + 24 + 16 * count) != n)
+        return fail(c, "INVALIDATE with %u ranges in %zd bytes", count, n);
+    struct iopf_range ranges[256];
+    for (uint32_t i = 0; i < count; i++) {
+        ranges[i].start = get64(p + 24 + 16 * i);
+        ranges[i].last = get64(p + 32 + 16 * i);
+    }
+    /* Drop the translations (and drain DMA) first, then acknowledge. */
+    if (sequence > c->invalidation_sequence) c->invalidation_sequence = sequence;
+    if (c->on_invalidate) c->on_invalidate(c, ranges, (int)count, c->on_invalidate_ctx);
+    uint8_t ack[HEADER + 8];
+    header(ack, get16(m), CMD_INVALIDATE, sizeof(ack), FLAG_REPLY);
+    put64(ack + HEADER, sequence);
+    if (send_all(c->invalidation, ack, sizeof(ack)) != 0) return fail(c, "acknowledging INVALIDATE %llu: %s",
+                                                                      (unsigned long long)sequence, strerror(errno));
+    c->invalidations_acked++;
+    return 0;
+}
+
+int iopf_poll_invalidations(struct iopf_client *c, int timeout_ms) {
+    int answered = 0;
+    uint8_t m[MAX_MESSAGE];
+    for (;;) {
+        struct pollfd p = {.fd = c->invalidation, .events = POLLIN};
+        int r = poll(&p, 1, answered ? 0 : timeout_ms);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return fail(c, "poll: %s", strerror(errno));
+        if (r == 0) return answered;
+        ssize_t n = receive(c->invalidation, m, sizeof(m), NULL, &(int){0});
+        if (n <= 0) return fail(c, "the service closed the invalidation socket");
+        if (answer_invalidation(c, m, n) != 0) return -1;
+        answered++;
+    }
+}
+
+/* Waits until `fd` is readable, answering invalidations meanwhile. */
+static int wait_readable(struct iopf_client *c, int fd) {
+    for (;;) {
+        struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = c->invalidation, .events = POLLIN}};
+        int n = c->invalidation >= 0 ? 2 : 1;
+        int r = poll(p, (nfds_t)n, -1);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return fail(c, "poll: %s", strerror(errno));
+        if (n == 2 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)) && iopf_poll_invalidations(c, 0) < 0) return -1;
+        if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) return 0;
+    }
+}
+
+/* Sends a request on the control socket and receives its reply (payload into out). */
+static int request(struct iopf_client *c, uint16_t cmd, const uint8_t *payload, size_t len, uint8_t *out, size_t cap,
+                   size_t *out_len, int *fds, int *nfds) {
+    uint8_t m[MAX_MESSAGE];
+    if (HEADER + len > sizeof(m)) return fail(c, "request too large");
+    uint16_t id = ++c->next_id;
+    header(m, id, cmd, (uint32_t)(HEADER + len), 0);
+    if (len) memcpy(m + HEADER, payload, len);
+    if (send_all(c->control, m, HEADER + len) != 0) return fail(c, "send: %s", strerror(errno));
+    if (wait_readable(c, c->control) != 0) return -1;
+    int got_fds = 0;
+    ssize_t n = receive(c->control, m, sizeof(m), fds, &got_fds);
+    if (nfds) *nfds = got_fds;
+    if (n == 0) return fail(c, "the service closed the connection");
+    if (n < HEADER || get32(m + 4) != (uint32_t)n) {
+        if (fds) close_fds(fds, got_fds);
+        return fail(c, "malformed reply (%zd bytes)", n);
+    }
+    uint32_t flags = get32(m + 8);
+    if ((flags & FLAG_REPLY) == 0 || get16(m) != id || get16(m + 2) != cmd) {
+        if (fds) close_fds(fds, got_fds);
+        return fail(c, "expected the reply to command %u #%u", cmd, id);
+    }
+    if (flags & FLAG_ERROR) {
+        if (fds) close_fds(fds, got_fds);
+        return fail(c, "refused (errno %u): %.*s", get32(m + 12), (int)(n - HEADER), (const char *)m + HEADER);
+    }
+    if ((size_t)(n - HEADER) > cap) return fail(c, "reply larger than expected");
+    memcpy(out, m + HEADER, (size_t)(n - HEADER));
+    *out_len = (size_t)(n - HEADER);
+    return 0;
+}
+
+int iopf_connect(struct iopf_client *c, const char *path) {
+    memset(c, 0, sizeof(*c));
+    c->control = c->invalidation = c->channel = -1;
+    c->pasid = -1;
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof(addr.sun_path)) return fail(c, "socket path too long");
+    strcpy(addr.sun_path, path);
+    c->control = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (c->control < 0) return fail(c, "socket: %s", strerror(errno));
+    if (connect(c->control, (struct sockaddr *)&addr, sizeof(addr)) != 0) return fail(c, "connect %s: %s", path, strerror(errno));
+    uint8_t hello[12], reply[16];
+    put16(hello, 1); /* major */
+    put16(hello + 2, 0);
+    put32(hello + 4, 1u << 1 | 1u << 2); /* stream channel, TRANSLATE */
+    put32(hello + 8, 0);                 /* role: device */
+    size_t n;
+    if (request(c, CMD_HELLO, hello, sizeof(hello), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    if (n != 16 || get16(reply) != 1) return fail(c, "HELLO reply: unsupported version");
+    return 0;
+}
+
+int iopf_attach(struct iopf_client *c, uint32_t device_id, int pasid, uint32_t credit) {
+    uint8_t req[16], reply[MAX_MESSAGE];
+    put32(req, device_id);
+    put32(req + 4, (pasid >= 0 ? 1u : 0u) | 1u << 1); /* PASID_VALID, STREAM_CHANNEL */
+    put32(req + 8, pasid >= 0 ? (uint32_t)pasid : 0);
+    put32(req + 12, credit);
+    int fds[MAX_FDS], nfds = 0;
+    size_t n;
+    if (request(c, CMD_ATTACH, req, sizeof(req), reply, sizeof(reply), &n, fds, &nfds) != 0) return -1;
+    uint32_t windows = n >= 24 ? get16(reply + 16) : 0, regions = n >= 24 ? get16(reply + 18) : 0;
+    if (n < 24 || get32(reply + 4) != 1 || windows > IOPF_MAX_WINDOWS || regions > IOPF_MAX_REGIONS ||
+        n != 24 + 24 * windows + 16 * regions || nfds != (int)(2 + regions)) {
+        close_fds(fds, nfds);
+        return fail(c, "malformed ATTACH reply (%zu bytes, %d descriptors)", n, nfds);
+    }
+    c->device_id = device_id;
+    c->pasid = pasid;
+    c->credit = get32(reply);
+    c->invalidate_timeout_ms = get32(reply + 8);
+    c->invalidation = fds[0];
+    c->channel = fds[1];
+    const uint8_t *p = reply + 24;
+    for (uint32_t i = 0; i < windows; i++, p += 24) {
+        c->windows[i] = (struct iopf_window){.iova = get64(p), .size = get64(p + 8), .prot = get32(p + 16)};
+    }
+    c->window_count = (int)windows;
+    for (uint32_t i = 0; i < regions; i++, p += 16) {
+        int fd = fds[2 + i];
+        struct iopf_region r = {.phys = get64(p), .size = get64(p + 8)};
+        struct stat st;
+        if (fstat(fd, &st) != 0 || (uint64_t)st.st_size < r.size) {
+            close_fds(fds + 2 + i, (int)(regions - i));
+            return fail(c, "region %u: its memfd is smaller than its size", i);
+        }
+        r.base = mmap(NULL, r.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        close(fd);
+        if (r.base == MAP_FAILED) {
+            close_fds(fds + 3 + i, (int)(regions - i - 1));
+            return fail(c, "mmap region %u: %s", i, strerror(errno));
+        }
+        c->regions[c->region_count++] = r;
+    }
+    return 0;
+}
+
+int iopf_page_request(struct iopf_client *c, const uint64_t *iovas, int count, int write, uint32_t *code) {
+    if (count < 1 || (uint32_t)count > c->credit) return fail(c, "a group has 1...credit (%u) pages", c->credit);
+    uint8_t records[RECORD * 256];
+    c->next_cookie = c->next_cookie == UINT32_MAX ? 1 : c->next_cookie + 1;
+    c->next_group = (c->next_group + 1) & 511;
+    for (int i = 0; i < count; i++) {
+        uint8_t *r = records + RECORD * i;
+        memset(r, 0, RECORD);
+        uint32_t flags = (c->pasid >= 0 ? 1u : 0u) | (i == count - 1 ? 2u : 0u);
+        put32(r, flags);
+        put32(r + 4, c->device_id);
+        put32(r + 8, c->pasid >= 0 ? (uint32_t)c->pasid : 0);
+        put32(r + 12, c->next_group);
+        put32(r + 16, write ? 3u : 1u);
+        put64(r + 24, iovas[i] & ~0xFFFull);
+        put32(r + 36, c->next_cookie);
+    }
+    if (send_all(c->channel, records, (size_t)RECORD * (size_t)count) != 0) return fail(c, "send records: %s", strerror(errno));
+    for (;;) {
+        if (wait_readable(c, c->channel) != 0) return -1;
+        ssize_t n = read(c->channel, c->response_bytes + c->response_have, (size_t)(8 - c->response_have));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return fail(c, "the service closed the fault channel");
+        c->response_have += (int)n;
+        if (c->response_have < 8) continue;
+        c->response_have = 0;
+        uint32_t cookie = get32(c->response_bytes), value = get32(c->response_bytes + 4);
+        if (cookie != c->next_cookie || value > 1) return fail(c, "unexpected response (cookie %u, code %u)", cookie, value);
+        *code = value;
+        return 0;
+    }
+}
+
+int iopf_translate(struct iopf_client *c, uint64_t iova, uint32_t pages, uint64_t *entries) {
+    if (pages < 1 || pages > IOPF_MAX_TRANSLATE) return fail(c, "TRANSLATE takes 1...512 pages");
+    uint8_t req[16], reply[16 + 8 * IOPF_MAX_TRANSLATE];
+    put64(req, iova);
+    put32(req + 8, pages);
+    put32(req + 12, 0);
+    size_t n;
+    if (request(c, CMD_TRANSLATE, req, sizeof(req), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    if (n != 16 + 8 * (size_t)pages || get32(reply + 8) != pages) return fail(c, "malformed TRANSLATE reply");
+    for (uint32_t i = 0; i < pages; i++) entries[i] = get64(reply + 16 + 8 * i);
+    /* An INVALIDATE newer than the walk was processed meanwhile: the reply may be stale. */
+    return get64(reply) >= c->invalidation_sequence ? 1 : 0;
+}
+
+void *iopf_phys_to_ptr(struct iopf_client *c, uint64_t phys, size_t len) {
+    for (int i = 0; i < c->region_count; i++) {
+        struct iopf_region *r = &c->regions[i];
+        if (phys >= r->phys && phys - r->phys < r->size && len <= r->size - (phys - r->phys))
+            return (uint8_t *)r->base + (phys - r->phys);
+    }
+    return NULL;
+}
+
+int iopf_detach(struct iopf_client *c) {
+    uint8_t reply[16];
+    size_t n;
+    if (request(c, CMD_DETACH, NULL, 0, reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    return n == 0 ? 0 : fail(c, "malformed DETACH reply");
+}
+
+void iopf_close(struct iopf_client *c) {
+    for (int i = 0; i < c->region_count; i++) munmap(c->regions[i].base, c->regions[i].size);
+    c->region_count = 0;
+    if (c->channel >= 0) close(c->channel);
+    if (c->invalidation >= 0) close(c->invalidation);
+    if (c->control >= 0) close(c->control);
+    c->channel = c->invalidation = c->control = -1;
+}

@@ -121,7 +121,7 @@ final class EventLoop {
                             lastFlush = now
                         }
                         ring.reap(into: &completions)
-                        if completions.isEmpty && deferred.isEmpty { continue }
+                        if completions.isEmpty { continue }
                     } else {
                         try sleep()
                         ring.reap(into: &completions)
@@ -309,7 +309,7 @@ final class EventLoop {
         d.queued = []
         service.logger.info("device \(d.deviceID) \(reason); \(pending.count) incomplete groups answered INVALID")
         d.closing = true
-        if d.peer != nil { fences.remove(device: d.generation) }
+        fences.remove(device: d.generation)
         byGeneration[d.generation] = nil
         if !d.transport.isShared { streamDevices -= 1 }
         d.transport.cancel(ring, d.token)

@@ -154,8 +154,17 @@ public final class SimulatedDevice: @unchecked Sendable {
     /// True once the workload has ended (operation limit reached or stopped).
     public var isFinished: Bool { finished.load(ordering: .acquiring) }
 
-    /// Waits for the workload to end and returns the device's report.
+    /// Stops the workload, waits for it to end, closes the fault channel (the service sees
+    /// the device go) and returns the device's report.
     public func finish() -> DeviceReport {
+        let r = stopWorkload()
+        channel.close()
+        return r
+    }
+
+    /// Stops the workload and waits for it to end, leaving the channel open (a device in
+    /// another process detaches first).
+    public func stopWorkload() -> DeviceReport {
         stop()
         done.wait()
         done.signal()
@@ -173,7 +182,6 @@ public final class SimulatedDevice: @unchecked Sendable {
             guard dma(pages: first..<(first + count), write: write) else { break }
             if report.firstCompletion == nil && report.dmaErrors == errors { report.firstCompletion = .now }
         }
-        channel.close()
     }
 
     private func nextPage(advance: Int) -> Int {

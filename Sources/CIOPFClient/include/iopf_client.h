@@ -1,1 +1,118 @@
+/* iopf_client.h — a device-side client of the iopf device protocol 1.0, in C, for device
+ * emulators (QEMU-style device models, vfio-user servers, co-simulation). libc only.
+ *
+ * The protocol is documented in Sources/IOPFWire/IOPFWire.docc/Protocol.md. This client
+ * takes the stream fault channel (40-byte page requests written to a socket, 8-byte
+ * responses read back); the shared-ring channel is for clients that want no system call
+ * per fault (the Swift client, IOPFDevice, implements it).
+ *
+ * Model: single-threaded. Every call that waits (iopf_page_request, iopf_translate,
+ * iopf_poll_invalidations) also answers the service's INVALIDATEs while it waits: it calls
+ * the `on_invalidate` callback, which must drop the device's cached translations of the
+ * ranges and finish DMA that used them, then acknowledges. A device that does not call
+ * into the library for longer than the invalidation deadline (iopf_client.invalidate_timeout_ms)
+ * while it holds translations is fenced by the service.
+ *
+ * Errors: functions return 0 on success and -1 on failure, with a message in c->error.
+ */
+#ifndef IOPF_CLIENT_H
+#define IOPF_CLIENT_H
 
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define IOPF_MAX_WINDOWS 64
+#define IOPF_MAX_REGIONS 64
+#define IOPF_MAX_TRANSLATE 512
+
+/* Page response codes (struct iommu_hwpt_page_response). */
+#define IOPF_RESPONSE_SUCCESS 0u
+#define IOPF_RESPONSE_INVALID 1u
+
+/* Translation entry bits (TRANSLATE reply): physical address | READ | WRITE; 0 = not present. */
+#define IOPF_TRANSLATION_READ 1ull
+#define IOPF_TRANSLATION_WRITE 2ull
+
+struct iopf_window {
+    uint64_t iova;
+    uint64_t size;
+    uint32_t prot; /* bit 0 read, bit 1 write */
+};
+
+struct iopf_region {
+    uint64_t phys;
+    uint64_t size;
+    void *base; /* this process's mapping of the region's memfd */
+};
+
+struct iopf_range {
+    uint64_t start;
+    uint64_t last; /* inclusive */
+};
+
+struct iopf_client;
+
+/* Drop cached translations of `ranges` and finish DMA that used them. */
+typedef void (*iopf_invalidate_fn)(struct iopf_client *c, const struct iopf_range *ranges, int count, void *ctx);
+
+struct iopf_client {
+    int control;      /* SOCK_SEQPACKET: the device's requests, the service's replies */
+    int invalidation; /* SOCK_SEQPACKET: the service's INVALIDATEs, the device's acks */
+    int channel;      /* SOCK_STREAM: page requests out, page responses in */
+    uint16_t next_id;
+    uint32_t device_id;
+    int pasid; /* -1: none */
+    uint32_t credit;
+    uint32_t invalidate_timeout_ms;
+    int window_count;
+    struct iopf_window windows[IOPF_MAX_WINDOWS];
+    int region_count;
+    struct iopf_region regions[IOPF_MAX_REGIONS];
+    uint64_t invalidation_sequence; /* the last INVALIDATE processed */
+    uint32_t next_cookie;
+    uint32_t next_group;
+    uint8_t response_bytes[8];
+    int response_have;
+    unsigned long invalidations_acked;
+    iopf_invalidate_fn on_invalidate;
+    void *on_invalidate_ctx;
+    char error[256];
+};
+
+/* Connects to the service's socket and says HELLO. */
+int iopf_connect(struct iopf_client *c, const char *path);
+
+/* Attaches as `device_id` (pasid -1: none) asking for `credit` outstanding page requests;
+ * maps the memory regions it is given. */
+int iopf_attach(struct iopf_client *c, uint32_t device_id, int pasid, uint32_t credit);
+
+/* Sends one page request group for `count` pages (1...credit) and waits for its response;
+ * *code gets IOPF_RESPONSE_SUCCESS or IOPF_RESPONSE_INVALID. */
+int iopf_page_request(struct iopf_client *c, const uint64_t *iovas, int count, int write, uint32_t *code);
+
+/* Translates `pages` pages from `iova` (1...512) into entries[]. Returns 1 when the reply
+ * is current, 0 when an INVALIDATE processed meanwhile made it stale (ask again), -1 on error. */
+int iopf_translate(struct iopf_client *c, uint64_t iova, uint32_t pages, uint64_t *entries);
+
+/* This process's address of `len` bytes at physical address `phys`; NULL outside the regions. */
+void *iopf_phys_to_ptr(struct iopf_client *c, uint64_t phys, size_t len);
+
+/* Answers the INVALIDATEs that arrived, waiting up to timeout_ms (0: none waiting). Returns
+ * how many were answered, or -1. */
+int iopf_poll_invalidations(struct iopf_client *c, int timeout_ms);
+
+/* Says DETACH and waits for its reply. */
+int iopf_detach(struct iopf_client *c);
+
+/* Unmaps the regions and closes every socket. */
+void iopf_close(struct iopf_client *c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,110 @@
+// ExternalDevice.swift — `iopf device`: the simulated device as a process of its own. It
+// connects to a service's socket, attaches, maps the memory it is given, and runs its DMA
+// workload through translations it asks for (TRANSLATE) after page requests over the
+// fault channel, checking every read against what it wrote. A thread answers
+// INVALIDATEs (or, with `ignoreInvalidations`, never does, to show fencing).
+
+import Foundation
+import Histogram
+import IOPFCore
+import IOPFDevice
+
+public struct ExternalDeviceOptions: Sendable {
+    public var path: String
+    public var deviceID: UInt32 = 1
+    public var pasid: UInt32?
+    public var workload = Workload.random
+    /// Seconds to run (0: until `shouldStop`).
+    public var seconds = 3.0
+    public var ignoreInvalidations = false
+    public var stream = false
+    public var credit: UInt32 = 32
+    public var seed: UInt64 = 1
+    public var spinNanoseconds: Int64 = 200_000
+    public init(path: String) { self.path = path }
+}
+
+/// What `iopf device --json` prints; the keys are the README's.
+public struct ExternalDeviceResult: Codable, Sendable {
+    public var deviceID: UInt32 = 0
+    public var channel = ""
+    public var windowBytes: UInt64 = 0
+    public var dmaOps = 0
+    public var dmaErrors = 0
+    public var faults = 0
+    public var groups = 0
+    public var integrityErrors = 0
+    public var invalidationsAcked = 0
+    public var translations = 0
+    public var staleReplies = 0
+    /// From connect to the ATTACH reply mapped.
+    public var attachMicroseconds = 0.0
+    /// The service closed the connection (fenced or stopped) before the device detached.
+    public var disconnected = false
+    public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
+    public var elapsedSeconds = 0.0
+    public var problems: [String] = []
+}
+
+public enum ExternalDeviceSession {
+    public static func run(_ o: ExternalDeviceOptions, shouldStop: @escaping () -> Bool = { false }) throws
+        -> ExternalDeviceResult
+    {
+        let started = ContinuousClock.now
+        let client = try DeviceClient(connectingTo: o.path)
+        defer { client.close() }
+        let attachment = try client.attach(Attach(deviceID: o.deviceID, pasid: o.pasid, credit: o.credit, wantsStream: o.stream))
+        let attached = ContinuousClock.now
+        guard let window = attachment.windows.first else {
+            throw DeviceClientError.protocolViolation("ATTACH gave no DMA window")
+        }
+        var dc = DeviceConfiguration(deviceID: o.deviceID, iovaBase: window.iova, pages: Int(window.size >> 12))
+        dc.pasid = o.pasid
+        dc.workload = o.workload
+        dc.seed = o.seed
+        dc.spinNanoseconds = o.spinNanoseconds
+        let device = SimulatedDevice(configuration: dc, channel: attachment.channel, memory: attachment.memory,
+                                     translator: .remote(client))
+        let ignore = o.ignoreInvalidations
+        client.serveInvalidations { [iotlb = device.iotlb] inv in
+            guard !ignore else { return false }
+            iotlb.invalidate(inv.ranges.map { IOVARange(start: $0.start, last: $0.last) }, sequence: inv.sequence)
+            return true
+        }
+        device.start()
+        while !device.isFinished && !shouldStop() && (o.seconds == 0 || (ContinuousClock.now - attached) < .seconds(o.seconds)) {
+            usleep(10_000)
+        }
+        let finishedEarly = device.isFinished
+        let report = device.stopWorkload()
+        let elapsed = ContinuousClock.now - attached
+        var result = ExternalDeviceResult()
+        result.disconnected = finishedEarly
+        if !finishedEarly {
+            do { try client.detach() } catch {
+                result.disconnected = true
+                result.problems.append("DETACH: \(error)")
+            }
+        }
+        result.deviceID = o.deviceID
+        result.channel = o.stream ? "stream" : "shared"
+        result.windowBytes = window.size
+        result.dmaOps = report.dmaOps
+        result.dmaErrors = report.dmaErrors
+        result.faults = report.faults
+        result.groups = report.groups
+        result.integrityErrors = report.integrityErrors + report.wrongTranslations
+        result.invalidationsAcked = client.invalidationsAcked.load(ordering: .relaxed)
+        result.translations = report.translations
+        result.staleReplies = report.staleReplies
+        result.attachMicroseconds = seconds(attached - started) * 1e6
+        result.faultLatencyNs = LatencySummary(report.latency)
+        result.elapsedSeconds = seconds(elapsed)
+        result.problems = report.firstProblems + result.problems
+        return result
+    }
+
+    static func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+}

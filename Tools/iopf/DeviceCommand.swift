@@ -1,0 +1,78 @@
+// DeviceCommand.swift — `iopf device`: a simulated SVA device in its own process, served
+// by `iopf serve --listen PATH` over the device protocol.
+
+import ArgumentParser
+import Foundation
+import IOPFSimulation
+
+struct Device: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a simulated device in this process against a service's --listen socket.",
+        discussion: "Exits non-zero on integrity errors, or when the device could not attach."
+    )
+
+    @Option(help: "The service's socket (iopf serve --listen PATH).")
+    var connect: String
+
+    @Option(help: "Device id (unique among the service's devices).")
+    var deviceID: UInt32 = 1
+
+    @Option(help: "PASID to attach with (none by default).")
+    var pasid: UInt32?
+
+    @Option(help: "DMA pattern: \(Workload.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var workload = "random"
+
+    @Option(help: "Seconds to run (0: until SIGINT or SIGTERM).")
+    var duration = 3.0
+
+    @Option(help: "Fault channel to ask for: shared (rings in shared memory) or stream (records on a socket).")
+    var channel = "shared"
+
+    @Option(help: "Seed for the workload.")
+    var seed: UInt64 = 1
+
+    @Flag(help: "Never acknowledge invalidations: a misbehaving device, to show fencing.")
+    var ignoreInvalidations = false
+
+    @Flag(help: "Print one JSON object at the end instead of a summary.")
+    var json = false
+
+    func validate() throws {
+        guard Workload(rawValue: workload) != nil else {
+            throw ValidationError("--workload '\(workload)' is not one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard channel == "shared" || channel == "stream" else { throw ValidationError("--channel must be shared or stream, got '\(channel)'") }
+        guard duration >= 0 && duration <= 86_400 else { throw ValidationError("--duration must be in [0, 86400] seconds, got \(duration)") }
+        guard pasid.map({ $0 < 1 << 20 }) ?? true else { throw ValidationError("--pasid must be below 2^20") }
+    }
+
+    func run() throws {
+        var o = ExternalDeviceOptions(path: connect)
+        o.deviceID = deviceID
+        o.pasid = pasid
+        o.workload = Workload(rawValue: workload)!
+        o.seconds = duration
+        o.ignoreInvalidations = ignoreInvalidations
+        o.stream = channel == "stream"
+        o.seed = seed
+        Signals.stopOnInterrupt()
+        let r: ExternalDeviceResult
+        do {
+            r = try ExternalDeviceSession.run(o, shouldStop: Signals.stopRequested)
+        } catch {
+            FileHandle.standardError.write(Data("iopf device: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        if json {
+            try Output.printJSON(r)
+        } else {
+            print("iopf device \(r.deviceID) (\(r.channel) channel, \(r.windowBytes >> 20) MiB window): \(String(format: "%.2f", r.elapsedSeconds)) s, attached in \(String(format: "%.0f", r.attachMicroseconds)) µs")
+            print("  DMA operations \(r.dmaOps) (\(r.dmaErrors) errors), faults \(r.faults) in \(r.groups) groups, \(r.translations) translations")
+            print("  fault latency p50 \(r.faultLatencyNs.p50 / 1000) µs, p99 \(r.faultLatencyNs.p99 / 1000) µs; invalidations acknowledged \(r.invalidationsAcked)")
+            print("  integrity errors \(r.integrityErrors)\(r.disconnected ? "; the service disconnected this device" : "")")
+            for p in r.problems { print("  ! \(p)") }
+        }
+        if r.integrityErrors > 0 { throw ExitCode(1) }
+    }
+}
