@@ -416,6 +416,7 @@ final class EventLoop {
         case .remap(let from, let to, let length):
             (range, gone) = (from..<(from + length), true)
             stats.uffdRemap += 1
+            PhysicalSpace.shared.moved(from: from, to: to, length: length)
             service.logger.info("host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID until its mapping's host address is updated")
         case .other(let kind):
             service.logger.warning("ignoring userfaultfd event \(kind)")

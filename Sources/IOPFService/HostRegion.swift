@@ -96,12 +96,18 @@ public final class HostRegion: @unchecked Sendable {
 /// maps the region's memfd, as guest-physical addresses do in vhost-user. Bases start at
 /// 1 GiB, are never reused, and are separated by a 2 MiB hole, so an address that strays
 /// past a region lands outside every region rather than in a neighbour.
+///
+/// Host addresses follow the pages: when `mremap` moves part of a region (a REMAP event),
+/// the new range is entered as an alias of the same physical pages, ahead of whatever was
+/// registered there before. A host that maps other memory over a region's range is not
+/// followed: DMA through a translation still reaches the region's pages.
 public final class PhysicalSpace: Sendable {
     public static let shared = PhysicalSpace()
 
     private struct Entry {
         var host: Range<UInt64>
         var phys: UInt64
+        var alias = false
     }
 
     private let state = Mutex<(next: UInt64, entries: [Entry])>((1 << 30, []))
@@ -116,7 +122,25 @@ public final class PhysicalSpace: Sendable {
     }
 
     func remove(host base: UInt64) {
-        state.withLock { s in s.entries.removeAll { $0.host.lowerBound == base } }
+        state.withLock { s in
+            guard let i = s.entries.firstIndex(where: { !$0.alias && $0.host.lowerBound == base }) else { return }
+            let gone = s.entries.remove(at: i)
+            let phys = gone.phys..<(gone.phys + UInt64(gone.host.count))
+            // Aliases into the region's pages, or at its addresses, go with it.
+            s.entries.removeAll { $0.alias && (phys.contains($0.phys) || gone.host.contains($0.host.lowerBound)) }
+        }
+    }
+
+    /// `mremap` moved `[from, from + length)` to `to` (a REMAP event).
+    package func moved(from: UInt64, to: UInt64, length: UInt64) {
+        state.withLock { s in
+            guard let source = s.entries.first(where: { $0.host.contains(from) }),
+                from + length <= source.host.upperBound
+            else { return }
+            let target = to..<(to + length)
+            s.entries.removeAll { $0.alias && target.contains($0.host.lowerBound) && $0.host.upperBound <= target.upperBound }
+            s.entries.insert(Entry(host: target, phys: source.phys + (from - source.host.lowerBound), alias: true), at: 0)
+        }
     }
 
     /// The physical address of host address `address`; nil outside every shared region.

@@ -5,7 +5,10 @@
 import Foundation
 import Testing
 @testable import IOPFCore
-@testable import IOPFRuntime
+@testable import IOPFService
+@testable import IOPFDevice
+@testable import IOPFSimulation
+@testable import IOPFSystem
 
 @Suite(.serialized) struct EndToEndTests {
     @Test(arguments: [
@@ -70,11 +73,12 @@ import Testing
         try engine.map(iova: iova, vaddr: region.base, size: 64 << 12, prot: .readWrite)
         let table = engine.pageTable(domain)
         // Pages 0 and 1 both translate to host page 0.
-        for p in 0..<2 { try table.mapPage(iova: iova + UInt64(p) << 12, phys: region.base, prot: .readWrite) }
-        var dc = DeviceConfiguration(deviceID: 1, iovaBase: iova, pages: 2, hostBase: region.base)
+        for p in 0..<2 { try table.mapPage(iova: iova + UInt64(p) << 12, phys: region.phys!, prot: .readWrite) }
+        var dc = DeviceConfiguration(deviceID: 1, iovaBase: iova, pages: 2, hostBase: region.base, physBase: region.phys!)
         dc.operationLimit = 500
         dc.burst = 1
-        let device = SimulatedDevice(configuration: dc, channel: try service.attach(deviceID: 1, domain: domain), pageTable: table)
+        let device = SimulatedDevice(configuration: dc, channel: try DeviceChannel(service.attach(deviceID: 1, domain: domain)),
+                                     memory: try DeviceMemory([(region.info!, try Sys.dup(region.fd))]), translator: .pageTable(table))
         fanout.add(device.iotlb)
         device.start()
         while !device.isFinished { usleep(1000) }

@@ -5,7 +5,10 @@
 import Foundation
 import Testing
 @testable import IOPFCore
-@testable import IOPFRuntime
+@testable import IOPFService
+@testable import IOPFDevice
+@testable import IOPFSimulation
+@testable import IOPFSystem
 
 /// A running service over real memory with one 1 MiB mapping at IOVA 1 MiB.
 final class Harness {
@@ -28,6 +31,11 @@ final class Harness {
     }
 
     deinit { service.stop() }
+
+    /// Attaches an in-process device and opens its end of the channel.
+    func attach(deviceID: UInt32, pasid: UInt32? = nil, domain: DomainID, credit: Int = 32) throws -> DeviceChannel {
+        try DeviceChannel(service.attach(deviceID: deviceID, pasid: pasid, domain: domain, credit: credit))
+    }
 
     func request(page: Int, cookie: UInt32, group: UInt32 = 1, last: Bool = true, device: UInt32 = 1,
                  pasid: UInt32? = nil, write: Bool = false) -> PageRequest {
@@ -60,7 +68,7 @@ final class Harness {
     @Test(arguments: [ChannelTransport.socket, .pipe])
     func recordsSplitAcrossReadsAreReassembled(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
-        let channel = try h.service.attach(deviceID: 1, domain: h.domain)
+        let channel = try h.attach(deviceID: 1, domain: h.domain)
         let bytes = h.request(page: 0, cookie: 7, last: false).bytes + h.request(page: 1, cookie: 7).bytes
         try channel.sendRaw(Array(bytes[0..<17]))
         usleep(20_000)
@@ -69,13 +77,13 @@ final class Harness {
         try channel.sendRaw(Array(bytes[63...]))
         #expect(try h.responses(channel, count: 1) == [PageResponse(cookie: 7, code: .success)])
         #expect(h.engine.isMarkedMapped(iova: Harness.iova) && h.engine.isMarkedMapped(iova: Harness.iova + 4096))
-        #expect(h.engine.pageTable(h.domain).translate(Harness.iova + 4096)?.phys == h.region.base + 4096)
+        #expect(h.engine.pageTable(h.domain).translate(Harness.iova + 4096)?.phys == h.region.phys! + 4096)
     }
 
     @Test(arguments: ChannelTransport.allCases)
     func aGroupIsAnsweredOnlyWhenItsLastPageArrives(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
-        let channel = try h.service.attach(deviceID: 1, domain: h.domain)
+        let channel = try h.attach(deviceID: 1, domain: h.domain)
         try channel.send([h.request(page: 3, cookie: 9, group: 5, last: false), h.request(page: 4, cookie: 9, group: 5, last: false)])
         // An interleaved group completes first; the open one stays unanswered.
         try channel.send([h.request(page: 8, cookie: 10, group: 6)])
@@ -91,8 +99,8 @@ final class Harness {
     @Test(arguments: ChannelTransport.allCases)
     func aClosedDeviceLosesItsGroupsAndOthersAreStillServed(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
-        let leaving = try h.service.attach(deviceID: 1, domain: h.domain)
-        let staying = try h.service.attach(deviceID: 2, domain: h.domain)
+        let leaving = try h.attach(deviceID: 1, domain: h.domain)
+        let staying = try h.attach(deviceID: 2, domain: h.domain)
         try leaving.send([h.request(page: 1, cookie: 1, group: 1, last: false), h.request(page: 2, cookie: 2, group: 2, last: false)])
         _ = h.waitFor { $0.records == 2 }
         leaving.close()
@@ -105,7 +113,7 @@ final class Harness {
     @Test(arguments: ChannelTransport.allCases)
     func aDeviceOverItsCreditIsAnsweredInvalid(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
-        let channel = try h.service.attach(deviceID: 1, domain: h.domain, credit: 2)
+        let channel = try h.attach(deviceID: 1, domain: h.domain, credit: 2)
         try channel.send((0..<3).map { h.request(page: $0, cookie: 4, last: $0 == 2) })
         #expect(try h.responses(channel, count: 1) == [PageResponse(cookie: 4, code: .invalid)])
         #expect(h.service.statistics.creditExceeded == 1)
@@ -116,7 +124,7 @@ final class Harness {
 
     @Test func malformedAndForeignRecordsAreAnsweredInvalidAndCounted() throws {
         let h = try Harness(transport: .socket)
-        let channel = try h.service.attach(deviceID: 1, pasid: 77, domain: h.domain)
+        let channel = try h.attach(deviceID: 1, pasid: 77, domain: h.domain)
         var bad = h.request(page: 0, cookie: 11, pasid: 77).bytes
         bad[20] = 1  // reserved field
         try channel.sendRaw(bad)
@@ -137,7 +145,7 @@ final class Harness {
     @Test(arguments: ChannelTransport.allCases)
     func stoppingAnswersIncompleteGroupsInvalid(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
-        let channel = try h.service.attach(deviceID: 1, domain: h.domain)
+        let channel = try h.attach(deviceID: 1, domain: h.domain)
         try channel.send([h.request(page: 0, cookie: 21, group: 3, last: false)])
         _ = h.waitFor { $0.records == 1 }
         h.service.stop()
@@ -148,7 +156,7 @@ final class Harness {
     @Test(arguments: ChannelTransport.allCases)
     func invalidationThroughTheServiceUnmapsAndTheDeviceRefaults(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
-        let channel = try h.service.attach(deviceID: 1, domain: h.domain)
+        let channel = try h.attach(deviceID: 1, domain: h.domain)
         try channel.send((0..<4).map { h.request(page: $0, cookie: 30, last: $0 == 3, write: true) })
         #expect(try h.responses(channel, count: 1) == [PageResponse(cookie: 30, code: .success)])
         let out = try h.service.invalidate(hostAddress: h.region.base + 4096, length: 8192).wait()

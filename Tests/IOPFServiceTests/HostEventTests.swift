@@ -7,7 +7,10 @@ import Foundation
 import Glibc
 import Testing
 @testable import IOPFCore
-@testable import IOPFRuntime
+@testable import IOPFService
+@testable import IOPFDevice
+@testable import IOPFSimulation
+@testable import IOPFSystem
 
 /// A service over `pages` of real memory mapped at IOVA 1 GiB, with host events on.
 final class EventHarness {
@@ -29,7 +32,7 @@ final class EventHarness {
         try service.start()
         try #require(service.hostEventsEnabled, "userfaultfd events are needed: \(service.hostEventsUnavailable ?? "")")
         try service.map(iova: Self.iova, vaddr: region.base, size: region.length, prot: .readWrite)
-        channel = try service.attach(deviceID: 1, domain: domain)
+        channel = try DeviceChannel(service.attach(deviceID: 1, domain: domain))
     }
 
     deinit { service.stop() }
@@ -51,22 +54,25 @@ final class EventHarness {
 }
 
 @Suite(.serialized) struct HostEventTests {
-    @Test func madviseDontneedUnmapsAndTheDeviceFaultsAgain() throws {
+    /// Shared memory is taken back with MADV_REMOVE (it frees the pages); MADV_DONTNEED
+    /// raises the same REMOVE event but leaves the shared pages' contents alone.
+    @Test(arguments: [MADV_REMOVE, MADV_DONTNEED])
+    func madviseUnmapsAndTheDeviceFaultsAgain(advice: Int32) throws {
         let h = try EventHarness()
         #expect(try h.fault(Array(0..<8)) == .success)
         UnsafeMutableRawPointer(bitPattern: UInt(h.address(2)))!.storeBytes(of: 0xABCD, as: UInt64.self)
         let before = h.service.hostEventsCompleted
         // Blocks until the service has read the REMOVE event.
-        #expect(madvise(UnsafeMutableRawPointer(bitPattern: UInt(h.address(2))), 4 << 12, MADV_DONTNEED) == 0)
+        #expect(madvise(UnsafeMutableRawPointer(bitPattern: UInt(h.address(2))), 4 << 12, advice) == 0)
         try h.service.barrier().wait()
         #expect(h.service.hostEventsCompleted == before + 1)
         #expect(h.service.statistics.uffdRemove == 1)
         for p in 2..<6 { #expect(!h.translated(p) && !h.marked(p), "page \(p) survived its REMOVE") }
         for p in [0, 1, 6, 7] { #expect(h.translated(p) && h.marked(p)) }
-        // The device's next access faults again and gets the (now zero) page back.
+        // The device's next access faults again and gets the page back (zeroed when freed).
         #expect(try h.fault([3]) == .success)
         #expect(h.translated(3))
-        #expect(UnsafeRawPointer(bitPattern: UInt(h.address(2)))!.load(as: UInt64.self) == 0)
+        #expect(UnsafeRawPointer(bitPattern: UInt(h.address(2)))!.load(as: UInt64.self) == (advice == MADV_REMOVE ? 0 : 0xABCD))
         #expect(try h.service.checkInvariants().wait().isEmpty)
     }
 
@@ -81,8 +87,8 @@ final class EventHarness {
         #expect(try h.fault([1]) == .invalid)
         #expect(try h.fault([5]) == .success)  // the rest of the mapping is fine
         #expect(h.engine.statistics.hostGoneFaults == 1)
-        // New memory at the same place, declared with a host-address update.
-        #expect(mmap(gone, 2 << 12, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == gone)
+        // The region's pages mapped at the same place again, declared with a host-address update.
+        #expect(mmap(gone, 2 << 12, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, h.region.fd, 4096) == gone)
         try h.service.updateHostAddress(iova: EventHarness.iova, size: h.region.length, vaddr: h.region.base)
         #expect(try h.fault([1]) == .success)
         #expect(try h.service.checkInvariants().wait().isEmpty)
@@ -103,7 +109,8 @@ final class EventHarness {
         // VFIO_DMA_MAP_FLAG_VADDR: the memory lives at `target` now.
         try h.service.updateHostAddress(iova: EventHarness.iova, size: h.region.length, vaddr: target.base)
         #expect(try h.fault([0]) == .success)
-        #expect(h.engine.pageTable(h.domain).translate(EventHarness.iova)?.phys == target.base)
+        // The pages moved, their physical address did not.
+        #expect(h.engine.pageTable(h.domain).translate(EventHarness.iova)?.phys == h.region.phys!)
         #expect(UnsafeRawPointer(bitPattern: UInt(target.base))!.load(as: UInt64.self) == 0x5151)
         #expect(try h.service.checkInvariants().wait().isEmpty)
         // The region's own deinit would munmap `target`'s old address; it is not mapped anymore.

@@ -3,7 +3,8 @@
 
 import Testing
 @_spi(FaultInjection) @testable import IOPFCore
-@_spi(FaultInjection) @testable import IOPFRuntime
+@_spi(FaultInjection) @testable import IOPFService
+@_spi(FaultInjection) @testable import IOPFSimulation
 
 @Suite(.serialized) struct StressTests {
     static func run(_ bugs: InjectedBugs, seconds: Double = 3) throws -> StressResult {
