@@ -41,7 +41,7 @@ public enum DeviceClientError: Error, Sendable, CustomStringConvertible {
 }
 
 /// What ATTACH gave the device.
-public struct Attachment: @unchecked Sendable {
+public struct DeviceAttachment: @unchecked Sendable {
     public var credit: Int
     public var windows: [DMAWindow]
     public var memory: DeviceMemory
@@ -52,6 +52,8 @@ public struct Attachment: @unchecked Sendable {
 public final class DeviceClient: @unchecked Sendable {
     private let control: CInt
     private var invalidation: CInt = -1
+    /// The invalidation socket, for tests that play a misbehaving device.
+    package var invalidationFD: CInt { invalidation }
     private var nextID: UInt16 = 0
     private let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes, alignment: 8)
     private var invalidationThread: Thread?
@@ -134,7 +136,7 @@ public final class DeviceClient: @unchecked Sendable {
     private var pendingFDs: [CInt] = []
 
     /// Attaches the device and maps what the service gave it.
-    public func attach(_ a: Attach) throws(DeviceClientError) -> Attachment {
+    public func attach(_ a: Attach) throws(DeviceClientError) -> DeviceAttachment {
         let (_, bytes) = try request(a.message(id: takeID()), expecting: .attach)
         let fds = pendingFDs
         pendingFDs = []
@@ -158,7 +160,7 @@ public final class DeviceClient: @unchecked Sendable {
                 : .stream(read: channelFDs[0], write: channelFDs[0])
             let channel = try DeviceChannel(ends)
             let memory = try DeviceMemory(Array(zip(reply.regions, regionFDs)))
-            return Attachment(credit: Int(reply.credit), windows: reply.windows, memory: memory, channel: channel,
+            return DeviceAttachment(credit: Int(reply.credit), windows: reply.windows, memory: memory, channel: channel,
                               invalidateTimeoutMs: reply.invalidateTimeoutMs)
         } catch {
             throw .system(error)

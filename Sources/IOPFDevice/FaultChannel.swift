@@ -80,8 +80,14 @@ public final class DeviceChannel: @unchecked Sendable {
             try sendRaw(sendBuffer)
         case .shared(let q, let doorbell, _):
             for r in records {
+                // Full only while the service is behind (credit keeps a device well under the
+                // capacity): wait, but not forever on a service that stopped consuming.
+                var deadline: ContinuousClock.Instant?
                 while requestTail &- q.load(.requestHead) >= UInt32(SharedQueue.capacity) {
                     if q.load(.serviceClosed) != 0 { throw SystemCallError("send", .brokenPipe) }
+                    let now = ContinuousClock.now
+                    if deadline == nil { deadline = now + .seconds(5) }
+                    if now > deadline! { throw SystemCallError("send: the request ring stayed full for 5 s", .timedOut) }
                     sched_yield()
                 }
                 r.encode(into: q.requestSlot(requestTail))

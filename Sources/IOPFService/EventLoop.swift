@@ -307,7 +307,9 @@ final class EventLoop {
         d.queued += pending.map { PageResponse(cookie: $0.cookie, code: .invalid) }
         d.transport.finalFlush(d.queued)
         d.queued = []
-        service.logger.info("device \(d.deviceID) \(reason); \(pending.count) incomplete groups answered INVALID")
+        let prefix = "device \(d.deviceID) "  // a peer's reason already names its device
+        let why = reason.hasPrefix(prefix) ? String(reason.dropFirst(prefix.count)) : reason
+        service.logger.info("device \(d.deviceID) \(why); \(pending.count) incomplete groups answered INVALID")
         d.closing = true
         fences.remove(device: d.generation)
         byGeneration[d.generation] = nil

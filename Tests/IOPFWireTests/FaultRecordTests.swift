@@ -1,7 +1,7 @@
 // The iommufd wire format: exact layout, round trips, and every validation error.
 
 import Testing
-@testable import IOPFCore
+@testable import IOPFWire
 
 @Suite struct FaultRecordTests {
     static let sample = PageRequest(

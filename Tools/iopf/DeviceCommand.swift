@@ -8,7 +8,11 @@ import IOPFSimulation
 struct Device: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a simulated device in this process against a service's --listen socket.",
-        discussion: "Exits non-zero on integrity errors, or when the device could not attach."
+        discussion: """
+            Exit status: 0 when every DMA read back what was written and the device detached; 1 on \
+            integrity errors; 2 when it could not connect or attach (the reason on standard error); \
+            3 when the service disconnected it (fenced, or the service stopped) before it was done.
+            """
     )
 
     @Option(help: "The service's socket (iopf serve --listen PATH).")
@@ -74,5 +78,9 @@ struct Device: ParsableCommand {
             for p in r.problems { print("  ! \(p)") }
         }
         if r.integrityErrors > 0 { throw ExitCode(1) }
+        if r.disconnected {
+            FileHandle.standardError.write(Data("iopf device: the service disconnected device \(r.deviceID): \(r.problems.last ?? "connection closed")\n".utf8))
+            throw ExitCode(3)
+        }
     }
 }

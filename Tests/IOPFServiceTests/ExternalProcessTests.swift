@@ -1,0 +1,138 @@
+// Devices in other processes: `iopf device` (Swift) and `iopf-device-example` (C) started
+// as real processes against a service listening in this one, with invalidations every
+// 2 ms. The executables are the ones `swift test` built beside this test binary.
+
+import Foundation
+import Glibc
+import Testing
+@testable import IOPFService
+@testable import IOPFSimulation
+
+/// A service session on its own thread, listening on a fresh socket.
+final class ListeningSession: @unchecked Sendable {
+    let path = "/tmp/iopf-xproc-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+    private let done = DispatchSemaphore(value: 0)
+    private var outcome: Result<ServeResult, Error>?  // written before `done` is signalled
+
+    init(seconds: Double, invalidateTimeout: Duration = .seconds(1)) throws {
+        var o = ServeOptions()
+        o.devices = 0
+        o.listenPath = path
+        o.seconds = seconds
+        o.invalidateInterval = 0.002
+        o.invalidateMaxPages = 32
+        o.deviceMemoryBytes = 8 << 20
+        o.spinNanoseconds = 20_000
+        o.invalidateTimeout = invalidateTimeout
+        Thread.detachNewThread { [self, o] in
+            outcome = Result { try ServeSession.run(o) }
+            done.signal()
+        }
+        // Ready once the socket accepts.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ContinuousClock.now < deadline {
+            if let fd = try? Sys.connectUnix(path: path) {
+                Sys.close(fd)
+                return
+            }
+            usleep(5000)
+        }
+        throw ServiceError.invalidRequest("the service never listened on \(path)")
+    }
+
+    func result() throws -> ServeResult {
+        done.wait()
+        return try outcome!.get()
+    }
+}
+
+/// A child process with its standard output captured.
+final class Child {
+    let process = Process()
+    private let out = Pipe()
+
+    init(_ executable: String, _ arguments: [String]) throws {
+        let dir = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+            .deletingLastPathComponent()
+        let url = dir.appendingPathComponent(executable)
+        guard FileManager.default.isExecutableFile(atPath: url.path) else {
+            throw ServiceError.invalidRequest("\(url.path) is missing: build the package's executables first")
+        }
+        process.executableURL = url
+        process.arguments = arguments
+        process.standardOutput = out
+        try process.run()
+    }
+
+    /// Waits for the exit; returns the status and the output (one JSON object) parsed.
+    func finish() -> (status: Int32, json: [String: Any]) {
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        let json = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] ?? [:]
+        return (process.terminationStatus, json)
+    }
+}
+
+@Suite(.serialized) struct ExternalProcessTests {
+    func device(_ s: ListeningSession, id: Int, channel: String = "shared", seconds: Double = 2,
+                extra: [String] = []) throws -> Child {
+        try Child("iopf", ["device", "--connect", s.path, "--device-id", "\(id)", "--channel", channel,
+                           "--duration", "\(seconds)", "--seed", "\(id)", "--json"] + extra)
+    }
+
+    @Test func swiftAndCDevicesInTheirOwnProcessesDMAThroughInvalidations() throws {
+        let s = try ListeningSession(seconds: 4)
+        let swift = try [device(s, id: 1), device(s, id: 2, channel: "stream"), device(s, id: 3)]
+        let c = try Child("iopf-device-example", [s.path, "--pages", "1500", "--device-id", "4"])
+        for (k, child) in swift.enumerated() {
+            let (status, json) = child.finish()
+            #expect(status == 0, "device \(k + 1) exited \(status): \(json)")
+            #expect(json["integrityErrors"] as? Int == 0 && json["dmaErrors"] as? Int == 0)
+            #expect((json["dmaOps"] as? Int ?? 0) > 1000 && (json["faults"] as? Int ?? 0) > 0)
+            #expect((json["invalidationsAcked"] as? Int ?? 0) > 0, "device \(k + 1) saw no invalidation: \(json)")
+            #expect(json["disconnected"] as? Bool == false)
+        }
+        let (status, json) = c.finish()
+        #expect(status == 0, "the C device exited \(status): \(json)")
+        #expect(json["pagesWritten"] as? Int == 1500 && json["integrityErrors"] as? Int == 0)
+        #expect((json["faults"] as? Int ?? 0) >= 1500)
+        let r = try s.result()
+        #expect(r.externalDevices == 4 && r.devicesFenced == 0 && r.protocolErrors == 0, "\(r.protocolErrorKinds)")
+        #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
+        #expect(r.invalidations > 100)
+    }
+
+    @Test func aKilledDeviceIsDetachedAndTheOthersGoOn() throws {
+        let s = try ListeningSession(seconds: 3.5)
+        let victim = try device(s, id: 1, seconds: 3)
+        let survivor = try device(s, id: 2, seconds: 2.5)
+        usleep(800_000)
+        kill(victim.process.processIdentifier, SIGKILL)
+        let (status, json) = survivor.finish()
+        #expect(status == 0 && json["integrityErrors"] as? Int == 0, "\(json)")
+        #expect((json["dmaOps"] as? Int ?? 0) > 1000)
+        #expect(victim.finish().status != 0)
+        let r = try s.result()
+        #expect(r.externalDevices == 2 && r.devicesFenced == 0 && r.protocolErrors == 0)
+        #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
+        // A new device attaches after the death, under the victim's id.
+        let s2 = try ListeningSession(seconds: 1)
+        #expect(try device(s2, id: 1, seconds: 0.5).finish().status == 0)
+        _ = try s2.result()
+    }
+
+    @Test func aDeviceThatIgnoresInvalidationsIsFencedWhileAnotherKeepsGoing() throws {
+        let s = try ListeningSession(seconds: 3, invalidateTimeout: .milliseconds(200))
+        let bad = try device(s, id: 1, seconds: 2.5, extra: ["--ignore-invalidations"])
+        let good = try device(s, id: 2, seconds: 2.5)
+        let (badStatus, badJSON) = bad.finish()
+        let (goodStatus, goodJSON) = good.finish()
+        #expect(badJSON["disconnected"] as? Bool == true, "the ignoring device was not disconnected: \(badJSON)")
+        #expect(badStatus == 3 && badJSON["integrityErrors"] as? Int == 0, "exit \(badStatus): \(badJSON)")
+        #expect(goodStatus == 0 && goodJSON["disconnected"] as? Bool == false, "\(goodJSON)")
+        #expect((goodJSON["invalidationsAcked"] as? Int ?? 0) > 0 && goodJSON["integrityErrors"] as? Int == 0)
+        let r = try s.result()
+        #expect(r.devicesFenced == 1 && r.protocolErrorKinds["invalidateTimeout"] == 1, "\(r.protocolErrorKinds)")
+        #expect(r.violations == 0)
+    }
+}

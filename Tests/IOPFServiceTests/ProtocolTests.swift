@@ -1,0 +1,330 @@
+// The device protocol over a real socket: the Swift client's happy path, invalidations
+// acknowledged and fenced, and one hostile peer per protocol error class and per ring
+// abuse. Each test checks that the misbehaving peer alone is answered or disconnected and
+// that the service goes on serving.
+
+import Foundation
+import Glibc
+import Synchronization
+import Testing
+@testable import IOPFCore
+@testable import IOPFDevice
+@testable import IOPFService
+@testable import IOPFSimulation
+@testable import IOPFSystem
+
+/// A service listening on a fresh socket, giving each device 1 MiB of its own memory.
+final class ListeningService {
+    let engine: FaultEngine
+    let service: FaultService
+    let provisioner: ServeProvisioner
+    let path: String
+    let domain: DomainID
+    /// Clients the tests discard with `_` stay connected until the service stops.
+    private let attached = Mutex<[(DeviceClient, DeviceAttachment)]>([])
+
+    init(timeout: Duration = .seconds(1), hostEvents: Bool = false) throws {
+        engine = FaultEngine(memory: ProcessMemory())
+        var config = ServiceConfiguration()
+        config.spinNanoseconds = 20_000
+        config.invalidateTimeout = timeout
+        config.hostEvents = hostEvents
+        service = try FaultService(engine: engine, configuration: config)
+        domain = try service.createDomain(local: DomainIOTLBs())
+        try service.start()
+        provisioner = ServeProvisioner(domains: [domain], bytes: 1 << 20, mode: .fault)
+        provisioner.service = service
+        path = "/tmp/iopf-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        try service.listen(path: path, provisioner: provisioner)
+    }
+
+    deinit { service.stop() }
+
+    /// Waits up to 5 s for the statistics to satisfy `condition`.
+    func waitFor(_ condition: (ServiceStatistics) -> Bool) -> ServiceStatistics {
+        let deadline = ContinuousClock.now + .seconds(5)
+        while !condition(service.statistics) && ContinuousClock.now < deadline { usleep(1000) }
+        return service.statistics
+    }
+
+    /// A connected client that said HELLO and attached as `deviceID`, kept alive until the
+    /// service stops unless `keep` is false.
+    func device(_ deviceID: UInt32 = 1, stream: Bool = false, keep: Bool = true) throws -> (DeviceClient, DeviceAttachment) {
+        let client = try DeviceClient(connectingTo: path)
+        let pair = (client, try client.attach(Attach(deviceID: deviceID, credit: 32, wantsStream: stream)))
+        if keep { attached.withLock { $0.append(pair) } }
+        return pair
+    }
+
+    /// The host address behind a device's window.
+    func host(of window: DMAWindow) -> UInt64 { engine.mappingInfo(iova: window.iova)!.vaddr }
+}
+
+/// A peer that speaks raw bytes.
+final class RawPeer {
+    let fd: CInt
+    private var buffer = [UInt8](repeating: 0, count: 1 << 16)
+
+    init(_ path: String) throws { fd = try Sys.connectUnix(path: path) }
+    init(fd: CInt) { self.fd = fd }
+    deinit { Sys.close(fd) }
+
+    func send(_ bytes: [UInt8], fds: [CInt] = []) throws { try Sys.send(fd, bytes, fds: fds, nonBlocking: false) }
+
+    /// The next message, nil when the service closed the socket or nothing came in 5 s.
+    func receive() throws -> (header: MessageHeader, payload: [UInt8], fds: [CInt])? {
+        guard try Sys.pollReadable(fd, timeoutMs: 5000) else { return nil }
+        let got = try buffer.withUnsafeMutableBytes { try Sys.receive(fd, into: $0, maxFDs: 16, nonBlocking: false) }
+        guard got.count > 0 else { return nil }
+        let bytes = Array(buffer[..<got.count])
+        let header = try bytes.withUnsafeBytes { try MessageHeader(message: $0) }
+        return (header, Array(bytes[MessageHeader.byteCount...]), got.fds)
+    }
+
+    /// True once the service has closed the connection.
+    func isClosed() throws -> Bool {
+        guard try Sys.pollReadable(fd, timeoutMs: 5000) else { return false }
+        let got = try buffer.withUnsafeMutableBytes { try Sys.receive(fd, into: $0, maxFDs: 16, nonBlocking: true) }
+        return got.count == 0
+    }
+
+    func hello() throws {
+        try send(Hello().message(id: 1))
+        let r = try receive()
+        #expect(r?.header.isReply == true && r?.header.isError == false)
+    }
+}
+
+func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1 }
+
+@Suite(.serialized) struct ProtocolTests {
+    @Test func aDeviceAttachesFaultsTranslatesAndWritesTheHostsMemory() throws {
+        let s = try ListeningService()
+        let (client, a) = try s.device(7)
+        #expect(a.windows.count == 1 && a.memory.regionInfo.count == 1 && a.credit == 32 && a.invalidateTimeoutMs == 1000)
+        let iova = a.windows[0].iova + 5 << 12
+        #expect(try client.translate(iova: iova, pages: 1).entries == [0])  // not present yet
+        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 7, groupIndex: 1, perm: [.read, .write], addr: iova, cookie: 1)])
+        let responses = try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000)
+        #expect(responses == [PageResponse(cookie: 1, code: .success)])
+        let entry = try client.translate(iova: iova, pages: 1).entries[0]
+        #expect(entry & TranslateReply.write != 0)
+        // DMA through the translation into this process's mapping of the region lands in
+        // the host's memory at the mapping's address.
+        #expect(a.memory.store(entry & ~0xFFF, 0xFEED_F00D))
+        #expect(UnsafeRawPointer(bitPattern: UInt(s.host(of: a.windows[0]) + 5 << 12))!.load(as: UInt64.self) == 0xFEED_F00D)
+        // Outside its window a device translates nothing and faults in nothing.
+        #expect(try client.translate(iova: a.windows[0].iova + a.windows[0].size, pages: 1).entries == [0])
+        try client.detach()
+        let stats = s.waitFor { $0.devicesClosed == 1 }
+        #expect(stats.externalDevices == 1 && stats.protocolErrors == 0 && stats.peersDisconnected == 0)
+    }
+
+    @Test func aSyncWaitsForTheAcknowledgementAndAStaleReplyIsDropped() throws {
+        let s = try ListeningService()
+        let (client, a) = try s.device()
+        client.serveInvalidations { _ in true }
+        let window = a.windows[0]
+        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: window.iova, cookie: 1)])
+        _ = try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000)
+        let before = try client.translate(iova: window.iova, pages: 1)
+        _ = try s.service.invalidate(hostAddress: s.host(of: window), length: 4096).wait()
+        let stats = s.service.statistics
+        #expect(stats.invalidationsSent >= 1 && stats.invalidationsAcked == stats.invalidationsSent)
+        #expect(client.invalidationsAcked.load(ordering: .relaxed) >= 1)
+        // A reply produced before that INVALIDATE is older than what the device processed.
+        let iotlb = DeviceIOTLB(entries: 4, iovaBase: window.iova, pages: 1, forgetOnInvalidate: false)
+        iotlb.invalidate([IOVARange(start: window.iova, last: window.iova + 4095)], sequence: before.sequence + 1)
+        #expect(iotlb.state.withLock { $0.invalidationSequence } > before.sequence)
+        #expect(try client.translate(iova: window.iova, pages: 1).sequence >= before.sequence + 1)
+    }
+
+    @Test func aDeviceThatNeverAcknowledgesIsFencedAndTheOthersKeepGoing() throws {
+        let s = try ListeningService(timeout: .milliseconds(200))
+        let (good, ga) = try s.device(1)
+        good.serveInvalidations { _ in true }
+        let (bad, ba) = try s.device(2)
+        bad.serveInvalidations { _ in false }
+        // Both fault a page in, so that both hold translations to be invalidated.
+        for (id, a) in [(UInt32(1), ga), (UInt32(2), ba)] {
+            try a.channel.send([PageRequest(flags: [.lastPage], deviceID: id, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 1)])
+            _ = try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000)
+        }
+        let start = ContinuousClock.now
+        _ = try s.service.invalidate(hostAddress: s.host(of: ba.windows[0]), length: 4096).wait()
+        _ = try s.service.invalidate(hostAddress: s.host(of: ga.windows[0]), length: 4096).wait()
+        let waited = ContinuousClock.now - start
+        let stats = s.waitFor { $0.devicesFenced == 1 }
+        #expect(stats.devicesFenced == 1 && stats.protocolErrorKinds["invalidateTimeout"] == 1)
+        #expect(waited < .seconds(2), "the sync waited \(waited) for a 200 ms deadline")
+        // The fenced device is disconnected; the other still faults.
+        #expect(throws: DeviceClientError.self) { try bad.translate(iova: ba.windows[0].iova, pages: 1) }
+        try ga.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: ga.windows[0].iova + 4096, cookie: 2)])
+        #expect(try ga.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 2, code: .success)])
+    }
+
+    @Test func protocolErrorsGetAnErrorReplyOrADisconnectAndAreCountedByKind() throws {
+        let s = try ListeningService()
+        // An unknown command: an error reply; the connection stays usable.
+        let p = try RawPeer(s.path)
+        try p.send(Wire.message(command: .hello, id: 3, payload: []).enumerated().map { $0.offset == 2 ? 42 : $0.element })
+        let unknown = try p.receive()
+        #expect(unknown?.header.isError == true && unknown?.header.error == WireErrno.notSupported && unknown?.header.id == 3)
+        // A payload of the wrong size: EINVAL, still connected.
+        try p.send(Wire.message(command: .hello, id: 4, payload: [1, 2, 3]))
+        #expect(try p.receive()?.header.error == WireErrno.invalid)
+        // ATTACH before HELLO: refused.
+        try p.send(Attach(deviceID: 1).message(id: 5))
+        #expect(try p.receive()?.header.error == WireErrno.protocolError)
+        // Descriptors on a request that takes none: refused, and closed by the service.
+        let stray = try Sys.eventfd()
+        try p.send(Hello().message(id: 6), fds: [stray])
+        Sys.close(stray)
+        #expect(try p.receive()?.header.error == WireErrno.invalid)
+        // A message beyond the size limit.
+        try p.send([UInt8](repeating: 0, count: WireLimits.maxMessageBytes + 100))
+        #expect(try p.receive()?.header.error == WireErrno.messageSize)
+        try p.hello()
+        // A header whose size lies: the framing cannot be trusted, the peer goes.
+        var lying = Translate(iova: 0, pages: 1).message(id: 8)
+        lying[4] = 200
+        try p.send(lying)
+        #expect(try p.isClosed())
+        // A major version the service does not speak: an error reply, then the disconnect.
+        let old = try RawPeer(s.path)
+        try old.send(Hello(major: 2).message(id: 1))
+        #expect(try old.receive()?.header.error == WireErrno.notSupported)
+        #expect(try old.isClosed())
+        let stats = s.waitFor { $0.peersDisconnected == 2 }
+        #expect(stats.protocolErrorKinds["unknownCommand"] == 1 && stats.protocolErrorKinds["badSize"] == 1)
+        #expect(stats.protocolErrorKinds["badState"] == 1 && stats.protocolErrorKinds["unexpectedFDs"] == 1)
+        #expect(stats.protocolErrorKinds["tooLarge"] == 1 && stats.protocolErrorKinds["badHeader"] == 1)
+        #expect(stats.protocolErrorKinds["badVersion"] == 1 && stats.peersDisconnected == 2)
+        // And the service still serves.
+        let (client, a) = try s.device(9)
+        #expect(try client.translate(iova: a.windows[0].iova, pages: 4).entries.count == 4)
+    }
+
+    @Test func acknowledgementsAreChecked() throws {
+        let s = try ListeningService()
+        let (client, _) = try s.device(1)
+        let invalidation = RawPeer(fd: try Sys.dup(client.invalidationFD))
+        try invalidation.send(InvalidateAck(sequence: 99).message(id: 1, flags: .reply))
+        #expect(s.waitFor { $0.protocolErrorKinds["unknownAck"] == 1 }.protocolErrorKinds["unknownAck"] == 1)
+        try invalidation.send(Hello().message(id: 2))  // not an acknowledgement at all
+        let stats = s.waitFor { $0.peersDisconnected == 1 }
+        #expect(stats.protocolErrorKinds["badAck"] == 1 && stats.peersDisconnected == 1)
+    }
+
+    // MARK: The shared ring
+
+    func ring(_ a: DeviceAttachment) -> (SharedQueue, doorbell: CInt) {
+        guard case .shared(let q, let doorbell, _) = a.channel.backing else { preconditionFailure("shared channel expected") }
+        return (q, doorbell)
+    }
+
+    @Test func theRingMemfdCannotBeResizedByTheDevice() throws {
+        let s = try ListeningService()
+        let (_, a) = try s.device()
+        let (q, _) = ring(a)
+        #expect(ftruncate(q.fd, 0) == -1 && errno == EPERM)
+        #expect(ftruncate(q.fd, off_t(SharedQueue.byteCount * 2)) == -1 && errno == EPERM)
+    }
+
+    @Test func aTailFarAheadOfTheHeadFencesTheDevice() throws {
+        let s = try ListeningService()
+        let (_, a) = try s.device(1)
+        let (_, other) = try s.device(2)
+        let (q, doorbell) = ring(a)
+        q.storeSequential(.requestTail, 100_000)
+        FaultService.ring(doorbell)
+        let stats = s.waitFor { $0.devicesFenced == 1 }
+        #expect(stats.protocolErrorKinds["ringOverrun"] == 1 && stats.records == 0)
+        try other.channel.send([PageRequest(flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read], addr: other.windows[0].iova, cookie: 3)])
+        #expect(try other.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 3, code: .success)])
+    }
+
+    @Test func malformedRecordsAndCreditOverrunsAreAnsweredInvalidAndCounted() throws {
+        let s = try ListeningService()
+        let (_, a) = try s.device(1)
+        var bad = PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 4)
+        bad.deviceID = 5  // another device's id
+        try a.channel.send([bad])
+        #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 4, code: .invalid)])
+        let (q, doorbell) = ring(a)
+        var raw = PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: a.windows[0].iova, cookie: 6).bytes
+        raw[20] = 7  // reserved field
+        raw.withUnsafeBytes { q.requestSlot(1).copyMemory(from: $0) }
+        q.storeSequential(.requestTail, 2)
+        FaultService.ring(doorbell)
+        let stats = s.waitFor { $0.protocolErrorKinds["badRecord"] == 1 }
+        #expect(stats.protocolErrorKinds["unknownDevice"] == 1 && stats.protocolErrorKinds["badRecord"] == 1)
+        #expect(stats.devicesFenced == 0)
+    }
+
+    @Test func aDeviceThatNeverReadsItsResponsesIsDisconnectedNotQueuedForever() throws {
+        let s = try ListeningService()
+        let (_, a) = try s.device(1)
+        let (q, doorbell) = ring(a)
+        var tail: UInt32 = 0
+        // Send one-page groups, never consume a response; the service must give up.
+        for k in 0..<5000 {
+            while tail &- q.load(.requestHead) >= UInt32(SharedQueue.capacity) {
+                if s.service.statistics.devicesFenced > 0 { break }
+                usleep(100)
+            }
+            if s.service.statistics.devicesFenced > 0 { break }
+            PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: UInt32(k % 512), perm: [.read],
+                        addr: a.windows[0].iova + UInt64(k % 256) << 12, cookie: UInt32(k + 1)).encode(into: q.requestSlot(tail))
+            tail &+= 1
+            q.storeSequential(.requestTail, tail)
+            FaultService.ring(doorbell)
+        }
+        let stats = s.waitFor { $0.devicesFenced == 1 }
+        #expect(stats.protocolErrorKinds["responseBacklog"] == 1)
+    }
+
+    @Test func aNonBlockingDoorbellOrAForgedHeadDoesNotMakeTheLoopSpin() throws {
+        let s = try ListeningService()
+        let (_, a) = try s.device(1)
+        let (q, doorbell) = ring(a)
+        try Sys.setNonBlocking(doorbell, true)  // shared with the service's copy
+        FaultService.ring(doorbell)
+        q.storeSequential(.requestHead, 77)  // the service's field, forged
+        usleep(300_000)
+        let before = s.service.statistics.loopTurns
+        usleep(500_000)
+        let turns = s.service.statistics.loopTurns - before
+        #expect(turns < 50, "the loop turned \(turns) times in 0.5 s while idle")
+        // And it still serves the device (once the device's own end sees the true head again).
+        q.storeSequential(.requestHead, 0)
+        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 8)])
+        #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 8, code: .success)])
+    }
+
+    @Test func aThousandConnectionsLeaveNoDescriptorOrMemoryBehind() throws {
+        let s = try ListeningService()
+        func cycle(_ k: Int) throws {
+            let (client, a) = try s.device(UInt32(k % 7 + 1), stream: k % 2 == 1, keep: false)
+            if k % 3 == 0 { try client.detach() }
+            _ = a
+            client.close()
+        }
+        for k in 0..<50 { try cycle(k) }  // warm up allocations and caches
+        _ = s.waitFor { $0.devicesClosed == 50 }
+        let fds = openFDs()
+        let rss = residentKiB()
+        for k in 50..<1050 { try cycle(k) }
+        let stats = s.waitFor { $0.devicesClosed == 1050 }
+        #expect(stats.devicesClosed == 1050 && stats.externalDevices == 1050)
+        usleep(100_000)
+        #expect(openFDs() == fds, "descriptors: \(fds) before, \(openFDs()) after")
+        #expect(residentKiB() - rss < 20_000, "resident memory grew from \(rss) KiB to \(residentKiB()) KiB")
+    }
+}
+
+func residentKiB() -> Int {
+    let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+    let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+    return Int(line.split(whereSeparator: \.isWhitespace).dropFirst().first ?? "") ?? 0
+}

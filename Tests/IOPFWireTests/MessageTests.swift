@@ -1,0 +1,99 @@
+// Protocol messages: every payload round-trips, and every decoder refuses what the
+// protocol document says is malformed, naming the kind the service counts it by.
+
+import Testing
+@testable import IOPFWire
+
+@Suite struct MessageTests {
+    func roundTrip<P: WirePayload>(_ p: P) throws -> P {
+        let bytes = p.message(id: 9)
+        let header = try bytes.withUnsafeBytes { try MessageHeader(message: $0) }
+        #expect(header.id == 9 && header.command == P.command && Int(header.size) == bytes.count)
+        return try P(message: bytes)
+    }
+
+    @Test func everyPayloadRoundTrips() throws {
+        #expect(try roundTrip(Hello()) == Hello())
+        let reply = HelloReply(major: 1, minor: 0, capabilities: [.sharedRing, .translate])
+        #expect(try roundTrip(reply) == reply)
+        let attach = Attach(deviceID: 7, pasid: 3, credit: 64, wantsStream: true)
+        #expect(try roundTrip(attach) == attach)
+        let attached = AttachReply(credit: 32, channel: .sharedRing, invalidateTimeoutMs: 1000, ringEntries: 256,
+                                   windows: [DMAWindow(iova: 1 << 44, size: 64 << 20, prot: 3)],
+                                   regions: [MemoryRegionInfo(phys: 1 << 30, size: 64 << 20)])
+        #expect(try roundTrip(attached) == attached)
+        #expect(attached.fdCount == 1 + 3 + 1)
+        #expect(try roundTrip(Translate(iova: 0x1000, pages: 512)) == Translate(iova: 0x1000, pages: 512))
+        let t = TranslateReply(sequence: 4, entries: [0x4000_0003, 0])
+        #expect(try roundTrip(t) == t)
+        let inv = Invalidate(sequence: 12, pasid: nil, ranges: [(0x1000, 0x1fff), (0x8000, 0x8fff)])
+        #expect(try roundTrip(inv) == inv)
+        #expect(try roundTrip(InvalidateAck(sequence: 12)) == InvalidateAck(sequence: 12))
+    }
+
+    /// The worked example of the protocol document, byte for byte.
+    @Test func theDocumentsWorkedExample() throws {
+        let attach = Attach(deviceID: 7, pasid: nil, credit: 32, wantsStream: false).message(id: 2)
+        #expect(attach == [0x02, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                           0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00])
+        let ack = InvalidateAck(sequence: 5).message(id: 5, flags: .reply)
+        #expect(ack == [0x05, 0x00, 0x05, 0x00, 0x18, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                        0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
+    }
+
+    func headerError(_ bytes: [UInt8]) -> WireError? {
+        do {
+            _ = try bytes.withUnsafeBytes { try MessageHeader(message: $0) }
+            return nil
+        } catch { return error as? WireError }
+    }
+
+    @Test func headersAreCheckedAgainstWhatWasReceived() {
+        var m = Hello().message(id: 1)
+        #expect(headerError(Array(m.prefix(15))) == .truncated(have: 15, need: 16))
+        #expect(headerError(m + [0]) == .sizeMismatch(header: 28, received: 29))
+        m[8] = 2  // type 2
+        #expect(headerError(m)?.kind == "badHeader")
+        m[8] = 0x40  // unknown flag bit 6
+        #expect(headerError(m) == .unknownFlags(0x40))
+        m[8] = 0
+        m[2] = 99
+        #expect(headerError(m) == .unknownCommand(99))
+        #expect(headerError(m)?.kind == "unknownCommand")
+        #expect(headerError([UInt8](repeating: 0, count: WireLimits.maxMessageBytes + 1)) == .tooLarge(WireLimits.maxMessageBytes + 1))
+    }
+
+    func payloadError<P: WirePayload>(_: P.Type, _ payload: [UInt8]) -> WireError? {
+        do {
+            _ = try payload.withUnsafeBytes { try P(payload: $0) }
+            return nil
+        } catch { return error as? WireError }
+    }
+
+    @Test func payloadsRefuseBadSizesCountsAndFields() {
+        #expect(payloadError(Hello.self, [UInt8](repeating: 0, count: 11))?.kind == "badSize")
+        #expect(payloadError(Hello.self, [1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0])?.kind == "badField")  // role 9
+        var attach = Attach(deviceID: 1, credit: 0).message(id: 1)
+        #expect(payloadError(Attach.self, Array(attach[16...])) == .outOfRange(field: "ATTACH.credit", value: 0, allowed: "1...256"))
+        attach = Attach(deviceID: 1, credit: 4).message(id: 1)
+        attach[16 + 8] = 5  // a PASID without PASID_VALID
+        #expect(payloadError(Attach.self, Array(attach[16...]))?.kind == "badField")
+        #expect(payloadError(Translate.self, Array(Translate(iova: 0x1001, pages: 1).message(id: 1)[16...]))?.kind == "badField")
+        #expect(payloadError(Translate.self, Array(Translate(iova: 0x1000, pages: 513).message(id: 1)[16...]))?.kind == "badField")
+        #expect(payloadError(Translate.self, Array(Translate(iova: UInt64.max & ~0xFFF, pages: 2).message(id: 1)[16...])) != nil)
+        // A count that claims more ranges than the payload holds.
+        var inv = Array(Invalidate(sequence: 1, pasid: nil, ranges: [(0, 0xfff)]).message(id: 1)[16...])
+        inv[16] = 2
+        #expect(payloadError(Invalidate.self, inv)?.kind == "badSize")
+        inv[16] = 0
+        #expect(payloadError(Invalidate.self, inv)?.kind == "badField")
+        let backwards = Array(Invalidate(sequence: 1, pasid: nil, ranges: [(0x2000, 0x1000)]).message(id: 1)[16...])
+        #expect(payloadError(Invalidate.self, backwards)?.kind == "badField")
+        var reply = Array(TranslateReply(sequence: 1, entries: [0x1004]).message(id: 1)[16...])
+        #expect(payloadError(TranslateReply.self, reply)?.kind == "badField")  // bit 2 set
+        reply = Array(AttachReply(credit: 1, channel: .stream, invalidateTimeoutMs: 1, ringEntries: 0, windows: [],
+                                  regions: [MemoryRegionInfo(phys: 0x1000, size: 0x1000)]).message(id: 1)[16...])
+        reply.removeLast()
+        #expect(payloadError(AttachReply.self, reply)?.kind == "badSize")
+    }
+}
