@@ -60,6 +60,9 @@ public struct IOVARange: Sendable, Hashable, CustomStringConvertible {
     /// Size in bytes; a range covering all 2^64 addresses does not occur here (IOVAs are 48-bit).
     public var size: UInt64 { last - start + 1 }
 
+    /// 4 KiB pages the range touches, partial ones included.
+    public var pagesTouched: Int { Int(last >> 12 - start >> 12) + 1 }
+
     public func overlaps(_ other: IOVARange) -> Bool { start <= other.last && other.start <= last }
 
     /// Overlapping or directly adjacent, so that one range can cover both.

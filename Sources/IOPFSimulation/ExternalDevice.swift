@@ -8,6 +8,7 @@ import Foundation
 import Histogram
 import IOPFCore
 import IOPFDevice
+import Synchronization
 
 public struct ExternalDeviceOptions: Sendable {
     public var path: String
@@ -21,6 +22,10 @@ public struct ExternalDeviceOptions: Sendable {
     public var credit: UInt32 = 32
     public var seed: UInt64 = 1
     public var spinNanoseconds: Int64 = 200_000
+    /// The host changes this memory (stress): data checks accept zeroed pages.
+    public var hostMayChangeMemory = false
+    public var burst = 4
+    public var iotlbEntries = 64
     public init(path: String) { self.path = path }
 }
 
@@ -35,6 +40,12 @@ public struct ExternalDeviceResult: Codable, Sendable {
     public var groups = 0
     public var integrityErrors = 0
     public var invalidationsAcked = 0
+    /// Pages named by the INVALIDATEs received (a range counts every page it touches).
+    public var pagesInvalidated = 0
+    /// Groups answered SUCCESS and INVALID, and responses no group was waiting for.
+    public var success = 0
+    public var invalid = 0
+    public var unexpectedResponses = 0
     public var translations = 0
     public var staleReplies = 0
     /// From connect to the ATTACH reply mapped.
@@ -63,12 +74,18 @@ public enum ExternalDeviceSession {
         dc.workload = o.workload
         dc.seed = o.seed
         dc.spinNanoseconds = o.spinNanoseconds
+        dc.hostMayChangeMemory = o.hostMayChangeMemory
+        dc.burst = o.burst
+        dc.iotlbEntries = o.iotlbEntries
         let device = SimulatedDevice(configuration: dc, channel: attachment.channel, memory: attachment.memory,
                                      translator: .remote(client))
         let ignore = o.ignoreInvalidations
+        let pagesInvalidated = PageCounter()
         client.serveInvalidations { [iotlb = device.iotlb] inv in
             guard !ignore else { return false }
             iotlb.invalidate(inv.ranges.map { IOVARange(start: $0.start, last: $0.last) }, sequence: inv.sequence)
+            pagesInvalidated.count.add(inv.ranges.reduce(0) { $0 + IOVARange(start: $1.start, last: $1.last).pagesTouched },
+                                 ordering: .relaxed)
             return true
         }
         device.start()
@@ -95,6 +112,10 @@ public enum ExternalDeviceSession {
         result.groups = report.groups
         result.integrityErrors = report.integrityErrors + report.wrongTranslations
         result.invalidationsAcked = client.invalidationsAcked.load(ordering: .relaxed)
+        result.pagesInvalidated = pagesInvalidated.count.load(ordering: .relaxed)
+        result.success = report.success
+        result.invalid = report.invalid
+        result.unexpectedResponses = report.protocolErrors
         result.translations = report.translations
         result.staleReplies = report.staleReplies
         result.attachMicroseconds = seconds(attached - started) * 1e6
@@ -107,4 +128,9 @@ public enum ExternalDeviceSession {
     static func seconds(_ d: Duration) -> Double {
         Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
     }
+}
+
+/// Pages invalidated so far, counted on one thread and read on another.
+final class PageCounter: Sendable {
+    let count = Atomic<Int>(0)
 }

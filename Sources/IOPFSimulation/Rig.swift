@@ -29,15 +29,17 @@ final class Rig {
     let domains: [DomainID]
     let audits: [TranslationAudit?]
 
-    /// Starts a service over a new engine; stop it with `service.stop()`.
+    /// Starts a service over a new engine; stop it with `service.stop()`. Each domain's
+    /// syncs are reported to its observer; in-process devices check themselves against it
+    /// when it is a `TranslationAudit`.
     init(engine config: EngineConfiguration, service serviceConfig: ServiceConfiguration, domains count: Int,
-         audits: [TranslationAudit?]? = nil, logger: Logger) throws {
+         observers: [(any IOTLBSyncObserver)?]? = nil, logger: Logger) throws {
         engine = FaultEngine(memory: ProcessMemory(), configuration: config)
         service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
         fanouts = (0..<count).map { _ in DomainIOTLBs() }
-        self.audits = audits ?? Array(repeating: nil, count: count)
-        domains = try (0..<count).map { [service, fanouts, audits] d in
-            try service.createDomain(local: fanouts[d], observer: audits?[d])
+        audits = (0..<count).map { observers?[$0] as? TranslationAudit }
+        domains = try (0..<count).map { [service, fanouts] d in
+            try service.createDomain(local: fanouts[d], observer: observers?[d])
         }
         try service.start()
     }

@@ -22,6 +22,10 @@ public struct StressOptions: Sendable {
     public var mappingsPerDevice = 2
     public var domains = 2
     public var hostChurn = true
+    /// Run the devices as `iopf device` processes: `deviceCommand` is the `iopf` executable
+    /// followed by `device`.
+    public var external = false
+    public var deviceCommand: [String] = []
     @_spi(FaultInjection) public var injected: InjectedBugs = []
     public static let mappingBytes: UInt64 = 2 << 20
     public static let iovaBase: UInt64 = 1 << 40
@@ -32,6 +36,8 @@ public struct StressResult: Codable, Sendable {
     public var seed: UInt64 = 0
     public var seconds = 0.0
     public var injected: [String] = []
+    /// "in-process" or "external".
+    public var devices = "in-process"
     public var faults = 0
     public var groups = 0
     public var invalidations = 0
@@ -66,11 +72,14 @@ public enum StressSession {
         var config = EngineConfiguration()
         config.injectedBugs = o.injected
         let audits = (0..<o.domains).map { _ in TranslationAudit(iovaBase: StressOptions.iovaBase, pages: Int(slice >> 12) * o.devices) }
+        let tallies = (0..<o.domains).map { _ in SyncTally() }
         var serviceConfig = ServiceConfiguration()
         serviceConfig.spinNanoseconds = 50_000
         serviceConfig.hostEvents = o.hostChurn
         serviceConfig.injectedBugs = o.injected
-        let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, audits: audits, logger: logger)
+        serviceConfig.invalidateTimeout = .seconds(2)
+        let observers: [any IOTLBSyncObserver] = o.external ? tallies : audits
+        let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, observers: observers, logger: logger)
         let (engine, service) = (rig.engine, rig.service)
         defer { service.stop() }
 
@@ -85,6 +94,7 @@ public enum StressSession {
                 try service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
                 mappings.append(m)
             }
+            guard !o.external else { continue }
             var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: Int(slice >> 12), hostBase: host,
                                          physBase: region.phys! + UInt64(d) * slice)
             dc.seed = o.seed &+ UInt64(d) &* 104_729
@@ -95,8 +105,12 @@ public enum StressSession {
             devices.append(try rig.device(dc, domain: d % o.domains, regions: [region]))
         }
 
+        let fleet = o.external ? try startFleet(o, rig: rig, region: region, slice: slice) : nil
+        tallies.forEach { $0.reset() }  // count from here, when every device is attached
+
         var result = StressResult()
         result.seed = o.seed
+        result.devices = o.external ? "external" : "in-process"
         result.injected = InjectedBugs.names.filter { o.injected.contains($0.1) }.map(\.0)
         var kinds: [String: Int] = [:]
         var first: String?
@@ -189,6 +203,9 @@ public enum StressSession {
             }
         }
         doing = "the final checks"
+        if let fleet {
+            try collect(fleet, tallies: tallies, service: service, seed: o.seed, into: &result, kinds: &kinds, first: &first)
+        }
         devices.forEach { $0.stop() }
         // No device may be left waiting: each must come back within a few seconds.
         let deadline = ContinuousClock.now + .seconds(10)
@@ -241,6 +258,55 @@ public enum StressSession {
         result.stormOperations = counts
         result.firstViolation = first
         return result
+    }
+
+    /// Listens on a fresh socket, starts the device processes and waits until all attached.
+    static func startFleet(_ o: StressOptions, rig: Rig, region: HostRegion, slice: UInt64) throws -> ExternalFleet {
+        let path = "/tmp/iopf-stress-\(getpid()).sock"
+        let provisioner = StressProvisioner(domains: rig.domains, region: region, slice: slice, devices: o.devices)
+        try rig.service.listen(path: path, provisioner: provisioner)
+        let fleet = try ExternalFleet(command: o.deviceCommand, socket: path, count: o.devices, seed: o.seed)
+        let deadline = ContinuousClock.now + .seconds(30)
+        while rig.service.statistics.externalDevices < o.devices {
+            guard ContinuousClock.now < deadline, fleet.members.allSatisfy({ $0.process.isRunning }) else {
+                fleet.kill()
+                throw ServiceError.invalidRequest(
+                    "only \(rig.service.statistics.externalDevices) of \(o.devices) device processes attached (\(o.deviceCommand.joined(separator: " ")))")
+            }
+            usleep(2000)
+        }
+        return fleet
+    }
+
+    /// Makes sure every INVALIDATE posted so far was acknowledged, stops the devices and
+    /// checks what they report.
+    static func collect(_ fleet: ExternalFleet, tallies: [SyncTally], service: FaultService, seed: UInt64,
+                        into result: inout StressResult, kinds: inout [String: Int], first: inout String?) throws {
+        // A barrier completes once every device acknowledged every INVALIDATE posted so far.
+        try service.barrier().wait()
+        let synced = tallies.map(\.count)
+        for (d, r) in fleet.stop().enumerated() {
+            guard let r else {
+                kinds["deviceFailed", default: 0] += 1
+                if first == nil { first = "seed \(seed): device \(d + 1) died or printed no summary" }
+                continue
+            }
+            result.dmaOps += r.dmaOps
+            result.dmaErrors += r.dmaErrors
+            result.checks += r.translations
+            for (k, n) in [("wrongData", r.integrityErrors), ("groupNotAnsweredOnce", r.unexpectedResponses + abs(r.groups - r.success - r.invalid)),
+                           ("deviceDisconnected", r.disconnected ? 1 : 0)] where n > 0 {
+                kinds[k, default: 0] += n
+                if first == nil { first = "seed \(seed), device \(d + 1): \(r.problems.first ?? k)" }
+            }
+            let owed = synced[d % synced.count]
+            if r.pagesInvalidated < owed {
+                kinds["invalidationNotDelivered", default: 0] += 1
+                if first == nil {
+                    first = "seed \(seed): device \(d + 1) was told of \(r.pagesInvalidated) invalidated pages, its domain synced \(owed)"
+                }
+            }
+        }
     }
 
     /// A random host range in `[base, base + total)`: mostly small, sometimes several

@@ -88,7 +88,7 @@ final class Child {
             let (status, json) = child.finish()
             #expect(status == 0, "device \(k + 1) exited \(status): \(json)")
             #expect(json["integrityErrors"] as? Int == 0 && json["dmaErrors"] as? Int == 0)
-            #expect((json["dmaOps"] as? Int ?? 0) > 1000 && (json["faults"] as? Int ?? 0) > 0)
+            #expect((json["dmaOps"] as? Int ?? 0) > 50 && (json["faults"] as? Int ?? 0) > 0, "\(json)")
             #expect((json["invalidationsAcked"] as? Int ?? 0) > 0, "device \(k + 1) saw no invalidation: \(json)")
             #expect(json["disconnected"] as? Bool == false)
         }
@@ -110,7 +110,7 @@ final class Child {
         kill(victim.process.processIdentifier, SIGKILL)
         let (status, json) = survivor.finish()
         #expect(status == 0 && json["integrityErrors"] as? Int == 0, "\(json)")
-        #expect((json["dmaOps"] as? Int ?? 0) > 1000)
+        #expect((json["dmaOps"] as? Int ?? 0) > 50)
         #expect(victim.finish().status != 0)
         let r = try s.result()
         #expect(r.externalDevices == 2 && r.devicesFenced == 0 && r.protocolErrors == 0)

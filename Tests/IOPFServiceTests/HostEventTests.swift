@@ -114,7 +114,7 @@ final class EventHarness {
         #expect(UnsafeRawPointer(bitPattern: UInt(target.base))!.load(as: UInt64.self) == 0x5151)
         #expect(try h.service.checkInvariants().wait().isEmpty)
         // The region's own deinit would munmap `target`'s old address; it is not mapped anymore.
-        _ = withExtendedLifetime(target) {}
+        withExtendedLifetime(target) {}
     }
 
     @Test func concurrentHostChangesAndFaultsNeverDeadlock() throws {
@@ -169,7 +169,7 @@ final class EventHarness {
         // Unmapped memory is refused too.
         let hole = try HostRegion(length: 4096)
         let holeAddress = hole.base
-        _ = withExtendedLifetime(hole) {}
+        withExtendedLifetime(hole) {}
         #expect(throws: UserfaultfdError.self) { try h.service.map(iova: 4 << 30, vaddr: holeAddress + (1 << 40), size: 4096, prot: .read) }
         #expect(h.engine.mappingCount == 1)
     }

@@ -1,18 +1,25 @@
 // The stress tester finds planted bugs: each one makes a short run report violations,
 // and the same run without it reports none. This is what shows the checks can fail.
 
+import Foundation
 import Testing
 @_spi(FaultInjection) @testable import IOPFCore
 @_spi(FaultInjection) @testable import IOPFService
 @_spi(FaultInjection) @testable import IOPFSimulation
 
 @Suite(.serialized) struct StressTests {
-    static func run(_ bugs: InjectedBugs, seconds: Double = 3) throws -> StressResult {
+    static func run(_ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false) throws -> StressResult {
         var o = StressOptions()
         o.seed = 11
         o.seconds = seconds
         o.devices = 3
         o.injected = bugs
+        if external {
+            o.external = true
+            let dir = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
+                .deletingLastPathComponent()
+            o.deviceCommand = [dir.appendingPathComponent("iopf").path, "device"]
+        }
         return try StressSession.run(o)
     }
 
@@ -36,5 +43,23 @@ import Testing
             "double-answer": ["groupNotAnsweredOnce"],
         ]
         #expect(!expected[name]!.isDisjoint(with: r.violationKinds.keys), "\(name) was caught as \(r.violationKinds)")
+    }
+
+    @Test func externalDevicesRunCleanAndThePlantedBugsAreStillFound() throws {
+        let clean = try Self.run([], external: true)
+        #expect(clean.devices == "external")
+        #expect(clean.violations == 0, "\(clean.violationKinds) \(clean.firstViolation ?? "")")
+        #expect(clean.faults > 500 && clean.invalidations > 100 && clean.dmaOps > 0)
+        let expected: [String: Set<String>] = [
+            "skip-sync": ["invalidationNotDelivered"],
+            "clear-requested": ["bitWithoutLeaf"],
+            "no-retry": ["leafOnGoneMemory", "leafWithoutBit", "stormOperationFailed"],
+            "early-free": ["tablePageFreedBeforeSync"],
+            "double-answer": ["groupNotAnsweredOnce"],
+        ]
+        for (name, kinds) in expected {
+            let r = try Self.run(InjectedBugs(name: name)!, seconds: 2, external: true)
+            #expect(!kinds.isDisjoint(with: r.violationKinds.keys), "\(name) with external devices was caught as \(r.violationKinds)")
+        }
     }
 }

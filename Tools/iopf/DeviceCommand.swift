@@ -42,6 +42,11 @@ struct Device: ParsableCommand {
     @Flag(help: "Print one JSON object at the end instead of a summary.")
     var json = false
 
+    // Set by `iopf stress --external` for the devices it starts.
+    @Flag(help: .hidden) var hostMayChangeMemory = false
+    @Option(help: .hidden) var burst = 4
+    @Option(help: .hidden) var iotlbEntries = 64
+
     func validate() throws {
         guard Workload(rawValue: workload) != nil else {
             throw ValidationError("--workload '\(workload)' is not one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -49,6 +54,7 @@ struct Device: ParsableCommand {
         guard channel == "shared" || channel == "stream" else { throw ValidationError("--channel must be shared or stream, got '\(channel)'") }
         guard duration >= 0 && duration <= 86_400 else { throw ValidationError("--duration must be in [0, 86400] seconds, got \(duration)") }
         guard pasid.map({ $0 < 1 << 20 }) ?? true else { throw ValidationError("--pasid must be below 2^20") }
+        guard (1...64).contains(burst), (1...4096).contains(iotlbEntries) else { throw ValidationError("--burst 1...64, --iotlb-entries 1...4096") }
     }
 
     func run() throws {
@@ -60,6 +66,9 @@ struct Device: ParsableCommand {
         o.ignoreInvalidations = ignoreInvalidations
         o.stream = channel == "stream"
         o.seed = seed
+        o.hostMayChangeMemory = hostMayChangeMemory
+        o.burst = burst
+        o.iotlbEntries = iotlbEntries
         Signals.stopOnInterrupt()
         let r: ExternalDeviceResult
         do {

@@ -35,6 +35,9 @@ struct Stress: ParsableCommand {
     @Option(help: "Plant a known bug (repeatable): \(InjectedBugs.names.map(\.0).joined(separator: ", ")), or 'list'.")
     var inject: [String] = []
 
+    @Flag(help: "Run the devices as `iopf device` processes attached over the device protocol.")
+    var external = false
+
     @Flag(help: "Print one JSON object at the end instead of progress and a summary.")
     var json = false
 
@@ -60,6 +63,8 @@ struct Stress: ParsableCommand {
         o.devices = devices
         o.domains = domains
         o.hostChurn = hostChurn
+        o.external = external
+        o.deviceCommand = [try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"), "device"]
         o.injected = inject.reduce(into: InjectedBugs()) { $0.insert(InjectedBugs(name: $1)!) }
         var logger = Logger(label: "iopf.stress")
         logger.logLevel = .error
@@ -72,7 +77,7 @@ struct Stress: ParsableCommand {
             try Output.printJSON(r)
         } else {
             Output.progress(nil)
-            print("iopf stress: seed \(r.seed), \(String(format: "%.1f", r.seconds)) s" + (r.injected.isEmpty ? "" : ", injected: \(r.injected.joined(separator: ", "))"))
+            print("iopf stress: seed \(r.seed), \(String(format: "%.1f", r.seconds)) s, \(r.devices) devices" + (r.injected.isEmpty ? "" : ", injected: \(r.injected.joined(separator: ", "))"))
             print("  faults \(r.faults) in \(r.groups) groups (\(Int(Double(r.faults) / r.seconds))/s), DMA \(r.dmaOps) ops, \(r.dmaErrors) errors")
             print("  invalidations \(r.invalidations) (\(Int(Double(r.invalidations) / r.seconds))/s), IOTLB syncs \(r.iotlbSyncs), retries \(r.retries), uffd events \(r.uffdEvents), late accesses \(r.lateAccesses)")
             print("  storm: " + r.stormOperations.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
