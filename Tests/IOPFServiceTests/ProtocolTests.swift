@@ -262,6 +262,62 @@ func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/
         #expect(stats.devicesFenced == 0)
     }
 
+    @Test(arguments: [false, true])
+    func creditOverrunsAreAnsweredInvalidAndPartialGroupsOfADeadDeviceToo(stream: Bool) throws {
+        let s = try ListeningService()
+        let (client, a) = try s.device(1, stream: stream, keep: false)
+        let iova = a.windows[0].iova
+        // 32 requests of credit: one group of 32 partial pages, then a 33rd request in another group.
+        try a.channel.send((0..<32).map { k in
+            PageRequest(flags: [], deviceID: 1, groupIndex: 1, perm: [.read], addr: iova + UInt64(k) << 12, cookie: 10)
+        })
+        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: iova, cookie: 11)])
+        #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 11, code: .invalid)])
+        #expect(s.waitFor { $0.protocolErrorKinds["creditExceeded"] == 1 }.protocolErrorKinds["creditExceeded"] == 1)
+        // The device dies with group 1 open: it is answered INVALID (to nobody) and its credit freed.
+        client.close()
+        withExtendedLifetime(a) {}
+        let stats = s.waitFor { $0.devicesClosed == 1 }
+        #expect(stats.abandonedGroups == 1 && stats.devicesFenced == 0)
+        let (_, b) = try s.device(1, stream: stream)
+        try b.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: iova, cookie: 12)])
+        #expect(try b.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 12, code: .success)])
+    }
+
+    @Test func aStreamDeviceThatNeverReadsIsHeldBackAloneAndStopDoesNotBlock() throws {
+        let s = try ListeningService()
+        let (_, a) = try s.device(1, stream: true)
+        let (_, other) = try s.device(2)
+        guard case .stream(_, let writeFD) = a.channel.backing else { preconditionFailure("stream channel expected") }
+        try Sys.setNonBlocking(writeFD, true)
+        // One-page groups until the socket takes no more: the responses nobody reads fill the
+        // socket, the service stops taking this device's requests (or fences it) and queues
+        // nothing without bound.
+        var cookie: UInt32 = 1
+        var blocked = false
+        for _ in 0..<100_000 where !blocked {
+            let record = PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: cookie % 512, perm: [.read],
+                                     addr: a.windows[0].iova + UInt64(cookie % 256) << 12, cookie: cookie)
+            do {
+                try record.bytes.withUnsafeBytes { try Sys.writeAll(writeFD, $0) }
+                cookie += 1
+            } catch {
+                blocked = true
+            }
+        }
+        #expect(blocked, "the service kept reading 100000 requests whose responses nobody read")
+        usleep(200_000)
+        let held = s.service.statistics.records
+        usleep(300_000)
+        #expect(s.service.statistics.records == held, "still taking requests from a device that reads nothing")
+        // The other device does not notice.
+        try other.channel.send([PageRequest(flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read], addr: other.windows[0].iova, cookie: 9)])
+        #expect(try other.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 9, code: .success)])
+        let before = ContinuousClock.now
+        s.service.stop()
+        #expect(ContinuousClock.now - before < .seconds(2))
+    }
+
     @Test func aDeviceThatNeverReadsItsResponsesIsDisconnectedNotQueuedForever() throws {
         let s = try ListeningService()
         let (_, a) = try s.device(1)
