@@ -135,3 +135,7 @@ int iopf_peer_credentials(int sock, int *pid, int *uid, int *gid) {
 }
 
 int iopf_accept(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK); }
+
+int iopf_punch_hole(int fd, int64_t offset, int64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}

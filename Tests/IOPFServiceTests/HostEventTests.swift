@@ -76,6 +76,19 @@ final class EventHarness {
         #expect(try h.service.checkInvariants().wait().isEmpty)
     }
 
+    /// Punching a hole in the memfd acts on the file: the pages are freed, but no uffd
+    /// event says so (the README's table); the stale translation stays until invalidated.
+    @Test func aHolePunchedInTheMemfdRaisesNoEvent() throws {
+        let h = try EventHarness()
+        #expect(try h.fault(Array(0..<4)) == .success)
+        UnsafeMutableRawPointer(bitPattern: UInt(h.address(1)))!.storeBytes(of: 0xABCD, as: UInt64.self)
+        #expect(iopf_punch_hole(h.region.fd, 0, 4 << 12) == 0)
+        try h.service.barrier().wait()
+        #expect(h.service.statistics.uffdEvents == 0)
+        #expect(h.translated(1) && h.marked(1))
+        #expect(UnsafeRawPointer(bitPattern: UInt(h.address(1)))!.load(as: UInt64.self) == 0, "the hole reads as zeros")
+    }
+
     @Test func munmapMarksTheRangeGoneUntilTheMappingIsReplaced() throws {
         let h = try EventHarness()
         #expect(try h.fault([0, 1, 2, 3]) == .success)

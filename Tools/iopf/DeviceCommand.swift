@@ -36,6 +36,9 @@ struct Device: ParsableCommand {
     @Option(help: "Seed for the workload.")
     var seed: UInt64 = 1
 
+    @Option(help: "Microseconds the device busy-polls for a response before sleeping (as serve's --spin-microseconds).")
+    var spinMicroseconds = 200.0
+
     @Flag(help: "Never acknowledge invalidations: a misbehaving device, to show fencing.")
     var ignoreInvalidations = false
 
@@ -54,6 +57,7 @@ struct Device: ParsableCommand {
         guard channel == "shared" || channel == "stream" else { throw ValidationError("--channel must be shared or stream, got '\(channel)'") }
         guard duration >= 0 && duration <= 86_400 else { throw ValidationError("--duration must be in [0, 86400] seconds, got \(duration)") }
         guard pasid.map({ $0 < 1 << 20 }) ?? true else { throw ValidationError("--pasid must be below 2^20") }
+        guard spinMicroseconds >= 0 && spinMicroseconds <= 1_000_000 else { throw ValidationError("--spin-microseconds must be in [0, 1000000]") }
         guard (1...64).contains(burst), (1...4096).contains(iotlbEntries) else { throw ValidationError("--burst 1...64, --iotlb-entries 1...4096") }
     }
 
@@ -66,6 +70,7 @@ struct Device: ParsableCommand {
         o.ignoreInvalidations = ignoreInvalidations
         o.stream = channel == "stream"
         o.seed = seed
+        o.spinNanoseconds = Int64(spinMicroseconds * 1000)
         o.hostMayChangeMemory = hostMayChangeMemory
         o.burst = burst
         o.iotlbEntries = iotlbEntries

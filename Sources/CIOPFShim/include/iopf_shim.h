@@ -50,6 +50,10 @@ int iopf_seal_size(int fd);
 /// fcntl(F_GET_SEALS) has F_SEAL_SHRINK and F_SEAL_GROW: 1 yes, 0 no, -1 error.
 int iopf_size_is_sealed(int fd);
 
+/// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): frees a file's pages (tests
+/// show that it raises no userfaultfd event on mappings of the file).
+int iopf_punch_hole(int fd, int64_t offset, int64_t length);
+
 /// sendmsg(2) of one message with up to `nfds` descriptors (SCM_RIGHTS), MSG_NOSIGNAL
 /// and MSG_DONTWAIT when `nonblocking`. Returns bytes sent or -1.
 ssize_t iopf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds, int nonblocking);
