@@ -4,6 +4,7 @@
 
 import Foundation
 import Glibc
+import Synchronization
 import Testing
 @testable import IOPFService
 @testable import IOPFSimulation
@@ -13,7 +14,9 @@ final class ListeningSession: @unchecked Sendable {
     let path = "/tmp/iopf-xproc-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
     private let done = DispatchSemaphore(value: 0)
     private var outcome: Result<ServeResult, Error>?  // written before `done` is signalled
+    private let stopRequested = Atomic<Bool>(false)
 
+    /// Runs for `seconds`, or with 0 until `result()` is asked for.
     init(seconds: Double, invalidateTimeout: Duration = .seconds(1)) throws {
         var o = ServeOptions()
         o.devices = 0
@@ -25,7 +28,7 @@ final class ListeningSession: @unchecked Sendable {
         o.spinNanoseconds = 20_000
         o.invalidateTimeout = invalidateTimeout
         Thread.detachNewThread { [self, o] in
-            outcome = Result { try ServeSession.run(o) }
+            outcome = Result { try ServeSession.run(o, shouldStop: { self.stopRequested.load(ordering: .relaxed) }) }
             done.signal()
         }
         // Ready once the socket accepts.
@@ -41,6 +44,7 @@ final class ListeningSession: @unchecked Sendable {
     }
 
     func result() throws -> ServeResult {
+        stopRequested.store(true, ordering: .relaxed)
         done.wait()
         return try outcome!.get()
     }
@@ -81,7 +85,7 @@ final class Child {
     }
 
     @Test func swiftAndCDevicesInTheirOwnProcessesDMAThroughInvalidations() throws {
-        let s = try ListeningSession(seconds: 4)
+        let s = try ListeningSession(seconds: 0)  // until every device is done, however loaded the machine
         let swift = try [device(s, id: 1), device(s, id: 2, channel: "stream"), device(s, id: 3)]
         let c = try Child("iopf-device-example", [s.path, "--pages", "1500", "--device-id", "4"])
         for (k, child) in swift.enumerated() {
@@ -103,7 +107,7 @@ final class Child {
     }
 
     @Test func aKilledDeviceIsDetachedAndTheOthersGoOn() throws {
-        let s = try ListeningSession(seconds: 3.5)
+        let s = try ListeningSession(seconds: 0)
         let victim = try device(s, id: 1, seconds: 3)
         let survivor = try device(s, id: 2, seconds: 2.5)
         usleep(800_000)
@@ -116,13 +120,13 @@ final class Child {
         #expect(r.externalDevices == 2 && r.devicesFenced == 0 && r.protocolErrors == 0)
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
         // A new device attaches after the death, under the victim's id.
-        let s2 = try ListeningSession(seconds: 1)
+        let s2 = try ListeningSession(seconds: 0)
         #expect(try device(s2, id: 1, seconds: 0.5).finish().status == 0)
         _ = try s2.result()
     }
 
     @Test func aDeviceThatIgnoresInvalidationsIsFencedWhileAnotherKeepsGoing() throws {
-        let s = try ListeningSession(seconds: 3, invalidateTimeout: .milliseconds(200))
+        let s = try ListeningSession(seconds: 0, invalidateTimeout: .milliseconds(200))
         let bad = try device(s, id: 1, seconds: 2.5, extra: ["--ignore-invalidations"])
         let good = try device(s, id: 2, seconds: 2.5)
         let (badStatus, badJSON) = bad.finish()
