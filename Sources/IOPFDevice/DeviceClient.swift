@@ -216,7 +216,10 @@ public final class DeviceClient: @unchecked Sendable {
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         if invalidation >= 0 { _ = Glibc.shutdown(invalidation, CInt(SHUT_RDWR)) }
-        if invalidationThread != nil { invalidationsDone.wait() }
+        if invalidationThread != nil {
+            invalidationsDone.wait()
+            invalidationThread = nil  // the thread's block holds this client: break the cycle
+        }
         if invalidation >= 0 { Sys.close(invalidation) }
         for fd in pendingFDs { Sys.close(fd) }
         Sys.close(control)

@@ -374,8 +374,13 @@ func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/
         let stats = s.waitFor { $0.devicesClosed == 1050 }
         #expect(stats.devicesClosed == 1050 && stats.externalDevices == 1050)
         usleep(100_000)
-        #expect(openFDs() == fds, "descriptors: \(fds) before, \(openFDs()) after")
-        #expect(residentKiB() - rss < 20_000, "resident memory grew from \(rss) KiB to \(residentKiB()) KiB")
+        // Other suites run beside this one and open descriptors of their own: a leak of even
+        // one descriptor per ten cycles stands out of that noise.
+        #expect(abs(openFDs() - fds) < 100, "descriptors: \(fds) before, \(openFDs()) after")
+        // ASan's quarantine keeps freed memory resident; the RSS check means nothing there.
+        if dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__asan_init") == nil {
+            #expect(residentKiB() - rss < 20_000, "resident memory grew from \(rss) KiB to \(residentKiB()) KiB")
+        }
     }
 }
 
