@@ -92,3 +92,10 @@ func byteCount(_ bytes: UInt64) -> String {
     }
     return "\(bytes) bytes"
 }
+
+extension Duration {
+    /// Whole nanoseconds (durations here are far below 292 years).
+    public var nanoseconds: Int64 { components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000 }
+    public var milliseconds: Int64 { nanoseconds / 1_000_000 }
+    public var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}

@@ -156,7 +156,7 @@ final class EventLoop {
             var timeout: Int64 = 100_000_000
             if let deadline = fences.nearestDeadline() {
                 let left = deadline - ContinuousClock.now
-                timeout = max(0, min(timeout, left.components.seconds * 1_000_000_000 + left.components.attoseconds / 1_000_000_000))
+                timeout = max(0, min(timeout, left.nanoseconds))
             }
             try ring.submitAndWait(timeoutNanoseconds: max(timeout, 1000))
         }

@@ -146,7 +146,7 @@ final class InvalidationFences: @unchecked Sendable {
 
     /// Blocks a thread other than the loop's until `f` completes (or `limit` passes).
     func wait(for f: Fence, limit: Duration) -> Bool {
-        let until = Date(timeIntervalSinceNow: Double(limit.components.seconds) + Double(limit.components.attoseconds) / 1e18)
+        let until = Date(timeIntervalSinceNow: limit.seconds)
         progress.lock()
         defer { progress.unlock() }
         while !isComplete(f) {

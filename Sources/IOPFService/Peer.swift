@@ -255,8 +255,7 @@ extension EventLoop {
         let (serviceEnd, deviceEnd) = invalidationPair!
         let regions = provision.regions.compactMap { r in r.info.map { ($0, r.fd) } }
         let answer = AttachReply(credit: request.credit, channel: request.wantsStream ? .stream : .sharedRing,
-                                 invalidateTimeoutMs: UInt32(service.configuration.invalidateTimeout.components.seconds * 1000
-                                     + service.configuration.invalidateTimeout.components.attoseconds / 1_000_000_000_000_000),
+                                 invalidateTimeoutMs: UInt32(service.configuration.invalidateTimeout.milliseconds),
                                  ringEntries: request.wantsStream ? 0 : UInt32(SharedQueue.capacity),
                                  windows: provision.windows, regions: regions.map(\.0))
         p.invalidation = serviceEnd

@@ -118,15 +118,11 @@ public enum ExternalDeviceSession {
         result.unexpectedResponses = report.protocolErrors
         result.translations = report.translations
         result.staleReplies = report.staleReplies
-        result.attachMicroseconds = seconds(attached - started) * 1e6
+        result.attachMicroseconds = (attached - started).seconds * 1e6
         result.faultLatencyNs = LatencySummary(report.latency)
-        result.elapsedSeconds = seconds(elapsed)
+        result.elapsedSeconds = elapsed.seconds
         result.problems = report.firstProblems + result.problems
         return result
-    }
-
-    static func seconds(_ d: Duration) -> Double {
-        Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
     }
 }
 

@@ -247,8 +247,7 @@ public enum ServeSession {
 
         let start = ContinuousClock.now
         let elapsed = { () -> Double in
-            let e = ContinuousClock.now - start
-            return Double(e.components.seconds) + Double(e.components.attoseconds) / 1e18
+            (ContinuousClock.now - start).seconds
         }
         devices.forEach { $0.start() }
 

@@ -126,8 +126,7 @@ public enum StressSession {
 
         let start = ContinuousClock.now
         let elapsed = { () -> Double in
-            let e = ContinuousClock.now - start
-            return Double(e.components.seconds) + Double(e.components.attoseconds) / 1e18
+            (ContinuousClock.now - start).seconds
         }
         devices.forEach { $0.start() }
         var rng = Xoshiro(seed: o.seed ^ 0x57_0235)
