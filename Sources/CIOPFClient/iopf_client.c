@@ -140,8 +140,10 @@ static int wait_readable(struct iopf_client *c, int fd) {
         int r = poll(p, (nfds_t)n, -1);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) return fail(c, "poll: %s", strerror(errno));
-        if (n == 2 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)) && iopf_poll_invalidations(c, 0) < 0) return -1;
+        /* The reply first: after DETACH the service replies, then closes the invalidation
+         * socket, and that end of stream is no error once the reply is here. */
         if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) return 0;
+        if (n == 2 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)) && iopf_poll_invalidations(c, 0) < 0) return -1;
     }
 }
 
