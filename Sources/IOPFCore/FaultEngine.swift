@@ -246,6 +246,11 @@ public final class FaultEngine: Sendable {
 
     public var mappingCount: Int { state.withLock { $0.mappings.count } }
 
+    /// Every mapping's range, host address and permission, by IOVA.
+    public var mappingList: [(iova: UInt64, size: UInt64, vaddr: UInt64, prot: Protection)] {
+        state.withLock { s in s.mappings.byIOVA.map { ($0.iova, $0.size, $0.vaddr, $0.prot) } }
+    }
+
     /// A mapping's range, host address and permission, by any IOVA inside it.
     public func mappingInfo(iova: UInt64) -> (iova: UInt64, size: UInt64, vaddr: UInt64, prot: Protection)? {
         state.withLock { s in s.mappings.mapping(containing: iova).map { ($0.iova, $0.size, $0.vaddr, $0.prot) } }

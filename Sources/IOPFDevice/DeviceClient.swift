@@ -50,18 +50,21 @@ public struct DeviceAttachment: @unchecked Sendable {
 }
 
 public final class DeviceClient: @unchecked Sendable {
-    private let control: CInt
+    private let connection: ControlConnection
     private var invalidation: CInt = -1
     /// The invalidation socket, for tests that play a misbehaving device.
     package var invalidationFD: CInt { invalidation }
-    private var nextID: UInt16 = 0
-    private let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes, alignment: 8)
     private var invalidationThread: Thread?
     private let invalidationsDone = DispatchSemaphore(value: 0)
     private let closed = Atomic<Bool>(false)
+    private let detachNotice = Mutex<String?>(nil)
     /// INVALIDATEs acknowledged so far.
     public let invalidationsAcked = Atomic<Int>(0)
-    public private(set) var granted: HelloReply?
+    public var granted: HelloReply? { connection.granted }
+
+    /// Why the service detached this device, when it said so (a DETACH notice: e.g. the
+    /// host whose address space it was attached to went away).
+    public var detachedBecause: String? { detachNotice.withLock { $0 } }
 
     /// Connects to a service listening at `path` and says HELLO.
     public convenience init(connectingTo path: String) throws(DeviceClientError) {
@@ -72,74 +75,16 @@ public final class DeviceClient: @unchecked Sendable {
 
     /// Speaks the protocol over a connected SOCK_SEQPACKET socket, which it now owns.
     public init(socket: CInt) throws(DeviceClientError) {
-        control = socket
-        do throws(DeviceClientError) {
-            let (_, payload) = try request(Hello().message(id: takeID()), expecting: .hello)
-            let reply: HelloReply
-            do { reply = try HelloReply(message: payload) } catch { throw .protocolViolation("\(error)") }
-            guard reply.major == WireVersion.major else {
-                throw .protocolViolation("HELLO reply major \(reply.major), this client speaks \(WireVersion.major)")
-            }
-            granted = reply
-        } catch {
-            Sys.close(control)
-            receiveBuffer.deallocate()
-            throw error
-        }
+        connection = try ControlConnection(socket: socket, role: .device)
     }
 
     deinit {
         close()
-        receiveBuffer.deallocate()
     }
-
-    private func takeID() -> UInt16 {
-        nextID &+= 1
-        return nextID
-    }
-
-    /// Sends one request and waits for its reply; error replies become `.refused`.
-    private func request(_ message: [UInt8], fds: [CInt] = [], expecting command: Command) throws(DeviceClientError)
-        -> (MessageHeader, [UInt8])
-    {
-        let id = message.withUnsafeBytes { peekMessageID($0)!.id }
-        do { try Sys.send(control, message, fds: fds, nonBlocking: false) } catch { throw .system(error) }
-        while true {
-            let got: Sys.Received
-            do {
-                got = try Sys.receive(control, into: receiveBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: false)
-            } catch { throw .system(error) }
-            guard got.count > 0 else { throw .disconnected }
-            let bytes = Array(UnsafeRawBufferPointer(rebasing: receiveBuffer[..<got.count]))
-            let header: MessageHeader
-            do {
-                header = try MessageHeader(message: UnsafeRawBufferPointer(rebasing: receiveBuffer[..<got.count]))
-            } catch {
-                for fd in got.fds { Sys.close(fd) }
-                throw .protocolViolation("\(error)")
-            }
-            guard header.isReply, header.id == id, header.command == command else {
-                for fd in got.fds { Sys.close(fd) }
-                throw .protocolViolation("expected the reply to \(command) #\(id), got \(header.command) #\(header.id)")
-            }
-            if header.isError {
-                for fd in got.fds { Sys.close(fd) }
-                let text = bytes.withUnsafeBytes { Wire.errorText(UnsafeRawBufferPointer(rebasing: $0[MessageHeader.byteCount...])) }
-                throw .refused(command, errno: header.error, text: text)
-            }
-            pendingFDs = got.fds
-            return (header, bytes)
-        }
-    }
-
-    /// Descriptors that came with the last reply.
-    private var pendingFDs: [CInt] = []
 
     /// Attaches the device and maps what the service gave it.
     public func attach(_ a: Attach) throws(DeviceClientError) -> DeviceAttachment {
-        let (_, bytes) = try request(a.message(id: takeID()), expecting: .attach)
-        let fds = pendingFDs
-        pendingFDs = []
+        let (bytes, fds) = try connection.request(a.message(id: connection.takeID()), expecting: .attach)
         let reply: AttachReply
         do {
             reply = try AttachReply(message: bytes)
@@ -169,7 +114,8 @@ public final class DeviceClient: @unchecked Sendable {
 
     /// Asks for the translations of `pages` pages from `iova`.
     public func translate(iova: UInt64, pages: Int) throws(DeviceClientError) -> TranslateReply {
-        let (_, bytes) = try request(Translate(iova: iova, pages: UInt32(pages)).message(id: takeID()), expecting: .translate)
+        let (bytes, _) = try connection.request(Translate(iova: iova, pages: UInt32(pages)).message(id: connection.takeID()),
+                                                expecting: .translate)
         let reply: TranslateReply
         do { reply = try TranslateReply(message: bytes) } catch { throw .protocolViolation("\(error)") }
         guard reply.entries.count == pages else {
@@ -180,7 +126,8 @@ public final class DeviceClient: @unchecked Sendable {
 
     /// Starts the thread that answers INVALIDATEs: `handler` must drop the ranges and drain
     /// the DMA that used them before it returns; it returns false to withhold the
-    /// acknowledgement (a misbehaving device, for tests and demos).
+    /// acknowledgement (a misbehaving device, for tests and demos). A DETACH notice ends it
+    /// and is kept in `detachedBecause`.
     public func serveInvalidations(_ handler: @escaping @Sendable (Invalidate) -> Bool) {
         precondition(invalidation >= 0 && invalidationThread == nil, "serveInvalidations after attach, once")
         let fd = invalidation
@@ -193,8 +140,13 @@ public final class DeviceClient: @unchecked Sendable {
             while true {
                 guard let got = try? Sys.receive(fd, into: buffer, maxFDs: 0, nonBlocking: false), got.count > 0 else { return }
                 let message = UnsafeRawBufferPointer(rebasing: buffer[..<got.count])
-                guard let header = try? MessageHeader(message: message), header.command == .invalidate, !header.isReply,
-                    let inv = try? Invalidate(payload: UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...]))
+                let payload = UnsafeRawBufferPointer(rebasing: message[min(MessageHeader.byteCount, message.count)...])
+                guard let header = try? MessageHeader(message: message), !header.isReply else { return }
+                if header.command == .detach {
+                    detachNotice.withLock { $0 = Wire.errorText(payload) }
+                    return
+                }
+                guard header.command == .invalidate, let inv = try? Invalidate(payload: payload)
                 else { return }  // the service is not speaking the protocol: stop answering
                 guard handler(inv) else { continue }
                 let ack = InvalidateAck(sequence: inv.sequence).message(id: header.id, flags: .reply)
@@ -209,7 +161,7 @@ public final class DeviceClient: @unchecked Sendable {
 
     /// Says DETACH and waits for its reply; the service then closes the connection.
     public func detach() throws(DeviceClientError) {
-        _ = try request(Empty().message(id: takeID()), expecting: .detach)
+        _ = try connection.request(Empty().message(id: connection.takeID()), expecting: .detach)
     }
 
     /// Closes both sockets and waits for the invalidation thread. Idempotent.
@@ -221,7 +173,6 @@ public final class DeviceClient: @unchecked Sendable {
             invalidationThread = nil  // the thread's block holds this client: break the cycle
         }
         if invalidation >= 0 { Sys.close(invalidation) }
-        for fd in pendingFDs { Sys.close(fd) }
-        Sys.close(control)
+        connection.close()
     }
 }

@@ -33,10 +33,17 @@ final class AttachedDevice {
     /// The connection that attached it; nil for in-process devices.
     var peer: Peer?
     var closing = false
+    /// The host address space it is attached to; nil: the service's own.
+    let space: HostSpace?
+    let engine: FaultEngine
+    let handler: FaultHandler
 
     init(token: TokenSource, deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int,
-         transport: any FaultTransport, windows: [DMAWindow] = []) {
+         transport: any FaultTransport, windows: [DMAWindow] = [], space: HostSpace?, engine: FaultEngine, handler: FaultHandler) {
         self.token = token
+        self.space = space
+        self.engine = engine
+        self.handler = handler
         self.deviceID = deviceID
         self.pasid = pasid
         self.domain = domain
@@ -61,12 +68,16 @@ final class EventLoop {
     var devices: [AttachedDevice?] = []
     var byGeneration: [UInt32: AttachedDevice] = [:]
     var peers: [Peer?] = []
+    /// Hosts' address spaces (HostPeer.swift), by slot.
+    var hosts: [HostSpace?] = []
+    var nextSpaceID: UInt32 = 0
     var listener: (fd: CInt, path: String, provisioner: any DeviceProvisioner)?
     var generation: UInt32 = 0
     var completions: [Completion] = []
     var stats = ServiceStatistics()
-    /// Completions that wait for external acknowledgements, in order.
-    var deferred: [(fence: Fence, action: () -> Void)] = []
+    /// Completions that wait for external acknowledgements, in order per address space
+    /// (0: the service's own).
+    var deferred: [(space: UInt32, fence: Fence, action: () -> Void)] = []
     let commandBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
     /// One received peer message at a time.
     let messageBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes + 1, alignment: 8)
@@ -110,6 +121,7 @@ final class EventLoop {
                 try ring.submit()
                 completions.removeAll(keepingCapacity: true)
                 ring.reap(into: &completions)
+                takeHostEvents()
                 var work = pollSharedRings()
                 if completions.isEmpty && work == 0 && !fences.pending.load(ordering: .acquiring) {
                     let now = ContinuousClock.now
@@ -125,6 +137,7 @@ final class EventLoop {
                     } else {
                         try sleep()
                         ring.reap(into: &completions)
+                        takeHostEvents()
                         work = pollSharedRings()
                     }
                 }
@@ -163,6 +176,18 @@ final class EventLoop {
         for case let d? in devices where d.transport.isShared { d.transport.endSleep() }
     }
 
+    /// Handles the host events among `completions` before any fault of this turn: a fault
+    /// must not be granted on a range whose REMOVE is already waiting to be read (the
+    /// userfaultfd pitfall of a fault read before the event that logically precedes it).
+    /// Handled completions become no-ops.
+    private func takeHostEvents() {
+        for i in completions.indices where completions[i].token.kind == .hostEvent || completions[i].token.kind == .hostSpaceEvent {
+            let c = completions[i]
+            completions[i].token.kind = .cancel
+            if c.token.kind == .hostEvent { readHostEvents() } else { hostSpaceEvents(c) }
+        }
+    }
+
     /// Takes the published requests of every shared ring. Returns how many.
     private func pollSharedRings() -> Int {
         var taken = 0
@@ -196,6 +221,8 @@ final class EventLoop {
             }
         case .hostEvent:
             readHostEvents()
+        case .hostSpaceEvent:
+            hostSpaceEvents(c)
         case .listener:
             acceptPeers()
         case .peerControl:
@@ -239,7 +266,7 @@ final class EventLoop {
         if group.failure != nil || !group.requests.allSatisfy({ d.inWindows($0.page) }) {
             code = .invalid
         } else {
-            code = handler.handle(group.requests).code
+            code = d.handler.handle(group.requests).code
         }
         d.assembler.answered(group)
         stats.groups += 1
@@ -285,10 +312,11 @@ final class EventLoop {
     // MARK: Devices
 
     func addDevice(deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int, transport: any FaultTransport,
-                   windows: [DMAWindow] = []) throws -> AttachedDevice {
+                   windows: [DMAWindow] = [], space: HostSpace? = nil) throws -> AttachedDevice {
         let slot = devices.firstIndex { $0 == nil } ?? devices.count
         let d = AttachedDevice(token: TokenSource(slot: slot, generation: nextGeneration()), deviceID: deviceID, pasid: pasid,
-                               domain: domain, credit: credit, transport: transport, windows: windows)
+                               domain: domain, credit: credit, transport: transport, windows: windows, space: space,
+                               engine: space?.engine ?? engine, handler: space?.handler ?? handler)
         if slot == devices.count { devices.append(d) } else { devices[slot] = d }
         byGeneration[d.generation] = d
         if !transport.isShared { streamDevices += 1 }
@@ -350,7 +378,7 @@ final class EventLoop {
             }
         case .check(let ticket):
             service.publish(stats)
-            ticket.complete(.success(engine.checkInvariants()))
+            ticket.complete(.success(engine.checkInvariants() + hosts.compactMap { $0?.engine.checkInvariants() }.flatMap { $0 }))
         case .barrier(let ticket):
             afterExternalDevices { [self] in
                 service.publish(stats)
@@ -361,24 +389,32 @@ final class EventLoop {
         }
     }
 
-    /// Runs `action` once every external device acknowledged what was posted so far (at
-    /// once when none owes anything), after the actions queued before it.
-    func afterExternalDevices(_ action: @escaping () -> Void) {
-        let fence = fences.fenceAll()
-        if deferred.isEmpty && fence.isEmpty {
+    /// Runs `action` once every external device of address space `space` acknowledged
+    /// what was posted so far (at once when none owes anything), after the actions of that
+    /// space queued before it. A slow device of one host never holds up another's.
+    func afterExternalDevices(space: UInt32 = 0, _ action: @escaping () -> Void) {
+        let fence = fences.fenceAll(space: space)
+        if fence.isEmpty && !deferred.contains(where: { $0.space == space }) {
             action()
         } else {
-            deferred.append((fence, action))
+            deferred.append((space, fence, action))
         }
     }
 
     private func runDeferred() {
-        var done = 0
-        while done < deferred.count, fences.isComplete(deferred[done].fence) {
-            deferred[done].action()
-            done += 1
+        guard !deferred.isEmpty else { return }
+        var blocked: Set<UInt32> = []
+        var i = 0
+        while i < deferred.count {
+            let entry = deferred[i]
+            if blocked.contains(entry.space) || !fences.isComplete(entry.fence) {
+                blocked.insert(entry.space)
+                i += 1
+            } else {
+                deferred.remove(at: i)
+                entry.action()
+            }
         }
-        if done > 0 { deferred.removeFirst(done) }
     }
 
     // MARK: Host events
@@ -425,6 +461,7 @@ final class EventLoop {
             return
         }
         stats.uffdEvents += 1
+        stats.uffdEventsBySource["own", default: 0] += 1
         service.window.beginEvent(range)
         do {
             _ = try engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
@@ -454,6 +491,8 @@ final class EventLoop {
             case .stop: break
             }
         }
+        // Devices first, so that a host's teardown does not tell them their host went away.
+        for case let p? in peers where p.role == .device { closePeer(p, reason: "the service stopped", disconnected: false) }
         for case let p? in peers { closePeer(p, reason: "the service stopped", disconnected: false) }
         for case let d? in devices { detach(d, reason: "closed: the service stopped") }
         if let l = listener {
@@ -461,7 +500,7 @@ final class EventLoop {
             unlink(l.path)
             listener = nil
         }
-        for (_, action) in deferred { action() }
+        for (_, _, action) in deferred { action() }
         deferred = []
         // Wait for every cancelled operation's completion, a second at most.
         try? ring.prepareCancelAll()

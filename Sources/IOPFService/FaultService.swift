@@ -28,6 +28,15 @@ public struct ServiceConfiguration: Sendable {
     public var invalidateTimeout: Duration = .seconds(1)
     /// Connected peers at most; further connections are closed at once.
     public var maxPeers = 256
+    /// The engine each host's address space gets (fault-driven, 4 KiB pages; planted bugs
+    /// reach hosts' engines through it).
+    public var hostEngine: EngineConfiguration = {
+        var c = EngineConfiguration()
+        c.pageSizes = [.size4K]
+        return c
+    }()
+    /// Sees every IOTLB sync of every host's domain (the stress tool's tally).
+    public var hostSyncObserver: (any IOTLBSyncObserver)?
     /// Bugs planted for `iopf stress` and tests (the service plants double-answer).
     @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
     public init() {}
@@ -69,10 +78,39 @@ public struct ServiceStatistics: Sendable, Equatable {
     /// INVALIDATE messages sent to external devices, and acknowledgements received.
     public var invalidationsSent = 0
     public var invalidationsAcked = 0
+    /// Host events by where they came from: "own" (this process's memory) and each host's
+    /// name (hosts that came back under the same name add up).
+    public var uffdEventsBySource: [String: Int] = [:]
+    /// Every host that handed over its address space, in order of arrival.
+    public var hosts: [HostRecord] = []
 
     mutating func protocolError(_ kind: String) {
         protocolErrors += 1
         protocolErrorKinds[kind, default: 0] += 1
+    }
+}
+
+/// A host in another process, as the statistics (and `iopf serve --json`'s `hosts`) show it.
+public struct HostRecord: Sendable, Equatable, Codable {
+    public var name: String
+    public var pid: Int32
+    public var regions: Int
+    public var memoryBytes: UInt64
+    /// DMA mappings added (DMA_MAP), host addresses updated (DMA_MAP with VADDR), unmaps.
+    public var mappings = 0
+    public var addressUpdates = 0
+    public var unmaps = 0
+    /// Devices that attached to its address space, in all.
+    public var devices = 0
+    public var uffdEvents = 0
+    /// Why its address space was torn down; nil while it is attached.
+    public var ended: String?
+
+    public init(name: String, pid: Int32, regions: Int, memoryBytes: UInt64) {
+        self.name = name
+        self.pid = pid
+        self.regions = regions
+        self.memoryBytes = memoryBytes
     }
 }
 
@@ -223,7 +261,7 @@ public final class FaultService: Sendable {
         throws(IOPageTableError) -> DomainID
     {
         let domain = try engine.createDomain(invalidator: nil, observer: observer)
-        engine.setInvalidator(DomainSync(domain: domain, local: local, fences: fences) { [weak self] in
+        engine.setInvalidator(DomainSync(domain: SyncDomain(space: 0, domain: domain), local: local, fences: fences) { [weak self] in
             self?.isOnLoopThread ?? false
         }, for: domain)
         return domain
@@ -288,7 +326,7 @@ public final class FaultService: Sendable {
     /// Waits (off the loop only) until external devices acknowledged what was posted.
     private func awaitExternalDevices() {
         guard !isOnLoopThread else { return }
-        let fence = fences.fenceAll()
+        let fence = fences.fenceAll(space: 0)
         if !fence.isEmpty { _ = fences.wait(for: fence, limit: configuration.invalidateTimeout * 2 + .seconds(1)) }
     }
 

@@ -121,6 +121,17 @@ public final class PhysicalSpace: Sendable {
         }
     }
 
+    /// A base for memory that is not this process's (a host's memfd): nothing is entered,
+    /// the range is only never given to anything else.
+    func reserve(size: UInt64) -> UInt64 {
+        state.withLock { s in
+            let alignment: UInt64 = 2 << 20
+            let phys = (s.next + alignment - 1) & ~(alignment - 1)
+            s.next = phys + size + (2 << 20)
+            return phys
+        }
+    }
+
     func remove(host base: UInt64) {
         state.withLock { s in
             guard let i = s.entries.firstIndex(where: { !$0.alias && $0.host.lowerBound == base }) else { return }

@@ -19,6 +19,13 @@ import IOPFCore
 import IOPFWire
 import Synchronization
 
+/// A domain of one address space: the service's own (space 0) or a host's (HostSpace.swift).
+/// Domain ids are per engine, and every address space has an engine of its own.
+struct SyncDomain: Hashable {
+    var space: UInt32
+    var domain: DomainID
+}
+
 /// What must be acknowledged: per device (by generation), the sequence last posted to it.
 struct Fence {
     var sequences: [(device: UInt32, sequence: UInt64)] = []
@@ -27,7 +34,7 @@ struct Fence {
 
 final class InvalidationFences: @unchecked Sendable {
     struct Target {
-        var domain: DomainID
+        var domain: SyncDomain
         var pasid: UInt32?
         var posted: UInt64 = 0
         var acked: UInt64 = 0
@@ -56,7 +63,7 @@ final class InvalidationFences: @unchecked Sendable {
 
     var isEmpty: Bool { state.withLock { $0.targets.isEmpty } }
 
-    func add(device: UInt32, domain: DomainID, pasid: UInt32?) {
+    func add(device: UInt32, domain: SyncDomain, pasid: UInt32?) {
         state.withLock { $0.targets[device] = Target(domain: domain, pasid: pasid) }
     }
 
@@ -71,7 +78,7 @@ final class InvalidationFences: @unchecked Sendable {
 
     /// Called by the engine's sync (any thread, engine lock held): posts `ranges` to every
     /// external device of `domain`, at most 256 ranges per message.
-    func post(domain: DomainID, ranges: [IOVARange], onLoopThread: Bool) {
+    func post(domain: SyncDomain, ranges: [IOVARange], onLoopThread: Bool) {
         let posted = state.withLock { s -> Bool in
             var any = false
             let deadline = ContinuousClock.now + timeout
@@ -106,10 +113,13 @@ final class InvalidationFences: @unchecked Sendable {
         state.withLock { $0.targets[device]?.posted ?? 0 }
     }
 
-    /// Everything posted so far, to every device that still owes an acknowledgement.
-    func fenceAll() -> Fence {
+    /// Everything posted so far, to every device (of address space `space` only, when
+    /// given) that still owes an acknowledgement.
+    func fenceAll(space: UInt32? = nil) -> Fence {
         state.withLock { s in
-            Fence(sequences: s.targets.compactMap { $0.value.posted > $0.value.acked ? ($0.key, $0.value.posted) : nil })
+            Fence(sequences: s.targets.compactMap { t in
+                t.value.posted > t.value.acked && (space == nil || t.value.domain.space == space) ? (t.key, t.value.posted) : nil
+            })
         }
     }
 
@@ -165,12 +175,12 @@ final class InvalidationFences: @unchecked Sendable {
 /// A domain's sync target as the engine sees it: the in-process IOTLBs, called at once,
 /// and the external devices, posted to through the fences.
 final class DomainSync: IOTLBInvalidator, @unchecked Sendable {
-    let domain: DomainID
+    let domain: SyncDomain
     let local: (any IOTLBInvalidator)?
     let fences: InvalidationFences
     let isLoopThread: @Sendable () -> Bool
 
-    init(domain: DomainID, local: (any IOTLBInvalidator)?, fences: InvalidationFences,
+    init(domain: SyncDomain, local: (any IOTLBInvalidator)?, fences: InvalidationFences,
          isLoopThread: @escaping @Sendable () -> Bool) {
         self.domain = domain
         self.local = local

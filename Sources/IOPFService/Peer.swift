@@ -1,7 +1,8 @@
-// Peer.swift — devices in other processes: the listening socket, each connection's
-// protocol state (HELLO, ATTACH, TRANSLATE, DETACH on the control socket; INVALIDATE
-// acknowledgements on the invalidation socket), sending INVALIDATEs and fencing devices
-// that miss their deadline. Runs on the loop thread (an extension of `EventLoop`).
+// Peer.swift — peers in other processes: the listening socket, each connection's
+// protocol state (HELLO, then a device's ATTACH, TRANSLATE, DETACH or a host's requests,
+// HostPeer.swift, on the control socket; INVALIDATE acknowledgements on a device's
+// invalidation socket), sending INVALIDATEs and fencing devices that miss their deadline.
+// Runs on the loop thread (an extension of `EventLoop`).
 //
 // Every byte a peer sends is hostile. A message is received whole (SOCK_SEQPACKET) into
 // the loop's buffer, its header and payload validated before use; descriptors a peer
@@ -24,7 +25,11 @@ final class Peer {
     /// The service's end of the invalidation socket, once attached.
     var invalidation: CInt = -1
     var state = State.greeting
+    /// What the peer said it is in HELLO.
+    var role = PeerRole.device
     var device: AttachedDevice?
+    /// A host's address space, once HOST was accepted.
+    var space: HostSpace?
     var provision: DeviceProvision?
     let pid: Int32
     let uid: UInt32
@@ -97,8 +102,10 @@ extension EventLoop {
     func closePeer(_ p: Peer, reason: String, disconnected: Bool) {
         guard p.state != .closed else { return }
         p.state = .closed
+        if let s = p.space { teardownHost(s, reason: reason) }
         if let d = p.device {
             d.peer = nil
+            d.space?.devices.removeAll { $0 === d }
             detach(d, reason: reason)
             p.device = nil
         }
@@ -137,7 +144,9 @@ extension EventLoop {
             }
             let message = UnsafeRawBufferPointer(rebasing: messageBuffer[..<got.count])
             let fdsSent = !got.fds.isEmpty
-            for fd in got.fds { Sys.close(fd) }
+            // Descriptors are owned here until a HOST request takes them.
+            var fds = got.fds
+            defer { for fd in fds { Sys.close(fd) } }
             if got.truncated || got.count > WireLimits.maxMessageBytes {
                 refuse(p, message, kind: "tooLarge", errno: WireErrno.messageSize,
                        "message larger than \(WireLimits.maxMessageBytes) bytes or with more than \(WireLimits.maxFDs) descriptors")
@@ -155,11 +164,16 @@ extension EventLoop {
                 closePeer(p, reason: "sent a malformed message: \(error)", disconnected: true)
                 return
             }
+            let payload = UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...])
+            if header.command == .host && !header.isReply && p.state == .ready && p.role == .host {
+                declareHost(p, header, payload, fds: fds)
+                fds = []
+                continue
+            }
             if fdsSent {
                 refuse(p, message, kind: "unexpectedFDs", errno: WireErrno.invalid, "\(header.command) carries no descriptors")
                 continue
             }
-            let payload = UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...])
             if header.isReply || header.command == .invalidate {
                 refuse(p, message, kind: "badState", errno: WireErrno.protocolError,
                        "\(header.command) \(header.isReply ? "reply" : "request") is not allowed on the control socket")
@@ -182,20 +196,41 @@ extension EventLoop {
                     closePeer(p, reason: "asked for protocol major \(hello.major)", disconnected: true)
                     return
                 }
+                if hello.role == .host && hello.minor < 1 {
+                    stats.protocolError("badVersion")
+                    reply(p, Wire.errorReply(command: .hello, id: header.id, errno: WireErrno.notSupported,
+                                             text: "the host role needs protocol 1.1 or later; HELLO proposed 1.\(hello.minor)"))
+                    return
+                }
+                p.role = hello.role
                 p.state = .ready
                 let granted = HelloReply(major: WireVersion.major, minor: min(hello.minor, WireVersion.minor),
                                          capabilities: hello.capabilities.intersection(.all))
                 reply(p, granted.message(id: header.id, flags: .reply))
-            case (.attach, .ready):
+            case (.attach, .ready) where p.role == .device:
                 attach(p, header, try Attach(payload: payload))
-            case (.translate, .attached):
+            case (.translate, .attached) where p.role == .device:
                 translate(p, header, try Translate(payload: payload))
+            case (.dmaMap, .attached) where p.role == .host:
+                hostMap(p, header, try DMAMapRequest(payload: payload))
+            case (.dmaUnmap, .attached) where p.role == .host:
+                hostUnmap(p, header, try DMAUnmapRequest(payload: payload))
+            case (.sync, .attached) where p.role == .host:
+                try Wire.expectSize(.sync, payload, 0)
+                hostSync(p, header)
             case (.detach, .attached), (.detach, .ready):
                 try Empty(payload: payload)
+                if let s = p.space { teardownHost(s, reason: "the host detached") }
                 reply(p, Wire.message(command: .detach, id: header.id, flags: .reply))
                 closePeer(p, reason: "detached", disconnected: false)
             default:
-                let expected = p.state == .greeting ? "HELLO" : p.state == .ready ? "ATTACH or DETACH" : "TRANSLATE or DETACH"
+                let expected = switch (p.state, p.role) {
+                case (.greeting, _): "HELLO"
+                case (.ready, .device): "ATTACH or DETACH"
+                case (.ready, .host): "HOST or DETACH"
+                case (_, .device): "TRANSLATE or DETACH"
+                case (_, .host): "DMA_MAP, DMA_UNMAP, SYNC or DETACH"
+                }
                 stats.protocolError("badState")
                 reply(p, Wire.errorReply(command: header.command, id: header.id, errno: WireErrno.protocolError,
                                          text: "\(header.command) is not allowed now: expected \(expected)"))
@@ -216,7 +251,7 @@ extension EventLoop {
     }
 
     /// Sends without blocking; a peer whose socket is full is not reading and goes.
-    private func reply(_ p: Peer, _ bytes: [UInt8], fds: [CInt] = []) {
+    func reply(_ p: Peer, _ bytes: [UInt8], fds: [CInt] = []) {
         guard p.state != .closed else { return }
         do {
             try Sys.send(p.control, bytes, fds: fds, nonBlocking: true)
@@ -228,18 +263,34 @@ extension EventLoop {
 
     private func attach(_ p: Peer, _ header: MessageHeader, _ request: Attach) {
         guard let l = listener else { return }
-        if byGeneration.values.contains(where: { $0.deviceID == request.deviceID && $0.pasid == request.pasid }) {
+        // Device ids are unique per address space: two hosts' devices may share one.
+        let space = request.addressSpaceName.flatMap { name in hosts.first { $0?.name == name } ?? nil }
+        if let name = request.addressSpaceName, space == nil {
+            stats.protocolError("unknownAddressSpace")
+            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.noEntry,
+                                     text: "no host has an address space named '\(name)' (hosts now: \(hosts.compactMap { $0?.name }.sorted()))"))
+            return
+        }
+        if byGeneration.values.contains(where: { $0.deviceID == request.deviceID && $0.pasid == request.pasid && $0.space === space }) {
             reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.exists,
                                      text: "device \(request.deviceID) is already attached"))
             return
         }
         let provision: DeviceProvision
-        do {
-            provision = try l.provisioner.provision(deviceID: request.deviceID, pasid: request.pasid)
-        } catch {
-            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.noSpace, text: "\(error)"))
-            return
+        if let space {
+            let windows = space.engine.mappingList.prefix(WireLimits.maxWindows).map {
+                DMAWindow(iova: $0.iova, size: $0.size, prot: ($0.prot.contains(.read) ? 1 : 0) | ($0.prot.contains(.write) ? 2 : 0))
+            }
+            provision = DeviceProvision(domain: space.domain, windows: Array(windows), regions: [])
+        } else {
+            do {
+                provision = try l.provisioner.provision(deviceID: request.deviceID, pasid: request.pasid)
+            } catch {
+                reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.noSpace, text: "\(error)"))
+                return
+            }
         }
+        let release = { if space == nil { l.provisioner.release(provision) } }
         var made: (any FaultTransport, DeviceChannelEnds)?
         var invalidationPair: (CInt, CInt)?
         do {
@@ -247,26 +298,29 @@ extension EventLoop {
             invalidationPair = try Sys.seqpacketPair()
         } catch {
             if let made { made.0.close(); made.1.close() }
-            l.provisioner.release(provision)
+            release()
             reply(p, Wire.errorReply(command: .attach, id: header.id, errno: UInt32(error.errno.rawValue), text: "\(error)"))
             return
         }
         let (transport, ends) = made!
         let (serviceEnd, deviceEnd) = invalidationPair!
-        let regions = provision.regions.compactMap { r in r.info.map { ($0, r.fd) } }
+        let regions = space?.memory.deviceRegions ?? provision.regions.compactMap { r in r.info.map { ($0, r.fd) } }
         let answer = AttachReply(credit: request.credit, channel: request.wantsStream ? .stream : .sharedRing,
                                  invalidateTimeoutMs: UInt32(service.configuration.invalidateTimeout.milliseconds),
                                  ringEntries: request.wantsStream ? 0 : UInt32(SharedQueue.capacity),
                                  windows: provision.windows, regions: regions.map(\.0))
         p.invalidation = serviceEnd
-        p.provision = provision
+        if space == nil { p.provision = provision }
         do {
+            // A host's devices may fault anywhere in its space: its mappings change after they attach.
             let d = try addDevice(deviceID: request.deviceID, pasid: request.pasid, domain: provision.domain,
-                                  credit: Int(request.credit), transport: transport, windows: provision.windows)
+                                  credit: Int(request.credit), transport: transport, windows: space == nil ? provision.windows : [],
+                                  space: space)
             d.peer = p
             p.device = d
+            space?.devices.append(d)
             p.state = .attached
-            fences.add(device: d.generation, domain: provision.domain, pasid: request.pasid)
+            fences.add(device: d.generation, domain: SyncDomain(space: d.space?.id ?? 0, domain: d.domain), pasid: request.pasid)
         } catch {
             transport.close()
             ends.close()
@@ -281,14 +335,15 @@ extension EventLoop {
         guard p.state == .attached, let d = p.device else { return }
         stats.externalDevices += 1
         armInvalidation(p)
-        service.logger.info("device \(d.deviceID) attached from \(p.name): \(provision.windows.count) windows, \(regions.count) regions, \(request.wantsStream ? "stream" : "shared ring") channel, credit \(request.credit)")
+        if let space { stats.hosts[space.record].devices += 1 }
+        service.logger.info("device \(d.deviceID) attached from \(p.name)\(space.map { " to host \($0.name)" } ?? ""): \(provision.windows.count) windows, \(regions.count) regions, \(request.wantsStream ? "stream" : "shared ring") channel, credit \(request.credit)")
     }
 
     private func translate(_ p: Peer, _ header: MessageHeader, _ request: Translate) {
         guard let d = p.device else { return }
         // Read before the walk: any unmap the walk missed is posted with a higher sequence.
         let sequence = fences.lastPosted(device: d.generation)
-        let table = engine.pageTable(d.domain)
+        let table = d.engine.pageTable(d.domain)
         var entries: [UInt64] = []
         entries.reserveCapacity(Int(request.pages))
         for k in 0..<UInt64(request.pages) {

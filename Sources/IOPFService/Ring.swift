@@ -30,6 +30,8 @@ struct RingToken: Equatable {
         /// A write to a sleeping device's wake eventfd.
         case wake
         case hostEvent
+        /// A host's userfaultfd (slot: the host's, generation: its space id).
+        case hostSpaceEvent
         /// The listening socket, and a peer's control and invalidation sockets (polls).
         case listener, peerControl, peerInvalidation
         /// An IORING_OP_ASYNC_CANCEL; its completion carries nothing to act on.

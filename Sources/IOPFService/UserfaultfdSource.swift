@@ -72,6 +72,12 @@ final class UserfaultfdSource: @unchecked Sendable {
 
     /// Registers `[start, start + length)`; a clear error when the kernel refuses it.
     func register(start: UInt64, length: UInt64) throws(UserfaultfdError) {
+        try Self.register(fd, start: start, length: length)
+    }
+
+    /// UFFDIO_REGISTER in events-only (WP) mode on any uffd, this process's or a host's
+    /// (registration acts on the uffd's own mm).
+    static func register(_ fd: CInt, start: UInt64, length: UInt64) throws(UserfaultfdError) {
         if iopf_uffd_register(fd, start, length, UInt64(UFFDIO_REGISTER_MODE_WP)) != 0 {
             let e = Glibc.errno
             let why = switch e {
@@ -79,6 +85,7 @@ final class UserfaultfdSource: @unchecked Sendable {
             case ENOMEM: "part of the range is not mapped"
             case EBUSY: "the range is registered with another userfaultfd"
             case EPERM: "write-protect mode is not permitted here"
+            case ESRCH: "the process that owns the memory has exited"
             default: "errno \(e)"
             }
             throw UserfaultfdError(description: "cannot watch host range [0x\(String(start, radix: 16)), +0x\(String(length, radix: 16))): \(why)")

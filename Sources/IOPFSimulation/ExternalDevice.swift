@@ -26,6 +26,8 @@ public struct ExternalDeviceOptions: Sendable {
     public var hostMayChangeMemory = false
     public var burst = 4
     public var iotlbEntries = 64
+    /// Attach to this host's address space (`iopf host --name`) instead of the service's memory.
+    public var addressSpace: String?
     public init(path: String) { self.path = path }
 }
 
@@ -52,6 +54,8 @@ public struct ExternalDeviceResult: Codable, Sendable {
     public var attachMicroseconds = 0.0
     /// The service closed the connection (fenced or stopped) before the device detached.
     public var disconnected = false
+    /// Why, when the service said (e.g. the host of its address space went away).
+    public var detachReason: String?
     public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
     public var elapsedSeconds = 0.0
     public var problems: [String] = []
@@ -64,17 +68,21 @@ public enum ExternalDeviceSession {
         let started = ContinuousClock.now
         let client = try DeviceClient(connectingTo: o.path)
         defer { client.close() }
-        let attachment = try client.attach(Attach(deviceID: o.deviceID, pasid: o.pasid, credit: o.credit, wantsStream: o.stream))
+        let attachment = try client.attach(Attach(deviceID: o.deviceID, pasid: o.pasid, credit: o.credit, wantsStream: o.stream,
+                                                  addressSpaceName: o.addressSpace))
         let attached = ContinuousClock.now
-        guard let window = attachment.windows.first else {
+        guard !attachment.windows.isEmpty else {
             throw DeviceClientError.protocolViolation("ATTACH gave no DMA window")
         }
+        // A host's devices share its mappings: device n works in window (n - 1) mod count.
+        let window = attachment.windows[o.addressSpace == nil ? 0 : Int(o.deviceID &- 1) % attachment.windows.count]
         var dc = DeviceConfiguration(deviceID: o.deviceID, iovaBase: window.iova, pages: Int(window.size >> 12))
         dc.pasid = o.pasid
         dc.workload = o.workload
         dc.seed = o.seed
         dc.spinNanoseconds = o.spinNanoseconds
-        dc.hostMayChangeMemory = o.hostMayChangeMemory
+        dc.hostMayChangeMemory = o.hostMayChangeMemory || o.addressSpace != nil
+        dc.checkHostTags = o.addressSpace != nil
         dc.burst = o.burst
         dc.iotlbEntries = o.iotlbEntries
         let device = SimulatedDevice(configuration: dc, channel: attachment.channel, memory: attachment.memory,
@@ -97,6 +105,10 @@ public enum ExternalDeviceSession {
         let elapsed = ContinuousClock.now - attached
         var result = ExternalDeviceResult()
         result.disconnected = finishedEarly
+        if finishedEarly, let why = client.detachedBecause {
+            result.detachReason = why
+            result.problems.append("the service detached this device: \(why)")
+        }
         if !finishedEarly {
             do { try client.detach() } catch {
                 result.disconnected = true

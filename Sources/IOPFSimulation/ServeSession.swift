@@ -115,6 +115,10 @@ public struct ServeResult: Codable, Sendable {
     /// Host events read from the userfaultfd, and how many of them there were per kind.
     public var uffdEvents = 0
     public var uffdEventKinds = [String: Int]()
+    /// `uffdEvents` split by source: "own" (this process's memory) and each host's name.
+    public var uffdEventsBySource = [String: Int]()
+    /// Hosts in other processes that handed over their address space during the run.
+    public var hosts: [HostRecord] = []
     /// Host changes made by `--host-churn`.
     public var hostChanges = 0
     /// Device accesses through a translation after its host event was read but before
@@ -341,6 +345,8 @@ public enum ServeSession {
         result.retries = e.retries
         result.uffdEvents = s.uffdEvents
         result.uffdEventKinds = ["remove": s.uffdRemove, "unmap": s.uffdUnmap, "remap": s.uffdRemap]
+        result.uffdEventsBySource = s.uffdEventsBySource.merging(["own": 0]) { a, _ in a }
+        result.hosts = s.hosts
         result.hostChanges = churn?.changes ?? 0
         result.lateAccesses = service.window.lateAccesses
         result.hostGoneFaults = e.hostGoneFaults

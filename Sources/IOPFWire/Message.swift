@@ -12,7 +12,9 @@
 /// Protocol version spoken by this build.
 public enum WireVersion {
     public static let major: UInt16 = 1
-    public static let minor: UInt16 = 0
+    /// 1.1 adds the host role (HOST, DMA_MAP, DMA_UNMAP, SYNC), ATTACH by address-space
+    /// name, and the service's DETACH notice on the invalidation socket.
+    public static let minor: UInt16 = 1
 }
 
 /// Limits both sides enforce.
@@ -38,6 +40,10 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case translate = 3
     case detach = 4
     case invalidate = 5
+    case host = 6
+    case dmaMap = 7
+    case dmaUnmap = 8
+    case sync = 9
 
     public var description: String {
         switch self {
@@ -46,6 +52,10 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .translate: "TRANSLATE"
         case .detach: "DETACH"
         case .invalidate: "INVALIDATE"
+        case .host: "HOST"
+        case .dmaMap: "DMA_MAP"
+        case .dmaUnmap: "DMA_UNMAP"
+        case .sync: "SYNC"
         }
     }
 }
@@ -101,8 +111,11 @@ public enum WireError: Error, Sendable, Equatable, CustomStringConvertible {
 public enum WireErrno {
     public static let notPermitted: UInt32 = 1  // EPERM
     public static let noEntry: UInt32 = 2  // ENOENT
+    public static let badFD: UInt32 = 9  // EBADF
+    public static let fault: UInt32 = 14  // EFAULT
     public static let busy: UInt32 = 16  // EBUSY
     public static let exists: UInt32 = 17  // EEXIST
+    public static let noDevice: UInt32 = 19  // ENODEV
     public static let invalid: UInt32 = 22  // EINVAL
     public static let noSpace: UInt32 = 28  // ENOSPC
     public static let protocolError: UInt32 = 71  // EPROTO
@@ -233,7 +246,7 @@ public enum Wire {
         String(decoding: payload.prefix(WireLimits.maxErrorText), as: UTF8.self)
     }
 
-    static func expectSize(_ c: Command, _ p: UnsafeRawBufferPointer, _ n: Int) throws(WireError) {
+    public static func expectSize(_ c: Command, _ p: UnsafeRawBufferPointer, _ n: Int) throws(WireError) {
         guard p.count == n else { throw .payloadSize(c, got: p.count, expected: n) }
     }
 }
@@ -251,9 +264,11 @@ public struct Capabilities: OptionSet, Sendable, Equatable {
     public static let all: Capabilities = [.sharedRing, .streamChannel, .translate]
 }
 
-/// The role a peer takes on the socket. Only devices exist in protocol 1.0.
+/// The role a peer takes on the socket: a device (1.0), or a host that hands over its
+/// address space (1.1).
 public enum PeerRole: UInt32, Sendable {
     case device = 0
+    case host = 1
 }
 
 /// HELLO request: 12 bytes.
@@ -280,7 +295,7 @@ public struct Hello: WirePayload {
         capabilities = Capabilities(rawValue: r.u32())
         let rawRole = r.u32()
         guard let role = PeerRole(rawValue: rawRole) else {
-            throw .outOfRange(field: "HELLO.role", value: UInt64(rawRole), allowed: "0 (device)")
+            throw .outOfRange(field: "HELLO.role", value: UInt64(rawRole), allowed: "0 (device) or 1 (host)")
         }
         self.role = role
     }
@@ -328,34 +343,46 @@ public struct HelloReply: WirePayload {
     }
 }
 
-/// ATTACH request: 16 bytes.
+/// ATTACH request: 16 bytes; with ADDRESS_SPACE (1.1), followed by the name of a host's
+/// address space (1...64 bytes, see `AddressSpaceName`).
 public struct Attach: WirePayload {
     public static let command = Command.attach
     public static let pasidValid: UInt32 = 1 << 0
     /// Ask for records on a stream socket instead of the shared ring pair.
     public static let streamChannel: UInt32 = 1 << 1
+    /// The payload ends with the name of the host address space to attach to.
+    public static let addressSpace: UInt32 = 1 << 2
 
     public var deviceID: UInt32
     public var pasid: UInt32?
     public var credit: UInt32
     public var wantsStream: Bool
+    /// A host's address space (HOST); nil: the service's own memory.
+    public var addressSpaceName: String?
 
-    public init(deviceID: UInt32, pasid: UInt32? = nil, credit: UInt32 = 32, wantsStream: Bool = false) {
+    public init(deviceID: UInt32, pasid: UInt32? = nil, credit: UInt32 = 32, wantsStream: Bool = false,
+                addressSpaceName: String? = nil) {
         self.deviceID = deviceID
         self.pasid = pasid
         self.credit = credit
         self.wantsStream = wantsStream
+        self.addressSpaceName = addressSpaceName
     }
 
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
-        try Wire.expectSize(.attach, p, 16)
+        guard p.count >= 16 else { throw .payloadSize(.attach, got: p.count, expected: 16) }
         var r = WireReader(p)
         deviceID = r.u32()
         let flags = r.u32()
         let rawPASID = r.u32()
         credit = r.u32()
-        guard flags & ~(Self.pasidValid | Self.streamChannel) == 0 else {
-            throw .outOfRange(field: "ATTACH.flags", value: UInt64(flags), allowed: "bits 0-1")
+        guard flags & ~(Self.pasidValid | Self.streamChannel | Self.addressSpace) == 0 else {
+            throw .outOfRange(field: "ATTACH.flags", value: UInt64(flags), allowed: "bits 0-2")
+        }
+        if flags & Self.addressSpace != 0 {
+            addressSpaceName = try AddressSpaceName.decode(UnsafeRawBufferPointer(rebasing: p[16...]), field: "ATTACH name")
+        } else {
+            try Wire.expectSize(.attach, p, 16)
         }
         guard flags & Self.pasidValid != 0 || rawPASID == 0 else { throw .reservedNonZero(field: "ATTACH.pasid without PASID_VALID") }
         guard rawPASID < 1 << 20 else { throw .outOfRange(field: "ATTACH.pasid", value: UInt64(rawPASID), allowed: "0..<2^20") }
@@ -366,9 +393,11 @@ public struct Attach: WirePayload {
 
     public func encode(into w: inout WireWriter) {
         w.u32(deviceID)
-        w.u32((pasid == nil ? 0 : Self.pasidValid) | (wantsStream ? Self.streamChannel : 0))
+        w.u32((pasid == nil ? 0 : Self.pasidValid) | (wantsStream ? Self.streamChannel : 0)
+            | (addressSpaceName == nil ? 0 : Self.addressSpace))
         w.u32(pasid ?? 0)
         w.u32(credit)
+        if let addressSpaceName { w.bytes += Array(addressSpaceName.utf8) }
     }
 }
 

@@ -4,21 +4,26 @@
 import ArgumentParser
 import Foundation
 import IOPFSimulation
+import IOPFWire
 
 struct Device: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a simulated device in this process against a service's --listen socket.",
         discussion: """
             Exit status: 0 when every DMA read back what was written and the device detached; 1 on \
-            integrity errors; 2 when it could not connect or attach (the reason on standard error); \
-            3 when the service disconnected it (fenced, or the service stopped) before it was done.
+            integrity errors; 2 when it could not connect or attach (the reason on standard error, e.g. no \
+            host has that --address-space); 3 when the service disconnected it (fenced, its host went away, \
+            or the service stopped) before it was done, the reason on standard error.
             """
     )
 
     @Option(help: "The service's socket (iopf serve --listen PATH).")
     var connect: String
 
-    @Option(help: "Device id (unique among the service's devices).")
+    @Option(help: "Attach to the address space of the host with this name (iopf host --name) instead of the service's memory.")
+    var addressSpace: String?
+
+    @Option(help: "Device id (unique among the devices of one address space).")
     var deviceID: UInt32 = 1
 
     @Option(help: "PASID to attach with (none by default).")
@@ -58,6 +63,9 @@ struct Device: ParsableCommand {
         guard duration >= 0 && duration <= 86_400 else { throw ValidationError("--duration must be in [0, 86400] seconds, got \(duration)") }
         guard pasid.map({ $0 < 1 << 20 }) ?? true else { throw ValidationError("--pasid must be below 2^20") }
         guard spinMicroseconds >= 0 && spinMicroseconds <= 1_000_000 else { throw ValidationError("--spin-microseconds must be in [0, 1000000]") }
+        if let addressSpace, !AddressSpaceName.isValid(addressSpace) {
+            throw ValidationError("--address-space must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(addressSpace)'")
+        }
         guard (1...64).contains(burst), (1...4096).contains(iotlbEntries) else { throw ValidationError("--burst 1...64, --iotlb-entries 1...4096") }
     }
 
@@ -74,6 +82,7 @@ struct Device: ParsableCommand {
         o.hostMayChangeMemory = hostMayChangeMemory
         o.burst = burst
         o.iotlbEntries = iotlbEntries
+        o.addressSpace = addressSpace
         Signals.stopOnInterrupt()
         let r: ExternalDeviceResult
         do {
@@ -93,7 +102,7 @@ struct Device: ParsableCommand {
         }
         if r.integrityErrors > 0 { throw ExitCode(1) }
         if r.disconnected {
-            FileHandle.standardError.write(Data("iopf device: the service disconnected device \(r.deviceID): \(r.problems.last ?? "connection closed")\n".utf8))
+            FileHandle.standardError.write(Data("iopf device: the service disconnected device \(r.deviceID): \(r.detachReason ?? r.problems.last ?? "connection closed")\n".utf8))
             throw ExitCode(3)
         }
     }

@@ -147,6 +147,9 @@ struct Serve: ParsableCommand {
             let kinds = r.protocolErrorKinds.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
             row("external devices", "\(r.externalDevices) attached, \(r.devicesFenced) fenced, \(r.peersDisconnected) disconnected")
             row("protocol errors", "\(r.protocolErrors)" + (kinds.isEmpty ? "" : " (\(kinds))"))
+            for h in r.hosts {
+                row("host '\(h.name)'", "pid \(h.pid), \(mib(h.memoryBytes)), \(h.mappings) mappings, \(h.addressUpdates) address updates, \(h.devices) devices, \(h.uffdEvents) uffd events" + (h.ended.map { "; ended: \($0)" } ?? ""))
+            }
         }
         row("resident / locked", "\(mib(r.residentBytes)) / \(mib(r.lockedBytes))")
         row("integrity errors", "\(r.integrityErrors)")

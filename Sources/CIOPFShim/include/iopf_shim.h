@@ -54,6 +54,19 @@ int iopf_size_is_sealed(int fd);
 /// show that it raises no userfaultfd event on mappings of the file).
 int iopf_punch_hole(int fd, int64_t offset, int64_t length);
 
+/// fallocate(FALLOC_FL_KEEP_SIZE): allocates a file's pages (shmem: makes them resident)
+/// without changing its size; existing pages keep their contents.
+int iopf_allocate_range(int fd, int64_t offset, int64_t length);
+
+/// fcntl(F_GET_SEALS): the seals of a memfd, or -1.
+int iopf_seals(int fd);
+/// F_SEAL_SHRINK, a macro.
+int iopf_seal_shrink_flag(void);
+
+/// preadv2(RWF_NOWAIT) of one buffer: never blocks, whatever the file's O_NONBLOCK flag
+/// (which another process sharing the file can change). -1 with EAGAIN when nothing is ready.
+ssize_t iopf_read_nowait(int fd, void *buf, size_t len);
+
 /// sendmsg(2) of one message with up to `nfds` descriptors (SCM_RIGHTS), MSG_NOSIGNAL
 /// and MSG_DONTWAIT when `nonblocking`. Returns bytes sent or -1.
 ssize_t iopf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds, int nonblocking);

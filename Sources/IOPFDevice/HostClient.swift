@@ -1,0 +1,91 @@
+// HostClient.swift — the host side of the protocol (1.1): a process that owns memory
+// hands the service its address space (name, region table, memfds, userfaultfd) and
+// declares DMA mappings into it, as a VMM does with VFIO type1. See Protocol.md, "Hosts".
+//
+// What the host must do, and must not: its memory is memfd-backed, mapped MAP_SHARED, the
+// memfds sealed with F_SEAL_SHRINK; its userfaultfd went through UFFDIO_API with
+// EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP (not EVENT_FORK) and has no ranges registered
+// by the host itself; the host never reads it. After mremap or mmap(MAP_FIXED) over
+// mapped memory it re-declares the mapping's address (`updateHostAddress`); faults there
+// are answered INVALID until it does.
+
+import CIOPFShim
+import Glibc
+import IOPFCore
+import IOPFSystem
+import IOPFWire
+
+public final class HostClient: @unchecked Sendable {
+    private let connection: ControlConnection
+
+    /// Connects to a service listening at `path` and says HELLO as a host.
+    public convenience init(connectingTo path: String) throws(DeviceClientError) {
+        let fd: CInt
+        do { fd = try Sys.connectUnix(path: path) } catch { throw .system(error) }
+        try self.init(socket: fd)
+    }
+
+    public init(socket: CInt) throws(DeviceClientError) {
+        connection = try ControlConnection(socket: socket, role: .host)
+    }
+
+    /// Creates a userfaultfd the service can use (UFFDIO_API with the three events) and
+    /// returns it; the caller sends it with `declare` and closes its own copy after.
+    public static func makeUserfaultfd() throws(SystemCallError) -> CInt {
+        let fd = try syscall("userfaultfd") { iopf_userfaultfd(O_CLOEXEC | O_NONBLOCK) }
+        let wanted = UInt64(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP)
+        var granted: UInt64 = 0
+        var ioctls: UInt64 = 0
+        if iopf_uffd_api(fd, wanted, &granted, &ioctls) != 0 || granted & wanted != wanted {
+            let e = Glibc.errno
+            Sys.close(fd)
+            throw SystemCallError("ioctl(UFFDIO_API)", .init(rawValue: e == 0 ? EINVAL : e))
+        }
+        return fd
+    }
+
+    /// HOST: hands over the address space. `memfds[k]` backs the regions whose `fdIndex`
+    /// is k. The service keeps its own copies of the descriptors.
+    public func declare(name: String, regions: [HostRegionEntry], userfaultfd: CInt, memfds: [CInt]) throws(DeviceClientError) {
+        _ = try connection.request(HostDeclaration(name: name, regions: regions).message(id: connection.takeID()),
+                                   fds: [userfaultfd] + memfds, expecting: .host)
+    }
+
+    /// DMA_MAP: `[iova, iova + size)` → host addresses from `hostAddress`.
+    public func map(iova: UInt64, hostAddress: UInt64, size: UInt64, prot: Protection) throws(DeviceClientError) {
+        let flags = (prot.contains(.read) ? DMAMapRequest.read : 0) | (prot.contains(.write) ? DMAMapRequest.write : 0)
+        _ = try connection.request(DMAMapRequest(iova: iova, hostAddress: hostAddress, size: size, flags: flags)
+            .message(id: connection.takeID()), expecting: .dmaMap)
+    }
+
+    /// DMA_MAP with VADDR: the mapping `[iova, iova + size)` now lives at `hostAddress`.
+    /// Returns once every device dropped translations to the old addresses.
+    public func updateHostAddress(iova: UInt64, size: UInt64, hostAddress: UInt64) throws(DeviceClientError) {
+        _ = try connection.request(DMAMapRequest(iova: iova, hostAddress: hostAddress, size: size, flags: DMAMapRequest.vaddr)
+            .message(id: connection.takeID()), expecting: .dmaMap)
+    }
+
+    /// DMA_UNMAP: removes the whole mappings inside the range; returns the bytes unmapped,
+    /// once every device dropped their translations.
+    @discardableResult
+    public func unmap(iova: UInt64, size: UInt64) throws(DeviceClientError) -> UInt64 {
+        let (bytes, _) = try connection.request(DMAUnmapRequest(iova: iova, size: size).message(id: connection.takeID()),
+                                                expecting: .dmaUnmap)
+        do { return try DMAUnmapReply(message: bytes).bytes } catch { throw .protocolViolation("\(error)") }
+    }
+
+    /// SYNC: returns once every device acknowledged the invalidations of every host event
+    /// the service read before it (so after a madvise/munmap/mremap returned, no device
+    /// uses the old translations any more).
+    public func sync() throws(DeviceClientError) {
+        _ = try connection.request(Wire.message(command: .sync, id: connection.takeID()), expecting: .sync)
+    }
+
+    /// DETACH: the service tears the address space down (devices detached, mappings
+    /// removed, ranges unregistered) before it answers.
+    public func detach() throws(DeviceClientError) {
+        _ = try connection.request(Empty().message(id: connection.takeID()), expecting: .detach)
+    }
+
+    public func close() { connection.close() }
+}

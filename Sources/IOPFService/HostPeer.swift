@@ -1,0 +1,312 @@
+// HostPeer.swift — the loop's side of hosts in other processes: HOST (hand-over of an
+// address space), DMA_MAP / DMA_UNMAP / SYNC, the host's userfaultfd events, and teardown
+// when the host goes. Runs on the loop thread (an extension of `EventLoop`); the address
+// space itself is HostSpace.swift.
+//
+// Ordering: a host event is read and invalidated in the same loop turn, before any fault
+// of that turn is resolved (`takeHostEvents`). Replies that promise the devices dropped
+// translations (DMA_MAP with VADDR, DMA_UNMAP, SYNC) wait for every device of that host to
+// acknowledge what was posted before them, never for another host's devices.
+//
+// Registration: the service registers every declared region on the host's uffd once, at
+// HOST. mmap(MAP_FIXED) over a registered range silently drops the registration of the
+// new mapping (the old one raises UNMAP, so that range becomes gone): the service
+// re-registers a range when the host re-declares it with DMA_MAP VADDR, and until then
+// faults there are answered INVALID. So no change to memory a device can reach goes
+// unseen.
+
+import Glibc
+import IOPFCore
+import IOPFSystem
+import IOPFWire
+
+/// Hosts attached at once at most; more are refused.
+let maxHosts = 64
+/// Host events handled per wake-up, so that one host cannot starve the rest.
+private let eventsPerTurn = 256
+
+extension EventLoop {
+    // MARK: HOST
+
+    /// Takes the address space a host hands over, or refuses it saying why. Owns `fds`.
+    func declareHost(_ p: Peer, _ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: [CInt]) {
+        var owned = fds
+        func refuse(_ r: HostRefusal) {
+            for fd in owned { Sys.close(fd) }
+            owned = []
+            stats.protocolError(r.kind)
+            reply(p, Wire.errorReply(command: .host, id: header.id, errno: r.errno, text: r.description))
+            service.logger.info("\(p.name): HOST refused: \(r.description)")
+        }
+        let declaration: HostDeclaration
+        do {
+            declaration = try HostDeclaration(payload: payload)
+        } catch {
+            refuse(HostRefusal(error.errno, error.kind, error.description))
+            return
+        }
+        let name = declaration.name
+        if let other = hosts.first(where: { $0?.name == name }) ?? nil {
+            return refuse(HostRefusal(WireErrno.exists, "nameTaken", "an address space named '\(name)' is attached already (pid \(other.pid))"))
+        }
+        guard hosts.compactMap({ $0 }).count < maxHosts else {
+            return refuse(HostRefusal(WireErrno.noSpace, "tooManyHosts", "the service serves \(maxHosts) hosts at most"))
+        }
+        guard owned.count == 1 + declaration.memfdCount else {
+            return refuse(HostRefusal(WireErrno.badFD, "badRegionTable",
+                                      "HOST carries \(owned.count) descriptors; its region table needs 1 userfaultfd and \(declaration.memfdCount) memfds"))
+        }
+        let used = Set(declaration.regions.map(\.fdIndex))
+        if let unused = (0..<UInt32(declaration.memfdCount)).first(where: { !used.contains($0) }) {
+            return refuse(HostRefusal(WireErrno.invalid, "badRegionTable", "memfd \(unused) is not used by any region"))
+        }
+        let uffd: HostUserfaultfd
+        do { uffd = try HostUserfaultfd(adopting: owned[0]) } catch {
+            owned.removeFirst()
+            return refuse(error)
+        }
+        owned.removeFirst()
+        let memory: RemoteHostMemory
+        do { memory = try RemoteHostMemory(adopting: owned) } catch {
+            owned = []
+            uffd.release(scratch: uffdBuffer)
+            return refuse(error)
+        }
+        owned = []
+        func fail(_ r: HostRefusal) {
+            uffd.release(scratch: uffdBuffer)
+            memory.close()
+            refuse(r)
+        }
+        for (i, r) in declaration.regions.enumerated() {
+            guard r.pageSize == 4096 else {
+                return fail(HostRefusal(WireErrno.notSupported, "badRegionTable", "region \(i): page size \(r.pageSize) is not supported (4 KiB pages only)"))
+            }
+            let m = memory.memfds[Int(r.fdIndex)]
+            guard r.fdOffset + r.size <= m.size else {
+                return fail(HostRefusal(WireErrno.invalid, "badRegionTable",
+                                        "region \(i): offset \(hex(r.fdOffset)) + size \(hex(r.size)) exceeds memfd \(r.fdIndex)'s size \(hex(m.size)): the region table does not match the memfds"))
+            }
+        }
+        // Register first, then check: a change after the check raises an event.
+        for (i, r) in declaration.regions.enumerated() {
+            do { try uffd.register(r.hostRange) } catch {
+                return fail(HostRefusal(WireErrno.invalid, "cannotWatch", "region \(i): \(error)"))
+            }
+        }
+        let lines: [HostMaps.Line]
+        do { lines = try HostMaps.read(pid: p.pid) } catch { return fail(error) }
+        var pieces: [RemoteHostMemory.Binding] = []
+        for (i, r) in declaration.regions.enumerated() {
+            switch HostMaps.backing(of: r.hostRange, in: lines, memfds: memory.memfds) {
+            case .failure(let refusal):
+                return fail(HostRefusal(refusal.errno, refusal.kind, "region \(i): \(refusal.description)"))
+            case .success(let found):
+                let expected = RemoteHostMemory.Binding(host: r.hostRange, memfd: Int(r.fdIndex), offset: r.fdOffset)
+                guard found == [expected] else {
+                    let f = found.first!
+                    return fail(HostRefusal(WireErrno.fault, "notHostMemory",
+                                            "region \(i): \(hex(r.hostAddress)) is mapped from memfd \(f.memfd) at offset \(hex(f.offset)), not memfd \(r.fdIndex) at \(hex(r.fdOffset)) as declared"))
+                }
+                pieces.append(expected)
+            }
+        }
+        memory.bind(pieces)
+        let engine = FaultEngine(memory: memory, configuration: service.configuration.hostEngine)
+        let domain: DomainID
+        do { domain = try engine.createDomain(invalidator: nil, observer: service.configuration.hostSyncObserver) } catch {
+            return fail(HostRefusal(WireErrno.noSpace, "noMemory", "cannot create the address space's I/O page table: \(error)"))
+        }
+        nextSpaceID += 1
+        let id = nextSpaceID
+        engine.setInvalidator(DomainSync(domain: SyncDomain(space: id, domain: domain), local: nil, fences: fences) { true }, for: domain)
+        let index = hosts.firstIndex { $0 == nil } ?? hosts.count
+        stats.hosts.append(HostRecord(name: name, pid: p.pid, regions: declaration.regions.count,
+                                      memoryBytes: declaration.regions.reduce(0) { $0 + $1.size }))
+        let space = HostSpace(id: id, index: index, name: name, engine: engine, domain: domain, memory: memory, uffd: uffd,
+                              peer: p, record: stats.hosts.count - 1)
+        if index == hosts.count { hosts.append(space) } else { hosts[index] = space }
+        p.space = space
+        p.state = .attached
+        armHostEvents(space)
+        reply(p, Wire.message(command: .host, id: header.id, flags: .reply))
+        service.logger.info("host '\(name)' attached from \(p.name): \(declaration.regions.count) regions, \(memory.memfds.count) memfds, \(stats.hosts[space.record].memoryBytes >> 20) MiB")
+    }
+
+    private func armHostEvents(_ s: HostSpace) {
+        guard !s.closed, !s.uffdArmed else { return }
+        do {
+            try ring.preparePollIn(fd: s.uffd.fd, token: RingToken(kind: .hostSpaceEvent, slot: s.index, generation: s.id))
+            s.uffdArmed = true
+        } catch {
+            closePeer(s.peer, reason: "cannot poll its userfaultfd: \(error)", disconnected: true)
+        }
+    }
+
+    // MARK: DMA_MAP, DMA_UNMAP, SYNC
+
+    func hostMap(_ p: Peer, _ header: MessageHeader, _ request: DMAMapRequest) {
+        guard let s = p.space else { return }
+        func refuse(_ errno: UInt32, _ kind: String, _ text: String) {
+            stats.protocolError(kind)
+            reply(p, Wire.errorReply(command: .dmaMap, id: header.id, errno: errno, text: text))
+        }
+        if request.updatesHostAddress {
+            guard let m = s.engine.mappingInfo(iova: request.iova), m.iova == request.iova, m.size == request.size else {
+                return refuse(WireErrno.noEntry, "noSuchMapping", DMAMapError.noSuchMapping(iova: request.iova, size: request.size).description)
+            }
+            do { try DMAMappingTable.validate(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: m.prot) } catch {
+                return refuse(WireErrno.invalid, "badMapping", error.description)
+            }
+            let range = request.hostAddress..<(request.hostAddress + request.size)
+            do { try s.uffd.register(range) } catch {
+                return refuse(WireErrno.fault, "cannotWatch", error.description)
+            }
+            let found: [RemoteHostMemory.Binding]
+            do {
+                let lines = try HostMaps.read(pid: s.pid)
+                found = try HostMaps.backing(of: range, in: lines, memfds: s.memory.memfds).get()
+            } catch {
+                return refuse(error.errno, error.kind, error.description)
+            }
+            s.memory.bind(found)
+            do { try s.engine.updateHostAddress(iova: request.iova, size: request.size, vaddr: request.hostAddress) } catch {
+                return refuse(WireErrno.invalid, "badMapping", "\(error)")
+            }
+            stats.hosts[s.record].addressUpdates += 1
+            afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply)) }
+            return
+        }
+        var prot: Protection = []
+        if request.flags & DMAMapRequest.read != 0 { prot.insert(.read) }
+        if request.flags & DMAMapRequest.write != 0 { prot.insert(.write) }
+        do { try DMAMappingTable.validate(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot) } catch {
+            return refuse(WireErrno.invalid, "badMapping", error.description)
+        }
+        guard s.memory.covers(request.hostAddress..<(request.hostAddress + request.size)) else {
+            return refuse(WireErrno.fault, "notHostMemory",
+                          "DMA map: host range [\(hex(request.hostAddress)), +\(hex(request.size))) is not the host's memory now (outside its regions, or unmapped or moved since: re-declare it with VADDR)")
+        }
+        do { try s.engine.map(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot) } catch {
+            let errno = switch error {
+            case .overlap: WireErrno.exists
+            case .entryLimit: WireErrno.noSpace
+            default: WireErrno.invalid
+            }
+            return refuse(errno, "badMapping", error.description)
+        }
+        stats.hosts[s.record].mappings += 1
+        reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply))
+    }
+
+    func hostUnmap(_ p: Peer, _ header: MessageHeader, _ request: DMAUnmapRequest) {
+        guard let s = p.space else { return }
+        let removed: [Range<UInt64>]
+        do { removed = try s.engine.removeMappings(iova: request.iova, size: request.size) } catch {
+            stats.protocolError("badMapping")
+            reply(p, Wire.errorReply(command: .dmaUnmap, id: header.id, errno: WireErrno.invalid, text: "\(error)"))
+            return
+        }
+        stats.hosts[s.record].unmaps += removed.count
+        let bytes = removed.reduce(0) { $0 + UInt64($1.count) }
+        afterExternalDevices(space: s.id) { [self] in reply(p, DMAUnmapReply(bytes: bytes).message(id: header.id, flags: .reply)) }
+    }
+
+    func hostSync(_ p: Peer, _ header: MessageHeader) {
+        guard let s = p.space else { return }
+        afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .sync, id: header.id, flags: .reply)) }
+    }
+
+    // MARK: Events
+
+    /// The host's uffd is readable: every queued event becomes an invalidation in its space.
+    func hostSpaceEvents(_ c: Completion) {
+        guard c.token.slot < hosts.count, let s = hosts[c.token.slot], s.id == c.token.generation, !s.closed else { return }
+        s.uffdArmed = false
+        if c.result < 0 || c.result & Int32(POLLERR | POLLHUP | POLLNVAL) != 0 {
+            closePeer(s.peer, reason: "its userfaultfd failed (poll result \(c.result))", disconnected: true)
+            return
+        }
+        var handled = 0
+        do {
+            while handled < eventsPerTurn, !s.closed {
+                let bytes = try s.uffd.drain(into: uffdBuffer)
+                if bytes == 0 { break }
+                for i in 0..<(bytes / UserfaultfdSource.messageBytes) where !s.closed {
+                    let at = i * UserfaultfdSource.messageBytes
+                    handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])), in: s)
+                    handled += 1
+                }
+            }
+        } catch {
+            // Fail closed: without its events the host's changes would go unseen.
+            closePeer(s.peer, reason: "reading its userfaultfd failed: \(error)", disconnected: true)
+            return
+        }
+        armHostEvents(s)
+    }
+
+    private func handle(_ event: HostEvent, in s: HostSpace) {
+        let range: Range<UInt64>
+        let gone: Bool
+        switch event {
+        case .remove(let r):
+            (range, gone) = (r, false)
+            stats.uffdRemove += 1
+        case .unmap(let r):
+            (range, gone) = (r, true)
+            stats.uffdUnmap += 1
+        case .remap(let from, _, let length):
+            (range, gone) = (from..<(from + length), true)
+            stats.uffdRemap += 1
+        case .other(let kind):
+            service.logger.warning("host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
+            return
+        }
+        guard range.lowerBound < range.upperBound else { return }
+        if gone { s.memory.forget(range) }
+        stats.uffdEvents += 1
+        stats.uffdEventsBySource[s.name, default: 0] += 1
+        stats.hosts[s.record].uffdEvents += 1
+        do {
+            _ = try s.engine.invalidate(hostAddress: range.lowerBound, length: UInt64(range.count), hostGone: gone)
+        } catch {
+            service.logger.critical("host '\(s.name)': \(error)")
+            closePeer(s.peer, reason: "an invalidation in its address space failed: \(error)", disconnected: true)
+        }
+    }
+
+    // MARK: Teardown
+
+    /// The host went (detached, disconnected, died, or misbehaved): its devices are told
+    /// why and detached (incomplete groups answered INVALID), its mappings unmapped and
+    /// synced, its ranges unregistered and its pending events read so that none of its
+    /// threads waits for the service, and its descriptors closed. Never blocks.
+    func teardownHost(_ s: HostSpace, reason: String) {
+        guard !s.closed else { return }
+        s.closed = true
+        let devices = s.devices
+        s.devices = []
+        for d in devices {
+            let why = "its host '\(s.name)' went away: \(reason)"
+            if let dp = d.peer {
+                if dp.invalidation >= 0 { try? Sys.send(dp.invalidation, DetachNotice.message(reason: why), nonBlocking: true) }
+                closePeer(dp, reason: "device \(d.deviceID) detached: \(why)", disconnected: true)
+            } else {
+                detach(d, reason: why)
+            }
+        }
+        do { _ = try s.engine.removeMappings(iova: 0, size: IOPageTable.iovaLimit) } catch {
+            service.logger.critical("host '\(s.name)': removing its mappings failed: \(error)")
+        }
+        if s.uffdArmed {
+            try? ring.prepareCancel(RingToken(kind: .hostSpaceEvent, slot: s.index, generation: s.id))
+            s.uffdArmed = false
+        }
+        s.uffd.release(scratch: uffdBuffer)
+        s.memory.close()
+        if s.index < hosts.count, hosts[s.index] === s { hosts[s.index] = nil }
+        stats.hosts[s.record].ended = reason
+        service.logger.info("host '\(s.name)' (pid \(s.pid)) torn down: \(reason); \(devices.count) devices detached")
+    }
+}

@@ -1,0 +1,348 @@
+// HostSpace.swift — the address space of a host in another process (protocol 1.1): its
+// own engine and domain, its memory reached through the memfds it sent, and its
+// userfaultfd, on which the service registers the host's ranges so that the host's
+// madvise/munmap/mremap become invalidations. The loop's side (messages, events,
+// teardown) is HostPeer.swift.
+//
+// Trust: nothing the host says is taken on faith. The uffd must be a userfaultfd that went
+// through UFFDIO_API with EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP (and without EVENT_FORK,
+// whose events would hand the service new descriptors), read from /proc/self/fdinfo
+// because a uffd's API cannot be asked twice. Each memfd must be a 4 KiB-page memfd sealed
+// against shrinking, so a device that maps it never takes SIGBUS. Each region must really
+// be the host's memory: after registering it, the service reads /proc/PID/maps of the
+// host (SO_PEERCRED) and checks the range is mapped shared from that memfd at that offset.
+//
+// Memory: the service never maps a host's memory. A fault makes pages resident with
+// fallocate(2) on the memfd (shmem allocates, existing pages keep their contents), and a
+// translation names (memfd, offset) as a physical address in the process-wide
+// `PhysicalSpace`, where each memfd has a base of its own: a device of another host, which
+// has not mapped this memfd, can reach none of it.
+//
+// Reads of the host's uffd use preadv2(RWF_NOWAIT): the host shares the file and could
+// clear O_NONBLOCK, and the loop must never block on it.
+//
+// All of this runs on the loop thread.
+
+import CIOPFShim
+import Foundation
+import Glibc
+import IOPFCore
+import IOPFSystem
+import IOPFWire
+import Synchronization
+
+/// Why a host's declaration or request is refused: an errno for the reply, a stable kind
+/// for the statistics, and a sentence for the host's operator.
+struct HostRefusal: Error, CustomStringConvertible {
+    var errno: UInt32
+    var kind: String
+    var description: String
+
+    init(_ errno: UInt32, _ kind: String, _ description: String) {
+        self.errno = errno
+        self.kind = kind
+        self.description = description
+    }
+}
+
+/// A host's userfaultfd, owned by the service once received.
+final class HostUserfaultfd {
+    let fd: CInt
+    private(set) var registered: [Range<UInt64>] = []
+    private var closed = false
+
+    /// Takes `fd` (closed on a throw too) after checking it is a usable userfaultfd.
+    init(adopting fd: CInt) throws(HostRefusal) {
+        self.fd = fd
+        do throws(HostRefusal) {
+            let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "?"
+            guard link == "anon_inode:[userfaultfd]" else {
+                throw HostRefusal(WireErrno.badFD, "badUserfaultfd", "the first descriptor of HOST must be a userfaultfd, got \(link)")
+            }
+            let info = (try? String(contentsOfFile: "/proc/self/fdinfo/\(fd)", encoding: .utf8)) ?? ""
+            // "API:\t<api>:<features>:<ioctls>", all hex.
+            let api = info.split(separator: "\n").first { $0.hasPrefix("API:") }?.dropFirst(4).split(separator: ":")
+            guard let api, api.count == 3,
+                  let features = UInt64(api[1].trimmingCharacters(in: .whitespaces), radix: 16)
+            else {
+                throw HostRefusal(WireErrno.badFD, "badUserfaultfd", "cannot read the userfaultfd's features from /proc/self/fdinfo")
+            }
+            let missing = UserfaultfdSource.wanted.filter { features & $0.0 == 0 }.map(\.1)
+            guard missing.isEmpty else {
+                throw HostRefusal(WireErrno.invalid, "badUserfaultfd",
+                                  "the userfaultfd lacks \(missing.joined(separator: ", ")): pass UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP to UFFDIO_API before sending it")
+            }
+            guard features & UInt64(UFFD_FEATURE_EVENT_FORK) == 0 else {
+                throw HostRefusal(WireErrno.invalid, "badUserfaultfd",
+                                  "the userfaultfd has EVENT_FORK: its events would hand the service descriptors; negotiate without it")
+            }
+        } catch {
+            Sys.close(fd)
+            throw error
+        }
+    }
+
+    /// Registers `range` (again: registering a registered range is harmless, and is how a
+    /// range that mmap(MAP_FIXED) replaced is watched again).
+    func register(_ range: Range<UInt64>) throws(UserfaultfdError) {
+        try UserfaultfdSource.register(fd, start: range.lowerBound, length: UInt64(range.count))
+        if !registered.contains(where: { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }) {
+            registered.append(range)
+        }
+    }
+
+    /// Reads pending events into `buffer`; 0 when there are none. Never blocks.
+    func drain(into buffer: UnsafeMutableRawBufferPointer) throws(SystemCallError) -> Int {
+        let n = iopf_read_nowait(fd, buffer.baseAddress, buffer.count)
+        if n >= 0 { return n }
+        let e = Glibc.errno
+        if e == EAGAIN { return 0 }
+        throw SystemCallError("read(userfaultfd)", .init(rawValue: e))
+    }
+
+    /// Lets the host go on without the service: unregisters every range (the host may hold
+    /// its own copy of the uffd, so closing ours would not), reads whatever events are
+    /// still queued so no host thread waits for them, and closes. Idempotent.
+    func release(scratch: UnsafeMutableRawBufferPointer) {
+        guard !closed else { return }
+        closed = true
+        for r in registered { _ = iopf_uffd_unregister(fd, r.lowerBound, UInt64(r.count)) }
+        registered = []
+        for _ in 0..<1024 {
+            guard let n = try? drain(into: scratch), n > 0 else { break }
+        }
+        Sys.close(fd)
+    }
+}
+
+/// A host's memory as the engine reaches it: host address → (memfd, offset), by bindings
+/// that the service verified against /proc/PID/maps.
+final class RemoteHostMemory: HostMemory, @unchecked Sendable {
+    struct Memfd {
+        let fd: CInt
+        let size: UInt64
+        let phys: UInt64
+        let device: (major: UInt32, minor: UInt32)
+        let inode: UInt64
+    }
+
+    struct Binding: Equatable {
+        var host: Range<UInt64>
+        var memfd: Int
+        var offset: UInt64
+    }
+
+    let memfds: [Memfd]
+    private let bindings = Mutex<[Binding]>([])
+
+    /// Takes the memfds (all closed on a throw) after checking each one.
+    init(adopting fds: [CInt]) throws(HostRefusal) {
+        var checked: [Memfd] = []
+        do throws(HostRefusal) {
+            for (k, fd) in fds.enumerated() {
+                var st = stat()
+                guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
+                    throw HostRefusal(WireErrno.badFD, "badMemfd", "descriptor \(k + 1) (memfd \(k)) is not a regular file")
+                }
+                let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? ""
+                guard link.hasPrefix("/memfd:") else {
+                    throw HostRefusal(WireErrno.badFD, "badMemfd", "memfd \(k) is not a memfd (\(link))")
+                }
+                guard st.st_blksize == 4096 else {
+                    throw HostRefusal(WireErrno.invalid, "badMemfd", "memfd \(k) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
+                }
+                let seals = iopf_seals(fd)
+                guard seals >= 0, seals & iopf_seal_shrink_flag() != 0 else {
+                    throw HostRefusal(WireErrno.notPermitted, "badMemfd",
+                                      "memfd \(k) is not sealed against shrinking (F_SEAL_SHRINK): a shrink would fault every device that maps it")
+                }
+                let size = UInt64(st.st_size)
+                let dev = UInt64(st.st_dev)
+                checked.append(Memfd(fd: fd, size: size, phys: PhysicalSpace.shared.reserve(size: max(size, 4096)),
+                                     device: (UInt32((dev >> 8) & 0xFFF | (dev >> 32) & ~0xFFF), UInt32(dev & 0xFF | (dev >> 12) & ~0xFF)),
+                                     inode: UInt64(st.st_ino)))
+            }
+        } catch {
+            for fd in fds { Sys.close(fd) }
+            throw error
+        }
+        memfds = checked
+    }
+
+    func close() {
+        for m in memfds { Sys.close(m.fd) }
+    }
+
+    /// The regions as a device maps them: one per memfd, at its physical base.
+    var deviceRegions: [(MemoryRegionInfo, CInt)] {
+        memfds.filter { $0.size > 0 }.map { (MemoryRegionInfo(phys: $0.phys, size: $0.size), $0.fd) }
+    }
+
+    func bind(_ pieces: [Binding]) {
+        bindings.withLock { b in
+            for p in pieces { Self.cut(&b, p.host) }
+            b += pieces
+        }
+    }
+
+    /// The host unmapped or moved `range`: it no longer reaches the memfds there.
+    func forget(_ range: Range<UInt64>) {
+        bindings.withLock { Self.cut(&$0, range) }
+    }
+
+    private static func cut(_ b: inout [Binding], _ range: Range<UInt64>) {
+        var out: [Binding] = []
+        for x in b {
+            guard x.host.overlaps(range) else {
+                out.append(x)
+                continue
+            }
+            if x.host.lowerBound < range.lowerBound {
+                out.append(Binding(host: x.host.lowerBound..<range.lowerBound, memfd: x.memfd, offset: x.offset))
+            }
+            if range.upperBound < x.host.upperBound {
+                out.append(Binding(host: range.upperBound..<x.host.upperBound, memfd: x.memfd,
+                                   offset: x.offset + (range.upperBound - x.host.lowerBound)))
+            }
+        }
+        b = out
+    }
+
+    /// True when every page of `range` is bound.
+    func covers(_ range: Range<UInt64>) -> Bool {
+        bindings.withLock { b in
+            var cursor = range.lowerBound
+            while cursor < range.upperBound {
+                guard let x = b.first(where: { $0.host.contains(cursor) }) else { return false }
+                cursor = x.host.upperBound
+            }
+            return true
+        }
+    }
+
+    private func locate(_ address: UInt64, pages: Int) -> (Memfd, UInt64)? {
+        bindings.withLock { b in
+            guard let x = b.first(where: { $0.host.contains(address) }),
+                  address + UInt64(pages) << 12 <= x.host.upperBound
+            else { return nil }
+            return (memfds[x.memfd], x.offset + (address - x.host.lowerBound))
+        }
+    }
+
+    func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
+        guard let (m, offset) = locate(address, pages: pageCount) else {
+            throw HostMemoryError(address: address, reason: "not the host's memory now (unmapped, moved, or outside its regions)")
+        }
+        if iopf_allocate_range(m.fd, Int64(offset), Int64(pageCount) << 12) != 0 {
+            throw HostMemoryError(address: address, reason: "fallocate of \(pageCount) pages of the host's memfd failed: errno \(Glibc.errno)")
+        }
+        for i in 0..<pageCount { physical.append(m.phys + offset + UInt64(i) << 12) }
+    }
+
+    func currentPhysical(of address: UInt64) -> UInt64? {
+        locate(address & ~0xFFF, pages: 1).map { $0.0.phys + $0.1 + (address & 0xFFF) }
+    }
+
+    func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError) {
+        throw HostMemoryError(address: address, reason: "pinned mappings are not offered to hosts in other processes")
+    }
+
+    func unpin(address: UInt64, pageCount: Int) {}
+}
+
+/// /proc/PID/maps of a host, to check that a range really is the host's memfd memory.
+enum HostMaps {
+    struct Line {
+        var range: Range<UInt64>
+        var shared: Bool
+        var offset: UInt64
+        var device: (major: UInt32, minor: UInt32)
+        var inode: UInt64
+    }
+
+    static func read(pid: Int32) throws(HostRefusal) -> [Line] {
+        guard pid > 0, let text = try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8) else {
+            throw HostRefusal(WireErrno.notPermitted, "unverifiable", "cannot read /proc/\(pid)/maps to check the host's memory")
+        }
+        return text.split(separator: "\n").compactMap(parse)
+    }
+
+    /// "start-end perms offset major:minor inode [path]".
+    static func parse(_ line: Substring) -> Line? {
+        let f = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+        guard f.count >= 5 else { return nil }
+        let bounds = f[0].split(separator: "-")
+        let dev = f[3].split(separator: ":")
+        guard bounds.count == 2, dev.count == 2, let lo = UInt64(bounds[0], radix: 16), let hi = UInt64(bounds[1], radix: 16),
+              lo < hi, let offset = UInt64(f[2], radix: 16), let major = UInt32(dev[0], radix: 16),
+              let minor = UInt32(dev[1], radix: 16), let inode = UInt64(f[4])
+        else { return nil }
+        return Line(range: lo..<hi, shared: f[1].count == 4 && f[1].last == "s", offset: offset, device: (major, minor), inode: inode)
+    }
+
+    /// How `range` is backed by `memfds`, piece by piece; the reason when some of it is not
+    /// mapped shared from one of them.
+    static func backing(of range: Range<UInt64>, in lines: [Line], memfds: [RemoteHostMemory.Memfd])
+        -> Result<[RemoteHostMemory.Binding], HostRefusal>
+    {
+        var pieces: [RemoteHostMemory.Binding] = []
+        var cursor = range.lowerBound
+        func notHost(_ why: String) -> Result<[RemoteHostMemory.Binding], HostRefusal> {
+            .failure(HostRefusal(WireErrno.fault, "notHostMemory", "[\(hex(range.lowerBound)), \(hex(range.upperBound))) is not the host's memory: \(why)"))
+        }
+        while cursor < range.upperBound {
+            guard let l = lines.first(where: { $0.range.contains(cursor) }) else { return notHost("\(hex(cursor)) is not mapped") }
+            guard let k = memfds.firstIndex(where: { $0.inode == l.inode && $0.device == l.device }) else {
+                return notHost("\(hex(cursor)) is mapped from inode \(l.inode), none of the memfds sent")
+            }
+            guard l.shared else { return notHost("\(hex(cursor)) is a private mapping of memfd \(k)") }
+            let end = min(l.range.upperBound, range.upperBound)
+            let offset = l.offset + (cursor - l.range.lowerBound)
+            guard offset + (end - cursor) <= memfds[k].size else { return notHost("\(hex(cursor)) maps memfd \(k) beyond its size") }
+            if var last = pieces.last, last.memfd == k, last.host.upperBound == cursor,
+               last.offset + UInt64(last.host.count) == offset {
+                last.host = last.host.lowerBound..<end
+                pieces[pieces.count - 1] = last
+            } else {
+                pieces.append(RemoteHostMemory.Binding(host: cursor..<end, memfd: k, offset: offset))
+            }
+            cursor = end
+        }
+        return .success(pieces)
+    }
+}
+
+/// One host's address space.
+final class HostSpace {
+    /// Never reused: the fences' domain key, and what ring tokens carry as generation.
+    let id: UInt32
+    let index: Int
+    let name: String
+    let engine: FaultEngine
+    let handler: FaultHandler
+    let domain: DomainID
+    let memory: RemoteHostMemory
+    let uffd: HostUserfaultfd
+    let pid: Int32
+    unowned let peer: Peer
+    var devices: [AttachedDevice] = []
+    var uffdArmed = false
+    var closed = false
+    /// This host's entry in the statistics' `hosts`.
+    let record: Int
+
+    init(id: UInt32, index: Int, name: String, engine: FaultEngine, domain: DomainID, memory: RemoteHostMemory,
+         uffd: HostUserfaultfd, peer: Peer, record: Int) {
+        self.id = id
+        self.index = index
+        self.name = name
+        self.engine = engine
+        handler = engine.makeFaultHandler()
+        self.domain = domain
+        self.memory = memory
+        self.uffd = uffd
+        pid = peer.pid
+        self.peer = peer
+        self.record = record
+    }
+}

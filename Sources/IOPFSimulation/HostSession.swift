@@ -1,0 +1,218 @@
+// HostSession.swift — `iopf host`: a host in a process of its own, as a VMM would be. It
+// creates memfd-backed memory (sealed against shrinking, mapped shared), hands it and a
+// userfaultfd to the service (HOST), maps it for DMA as `mappings` equal mappings, and
+// then every `churn` changes 1–64 pages of one mapping the way a VMM or guest does:
+//
+//   dontneed  madvise(MADV_DONTNEED): REMOVE; the pages stay in the memfd
+//   remove    madvise(MADV_REMOVE): REMOVE; the pages are freed (they read as zero)
+//   fixed     mmap(MAP_FIXED) of the same memfd range over itself: UNMAP, and the new
+//             mapping is not registered; the mapping is re-declared (VADDR), which makes the
+//             service register it again
+//   remap     mremap(MREMAP_DONTUNMAP) of the range to scratch: REMAP; re-declared
+//   move      mremap of the whole mapping to its other home, re-declared there (VADDR to
+//             a new address), then the old home replaced by a reservation: UNMAP
+//
+// Each change is followed by SYNC; the time from just before the change to the SYNC reply
+// is the invalidation latency (host's change to the last device acknowledgement).
+//
+// Page tags: before handing the memory over, the host writes into the last 8 bytes of
+// every page the page's IOVA ^ `HostLayout.tagMagic`. A device attached to the host checks
+// the tag of every page it reaches through a translation, so a translation to the wrong
+// page of the host's memory shows up as wrong data (a page freed by MADV_REMOVE reads 0,
+// and the host writes its tag again after the SYNC).
+
+import CIOPFShim
+import Foundation
+import Glibc
+import Histogram
+import IOPFCore
+import IOPFDevice
+import IOPFSystem
+
+public struct HostOptions: Sendable {
+    public var path: String
+    public var name: String
+    public var memoryBytes: UInt64 = 64 << 20
+    public var mappings = 4
+    /// Milliseconds between changes (0: none).
+    public var churnMilliseconds = 0.0
+    /// Seconds to run (0: until `shouldStop`).
+    public var seconds = 0.0
+    public var seed: UInt64 = 1
+    public init(path: String, name: String) {
+        self.path = path
+        self.name = name
+    }
+}
+
+/// What `iopf host --json` prints; the keys are the README's.
+public struct HostResult: Codable, Sendable {
+    public var name = ""
+    public var memoryBytes: UInt64 = 0
+    public var mappings = 0
+    public var hostChanges = 0
+    public var changesByKind: [String: Int] = [:]
+    /// Host addresses re-declared (DMA_MAP with VADDR).
+    public var addressUpdates = 0
+    /// From just before each change to the SYNC reply after it.
+    public var invalidationLatencyNs = LatencySummary(Histogram<UInt64>())
+    public var elapsedSeconds = 0.0
+    public var problems: [String] = []
+}
+
+/// Where a host puts things; shared with devices that check page tags.
+public enum HostLayout {
+    public static let iovaBase: UInt64 = 1 << 40
+    public static let tagMagic: UInt64 = 0x5A5A_0000_0000_0000
+    public static func tag(iova: UInt64) -> UInt64 { iova ^ tagMagic }
+}
+
+public enum HostSession {
+    enum Change: String, CaseIterable { case dontneed, remove, fixed, remap, move }
+
+    public static func run(_ o: HostOptions, shouldStop: @escaping () -> Bool = { false }) throws -> HostResult {
+        guard o.mappings >= 1, o.memoryBytes % (UInt64(o.mappings) << 12) == 0 else {
+            throw SystemCallError("--memory must be a multiple of --mappings × 4 KiB", .invalidArgument)
+        }
+        let started = ContinuousClock.now
+        let slice = o.memoryBytes / UInt64(o.mappings)
+        // The memfd, sealed: the size can never change.
+        let memfd = try syscall("memfd_create") { iopf_memfd_create_sealable("iopf-host-\(o.name)") }
+        defer { Sys.close(memfd) }
+        _ = try syscall("ftruncate") { ftruncate(memfd, off_t(o.memoryBytes)) }
+        _ = try syscall("fcntl(F_ADD_SEALS)") { iopf_seal_size(memfd) }
+        // Two homes per mapping: the memory at `base`, a reservation after it for moves.
+        let reserve = mmap(nil, Int(2 * o.memoryBytes), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let reserve, reserve != MAP_FAILED else { throw SystemCallError("mmap", .init(rawValue: errno)) }
+        defer { munmap(reserve, Int(2 * o.memoryBytes)) }
+        let base = UInt64(UInt(bitPattern: reserve))
+        guard mmap(reserve, Int(o.memoryBytes), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, memfd, 0) == reserve else {
+            throw SystemCallError("mmap(MAP_FIXED) of the memfd", .init(rawValue: errno))
+        }
+        writeTags(base: base, pages: Int(o.memoryBytes >> 12))
+        let scratch = mmap(nil, 64 << 12, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let scratch, scratch != MAP_FAILED else { throw SystemCallError("mmap", .init(rawValue: errno)) }
+        defer { munmap(scratch, 64 << 12) }
+
+        let client = try HostClient(connectingTo: o.path)
+        defer { client.close() }
+        let uffd = try HostClient.makeUserfaultfd()
+        do {
+            try client.declare(name: o.name, regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
+                               userfaultfd: uffd, memfds: [memfd])
+        } catch {
+            Sys.close(uffd)
+            throw error
+        }
+        Sys.close(uffd)  // the service's copy is the only one now: it unregisters everything when it lets go
+        for k in 0..<o.mappings {
+            try client.map(iova: HostLayout.iovaBase + UInt64(k) * slice, hostAddress: base + UInt64(k) * slice, size: slice,
+                           prot: [.read, .write])
+        }
+
+        var result = HostResult()
+        result.name = o.name
+        result.memoryBytes = o.memoryBytes
+        result.mappings = o.mappings
+        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var rng = Xoshiro(seed: o.seed ^ 0x4057)
+        // Where each mapping lives now: its home (false) or the reservation after the memory (true).
+        var moved = [Bool](repeating: false, count: o.mappings)
+        func home(_ k: Int, _ away: Bool) -> UInt64 { base + (away ? o.memoryBytes : 0) + UInt64(k) * slice }
+        let interval = Duration.nanoseconds(Int64(o.churnMilliseconds * 1e6))
+        var next = ContinuousClock.now + interval
+        while !shouldStop() && (o.seconds == 0 || ContinuousClock.now - started < .seconds(o.seconds)) {
+            guard o.churnMilliseconds > 0 else {
+                usleep(10_000)
+                continue
+            }
+            let now = ContinuousClock.now
+            if now < next {
+                usleep(UInt32(min(10_000, max(100, (next - now).nanoseconds / 1000))))
+                continue
+            }
+            next = now + interval
+            let k = Int(rng.next() % UInt64(o.mappings))
+            let here = home(k, moved[k])
+            let pages = 1 + Int(rng.next() % UInt64(min(64, Int(slice >> 12))))
+            let first = Int(rng.next() % UInt64(Int(slice >> 12) - pages + 1))
+            let change = Change.allCases[Int(rng.next() % UInt64(Change.allCases.count))]
+            // Ranges split by earlier changes: mremap moves within one VMA.
+            let start = here + UInt64(first) << 12
+            let vma = HostChurn.mapping(containing: start) ?? start..<(start + 4096)
+            let length = min(UInt64(pages) << 12, vma.upperBound - start)
+            let p = UnsafeMutableRawPointer(bitPattern: UInt(start))
+            let t0 = ContinuousClock.now
+            var redeclare: UInt64?
+            switch change {
+            case .dontneed:
+                _ = try syscall("madvise(MADV_DONTNEED)") { madvise(p, Int(length), MADV_DONTNEED) }
+            case .remove:
+                _ = try syscall("madvise(MADV_REMOVE)") { madvise(p, Int(length), MADV_REMOVE) }
+            case .fixed:
+                let offset = off_t(start - here + UInt64(k) * slice)
+                guard mmap(p, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, memfd, offset) == p else {
+                    throw SystemCallError("mmap(MAP_FIXED)", .init(rawValue: errno))
+                }
+                redeclare = here
+            case .remap:
+                guard iopf_mremap_dontunmap(p, Int(length), scratch) == scratch else {
+                    throw SystemCallError("mremap(MREMAP_DONTUNMAP)", .init(rawValue: errno))
+                }
+                redeclare = here
+            case .move:
+                let there = home(k, !moved[k])
+                try moveMapping(from: here, to: there, size: slice)
+                redeclare = there
+            }
+            try client.sync()
+            if let address = redeclare {
+                try client.updateHostAddress(iova: HostLayout.iovaBase + UInt64(k) * slice, size: slice, hostAddress: address)
+                result.addressUpdates += 1
+                if change == .move {
+                    // The old home becomes a reservation again (UNMAP, which touches no mapping now).
+                    guard mmap(UnsafeMutableRawPointer(bitPattern: UInt(here)), Int(slice), PROT_NONE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) != MAP_FAILED
+                    else { throw SystemCallError("mmap(PROT_NONE)", .init(rawValue: errno)) }
+                    moved[k].toggle()
+                    try client.sync()
+                }
+            }
+            latency.record(UInt64(max(0, (ContinuousClock.now - t0).nanoseconds)))
+            if change == .remove {
+                // Freed pages read as zero: give them their tags back.
+                let iova = HostLayout.iovaBase + UInt64(k) * slice + (start - here)
+                writeTags(base: start, pages: Int(length >> 12), firstIOVA: iova)
+            }
+            result.hostChanges += 1
+            result.changesByKind[change.rawValue, default: 0] += 1
+        }
+        do { try client.detach() } catch { result.problems.append("DETACH: \(error)") }
+        result.invalidationLatencyNs = LatencySummary(latency)
+        result.elapsedSeconds = (ContinuousClock.now - started).seconds
+        return result
+    }
+
+    /// Writes the tag of each page (its IOVA ^ magic) into its last 8 bytes.
+    static func writeTags(base: UInt64, pages: Int, firstIOVA: UInt64 = HostLayout.iovaBase) {
+        for i in 0..<pages {
+            let page = UnsafeMutableRawPointer(bitPattern: UInt(base + UInt64(i) << 12))!
+            page.storeBytes(of: HostLayout.tag(iova: firstIOVA + UInt64(i) << 12), toByteOffset: 4088, as: UInt64.self)
+        }
+    }
+
+    /// mremap of `[from, from + size)` to `to`, VMA by VMA (earlier changes split it),
+    /// keeping the old range mapped (MREMAP_DONTUNMAP) until the mapping is re-declared.
+    static func moveMapping(from: UInt64, to: UInt64, size: UInt64) throws {
+        var cursor = from
+        while cursor < from + size {
+            let vma = HostChurn.mapping(containing: cursor) ?? cursor..<(from + size)
+            let length = min(vma.upperBound, from + size) - cursor
+            let target = UnsafeMutableRawPointer(bitPattern: UInt(to + (cursor - from)))
+            guard iopf_mremap_dontunmap(UnsafeMutableRawPointer(bitPattern: UInt(cursor)), Int(length), target) == target else {
+                throw SystemCallError("mremap(MREMAP_DONTUNMAP) of a mapping", .init(rawValue: errno))
+            }
+            cursor += length
+        }
+    }
+}

@@ -1,0 +1,225 @@
+// HostMessages.swift — the host role (protocol 1.1): a process that owns memory (a VMM's
+// guest RAM) hands iopf its address space — a name, a region table, the memfds behind
+// the regions and its userfaultfd — then declares DMA mappings into it, as a VMM does with
+// VFIO type1's MAP_DMA/UNMAP_DMA. Conventions are Message.swift's.
+
+/// The name of a host's address space: 1...64 bytes of `[A-Za-z0-9._-]`, so it can be
+/// printed, used as a JSON key and typed on a command line as it is.
+public enum AddressSpaceName {
+    public static let maxBytes = 64
+
+    public static func isValid(_ name: String) -> Bool {
+        let bytes = Array(name.utf8)
+        return (1...maxBytes).contains(bytes.count) && bytes.allSatisfy(isAllowed)
+    }
+
+    static func isAllowed(_ b: UInt8) -> Bool {
+        (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2E || b == 0x5F || b == 0x2D
+    }
+
+    static func decode(_ bytes: UnsafeRawBufferPointer, field: String) throws(WireError) -> String {
+        guard (1...maxBytes).contains(bytes.count) else {
+            throw .outOfRange(field: "\(field) length", value: UInt64(bytes.count), allowed: "1...\(maxBytes) bytes")
+        }
+        guard let bad = bytes.first(where: { !isAllowed($0) }) else { return String(decoding: bytes, as: UTF8.self) }
+        throw .outOfRange(field: field, value: UInt64(bad), allowed: "bytes of [A-Za-z0-9._-]")
+    }
+}
+
+/// One piece of the host's memory: `size` bytes at host virtual address `hostAddress`,
+/// mapped shared from memfd number `fdIndex` (0: the first memfd sent) at `fdOffset`.
+public struct HostRegionEntry: Sendable, Equatable {
+    public var hostAddress: UInt64
+    public var size: UInt64
+    public var fdOffset: UInt64
+    public var pageSize: UInt32
+    public var fdIndex: UInt32
+
+    public init(hostAddress: UInt64, size: UInt64, fdOffset: UInt64, pageSize: UInt32 = 4096, fdIndex: UInt32) {
+        self.hostAddress = hostAddress
+        self.size = size
+        self.fdOffset = fdOffset
+        self.pageSize = pageSize
+        self.fdIndex = fdIndex
+    }
+
+    public var hostRange: Range<UInt64> { hostAddress..<(hostAddress + size) }
+}
+
+/// HOST request: 16 bytes (region count, name length, 8 reserved), the name padded with
+/// zeros to a multiple of 8 bytes, then 32 bytes per region. Descriptors, in order: the
+/// host's userfaultfd, then the memfds that `fdIndex` numbers. Reply: empty.
+public struct HostDeclaration: WirePayload {
+    public static let command = Command.host
+    public static let maxRegions = 64
+    public static let regionBytes = 32
+
+    public var name: String
+    public var regions: [HostRegionEntry]
+
+    public init(name: String, regions: [HostRegionEntry]) {
+        self.name = name
+        self.regions = regions
+    }
+
+    /// Memfds the regions name (the highest `fdIndex` plus one).
+    public var memfdCount: Int { Int(regions.map(\.fdIndex).max() ?? 0) + 1 }
+
+    static func padded(_ n: Int) -> Int { (n + 7) & ~7 }
+
+    public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
+        guard p.count >= 16 else { throw .payloadSize(.host, got: p.count, expected: 16) }
+        var r = WireReader(p)
+        let count = Int(r.u32())
+        let nameLength = Int(r.u32())
+        guard r.u64() == 0 else { throw .reservedNonZero(field: "HOST reserved") }
+        guard (1...Self.maxRegions).contains(count) else {
+            throw .outOfRange(field: "HOST.regions", value: UInt64(count), allowed: "1...\(Self.maxRegions)")
+        }
+        guard (1...AddressSpaceName.maxBytes).contains(nameLength) else {
+            throw .outOfRange(field: "HOST name length", value: UInt64(nameLength), allowed: "1...\(AddressSpaceName.maxBytes)")
+        }
+        let namePadded = Self.padded(nameLength)
+        try Wire.expectSize(.host, p, 16 + namePadded + Self.regionBytes * count)
+        name = try AddressSpaceName.decode(UnsafeRawBufferPointer(rebasing: p[16..<(16 + nameLength)]), field: "HOST name")
+        guard p[(16 + nameLength)..<(16 + namePadded)].allSatisfy({ $0 == 0 }) else {
+            throw .reservedNonZero(field: "HOST name padding")
+        }
+        r = WireReader(UnsafeRawBufferPointer(rebasing: p[(16 + namePadded)...]))
+        regions = []
+        for i in 0..<count {
+            let e = HostRegionEntry(hostAddress: r.u64(), size: r.u64(), fdOffset: r.u64(), pageSize: r.u32(), fdIndex: r.u32())
+            let field = "HOST region \(i)"
+            guard e.size > 0 else { throw .outOfRange(field: "\(field) size", value: 0, allowed: "> 0") }
+            for (what, v) in [("address", e.hostAddress), ("size", e.size), ("fd offset", e.fdOffset)] where v & 0xFFF != 0 {
+                throw .unaligned(field: "\(field) \(what)", value: v)
+            }
+            guard e.hostAddress <= UInt64.max - e.size, e.fdOffset <= UInt64.max - e.size else {
+                throw .outOfRange(field: "\(field)", value: e.hostAddress, allowed: "address + size and offset + size must not overflow")
+            }
+            guard e.pageSize >= 4096, e.pageSize & (e.pageSize - 1) == 0 else {
+                throw .outOfRange(field: "\(field) page size", value: UInt64(e.pageSize), allowed: "a power of two >= 4096")
+            }
+            guard e.fdIndex < WireLimits.maxFDs - 1 else {
+                throw .outOfRange(field: "\(field) fd index", value: UInt64(e.fdIndex), allowed: "0..<\(WireLimits.maxFDs - 1)")
+            }
+            if let j = regions.firstIndex(where: { $0.hostRange.overlaps(e.hostRange) }) {
+                throw .outOfRange(field: "\(field)", value: e.hostAddress, allowed: "regions must not overlap (region \(j) does)")
+            }
+            regions.append(e)
+        }
+    }
+
+    public func encode(into w: inout WireWriter) {
+        let nameBytes = Array(name.utf8)
+        w.u32(UInt32(regions.count))
+        w.u32(UInt32(nameBytes.count))
+        w.u64(0)
+        w.bytes += nameBytes + [UInt8](repeating: 0, count: Self.padded(nameBytes.count) - nameBytes.count)
+        for e in regions {
+            w.u64(e.hostAddress)
+            w.u64(e.size)
+            w.u64(e.fdOffset)
+            w.u32(e.pageSize)
+            w.u32(e.fdIndex)
+        }
+    }
+}
+
+/// DMA_MAP request: 32 bytes. Adds the mapping `[iova, iova + size)` → host addresses from
+/// `hostAddress` (VFIO_IOMMU_MAP_DMA, fault-driven: nothing is pinned), or with VADDR
+/// points an existing mapping, exactly `[iova, iova + size)`, at new host addresses
+/// (VFIO_DMA_MAP_FLAG_VADDR; READ and WRITE must then be 0). Reply: empty, sent once
+/// every device dropped translations to the old host addresses.
+public struct DMAMapRequest: WirePayload {
+    public static let command = Command.dmaMap
+    public static let read: UInt32 = 1 << 0
+    public static let write: UInt32 = 1 << 1
+    public static let vaddr: UInt32 = 1 << 2
+
+    public var iova: UInt64
+    public var hostAddress: UInt64
+    public var size: UInt64
+    public var flags: UInt32
+
+    public init(iova: UInt64, hostAddress: UInt64, size: UInt64, flags: UInt32) {
+        self.iova = iova
+        self.hostAddress = hostAddress
+        self.size = size
+        self.flags = flags
+    }
+
+    public var updatesHostAddress: Bool { flags & Self.vaddr != 0 }
+
+    public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
+        try Wire.expectSize(.dmaMap, p, 32)
+        var r = WireReader(p)
+        iova = r.u64()
+        hostAddress = r.u64()
+        size = r.u64()
+        flags = r.u32()
+        guard r.u32() == 0 else { throw .reservedNonZero(field: "DMA_MAP reserved") }
+        guard flags & ~(Self.read | Self.write | Self.vaddr) == 0 else {
+            throw .outOfRange(field: "DMA_MAP.flags", value: UInt64(flags), allowed: "bits 0-2")
+        }
+        if flags & Self.vaddr != 0 && flags != Self.vaddr {
+            throw .outOfRange(field: "DMA_MAP.flags", value: UInt64(flags), allowed: "VADDR alone: the permission is the mapping's")
+        }
+    }
+
+    public func encode(into w: inout WireWriter) {
+        w.u64(iova)
+        w.u64(hostAddress)
+        w.u64(size)
+        w.u32(flags)
+        w.u32(0)
+    }
+}
+
+/// DMA_UNMAP request: 16 bytes. Removes the whole mappings inside `[iova, iova + size)`.
+public struct DMAUnmapRequest: WirePayload {
+    public static let command = Command.dmaUnmap
+    public var iova: UInt64
+    public var size: UInt64
+
+    public init(iova: UInt64, size: UInt64) {
+        self.iova = iova
+        self.size = size
+    }
+
+    public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
+        try Wire.expectSize(.dmaUnmap, p, 16)
+        var r = WireReader(p)
+        iova = r.u64()
+        size = r.u64()
+    }
+
+    public func encode(into w: inout WireWriter) {
+        w.u64(iova)
+        w.u64(size)
+    }
+}
+
+/// DMA_UNMAP reply: 8 bytes, the bytes unmapped (as VFIO_IOMMU_UNMAP_DMA's `size`), sent
+/// once every device dropped the translations.
+public struct DMAUnmapReply: WirePayload {
+    public static let command = Command.dmaUnmap
+    public var bytes: UInt64
+    public init(bytes: UInt64) { self.bytes = bytes }
+    public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
+        try Wire.expectSize(.dmaUnmap, p, 8)
+        var r = WireReader(p)
+        bytes = r.u64()
+    }
+    public func encode(into w: inout WireWriter) { w.u64(bytes) }
+}
+
+/// The DETACH notice: the service tells a device, on its invalidation socket, that it is
+/// being detached and why (a DETACH request with NO_REPLY, `error` ENODEV, the reason as
+/// text), then closes the connection.
+public enum DetachNotice {
+    public static func message(reason: String) -> [UInt8] {
+        Wire.message(command: .detach, id: 0, flags: .noReply, error: WireErrno.noDevice,
+                     payload: Array(reason.utf8.prefix(WireLimits.maxErrorText)))
+    }
+}

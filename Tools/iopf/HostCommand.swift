@@ -1,0 +1,80 @@
+// HostCommand.swift — `iopf host`: a host in its own process (as a VMM is) that hands its
+// memory and userfaultfd to `iopf serve --listen PATH`, maps it for DMA and changes it.
+
+import ArgumentParser
+import Foundation
+import IOPFSimulation
+import IOPFWire
+
+struct Host: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a host (memory owner, as a VMM) in this process against a service's --listen socket.",
+        discussion: """
+            Creates --memory of memfd-backed memory, hands it and a userfaultfd to the service under --name, \
+            maps it for DMA as --mappings equal mappings from IOVA 0x10000000000, then every --churn \
+            milliseconds changes 1-64 pages of one mapping (madvise DONTNEED or REMOVE, mmap MAP_FIXED, \
+            mremap, or a move of the whole mapping), waits for the devices (SYNC) and re-declares moved \
+            mappings. Devices attach with `iopf device --address-space NAME`; device n works in mapping \
+            (n - 1) mod --mappings. Exit status: 0 on a clean run; 2 when it could not connect or the \
+            service refused the hand-over (the reason on standard error).
+            """
+    )
+
+    @Option(help: "The service's socket (iopf serve --listen PATH).")
+    var connect: String
+
+    @Option(help: "Name of this host's address space (1-64 of A-Z a-z 0-9 . _ -).")
+    var name: String
+
+    @Option(help: "Memory to hand over, e.g. 64M.")
+    var memory = "64M"
+
+    @Option(help: "DMA mappings the memory is split into.")
+    var mappings = 4
+
+    @Option(help: "Milliseconds between changes to the memory (0: none).")
+    var churn = 0.0
+
+    @Option(help: "Seconds to run (0: until SIGINT or SIGTERM).")
+    var seconds = 0.0
+
+    @Option(help: "Seed for the changes.")
+    var seed: UInt64 = 1
+
+    @Flag(help: "Print one JSON object at the end instead of a summary.")
+    var json = false
+
+    func validate() throws {
+        guard AddressSpaceName.isValid(name) else { throw ValidationError("--name must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(name)'") }
+        guard let bytes = parseSize(memory), bytes > 0 else { throw ValidationError("--memory '\(memory)' is not a size like 64M") }
+        guard (1...64).contains(mappings) else { throw ValidationError("--mappings must be 1...64, got \(mappings)") }
+        guard bytes % (UInt64(mappings) << 12) == 0 else { throw ValidationError("--memory must be a multiple of --mappings × 4 KiB") }
+        guard churn >= 0, seconds >= 0 && seconds <= 86_400 else { throw ValidationError("--churn and --seconds must not be negative") }
+    }
+
+    func run() throws {
+        var o = HostOptions(path: connect, name: name)
+        o.memoryBytes = parseSize(memory)!
+        o.mappings = mappings
+        o.churnMilliseconds = churn
+        o.seconds = seconds
+        o.seed = seed
+        Signals.stopOnInterrupt()
+        let r: HostResult
+        do {
+            r = try HostSession.run(o, shouldStop: Signals.stopRequested)
+        } catch {
+            FileHandle.standardError.write(Data("iopf host: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        if json {
+            try Output.printJSON(r)
+        } else {
+            let l = r.invalidationLatencyNs
+            print("iopf host '\(r.name)': \(r.memoryBytes >> 20) MiB in \(r.mappings) mappings, \(String(format: "%.2f", r.elapsedSeconds)) s")
+            print("  host changes \(r.hostChanges) \(r.changesByKind.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")); address updates \(r.addressUpdates)")
+            print("  change to last device acknowledgement: p50 \(l.p50 / 1000) µs, p99 \(l.p99 / 1000) µs, max \(l.max / 1000) µs")
+            for p in r.problems { print("  ! \(p)") }
+        }
+    }
+}
