@@ -8,6 +8,8 @@ import Synchronization
 import Testing
 @testable import IOPFService
 @testable import IOPFSimulation
+@testable import IOPFDevice
+@testable import IOPFWire
 
 /// A service session on its own thread, listening on a fresh socket.
 final class ListeningSession: @unchecked Sendable {
@@ -138,5 +140,76 @@ final class Child {
         let r = try s.result()
         #expect(r.devicesFenced == 1 && r.protocolErrorKinds["invalidateTimeout"] == 1, "\(r.protocolErrorKinds)")
         #expect(r.violations == 0)
+    }
+}
+
+/// Hosts in their own processes: `iopf host` with churn, `iopf device --address-space`
+/// processes, the service in this one.
+@Suite(.serialized) struct HostProcessTests {
+    func host(_ s: ListeningSession, name: String, churn: Double = 3) throws -> Child {
+        let child = try Child("iopf", ["host", "--connect", s.path, "--name", name, "--memory", "16M", "--churn", "\(churn)",
+                                       "--seconds", "0", "--json"])
+        // Ready once a device can attach to its name.
+        let deadline = ContinuousClock.now + .seconds(20)
+        while ContinuousClock.now < deadline {
+            if let probe = try? DeviceClient(connectingTo: s.path) {
+                defer { probe.close() }
+                if (try? probe.attach(Attach(deviceID: 999, addressSpaceName: name))) != nil {
+                    try? probe.detach()
+                    return child
+                }
+            }
+            usleep(20_000)
+        }
+        throw ServiceError.invalidRequest("host \(name) never attached")
+    }
+
+    func device(_ s: ListeningSession, id: Int, space: String, seconds: Double) throws -> Child {
+        try Child("iopf", ["device", "--connect", s.path, "--address-space", space, "--device-id", "\(id)",
+                           "--duration", "\(seconds)", "--seed", "\(id)", "--json"])
+    }
+
+    @Test func aHostAndTwoDevicesInTheirOwnProcesses() throws {
+        let s = try ListeningSession(seconds: 0)
+        let h = try host(s, name: "vm-a")
+        let devices = try [device(s, id: 1, space: "vm-a", seconds: 2.5), device(s, id: 2, space: "vm-a", seconds: 2.5)]
+        for (k, d) in devices.enumerated() {
+            let (status, json) = d.finish()
+            #expect(status == 0, "device \(k + 1) exited \(status): \(json)")
+            #expect(json["integrityErrors"] as? Int == 0 && json["disconnected"] as? Bool == false, "\(json)")
+            #expect((json["dmaOps"] as? Int ?? 0) > 50 && (json["invalidationsAcked"] as? Int ?? 0) > 0, "\(json)")
+        }
+        kill(h.process.processIdentifier, SIGTERM)
+        let (hostStatus, hostJSON) = h.finish()
+        #expect(hostStatus == 0 && (hostJSON["hostChanges"] as? Int ?? 0) > 10, "\(hostJSON)")
+        #expect((hostJSON["addressUpdates"] as? Int ?? 0) > 0 && hostJSON["mappings"] as? Int == 4, "\(hostJSON)")
+        let r = try s.result()
+        #expect((r.uffdEventsBySource["vm-a"] ?? 0) > 10, "\(r.uffdEventsBySource)")
+        #expect(r.hosts.count == 1 && r.hosts[0].devices == 3 && r.hosts[0].ended == "the host detached", "\(r.hosts)")
+        #expect(r.violations == 0 && r.problems.isEmpty && r.devicesFenced == 0, "\(r.problems)")
+    }
+
+    @Test func aKilledHostDetachesItsDevicesAndANewHostTakesItsName() throws {
+        let s = try ListeningSession(seconds: 0)
+        let h = try host(s, name: "vm-k")
+        let victims = try [device(s, id: 1, space: "vm-k", seconds: 30), device(s, id: 2, space: "vm-k", seconds: 30)]
+        usleep(800_000)
+        kill(h.process.processIdentifier, SIGKILL)
+        _ = h.finish()
+        for d in victims {
+            let (status, json) = d.finish()
+            #expect(status == 3 && json["integrityErrors"] as? Int == 0, "exit \(status): \(json)")
+            #expect((json["detachReason"] as? String)?.contains("its host 'vm-k' went away") == true, "\(json)")
+        }
+        // The service goes on: the name is free, and a new host's device runs clean.
+        let h2 = try host(s, name: "vm-k")
+        let (status, json) = try device(s, id: 1, space: "vm-k", seconds: 1).finish()
+        #expect(status == 0 && json["integrityErrors"] as? Int == 0, "\(json)")
+        kill(h2.process.processIdentifier, SIGTERM)
+        #expect(h2.finish().status == 0)
+        let r = try s.result()
+        // Killed: its connection ended (closed, or reset when replies were still unread).
+        #expect(r.hosts.count == 2 && r.hosts[0].ended != nil && r.hosts[0].ended != "the host detached", "\(r.hosts)")
+        #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
     }
 }
