@@ -94,11 +94,9 @@ extension EventLoop {
                 return fail(HostRefusal(WireErrno.invalid, "cannotWatch", "region \(i): \(error)"))
             }
         }
-        let lines: [HostMaps.Line]
-        do { lines = try HostMaps.read(pid: p.pid) } catch { return fail(error) }
         var pieces: [RemoteHostMemory.Binding] = []
         for (i, r) in declaration.regions.enumerated() {
-            switch HostMaps.backing(of: r.hostRange, in: lines, memfds: memory.memfds) {
+            switch HostMaps.backing(of: r.hostRange, pid: p.pid, memfds: memory.memfds) {
             case .failure(let refusal):
                 return fail(HostRefusal(refusal.errno, refusal.kind, "region \(i): \(refusal.description)"))
             case .success(let found):
@@ -164,8 +162,7 @@ extension EventLoop {
             }
             let found: [RemoteHostMemory.Binding]
             do {
-                let lines = try HostMaps.read(pid: s.pid)
-                found = try HostMaps.backing(of: range, in: lines, memfds: s.memory.memfds).get()
+                found = try HostMaps.backing(of: range, pid: s.pid, memfds: s.memory.memfds).get()
             } catch {
                 return refuse(error.errno, error.kind, error.description)
             }

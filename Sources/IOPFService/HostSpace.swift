@@ -280,6 +280,20 @@ enum HostMaps {
         return Line(range: lo..<hi, shared: f[1].count == 4 && f[1].last == "s", offset: offset, device: (major, minor), inode: inode)
     }
 
+    /// How `range` is backed in process `pid`, read afresh up to three times: the kernel
+    /// prints maps a chunk at a time, so a read that races with the process's own mmap
+    /// calls can miss a line. (PROCMAP_QUERY, Linux 6.11, would ask per address instead.)
+    static func backing(of range: Range<UInt64>, pid: Int32, memfds: [RemoteHostMemory.Memfd])
+        -> Result<[RemoteHostMemory.Binding], HostRefusal>
+    {
+        var last: Result<[RemoteHostMemory.Binding], HostRefusal> = .failure(HostRefusal(0, "", ""))
+        for _ in 0..<3 {
+            do { last = backing(of: range, in: try read(pid: pid), memfds: memfds) } catch { return .failure(error) }
+            if case .success = last { return last }
+        }
+        return last
+    }
+
     /// How `range` is backed by `memfds`, piece by piece; the reason when some of it is not
     /// mapped shared from one of them.
     static func backing(of range: Range<UInt64>, in lines: [Line], memfds: [RemoteHostMemory.Memfd])

@@ -29,6 +29,54 @@ import Testing
         let inv = Invalidate(sequence: 12, pasid: nil, ranges: [(0x1000, 0x1fff), (0x8000, 0x8fff)])
         #expect(try roundTrip(inv) == inv)
         #expect(try roundTrip(InvalidateAck(sequence: 12)) == InvalidateAck(sequence: 12))
+        let named = Attach(deviceID: 2, credit: 8, addressSpaceName: "vm-1.a_b")
+        #expect(try roundTrip(named) == named)
+        let host = HostDeclaration(name: "guest0", regions: [
+            HostRegionEntry(hostAddress: 0x7f00_0000_0000, size: 1 << 30, fdOffset: 0, fdIndex: 0),
+            HostRegionEntry(hostAddress: 0x7f10_0000_0000, size: 1 << 21, fdOffset: 1 << 21, fdIndex: 1),
+        ])
+        #expect(try roundTrip(host) == host && host.memfdCount == 2)
+        let map = DMAMapRequest(iova: 1 << 40, hostAddress: 0x7f00_0000_0000, size: 1 << 20, flags: DMAMapRequest.vaddr)
+        #expect(try roundTrip(map) == map && map.updatesHostAddress)
+        #expect(try roundTrip(DMAUnmapRequest(iova: 1 << 40, size: 4096)) == DMAUnmapRequest(iova: 1 << 40, size: 4096))
+        #expect(try roundTrip(DMAUnmapReply(bytes: 1 << 20)) == DMAUnmapReply(bytes: 1 << 20))
+    }
+
+    /// Host messages and named ATTACHes refuse what the document says is malformed.
+    @Test func hostMessagesRefuseMalformedFields() throws {
+        func error<P: WirePayload>(_: P.Type, _ bytes: [UInt8]) -> WireError? {
+            do {
+                _ = try P(message: bytes)
+                return nil
+            } catch { return error }
+        }
+        let region = HostRegionEntry(hostAddress: 0x10000, size: 0x4000, fdOffset: 0, fdIndex: 0)
+        for bad in ["", "has space", "ünï", String(repeating: "x", count: 65)] {
+            var m = Attach(deviceID: 1).message(id: 1)
+            m[20] |= 4  // ADDRESS_SPACE
+            m += Array(bad.utf8)
+            m[4] = UInt8(m.count)
+            #expect(error(Attach.self, m)?.kind == "badField", "name '\(bad)'")
+            #expect(error(HostDeclaration.self, HostDeclaration(name: bad, regions: [region]).message(id: 1))?.kind != nil)
+        }
+        var unaligned = region
+        unaligned.fdOffset = 100
+        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [unaligned]).message(id: 1)) == .unaligned(field: "HOST region 0 fd offset", value: 100))
+        var huge = region
+        huge.size = UInt64.max - 0xFFF
+        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [huge]).message(id: 1))?.kind == "badField")
+        var page = region
+        page.pageSize = 3000
+        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [page]).message(id: 1))?.kind == "badField")
+        let overlap = HostRegionEntry(hostAddress: 0x12000, size: 0x4000, fdOffset: 0x4000, fdIndex: 0)
+        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [region, overlap]).message(id: 1))?.description.contains("must not overlap") == true)
+        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: []).message(id: 1))?.kind == "badField")
+        var padded = HostDeclaration(name: "h", regions: [region]).message(id: 1)
+        padded[16 + 16 + 3] = 1  // a non-zero byte in the name's padding
+        #expect(error(HostDeclaration.self, padded) == .reservedNonZero(field: "HOST name padding"))
+        #expect(error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 8).message(id: 1))?.kind == "badField")
+        #expect(error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 5).message(id: 1))?.kind == "badField")
+        #expect(error(DMAUnmapRequest.self, Array(DMAUnmapRequest(iova: 0, size: 4096).message(id: 1).dropLast()))?.kind == "badSize")
     }
 
     /// The worked example of the protocol document, byte for byte.
@@ -36,7 +84,7 @@ import Testing
         let attach = Attach(deviceID: 7, pasid: nil, credit: 32, wantsStream: false).message(id: 2)
         #expect(attach == [0x02, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
                            0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00])
-        let hello = Hello().message(id: 1)
+        let hello = Hello(minor: 0).message(id: 1)
         #expect(hello == [0x01, 0x00, 0x01, 0x00, 0x1C, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
                           0x01, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
         let invalidate = Invalidate(sequence: 5, pasid: nil, ranges: [(0x1_0000_0000, 0x1_0000_0FFF)]).message(id: 5)
@@ -44,6 +92,16 @@ import Testing
                                0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
                                0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
                                0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0xFF, 0x0F, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00])
+        let host = HostDeclaration(name: "vm1", regions: [HostRegionEntry(hostAddress: 0x7f00_0000_0000, size: 64 << 20, fdOffset: 0, fdIndex: 0)])
+        #expect(host.message(id: 2) == [0x02, 0x00, 0x06, 0x00, 0x48, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                                        0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                                        0x76, 0x6D, 0x31, 0x00, 0x00, 0x00, 0x00, 0x00,
+                                        0x00, 0x00, 0x00, 0x00, 0x00, 0x7F, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00,
+                                        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
+        let map = DMAMapRequest(iova: 1 << 40, hostAddress: 0x7f00_0000_0000, size: 16 << 20, flags: 3).message(id: 3)
+        #expect(map == [0x03, 0x00, 0x07, 0x00, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                        0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x7F, 0x00, 0x00,
+                        0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
         let ack = InvalidateAck(sequence: 5).message(id: 5, flags: .reply)
         #expect(ack == [0x05, 0x00, 0x05, 0x00, 0x18, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
                         0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
