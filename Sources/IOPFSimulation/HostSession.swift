@@ -54,7 +54,8 @@ public struct HostResult: Codable, Sendable {
     public var changesByKind: [String: Int] = [:]
     /// Host addresses re-declared (DMA_MAP with VADDR).
     public var addressUpdates = 0
-    /// From just before each change to the SYNC reply after it.
+    /// From just before each change (the madvise, mmap or mremap call) to the reply of the
+    /// SYNC after it: the last device acknowledgement.
     public var invalidationLatencyNs = LatencySummary(Histogram<UInt64>())
     public var elapsedSeconds = 0.0
     public var problems: [String] = []
@@ -166,6 +167,7 @@ public enum HostSession {
                 redeclare = there
             }
             try client.sync()
+            latency.record(UInt64(max(0, (ContinuousClock.now - t0).nanoseconds)))
             if let address = redeclare {
                 try client.updateHostAddress(iova: HostLayout.iovaBase + UInt64(k) * slice, size: slice, hostAddress: address)
                 result.addressUpdates += 1
@@ -178,7 +180,6 @@ public enum HostSession {
                     try client.sync()
                 }
             }
-            latency.record(UInt64(max(0, (ContinuousClock.now - t0).nanoseconds)))
             if change == .remove {
                 // Freed pages read as zero: give them their tags back.
                 let iova = HostLayout.iovaBase + UInt64(k) * slice + (start - here)
