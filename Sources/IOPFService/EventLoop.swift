@@ -380,7 +380,7 @@ final class EventLoop {
             service.publish(stats)
             ticket.complete(.success(engine.checkInvariants() + hosts.compactMap { $0?.engine.checkInvariants() }.flatMap { $0 }))
         case .barrier(let ticket):
-            afterExternalDevices { [self] in
+            afterExternalDevices(everyDevice: true) { [self] in
                 service.publish(stats)
                 ticket.complete(.success(()))
             }
@@ -392,8 +392,8 @@ final class EventLoop {
     /// Runs `action` once every external device of address space `space` acknowledged
     /// what was posted so far (at once when none owes anything), after the actions of that
     /// space queued before it. A slow device of one host never holds up another's.
-    func afterExternalDevices(space: UInt32 = 0, _ action: @escaping () -> Void) {
-        let fence = fences.fenceAll(space: space)
+    func afterExternalDevices(space: UInt32 = 0, everyDevice: Bool = false, _ action: @escaping () -> Void) {
+        let fence = fences.fenceAll(space: everyDevice ? nil : space)
         if fence.isEmpty && !deferred.contains(where: { $0.space == space }) {
             action()
         } else {

@@ -377,7 +377,8 @@ public final class FaultService: Sendable {
     // MARK: Commands
 
     /// Completes after every command and host event queued before it was handled,
-    /// including the acknowledgements of the invalidations they caused.
+    /// including the acknowledgements of the invalidations they caused, and after every
+    /// device (hosts' devices too) acknowledged what was posted to it before.
     public func barrier() -> Ticket<Void> {
         let ticket = Ticket<Void>()
         submit(.barrier(ticket), ticket)

@@ -8,6 +8,12 @@
 // have been told of at least as many pages as its domain synced while it was attached. A
 // sync that never reaches the devices (`skip-sync`) shows up there as
 // `invalidationNotDelivered`.
+//
+// The host goes out of process too: an `iopf host` hands its memory and userfaultfd to the
+// same service and changes it every 2 ms, with two `iopf device --address-space` processes
+// on it. Its address space has an engine of its own, planted with the same bugs and watched
+// by its own tally; its devices check data and page tags (a translation to the wrong page
+// of the host's memory), and must have been told of every page its domain synced.
 
 import Foundation
 import Glibc
@@ -53,7 +59,7 @@ final class StressProvisioner: DeviceProvisioner, Sendable {
     func release(_ provision: DeviceProvision) {}
 }
 
-/// The `iopf device` processes of one stress run.
+/// The `iopf device` (or `iopf host`) processes of one stress run.
 final class ExternalFleet {
     struct Member {
         let process: Process
@@ -62,31 +68,38 @@ final class ExternalFleet {
 
     let members: [Member]
 
-    /// Starts `count` devices with `command` (the `iopf` executable, then `device`).
-    init(command: [String], socket: String, count: Int, seed: UInt64) throws {
+    /// Starts `count` devices with `command` (the `iopf` executable, then `device`), each
+    /// with `extra` arguments.
+    convenience init(command: [String], socket: String, count: Int, seed: UInt64, extra: [String] = []) throws {
+        try self.init(command: command, arguments: (0..<count).map { d in
+            ["--connect", socket, "--device-id", "\(d + 1)", "--duration", "0", "--seed", "\(seed &+ UInt64(d) &* 104_729)",
+             "--burst", "8", "--iotlb-entries", "32", "--host-may-change-memory", "--json"] + extra
+        })
+    }
+
+    /// Starts one process per argument list: `command` (the `iopf` executable and its
+    /// subcommand), then the list.
+    init(command: [String], arguments: [[String]]) throws {
         guard let executable = command.first else { throw ServiceError.invalidRequest("no device command given") }
-        members = try (0..<count).map { d in
+        members = try arguments.map { args in
             let process = Process()
             let output = Pipe()
             process.executableURL = URL(fileURLWithPath: executable)
-            process.arguments = Array(command.dropFirst()) + [
-                "--connect", socket, "--device-id", "\(d + 1)", "--duration", "0", "--seed", "\(seed &+ UInt64(d) &* 104_729)",
-                "--burst", "8", "--iotlb-entries", "32", "--host-may-change-memory", "--json",
-            ]
+            process.arguments = Array(command.dropFirst()) + args
             process.standardOutput = output
             try process.run()
             return Member(process: process, output: output)
         }
     }
 
-    /// Stops every device (SIGTERM: it finishes its group, detaches and prints its summary)
-    /// and returns the summaries; nil for a device that died or printed none.
-    func stop() -> [ExternalDeviceResult?] {
+    /// Stops every member (SIGTERM: a device finishes its group, detaches and prints its
+    /// summary) and returns the summaries; nil for one that died or printed none.
+    func stop<R: Decodable>(as: R.Type = ExternalDeviceResult.self) -> [R?] {
         for m in members where m.process.isRunning { Glibc.kill(m.process.processIdentifier, SIGTERM) }
         return members.map { m in
             let data = m.output.fileHandleForReading.readDataToEndOfFile()
             m.process.waitUntilExit()
-            return try? JSONDecoder().decode(ExternalDeviceResult.self, from: data)
+            return try? JSONDecoder().decode(R.self, from: data)
         }
     }
 

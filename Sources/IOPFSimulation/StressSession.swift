@@ -42,6 +42,8 @@ public struct StressResult: Codable, Sendable {
     public var groups = 0
     public var invalidations = 0
     public var uffdEvents = 0
+    /// Changes made by the `iopf host` of an `--external` run.
+    public var hostChanges = 0
     public var retries = 0
     public var iotlbSyncs = 0
     /// Engine invariant checks run, plus translations checked by devices.
@@ -78,6 +80,11 @@ public enum StressSession {
         serviceConfig.hostEvents = o.hostChurn
         serviceConfig.injectedBugs = o.injected
         serviceConfig.invalidateTimeout = .seconds(2)
+        let hostTally = SyncTally()
+        if o.external {
+            serviceConfig.hostEngine.injectedBugs = o.injected
+            serviceConfig.hostSyncObserver = hostTally
+        }
         let observers: [any IOTLBSyncObserver] = o.external ? tallies : audits
         let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, observers: observers, logger: logger)
         let (engine, service) = (rig.engine, rig.service)
@@ -106,7 +113,10 @@ public enum StressSession {
         }
 
         let fleet = o.external ? try startFleet(o, rig: rig, region: region, slice: slice) : nil
+        let hosted = o.external ? try startHost(o, service: service) : nil
+        defer { hosted?.host.kill(); hosted?.devices.kill() }
         tallies.forEach { $0.reset() }  // count from here, when every device is attached
+        hostTally.reset()
 
         var result = StressResult()
         result.seed = o.seed
@@ -205,6 +215,16 @@ public enum StressSession {
         if let fleet {
             try collect(fleet, tallies: tallies, service: service, seed: o.seed, into: &result, kinds: &kinds, first: &first)
         }
+        if let hosted {
+            try collect(hosted.devices, tallies: [hostTally], service: service, seed: o.seed, into: &result, kinds: &kinds,
+                        first: &first, label: "host device")
+            let host = hosted.host.stop(as: HostResult.self)[0]
+            result.hostChanges = host?.hostChanges ?? 0
+            if host == nil || !(host?.problems.isEmpty ?? false) || host!.hostChanges == 0 {
+                kinds["hostFailed", default: 0] += 1
+                if first == nil { first = "seed \(o.seed): the iopf host process failed: \(host?.problems.first ?? "it died or made no change")" }
+            }
+        }
         devices.forEach { $0.stop() }
         // No device may be left waiting: each must come back within a few seconds.
         let deadline = ContinuousClock.now + .seconds(10)
@@ -279,17 +299,52 @@ public enum StressSession {
         return fleet
     }
 
+    /// Starts an `iopf host` with churn on the stress service's socket and two
+    /// `iopf device --address-space` processes on it; returns once all are attached.
+    static func startHost(_ o: StressOptions, service: FaultService) throws -> (host: ExternalFleet, devices: ExternalFleet) {
+        let path = "/tmp/iopf-stress-\(getpid()).sock"
+        let name = "stress-host"
+        let hostCommand = [o.deviceCommand.first ?? "", "host"]
+        let host = try ExternalFleet(command: hostCommand, arguments: [[
+            "--connect", path, "--name", name, "--memory", "16M", "--mappings", "2", "--churn", "2", "--seconds", "0",
+            "--seed", "\(o.seed)", "--json",
+        ]])
+        func attached(_ devices: Int) -> Bool {
+            service.statistics.hosts.contains { $0.name == name && $0.ended == nil && $0.devices >= devices }
+        }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while !attached(0) {
+            guard ContinuousClock.now < deadline, host.members[0].process.isRunning else {
+                host.kill()
+                throw ServiceError.invalidRequest("the iopf host process never handed over its memory")
+            }
+            usleep(2000)
+        }
+        let devices = try ExternalFleet(command: o.deviceCommand, socket: path, count: 2, seed: o.seed ^ 0x4057,
+                                        extra: ["--address-space", name])
+        while !attached(2) {
+            guard ContinuousClock.now < deadline, devices.members.allSatisfy({ $0.process.isRunning }) else {
+                devices.kill()
+                host.kill()
+                throw ServiceError.invalidRequest("the devices of the iopf host never attached")
+            }
+            usleep(2000)
+        }
+        return (host, devices)
+    }
+
     /// Makes sure every INVALIDATE posted so far was acknowledged, stops the devices and
     /// checks what they report.
     static func collect(_ fleet: ExternalFleet, tallies: [SyncTally], service: FaultService, seed: UInt64,
-                        into result: inout StressResult, kinds: inout [String: Int], first: inout String?) throws {
+                        into result: inout StressResult, kinds: inout [String: Int], first: inout String?,
+                        label: String = "device") throws {
         // A barrier completes once every device acknowledged every INVALIDATE posted so far.
         try service.barrier().wait()
         let synced = tallies.map(\.count)
         for (d, r) in fleet.stop().enumerated() {
             guard let r else {
                 kinds["deviceFailed", default: 0] += 1
-                if first == nil { first = "seed \(seed): device \(d + 1) died or printed no summary" }
+                if first == nil { first = "seed \(seed): \(label) \(d + 1) died or printed no summary" }
                 continue
             }
             result.dmaOps += r.dmaOps
@@ -298,13 +353,13 @@ public enum StressSession {
             for (k, n) in [("wrongData", r.integrityErrors), ("groupNotAnsweredOnce", r.unexpectedResponses + abs(r.groups - r.success - r.invalid)),
                            ("deviceDisconnected", r.disconnected ? 1 : 0)] where n > 0 {
                 kinds[k, default: 0] += n
-                if first == nil { first = "seed \(seed), device \(d + 1): \(r.problems.first ?? k)" }
+                if first == nil { first = "seed \(seed), \(label) \(d + 1): \(r.problems.first ?? k)" }
             }
             let owed = synced[d % synced.count]
             if r.pagesInvalidated < owed {
                 kinds["invalidationNotDelivered", default: 0] += 1
                 if first == nil {
-                    first = "seed \(seed): device \(d + 1) was told of \(r.pagesInvalidated) invalidated pages, its domain synced \(owed)"
+                    first = "seed \(seed): \(label) \(d + 1) was told of \(r.pagesInvalidated) invalidated pages, its domain synced \(owed)"
                 }
             }
         }
