@@ -154,3 +154,27 @@ ssize_t iopf_read_nowait(int fd, void *buf, size_t len) {
     struct iovec iov = {.iov_base = buf, .iov_len = len};
     return preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
 }
+
+/* PROCMAP_QUERY (Linux 6.11, include/uapi/linux/fs.h); the 6.1 headers lack it. */
+struct iopf_procmap_query {
+    uint64_t size, query_flags, query_addr, vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
+    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+    uint64_t vma_name_addr, build_id_addr;
+};
+#define IOPF_PROCMAP_QUERY _IOWR('f', 17, struct iopf_procmap_query)
+
+int iopf_procmap_query(int maps_fd, uint64_t address, struct iopf_vma *vma) {
+    struct iopf_procmap_query q;
+    memset(&q, 0, sizeof q);
+    q.size = sizeof q;
+    q.query_addr = address;
+    if (ioctl(maps_fd, IOPF_PROCMAP_QUERY, &q) != 0) return -1;
+    vma->start = q.vma_start;
+    vma->end = q.vma_end;
+    vma->offset = q.vma_offset;
+    vma->inode = q.inode;
+    vma->dev_major = q.dev_major;
+    vma->dev_minor = q.dev_minor;
+    vma->shared = (q.vma_flags & 0x08) != 0;
+    return 0;
+}

@@ -150,8 +150,9 @@ public final class DeviceClient: @unchecked Sendable {
                 else { return }  // the service is not speaking the protocol: stop answering
                 guard handler(inv) else { continue }
                 let ack = InvalidateAck(sequence: inv.sequence).message(id: header.id, flags: .reply)
-                guard (try? Sys.send(fd, ack, nonBlocking: false)) != nil else { return }
+                // Counted first: the service may act on the acknowledgement before send returns.
                 invalidationsAcked.add(1, ordering: .relaxed)
+                guard (try? Sys.send(fd, ack, nonBlocking: false)) != nil else { return }
             }
         }
         thread.name = "iopf-invalidations"

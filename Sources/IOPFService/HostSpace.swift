@@ -280,18 +280,31 @@ enum HostMaps {
         return Line(range: lo..<hi, shared: f[1].count == 4 && f[1].last == "s", offset: offset, device: (major, minor), inode: inode)
     }
 
-    /// How `range` is backed in process `pid`, read afresh up to three times: the kernel
-    /// prints maps a chunk at a time, so a read that races with the process's own mmap
-    /// calls can miss a line. (PROCMAP_QUERY, Linux 6.11, would ask per address instead.)
+    /// How `range` is backed in process `pid`. Asked VMA by VMA with PROCMAP_QUERY (Linux
+    /// 6.11), which reads each one atomically: the text of /proc/PID/maps is printed a chunk
+    /// at a time and, while other threads of the host change their mappings, can miss the
+    /// very line asked for. The text is the fallback on older kernels.
     static func backing(of range: Range<UInt64>, pid: Int32, memfds: [RemoteHostMemory.Memfd])
         -> Result<[RemoteHostMemory.Binding], HostRefusal>
     {
-        var last: Result<[RemoteHostMemory.Binding], HostRefusal> = .failure(HostRefusal(0, "", ""))
-        for _ in 0..<3 {
-            do { last = backing(of: range, in: try read(pid: pid), memfds: memfds) } catch { return .failure(error) }
-            if case .success = last { return last }
+        let fd = pid > 0 ? open("/proc/\(pid)/maps", O_RDONLY | O_CLOEXEC) : -1
+        guard fd >= 0 else {
+            return .failure(HostRefusal(WireErrno.notPermitted, "unverifiable", "cannot open /proc/\(pid)/maps to check the host's memory"))
         }
-        return last
+        defer { Sys.close(fd) }
+        var lines: [Line] = []
+        var cursor = range.lowerBound
+        while cursor < range.upperBound {
+            var vma = iopf_vma()
+            if iopf_procmap_query(fd, cursor, &vma) != 0 {
+                if Glibc.errno == ENOENT { break }  // not mapped: `backing(of:in:)` says so
+                do { return backing(of: range, in: try read(pid: pid), memfds: memfds) } catch { return .failure(error) }
+            }
+            lines.append(Line(range: vma.start..<vma.end, shared: vma.shared != 0, offset: vma.offset,
+                              device: (vma.dev_major, vma.dev_minor), inode: vma.inode))
+            cursor = vma.end
+        }
+        return backing(of: range, in: lines, memfds: memfds)
     }
 
     /// How `range` is backed by `memfds`, piece by piece; the reason when some of it is not

@@ -67,6 +67,17 @@ int iopf_seal_shrink_flag(void);
 /// (which another process sharing the file can change). -1 with EAGAIN when nothing is ready.
 ssize_t iopf_read_nowait(int fd, void *buf, size_t len);
 
+/// One VMA of another process, as PROCMAP_QUERY reports it.
+struct iopf_vma {
+    uint64_t start, end, offset, inode;
+    uint32_t dev_major, dev_minor;
+    int shared;
+};
+
+/// ioctl(PROCMAP_QUERY) on an open /proc/PID/maps (Linux 6.11+): the VMA covering
+/// `address`, read atomically. -1 with ENOENT when none covers it, ENOTTY on older kernels.
+int iopf_procmap_query(int maps_fd, uint64_t address, struct iopf_vma *vma);
+
 /// sendmsg(2) of one message with up to `nfds` descriptors (SCM_RIGHTS), MSG_NOSIGNAL
 /// and MSG_DONTWAIT when `nonblocking`. Returns bytes sent or -1.
 ssize_t iopf_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds, int nonblocking);
