@@ -8,9 +8,9 @@ import Testing
 @_spi(FaultInjection) @testable import IOPFSimulation
 
 @Suite(.serialized) struct StressTests {
-    static func run(_ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false) throws -> StressResult {
+    static func run(_ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false, seed: UInt64 = 11) throws -> StressResult {
         var o = StressOptions()
-        o.seed = 11
+        o.seed = seed
         o.seconds = seconds
         o.devices = 3
         o.injected = bugs
@@ -57,8 +57,14 @@ import Testing
             "early-free": ["tablePageFreedBeforeSync"],
             "double-answer": ["groupNotAnsweredOnce"],
         ]
+        // Out of process the race no-retry needs (an invalidation between a fault's lookup and
+        // its install) is found in most 2-second runs but not all (seed 2 of 1...4 missed it on
+        // a loaded machine), so each bug gets up to three seeds; a clean run never gets a retry.
         for (name, kinds) in expected {
-            let r = try Self.run(InjectedBugs(name: name)!, seconds: 2, external: true)
+            var r = try Self.run(InjectedBugs(name: name)!, seconds: 2, external: true)
+            for seed: UInt64 in [12, 13] where kinds.isDisjoint(with: r.violationKinds.keys) {
+                r = try Self.run(InjectedBugs(name: name)!, seconds: 2, external: true, seed: seed)
+            }
             #expect(!kinds.isDisjoint(with: r.violationKinds.keys), "\(name) with external devices was caught as \(r.violationKinds)")
         }
     }
