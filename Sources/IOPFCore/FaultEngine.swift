@@ -113,7 +113,7 @@ public final class FaultEngine: Sendable {
     public let configuration: EngineConfiguration
     /// Locked memory charged by pinned mappings.
     public let lockedMemory: LockedMemoryAccount
-    let state: Mutex<State>
+    let state: Lock<State>
     /// Odd while an invalidation or unmap runs; changed only under the lock.
     let sequence = Atomic<UInt64>(0)
 
@@ -130,7 +130,7 @@ public final class FaultEngine: Sendable {
         self.memory = memory
         self.configuration = configuration
         lockedMemory = LockedMemoryAccount(limitBytes: configuration.lockedMemoryLimit, bypassesLimit: configuration.bypassesLockedMemoryLimit)
-        state = Mutex(State(mappings: DMAMappingTable(entryLimit: configuration.entryLimit)))
+        state = Lock(State(mappings: DMAMappingTable(entryLimit: configuration.entryLimit)))
     }
 
     // MARK: Domains

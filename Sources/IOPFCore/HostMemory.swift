@@ -5,7 +5,6 @@
 // Addresses are host virtual addresses, page aligned; runs are `[address, address +
 // pageCount * 4 KiB)`.
 
-import Synchronization
 
 public struct HostMemoryError: Error, Sendable, Equatable, CustomStringConvertible {
     public var address: UInt64
@@ -54,7 +53,7 @@ public struct PinnedPage: Sendable, Hashable {
 /// test act in the window between resolve and install (e.g. run an invalidation).
 public final class SimulatedHostMemory: HostMemory {
     public let physicalOffset: UInt64
-    private let state = Mutex(State())
+    private let state = Lock(State())
 
     struct State {
         var unresolvable: [Range<UInt64>] = []

@@ -57,7 +57,7 @@ public final class DeviceClient: @unchecked Sendable {
     private var invalidationThread: Thread?
     private let invalidationsDone = DispatchSemaphore(value: 0)
     private let closed = Atomic<Bool>(false)
-    private let detachNotice = Mutex<String?>(nil)
+    private let detachNotice = Lock<String?>(nil)
     /// INVALIDATEs acknowledged so far.
     public let invalidationsAcked = Atomic<Int>(0)
     public var granted: HelloReply? { connection.granted }

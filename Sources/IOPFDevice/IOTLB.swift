@@ -5,7 +5,6 @@
 // must guarantee before it acknowledges an invalidation.
 
 import IOPFCore
-import Synchronization
 
 /// A device's translation cache (direct-mapped, invalidated by range) and, under the same
 /// lock, its record of what it last wrote to each page.
@@ -34,7 +33,7 @@ public final class DeviceIOTLB: Sendable {
     }
 
     package static let unknown = UInt64.max
-    package let state: Mutex<State>
+    package let state: Lock<State>
     package let iovaBase: UInt64
     /// Set when the host may drop or move pages (userfaultfd churn): an invalidation then
     /// makes the pages' contents unknown until the device writes them again.
@@ -44,7 +43,7 @@ public final class DeviceIOTLB: Sendable {
         precondition(entries > 0, "an IOTLB needs at least one entry")
         self.iovaBase = iovaBase
         self.forgetOnInvalidate = forgetOnInvalidate
-        state = Mutex(State(slots: Array(repeating: Entry(), count: entries), shadow: Array(repeating: 0, count: pages)))
+        state = Lock(State(slots: Array(repeating: Entry(), count: entries), shadow: Array(repeating: 0, count: pages)))
     }
 
     /// Drops every cached translation in `ranges`; returns once no access is using one.

@@ -141,7 +141,7 @@ public enum ServiceError: Error, Sendable, Equatable, CustomStringConvertible {
 /// Waits for one command's completion on another thread.
 public final class Ticket<Value: Sendable>: Sendable {
     private let semaphore = DispatchSemaphore(value: 0)
-    private let value = Mutex<Result<Value, ServiceError>?>(nil)
+    private let value = Lock<Result<Value, ServiceError>?>(nil)
 
     init() {}
 
@@ -203,7 +203,7 @@ public final class FaultService: Sendable {
     }
 
     /// Pending commands, and whether the loop still takes them.
-    private let commands = Mutex<(queue: [Command], accepting: Bool)>(([], true))
+    private let commands = Lock<(queue: [Command], accepting: Bool)>(([], true))
     let doorbell: CInt
     /// The userfaultfd watching the mappings' host memory; nil when host events are off.
     let uffd: UserfaultfdSource?
@@ -213,7 +213,7 @@ public final class FaultService: Sendable {
     /// Host events whose invalidation has completed.
     let hostEventsHandled = Atomic<Int>(0)
     let fences: InvalidationFences
-    private let published = Mutex(ServiceStatistics())
+    private let published = Lock(ServiceStatistics())
     private let finished = DispatchSemaphore(value: 0)
     private let started = Atomic<Bool>(false)
     private let stopped = Atomic<Bool>(false)

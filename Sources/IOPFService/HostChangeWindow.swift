@@ -16,6 +16,7 @@
 //
 // Ranges are host addresses `[start, end)`.
 
+import IOPFCore
 import Synchronization
 
 public final class HostChangeWindow: Sendable {
@@ -24,7 +25,7 @@ public final class HostChangeWindow: Sendable {
         var eventRead: [Range<UInt64>] = []
     }
 
-    private let state = Mutex(State())
+    private let state = Lock(State())
     /// Entries in both lists: a device checks only this while nothing is in flux.
     private let active = Atomic<Int>(0)
     private let late = Atomic<Int>(0)

@@ -13,7 +13,6 @@ import Foundation
 import IOPFCore
 import IOPFSystem
 import IOPFWire
-import Synchronization
 
 /// Host memory for DMA: a sealed memfd mapped shared at an aligned address, at a base of
 /// its own in the physical address space (see `PhysicalSpace`). The memfd is what another
@@ -110,7 +109,7 @@ public final class PhysicalSpace: Sendable {
         var alias = false
     }
 
-    private let state = Mutex<(next: UInt64, entries: [Entry])>((1 << 30, []))
+    private let state = Lock<(next: UInt64, entries: [Entry])>((1 << 30, []))
 
     func add(host: Range<UInt64>, alignment: UInt64) -> UInt64 {
         state.withLock { s in
@@ -191,7 +190,7 @@ public enum LockedMemoryLimits {
 public final class ProcessMemory: HostMemory {
     /// Ranges standing for device memory (MMIO-like, no page backing): pinned mappings map
     /// them but never lock or charge them (seed 002).
-    private let deviceMemory = Mutex<[Range<UInt64>]>([])
+    private let deviceMemory = Lock<[Range<UInt64>]>([])
 
     public init() {}
 

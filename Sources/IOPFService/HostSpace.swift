@@ -29,7 +29,6 @@ import Glibc
 import IOPFCore
 import IOPFSystem
 import IOPFWire
-import Synchronization
 
 /// Why a host's declaration or request is refused: an errno for the reply, a stable kind
 /// for the statistics, and a sentence for the host's operator.
@@ -133,7 +132,7 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
     }
 
     let memfds: [Memfd]
-    private let bindings = Mutex<[Binding]>([])
+    private let bindings = Lock<[Binding]>([])
 
     /// Takes the memfds (all closed on a throw) after checking each one.
     init(adopting fds: [CInt]) throws(HostRefusal) {

@@ -47,7 +47,7 @@ final class InvalidationFences: @unchecked Sendable {
         var outbox: [(device: UInt32, message: Invalidate)] = []
     }
 
-    private let state = Mutex(State())
+    private let state = Lock(State())
     /// Set when the outbox has messages for the loop to send.
     let pending = Atomic<Bool>(false)
     let timeout: Duration

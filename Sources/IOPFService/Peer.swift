@@ -219,7 +219,7 @@ extension EventLoop {
                 try Wire.expectSize(.sync, payload, 0)
                 hostSync(p, header)
             case (.detach, .attached), (.detach, .ready):
-                try Empty(payload: payload)
+                _ = try Empty(payload: payload)
                 if let s = p.space { teardownHost(s, reason: "the host detached") }
                 reply(p, Wire.message(command: .detach, id: header.id, flags: .reply))
                 closePeer(p, reason: "detached", disconnected: false)

@@ -9,11 +9,10 @@ import IOPFDevice
 import IOPFService
 import IOPFSystem
 import Logging
-import Synchronization
 
 /// A domain's in-process sync target: every attached in-process device's IOTLB.
 public final class DomainIOTLBs: IOTLBInvalidator, Sendable {
-    private let devices = Mutex<[DeviceIOTLB]>([])
+    private let devices = Lock<[DeviceIOTLB]>([])
     public init() {}
     public func add(_ iotlb: DeviceIOTLB) { devices.withLock { $0.append(iotlb) } }
     public func remove(_ iotlb: DeviceIOTLB) { devices.withLock { $0.removeAll { $0 === iotlb } } }

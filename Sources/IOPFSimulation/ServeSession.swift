@@ -18,7 +18,6 @@ import IOPFDevice
 import IOPFService
 import IOPFSystem
 import Logging
-import Synchronization
 
 /// Fault-driven (nothing pinned, pages mapped on demand) or pinned (VFIO type1: all
 /// memory pinned, locked and mapped before the devices start).
@@ -157,7 +156,7 @@ final class ServeProvisioner: DeviceProvisioner, @unchecked Sendable {
     let domains: [DomainID]
     let bytes: UInt64
     let mode: MemoryMode
-    private let state = Mutex<(next: Int, free: [Int], live: [Int: HostRegion])>((0, [], [:]))
+    private let state = Lock<(next: Int, free: [Int], live: [Int: HostRegion])>((0, [], [:]))
 
     init(domains: [DomainID], bytes: UInt64, mode: MemoryMode) {
         self.domains = domains

@@ -1,7 +1,6 @@
 // The pinned path (VFIO type1 semantics): batches, accounting, runs, and failure that
 // leaves nothing behind (seeds 000, 001, 002).
 
-import Synchronization
 import Testing
 @testable import IOPFCore
 

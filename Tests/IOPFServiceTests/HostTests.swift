@@ -5,7 +5,6 @@
 
 import Foundation
 import Glibc
-import Synchronization
 import Testing
 @testable import CIOPFShim
 @testable import IOPFCore
@@ -76,7 +75,7 @@ func refusal(_ body: () throws -> Void) -> (errno: UInt32, text: String)? {
         let host = try m.attach(s.path, name: "vm-a", iova: Self.iova)
         let client = try DeviceClient(connectingTo: s.path)
         let a = try client.attach(Attach(deviceID: 3, addressSpaceName: "vm-a"))
-        let invalidated = Mutex<[Invalidate]>([])
+        let invalidated = Lock<[Invalidate]>([])
         client.serveInvalidations { inv in
             invalidated.withLock { $0.append(inv) }
             return true

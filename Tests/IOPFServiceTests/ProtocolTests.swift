@@ -5,7 +5,6 @@
 
 import Foundation
 import Glibc
-import Synchronization
 import Testing
 @testable import IOPFCore
 @testable import IOPFDevice
@@ -21,7 +20,7 @@ final class ListeningService {
     let path: String
     let domain: DomainID
     /// Clients the tests discard with `_` stay connected until the service stops.
-    private let attached = Mutex<[(DeviceClient, DeviceAttachment)]>([])
+    private let attached = Lock<[(DeviceClient, DeviceAttachment)]>([])
 
     init(timeout: Duration = .seconds(1), hostEvents: Bool = false) throws {
         engine = FaultEngine(memory: ProcessMemory())
