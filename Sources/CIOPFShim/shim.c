@@ -178,3 +178,7 @@ int iopf_procmap_query(int maps_fd, uint64_t address, struct iopf_vma *vma) {
     vma->shared = (q.vma_flags & 0x08) != 0;
     return 0;
 }
+
+int iopf_mlock(const void *addr, size_t len) { return (int)syscall(SYS_mlock, addr, len); }
+
+int iopf_munlock(const void *addr, size_t len) { return (int)syscall(SYS_munlock, addr, len); }

@@ -28,6 +28,9 @@ public final class DMAMapping: @unchecked Sendable {
     public internal(set) var pinned = false
     /// Pages of a pinned mapping charged to locked memory (device memory is not).
     public internal(set) var chargedPages = 0
+    /// A pinned mapping whose map call has not returned yet: it cannot be unmapped or
+    /// moved (its pages are being pinned and charged outside the lock).
+    public internal(set) var populating = false
 
     init(id: MappingID, iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) {
         self.id = id
@@ -58,6 +61,7 @@ public enum DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
     case entryLimit(limit: Int)
     case partialUnmap(iova: UInt64, size: UInt64, mapping: MappingID, mappingIOVA: UInt64, mappingSize: UInt64)
     case noSuchMapping(iova: UInt64, size: UInt64)
+    case busy(iova: UInt64, size: UInt64, mapping: MappingID)
 
     public var description: String {
         switch self {
@@ -79,6 +83,8 @@ public enum DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
             "DMA unmap: [\(hex(iova)), +\(hex(size))) cuts \(m) at [\(hex(mIOVA)), +\(hex(mSize))); unmap whole mappings only (nothing was unmapped)"
         case .noSuchMapping(let iova, let size):
             "DMA update: no mapping is exactly [\(hex(iova)), +\(hex(size))); a host address is updated for one whole mapping"
+        case .busy(let iova, let size, let m):
+            "DMA unmap: \(m) at [\(hex(iova)), +\(hex(size))) is still being pinned and mapped; try again once its map returned (nothing was unmapped)"
         }
     }
 }

@@ -95,15 +95,19 @@ public struct EngineStatistics: Sendable, Equatable {
     public var syncedRanges = 0
 }
 
-/// An unmap that could not remove a present translation during an invalidation: the
-/// device would keep access to memory the host took back. The engine stops serving
-/// faults (every later request is answered INVALID) and the caller must detach devices.
+/// Why the engine stopped granting: an unmap that could not remove a present translation
+/// (the device would keep access to memory the host took back), or the host's events
+/// lost (the engine could no longer follow the host). Every later request is answered
+/// INVALID and the caller must detach devices.
 public struct FatalInvalidationError: Error, Sendable, Equatable, CustomStringConvertible {
-    public var domain: DomainID
-    public var iova: UInt64
+    /// The domain and IOVA of the unmap that failed; nil when the engine was stopped for
+    /// another reason (`stopGranting`).
+    public var domain: DomainID?
+    public var iova: UInt64?
     public var reason: String
     public var description: String {
-        "fatal: \(domain) could not unmap iova \(hex(iova)) during an invalidation (\(reason)); "
+        guard let domain, let iova else { return "fatal: \(reason); fault service is stopped (every request is answered INVALID)" }
+        return "fatal: \(domain) could not unmap iova \(hex(iova)) during an invalidation (\(reason)); "
             + "a device would keep access to memory the host took back, so fault service is stopped"
     }
 }
@@ -188,14 +192,21 @@ public final class FaultEngine: Sendable {
     }
 
     /// `unmap`, returning the host ranges of the mappings removed.
+    /// A pinned mapping still being populated is refused (`busy`), as iommufd refuses to
+    /// unmap an area that is not yet filled: its pages are not all pinned and charged yet.
+    /// If an unmap fails, what was unmapped is still synced, the engine stops granting, and
+    /// the mappings stay (pinned pages stay pinned: a device may still reach them).
     public func removeMappings(iova: UInt64, size: UInt64) throws -> [Range<UInt64>] {
         try state.withLock { s throws in
+            if let failure = s.failure { throw failure }
             let victims = Array(try s.mappings.mappings(coveringWhole: iova, size: size))
             guard !victims.isEmpty else { return [] }
+            if let m = victims.first(where: \.populating) {
+                throw DMAMapError.busy(iova: m.iova, size: m.size, mapping: m.id)
+            }
             beginInvalidation()
             defer { endInvalidation() }
-            for m in victims { _ = try unmapPages(of: m, in: 0..<m.pageCount, &s) }
-            syncAll(&s)
+            try unmapAllOrStop(victims, &s)
             s.stats.invalidations += 1
             for m in victims {
                 s.mappings.remove(m)
@@ -205,6 +216,29 @@ public final class FaultEngine: Sendable {
                 }
             }
             return victims.map { $0.vaddr..<$0.vaddrEnd }
+        }
+    }
+
+    /// Unmaps every faulted page of `victims` and syncs every domain, also when an unmap
+    /// fails part way (what was unmapped must not stay in an IOTLB); a failure stops the
+    /// engine. Called under the lock, inside an invalidation.
+    func unmapAllOrStop(_ victims: [DMAMapping], _ s: inout State) throws(FatalInvalidationError) {
+        do {
+            for m in victims { _ = try unmapPages(of: m, in: 0..<m.pageCount, &s) }
+        } catch {
+            syncAll(&s)
+            s.failure = error
+            throw error
+        }
+        syncAll(&s)
+    }
+
+    /// Stops granting: every later request is answered INVALID and every later
+    /// invalidation or unmap throws `reason`. For when the engine can no longer follow the
+    /// host (its events were lost). The first reason is kept.
+    public func stopGranting(reason: String) {
+        state.withLock { s in
+            if s.failure == nil { s.failure = FatalInvalidationError(domain: nil, iova: nil, reason: reason) }
         }
     }
 
@@ -234,10 +268,11 @@ public final class FaultEngine: Sendable {
                 throw DMAMapError.noSuchMapping(iova: iova, size: size)
             }
             try DMAMappingTable.validate(iova: iova, vaddr: vaddr, size: size, prot: m.prot)
+            if let failure = s.failure { throw failure }
+            if m.populating { throw DMAMapError.busy(iova: m.iova, size: m.size, mapping: m.id) }
             beginInvalidation()
             defer { endInvalidation() }
-            _ = try unmapPages(of: m, in: 0..<m.pageCount, &s)
-            syncAll(&s)
+            try unmapAllOrStop([m], &s)
             s.stats.invalidations += 1
             s.mappings.updateHostAddress(m, to: vaddr)
             m.hostGone = nil
@@ -512,7 +547,10 @@ public final class FaultHandler {
                     w.outcome = .engineFailed
                 } else if let m = s.mappings.mapping(containing: iova), !m.pinned || m.iopfMapped.test(m.pageIndex(iova: iova)) {
                     let wants: Protection = r.wantsWrite ? .write : .read
-                    if !m.prot.contains(wants) || (r.perm.contains(.read) && !m.prot.contains(.read)) {
+                    // EXEC needs READ (a DMA mapping has no separate execute right); PRIV
+                    // asks for a supervisor address space, which iopf never serves.
+                    if !m.prot.contains(wants) || (r.perm.contains(.read) && !m.prot.contains(.read))
+                        || (r.perm.contains(.exec) && !m.prot.contains(.read)) || r.perm.contains(.priv) {
                         w.outcome = .permissionDenied
                     } else if let gone = m.hostGone, gone.test(m.pageIndex(iova: iova)) {
                         w.outcome = .hostGone

@@ -60,6 +60,7 @@ public final class SimulatedHostMemory: HostMemory {
         var resolvedPages = 0
         var resolveCalls = 0
         var hook: (@Sendable (UInt64, Int) -> Void)?
+        var pinHook: (@Sendable (UInt64, Int) -> Void)?
         var deviceMemory: [(range: Range<UInt64>, phys: UInt64)] = []
         var pinned: [UInt64: Int] = [:]  // page address -> pin count
     }
@@ -72,6 +73,11 @@ public final class SimulatedHostMemory: HostMemory {
     /// Runs at the start of every `resolve(address:pageCount:…)` call, outside any engine lock.
     public func setBeforeResolve(_ hook: (@Sendable (_ address: UInt64, _ pageCount: Int) -> Void)?) {
         state.withLock { $0.hook = hook }
+    }
+
+    /// Runs at the start of every `pin` call, outside any engine lock.
+    public func setBeforePin(_ hook: (@Sendable (_ address: UInt64, _ pageCount: Int) -> Void)?) {
+        state.withLock { $0.pinHook = hook }
     }
 
     /// Makes resolving any page in `range` fail, as for memory the host took away.
@@ -91,6 +97,7 @@ public final class SimulatedHostMemory: HostMemory {
 
     public func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError) {
         let end = address + UInt64(pageCount) << pageShift
+        state.withLock { $0.pinHook }?(address, pageCount)
         try state.withLock { (s) throws(HostMemoryError) in
             if let bad = s.unresolvable.first(where: { $0.overlaps(address..<end) }) {
                 throw HostMemoryError(address: max(bad.lowerBound, address), reason: "no memory is mapped there")

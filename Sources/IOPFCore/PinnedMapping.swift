@@ -26,9 +26,13 @@ extension FaultEngine {
     /// before it returns. Throws with the reason on any failure, leaving nothing behind.
     @discardableResult
     public func mapPinned(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws -> (MappingID, PinStatistics) {
+        // Inserted as `populating`: until this call returns, unmap and update refuse it
+        // (busy), so nothing can remove it while its pages are pinned outside the lock.
         let m = try state.withLock { s throws in
+            if let failure = s.failure { throw failure }
             let m = try s.mappings.insert(iova: iova, vaddr: vaddr, size: size, prot: prot)
             m.pinned = true
+            m.populating = true
             return m
         }
         var stats = PinStatistics()
@@ -40,14 +44,24 @@ extension FaultEngine {
         do {
             while pinned < m.pageCount {
                 let n = min(Self.pinBatchPages, m.pageCount - pinned)
+                // Charged before pinned, as vfio_pin_pages_remote checks the limit before
+                // it holds pages; device memory (not chargeable) is refunded after.
+                try lockedMemory.charge(pages: n)
+                stats.chargedPages += n
                 pages.removeAll(keepingCapacity: true)
-                try memory.pin(address: m.hostAddress(page: pinned), pageCount: n, into: &pages)
+                do {
+                    try memory.pin(address: m.hostAddress(page: pinned), pageCount: n, into: &pages)
+                } catch {
+                    lockedMemory.uncharge(pages: n)  // nothing of this batch stays pinned
+                    stats.chargedPages -= n
+                    throw error
+                }
                 let batchStart = pinned
                 pinned += n
                 precondition(pages.count == n, "pin returned \(pages.count) pages for \(n)")
-                let chargeable = pages.reduce(0) { $0 + ($1.chargeable ? 1 : 0) }
-                try lockedMemory.charge(pages: chargeable)
-                stats.chargedPages += chargeable
+                let refund = n - pages.reduce(0) { $0 + ($1.chargeable ? 1 : 0) }
+                lockedMemory.uncharge(pages: refund)
+                stats.chargedPages -= refund
                 for (k, page) in pages.enumerated() {
                     if let r = run, r.chargeable == page.chargeable, r.phys + UInt64(r.count) << pageShift == page.phys {
                         run!.count += 1
@@ -59,12 +73,24 @@ extension FaultEngine {
             }
             if let r = run { try mapPinnedRun(m, r.first, r.phys, r.count, &stats) }
         } catch {
-            state.withLock { s in
+            let unwound = state.withLock { s in
                 beginInvalidation()
-                _ = try? unmapPages(of: m, in: 0..<m.pageCount, &s)
-                syncAll(&s)
-                endInvalidation()
+                defer { endInvalidation() }
+                do {
+                    try unmapAllOrStop([m], &s)
+                } catch {
+                    // Translations remain: the pages must stay pinned and charged, and the
+                    // mapping stays so that its charge is accounted for.
+                    m.chargedPages = stats.chargedPages
+                    m.populating = false
+                    return false
+                }
                 s.mappings.remove(m)
+                return true
+            }
+            guard unwound else {
+                throw PinError(iova: iova, size: size, pinnedBeforeFailure: pinned,
+                               underlying: "\(error), and undoing it failed: \(failure.map { "\($0)" } ?? "")", released: false)
             }
             if pinned > 0 { memory.unpin(address: vaddr, pageCount: pinned) }
             lockedMemory.uncharge(pages: stats.chargedPages)
@@ -72,6 +98,7 @@ extension FaultEngine {
         }
         state.withLock { s in
             m.chargedPages = stats.chargedPages
+            m.populating = false
             s.stats.pinnedMapCalls += stats.mapCalls
         }
         stats.pinnedPages = pinned
@@ -108,8 +135,64 @@ public struct PinError: Error, Sendable, CustomStringConvertible {
     public var size: UInt64
     public var pinnedBeforeFailure: Int
     public var underlying: String
+    /// False only when undoing failed too (the engine stopped): then the pages stay pinned
+    /// and charged, because a translation to them may remain.
+    public var released = true
     public var description: String {
         "pinned map of [\(hex(iova)), +\(hex(size))) failed after pinning \(pinnedBeforeFailure) pages: \(underlying); "
-            + "everything this call pinned, charged and mapped was released"
+            + (released ? "everything this call pinned, charged and mapped was released"
+                : "its pages stay pinned and charged because a device may still reach them")
+    }
+}
+
+/// How many times each host page is pinned, kept as boundaries, so that the pages of
+/// aliased pinned mappings (two IOVA ranges over one host range) are unlocked only when
+/// the last pin goes: mlock(2) does not count, one munlock unlocks every lock.
+public struct PinCounts: Sendable {
+    /// Boundary → change of the count there; zero entries are dropped, so adjacent pins
+    /// (512-page batches) cost no boundary between them.
+    private var delta: [UInt64: Int] = [:]
+
+    public init() {}
+
+    public var isEmpty: Bool { delta.isEmpty }
+
+    public mutating func add(_ r: Range<UInt64>) {
+        guard !r.isEmpty else { return }
+        bump(r.lowerBound, 1)
+        bump(r.upperBound, -1)
+    }
+
+    /// Drops one pin of every page of `r` (each must be pinned) and returns the parts of
+    /// `r` that no pin covers any more: those, and only those, may be unlocked.
+    public mutating func remove(_ r: Range<UInt64>) -> [Range<UInt64>] {
+        guard !r.isEmpty else { return [] }
+        bump(r.lowerBound, -1)
+        bump(r.upperBound, 1)
+        var free: [Range<UInt64>] = []
+        var count = 0
+        var zeroFrom: UInt64? = nil
+        let keys = delta.keys.sorted()
+        var i = 0
+        while i < keys.count, keys[i] <= r.lowerBound { count += delta[keys[i]]!; i += 1 }
+        if count <= 0 { zeroFrom = r.lowerBound }
+        while i < keys.count, keys[i] < r.upperBound {
+            count += delta[keys[i]]!
+            if count <= 0, zeroFrom == nil { zeroFrom = keys[i] }
+            if count > 0, let z = zeroFrom { free.append(z..<keys[i]); zeroFrom = nil }
+            i += 1
+        }
+        if let z = zeroFrom { free.append(z..<r.upperBound) }
+        return free
+    }
+
+    /// Pins covering `address`.
+    public func count(at address: UInt64) -> Int {
+        delta.reduce(0) { $0 + ($1.key <= address ? $1.value : 0) }
+    }
+
+    private mutating func bump(_ at: UInt64, _ by: Int) {
+        let v = delta[at, default: 0] + by
+        delta[at] = v == 0 ? nil : v
     }
 }

@@ -92,6 +92,7 @@ final class EventLoop {
         engine = service.engine
         fences = service.fences
         ring = try Ring(entries: service.configuration.ringEntries)
+        ring.planted = service.plantedSubmits
         handler = engine.makeFaultHandler()
         doubleAnswer = service.configuration.injectedBugs.contains(.doubleAnswer)
         completions.reserveCapacity(Int(service.configuration.ringEntries) * 2)
@@ -143,6 +144,7 @@ final class EventLoop {
                 }
                 lastActivity = ContinuousClock.now
                 stats.loopTurns += 1
+                stats.completionOverflows = ring.overflowsSeen
                 stats.completions += completions.count
                 for c in completions { try dispatch(c) }
                 serveExternalDevices()
@@ -151,6 +153,9 @@ final class EventLoop {
                 service.publish(stats)
             }
         } catch {
+            // Not transient (those are retried in Ring): every device is detached with its
+            // groups answered INVALID, and later commands fail at once with `stopped`.
+            stats.stopped = "the event loop stopped: \(error)"
             service.logger.critical("event loop stopped: \(error)")
         }
         shutdown()
@@ -372,6 +377,7 @@ final class EventLoop {
                     ticket.complete(.success(outcome))
                 }
             } catch {
+                if stats.stopped == nil { stats.stopped = error.description }
                 service.logger.critical("\(error)")
                 service.publish(stats)
                 ticket.complete(.failure(.invalidationFailed(error.description)))
@@ -432,11 +438,20 @@ final class EventLoop {
             }
             try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent))
         } catch {
-            // Nobody would read the host's events again, and the host's madvise/munmap
-            // would wait forever for that: drop every registration instead.
-            service.logger.critical("reading host events failed: \(error); host events stop and every range is unwatched")
+            // Fail closed: without its events the engine cannot follow the host, so it stops
+            // granting (every request INVALID). Nobody would read the events again and the
+            // host's madvise/munmap would wait forever for that: drop every registration.
+            stopGranting("reading host events failed: \(error)")
             uffd.close()
         }
+    }
+
+    /// The engine can no longer be trusted to follow the host: it answers every request
+    /// INVALID from now on, the reason is published and logged as critical.
+    private func stopGranting(_ reason: String) {
+        engine.stopGranting(reason: reason)
+        if stats.stopped == nil { stats.stopped = reason }
+        service.logger.critical("\(reason); fault service is stopped: every request is answered INVALID")
     }
 
     /// Turns one host event into an invalidation. The event was read: the host may now be
@@ -457,7 +472,9 @@ final class EventLoop {
             PhysicalSpace.shared.moved(from: from, to: to, length: length)
             service.logger.info("host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID until its mapping's host address is updated")
         case .other(let kind):
-            service.logger.warning("ignoring userfaultfd event \(kind)")
+            // Never negotiated (no FORK) nor registered for (no MISSING): the kernel and
+            // this loop disagree about the uffd, so nothing it says can be relied on.
+            stopGranting("userfaultfd event \(kind) was never asked for")
             return
         }
         stats.uffdEvents += 1
@@ -466,6 +483,7 @@ final class EventLoop {
         do {
             _ = try engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
         } catch {
+            if stats.stopped == nil { stats.stopped = error.description }
             service.logger.critical("\(error)")
         }
         afterExternalDevices { [service] in

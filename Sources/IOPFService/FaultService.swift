@@ -63,6 +63,9 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var uffdRemove = 0
     public var uffdUnmap = 0
     public var uffdRemap = 0
+    /// Times the io_uring completion queue was found overflowed (completions the kernel
+    /// held back and delivered later; none lost).
+    public var completionOverflows = 0
     public var loopTurns = 0
     public var completions = 0
     /// Devices attached over the socket, in all.
@@ -83,6 +86,9 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var uffdEventsBySource: [String: Int] = [:]
     /// Every host that handed over its address space, in order of arrival.
     public var hosts: [HostRecord] = []
+    /// Why the service stopped granting (a fatal invalidation failure, host events lost);
+    /// nil while it serves. Once set, every request is answered INVALID.
+    public var stopped: String?
 
     mutating func protocolError(_ kind: String) {
         protocolErrors += 1
@@ -204,12 +210,17 @@ public final class FaultService: Sendable {
 
     /// Pending commands, and whether the loop still takes them.
     private let commands = Lock<(queue: [Command], accepting: Bool)>(([], true))
+    /// Serializes map, unmap and host-address updates with their uffd registrations (the
+    /// engine's lock cannot be held across the ioctl), as VFIO's iommu mutex does.
+    private let control = Lock(())
     let doorbell: CInt
     /// The userfaultfd watching the mappings' host memory; nil when host events are off.
     let uffd: UserfaultfdSource?
     /// Why host events are off, when they are.
     public let hostEventsUnavailable: String?
     public let window = HostChangeWindow()
+    /// Fault injection: io_uring submit results the loop takes instead of submitting.
+    let plantedSubmits = PlantedRingResults()
     /// Host events whose invalidation has completed.
     let hostEventsHandled = Atomic<Int>(0)
     let fences: InvalidationFences
@@ -275,12 +286,14 @@ public final class FaultService: Sendable {
     @discardableResult
     public func map(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws -> MappingID {
         try DMAMappingTable.validate(iova: iova, vaddr: vaddr, size: size, prot: prot)
-        try uffd?.register(start: vaddr, length: size)
-        do {
-            return try engine.map(iova: iova, vaddr: vaddr, size: size, prot: prot)
-        } catch {
-            unwatch([vaddr..<(vaddr + size)])
-            throw error
+        return try control.withLock { _ in
+            try uffd?.register(start: vaddr, length: size)
+            do {
+                return try engine.map(iova: iova, vaddr: vaddr, size: size, prot: prot)
+            } catch {
+                unwatch([vaddr..<(vaddr + size)])
+                throw error
+            }
         }
     }
 
@@ -296,24 +309,37 @@ public final class FaultService: Sendable {
     /// once every external device acknowledged the invalidation (or was fenced).
     @discardableResult
     public func unmap(iova: UInt64, size: UInt64) throws -> UInt64 {
-        let ranges = try engine.removeMappings(iova: iova, size: size)
-        unwatch(ranges)
+        let ranges = try control.withLock { _ in
+            let ranges = try engine.removeMappings(iova: iova, size: size)
+            unwatch(ranges)
+            return ranges
+        }
         awaitExternalDevices()
         return ranges.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) }
     }
 
     /// Points a mapping at new host memory (VFIO_DMA_MAP_FLAG_VADDR): watches the new range,
-    /// drops translations to the old one, and clears pages marked gone by UNMAP/REMAP.
+    /// drops translations to the old one, and clears pages marked gone by UNMAP/REMAP. If
+    /// the engine refuses, the new range is not left watched.
     public func updateHostAddress(iova: UInt64, size: UInt64, vaddr: UInt64) throws {
-        guard let m = engine.mappingInfo(iova: iova), m.iova == iova, m.size == size else {
-            throw DMAMapError.noSuchMapping(iova: iova, size: size)
+        try control.withLock { _ in
+            guard let m = engine.mappingInfo(iova: iova), m.iova == iova, m.size == size else {
+                throw DMAMapError.noSuchMapping(iova: iova, size: size)
+            }
+            try uffd?.register(start: vaddr, length: size)
+            do {
+                try engine.updateHostAddress(iova: iova, size: size, vaddr: vaddr)
+            } catch {
+                unwatch([vaddr..<(vaddr + size)])
+                throw error
+            }
+            if m.vaddr != vaddr { unwatch([m.vaddr..<(m.vaddr + size)]) }
         }
-        try uffd?.register(start: vaddr, length: size)
-        try engine.updateHostAddress(iova: iova, size: size, vaddr: vaddr)
-        if m.vaddr != vaddr { unwatch([m.vaddr..<(m.vaddr + size)]) }
         awaitExternalDevices()
     }
 
+    /// Unregisters the parts of `ranges` that no live mapping covers. Under `control`, so
+    /// that a concurrent map's registration is never taken for an uncovered range.
     private func unwatch(_ ranges: [Range<UInt64>]) {
         guard let uffd else { return }
         for r in ranges {

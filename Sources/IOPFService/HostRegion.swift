@@ -191,6 +191,8 @@ public final class ProcessMemory: HostMemory {
     /// Ranges standing for device memory (MMIO-like, no page backing): pinned mappings map
     /// them but never lock or charge them (seed 002).
     private let deviceMemory = Lock<[Range<UInt64>]>([])
+    /// Pins per page: mlock does not count, so aliased pinned mappings must.
+    private let pins = Lock(PinCounts())
 
     public init() {}
 
@@ -199,37 +201,56 @@ public final class ProcessMemory: HostMemory {
     }
 
     /// Locks normal pages with mlock(2), one call per run of one kind; device memory is
-    /// only described. On failure it unlocks what it locked and says why.
+    /// only described. On failure it unlocks what it locked (and no other pin holds) and
+    /// says why. mlock and munlock run under `pins`, so a concurrent unpin cannot unlock
+    /// pages between another pin's mlock and its count.
     public func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError) {
-        var locked: [(UInt64, Int)] = []
-        try forEachRun(address: address, pageCount: pageCount) { (start, n, isDevice) throws(HostMemoryError) in
-            if !isDevice {
-                if mlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) != 0 {
-                    let e = Glibc.errno
-                    for (a, c) in locked { munlock(UnsafeRawPointer(bitPattern: UInt(a)), c << 12) }
-                    let why = switch e {
-                    case ENOMEM: "mlock: over RLIMIT_MEMLOCK without CAP_IPC_LOCK, or part of the range is not mapped"
-                    case EAGAIN: "mlock: some pages could not be locked"
-                    case EPERM: "mlock: not permitted (no CAP_IPC_LOCK and RLIMIT_MEMLOCK is 0)"
-                    default: "mlock: errno \(e)"
+        try pins.withLock { (pins: inout PinCounts) throws(HostMemoryError) in
+            var locked: [Range<UInt64>] = []
+            func undo() {
+                for r in locked { pins.add(r) }
+                for r in locked { for free in pins.remove(r) { Self.munlock(free) } }
+            }
+            try forEachRun(address: address, pageCount: pageCount) { (start, n, isDevice) throws(HostMemoryError) in
+                if !isDevice {
+                    if iopf_mlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) != 0 {
+                        let e = Glibc.errno
+                        undo()
+                        let why = switch e {
+                        case ENOMEM: "mlock: over RLIMIT_MEMLOCK without CAP_IPC_LOCK, or part of the range is not mapped"
+                        case EAGAIN: "mlock: some pages could not be locked"
+                        case EPERM: "mlock: not permitted (no CAP_IPC_LOCK and RLIMIT_MEMLOCK is 0)"
+                        default: "mlock: errno \(e)"
+                        }
+                        throw HostMemoryError(address: start, reason: why)
                     }
-                    throw HostMemoryError(address: start, reason: why)
+                    locked.append(start..<(start + UInt64(n) << 12))
                 }
-                locked.append((start, n))
+                // Device memory stands for itself; normal memory must be in a shared region.
+                guard let phys = isDevice ? start : PhysicalSpace.shared.physicalRun(of: start, pages: n) else {
+                    undo()
+                    throw HostMemoryError(address: start, reason: "not inside a shared host region (no physical address)")
+                }
+                for k in 0..<n { pages.append(PinnedPage(phys: phys + UInt64(k) << 12, chargeable: !isDevice)) }
             }
-            // Device memory stands for itself; normal memory must be in a shared region.
-            guard let phys = isDevice ? start : PhysicalSpace.shared.physicalRun(of: start, pages: n) else {
-                for (a, c) in locked { munlock(UnsafeRawPointer(bitPattern: UInt(a)), c << 12) }
-                throw HostMemoryError(address: start, reason: "not inside a shared host region (no physical address)")
-            }
-            for k in 0..<n { pages.append(PinnedPage(phys: phys + UInt64(k) << 12, chargeable: !isDevice)) }
+            for r in locked { pins.add(r) }
         }
     }
 
+    /// Drops one pin of each page; unlocks only pages no other pinned mapping holds.
     public func unpin(address: UInt64, pageCount: Int) {
-        forEachRun(address: address, pageCount: pageCount) { start, n, isDevice in
-            if !isDevice { munlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) }
+        pins.withLock { pins in
+            forEachRun(address: address, pageCount: pageCount) { start, n, isDevice in
+                if !isDevice { for free in pins.remove(start..<(start + UInt64(n) << 12)) { Self.munlock(free) } }
+            }
         }
+    }
+
+    /// Pins held on the page at `address` (for tests and checks).
+    public func pinCount(at address: UInt64) -> Int { pins.withLock { $0.count(at: address) } }
+
+    private static func munlock(_ r: Range<UInt64>) {
+        _ = iopf_munlock(UnsafeRawPointer(bitPattern: UInt(r.lowerBound)), Int(r.upperBound - r.lowerBound))
     }
 
     /// Splits `pageCount` pages from `address` into maximal runs of one kind (device

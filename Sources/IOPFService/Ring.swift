@@ -7,7 +7,9 @@
 
 import CLiburing
 import Glibc
+import IOPFCore
 import IOPFSystem
+import Synchronization
 import SystemPackage
 
 public struct RingError: Error, Sendable, Equatable, CustomStringConvertible {
@@ -72,6 +74,10 @@ final class Ring {
     /// Operations submitted (or queued) whose completion has not been reaped, cancels
     /// excluded: buffers they name must stay allocated until this drops.
     private(set) var inFlight = 0
+    /// Submission results a test plants (fault injection), returned instead of submitting.
+    var planted: PlantedRingResults?
+    /// Reaps that found the completion queue overflowed.
+    private(set) var overflowsSeen = 0
 
     init(entries: UInt32 = 256) throws(RingError) {
         cqes = Array(repeating: nil, count: Int(entries) * 2)
@@ -146,7 +152,7 @@ final class Ring {
     /// to reap first) or a signal is transient: the entries stay queued for the next call.
     func submit() throws(RingError) {
         checkThread()
-        let r = io_uring_submit(&ring)
+        let r = planted?.take() ?? io_uring_submit(&ring)
         guard r >= 0 || r == -EAGAIN || r == -EBUSY || r == -EINTR else {
             throw RingError(operation: "submit", errno: Errno(rawValue: -r))
         }
@@ -172,6 +178,9 @@ final class Ring {
     @discardableResult
     func reap(into out: inout [Completion]) -> Int {
         checkThread()
+        // The kernel kept completions that did not fit (IORING_FEAT_NODROP): liburing's
+        // peek flushes them once there is room, so nothing is lost; only counted here.
+        if ring.sq.kflags.pointee & UInt32(IORING_SQ_CQ_OVERFLOW) != 0 { overflowsSeen += 1 }
         var total = 0
         while true {
             let n = cqes.withUnsafeMutableBufferPointer { buf in
@@ -187,6 +196,27 @@ final class Ring {
             }
             io_uring_cq_advance(&ring, UInt32(n))
             total += n
+        }
+    }
+}
+
+/// Results for `Ring.submit` planted by a test (as negative errnos), taken one per call.
+/// The loop checks one relaxed atomic per submit when none is planted.
+final class PlantedRingResults: Sendable {
+    private let results = Lock<[Int32]>([])
+    private let count = Atomic<Int>(0)
+
+    func plant(_ negativeErrnos: [Int32]) {
+        results.withLock { $0 += negativeErrnos }
+        count.add(negativeErrnos.count, ordering: .releasing)
+    }
+
+    func take() -> Int32? {
+        guard count.load(ordering: .acquiring) > 0 else { return nil }
+        return results.withLock { r in
+            guard !r.isEmpty else { return nil }
+            count.subtract(1, ordering: .releasing)
+            return r.removeFirst()
         }
     }
 }

@@ -22,7 +22,9 @@
 import CIOPFShim
 import Glibc
 import IOPFSystem
+import SystemPackage
 import Logging
+import IOPFCore
 import Synchronization
 
 public struct UserfaultfdError: Error, Sendable, CustomStringConvertible {
@@ -92,8 +94,22 @@ final class UserfaultfdSource: @unchecked Sendable {
         }
     }
 
+    /// Read results a test plants (fault injection): each is returned by one `drain`
+    /// instead of reading, in order: an errno, or bytes as if the kernel had written them.
+    enum PlantedRead { case error(Errno), bytes([UInt8]) }
+    let planted = Lock<[PlantedRead]>([])
+
     /// Reads the pending events into `buffer`; 0 when there are none (EAGAIN).
     func drain(into buffer: UnsafeMutableRawBufferPointer) throws(SystemCallError) -> Int {
+        if let next = planted.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) {
+            switch next {
+            case .error(let e): throw SystemCallError("read", e)
+            case .bytes(let b):
+                let n = min(b.count, buffer.count)
+                b.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                return n
+            }
+        }
         do {
             return try Sys.read(fd, buffer)
         } catch where error.errno == .wouldBlock {

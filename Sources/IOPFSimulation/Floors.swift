@@ -72,9 +72,9 @@ public struct Floors: Codable, Sendable {
         let region = try HostRegion(length: bytes)
         let pointer = UnsafeMutableRawPointer(bitPattern: UInt(region.base))
         let start = ContinuousClock.now
-        _ = try syscall("mlock") { mlock(pointer, Int(bytes)) }
+        _ = try syscall("mlock") { iopf_mlock(pointer, Int(bytes)) }
         let elapsed = ContinuousClock.now - start
-        _ = munlock(pointer, Int(bytes))
+        _ = iopf_munlock(pointer, Int(bytes))
         return nanoseconds(elapsed) / 1e9 / (Double(bytes) / Double(1 << 30))
     }
 

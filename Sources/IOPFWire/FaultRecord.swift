@@ -9,12 +9,23 @@
 //
 // Every decoder here takes bytes it does not trust (another process wrote them): it reads
 // each field once from the caller's copy and validates before anything is used.
+//
+// Decided for fields the kernel's uAPI leaves loose (each is tested):
+// - `addr`: a PRI request names a page; the low 12 bits carry nothing and are ignored
+//   (the page containing `addr` is served, as the kernel's iopf handler does).
+// - `length`: a hint; one request is one page whatever it says (a device wanting more
+//   sends more requests or relies on fault-around), so it is carried but not used.
+// - `pasid`: at most 20 bits (PCIe); wider is malformed, so the group is answered INVALID.
+// - `perm` EXEC needs a readable mapping (a DMA mapping has no execute right of its own);
+//   PRIV (a supervisor address space) is answered INVALID: iopf serves user memory only.
 
 /// One page request: `struct iommu_hwpt_pgfault`.
 public struct PageRequest: Sendable, Hashable {
     public static let byteCount = 40
     /// PCIe PRI page request group index is 9 bits.
     public static let maxGroupIndex: UInt32 = 511
+    /// PCIe PASIDs are 20 bits.
+    public static let maxPASID: UInt32 = (1 << 20) - 1
 
     public struct Flags: OptionSet, Sendable, Hashable {
         public let rawValue: UInt32
@@ -84,6 +95,7 @@ public struct PageRequest: Sendable, Hashable {
         guard perm.contains(.read) || perm.contains(.write) else { throw .noAccess(rawPerm) }
         guard cookie != 0 else { throw .zeroCookie }
         guard flags.contains(.pasidValid) || pasid == 0 else { throw .pasidWithoutFlag(pasid) }
+        guard pasid <= Self.maxPASID else { throw .pasidOutOfRange(pasid) }
     }
 
     /// Encodes into exactly 40 bytes.
@@ -116,6 +128,7 @@ public enum FaultRecordError: Error, Sendable, Equatable, CustomStringConvertibl
     case noAccess(UInt32)
     case zeroCookie
     case pasidWithoutFlag(UInt32)
+    case pasidOutOfRange(UInt32)
     case unknownResponseCode(UInt32)
 
     public var description: String {
@@ -136,6 +149,8 @@ public enum FaultRecordError: Error, Sendable, Equatable, CustomStringConvertibl
             "fault record: cookie is 0, which is never a valid group cookie"
         case .pasidWithoutFlag(let p):
             "fault record: pasid \(p) is set but PASID_VALID is not"
+        case .pasidOutOfRange(let p):
+            "fault record: pasid \(hex(UInt64(p))) is wider than the 20 bits PCIe allows"
         case .unknownResponseCode(let c):
             "page response: code \(c) is neither SUCCESS (0) nor INVALID (1)"
         }

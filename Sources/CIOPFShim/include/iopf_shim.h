@@ -98,4 +98,9 @@ int iopf_peer_credentials(int sock, int *pid, int *uid, int *gid);
 /// The gettid(2) of the calling thread.
 int iopf_gettid(void);
 
+// mlock(2) / munlock(2) as raw system calls: the sanitizer runtimes intercept the libc
+// functions and make them no-ops, so under TSan/ASan nothing would really be pinned.
+int iopf_mlock(const void *addr, size_t len);
+int iopf_munlock(const void *addr, size_t len);
+
 #endif
