@@ -156,6 +156,7 @@ final class EventLoop {
             // Not transient (those are retried in Ring): every device is detached with its
             // groups answered INVALID, and later commands fail at once with `stopped`.
             stats.stopped = "the event loop stopped: \(error)"
+            service.publish(stats)  // before commands are refused: whoever is refused sees why
             service.logger.critical("event loop stopped: \(error)")
         }
         shutdown()

@@ -179,7 +179,7 @@ public enum LockedMemoryLimits {
         var limit = rlimit()
         let bytes = getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 ? UInt64(limit.rlim_cur) : 0
         // CapEff is a hex mask; CAP_IPC_LOCK is bit 14.
-        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        let status = (Sys.readText("/proc/self/status")) ?? ""
         let capEff = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
             .flatMap { UInt64($0.split(separator: "\t").last ?? "", radix: 16) } ?? 0
         return (bytes, capEff & (1 << 14) != 0)

@@ -58,7 +58,7 @@ final class HostUserfaultfd {
             guard link == "anon_inode:[userfaultfd]" else {
                 throw HostRefusal(WireErrno.badFD, "badUserfaultfd", "the first descriptor of HOST must be a userfaultfd, got \(link)")
             }
-            let info = (try? String(contentsOfFile: "/proc/self/fdinfo/\(fd)", encoding: .utf8)) ?? ""
+            let info = (Sys.readText("/proc/self/fdinfo/\(fd)")) ?? ""
             // "API:\t<api>:<features>:<ioctls>", all hex.
             let api = info.split(separator: "\n").first { $0.hasPrefix("API:") }?.dropFirst(4).split(separator: ":")
             guard let api, api.count == 3,
@@ -260,7 +260,7 @@ enum HostMaps {
     }
 
     static func read(pid: Int32) throws(HostRefusal) -> [Line] {
-        guard pid > 0, let text = try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8) else {
+        guard pid > 0, let text = Sys.readText("/proc/\(pid)/maps") else {
             throw HostRefusal(WireErrno.notPermitted, "unverifiable", "cannot read /proc/\(pid)/maps to check the host's memory")
         }
         return text.split(separator: "\n").compactMap(parse)

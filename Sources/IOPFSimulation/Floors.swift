@@ -96,7 +96,7 @@ public struct Floors: Codable, Sendable {
 
     /// MemAvailable from /proc/meminfo, in bytes.
     public static func availableMemory() -> UInt64 {
-        let info = (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8)) ?? ""
+        let info = (Sys.readText("/proc/meminfo")) ?? ""
         let line = info.split(separator: "\n").first { $0.hasPrefix("MemAvailable:") }
         return line.flatMap(ServeSession.procBytes) ?? 0
     }

@@ -378,7 +378,7 @@ public enum ServeSession {
 
     /// VmLck of this process, from /proc/self/status.
     public static func lockedBytesOfProcess() -> UInt64 {
-        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+        guard let status = Sys.readText("/proc/self/status"),
             let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmLck:") }),
             let bytes = procBytes(line)
         else { return 0 }
@@ -461,7 +461,7 @@ struct HostChurn {
 
     /// The VMA holding `address`, from /proc/self/maps.
     static func mapping(containing address: UInt64) -> Range<UInt64>? {
-        guard let maps = try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8) else { return nil }
+        guard let maps = Sys.readText("/proc/self/maps") else { return nil }
         for line in maps.split(separator: "\n") {
             let bounds = line.prefix { $0 != " " }.split(separator: "-")
             guard bounds.count == 2, let lo = UInt64(bounds[0], radix: 16), let hi = UInt64(bounds[1], radix: 16) else { continue }

@@ -29,7 +29,7 @@ package func syscall<T: FixedWidthInteger>(_ call: String, _ body: () -> T) thro
     }
 }
 
-package enum Sys {
+public enum Sys {
     @inline(never)
     package static func read(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer) throws(SystemCallError) -> Int {
         try syscall("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
@@ -46,6 +46,25 @@ package enum Sys {
         while done < buffer.count {
             done += try write(fd, UnsafeRawBufferPointer(rebasing: buffer[done...]))
         }
+    }
+
+    /// The whole text of a /proc (or any) file, read to EOF. Foundation's
+    /// `String(contentsOfFile:)` trusts the size stat reports, which is 0 for /proc files,
+    /// and returns only the first chunk the kernel hands out: /proc/PID/maps and smaps
+    /// came back cut after about 4 KiB. Nil when the file cannot be opened or read.
+    public static func readText(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 8)
+        defer { chunk.deallocate() }
+        while true {
+            guard let n = try? read(fd, chunk) else { return nil }
+            if n == 0 { break }
+            bytes += UnsafeRawBufferPointer(rebasing: chunk[0..<n])
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     package static func close(_ fd: CInt) {

@@ -384,7 +384,7 @@ func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/
 }
 
 func residentKiB() -> Int {
-    let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+    let status = (Sys.readText("/proc/self/status")) ?? ""
     let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
     return Int(line.split(whereSeparator: \.isWhitespace).dropFirst().first ?? "") ?? 0
 }

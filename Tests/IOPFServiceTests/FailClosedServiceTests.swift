@@ -1,0 +1,151 @@
+// Fail closed in the service, and OS failures injected through its seams (issue 11 §4, §5):
+// lost host events stop granting; transient io_uring submit errors are retried and a
+// fatal one fails later commands at once; an overflowed completion queue loses nothing;
+// a refused host-address update leaves nothing watched; aliased pins stay locked.
+
+import CIOPFShim
+import Foundation
+import Glibc
+import SystemPackage
+import Testing
+@testable import IOPFCore
+@testable import IOPFDevice
+@testable import IOPFService
+@testable import IOPFSimulation
+@testable import IOPFSystem
+
+@Suite(.serialized, .timeLimit(.minutes(2))) struct FailClosedServiceTests {
+    @Test func aReadErrorOnTheUserfaultfdStopsGranting() throws {
+        let h = try EventHarness()
+        #expect(try h.fault([0]) == .success)
+        h.service.uffd!.planted.withLock { $0.append(.error(.ioError)) }
+        // A real event makes the loop read; the read fails; the uffd is closed, which also
+        // lets this madvise return.
+        #expect(madvise(UnsafeMutableRawPointer(bitPattern: UInt(h.address(8))), 4096, MADV_DONTNEED) == 0)
+        try h.service.barrier().wait()
+        let stats = h.service.statistics
+        #expect(stats.stopped?.contains("reading host events failed") == true, "\(stats.stopped ?? "nil")")
+        #expect(h.engine.failure != nil)
+        #expect(try h.fault([1]) == .invalid, "a fault was granted with host events gone")
+    }
+
+    @Test func anEventKindNeverAskedForStopsGranting() throws {
+        let h = try EventHarness()
+        #expect(try h.fault([0]) == .success)
+        var msg = [UInt8](repeating: 0, count: UserfaultfdSource.messageBytes)
+        msg[0] = UInt8(UFFD_EVENT_FORK)
+        h.service.uffd!.planted.withLock { $0.append(.bytes(msg)) }
+        #expect(madvise(UnsafeMutableRawPointer(bitPattern: UInt(h.address(8))), 4096, MADV_DONTNEED) == 0)
+        try h.service.barrier().wait()
+        #expect(h.service.statistics.stopped?.contains("never asked for") == true)
+        #expect(try h.fault([1]) == .invalid)
+    }
+
+    @Test func transientSubmitErrorsAreRetried() throws {
+        let h = try EventHarness()
+        h.service.plantedSubmits.plant([-EAGAIN, -EBUSY, -EINTR, -EAGAIN])
+        for p in 0..<8 { #expect(try h.fault([p]) == .success) }
+        try h.service.barrier().wait()
+        #expect(h.service.statistics.stopped == nil)
+    }
+
+    @Test func aFatalSubmitErrorFailsLaterCommandsAtOnce() throws {
+        let h = try EventHarness()
+        #expect(try h.fault([0]) == .success)
+        h.service.plantedSubmits.plant([-EBADF])
+        // The loop stops at its next submit; the barrier queued now or after fails at once.
+        let first = Result { try h.service.barrier().wait() }
+        let start = ContinuousClock.now
+        let later = Result { try h.service.barrier().wait() }
+        #expect(ContinuousClock.now - start < .seconds(1))
+        #expect(throws: ServiceError.self) { try later.get() }
+        _ = first
+        #expect(h.service.statistics.stopped?.contains("event loop stopped") == true)
+        #expect(throws: ServiceError.self) { try h.service.invalidate(hostAddress: h.address(0), length: 4096).wait() }
+    }
+
+    /// Eight stream devices on a ring of two entries (four completions): their reads
+    /// complete together, the queue overflows, and every group is still answered.
+    @Test func anOverflowedCompletionQueueLosesNothing() throws {
+        let region = try HostRegion(length: 64 << 12)
+        let engine = FaultEngine(memory: ProcessMemory())
+        let domain = try engine.createDomain(invalidator: DomainIOTLBs())
+        var config = ServiceConfiguration()
+        config.transport = .socket
+        config.ringEntries = 2
+        config.hostEvents = false
+        let service = try FaultService(engine: engine, configuration: config)
+        try service.start()
+        defer { service.stop() }
+        try service.map(iova: 1 << 30, vaddr: region.base, size: region.length, prot: .readWrite)
+        let channels = try (1...8).map { id in try DeviceChannel(service.attach(deviceID: UInt32(id), domain: domain)) }
+        for round in 0..<8 {
+            for (k, c) in channels.enumerated() {
+                try c.send([PageRequest(flags: [.lastPage], deviceID: UInt32(k + 1), groupIndex: 1, perm: [.read],
+                                        addr: (1 << 30) + UInt64(round * 8 + k) << 12, cookie: UInt32(round + 1))])
+            }
+            for (k, c) in channels.enumerated() {
+                let answer = try c.receive(spinNanoseconds: 0, timeoutMs: 5000)
+                #expect(answer?.first?.code == .success, "device \(k + 1) round \(round): \(String(describing: answer))")
+            }
+        }
+        #expect(engine.mappedPageCount == 64)
+        try service.barrier().wait()
+        #expect(service.statistics.completionOverflows > 0, "the queue never overflowed: the test did not test anything")
+    }
+
+    @Test func aRefusedHostAddressUpdateLeavesNothingWatched() throws {
+        let h = try EventHarness()
+        let other = try HostRegion(length: 64 << 12)
+        // The new range registers, then the engine refuses (it is stopped).
+        h.engine.stopGranting(reason: "stopped by the test")
+        #expect(throws: FatalInvalidationError.self) {
+            try h.service.updateHostAddress(iova: EventHarness.iova, size: 64 << 12, vaddr: other.base)
+        }
+        try #require(!Self.vmas(in: other.base..<(other.base + other.length)).isEmpty, "smaps was not read")
+        #expect(Self.vmas(in: other.base..<(other.base + other.length)).allSatisfy { !$0.registered },
+                "the refused update left its range registered")
+        #expect(Self.vmas(in: h.region.base..<(h.region.base + 4096)).allSatisfy { $0.registered })
+    }
+
+    /// The VMAs overlapping `range`, from /proc/self/smaps: whether each is registered with
+    /// a userfaultfd (VmFlags `um`/`uw`) and its `Locked:` kB.
+    static func vmas(in range: Range<UInt64>) -> [(range: Range<UInt64>, registered: Bool, lockedKB: Int)] {
+        guard let smaps = Sys.readText("/proc/self/smaps") else { return [] }
+        var out: [(range: Range<UInt64>, registered: Bool, lockedKB: Int)] = []
+        for line in smaps.split(separator: "\n") {
+            if let dash = line.firstIndex(of: "-"), let space = line.firstIndex(of: " "), dash < space,
+                let lo = UInt64(line[..<dash], radix: 16), let hi = UInt64(line[line.index(after: dash)..<space], radix: 16)
+            {
+                out.append((lo..<hi, false, 0))
+            } else if !out.isEmpty, line.hasPrefix("VmFlags:") {
+                out[out.count - 1].registered = line.split(separator: " ").contains { $0 == "um" || $0 == "uw" }
+            } else if !out.isEmpty, line.hasPrefix("Locked:") {
+                out[out.count - 1].lockedKB = Int(line.split(separator: " ").dropFirst().first ?? "") ?? -1
+            }
+        }
+        return out.filter { $0.range.overlaps(range) }
+    }
+
+    static func lockedKB(_ range: Range<UInt64>) -> Int { vmas(in: range).reduce(0) { $0 + $1.lockedKB } }
+
+    @Test func aliasedPinnedMappingsStayLockedUntilTheLastGoes() throws {
+        let region = try HostRegion(length: 256 << 10)
+        let engine = FaultEngine(memory: ProcessMemory())
+        _ = try engine.createDomain(invalidator: DomainIOTLBs())
+        var config = ServiceConfiguration()
+        config.hostEvents = false
+        let service = try FaultService(engine: engine, configuration: config)
+        try service.start()
+        defer { service.stop() }
+        try service.mapPinned(iova: 1 << 30, vaddr: region.base, size: region.length, prot: .read)
+        try service.mapPinned(iova: 1 << 31, vaddr: region.base + (128 << 10), size: 128 << 10, prot: .read)
+        let all = region.base..<(region.base + region.length)
+        #expect(Self.lockedKB(all) == 256)
+        try service.unmap(iova: 1 << 30, size: region.length)
+        // The first half is free now; the second is still pinned by the alias.
+        #expect(Self.lockedKB(all) == 128, "munlock of one alias unlocked pages the other pins")
+        try service.unmap(iova: 1 << 31, size: 128 << 10)
+        #expect(Self.lockedKB(all) == 0)
+    }
+}
