@@ -120,7 +120,7 @@ import Testing
             ("MemAvailable:   24452732 kB", 24_452_732 * 1024),
         ]
         for (line, bytes) in cases {
-            let parsed = try #require(ServeSession.procBytes(line), "\(line) did not parse")
+            let parsed = try #require(ServeSession.procBytes(Substring(line)), "\(line) did not parse")
             #expect(parsed == bytes, "\(line)")
         }
     }
