@@ -105,3 +105,13 @@ let package = Package(
         ),
     ]
 )
+
+// The libFuzzer binary, only when Tools/fuzz.sh asks for it (IOPF_FUZZ=1): it has no
+// main() of its own (libFuzzer's), so ordinary builds must not link it.
+if Context.environment["IOPF_FUZZ"] == "1" {
+    package.products.append(.executable(name: "iopf-fuzz", targets: ["iopf-fuzz"]))
+    package.targets.append(.executableTarget(
+        name: "iopf-fuzz", dependencies: ["IOPFService"], path: "Tools/iopf-fuzz",
+        swiftSettings: [.unsafeFlags(["-parse-as-library"])]
+    ))
+}

@@ -529,10 +529,19 @@ public final class FaultHandler {
         while true {
             let seq = lookUp(group)
             resolve()
+            if engine.configuration.injectedBugs.contains(.noRetry) { Self.stretchRaceWindow() }
             if install(seq: seq, into: &outcome) { break }
             outcome.retries += 1
         }
         return outcome
+    }
+
+    /// With no-retry planted: 20 µs between resolve and install, standing in for a slow
+    /// page population, so that a short stress run (out of process, or under TSan, where
+    /// the loop is slower than the invalidating threads) meets the race it plants.
+    private static func stretchRaceWindow() {
+        let until = ContinuousClock.now + .microseconds(20)
+        while ContinuousClock.now < until {}
     }
 
     /// Phase 1, under the lock: classify each request and note the sequence.

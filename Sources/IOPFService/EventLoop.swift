@@ -477,6 +477,9 @@ final class EventLoop {
             // this loop disagree about the uffd, so nothing it says can be relied on.
             stopGranting("userfaultfd event \(kind) was never asked for")
             return
+        case .malformed(let why):
+            stopGranting("userfaultfd message is malformed: \(why)")
+            return
         }
         stats.uffdEvents += 1
         stats.uffdEventsBySource["own", default: 0] += 1

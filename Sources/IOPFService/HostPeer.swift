@@ -257,7 +257,12 @@ extension EventLoop {
             (range, gone) = (from..<(from + length), true)
             stats.uffdRemap += 1
         case .other(let kind):
+            // Only the host's own registrations (MISSING, say) make other kinds; they
+            // concern its threads, not the devices' translations.
             service.logger.warning("host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
+            return
+        case .malformed(let why):
+            closePeer(s.peer, reason: "its userfaultfd gave a malformed message: \(why)", disconnected: true)
             return
         }
         guard range.lowerBound < range.upperBound else { return }

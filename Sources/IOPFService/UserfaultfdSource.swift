@@ -130,12 +130,28 @@ enum HostEvent: Equatable {
     case remap(from: UInt64, to: UInt64, length: UInt64)
     case other(UInt8)
 
+    /// A message whose range is inverted or overflows: the kernel never writes one, so
+    /// the reader and the kernel disagree about the uffd (handled like `.other`).
+    case malformed(String)
+
+    /// Decodes a copy of one message; never traps, whatever the bytes.
     init(_ bytes: UnsafeRawBufferPointer) {
         let msg = bytes.loadUnaligned(as: uffd_msg.self)
         switch Int32(msg.event) {
-        case Int32(UFFD_EVENT_REMOVE): self = .remove(msg.arg.remove.start..<msg.arg.remove.end)
-        case Int32(UFFD_EVENT_UNMAP): self = .unmap(msg.arg.remove.start..<msg.arg.remove.end)
-        case Int32(UFFD_EVENT_REMAP): self = .remap(from: msg.arg.remap.from, to: msg.arg.remap.to, length: msg.arg.remap.len)
+        case Int32(UFFD_EVENT_REMOVE), Int32(UFFD_EVENT_UNMAP):
+            let (start, end) = (msg.arg.remove.start, msg.arg.remove.end)
+            guard start <= end else {
+                self = .malformed("event \(msg.event) range [0x\(String(start, radix: 16)), 0x\(String(end, radix: 16))) is inverted")
+                return
+            }
+            self = Int32(msg.event) == Int32(UFFD_EVENT_REMOVE) ? .remove(start..<end) : .unmap(start..<end)
+        case Int32(UFFD_EVENT_REMAP):
+            let (from, length) = (msg.arg.remap.from, msg.arg.remap.len)
+            guard !from.addingReportingOverflow(length).overflow else {
+                self = .malformed("REMAP of 0x\(String(length, radix: 16)) bytes from 0x\(String(from, radix: 16)) overflows")
+                return
+            }
+            self = .remap(from: from, to: msg.arg.remap.to, length: length)
         default: self = .other(msg.event)
         }
     }
