@@ -163,12 +163,13 @@ public enum FuzzTargets {
     /// Arbitrary uffd messages applied to an engine with faulted pages: the engine's
     /// invariants hold after each.
     static func uffdEvents(_ data: UnsafeRawBufferPointer) {
-        let memory = SimulatedHostMemory()
-        let engine = FaultEngine(memory: memory)
-        guard let _ = try? engine.createDomain() else { return }
+        // One engine for every input (a new one costs a page-table pool): the mapping is
+        // removed and added again, which must leave it as good as new.
+        guard let (engine, handler) = uffdEngine else { return }
         let host: UInt64 = 0x7000_0000_0000
+        _ = try? engine.unmap(iova: 1 << 30, size: 64 << 12)
+        check(engine.mappedPageCount == 0, "pages still marked after unmapping the only mapping")
         _ = try? engine.map(iova: 1 << 30, vaddr: host, size: 64 << 12, prot: .readWrite)
-        let handler = engine.makeFaultHandler()
         for p in stride(from: 0, to: 64, by: 3) {
             _ = handler.handle([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 0, perm: [.read],
                                             addr: (1 << 30) + UInt64(p) << 12, cookie: 1)])
@@ -199,6 +200,12 @@ public enum FuzzTargets {
         let violations = engine.checkInvariants(limit: 3)
         check(violations.isEmpty, "invariants after uffd events: \(violations)")
     }
+
+    nonisolated(unsafe) static let uffdEngine: (FaultEngine, FaultHandler)? = {
+        let engine = FaultEngine(memory: SimulatedHostMemory())
+        guard (try? engine.createDomain()) != nil else { return nil }
+        return (engine, engine.makeFaultHandler())
+    }()
 
     /// The shared-ring consumer against a device that writes anything: indices, records
     /// and its closed flag. It takes at most a ring's worth, or refuses the ring.

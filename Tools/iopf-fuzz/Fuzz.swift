@@ -7,7 +7,8 @@ import IOPFService
 
 nonisolated(unsafe) let target: String = {
     guard let name = getenv("IOPF_FUZZ_TARGET").map({ String(cString: $0) }), FuzzTargets.names.contains(name) else {
-        fputs("iopf-fuzz: set IOPF_FUZZ_TARGET to one of: \(FuzzTargets.names.joined(separator: " "))\n", stderr)
+        let text = "iopf-fuzz: set IOPF_FUZZ_TARGET to one of: \(FuzzTargets.names.joined(separator: " "))\n"
+        _ = text.withCString { write(2, $0, strlen($0)) }
         exit(2)
     }
     return name
