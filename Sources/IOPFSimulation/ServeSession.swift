@@ -118,6 +118,10 @@ public struct ServeResult: Codable, Sendable {
     public var uffdEventsBySource = [String: Int]()
     /// Hosts in other processes that handed over their address space during the run.
     public var hosts: [HostRecord] = []
+    /// Why the service stopped granting, if it did (absent from the JSON while it serves).
+    public var stopped: String?
+    /// Times the io_uring completion queue was found overflowed (nothing is lost).
+    public var completionOverflows = 0
     /// Host changes made by `--host-churn`.
     public var hostChanges = 0
     /// Device accesses through a translation after its host event was read but before
@@ -346,6 +350,8 @@ public enum ServeSession {
         result.uffdEventKinds = ["remove": s.uffdRemove, "unmap": s.uffdUnmap, "remap": s.uffdRemap]
         result.uffdEventsBySource = s.uffdEventsBySource.merging(["own": 0]) { a, _ in a }
         result.hosts = s.hosts
+        result.stopped = s.stopped
+        result.completionOverflows = s.completionOverflows
         result.hostChanges = churn?.changes ?? 0
         result.lateAccesses = service.window.lateAccesses
         result.hostGoneFaults = e.hostGoneFaults

@@ -51,9 +51,10 @@ import Testing
         let r = try ServeSession.run(o)
         let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(r)) as! [String: Any]
         for key in ["mode", "devices", "dmaOps", "dmaErrors", "faults", "groups", "responses", "invalidations", "pagesUnmapped",
-                    "iotlbSyncs", "integrityErrors", "violations", "residentBytes", "lockedBytes", "faultLatencyNs", "elapsedSeconds"] {
+                    "iotlbSyncs", "integrityErrors", "violations", "residentBytes", "lockedBytes", "faultLatencyNs", "elapsedSeconds", "completionOverflows"] {
             #expect(json[key] != nil, "missing key \(key)")
         }
+        #expect(json["stopped"] == nil, "a healthy run has no stopped key")
         #expect(json["mode"] as? String == "fault")
         #expect(Set((json["responses"] as! [String: Any]).keys) == ["success", "invalid"])
         #expect(Set((json["faultLatencyNs"] as! [String: Any]).keys) == ["p50", "p90", "p99", "p999", "max"])
