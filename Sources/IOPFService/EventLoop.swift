@@ -378,8 +378,7 @@ final class EventLoop {
                     ticket.complete(.success(outcome))
                 }
             } catch {
-                if stats.stopped == nil { stats.stopped = error.description }
-                service.logger.critical("\(error)")
+                stopGranting(error.description)  // the engine stopped itself; say so
                 service.publish(stats)
                 ticket.complete(.failure(.invalidationFailed(error.description)))
             }
@@ -458,37 +457,25 @@ final class EventLoop {
     /// Turns one host event into an invalidation. The event was read: the host may now be
     /// changing the memory, so the range is in the late window until every device dropped it.
     private func handle(_ event: HostEvent) {
-        let range: Range<UInt64>
-        let gone: Bool
-        switch event {
-        case .remove(let r):
-            (range, gone) = (r, false)
-            stats.uffdRemove += 1
-        case .unmap(let r):
-            (range, gone) = (r, true)
-            stats.uffdUnmap += 1
-        case .remap(let from, let to, let length):
-            (range, gone) = (from..<(from + length), true)
-            stats.uffdRemap += 1
-            PhysicalSpace.shared.moved(from: from, to: to, length: length)
-            service.logger.info("host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID until its mapping's host address is updated")
-        case .other(let kind):
-            // Never negotiated (no FORK) nor registered for (no MISSING): the kernel and
-            // this loop disagree about the uffd, so nothing it says can be relied on.
-            stopGranting("userfaultfd event \(kind) was never asked for")
-            return
-        case .malformed(let why):
-            stopGranting("userfaultfd message is malformed: \(why)")
+        guard let (range, gone) = event.invalidation else {
+            // Never negotiated (no FORK) nor registered for (no MISSING), or a message the
+            // kernel never writes: the kernel and this loop disagree about the uffd, so
+            // nothing it says can be relied on.
+            if case .malformed(let why) = event { stopGranting("userfaultfd message is malformed: \(why)") }
+            if case .other(let kind) = event { stopGranting("userfaultfd event \(kind) was never asked for") }
             return
         }
-        stats.uffdEvents += 1
-        stats.uffdEventsBySource["own", default: 0] += 1
+        if case .remap(let from, let to, let length) = event {
+            PhysicalSpace.shared.moved(from: from, to: to, length: length)
+            service.logger.info(
+                "host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID until its mapping's host address is updated")
+        }
+        stats.count(event, source: "own")
         service.window.beginEvent(range)
         do {
             _ = try engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
         } catch {
-            if stats.stopped == nil { stats.stopped = error.description }
-            service.logger.critical("\(error)")
+            stopGranting(error.description)  // the engine stopped itself; say so
         }
         afterExternalDevices { [service] in
             service.window.endEvent(range)

@@ -86,6 +86,18 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var uffdEventsBySource: [String: Int] = [:]
     /// Every host that handed over its address space, in order of arrival.
     public var hosts: [HostRecord] = []
+    /// Counts one host event that invalidates, by kind and in total.
+    mutating func count(_ event: HostEvent, source: String) {
+        switch event {
+        case .remove: uffdRemove += 1
+        case .unmap: uffdUnmap += 1
+        case .remap: uffdRemap += 1
+        case .other, .malformed: return
+        }
+        uffdEvents += 1
+        uffdEventsBySource[source, default: 0] += 1
+    }
+
     /// Why the service stopped granting (a fatal invalidation failure, host events lost);
     /// nil while it serves. Once set, every request is answered INVALID.
     public var stopped: String?

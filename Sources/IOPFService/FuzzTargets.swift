@@ -186,14 +186,8 @@ public enum FuzzTargets {
                 }
             }
             let event = bytes.withUnsafeBytes { HostEvent($0) }
-            switch event {
-            case .remove(let r), .unmap(let r):
-                if r.lowerBound < r.upperBound {
-                    _ = try? engine.invalidate(hostAddress: r.lowerBound, length: r.upperBound - r.lowerBound, hostGone: true)
-                }
-            case .remap(let from, _, let length):
-                _ = try? engine.invalidate(hostAddress: from, length: length, hostGone: true)
-            case .other, .malformed: break
+            if let (range, gone) = event.invalidation, range.lowerBound < range.upperBound {
+                _ = try? engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
             }
             at += size
         }

@@ -244,34 +244,22 @@ extension EventLoop {
     }
 
     private func handle(_ event: HostEvent, in s: HostSpace) {
-        let range: Range<UInt64>
-        let gone: Bool
-        switch event {
-        case .remove(let r):
-            (range, gone) = (r, false)
-            stats.uffdRemove += 1
-        case .unmap(let r):
-            (range, gone) = (r, true)
-            stats.uffdUnmap += 1
-        case .remap(let from, _, let length):
-            (range, gone) = (from..<(from + length), true)
-            stats.uffdRemap += 1
-        case .other(let kind):
-            // Only the host's own registrations (MISSING, say) make other kinds; they
-            // concern its threads, not the devices' translations.
-            service.logger.warning("host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
-            return
-        case .malformed(let why):
-            closePeer(s.peer, reason: "its userfaultfd gave a malformed message: \(why)", disconnected: true)
+        guard let (range, gone) = event.invalidation else {
+            if case .malformed(let why) = event {
+                closePeer(s.peer, reason: "its userfaultfd gave a malformed message: \(why)", disconnected: true)
+            } else if case .other(let kind) = event {
+                // Only the host's own registrations (MISSING, say) make other kinds; they
+                // concern its threads, not the devices' translations.
+                service.logger.warning("host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
+            }
             return
         }
         guard range.lowerBound < range.upperBound else { return }
         if gone { s.memory.forget(range) }
-        stats.uffdEvents += 1
-        stats.uffdEventsBySource[s.name, default: 0] += 1
+        stats.count(event, source: s.name)
         stats.hosts[s.record].uffdEvents += 1
         do {
-            _ = try s.engine.invalidate(hostAddress: range.lowerBound, length: UInt64(range.count), hostGone: gone)
+            _ = try s.engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
         } catch {
             service.logger.critical("host '\(s.name)': \(error)")
             closePeer(s.peer, reason: "an invalidation in its address space failed: \(error)", disconnected: true)

@@ -134,6 +134,18 @@ enum HostEvent: Equatable {
     /// the reader and the kernel disagree about the uffd (handled like `.other`).
     case malformed(String)
 
+    /// The host range this event takes away, and whether its memory is gone (UNMAP and
+    /// REMAP: faults there are INVALID until the host address is updated) rather than
+    /// only dropped (REMOVE). Nil for events that invalidate nothing.
+    var invalidation: (range: Range<UInt64>, gone: Bool)? {
+        switch self {
+        case .remove(let r): (r, false)
+        case .unmap(let r): (r, true)
+        case .remap(let from, _, let length): (from..<(from + length), true)
+        case .other, .malformed: nil
+        }
+    }
+
     /// Decodes a copy of one message; never traps, whatever the bytes.
     init(_ bytes: UnsafeRawBufferPointer) {
         let msg = bytes.loadUnaligned(as: uffd_msg.self)
