@@ -155,6 +155,9 @@ func refusal(_ body: () throws -> Void) -> (errno: UInt32, text: String)? {
         host = nil
         let stats = s.waitFor { $0.hosts.first?.ended != nil && $0.devicesClosed == 1 }
         #expect(stats.hosts.first?.ended?.contains("closed the connection") == true, "\(stats.hosts)")
+        // The notice is read by the device's invalidation thread, which may not have run yet.
+        let deadline = ContinuousClock.now + .seconds(5)
+        while client.detachedBecause == nil && ContinuousClock.now < deadline { usleep(1000) }
         #expect(client.detachedBecause?.contains("its host 'vm-gone' went away") == true, "\(client.detachedBecause ?? "no notice")")
         #expect(throws: DeviceClientError.self) { _ = try client.translate(iova: Self.iova, pages: 1) }
         // The ranges are unregistered although the host still holds the uffd: its munmap
