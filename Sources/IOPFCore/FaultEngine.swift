@@ -482,6 +482,9 @@ public final class FaultEngine: Sendable {
     /// The invalidation sequence: odd while an invalidation runs.
     public var invalidationSequence: UInt64 { sequence.load(ordering: .acquiring) }
 
+    /// I/O page-table pages allocated and not freed, over every domain.
+    public var liveTablePages: Int { state.withLock { s in s.domains.reduce(0) { $0 + $1.liveTablePages } } }
+
     /// Faulted pages over all mappings (the bits set).
     public var mappedPageCount: Int {
         state.withLock { s in s.mappings.byIOVA.reduce(0) { $0 + $1.iopfMapped.population } }

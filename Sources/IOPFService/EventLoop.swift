@@ -92,7 +92,7 @@ final class EventLoop {
         engine = service.engine
         fences = service.fences
         ring = try Ring(entries: service.configuration.ringEntries)
-        ring.planted = service.plantedSubmits
+        ring.planted = service.planted
         handler = engine.makeFaultHandler()
         doubleAnswer = service.configuration.injectedBugs.contains(.doubleAnswer)
         completions.reserveCapacity(Int(service.configuration.ringEntries) * 2)
@@ -117,6 +117,7 @@ final class EventLoop {
             if let uffd = service.uffd { try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent)) }
             var lastActivity = ContinuousClock.now
             var lastFlush = lastActivity
+            var lastSweep = lastActivity
             let spin = Duration.nanoseconds(service.configuration.spinNanoseconds)
             while running {
                 try ring.submit()
@@ -147,6 +148,11 @@ final class EventLoop {
                 stats.completionOverflows = ring.overflowsSeen
                 stats.completions += completions.count
                 for c in completions { try dispatch(c) }
+                if lastActivity - lastSweep > FaultService.commandSweep {
+                    // Commands whose doorbell ring was lost (issue 11 §5) wait at most this long.
+                    lastSweep = lastActivity
+                    for command in service.takeCommands() { try perform(command) }
+                }
                 serveExternalDevices()
                 try flushResponses()
                 runDeferred()
@@ -385,6 +391,17 @@ final class EventLoop {
         case .check(let ticket):
             service.publish(stats)
             ticket.complete(.success(engine.checkInvariants() + hosts.compactMap { $0?.engine.checkInvariants() }.flatMap { $0 }))
+        case .footprint(let ticket):
+            var f = ServiceFootprint()
+            let engines = [engine] + hosts.compactMap { $0?.engine }
+            f.tablePages = engines.reduce(0) { $0 + $1.liveTablePages }
+            f.mappedPages = engines.reduce(0) { $0 + $1.mappedPageCount }
+            f.mappings = engines.reduce(0) { $0 + $1.mappingCount }
+            f.devices = devices.count { $0 != nil }
+            f.peers = peers.count { $0 != nil }
+            f.hosts = hosts.count { $0 != nil }
+            f.measureProcess()
+            ticket.complete(.success(f))
         case .barrier(let ticket):
             afterExternalDevices(everyDevice: true) { [self] in
                 service.publish(stats)
@@ -494,6 +511,7 @@ final class EventLoop {
             switch command {
             case .invalidate(_, _, let ticket): ticket.complete(.failure(.stopped))
             case .check(let ticket): ticket.complete(.failure(.stopped))
+            case .footprint(let ticket): ticket.complete(.failure(.stopped))
             case .barrier(let ticket): ticket.complete(.failure(.stopped))
             case .attach(let a): a.transport.close()
             case .listen(let fd, _, _): Sys.close(fd)

@@ -66,6 +66,8 @@ public struct ServiceStatistics: Sendable, Equatable {
     /// Times the io_uring completion queue was found overflowed (completions the kernel
     /// held back and delivered later; none lost).
     public var completionOverflows = 0
+    /// Command doorbell rings that failed; their commands were taken by the loop's sweep.
+    public var doorbellWriteFailures = 0
     public var loopTurns = 0
     public var completions = 0
     /// Devices attached over the socket, in all.
@@ -81,11 +83,35 @@ public struct ServiceStatistics: Sendable, Equatable {
     /// INVALIDATE messages sent to external devices, and acknowledgements received.
     public var invalidationsSent = 0
     public var invalidationsAcked = 0
-    /// Host events by where they came from: "own" (this process's memory) and each host's
-    /// name (hosts that came back under the same name add up).
+    /// Host events by where they came from: "own" (this process's memory), each host's
+    /// name while a record of it is kept (hosts that came back under the same name add
+    /// up), and "ended hosts" for the rest.
     public var uffdEventsBySource: [String: Int] = [:]
-    /// Every host that handed over its address space, in order of arrival.
+    /// The hosts attached now and the last `keptEndedHosts` that ended, in order of arrival.
     public var hosts: [HostRecord] = []
+    /// Hosts that ended, kept or not.
+    public var hostsEnded = 0
+    /// Ended hosts whose records are kept: a peer that connects again and again must not
+    /// grow the statistics.
+    public static let keptEndedHosts = 32
+
+    /// Updates the record of host `id`, if it is kept (a live host's always is).
+    mutating func host(_ id: UInt32, _ body: (inout HostRecord) -> Void) {
+        if let i = hosts.lastIndex(where: { $0.id == id }) { body(&hosts[i]) }
+    }
+
+    /// Marks host `id` ended and drops the oldest ended records beyond `keptEndedHosts`,
+    /// folding their event counts into "ended hosts".
+    mutating func endHost(_ id: UInt32, reason: String) {
+        host(id) { $0.ended = reason }
+        hostsEnded += 1
+        while hosts.lazy.filter({ $0.ended != nil }).count > Self.keptEndedHosts {
+            let gone = hosts.remove(at: hosts.firstIndex { $0.ended != nil }!)
+            if !hosts.contains(where: { $0.name == gone.name }), let n = uffdEventsBySource.removeValue(forKey: gone.name) {
+                uffdEventsBySource["ended hosts", default: 0] += n
+            }
+        }
+    }
     /// Counts one host event that invalidates, by kind and in total.
     mutating func count(_ event: HostEvent, source: String) {
         switch event {
@@ -108,8 +134,35 @@ public struct ServiceStatistics: Sendable, Equatable {
     }
 }
 
+/// What a service holds at one moment: the figures a soak run watches for growth.
+public struct ServiceFootprint: Sendable, Equatable, Codable {
+    /// This process's resident set (VmRSS) and open descriptors.
+    public var rssBytes: UInt64 = 0
+    public var fds = 0
+    /// I/O page-table pages live over every engine (the service's and each host's).
+    public var tablePages = 0
+    /// Faulted pages marked mapped, and DMA mappings, over every engine.
+    public var mappedPages = 0
+    public var mappings = 0
+    public var devices = 0
+    public var peers = 0
+    public var hosts = 0
+
+    public init() {}
+
+    /// Fills `rssBytes` and `fds` from /proc/self.
+    public mutating func measureProcess() {
+        let status = Sys.readText("/proc/self/status") ?? ""
+        let rss = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
+        rssBytes = (rss.flatMap { UInt64($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") } ?? 0) << 10
+        fds = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 1) - 1  // less the one reading it
+    }
+}
+
 /// A host in another process, as the statistics (and `iopf serve --json`'s `hosts`) show it.
 public struct HostRecord: Sendable, Equatable, Codable {
+    /// The service's number for this attachment (unique while the service runs).
+    public var id: UInt32
     public var name: String
     public var pid: Int32
     public var regions: Int
@@ -124,7 +177,8 @@ public struct HostRecord: Sendable, Equatable, Codable {
     /// Why its address space was torn down; nil while it is attached.
     public var ended: String?
 
-    public init(name: String, pid: Int32, regions: Int, memoryBytes: UInt64) {
+    public init(id: UInt32, name: String, pid: Int32, regions: Int, memoryBytes: UInt64) {
+        self.id = id
         self.name = name
         self.pid = pid
         self.regions = regions
@@ -208,6 +262,7 @@ public final class FaultService: Sendable {
         case listen(fd: CInt, path: String, provisioner: any DeviceProvisioner)
         case invalidate(start: UInt64, length: UInt64, Ticket<InvalidationOutcome>)
         case check(Ticket<[InvariantViolation]>)
+        case footprint(Ticket<ServiceFootprint>)
         case barrier(Ticket<Void>)
         case stop
     }
@@ -231,8 +286,10 @@ public final class FaultService: Sendable {
     /// Why host events are off, when they are.
     public let hostEventsUnavailable: String?
     public let window = HostChangeWindow()
-    /// Fault injection: io_uring submit results the loop takes instead of submitting.
-    let plantedSubmits = PlantedRingResults()
+    /// Fault injection: submit results, wake-write completions and doorbell rings.
+    let planted = PlantedFailures()
+    /// Command doorbell rings that failed (the loop's sweep takes their commands).
+    private let doorbellWriteFailures = Atomic<Int>(0)
     /// Host events whose invalidation has completed.
     let hostEventsHandled = Atomic<Int>(0)
     let fences: InvalidationFences
@@ -479,7 +536,19 @@ public final class FaultService: Sendable {
         return ticket
     }
 
-    public var statistics: ServiceStatistics { published.withLock { $0 } }
+    /// What the service holds now (for soak runs): taken on the loop, so the counts are
+    /// of one moment.
+    public func footprint() -> Ticket<ServiceFootprint> {
+        let ticket = Ticket<ServiceFootprint>()
+        submit(.footprint(ticket), ticket)
+        return ticket
+    }
+
+    public var statistics: ServiceStatistics {
+        var s = published.withLock { $0 }
+        s.doorbellWriteFailures = doorbellWriteFailures.load(ordering: .relaxed)
+        return s
+    }
 
     func publish(_ stats: ServiceStatistics) { published.withLock { $0 = stats } }
 
@@ -504,11 +573,26 @@ public final class FaultService: Sendable {
             return c.accepting
         }
         guard accepted else { throw .stopped }
-        Self.ring(doorbell)
+        if let e = planted.take(.commandDoorbell), e != 0 {
+            doorbellWriteFailures.add(1, ordering: .relaxed)
+        } else if !Self.ring(doorbell) {
+            doorbellWriteFailures.add(1, ordering: .relaxed)
+        }
     }
 
-    static func ring(_ eventfd: CInt) {
+    /// Adds one to an eventfd, retrying signals. A failed ring of the command doorbell
+    /// loses nothing: the loop also sweeps the command queue every `commandSweep`.
+    @discardableResult
+    static func ring(_ eventfd: CInt) -> Bool {
         var one: UInt64 = 1
-        _ = withUnsafeBytes(of: &one) { try? Sys.write(eventfd, $0) }
+        while true {
+            let r = withUnsafeBytes(of: &one) { Glibc.write(eventfd, $0.baseAddress, 8) }
+            if r == 8 { return true }
+            if r < 0 && errno == EINTR { continue }
+            return false
+        }
     }
+
+    /// How often the loop looks at the command queue without being rung.
+    static let commandSweep = Duration.milliseconds(100)
 }

@@ -141,7 +141,14 @@ final class SharedRingTransport: FaultTransport {
                 throw .closed("cannot re-arm the doorbell: \(error)")
             }
         case .wake:
-            wakeInFlight = false  // -EAGAIN: the device's counter is full, it is awake anyway
+            wakeInFlight = false
+            // -EAGAIN: the device's counter is full, so it is awake anyway. Any other
+            // failure would leave it asleep with answers waiting: it is let go, alone.
+            if c.result == -EINTR {
+                try wakeDevice(ring, token)
+            } else if c.result < 0 && c.result != -EAGAIN && c.result != -ECANCELED {
+                throw .closed("cannot wake the device: its wake eventfd write failed with errno \(-c.result)")
+            }
         default:
             break
         }
@@ -188,16 +195,18 @@ final class SharedRingTransport: FaultTransport {
         }
         if n > 0 {
             queue.storeSequential(.responseTail, responseTail)
-            if queue.loadSequential(.deviceWaiting) != 0 && !wakeInFlight {
-                do {
-                    try ring.prepareWrite(fd: wake, from: UnsafeRawBufferPointer(wakeValue), token: token(.wake))
-                } catch {
-                    throw .closed("cannot ring the device: \(error)")
-                }
-                wakeInFlight = true
-                inFlight += 1
-            }
+            if queue.loadSequential(.deviceWaiting) != 0 && !wakeInFlight { try wakeDevice(ring, token) }
         }
+    }
+
+    private func wakeDevice(_ ring: Ring, _ token: TokenSource) throws(TransportFault) {
+        do {
+            try ring.prepareWrite(fd: wake, from: UnsafeRawBufferPointer(wakeValue), token: token(.wake))
+        } catch {
+            throw .closed("cannot ring the device: \(error)")
+        }
+        wakeInFlight = true
+        inFlight += 1
     }
 
     func announceSleep() -> Bool {

@@ -119,16 +119,15 @@ extension EventLoop {
         let id = nextSpaceID
         engine.setInvalidator(DomainSync(domain: SyncDomain(space: id, domain: domain), local: nil, fences: fences) { true }, for: domain)
         let index = hosts.firstIndex { $0 == nil } ?? hosts.count
-        stats.hosts.append(HostRecord(name: name, pid: p.pid, regions: declaration.regions.count,
-                                      memoryBytes: declaration.regions.reduce(0) { $0 + $1.size }))
-        let space = HostSpace(id: id, index: index, name: name, engine: engine, domain: domain, memory: memory, uffd: uffd,
-                              peer: p, record: stats.hosts.count - 1)
+        let memoryBytes = declaration.regions.reduce(0) { $0 + $1.size }
+        stats.hosts.append(HostRecord(id: id, name: name, pid: p.pid, regions: declaration.regions.count, memoryBytes: memoryBytes))
+        let space = HostSpace(id: id, index: index, name: name, engine: engine, domain: domain, memory: memory, uffd: uffd, peer: p)
         if index == hosts.count { hosts.append(space) } else { hosts[index] = space }
         p.space = space
         p.state = .attached
         armHostEvents(space)
         reply(p, Wire.message(command: .host, id: header.id, flags: .reply))
-        service.logger.info("host '\(name)' attached from \(p.name): \(declaration.regions.count) regions, \(memory.memfds.count) memfds, \(stats.hosts[space.record].memoryBytes >> 20) MiB")
+        service.logger.info("host '\(name)' attached from \(p.name): \(declaration.regions.count) regions, \(memory.memfds.count) memfds, \(memoryBytes >> 20) MiB")
     }
 
     private func armHostEvents(_ s: HostSpace) {
@@ -170,7 +169,7 @@ extension EventLoop {
             do { try s.engine.updateHostAddress(iova: request.iova, size: request.size, vaddr: request.hostAddress) } catch {
                 return refuse(WireErrno.invalid, "badMapping", "\(error)")
             }
-            stats.hosts[s.record].addressUpdates += 1
+            stats.host(s.id) { $0.addressUpdates += 1 }
             afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply)) }
             return
         }
@@ -192,7 +191,7 @@ extension EventLoop {
             }
             return refuse(errno, "badMapping", error.description)
         }
-        stats.hosts[s.record].mappings += 1
+        stats.host(s.id) { $0.mappings += 1 }
         reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply))
     }
 
@@ -204,7 +203,7 @@ extension EventLoop {
             reply(p, Wire.errorReply(command: .dmaUnmap, id: header.id, errno: WireErrno.invalid, text: "\(error)"))
             return
         }
-        stats.hosts[s.record].unmaps += removed.count
+        stats.host(s.id) { $0.unmaps += removed.count }
         let bytes = removed.reduce(0) { $0 + UInt64($1.count) }
         afterExternalDevices(space: s.id) { [self] in reply(p, DMAUnmapReply(bytes: bytes).message(id: header.id, flags: .reply)) }
     }
@@ -257,7 +256,7 @@ extension EventLoop {
         guard range.lowerBound < range.upperBound else { return }
         if gone { s.memory.forget(range) }
         stats.count(event, source: s.name)
-        stats.hosts[s.record].uffdEvents += 1
+        stats.host(s.id) { $0.uffdEvents += 1 }
         do {
             _ = try s.engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
         } catch {
@@ -296,7 +295,7 @@ extension EventLoop {
         s.uffd.release(scratch: uffdBuffer)
         s.memory.close()
         if s.index < hosts.count, hosts[s.index] === s { hosts[s.index] = nil }
-        stats.hosts[s.record].ended = reason
+        stats.endHost(s.id, reason: reason)
         service.logger.info("host '\(s.name)' (pid \(s.pid)) torn down: \(reason); \(devices.count) devices detached")
     }
 }

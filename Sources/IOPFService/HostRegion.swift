@@ -193,6 +193,10 @@ public final class ProcessMemory: HostMemory {
     private let deviceMemory = Lock<[Range<UInt64>]>([])
     /// Pins per page: mlock does not count, so aliased pinned mappings must.
     private let pins = Lock(PinCounts())
+    /// Fault injection: `madvise` and `mlock` failures planted by tests.
+    public let planted = PlantedFailures()
+    /// Attempts at populating a run when the kernel answers EINTR or EAGAIN.
+    static let populateTries = 3
 
     public init() {}
 
@@ -213,8 +217,9 @@ public final class ProcessMemory: HostMemory {
             }
             try forEachRun(address: address, pageCount: pageCount) { (start, n, isDevice) throws(HostMemoryError) in
                 if !isDevice {
-                    if iopf_mlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) != 0 {
-                        let e = Glibc.errno
+                    let planted = planted.take(.mlock) ?? 0
+                    if planted != 0 || iopf_mlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) != 0 {
+                        let e = planted != 0 ? planted : Glibc.errno
                         undo()
                         let why = switch e {
                         case ENOMEM: "mlock: over RLIMIT_MEMLOCK without CAP_IPC_LOCK, or part of the range is not mapped"
@@ -270,11 +275,23 @@ public final class ProcessMemory: HostMemory {
 
     public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
         let advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ
-        let r = madvise(UnsafeMutableRawPointer(bitPattern: UInt(address)), pageCount << 12, advice)
-        if r != 0 {
-            let e = Glibc.errno
-            let what = e == EFAULT || e == ENOMEM ? "not mapped" : e == EINVAL ? "not populatable (VM_PFNMAP/IO)" : "errno \(e)"
-            throw HostMemoryError(address: address, reason: "MADV_POPULATE_\(write ? "WRITE" : "READ") of \(pageCount) pages failed: \(what)")
+        var tries = 0
+        while true {
+            let planted = planted.take(.madvise) ?? 0
+            if planted == 0 && madvise(UnsafeMutableRawPointer(bitPattern: UInt(address)), pageCount << 12, advice) == 0 { break }
+            let e = planted != 0 ? planted : Glibc.errno
+            tries += 1
+            // A signal or a transiently busy kernel: try again, a few times.
+            if (e == EINTR || e == EAGAIN) && tries < Self.populateTries { continue }
+            let what = switch e {
+            case EFAULT: "populating failed (not mapped, or a fault the kernel could not serve)"
+            case ENOMEM: "not mapped, or out of memory"
+            case EINVAL: "not populatable (VM_PFNMAP/IO)"
+            case EHWPOISON: "hardware-poisoned page"
+            case EINTR, EAGAIN: "interrupted or busy \(tries) times (errno \(e))"
+            default: "errno \(e)"
+            }
+            throw HostMemoryError(address: address, reason: "MADV_POPULATE_\(write ? "WRITE" : "READ") of \(pageCount) pages: \(what)")
         }
         guard let phys = PhysicalSpace.shared.physicalRun(of: address, pages: pageCount) else {
             throw HostMemoryError(address: address, reason: "not inside a shared host region (no physical address)")

@@ -354,11 +354,9 @@ final class HostSpace {
     var devices: [AttachedDevice] = []
     var uffdArmed = false
     var closed = false
-    /// This host's entry in the statistics' `hosts`.
-    let record: Int
 
     init(id: UInt32, index: Int, name: String, engine: FaultEngine, domain: DomainID, memory: RemoteHostMemory,
-         uffd: HostUserfaultfd, peer: Peer, record: Int) {
+         uffd: HostUserfaultfd, peer: Peer) {
         self.id = id
         self.index = index
         self.name = name
@@ -369,6 +367,5 @@ final class HostSpace {
         self.uffd = uffd
         pid = peer.pid
         self.peer = peer
-        self.record = record
     }
 }

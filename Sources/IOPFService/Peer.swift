@@ -335,7 +335,7 @@ extension EventLoop {
         guard p.state == .attached, let d = p.device else { return }
         stats.externalDevices += 1
         armInvalidation(p)
-        if let space { stats.hosts[space.record].devices += 1 }
+        if let space { stats.host(space.id) { $0.devices += 1 } }
         service.logger.info("device \(d.deviceID) attached from \(p.name)\(space.map { " to host \($0.name)" } ?? ""): \(provision.windows.count) windows, \(regions.count) regions, \(request.wantsStream ? "stream" : "shared ring") channel, credit \(request.credit)")
     }
 

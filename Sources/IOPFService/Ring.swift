@@ -74,8 +74,12 @@ final class Ring {
     /// Operations submitted (or queued) whose completion has not been reaped, cancels
     /// excluded: buffers they name must stay allocated until this drops.
     private(set) var inFlight = 0
-    /// Submission results a test plants (fault injection), returned instead of submitting.
-    var planted: PlantedRingResults?
+    /// Failures a test plants (submits, wake-write completions).
+    var planted: PlantedFailures?
+    /// Completions taken while waiting for room in a full submission queue.
+    private var backlog: [Completion] = []
+    /// When submits began to be refused (EAGAIN/EBUSY), while they are.
+    private var refusedSince: ContinuousClock.Instant?
     /// Reaps that found the completion queue overflowed.
     private(set) var overflowsSeen = 0
 
@@ -99,17 +103,31 @@ final class Ring {
         assert(pthread_equal(owner, pthread_self()) != 0, "a Ring is used from a thread other than its owner")
     }
 
-    /// A free submission entry, submitting queued ones first if the queue is full (a few
-    /// tries: a transiently busy kernel frees room once completions are reaped).
+    /// A free submission entry. When the queue is full, what is queued is submitted; a
+    /// busy kernel (EAGAIN/EBUSY until completions are reaped) has its completions moved
+    /// to `backlog`, which the next `reap` hands out first, and is retried with backoff
+    /// for up to `busyLimit` before the loop gives up loudly.
     private func sqe() throws(RingError) -> UnsafeMutablePointer<io_uring_sqe> {
         checkThread()
-        for _ in 0..<8 {
-            if let s = io_uring_get_sqe(&ring) { return s }
+        if let s = io_uring_get_sqe(&ring) { return s }
+        let deadline = ContinuousClock.now + Self.busyLimit
+        var pause: UInt32 = 1
+        while true {
             try submit()
             flushCompletions()
+            take(into: &backlog)
+            if let s = io_uring_get_sqe(&ring) { return s }
+            guard ContinuousClock.now < deadline else {
+                throw RingError(operation: "get_sqe (the submission queue stayed full for \(Self.busyLimit))", errno: .resourceBusy)
+            }
+            usleep(pause)
+            pause = min(pause * 2, 1000)
         }
-        throw RingError(operation: "get_sqe", errno: .resourceBusy)
     }
+
+    /// How long a full submission queue, or a kernel refusing submits, is retried before
+    /// the loop stops.
+    static let busyLimit = Duration.seconds(1)
 
     func prepareRead(fd: CInt, into buffer: UnsafeMutableRawBufferPointer, token: RingToken) throws(RingError) {
         let s = try sqe()
@@ -150,22 +168,35 @@ final class Ring {
 
     /// Submits what is queued without waiting. A busy kernel (EAGAIN, EBUSY: completions
     /// to reap first) or a signal is transient: the entries stay queued for the next call.
+    /// Refusals that last `busyLimit` are not: the loop stops loudly.
     func submit() throws(RingError) {
         checkThread()
-        let r = planted?.take() ?? io_uring_submit(&ring)
-        guard r >= 0 || r == -EAGAIN || r == -EBUSY || r == -EINTR else {
-            throw RingError(operation: "submit", errno: Errno(rawValue: -r))
-        }
+        let r = if let e = planted?.take(.submit), e != 0 { -e } else { io_uring_submit(&ring) }
+        try check(r, "submit")
     }
 
     /// Submits what is queued and waits for at least one completion or the timeout.
     func submitAndWait(timeoutNanoseconds: Int64) throws(RingError) {
         checkThread()
+        if let e = planted?.take(.submit), e != 0 { return try check(-e, "submit_and_wait_timeout") }
         var ts = __kernel_timespec(tv_sec: timeoutNanoseconds / 1_000_000_000, tv_nsec: timeoutNanoseconds % 1_000_000_000)
         var cqe: UnsafeMutablePointer<io_uring_cqe>?
         let r = io_uring_submit_and_wait_timeout(&ring, &cqe, 1, &ts, nil)
-        guard r >= 0 || r == -ETIME || r == -EINTR || r == -EBUSY else {
-            throw RingError(operation: "submit_and_wait_timeout", errno: Errno(rawValue: -r))
+        try check(r == -ETIME ? 0 : r, "submit_and_wait_timeout")
+    }
+
+    private func check(_ r: Int32, _ operation: String) throws(RingError) {
+        if r >= 0 {
+            refusedSince = nil
+        } else if r == -EAGAIN || r == -EBUSY {
+            let now = ContinuousClock.now
+            guard let since = refusedSince else { return refusedSince = now }
+            guard now - since < Self.busyLimit else {
+                throw RingError(operation: "\(operation) (the kernel refused every submit for \(Self.busyLimit))",
+                                errno: Errno(rawValue: -r))
+            }
+        } else if r != -EINTR {
+            throw RingError(operation: operation, errno: Errno(rawValue: -r))
         }
     }
 
@@ -174,10 +205,21 @@ final class Ring {
         _ = io_uring_get_events(&ring)
     }
 
-    /// Appends every ready completion to `out` and marks them seen. Returns how many.
+    /// Appends every ready completion to `out` (those set aside while the submission
+    /// queue was full first) and marks them seen. Returns how many.
     @discardableResult
     func reap(into out: inout [Completion]) -> Int {
         checkThread()
+        let setAside = backlog.count
+        if setAside > 0 {
+            out += backlog
+            backlog.removeAll(keepingCapacity: true)
+        }
+        return setAside + take(into: &out)
+    }
+
+    @discardableResult
+    private func take(into out: inout [Completion]) -> Int {
         // The kernel kept completions that did not fit (IORING_FEAT_NODROP): liburing's
         // peek flushes them once there is room, so nothing is lost; only counted here.
         if ring.sq.kflags.pointee & UInt32(IORING_SQ_CQ_OVERFLOW) != 0 { overflowsSeen += 1 }
@@ -191,32 +233,13 @@ final class Ring {
                 let c = cqes[i]!.pointee
                 if let token = RingToken(userData: c.user_data), token.kind != .cancel {
                     inFlight -= 1
-                    out.append(Completion(token: token, result: c.res))
+                    var result = c.res
+                    if token.kind == .wake, let e = planted?.take(.wakeWrite), e != 0 { result = -e }
+                    out.append(Completion(token: token, result: result))
                 }
             }
             io_uring_cq_advance(&ring, UInt32(n))
             total += n
-        }
-    }
-}
-
-/// Results for `Ring.submit` planted by a test (as negative errnos), taken one per call.
-/// The loop checks one relaxed atomic per submit when none is planted.
-final class PlantedRingResults: Sendable {
-    private let results = Lock<[Int32]>([])
-    private let count = Atomic<Int>(0)
-
-    func plant(_ negativeErrnos: [Int32]) {
-        results.withLock { $0 += negativeErrnos }
-        count.add(negativeErrnos.count, ordering: .releasing)
-    }
-
-    func take() -> Int32? {
-        guard count.load(ordering: .acquiring) > 0 else { return nil }
-        return results.withLock { r in
-            guard !r.isEmpty else { return nil }
-            count.subtract(1, ordering: .releasing)
-            return r.removeFirst()
         }
     }
 }

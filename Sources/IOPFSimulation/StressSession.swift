@@ -27,6 +27,8 @@ public struct StressOptions: Sendable {
     public var external = false
     public var deviceCommand: [String] = []
     @_spi(FaultInjection) public var injected: InjectedBugs = []
+    /// Take the service's footprint every this many seconds (soak runs); nil: never.
+    public var sampleEvery: Double?
     public static let mappingBytes: UInt64 = 2 << 20
     public static let iovaBase: UInt64 = 1 << 40
     public init() {}
@@ -58,6 +60,13 @@ public struct StressResult: Codable, Sendable {
     public var firstViolation: String?
 }
 
+/// The service's footprint at one moment of a stress run.
+public struct StressSample: Sendable, Codable {
+    public var elapsed: Double
+    public var faults: Int
+    public var footprint: ServiceFootprint
+}
+
 public struct StressProgress: Sendable {
     public var elapsed: Double
     public var faults: Int
@@ -67,7 +76,8 @@ public struct StressProgress: Sendable {
 
 public enum StressSession {
     public static func run(_ o: StressOptions, logger: Logger = Logger(label: "iopf.stress"),
-                           progress: (StressProgress) -> Void = { _ in }) throws -> StressResult {
+                           progress: (StressProgress) -> Void = { _ in },
+                           sample: (StressSample) -> Void = { _ in }) throws -> StressResult {
         precondition(o.devices > 0 && o.mappingsPerDevice > 0 && o.domains > 0, "stress needs devices, mappings and domains")
         let slice = StressOptions.mappingBytes * UInt64(o.mappingsPerDevice)
         let region = try HostRegion(length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes)
@@ -146,6 +156,7 @@ public enum StressSession {
             : nil
         var counts: [String: Int] = [:]
         var nextProgress = 0.5
+        var nextSample = o.sampleEvery ?? .infinity
         var nextCheck = 0.05
         var operations = 0
         let total = region.length
@@ -209,6 +220,11 @@ public enum StressSession {
                 progress(StressProgress(elapsed: now, faults: s.records, invalidations: engine.statistics.invalidations,
                                         violations: kinds.values.reduce(0, +)))
                 nextProgress = now + 0.5
+            }
+            if now >= nextSample, let every = o.sampleEvery {
+                doing = "taking a footprint"
+                sample(StressSample(elapsed: now, faults: service.statistics.records, footprint: try service.footprint().wait()))
+                nextSample += every
             }
         }
         doing = "the final checks"

@@ -175,6 +175,30 @@ func refusal(_ body: () throws -> Void) -> (errno: UInt32, text: String)? {
         _ = again
     }
 
+    /// A host that comes and goes under new names must not grow the statistics: ended
+    /// records beyond `keptEndedHosts` are dropped and their events folded together.
+    @Test func hostsThatComeAndGoKeepTheStatisticsBounded() throws {
+        let s = try ListeningService()
+        let m = try TestHostMemory()
+        let rounds = ServiceStatistics.keptEndedHosts + 8
+        for i in 0..<rounds {
+            let host = try m.attach(s.path, name: "vm-\(i)", iova: Self.iova)
+            // One REMOVE event from this host's memory, counted under its name.
+            let before = s.service.statistics.uffdEvents
+            #expect(madvise(m.pointer(0), 4096, MADV_DONTNEED) == 0)
+            _ = s.waitFor { $0.uffdEvents > before }
+            host.close()
+            _ = s.waitFor { $0.hostsEnded == i + 1 }
+        }
+        let stats = s.service.statistics
+        #expect(stats.hostsEnded == rounds)
+        #expect(stats.hosts.count == ServiceStatistics.keptEndedHosts)
+        #expect(stats.hosts.first?.name == "vm-8" && stats.hosts.last?.name == "vm-\(rounds - 1)")
+        #expect(stats.uffdEventsBySource["ended hosts"] == 8, "\(stats.uffdEventsBySource)")
+        #expect(stats.uffdEventsBySource.count <= ServiceStatistics.keptEndedHosts + 2)
+        #expect(stats.uffdEventsBySource.values.reduce(0, +) == stats.uffdEvents)
+    }
+
     @Test func handOversThatAreWrongAreRefusedSayingWhy() throws {
         let s = try ListeningService()
         let m = try TestHostMemory()

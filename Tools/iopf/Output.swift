@@ -10,6 +10,13 @@ enum Output {
         print(String(decoding: try encoder.encode(value), as: UTF8.self))
     }
 
+    /// One JSON object on one line (a stream of samples), flushed at once.
+    static func printJSONLine(_ value: some Encodable) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        FileHandle.standardOutput.write(try encoder.encode(value) + Data("\n".utf8))
+    }
+
     static let terminal = isatty(STDERR_FILENO) != 0
 
     /// Shows `line` as the current progress; `nil` ends the progress line.

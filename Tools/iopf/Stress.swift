@@ -41,10 +41,14 @@ struct Stress: ParsableCommand {
     @Flag(help: "Print one JSON object at the end instead of progress and a summary.")
     var json = false
 
+    @Option(help: ArgumentHelp("Every this many seconds, print the service's footprint (RSS, descriptors, table pages, mapped pages, mappings, devices, peers, hosts) as one JSON line.", valueName: "seconds"))
+    var sampleEvery: Double?
+
     func validate() throws {
         for name in inject where name != "list" && InjectedBugs(name: name) == nil {
             throw ValidationError("--inject '\(name)' is not a known bug; known: \(InjectedBugs.names.map(\.0).joined(separator: ", "))")
         }
+        guard sampleEvery.map({ $0 > 0 }) ?? true else { throw ValidationError("--sample-every must be positive") }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive, got \(seconds)") }
         guard ops.map({ $0 > 0 }) ?? true else { throw ValidationError("--ops must be positive") }
         guard devices >= 1 && devices <= 64 else { throw ValidationError("--devices must be 1...64, got \(devices)") }
@@ -64,15 +68,18 @@ struct Stress: ParsableCommand {
         o.domains = domains
         o.hostChurn = hostChurn
         o.external = external
+        o.sampleEvery = sampleEvery
         o.deviceCommand = [try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"), "device"]
         o.injected = inject.reduce(into: InjectedBugs()) { $0.insert(InjectedBugs(name: $1)!) }
         var logger = Logger(label: "iopf.stress")
         logger.logLevel = .error
-        let r = try StressSession.run(o, logger: logger) { p in
+        let r = try StressSession.run(o, logger: logger, progress: { p in
             guard !json else { return }
             Output.progress(String(format: "%5.1fs  faults %9d (%7.0f/s)  invalidations %8d (%6.0f/s)  violations %d",
                                    p.elapsed, p.faults, Double(p.faults) / p.elapsed, p.invalidations, Double(p.invalidations) / p.elapsed, p.violations))
-        }
+        }, sample: { s in
+            try? Output.printJSONLine(s)
+        })
         if json {
             try Output.printJSON(r)
         } else {
