@@ -35,8 +35,9 @@ public struct ServiceConfiguration: Sendable {
         c.pageSizes = [.size4K]
         return c
     }()
-    /// Sees every IOTLB sync of every host's domain (the stress tool's tally).
-    public var hostSyncObserver: (any IOTLBSyncObserver)?
+    /// Sees every IOTLB sync of the domain of each host with this name (the stress tool's
+    /// tally of its own host, which other hosts on the same service must not add to).
+    public var hostSyncObserver: (name: String, observer: any IOTLBSyncObserver)?
     /// Bugs planted for `iopf stress` and tests (the service plants double-answer).
     @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
     public init() {}

@@ -112,7 +112,7 @@ extension EventLoop {
         memory.bind(pieces)
         let engine = FaultEngine(memory: memory, configuration: service.configuration.hostEngine)
         let domain: DomainID
-        do { domain = try engine.createDomain(invalidator: nil, observer: service.configuration.hostSyncObserver) } catch {
+        do { domain = try engine.createDomain(invalidator: nil, observer: service.configuration.hostSyncObserver.flatMap { $0.name == name ? $0.observer : nil }) } catch {
             return fail(HostRefusal(WireErrno.noSpace, "noMemory", "cannot create the address space's I/O page table: \(error)"))
         }
         nextSpaceID += 1

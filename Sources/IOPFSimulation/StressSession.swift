@@ -93,7 +93,7 @@ public enum StressSession {
         let hostTally = SyncTally()
         if o.external {
             serviceConfig.hostEngine.injectedBugs = o.injected
-            serviceConfig.hostSyncObserver = hostTally
+            serviceConfig.hostSyncObserver = (StressSession.hostName, hostTally)
         }
         let observers: [any IOTLBSyncObserver] = o.external ? tallies : audits
         let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, observers: observers, logger: logger)
@@ -297,6 +297,9 @@ public enum StressSession {
         return result
     }
 
+    /// The name the stress run's `iopf host` declares.
+    static let hostName = "stress-host"
+
     /// Listens on a fresh socket, starts the device processes and waits until all attached.
     static func startFleet(_ o: StressOptions, rig: Rig, region: HostRegion, slice: UInt64) throws -> ExternalFleet {
         let path = "/tmp/iopf-stress-\(getpid()).sock"
@@ -319,7 +322,7 @@ public enum StressSession {
     /// `iopf device --address-space` processes on it; returns once all are attached.
     static func startHost(_ o: StressOptions, service: FaultService) throws -> (host: ExternalFleet, devices: ExternalFleet) {
         let path = "/tmp/iopf-stress-\(getpid()).sock"
-        let name = "stress-host"
+        let name = hostName
         let hostCommand = [o.deviceCommand.first ?? "", "host"]
         let host = try ExternalFleet(command: hostCommand, arguments: [[
             "--connect", path, "--name", name, "--memory", "16M", "--mappings", "2", "--churn", "2", "--seconds", "0",
