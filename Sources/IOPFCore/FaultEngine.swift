@@ -62,6 +62,8 @@ public struct GroupOutcome: Sendable, Equatable {
     public var code: ResponseCode
     public var mapped = 0
     public var spurious = 0
+    /// Pages mapped ahead of the group's last request (fault-around).
+    public var prefetched = 0
     /// Times the group was resolved again because an invalidation ran meanwhile.
     public var retries = 0
 }
@@ -79,6 +81,8 @@ public struct EngineStatistics: Sendable, Equatable {
     public var successGroups = 0
     public var invalidGroups = 0
     public var mappedPages = 0
+    /// Pages mapped ahead of faults (fault-around), included in `mappedPages`.
+    public var prefetchedPages = 0
     public var spurious = 0
     public var retries = 0
     public var noMapping = 0
@@ -512,9 +516,13 @@ public final class FaultHandler {
         var write: Bool
         var mapping: DMAMapping?
         var outcome: RequestOutcome?
+        /// Mapped ahead of the group (fault-around): best effort, not part of the answer.
+        var ahead = false
     }
 
     private var work: [Work] = []
+    /// The group's requests at the head of `work` (the rest are mapped ahead).
+    private var demandCount = 0
     private var physical: [UInt64] = []
     /// Index into `physical` for each work item, or -1 when it was not resolved.
     private var physicalIndex: [Int] = []
@@ -526,11 +534,13 @@ public final class FaultHandler {
         physicalIndex.reserveCapacity(32)
     }
 
-    /// Handles one complete page request group and returns its single answer.
-    public func handle(_ group: [PageRequest]) -> GroupOutcome {
+    /// Handles one complete page request group and returns its single answer. With
+    /// `ahead` > 0, up to that many pages after the group's last request are mapped too
+    /// (fault-around), never past its mapping, a page already mapped or a gone page.
+    public func handle(_ group: [PageRequest], ahead: Int = 0) -> GroupOutcome {
         var outcome = GroupOutcome(code: .success)
         while true {
-            let seq = lookUp(group)
+            let seq = lookUp(group, ahead: ahead)
             resolve()
             if engine.configuration.injectedBugs.contains(.noRetry) { Self.stretchRaceWindow() }
             if install(seq: seq, into: &outcome) { break }
@@ -548,8 +558,9 @@ public final class FaultHandler {
     }
 
     /// Phase 1, under the lock: classify each request and note the sequence.
-    private func lookUp(_ group: [PageRequest]) -> UInt64 {
+    private func lookUp(_ group: [PageRequest], ahead: Int) -> UInt64 {
         work.removeAll(keepingCapacity: true)
+        demandCount = group.count
         return engine.state.withLock { s in
             let failed = s.failure != nil
             for r in group {
@@ -577,7 +588,25 @@ public final class FaultHandler {
                 }
                 work.append(w)
             }
+            if ahead > 0, let last = work.last, let m = last.mapping, !m.pinned { lookAhead(after: last, in: m, pages: ahead) }
             return engine.sequence.load(ordering: .relaxed)
+        }
+    }
+
+    /// Adds the pages after `last` to map ahead, under the lock: stops at the mapping's
+    /// end, at a page already mapped (what follows was faulted or mapped ahead before) and
+    /// at a page whose host memory is gone.
+    private func lookAhead(after last: Work, in m: DMAMapping, pages: Int) {
+        var iova = last.iova
+        var host = last.host
+        for _ in 0..<pages {
+            guard iova < m.iovaLast else { return }  // iovaLast is the last byte: a page remains
+            iova += pageBytes
+            host += pageBytes
+            let index = m.pageIndex(iova: iova)
+            if m.iopfMapped.test(index) { return }
+            if let gone = m.hostGone, gone.test(index) { return }
+            work.append(Work(iova: iova, host: host, write: last.write, mapping: m, outcome: nil, ahead: true))
         }
     }
 
@@ -602,7 +631,21 @@ public final class FaultHandler {
                 for k in i..<end { physicalIndex.append(base + k - i) }
             } catch {
                 physical.removeSubrange(base...)
-                for k in i..<end {
+                // Pages mapped ahead are best effort: without them, the requests may resolve.
+                var demandEnd = i
+                while demandEnd < end && !work[demandEnd].ahead { demandEnd += 1 }
+                if demandEnd < end && demandEnd > i,
+                    (try? engine.memory.resolve(address: work[i].host, pageCount: demandEnd - i, write: work[i].write, physical: &physical)) != nil
+                {
+                    for k in i..<demandEnd { physicalIndex.append(base + k - i) }
+                } else {
+                    physical.removeSubrange(base...)
+                    for k in i..<demandEnd {
+                        physicalIndex.append(-1)
+                        work[k].outcome = .resolveFailed
+                    }
+                }
+                for k in demandEnd..<end {
                     physicalIndex.append(-1)
                     work[k].outcome = .resolveFailed
                 }
@@ -624,6 +667,14 @@ public final class FaultHandler {
                 if result == .mapped, let m = work[k].mapping {
                     result = s.mapFaultedPage(iova: work[k].iova, phys: physical[physicalIndex[k]], mapping: m)
                 }
+                if work[k].ahead {
+                    if result == .mapped {
+                        outcome.prefetched += 1
+                        s.stats.mappedPages += 1
+                        s.stats.prefetchedPages += 1
+                    }
+                    continue
+                }
                 switch result {
                 case .mapped: outcome.mapped += 1; s.stats.mappedPages += 1
                 case .spurious: outcome.spurious += 1; s.stats.spurious += 1
@@ -638,7 +689,7 @@ public final class FaultHandler {
             }
             outcome.code = code
             s.stats.groups += 1
-            s.stats.requests += work.count
+            s.stats.requests += demandCount
             if code == .success { s.stats.successGroups += 1 } else { s.stats.invalidGroups += 1 }
             return true
         }

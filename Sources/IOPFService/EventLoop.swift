@@ -54,8 +54,19 @@ final class AttachedDevice {
 
     var generation: UInt32 { token.generation }
 
+    /// Sequential-fault detection for fault-around.
+    var faultAround = FaultAroundState()
+
     func inWindows(_ iova: UInt64) -> Bool {
         windows.isEmpty || windows.contains { iova >= $0.iova && iova - $0.iova < $0.size }
+    }
+
+    /// `pages` after page `iova`, cut at the end of the window holding it: an external
+    /// device's pages are mapped ahead only where it may fault.
+    func aheadInWindow(_ iova: UInt64, _ pages: Int) -> Int {
+        guard pages > 0, !windows.isEmpty else { return pages }
+        guard let w = windows.first(where: { iova >= $0.iova && iova - $0.iova < $0.size }) else { return 0 }
+        return min(pages, Int((w.size - (iova - w.iova)) >> 12) - 1)
     }
 }
 
@@ -278,7 +289,12 @@ final class EventLoop {
         if group.failure != nil || !group.requests.allSatisfy({ d.inWindows($0.page) }) {
             code = .invalid
         } else {
-            code = d.handler.handle(group.requests).code
+            let last = group.requests[group.requests.count - 1].page
+            let ahead = d.aheadInWindow(last, d.faultAround.window(for: last, policy: service.configuration.faultAround))
+            let outcome = d.handler.handle(group.requests, ahead: ahead)
+            d.faultAround.record(iova: last, mappedAhead: outcome.prefetched)
+            stats.prefetchedPages += outcome.prefetched
+            code = outcome.code
         }
         d.assembler.answered(group)
         stats.groups += 1

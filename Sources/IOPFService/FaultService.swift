@@ -28,6 +28,8 @@ public struct ServiceConfiguration: Sendable {
     public var invalidateTimeout: Duration = .seconds(1)
     /// Connected peers at most; further connections are closed at once.
     public var maxPeers = 256
+    /// Mapping ahead of sequential faults, per device (FaultAround.swift).
+    public var faultAround = FaultAroundPolicy.off
     /// The engine each host's address space gets (fault-driven, 4 KiB pages; planted bugs
     /// reach hosts' engines through it).
     public var hostEngine: EngineConfiguration = {
@@ -47,6 +49,8 @@ public struct ServiceStatistics: Sendable, Equatable {
     /// Well-formed page requests received.
     public var records = 0
     public var groups = 0
+    /// Pages mapped ahead of faults (fault-around).
+    public var prefetchedPages = 0
     public var success = 0
     public var invalid = 0
     /// Records refused by the wire-format checks.

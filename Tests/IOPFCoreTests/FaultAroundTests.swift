@@ -1,0 +1,168 @@
+// Fault-around (issue 12 §1): the sequential detector, and pages mapped ahead never going
+// past the mapping, a page already mapped, a gone page, or an invalidation in flight.
+
+import Synchronization
+import Testing
+@testable import IOPFCore
+
+@Suite struct FaultAroundTests {
+    static let host: UInt64 = 0x7f00_0000_0000
+    static let iova: UInt64 = 0x1_0000_0000
+    let memory = SimulatedHostMemory()
+
+    func request(_ page: Int, write: Bool = false) -> PageRequest {
+        PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 3, perm: write ? [.read, .write] : [.read],
+                    addr: Self.iova + UInt64(page) << 12, cookie: 1)
+    }
+
+    func engine(pages: Int = 64) throws -> FaultEngine {
+        let e = FaultEngine(memory: memory)
+        _ = try e.createDomain(invalidator: RecordingInvalidator())
+        try e.map(iova: Self.iova, vaddr: Self.host, size: UInt64(pages) << 12, prot: .readWrite)
+        return e
+    }
+
+    func mapped(_ e: FaultEngine, _ pages: Range<Int>) -> [Int] {
+        pages.filter { e.isMarkedMapped(iova: Self.iova + UInt64($0) << 12) }
+    }
+
+    // MARK: The detector
+
+    @Test func sequentialFaultsGrowTheWindowAndRandomOnesGetNone() {
+        var d = FaultAroundState()
+        var page: UInt64 = 1000
+        var windows: [Int] = []
+        for _ in 0..<8 {
+            let w = d.window(for: page << 12, policy: .adaptive)
+            windows.append(w)
+            d.record(iova: page << 12, mappedAhead: w)
+            page += 1 + UInt64(w)  // the device's next fault is just past what was mapped
+        }
+        #expect(windows == [0, 16, 32, 64, 128, 256, 512, 512])
+        // Random pages: each starts a stream of its own, with nothing ahead.
+        var g = SystemRandomNumberGenerator()
+        for _ in 0..<100 {
+            let p = UInt64.random(in: 1 << 20..<1 << 30, using: &g)
+            let w = d.window(for: p << 12, policy: .adaptive)
+            #expect(w == 0)
+            d.record(iova: p << 12, mappedAhead: w)
+        }
+        #expect(FaultAroundState().window(for: 0, policy: .off) == 0)
+        var f = FaultAroundState()
+        #expect(f.window(for: 12345 << 12, policy: .fixed(40)) == 40)
+    }
+
+    @Test func fourInterleavedStreamsAreEachFollowedAndAFifthEvictsTheOldest() {
+        var d = FaultAroundState()
+        var next: [UInt64] = [100, 10_000, 20_000, 30_000]
+        var last = [Int](repeating: -1, count: 4)
+        for _ in 0..<4 {
+            for s in 0..<4 {
+                let w = d.window(for: next[s] << 12, policy: .adaptive)
+                d.record(iova: next[s] << 12, mappedAhead: w)
+                next[s] += 1 + UInt64(w)
+                last[s] = w
+            }
+        }
+        #expect(last == [64, 64, 64, 64])
+        // A fifth stream takes the least recently used slot (stream 0's).
+        let w = d.window(for: 90_000 << 12, policy: .adaptive)
+        d.record(iova: 90_000 << 12, mappedAhead: w)
+        #expect(w == 0)
+        #expect(d.window(for: next[0] << 12, policy: .adaptive) == 0, "stream 0 was evicted")
+        d.record(iova: next[0] << 12, mappedAhead: 0)
+        #expect(d.window(for: next[1] << 12, policy: .adaptive) == 128, "stream 1 kept its window")
+    }
+
+    @Test func policiesParse() {
+        #expect(FaultAroundPolicy("off") == .off)
+        #expect(FaultAroundPolicy("adaptive") == .adaptive)
+        #expect(FaultAroundPolicy("64") == .fixed(64))
+        #expect(FaultAroundPolicy("513") == nil)
+        #expect(FaultAroundPolicy("-1") == nil)
+        #expect(FaultAroundPolicy("lots") == nil)
+    }
+
+    // MARK: The handler
+
+    @Test func pagesAheadAreOrdinaryMappedPages() throws {
+        let e = try engine()
+        let h = e.makeFaultHandler()
+        let calls = memory.resolveCalls
+        let out = h.handle([request(0, write: true)], ahead: 8)
+        #expect(out.code == .success && out.mapped == 1 && out.prefetched == 8)
+        #expect(memory.resolveCalls == calls + 1, "the request and its pages ahead are one resolve")
+        #expect(mapped(e, 0..<64) == Array(0...8))
+        let t = e.pageTable(DomainID(rawValue: 0))
+        for p in 0...8 {
+            #expect(t.translate(Self.iova + UInt64(p) << 12)?.phys == Self.host + UInt64(p) << 12 + memory.physicalOffset)
+        }
+        let s = e.statistics
+        #expect(s.requests == 1 && s.mappedPages == 9 && s.prefetchedPages == 8)
+        // Invalidated like any other page.
+        _ = try e.invalidate(hostAddress: Self.host + 4 << 12, length: 4096)
+        #expect(mapped(e, 0..<64) == [0, 1, 2, 3, 5, 6, 7, 8])
+        #expect(e.checkInvariants().isEmpty)
+    }
+
+    @Test func neverPastTheMappingAMappedPageOrAGonePage() throws {
+        let e = try engine()
+        let h = e.makeFaultHandler()
+        // The mapping's end.
+        #expect(h.handle([request(60)], ahead: 16).prefetched == 3)
+        #expect(mapped(e, 56..<64) == [60, 61, 62, 63])
+        // A page already mapped stops the window.
+        #expect(h.handle([request(20)]).prefetched == 0)
+        #expect(h.handle([request(15)], ahead: 10).prefetched == 4)
+        #expect(mapped(e, 10..<30) == [15, 16, 17, 18, 19, 20])
+        // A gone page stops it too.
+        _ = try e.invalidate(hostAddress: Self.host + 35 << 12, length: 4096, hostGone: true)
+        #expect(h.handle([request(30)], ahead: 10).prefetched == 4)
+        #expect(mapped(e, 30..<40) == [30, 31, 32, 33, 34])
+        // Another mapping right after is not entered.
+        try e.map(iova: Self.iova + 64 << 12, vaddr: Self.host + 64 << 12, size: 16 << 12, prot: .readWrite)
+        #expect(h.handle([request(50)], ahead: 30).prefetched == 9)
+        #expect(mapped(e, 64..<80).isEmpty)
+        #expect(e.checkInvariants().isEmpty)
+    }
+
+    /// Pages ahead that the host cannot provide are skipped; the request is still served.
+    @Test func unresolvablePagesAheadDoNotFailTheRequest() throws {
+        let e = try engine()
+        memory.markUnresolvable(Self.host + 5 << 12..<Self.host + 6 << 12)
+        let h = e.makeFaultHandler()
+        let out = h.handle([request(2)], ahead: 8)
+        #expect(out.code == .success && out.prefetched == 0)
+        #expect(mapped(e, 0..<16) == [2])
+        #expect(e.statistics.resolveFailures == 0)
+        #expect(h.handle([request(5)], ahead: 8).code == .invalid)
+    }
+
+    /// The host takes pages 4-7 away between resolve and install: the group is retried,
+    /// pages ahead included, and the window now stops before the gone pages. Without the
+    /// retry, pages 4-7 would be mapped to memory the host no longer has.
+    @Test func anInvalidationInFlightIsNeverCrossed() throws {
+        let e = try engine()
+        let fired = Atomic<Bool>(false)
+        let engineRef = e
+        memory.setBeforeResolve { _, _ in
+            if !fired.exchange(true, ordering: .relaxed) {
+                _ = try? engineRef.invalidate(hostAddress: Self.host + 4 << 12, length: 4 << 12, hostGone: true)
+            }
+        }
+        let h = e.makeFaultHandler()
+        let out = h.handle([request(0)], ahead: 16)
+        #expect(out.retries == 1 && out.prefetched == 3)
+        #expect(mapped(e, 0..<64) == [0, 1, 2, 3])
+        memory.setBeforeResolve(nil)
+        #expect(e.checkInvariants().isEmpty)
+    }
+
+    /// Pinned mappings are mapped whole already: nothing ahead.
+    @Test func pinnedMappingsAreLeftAlone() throws {
+        let e = FaultEngine(memory: memory)
+        _ = try e.createDomain(invalidator: RecordingInvalidator())
+        try e.mapPinned(iova: Self.iova, vaddr: Self.host, size: 16 << 12, prot: .readWrite)
+        #expect(e.makeFaultHandler().handle([request(0)], ahead: 8) == GroupOutcome(code: .success, spurious: 1))
+    }
+}
