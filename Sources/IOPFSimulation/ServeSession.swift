@@ -53,6 +53,8 @@ public struct ServeOptions: Sendable {
     public var seed: UInt64 = 1
     public var transport = ChannelTransport.shared
     public var spinNanoseconds: Int64 = 200_000
+    /// Mapping ahead of sequential faults (`--fault-around`).
+    public var faultAround = FaultAroundPolicy.off
     public var gatherPolicy = GatherPolicy.defaultRangeList
     /// Stop each device after this many DMA operations instead of after `seconds`.
     public var operationsPerDevice: Int?
@@ -122,6 +124,8 @@ public struct ServeResult: Codable, Sendable {
     public var stopped: String?
     /// Times the io_uring completion queue was found overflowed (nothing is lost).
     public var completionOverflows = 0
+    /// Pages mapped ahead of faults (`--fault-around`); included in the pages mapped.
+    public var prefetchedPages = 0
     /// Host changes made by `--host-churn`.
     public var hostChanges = 0
     /// Device accesses through a translation after its host event was read but before
@@ -223,6 +227,7 @@ public enum ServeSession {
         var serviceConfig = ServiceConfiguration()
         serviceConfig.transport = o.transport
         serviceConfig.spinNanoseconds = o.spinNanoseconds
+        serviceConfig.faultAround = o.faultAround
         serviceConfig.hostEvents = o.mode == .fault
         serviceConfig.invalidateTimeout = o.invalidateTimeout
         let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, logger: logger)
@@ -352,6 +357,7 @@ public enum ServeSession {
         result.hosts = s.hosts
         result.stopped = s.stopped
         result.completionOverflows = s.completionOverflows
+        result.prefetchedPages = s.prefetchedPages
         result.hostChanges = churn?.changes ?? 0
         result.lateAccesses = service.window.lateAccesses
         result.hostGoneFaults = e.hostGoneFaults

@@ -27,6 +27,8 @@ public struct StressOptions: Sendable {
     public var external = false
     public var deviceCommand: [String] = []
     @_spi(FaultInjection) public var injected: InjectedBugs = []
+    /// Mapping ahead of sequential faults (`--fault-around`).
+    public var faultAround = FaultAroundPolicy.off
     /// Take the service's footprint every this many seconds (soak runs); nil: never.
     public var sampleEvery: Double?
     public static let mappingBytes: UInt64 = 2 << 20
@@ -88,6 +90,7 @@ public enum StressSession {
         var serviceConfig = ServiceConfiguration()
         serviceConfig.spinNanoseconds = 50_000
         serviceConfig.hostEvents = o.hostChurn
+        serviceConfig.faultAround = o.faultAround
         serviceConfig.injectedBugs = o.injected
         serviceConfig.invalidateTimeout = .seconds(2)
         let hostTally = SyncTally()

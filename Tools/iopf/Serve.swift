@@ -60,10 +60,16 @@ struct Serve: ParsableCommand {
     @Option(help: "Seed for workloads and invalidations.")
     var seed: UInt64 = 1
 
+    @Option(help: ArgumentHelp("Map ahead of sequential faults: off, adaptive (a window per stream that grows while faults stay sequential), or a fixed number of pages (1-512).", valueName: "off|adaptive|N"))
+    var faultAround = "off"
+
     @Flag(help: "Print one JSON object at the end instead of progress and a table.")
     var json = false
 
     func validate() throws {
+        guard FaultAroundPolicy(faultAround) != nil else {
+            throw ValidationError("--fault-around must be off, adaptive or a page count 1...512, got '\(faultAround)'")
+        }
         guard devices >= 0 && devices <= 4096 else { throw ValidationError("--devices must be 0...4096, got \(devices)") }
         guard devices > 0 || listen != nil else { throw ValidationError("--devices 0 needs --listen PATH: there would be no device") }
         guard let bytes = parseSize(memory), bytes >= 4096 * UInt64(max(devices, 1)) else {
@@ -105,6 +111,7 @@ struct Serve: ParsableCommand {
         o.domains = domains
         o.transport = ChannelTransport(rawValue: transport)!
         o.spinNanoseconds = Int64(spinMicroseconds) * 1000
+        o.faultAround = FaultAroundPolicy(faultAround)!
         o.seed = seed
         o.hostChurnInterval = hostChurn / 1000
         o.listenPath = listen

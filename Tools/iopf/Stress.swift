@@ -38,6 +38,9 @@ struct Stress: ParsableCommand {
     @Flag(help: "Run the devices as `iopf device` processes attached over the device protocol.")
     var external = false
 
+    @Option(help: ArgumentHelp("Map ahead of sequential faults: off, adaptive or a page count (1-512).", valueName: "off|adaptive|N"))
+    var faultAround = "off"
+
     @Flag(help: "Print one JSON object at the end instead of progress and a summary.")
     var json = false
 
@@ -45,6 +48,9 @@ struct Stress: ParsableCommand {
     var sampleEvery: Double?
 
     func validate() throws {
+        guard FaultAroundPolicy(faultAround) != nil else {
+            throw ValidationError("--fault-around must be off, adaptive or a page count 1...512, got '\(faultAround)'")
+        }
         for name in inject where name != "list" && InjectedBugs(name: name) == nil {
             throw ValidationError("--inject '\(name)' is not a known bug; known: \(InjectedBugs.names.map(\.0).joined(separator: ", "))")
         }
@@ -68,6 +74,7 @@ struct Stress: ParsableCommand {
         o.domains = domains
         o.hostChurn = hostChurn
         o.external = external
+        o.faultAround = FaultAroundPolicy(faultAround)!
         o.sampleEvery = sampleEvery
         o.deviceCommand = [try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"), "device"]
         o.injected = inject.reduce(into: InjectedBugs()) { $0.insert(InjectedBugs(name: $1)!) }
