@@ -49,6 +49,8 @@ public struct StressResult: Codable, Sendable {
     /// Changes made by the `iopf host` of an `--external` run.
     public var hostChanges = 0
     public var retries = 0
+    /// Pages mapped ahead of faults (`--fault-around`).
+    public var prefetchedPages = 0
     public var iotlbSyncs = 0
     /// Engine invariant checks run, plus translations checked by devices.
     public var checks = 0
@@ -290,6 +292,7 @@ public enum StressSession {
         result.invalidations = e.invalidations
         result.uffdEvents = s.uffdEvents
         result.retries = e.retries
+        result.prefetchedPages = s.prefetchedPages
         result.iotlbSyncs = e.iotlbSyncs
         result.checks += engineChecks
         result.violationKinds = kinds

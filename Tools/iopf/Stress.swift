@@ -93,6 +93,7 @@ struct Stress: ParsableCommand {
             Output.progress(nil)
             print("iopf stress: seed \(r.seed), \(String(format: "%.1f", r.seconds)) s, \(r.devices) devices" + (r.injected.isEmpty ? "" : ", injected: \(r.injected.joined(separator: ", "))"))
             print("  faults \(r.faults) in \(r.groups) groups (\(Int(Double(r.faults) / r.seconds))/s), DMA \(r.dmaOps) ops, \(r.dmaErrors) errors")
+            if r.prefetchedPages > 0 { print("  pages mapped ahead (fault-around \(faultAround)): \(r.prefetchedPages)") }
             print("  invalidations \(r.invalidations) (\(Int(Double(r.invalidations) / r.seconds))/s), IOTLB syncs \(r.iotlbSyncs), retries \(r.retries), uffd events \(r.uffdEvents), late accesses \(r.lateAccesses)")
             print("  storm: " + r.stormOperations.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))
             print("  checks \(r.checks), violations \(r.violations)" + (r.violationKinds.isEmpty ? "" : ": " + r.violationKinds.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")))
