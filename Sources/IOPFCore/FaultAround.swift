@@ -75,19 +75,20 @@ public struct FaultAroundState: Sendable {
         }
     }
 
-    /// Pages to map ahead of a fault at `iova` under `policy`.
-    public mutating func window(for iova: UInt64, policy: FaultAroundPolicy) -> Int {
+    /// Pages to map ahead of a group whose requests span `first...last` (IOVAs) under
+    /// `policy`. The group is sequential when its stream expected a page in that span.
+    public mutating func window(from first: UInt64, to last: UInt64, policy: FaultAroundPolicy) -> Int {
         switch policy {
         case .off: return 0
         case .fixed(let n): return n
         case .adaptive: break
         }
-        let page = iova >> pageShift
+        let (low, high) = (min(first, last) >> pageShift, max(first, last) >> pageShift)
         clock &+= 1
         var oldest = 0
         for i in 0..<4 {
             var s = self[i]
-            if s.next == page {
+            if s.next >= low && s.next <= high {
                 s.window = s.window == 0 ? FaultAroundPolicy.initialPages : min(s.window * 2, FaultAroundPolicy.maxPages)
                 s.lastUse = clock
                 self[i] = s
@@ -102,11 +103,18 @@ public struct FaultAroundState: Sendable {
         return 0
     }
 
-    /// Records what the fault at `iova` mapped ahead, so that the stream expects the page
-    /// after it.
+    /// Records what was mapped ahead of the group whose last request is `iova`, so that
+    /// its stream expects the page after that.
     public mutating func record(iova: UInt64, mappedAhead: Int) {
         var s = self[current]
         s.next = (iova >> pageShift) &+ 1 &+ UInt64(mappedAhead)
         self[current] = s
+    }
+}
+
+extension FaultAroundState {
+    /// Pages to map ahead of a single fault at `iova`.
+    public mutating func window(for iova: UInt64, policy: FaultAroundPolicy) -> Int {
+        window(from: iova, to: iova, policy: policy)
     }
 }

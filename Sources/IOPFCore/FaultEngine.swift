@@ -600,8 +600,8 @@ public final class FaultHandler {
         var iova = last.iova
         var host = last.host
         for _ in 0..<pages {
-            guard iova < m.iovaLast else { return }  // iovaLast is the last byte: a page remains
             iova += pageBytes
+            guard iova <= m.iovaLast else { return }  // iovaLast is the mapping's last byte
             host += pageBytes
             let index = m.pageIndex(iova: iova)
             if m.iopfMapped.test(index) { return }

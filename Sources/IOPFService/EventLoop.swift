@@ -290,7 +290,8 @@ final class EventLoop {
             code = .invalid
         } else {
             let last = group.requests[group.requests.count - 1].page
-            let ahead = d.aheadInWindow(last, d.faultAround.window(for: last, policy: service.configuration.faultAround))
+            let window = d.faultAround.window(from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
+            let ahead = d.aheadInWindow(last, window)
             let outcome = d.handler.handle(group.requests, ahead: ahead)
             d.faultAround.record(iova: last, mappedAhead: outcome.prefetched)
             stats.prefetchedPages += outcome.prefetched

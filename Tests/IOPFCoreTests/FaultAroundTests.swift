@@ -47,9 +47,26 @@ import Testing
             #expect(w == 0)
             d.record(iova: p << 12, mappedAhead: w)
         }
-        #expect(FaultAroundState().window(for: 0, policy: .off) == 0)
+        var o = FaultAroundState()
+        #expect(o.window(for: 0, policy: .off) == 0)
         var f = FaultAroundState()
         #expect(f.window(for: 12345 << 12, policy: .fixed(40)) == 40)
+    }
+
+    /// A group of several pages is sequential when its stream expected any page of it (a
+    /// device faults the missing pages of one DMA together).
+    @Test func groupsOfSeveralPagesFollowTheirStream() {
+        var d = FaultAroundState()
+        var first: UInt64 = 5000
+        var windows: [Int] = []
+        for _ in 0..<5 {
+            let last = first + 2
+            let w = d.window(from: first << 12, to: last << 12, policy: .adaptive)
+            windows.append(w)
+            d.record(iova: last << 12, mappedAhead: w)
+            first = last + 1 + UInt64(w)
+        }
+        #expect(windows == [0, 16, 32, 64, 128])
     }
 
     @Test func fourInterleavedStreamsAreEachFollowedAndAFifthEvictsTheOldest() {
@@ -69,9 +86,9 @@ import Testing
         let w = d.window(for: 90_000 << 12, policy: .adaptive)
         d.record(iova: 90_000 << 12, mappedAhead: w)
         #expect(w == 0)
-        #expect(d.window(for: next[0] << 12, policy: .adaptive) == 0, "stream 0 was evicted")
-        d.record(iova: next[0] << 12, mappedAhead: 0)
         #expect(d.window(for: next[1] << 12, policy: .adaptive) == 128, "stream 1 kept its window")
+        d.record(iova: next[1] << 12, mappedAhead: 128)
+        #expect(d.window(for: next[0] << 12, policy: .adaptive) == 0, "stream 0 was evicted")
     }
 
     @Test func policiesParse() {

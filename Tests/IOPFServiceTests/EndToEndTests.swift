@@ -11,6 +11,32 @@ import Testing
 @testable import IOPFSystem
 
 @Suite(.serialized) struct EndToEndTests {
+    /// Sequential DMA with adaptive fault-around: the data checks pass, pages mapped
+    /// ahead are counted, and the devices need several times fewer groups than with
+    /// single pages, in the same workload. Invalidations keep running in between.
+    @Test func faultAroundCutsGroupsAndKeepsDataRight() throws {
+        func run(_ policy: FaultAroundPolicy) throws -> ServeResult {
+            var o = ServeOptions()
+            o.devices = 2
+            o.memoryBytes = 16 << 20
+            o.workload = .sequential
+            o.operationsPerDevice = 3000
+            o.invalidateInterval = 0.002
+            o.invalidateMaxPages = 16
+            o.spinNanoseconds = 20_000
+            o.faultAround = policy
+            let r = try ServeSession.run(o)
+            #expect(r.problems.isEmpty, "\(r.problems)")
+            #expect(r.dmaErrors == 0 && r.integrityErrors == 0 && r.violations == 0)
+            return r
+        }
+        let single = try run(.off)
+        let around = try run(.adaptive)
+        #expect(single.prefetchedPages == 0)
+        #expect(around.prefetchedPages > 0)
+        #expect(around.groups * 4 < single.groups, "groups: \(around.groups) with fault-around, \(single.groups) without")
+    }
+
     @Test(arguments: [
         (2, Workload.random, ChannelTransport.socket, 1),
         (3, Workload.sequential, ChannelTransport.pipe, 2),
