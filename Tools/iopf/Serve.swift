@@ -142,6 +142,7 @@ struct Serve: ParsableCommand {
         row("DMA operations", "\(r.dmaOps) (\(r.dmaErrors) errors)")
         row("page requests (faults)", "\(r.faults) in \(r.groups) groups")
         row("responses", "\(r.responses.success) success, \(r.responses.invalid) invalid")
+        if r.prefetchedPages > 0 { row("pages mapped ahead", "\(r.prefetchedPages) (fault-around \(faultAround))") }
         row("fault latency (device)", "p50 \(us(r.faultLatencyNs.p50))  p90 \(us(r.faultLatencyNs.p90))  p99 \(us(r.faultLatencyNs.p99))  p99.9 \(us(r.faultLatencyNs.p999))  max \(us(r.faultLatencyNs.max))")
         row("invalidations", "\(r.invalidations): \(r.pagesUnmapped) pages unmapped, \(r.iotlbSyncs) IOTLB syncs, \(r.retries) fault retries")
         if r.uffdEvents > 0 || r.hostChanges > 0 {
