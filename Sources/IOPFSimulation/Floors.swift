@@ -67,6 +67,17 @@ public struct Floors: Codable, Sendable {
         return nanoseconds(ContinuousClock.now - start) / Double(pages)
     }
 
+    /// Seconds for one MADV_POPULATE_WRITE call over `bytes` of fresh memory: the
+    /// yardstick for first-touch throughput (the kernel's own fault-around, in one call).
+    public static func populateOnce(bytes: UInt64) throws -> Double {
+        let region = try HostRegion(length: bytes)
+        let start = ContinuousClock.now
+        _ = try syscall("madvise(MADV_POPULATE_WRITE)") {
+            madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base)), Int(bytes), MADV_POPULATE_WRITE)
+        }
+        return nanoseconds(ContinuousClock.now - start) / 1e9
+    }
+
     /// Seconds per GiB to mlock fresh anonymous memory (faulting and locking it).
     public static func mlockPerGiB(bytes: UInt64) throws -> Double {
         let region = try HostRegion(length: bytes)

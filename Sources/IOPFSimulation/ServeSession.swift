@@ -81,6 +81,8 @@ public struct LatencySummary: Codable, Sendable, Equatable {
     public var p999: UInt64 = 0
     public var max: UInt64 = 0
 
+    public init() {}
+
     public init(_ h: Histogram<UInt64>) {
         guard h.totalCount > 0 else { return }
         p50 = h.valueAtPercentile(50)

@@ -164,4 +164,21 @@ import Testing
         #expect(pinned.dmaGBps > 0 && fault.dmaGBps > 0)
         #expect(ServeSession.lockedBytesOfProcess() == 0)
     }
+
+    /// The fault-around scenario on the same memory shape: sequential first touch needs
+    /// several times fewer groups with fault-around and ends with all of it resident;
+    /// random touches map nothing ahead, so resident memory stays what was touched.
+    @Test func benchComparesFaultAroundWithSinglePages() throws {
+        let single = try FaultAroundBench.measure(size: 16 << 20, pattern: .sequential, touch: 1, policy: .off)
+        let around = try FaultAroundBench.measure(size: 16 << 20, pattern: .sequential, touch: 1, policy: .adaptive)
+        #expect(single.problems.isEmpty && around.problems.isEmpty, "\(single.problems + around.problems)")
+        #expect(single.groups == 4096 / 32 && single.prefetchedPages == 0)
+        #expect(around.groups * 4 < single.groups, "\(around.groups) groups with fault-around, \(single.groups) without")
+        #expect(around.residentBytes == 16 << 20 && single.residentBytes == 16 << 20)
+        #expect(around.populateGBps > 0 && around.touchGBps > 0)
+        let random = try FaultAroundBench.measure(size: 16 << 20, pattern: .random, touch: 0.1, policy: .adaptive)
+        #expect(random.problems.isEmpty)
+        #expect(random.prefetchedPages < random.faults / 10, "random touches mapped \(random.prefetchedPages) pages ahead")
+        #expect(random.residentBytes <= UInt64(random.faults + random.prefetchedPages) << 12)
+    }
 }

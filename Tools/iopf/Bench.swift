@@ -11,8 +11,18 @@ import Logging
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure pinned and fault-driven memory side by side: start-up, density, throughput.",
-        discussion: "Each (size, touch) runs both modes, interleaved, --repeat times; medians are reported."
+        discussion: """
+            Each (size, touch) runs both modes, interleaved, --repeat times; medians are reported. \
+            --scenario fault-around instead compares single-page faulting with --fault-around on one device's first touch: \
+            sequential over each size, and random 4 KiB touches of each --touch fraction.
+            """
     )
+
+    @Option(help: ArgumentHelp("pinned-vs-fault, or fault-around (single pages against --fault-around).", valueName: "scenario"))
+    var scenario = "pinned-vs-fault"
+
+    @Option(help: ArgumentHelp("The policy --scenario fault-around compares with single pages: adaptive or a page count.", valueName: "adaptive|N"))
+    var faultAround = "adaptive"
 
     @Option(help: "Memory sizes, comma-separated (e.g. 1G,2G,4G,8G).")
     var sizes = "1G,2G,4G,8G"
@@ -50,6 +60,12 @@ struct Bench: ParsableCommand {
         guard !t.isEmpty, t.count == parsedTouch.count, parsedTouch.allSatisfy({ $0 > 0 && $0 <= 1 }) else {
             throw ValidationError("--touch '\(touch)' must be fractions in (0, 1], e.g. 0.1,1.0")
         }
+        guard ["pinned-vs-fault", "fault-around"].contains(scenario) else {
+            throw ValidationError("--scenario must be pinned-vs-fault or fault-around, got '\(scenario)'")
+        }
+        guard let policy = FaultAroundPolicy(faultAround), policy != .off else {
+            throw ValidationError("--fault-around must be adaptive or a page count 1...512, got '\(faultAround)'")
+        }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1, got \(`repeat`)") }
         guard dmaSeconds > 0 else { throw ValidationError("--dma-seconds must be positive, got \(dmaSeconds)") }
         if plot != nil && !gnuplotAvailable() {
@@ -66,6 +82,7 @@ struct Bench: ParsableCommand {
             say("warming \(human(bytes)) of memory…")
             try Floors.warmUp(bytes: bytes)
         }
+        if scenario == "fault-around" { return try runFaultAround(logger: logger) }
         say("measuring floors…")
         let floors = try Floors.measure()
         var rows: [BenchRow] = []
@@ -100,6 +117,50 @@ struct Bench: ParsableCommand {
                              rows: rows))
         } else {
             printTable(rows, floors)
+        }
+    }
+
+    /// Single pages against `--fault-around`, interleaved, on sequential and random first touch.
+    func runFaultAround(logger: Logger) throws {
+        let say = Output.progress
+        let policies = [FaultAroundPolicy.off, FaultAroundPolicy(faultAround)!]
+        var rows: [FaultAroundRow] = []
+        for size in parsedSizes {
+            for (pattern, t) in [(Workload.sequential, 1.0)] + parsedTouch.map({ (Workload.random, $0) }) {
+                var runs: [[FaultAroundRow]] = [[], []]
+                for r in 1...`repeat` {
+                    for (k, p) in policies.enumerated() {
+                        say("\(human(size)) \(pattern) touch \(t): fault-around \(p) run \(r)/\(`repeat`)")
+                        runs[k].append(try FaultAroundBench.measure(size: size, pattern: pattern, touch: t, policy: p, logger: logger))
+                    }
+                }
+                rows += runs.map(FaultAroundBench.median)
+            }
+        }
+        say(nil)
+        if json {
+            struct Report: Encodable { var rows: [FaultAroundRow] }
+            return try Output.printJSON(Report(rows: rows))
+        }
+        let around = policies[1].description
+        print("size  pattern    touch | groups                  | first touch GB/s            | resident MiB      | fault p50 / p99 µs")
+        print("                       | single  \(around.padding(toLength: 8, withPad: " ", startingAt: 0)) fewer  | single  \(around.padding(toLength: 8, withPad: " ", startingAt: 0)) populate  | single  \(around.padding(toLength: 8, withPad: " ", startingAt: 0))  | single        \(around)")
+        for i in stride(from: 0, to: rows.count, by: 2) {
+            let (a, b) = (rows[i], rows[i + 1])
+            let populate = a.pattern == "sequential" ? String(format: "%8.3f", max(a.populateGBps, b.populateGBps)) : "       –"
+            let head = human(a.sizeBytes).padding(toLength: 5, withPad: " ", startingAt: 0) + " "
+                + a.pattern.padding(toLength: 10, withPad: " ", startingAt: 0)
+            print(head + String(format: " %5.2f | %6d  %8d  %5.1f× | %6.3f  %8.3f  ", a.touchFraction, a.groups, b.groups,
+                                Double(a.groups) / Double(max(b.groups, 1)), a.touchGBps, b.touchGBps)
+                + populate + String(format: "  | %6.0f  %8.0f  | %5.1f / %-6.1f %5.1f / %.1f",
+                                    Double(a.residentBytes) / 1048576, Double(b.residentBytes) / 1048576,
+                                    Double(a.faultLatencyNs.p50) / 1000, Double(a.faultLatencyNs.p99) / 1000,
+                                    Double(b.faultLatencyNs.p50) / 1000, Double(b.faultLatencyNs.p99) / 1000))
+        }
+        let problems = rows.flatMap(\.problems)
+        if !problems.isEmpty {
+            print("problems: \(problems.prefix(3).joined(separator: "; "))")
+            throw ExitCode(1)
         }
     }
 

@@ -1,0 +1,114 @@
+// FaultAroundBench.swift — `iopf bench --scenario fault-around` (issue 12 §1): single-page
+// faulting against fault-around, on the same memory in the same run.
+//
+// One device first-touches fresh memory, writing whole pages: either all of it in order
+// (sequential: 32 pages per DMA, so the single-page baseline already sends up to 32 pages
+// per group), or a fraction of it at random, 4 KiB per touch. Each row gives the groups
+// the device sent, the first-touch throughput, and the resident bytes afterwards. Beside
+// the sequential rows stands the yardstick: one MADV_POPULATE_WRITE call over the same
+// size of fresh memory, measured right after the run.
+
+import Foundation
+import Glibc
+import Histogram
+import IOPFCore
+import IOPFService
+import Logging
+
+public struct FaultAroundRow: Codable, Sendable {
+    public var sizeBytes: UInt64
+    /// "sequential" or "random".
+    public var pattern: String
+    /// Touches as a fraction of the pages (random touches may repeat a page).
+    public var touchFraction: Double
+    /// The policy: "off", "adaptive" or a page count.
+    public var faultAround: String
+    public var groups = 0
+    /// Page requests the device sent, and pages mapped ahead of them.
+    public var faults = 0
+    public var prefetchedPages = 0
+    public var touchSeconds = 0.0
+    /// Bytes touched (first touch) per second.
+    public var touchGBps = 0.0
+    /// One MADV_POPULATE_WRITE over the same size of fresh memory, right after the run
+    /// (sequential rows only; 0 otherwise).
+    public var populateGBps = 0.0
+    public var residentBytes: UInt64 = 0
+    public var faultLatencyNs = LatencySummary()
+    public var problems: [String] = []
+}
+
+public enum FaultAroundBench {
+    /// Runs one device over `size` of fresh memory under `policy`.
+    public static func measure(size: UInt64, pattern: Workload, touch: Double, policy: FaultAroundPolicy,
+                               logger: Logger = Logger(label: "iopf.bench")) throws -> FaultAroundRow {
+        precondition(pattern == .sequential || pattern == .random, "fault-around bench patterns are sequential and random")
+        let size = size & ~((2 << 20) - 1)
+        precondition(size > 0, "bench size below 2 MiB")
+        let region = try HostRegion(length: size, alignment: 2 << 20)
+        var serviceConfig = ServiceConfiguration()
+        serviceConfig.faultAround = policy
+        let rig = try Rig(engine: .forThisProcess(mode: .fault), service: serviceConfig, domains: 1, logger: logger)
+        let service = rig.service
+        defer { service.stop() }
+        let iova = ServeOptions.iovaBase
+        try service.map(iova: iova, vaddr: region.base, size: size, prot: .readWrite)
+
+        let pages = Int(size >> 12)
+        var dc = DeviceConfiguration(deviceID: 1, iovaBase: iova, pages: pages, hostBase: region.base, physBase: region.phys!)
+        dc.writePercent = 100
+        dc.workload = pattern
+        if pattern == .sequential {
+            dc.burst = 32
+            dc.fixedBurst = true
+            dc.operationLimit = (Int(Double(pages) * touch) + 31) / 32
+        } else {
+            dc.burst = 1
+            dc.fixedBurst = true
+            dc.bytesPerAccess = 4096
+            dc.operationLimit = max(1, Int(Double(pages) * touch))
+        }
+        let before = service.statistics
+        let device = try rig.device(dc, domain: 0, regions: [region])
+        let start = ContinuousClock.now
+        device.start()
+        while !device.isFinished { usleep(200) }
+        let touched = ContinuousClock.now
+        let report = device.finish()
+        rig.remove(device, domain: 0)
+        try service.barrier().wait()
+        let after = service.statistics
+
+        var row = FaultAroundRow(sizeBytes: size, pattern: pattern.rawValue, touchFraction: touch, faultAround: policy.description)
+        row.groups = after.groups - before.groups
+        row.faults = after.records - before.records
+        row.prefetchedPages = after.prefetchedPages - before.prefetchedPages
+        row.touchSeconds = BenchSession.seconds(touched - start)
+        let touchedBytes = Double(min(dc.operationLimit! * (pattern == .sequential ? 32 : 1), pages)) * 4096
+        row.touchGBps = touchedBytes / row.touchSeconds / 1e9
+        row.residentBytes = try region.residentBytes()
+        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        latency.add(report.latency)
+        row.faultLatencyNs = LatencySummary(latency)
+        row.problems = report.firstProblems
+        try service.unmap(iova: iova, size: size)
+        service.stop()
+        withExtendedLifetime(region) {}
+        if pattern == .sequential { row.populateGBps = Double(size) / (try Floors.populateOnce(bytes: size)) / 1e9 }
+        return row
+    }
+
+    /// The median of each measure over runs of the same (size, pattern, policy).
+    public static func median(_ runs: [FaultAroundRow]) -> FaultAroundRow {
+        func mid<T: Comparable>(_ values: [T]) -> T { values.sorted()[values.count / 2] }
+        var row = runs.sorted { $0.touchSeconds < $1.touchSeconds }[runs.count / 2]
+        row.groups = mid(runs.map(\.groups))
+        row.faults = mid(runs.map(\.faults))
+        row.prefetchedPages = mid(runs.map(\.prefetchedPages))
+        row.touchGBps = mid(runs.map(\.touchGBps))
+        row.populateGBps = mid(runs.map(\.populateGBps))
+        row.residentBytes = mid(runs.map(\.residentBytes))
+        row.problems = runs.flatMap(\.problems)
+        return row
+    }
+}
