@@ -19,6 +19,9 @@ public enum FaultAroundPolicy: Sendable, Equatable, CustomStringConvertible {
     public static let maxPages = 512
     /// The first window of a stream found sequential.
     public static let initialPages = 16
+    /// The aligned block around a random fault whose resident pages adaptive maps (the
+    /// kernel's fault_around_bytes, 64 KiB).
+    public static let neighbourPages = 16
 
     /// Parses "off", "adaptive" or a page count 1...512.
     public init?(_ text: String) {

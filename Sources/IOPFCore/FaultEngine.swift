@@ -518,11 +518,16 @@ public final class FaultHandler {
         var outcome: RequestOutcome?
         /// Mapped ahead of the group (fault-around): best effort, not part of the answer.
         var ahead = false
+        /// A neighbour mapped only if already resident (never populated).
+        var residentOnly = false
     }
 
     private var work: [Work] = []
     /// The group's requests at the head of `work` (the rest are mapped ahead).
     private var demandCount = 0
+    /// The neighbourhood whose resident pages are mapped (host address, pages), if any.
+    private var cluster: (host: UInt64, pages: Int)?
+    private var resident: [Bool] = []
     private var physical: [UInt64] = []
     /// Index into `physical` for each work item, or -1 when it was not resolved.
     private var physicalIndex: [Int] = []
@@ -537,10 +542,13 @@ public final class FaultHandler {
     /// Handles one complete page request group and returns its single answer. With
     /// `ahead` > 0, up to that many pages after the group's last request are mapped too
     /// (fault-around), never past its mapping, a page already mapped or a gone page.
-    public func handle(_ group: [PageRequest], ahead: Int = 0) -> GroupOutcome {
+    /// Otherwise, with `neighbours` > 0 (a power of two), the pages of the aligned block
+    /// of that many around the last request that are already resident are mapped, as the
+    /// kernel's own fault-around maps cached pages: nothing is populated for them.
+    public func handle(_ group: [PageRequest], ahead: Int = 0, neighbours: Int = 0) -> GroupOutcome {
         var outcome = GroupOutcome(code: .success)
         while true {
-            let seq = lookUp(group, ahead: ahead)
+            let seq = lookUp(group, ahead: ahead, neighbours: neighbours)
             resolve()
             if engine.configuration.injectedBugs.contains(.noRetry) { Self.stretchRaceWindow() }
             if install(seq: seq, into: &outcome) { break }
@@ -558,9 +566,10 @@ public final class FaultHandler {
     }
 
     /// Phase 1, under the lock: classify each request and note the sequence.
-    private func lookUp(_ group: [PageRequest], ahead: Int) -> UInt64 {
+    private func lookUp(_ group: [PageRequest], ahead: Int, neighbours: Int) -> UInt64 {
         work.removeAll(keepingCapacity: true)
         demandCount = group.count
+        cluster = nil
         return engine.state.withLock { s in
             let failed = s.failure != nil
             for r in group {
@@ -588,7 +597,13 @@ public final class FaultHandler {
                 }
                 work.append(w)
             }
-            if ahead > 0, let last = work.last, let m = last.mapping, !m.pinned { lookAhead(after: last, in: m, pages: ahead) }
+            if let last = work.last, let m = last.mapping, !m.pinned {
+                if ahead > 0 {
+                    lookAhead(after: last, in: m, pages: ahead)
+                } else if neighbours > 1 {
+                    lookAround(last, in: m, pages: neighbours)
+                }
+            }
             return engine.sequence.load(ordering: .relaxed)
         }
     }
@@ -610,10 +625,41 @@ public final class FaultHandler {
         }
     }
 
+    /// Adds the other pages of the aligned block of `pages` around `last`, inside the
+    /// mapping, not mapped, not gone and not requested: mapped only if resident.
+    private func lookAround(_ last: Work, in m: DMAMapping, pages: Int) {
+        let span = UInt64(pages) << pageShift
+        let start = max(last.iova & ~(span - 1), m.iova)
+        let end = min((last.iova & ~(span - 1)) + span - 1, m.iovaLast)
+        let first = work.count
+        var iova = start
+        while iova < end {
+            let index = m.pageIndex(iova: iova)
+            if !m.iopfMapped.test(index), !(m.hostGone?.test(index) ?? false), !work[..<demandCount].contains(where: { $0.iova == iova }) {
+                work.append(Work(iova: iova, host: m.hostAddress(page: index), write: last.write, mapping: m, outcome: nil,
+                                 ahead: true, residentOnly: true))
+            }
+            iova += pageBytes
+        }
+        if work.count > first { cluster = (m.hostAddress(page: m.pageIndex(iova: start)), Int((end - start + 1) >> pageShift)) }
+    }
+
     /// Phase 2, without the lock: resolve host pages, one call per contiguous run.
     private func resolve() {
         physical.removeAll(keepingCapacity: true)
         physicalIndex.removeAll(keepingCapacity: true)
+        if let cluster {
+            // One mincore for the block; neighbours not resident are dropped, not populated.
+            resident.removeAll(keepingCapacity: true)
+            engine.memory.residentPages(address: cluster.host, pageCount: cluster.pages, into: &resident)
+            for k in demandCount..<work.count where work[k].residentOnly {
+                let i = Int((work[k].host - cluster.host) >> pageShift)
+                if i >= resident.count || !resident[i] {
+                    work[k].mapping = nil
+                    work[k].outcome = .resolveFailed
+                }
+            }
+        }
         var i = 0
         while i < work.count {
             guard work[i].mapping != nil else {

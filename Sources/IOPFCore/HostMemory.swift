@@ -34,6 +34,18 @@ public protocol HostMemory: AnyObject, Sendable {
 
     /// Releases pages pinned earlier.
     func unpin(address: UInt64, pageCount: Int)
+
+    /// Appends, for each of `pageCount` pages from `address`, whether it is resident now,
+    /// without faulting anything in (mincore). Fault-around maps the resident neighbours
+    /// of a random fault, which costs no memory.
+    func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool])
+}
+
+extension HostMemory {
+    /// Knows of no resident page.
+    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool]) {
+        resident.append(contentsOf: repeatElement(false, count: pageCount))
+    }
 }
 
 /// One pinned page: where it is, and whether it counts against locked memory.
@@ -63,6 +75,20 @@ public final class SimulatedHostMemory: HostMemory {
         var pinHook: (@Sendable (UInt64, Int) -> Void)?
         var deviceMemory: [(range: Range<UInt64>, phys: UInt64)] = []
         var pinned: [UInt64: Int] = [:]  // page address -> pin count
+        var resident: [Range<UInt64>] = []
+    }
+
+    /// Makes the pages of `range` resident as far as `residentPages` tells.
+    public func markResident(_ range: Range<UInt64>) {
+        state.withLock { $0.resident.append(range) }
+    }
+
+    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool]) {
+        let ranges = state.withLock { $0.resident }
+        for i in 0..<pageCount {
+            let page = address + UInt64(i) << pageShift
+            resident.append(ranges.contains { $0.contains(page) })
+        }
     }
 
     public init(physicalOffset: UInt64 = 0x10_0000_0000) {

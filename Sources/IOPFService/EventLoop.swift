@@ -292,8 +292,10 @@ final class EventLoop {
             let last = group.requests[group.requests.count - 1].page
             let window = d.faultAround.window(from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
             let ahead = d.aheadInWindow(last, window)
-            let outcome = d.handler.handle(group.requests, ahead: ahead)
-            d.faultAround.record(iova: last, mappedAhead: outcome.prefetched)
+            let policy = service.configuration.faultAround
+            let outcome = d.handler.handle(group.requests, ahead: ahead,
+                                           neighbours: policy == .adaptive && d.windows.isEmpty ? FaultAroundPolicy.neighbourPages : 0)
+            d.faultAround.record(iova: last, mappedAhead: ahead > 0 ? outcome.prefetched : 0)
             stats.prefetchedPages += outcome.prefetched
             code = outcome.code
         }

@@ -300,4 +300,13 @@ public final class ProcessMemory: HostMemory {
     }
 
     public func currentPhysical(of address: UInt64) -> UInt64? { PhysicalSpace.shared.physical(of: address) }
+
+    /// mincore(2): resident pages, nothing faulted in. On failure, none.
+    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool]) {
+        var vector = [UInt8](repeating: 0, count: pageCount)
+        let r = vector.withUnsafeMutableBufferPointer {
+            mincore(UnsafeMutableRawPointer(bitPattern: UInt(address)), pageCount << 12, $0.baseAddress)
+        }
+        for v in vector { resident.append(r == 0 && v & 1 != 0) }
+    }
 }

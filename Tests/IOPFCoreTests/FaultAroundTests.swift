@@ -182,4 +182,24 @@ import Testing
         try e.mapPinned(iova: Self.iova, vaddr: Self.host, size: 16 << 12, prot: .readWrite)
         #expect(e.makeFaultHandler().handle([request(0)], ahead: 8) == GroupOutcome(code: .success, spurious: 1))
     }
+
+    /// A random fault maps the resident pages of its aligned 16-page block and nothing
+    /// else: no page is populated for it.
+    @Test func residentNeighboursOfARandomFaultAreMapped() throws {
+        let e = try engine()
+        memory.markResident(Self.host + 16 << 12..<Self.host + 20 << 12)
+        memory.markResident(Self.host + 30 << 12..<Self.host + 40 << 12)
+        let h = e.makeFaultHandler()
+        let resolvedBefore = memory.resolvedPages
+        let out = h.handle([request(22)], neighbours: 16)
+        #expect(out.code == .success && out.mapped == 1)
+        // Block 16..<32: resident 16-19 and 30-31, plus the fault itself.
+        #expect(mapped(e, 0..<64) == [16, 17, 18, 19, 22, 30, 31])
+        #expect(out.prefetched == 6)
+        #expect(memory.resolvedPages - resolvedBefore == 7, "only the fault and resident pages were resolved")
+        // Pages ahead take precedence: with a window, neighbours are not looked at.
+        #expect(h.handle([request(50)], ahead: 2, neighbours: 16).prefetched == 2)
+        #expect(mapped(e, 48..<64) == [50, 51, 52])
+        #expect(e.checkInvariants().isEmpty)
+    }
 }

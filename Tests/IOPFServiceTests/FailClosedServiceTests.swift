@@ -259,16 +259,25 @@ import Testing
         let h = try EventHarness()
         let other = try DeviceChannel(h.service.attach(deviceID: 2, domain: h.domain))
         guard case .shared(let queue, _, _) = h.channel.backing else { Issue.record("not a shared ring"); return }
-        // Marked asleep, so that every answer is followed by a wake.
-        queue.storeSequential(.deviceWaiting, 1)
+        // Faults with the device marked asleep until the planted wake result has been
+        // taken: a wake is written only when none is in flight, and under a slow build the
+        // previous one may not have completed yet.
+        var page = 0
+        func faultUntilWakesTaken() {
+            for _ in 0..<50 where h.service.planted.remaining(.wakeWrite) > 0 {
+                queue.storeSequential(.deviceWaiting, 1)
+                _ = try? h.fault([page % 48])
+                page += 1
+                usleep(1000)
+            }
+        }
         h.service.planted.plant(.wakeWrite, [EAGAIN])
-        #expect(try h.fault([0]) == .success)
-        queue.storeSequential(.deviceWaiting, 1)
-        #expect(try h.fault([1]) == .success)
+        faultUntilWakesTaken()
+        #expect(h.service.planted.remaining(.wakeWrite) == 0, "no wake was written")
+        #expect(try h.fault([60]) == .success)
         #expect(h.service.statistics.devicesClosed == 0)
-        queue.storeSequential(.deviceWaiting, 1)
         h.service.planted.plant(.wakeWrite, [EIO])
-        _ = try? h.fault([2])
+        faultUntilWakesTaken()
         #expect(h.service.planted.remaining(.wakeWrite) == 0, "no wake was written")
         let deadline = ContinuousClock.now + .seconds(5)
         while h.service.statistics.devicesClosed == 0 && ContinuousClock.now < deadline { usleep(1000) }
