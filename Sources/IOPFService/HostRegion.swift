@@ -13,6 +13,7 @@ import Foundation
 import IOPFCore
 import IOPFSystem
 import IOPFWire
+import Synchronization
 
 /// Host memory for DMA: a sealed memfd mapped shared at an aligned address, at a base of
 /// its own in the physical address space (see `PhysicalSpace`). The memfd is what another
@@ -25,6 +26,8 @@ public final class HostRegion: @unchecked Sendable {
     public let fd: CInt
     /// Where the region sits in the physical address space; nil for anonymous memory.
     public let phys: UInt64?
+    /// False once the memory was moved away: the range is not the region's any more.
+    private let ownsRange = Atomic<Bool>(true)
 
     /// Maps `length` bytes at an address aligned to `alignment` (a power of two, at least
     /// 4 KiB), e.g. 2 MiB so that the I/O page table can use blocks.
@@ -72,9 +75,13 @@ public final class HostRegion: @unchecked Sendable {
 
     deinit {
         if phys != nil { PhysicalSpace.shared.remove(host: base) }
-        munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(length))
+        if ownsRange.load(ordering: .acquiring) { munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(length)) }
         if fd >= 0 { Sys.close(fd) }
     }
+
+    /// Says the memory was moved away whole (mremap without MREMAP_DONTUNMAP): the range
+    /// is free again and may be mapped by another thread, so deinit must not unmap it.
+    public func movedAway() { ownsRange.store(false, ordering: .releasing) }
 
     public var end: UInt64 { base + length }
 

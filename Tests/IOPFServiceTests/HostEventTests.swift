@@ -115,6 +115,10 @@ final class EventHarness {
         let moved = iopf_mremap(UnsafeMutableRawPointer(bitPattern: UInt(h.region.base)), Int(h.region.length), Int(h.region.length),
                                 UnsafeMutableRawPointer(bitPattern: UInt(target.base)))
         #expect(moved == UnsafeMutableRawPointer(bitPattern: UInt(target.base)))
+        // The old range is free now; another test's thread may map it at once, so the
+        // region must not unmap it at its end (found by a TSan run: a device's ring, mapped
+        // there meanwhile, vanished).
+        h.region.movedAway()
         try h.service.barrier().wait()
         #expect(h.service.statistics.uffdRemap == 1)
         #expect(!h.translated(0) && !h.translated(1))
@@ -126,7 +130,6 @@ final class EventHarness {
         #expect(h.engine.pageTable(h.domain).translate(EventHarness.iova)?.phys == h.region.phys!)
         #expect(UnsafeRawPointer(bitPattern: UInt(target.base))!.load(as: UInt64.self) == 0x5151)
         #expect(try h.service.checkInvariants().wait().isEmpty)
-        // The region's own deinit would munmap `target`'s old address; it is not mapped anymore.
         withExtendedLifetime(target) {}
     }
 
