@@ -54,6 +54,10 @@ public struct FaultAroundState: Sendable {
 
     private var streams = (Stream(), Stream(), Stream(), Stream())
     private var clock: UInt32 = 0
+    /// Random faults to skip before the next resident-neighbour lookup, and the current
+    /// back-off: lookups that find few resident neighbours cost a mincore for nothing.
+    private var neighbourSkip = 0
+    private var neighbourBackoff = 0
     /// The stream the last `window(for:)` chose.
     private var current = 0
 
@@ -104,6 +108,28 @@ public struct FaultAroundState: Sendable {
         self[oldest] = Stream(next: .max, window: 0, lastUse: clock)
         current = oldest
         return 0
+    }
+
+    /// Pages around a random fault whose resident ones to map: `neighbourPages` under
+    /// adaptive, unless recent lookups found too few to pay for themselves.
+    public mutating func neighbours(policy: FaultAroundPolicy) -> Int {
+        guard policy == .adaptive else { return 0 }
+        if neighbourSkip > 0 {
+            neighbourSkip -= 1
+            return 0
+        }
+        return FaultAroundPolicy.neighbourPages
+    }
+
+    /// Records how many resident neighbours a lookup mapped: fewer than a quarter of the
+    /// block doubles the back-off (up to 64 faults without a lookup); more resets it.
+    public mutating func recordNeighbours(mapped: Int) {
+        if mapped >= FaultAroundPolicy.neighbourPages / 4 {
+            neighbourBackoff = 0
+        } else {
+            neighbourBackoff = neighbourBackoff == 0 ? 1 : min(neighbourBackoff * 2, 64)
+        }
+        neighbourSkip = neighbourBackoff
     }
 
     /// Records what was mapped ahead of the group whose last request is `iova`, so that

@@ -292,10 +292,10 @@ final class EventLoop {
             let last = group.requests[group.requests.count - 1].page
             let window = d.faultAround.window(from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
             let ahead = d.aheadInWindow(last, window)
-            let policy = service.configuration.faultAround
-            let outcome = d.handler.handle(group.requests, ahead: ahead,
-                                           neighbours: policy == .adaptive && d.windows.isEmpty ? FaultAroundPolicy.neighbourPages : 0)
+            let neighbours = ahead == 0 && d.windows.isEmpty ? d.faultAround.neighbours(policy: service.configuration.faultAround) : 0
+            let outcome = d.handler.handle(group.requests, ahead: ahead, neighbours: neighbours)
             d.faultAround.record(iova: last, mappedAhead: ahead > 0 ? outcome.prefetched : 0)
+            if neighbours > 0 { d.faultAround.recordNeighbours(mapped: outcome.prefetched) }
             stats.prefetchedPages += outcome.prefetched
             code = outcome.code
         }

@@ -91,6 +91,26 @@ import Testing
         #expect(d.window(for: next[0] << 12, policy: .adaptive) == 0, "stream 0 was evicted")
     }
 
+    /// Lookups that find few resident neighbours back off (1, 2, 4 … 64 random faults
+    /// without one); a lookup that finds a quarter of the block or more resets it.
+    @Test func residentNeighbourLookupsBackOffWhenTheyFindLittle() {
+        var d = FaultAroundState()
+        #expect(d.neighbours(policy: .off) == 0 && d.neighbours(policy: .fixed(8)) == 0)
+        var skipped: [Int] = []
+        for _ in 0..<8 {
+            #expect(d.neighbours(policy: .adaptive) == FaultAroundPolicy.neighbourPages)
+            d.recordNeighbours(mapped: 1)
+            var n = 0
+            while d.neighbours(policy: .adaptive) == 0 { n += 1 }
+            skipped.append(n)
+            d.recordNeighbours(mapped: 0)
+            while d.neighbours(policy: .adaptive) == 0 {}
+        }
+        #expect(skipped == [1, 4, 16, 64, 64, 64, 64, 64])
+        d.recordNeighbours(mapped: 4)
+        #expect(d.neighbours(policy: .adaptive) == FaultAroundPolicy.neighbourPages)
+    }
+
     @Test func policiesParse() {
         #expect(FaultAroundPolicy("off") == .off)
         #expect(FaultAroundPolicy("adaptive") == .adaptive)
