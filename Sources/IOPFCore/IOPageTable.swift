@@ -242,6 +242,63 @@ public final class IOPageTable: @unchecked Sendable {
         gather.reset()
     }
 
+    // MARK: Write protection (dirty tracking, issue 12 §3)
+
+    /// Clears the write permission of every present writable leaf overlapping `[iova,
+    /// iova + size)` (a block whole, even where it reaches past the range) and adds each
+    /// to `gather`, so that one sync takes the old permission out of the IOTLBs. Returns
+    /// the bytes of the leaves changed. Writer side only; walkers see either entry.
+    public func writeProtect(iova: UInt64, size: UInt64, gather: inout IOTLBGather) -> UInt64 {
+        guard size > 0, let last = lastAddress(start: iova, size: size), iova < Self.iovaLimit else { return 0 }
+        return writeProtect(page: root, level: 0, base: 0, first: iova, last: min(last, Self.iovaLimit - 1), gather: &gather)
+    }
+
+    private func writeProtect(page: TablePageID, level: Int, base: UInt64, first: UInt64, last: UInt64,
+                              gather: inout IOTLBGather) -> UInt64 {
+        let shift = Self.shift(level: level)
+        let span: UInt64 = 1 << shift
+        let lo = first > base ? Int((first - base) >> shift) : 0
+        let hi = min(Int((last - base) >> shift), TablePagePool.entriesPerPage - 1)
+        var changed: UInt64 = 0
+        guard lo <= hi else { return 0 }
+        for i in lo...hi {
+            let e = pool.load(page, i)
+            guard PTE.isPresent(e) else { continue }
+            let entryIOVA = base | UInt64(i) << shift
+            if PTE.isLeaf(e) || level == 3 {
+                guard e & PTE.write != 0 else { continue }
+                pool.store(page, i, e & ~PTE.write)
+                let range = IOVARange(start: entryIOVA, last: entryIOVA + span - 1)
+                if gather.needsSync(before: range, pageSize: span) { sync(&gather) }
+                gather.add(range, pageSize: span)
+                changed += span
+            } else {
+                changed += writeProtect(page: PTE.child(e), level: level + 1, base: entryIOVA, first: first, last: last, gather: &gather)
+            }
+        }
+        return changed
+    }
+
+    /// Gives the leaf holding `iova` its write permission back (a tracked page's first
+    /// write). Widening a permission needs no sync. Returns the leaf's size in bytes, or 0
+    /// when no leaf is there.
+    @discardableResult
+    public func restoreWrite(iova: UInt64) -> UInt64 {
+        guard iova < Self.iovaLimit else { return 0 }
+        var page = root
+        for level in 0...3 {
+            let i = Self.index(iova, level: level)
+            let e = pool.load(page, i)
+            guard PTE.isPresent(e) else { return 0 }
+            if PTE.isLeaf(e) || level == 3 {
+                pool.store(page, i, e | PTE.write)
+                return 1 << Self.shift(level: level)
+            }
+            page = PTE.child(e)
+        }
+        return 0
+    }
+
     // MARK: Walk
 
     /// Translates one IOVA; nil when nothing is mapped there. Safe to call from any thread
