@@ -31,6 +31,10 @@ public final class DMAMapping: @unchecked Sendable {
     /// A pinned mapping whose map call has not returned yet: it cannot be unmapped or
     /// moved (its pages are being pinned and charged outside the lock).
     public internal(set) var populating = false
+    /// Pages written since the last `readAndClearDirty`, while dirty tracking is on (nil
+    /// while off). Kept across invalidations: a page written and then unmapped is still
+    /// reported. While tracking, a leaf of this mapping is writable only if its bit is set.
+    public internal(set) var dirty: PageBitmap?
 
     init(id: MappingID, iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) {
         self.id = id
@@ -185,6 +189,15 @@ public struct DMAMappingTable: Sendable {
         while i < byHost.count, byHost[i].vaddr < end {
             let m = byHost[i]
             if m.vaddrEnd > start { try body(m) }
+            i += 1
+        }
+    }
+
+    /// Calls `body` for each mapping whose IOVA range overlaps `[first, last]`.
+    public func forEachMapping(overlappingIOVA first: UInt64, last: UInt64, _ body: (DMAMapping) throws -> Void) rethrows {
+        var i = firstIndex(iovaLastAtLeast: first)
+        while i < byIOVA.count, byIOVA[i].iova <= last {
+            try body(byIOVA[i])
             i += 1
         }
     }

@@ -53,8 +53,10 @@ public enum RequestOutcome: Sendable, Hashable {
     /// The host unmapped or moved the memory behind the page (until the host address is
     /// updated, as VFIO answers for an invalid vaddr).
     case hostGone
+    /// A write to a page mapped read-only by dirty tracking: now dirty and writable.
+    case writeRestored
 
-    public var succeeded: Bool { self == .mapped || self == .spurious }
+    public var succeeded: Bool { self == .mapped || self == .spurious || self == .writeRestored }
 }
 
 public struct GroupOutcome: Sendable, Equatable {
@@ -64,6 +66,8 @@ public struct GroupOutcome: Sendable, Equatable {
     public var spurious = 0
     /// Pages mapped ahead of the group's last request (fault-around).
     public var prefetched = 0
+    /// Writes to pages write-protected by dirty tracking, now writable.
+    public var writeRestored = 0
     /// Times the group was resolved again because an invalidation ran meanwhile.
     public var retries = 0
 }
@@ -91,6 +95,9 @@ public struct EngineStatistics: Sendable, Equatable {
     public var mapFailures = 0
     public var hostGoneFaults = 0
     public var pinnedMapCalls = 0
+    /// Dirty tracking: write faults that restored write access, and dirty-log reads.
+    public var writeRestores = 0
+    public var dirtyReads = 0
     /// Invalidations of host ranges, DMA unmaps and host-address updates.
     public var invalidations = 0
     public var pagesUnmapped = 0
@@ -132,6 +139,9 @@ public final class FaultEngine: Sendable {
         var gathers: [IOTLBGather] = []
         var stats = EngineStatistics()
         var failure: FatalInvalidationError?
+        /// IOVA ranges under dirty tracking: mappings created inside one are tracked from
+        /// the start, as iommufd tracks every mapping of a domain with tracking on.
+        var dirtyTracked: [ClosedRange<UInt64>] = []
     }
 
     public init(memory: any HostMemory, configuration: EngineConfiguration = EngineConfiguration()) {
@@ -183,7 +193,9 @@ public final class FaultEngine: Sendable {
     @discardableResult
     public func map(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError) -> MappingID {
         try state.withLock { s throws(DMAMapError) in
-            try s.mappings.insert(iova: iova, vaddr: vaddr, size: size, prot: prot).id
+            let m = try s.mappings.insert(iova: iova, vaddr: vaddr, size: size, prot: prot)
+            if s.dirtyTracked.contains(where: { $0.overlaps(m.iova...m.iovaLast) }) { m.dirty = PageBitmap(count: m.pageCount) }
+            return m.id
         }
     }
 
@@ -201,6 +213,21 @@ public final class FaultEngine: Sendable {
     /// If an unmap fails, what was unmapped is still synced, the engine stops granting, and
     /// the mappings stay (pinned pages stay pinned: a device may still reach them).
     public func removeMappings(iova: UInt64, size: UInt64) throws -> [Range<UInt64>] {
+        var dirty: PageBitmap?
+        return try removeMappings(iova: iova, size: size, dirty: &dirty)
+    }
+
+    /// `removeMappings`, also returning what was written in `[iova, iova + size)` since the
+    /// last read of the dirty log, read under the same lock as the removal so that no
+    /// write falls between (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP). Bits as
+    /// `readAndClearDirty` gives them.
+    public func unmapReadingDirty(iova: UInt64, size: UInt64) throws -> (hostRanges: [Range<UInt64>], dirty: PageBitmap) {
+        var dirty: PageBitmap? = PageBitmap(count: Int(size >> pageShift))
+        let ranges = try removeMappings(iova: iova, size: size, dirty: &dirty)
+        return (ranges, dirty!)
+    }
+
+    func removeMappings(iova: UInt64, size: UInt64, dirty: inout PageBitmap?) throws -> [Range<UInt64>] {
         try state.withLock { s throws in
             if let failure = s.failure { throw failure }
             let victims = Array(try s.mappings.mappings(coveringWhole: iova, size: size))
@@ -213,6 +240,7 @@ public final class FaultEngine: Sendable {
             try unmapAllOrStop(victims, &s)
             s.stats.invalidations += 1
             for m in victims {
+                if dirty != nil { Self.report(m, pages: 0..<m.pageCount, into: &dirty!, at: Int((m.iova - iova) >> pageShift)) }
                 s.mappings.remove(m)
                 if m.pinned {  // unmapped and synced: now the pages can go
                     memory.unpin(address: m.vaddr, pageCount: m.pageCount)
@@ -329,7 +357,9 @@ public final class FaultEngine: Sendable {
                     let bytes = UInt64(end - p) << pageShift
                     for (i, d) in s.domains.enumerated() {
                         do {
-                            try d.map(iova: m.iova(page: p), phys: physical[p - first], size: bytes, prot: m.prot)
+                            // While tracked, pages come in read-only: a write faults and is logged.
+                            try d.map(iova: m.iova(page: p), phys: physical[p - first], size: bytes,
+                                      prot: m.dirty == nil ? m.prot : m.prot.subtracting(.write))
                         } catch {
                             for u in 0..<i {
                                 _ = s.domains[u].unmap(iova: m.iova(page: p), size: bytes, gather: &s.gathers[u])
@@ -416,6 +446,7 @@ public final class FaultEngine: Sendable {
             let clear = configuration.injectedBugs.contains(.clearRequested) ? i..<runEnd : really
             cleared += m.iopfMapped.population(in: clear)
             m.iopfMapped.clear(clear)
+            if configuration.injectedBugs.contains(.loseDirty) { m.dirty?.clear(clear) }
             i = m.iopfMapped.findNextSet(from: min(really.upperBound, pages.upperBound), to: pages.upperBound)
         }
         s.stats.pagesUnmapped += cleared
@@ -520,6 +551,9 @@ public final class FaultHandler {
         var ahead = false
         /// A neighbour mapped only if already resident (never populated).
         var residentOnly = false
+        /// A write to a mapped page that dirty tracking write-protected: nothing to
+        /// resolve, write access to restore.
+        var restore = false
     }
 
     private var work: [Work] = []
@@ -587,7 +621,12 @@ public final class FaultHandler {
                     } else if let gone = m.hostGone, gone.test(m.pageIndex(iova: iova)) {
                         w.outcome = .hostGone
                     } else if m.iopfMapped.test(m.pageIndex(iova: iova)) {
-                        w.outcome = .spurious
+                        if r.wantsWrite && m.dirty != nil {
+                            w.mapping = m
+                            w.restore = true
+                        } else {
+                            w.outcome = .spurious
+                        }
                     } else {
                         w.host = m.hostAddress(page: m.pageIndex(iova: iova))
                         w.mapping = m
@@ -597,7 +636,7 @@ public final class FaultHandler {
                 }
                 work.append(w)
             }
-            if let last = work.last, let m = last.mapping, !m.pinned {
+            if let last = work.last, let m = last.mapping, !m.pinned, !last.restore {
                 if ahead > 0 {
                     lookAhead(after: last, in: m, pages: ahead)
                 } else if neighbours > 1 {
@@ -662,13 +701,13 @@ public final class FaultHandler {
         }
         var i = 0
         while i < work.count {
-            guard work[i].mapping != nil else {
+            guard work[i].mapping != nil, !work[i].restore else {
                 physicalIndex.append(-1)
                 i += 1
                 continue
             }
             var end = i + 1
-            while end < work.count, work[end].mapping != nil, work[end].write == work[i].write,
+            while end < work.count, work[end].mapping != nil, !work[end].restore, work[end].write == work[i].write,
                 work[end].host == work[end - 1].host + pageBytes
             { end += 1 }
             let base = physical.count
@@ -711,7 +750,10 @@ public final class FaultHandler {
             for k in work.indices {
                 var result = work[k].outcome ?? .mapped
                 if result == .mapped, let m = work[k].mapping {
-                    result = s.mapFaultedPage(iova: work[k].iova, phys: physical[physicalIndex[k]], mapping: m)
+                    result = work[k].restore
+                        ? s.restoreWrite(iova: work[k].iova, mapping: m)
+                        : s.mapFaultedPage(iova: work[k].iova, phys: physical[physicalIndex[k]], mapping: m,
+                                           writeRequest: work[k].write && !work[k].ahead)
                 }
                 if work[k].ahead {
                     if result == .mapped {
@@ -724,6 +766,7 @@ public final class FaultHandler {
                 switch result {
                 case .mapped: outcome.mapped += 1; s.stats.mappedPages += 1
                 case .spurious: outcome.spurious += 1; s.stats.spurious += 1
+                case .writeRestored: outcome.writeRestored += 1
                 case .noMapping: s.stats.noMapping += 1
                 case .permissionDenied: s.stats.permissionDenied += 1
                 case .resolveFailed: s.stats.resolveFailures += 1
@@ -745,13 +788,16 @@ public final class FaultHandler {
 extension FaultEngine.State {
     /// Maps one faulted page into every domain and sets its bit; on failure undoes the
     /// domains already mapped so that the bit keeps meaning "mapped everywhere".
-    mutating func mapFaultedPage(iova: UInt64, phys: UInt64, mapping m: DMAMapping) -> RequestOutcome {
+    /// While dirty tracking, a write request's page becomes dirty and writable; other
+    /// pages are mapped read-only unless already dirty (`installProtection`).
+    mutating func mapFaultedPage(iova: UInt64, phys: UInt64, mapping m: DMAMapping, writeRequest: Bool) -> RequestOutcome {
         let index = m.pageIndex(iova: iova)
         // A duplicate within the group, or another thread, may have mapped it meanwhile.
         if m.iopfMapped.test(index) { return .spurious }
+        let prot = installProtection(m, page: index, writeRequest: writeRequest)
         for d in domains.indices {
             do {
-                try domains[d].mapPage(iova: iova, phys: phys, prot: m.prot)
+                try domains[d].mapPage(iova: iova, phys: phys, prot: prot)
             } catch {
                 for undo in 0..<d {
                     _ = domains[undo].unmap(iova: iova, size: pageBytes, gather: &gathers[undo])
@@ -761,6 +807,7 @@ extension FaultEngine.State {
             }
         }
         m.iopfMapped.set(index)
+        if writeRequest { m.dirty?.set(index) }
         return .mapped
     }
 }

@@ -18,6 +18,8 @@ public struct InjectedBugs: OptionSet, Sendable, Hashable {
     public static let earlyFree = InjectedBugs(rawValue: 1 << 3)
     /// The service answers every group twice (planted in the runtime).
     public static let doubleAnswer = InjectedBugs(rawValue: 1 << 4)
+    /// Unmapping a page forgets that it was written (dirty tracking).
+    public static let loseDirty = InjectedBugs(rawValue: 1 << 5)
 
     public static let names: [(String, InjectedBugs, String)] = [
         ("skip-sync", .skipSync, "skip the IOTLB sync: devices keep stale translations"),
@@ -25,6 +27,7 @@ public struct InjectedBugs: OptionSet, Sendable, Hashable {
         ("no-retry", .noRetry, "skip the sequence retry: a fault racing an invalidation installs a stale translation"),
         ("early-free", .earlyFree, "free page-table pages before the IOTLB sync"),
         ("double-answer", .doubleAnswer, "answer every page request group twice"),
+        ("lose-dirty", .loseDirty, "forget a page's dirty bit when it is unmapped: a write before an invalidation is lost"),
     ]
 
     public init?(name: String) {

@@ -71,6 +71,22 @@ public struct PageBitmap: Sendable, Equatable {
 
     public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
 
+    /// Sets every bit set in `other` (same count).
+    public mutating func formUnion(_ other: PageBitmap) {
+        precondition(other.count == count, "union of bitmaps of \(count) and \(other.count) pages")
+        for w in words.indices { words[w] |= other.words[w] }
+    }
+
+    /// Bits set here and clear in every one of `others` (same counts).
+    public func population(notIn others: PageBitmap...) -> Int {
+        precondition(others.allSatisfy { $0.count == count }, "bitmaps of different sizes")
+        var total = 0
+        for w in words.indices {
+            total += others.reduce(words[w]) { $0 & ~$1.words[w] }.nonzeroBitCount
+        }
+        return total
+    }
+
     /// The first set bit at or after `from`, or `count` when there is none.
     public func findNextSet(from: Int) -> Int {
         find(from: from, to: count, invert: 0)
