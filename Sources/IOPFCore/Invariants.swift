@@ -8,7 +8,9 @@
 //   exactly as many pages as there are bits);
 // - table pages allocated = freed + live, and live = reachable from the root;
 // - no table page was freed before the sync of the gather that unlinked it;
-// - no page whose host memory is gone (UNMAP/REMAP) is mapped.
+// - no page whose host memory is gone (UNMAP/REMAP) is mapped;
+// - while a mapping is dirty-tracked, its leaves are writable only where every page is
+//   dirty (a writable leaf over a clean page lets a write go unlogged).
 
 public struct InvariantViolation: Sendable, Hashable, CustomStringConvertible {
     public enum Kind: String, Sendable, Hashable, CaseIterable {
@@ -20,6 +22,7 @@ public struct InvariantViolation: Sendable, Hashable, CustomStringConvertible {
         case tablePageLeak
         case tablePageFreedBeforeSync
         case leafOnGoneMemory
+        case writableButClean
     }
 
     public var kind: Kind
@@ -48,10 +51,16 @@ extension FaultEngine {
                     if let gone = m.hostGone, gone.population(in: m.pageIndex(iova: iova)..<(m.pageIndex(iova: iova) + pages)) > 0 {
                         report(.leafOnGoneMemory, "domain#\(d) maps iova \(hex(iova)) of \(m.id), whose host memory is gone")
                     }
-                    if t.prot != m.prot {
+                    let first = m.pageIndex(iova: iova)
+                    if let dirty = m.dirty, m.prot.contains(.write) {
+                        if t.prot != m.prot && t.prot != m.prot.subtracting(.write) {
+                            report(.wrongPermission, "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot) (dirty-tracked)")
+                        } else if t.prot.contains(.write) && dirty.population(in: first..<(first + pages)) != pages {
+                            report(.writableButClean, "domain#\(d) leaf at \(hex(iova)) is writable but \(m.id) logs it clean: a write there would be lost")
+                        }
+                    } else if t.prot != m.prot {
                         report(.wrongPermission, "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot)")
                     }
-                    let first = m.pageIndex(iova: iova)
                     let set = m.iopfMapped.population(in: first..<(first + pages))
                     if set != pages {
                         report(.leafWithoutBit, "domain#\(d) leaf at \(hex(iova)) (\(t.pageSize)): \(pages - set) of its pages have no bit in \(m.id)")

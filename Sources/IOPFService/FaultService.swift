@@ -392,6 +392,19 @@ public final class FaultService: Sendable {
         return ranges.reduce(0) { $0 + ($1.upperBound - $1.lowerBound) }
     }
 
+    /// `unmap`, also returning the pages written in the range since the last read of the
+    /// dirty log (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP; see `FaultEngine.unmapReadingDirty`).
+    public func unmapReadingDirty(iova: UInt64, size: UInt64) throws -> PageBitmap {
+        let (ranges, dirty) = try control.withLock { _ in
+            let removed = try engine.unmapReadingDirty(iova: iova, size: size)
+            unwatch(removed.hostRanges)
+            return removed
+        }
+        _ = ranges
+        awaitExternalDevices()
+        return dirty
+    }
+
     /// Points a mapping at new host memory (VFIO_DMA_MAP_FLAG_VADDR): watches the new range,
     /// drops translations to the old one, and clears pages marked gone by UNMAP/REMAP. If
     /// the engine refuses, the new range is not left watched.

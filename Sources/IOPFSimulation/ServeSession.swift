@@ -69,6 +69,9 @@ public struct ServeOptions: Sendable {
     /// Memory (and DMA window) each external device gets.
     public var deviceMemoryBytes: UInt64 = 64 << 20
     public var invalidateTimeout: Duration = .seconds(1)
+    /// Seconds between reads of the dirty log over the in-process devices' memory (nil:
+    /// no dirty tracking). `--dirty-log MS`.
+    public var dirtyLogInterval: Double?
     public static let iovaBase: UInt64 = 1 << 32
     public static let externalIOVABase: UInt64 = 1 << 44
     public init() {}
@@ -145,6 +148,8 @@ public struct ServeResult: Codable, Sendable {
     public var protocolErrors = 0
     public var protocolErrorKinds = [String: Int]()
     public var peersDisconnected = 0
+    /// With `--dirty-log`: reads of the log against what the devices really wrote.
+    public var dirty: DirtySummary?
     /// The first problems seen, enough to reproduce (empty on a clean run).
     public var problems: [String] = []
 }
@@ -236,6 +241,8 @@ public enum ServeSession {
         let (engine, service) = (rig.engine, rig.service)
         defer { service.stop() }
 
+        let logged = o.dirtyLogInterval != nil && o.devices > 0
+        let ledger = logged ? DirtyLedger(iovaBase: ServeOptions.iovaBase, pages: slicePages * o.devices) : nil
         var devices: [SimulatedDevice] = []
         for d in 0..<o.devices {
             let iova = ServeOptions.iovaBase + UInt64(d) * slice
@@ -251,7 +258,13 @@ public enum ServeSession {
             dc.spinNanoseconds = o.spinNanoseconds
             dc.operationLimit = o.operationsPerDevice
             dc.hostMayChangeMemory = o.hostChurnInterval > 0
+            dc.dirtyLedger = ledger
             devices.append(try rig.device(dc, domain: d % o.domains, regions: [region!]))
+        }
+        let loggedBytes = slice * UInt64(o.devices)
+        if ledger != nil {
+            try engine.startDirtyTracking(iova: ServeOptions.iovaBase, size: loggedBytes)
+            ledger!.trackingStarted()
         }
         let provisioner = ServeProvisioner(domains: rig.domains, bytes: o.deviceMemoryBytes, mode: o.mode)
         provisioner.service = service
@@ -265,6 +278,7 @@ public enum ServeSession {
         }
         devices.forEach { $0.start() }
 
+        var result = ServeResult()
         var rng = Xoshiro(seed: o.seed ^ 0x5EED)
         var violations: [InvariantViolation] = []
         var problems: [String] = []
@@ -272,6 +286,7 @@ public enum ServeSession {
         var nextProgress = 0.5
         var nextCheck = 1.0
         var nextChurn = 0.0
+        var nextDirtyRead = o.dirtyLogInterval ?? .infinity
         var churn = o.hostChurnInterval > 0 && service.hostEventsEnabled && region != nil
             ? try HostChurn(service: service, region: region!, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages, seed: o.seed)
             : nil
@@ -311,6 +326,14 @@ public enum ServeSession {
                 }
                 nextChurn = now + o.hostChurnInterval
             }
+            if let ledger, now >= nextDirtyRead {
+                do {
+                    ledger.roundRead(try engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes))
+                } catch {
+                    problems.append("reading the dirty log failed: \(error)")
+                }
+                nextDirtyRead = now + o.dirtyLogInterval!
+            }
             if now >= nextCheck {
                 violations += (try? service.checkInvariants().wait()) ?? []
                 nextCheck = now + 1
@@ -321,14 +344,19 @@ public enum ServeSession {
                                        violations: violations.count, externalDevices: s.externalDevices))
                 nextProgress = now + 0.5
             }
-            usleep(o.invalidateInterval > 0 ? UInt32(min(o.invalidateInterval, 0.05) * 1e6 / 2) : 10_000)
+            let nap = min(o.invalidateInterval > 0 ? o.invalidateInterval / 2 : 0.01, 0.025, (o.dirtyLogInterval ?? 1) / 4)
+            usleep(UInt32(nap * 1e6))
         }
         let reports = devices.map { $0.finish() }
+        if let ledger {  // the last round: every write has landed
+            if let bits = try? engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes) { ledger.roundRead(bits) }
+            result.dirty = ledger.finish()
+            if result.dirty!.missed > 0 { problems += result.dirty!.firstMissed ?? [] }
+        }
         let seconds = elapsed()
         violations += (try? service.checkInvariants().wait()) ?? []
         service.stop()
 
-        var result = ServeResult()
         result.mode = o.mode.rawValue
         result.devices = o.devices
         result.domains = o.domains
@@ -377,7 +405,7 @@ public enum ServeSession {
         if s.externalDevices == 0 && (sent != answered || answered != s.groups - s.abandonedGroups) {
             accounting.append("groups sent \(sent), answered to devices \(answered), answered by the service \(s.groups - s.abandonedGroups)")
         }
-        result.violations = violations.count + protocolErrors + accounting.count + deviceViolations
+        result.violations = violations.count + protocolErrors + accounting.count + deviceViolations + (result.dirty?.missed ?? 0)
         problems += violations.prefix(5).map(\.description) + accounting
         result.residentBytes = (try? region?.residentBytes() ?? 0) ?? 0
         result.lockedBytes = lockedBytesOfProcess()

@@ -65,6 +65,8 @@ public struct DeviceConfiguration: Sendable {
     public var hostMayChangeMemory = false
     /// Stop after this many operations (nil: until stopped).
     public var operationLimit: Int?
+    /// Where the device records the pages it writes, per round of the dirty log.
+    public var dirtyLedger: DirtyLedger?
 
     public init(deviceID: UInt32, iovaBase: UInt64, pages: Int, hostBase: UInt64? = nil, physBase: UInt64? = nil) {
         self.deviceID = deviceID
@@ -124,6 +126,7 @@ public final class SimulatedDevice: @unchecked Sendable {
     private var sequentialNext = 0
     private var version: UInt64 = 0
     private let zipf: ZipfSampler?
+    private var dirtyWriter: DirtyWriter?
 
     public init(configuration: DeviceConfiguration, channel: DeviceChannel, memory: DeviceMemory, translator: Translator,
                 window: HostChangeWindow? = nil, audit: TranslationAudit? = nil) {
@@ -139,6 +142,7 @@ public final class SimulatedDevice: @unchecked Sendable {
         report = DeviceReport(deviceID: configuration.deviceID)
         rng = Xoshiro(seed: configuration.seed)
         zipf = configuration.workload == .zipf ? ZipfSampler(count: configuration.pages, exponent: 1.1) : nil
+        dirtyWriter = configuration.dirtyLedger.map { DirtyWriter(ledger: $0, deviceIOVABase: configuration.iovaBase) }
     }
 
     /// Runs the workload on a thread of its own.
@@ -182,9 +186,11 @@ public final class SimulatedDevice: @unchecked Sendable {
             let first = min(nextPage(advance: count), configuration.pages - count)
             let write = Int(rng.next() % 100) < configuration.writePercent
             let errors = report.dmaErrors
+            dirtyWriter?.catchUp()
             guard dma(pages: first..<(first + count), write: write) else { break }
             if report.firstCompletion == nil && report.dmaErrors == errors { report.firstCompletion = .now }
         }
+        dirtyWriter?.finish()
     }
 
     private func nextPage(advance: Int) -> Int {
@@ -290,7 +296,14 @@ public final class SimulatedDevice: @unchecked Sendable {
                     }
                 }
                 let entry = s.slots[i]
-                guard entry.prot.contains(write ? .write : .read) else { return .denied }
+                guard entry.prot.contains(write ? .write : .read) else {
+                    // A write to a read-only translation: dirty tracking protected the page
+                    // (or the mapping is read-only, which the service answers INVALID).
+                    // As with ATS, drop the entry and send a write page request.
+                    guard write && entry.prot.contains(.read) else { return .denied }
+                    s.slots[i] = DeviceIOTLB.Entry()
+                    return .notPresent
+                }
                 if configuration.checkHostTags {
                     guard let tag = memory.load(entry.phys + 4088) else { return outside(iova, entry.phys) }
                     report.checks += 1
@@ -304,6 +317,7 @@ public final class SimulatedDevice: @unchecked Sendable {
                 if let window, let hostBase = configuration.hostBase, window.mustSkip(hostBase + UInt64(p) << 12) { return .done }
                 let bytes = configuration.bytesPerAccess
                 if write {
+                    dirtyWriter?.willWrite(page: p)  // before the store: see DirtyLedger
                     version &+= 1
                     let value = UInt64(configuration.deviceID) << 56 | UInt64(p) << 24 | (version & 0xFF_FFFF)
                     guard memory.store(entry.phys, value), bytes <= 8 || memory.fill(entry.phys + 8, byteCount: bytes - 8, value) else {

@@ -31,6 +31,9 @@ public struct StressOptions: Sendable {
     public var faultAround = FaultAroundPolicy.off
     /// Take the service's footprint every this many seconds (soak runs); nil: never.
     public var sampleEvery: Double?
+    /// Seconds between reads of the dirty log, with the in-process devices' writes held
+    /// against it ("a dirty write lost"); nil: no dirty tracking. Ignored with `external`.
+    public var dirtyLogInterval: Double? = 0.01
     public static let mappingBytes: UInt64 = 2 << 20
     public static let iovaBase: UInt64 = 1 << 40
     public init() {}
@@ -57,6 +60,8 @@ public struct StressResult: Codable, Sendable {
     public var violations = 0
     public var violationKinds: [String: Int] = [:]
     public var lateAccesses = 0
+    /// The dirty log held against the devices' writes (absent without dirty tracking).
+    public var dirty: DirtySummary?
     public var dmaOps = 0
     public var dmaErrors = 0
     public var stormOperations: [String: Int] = [:]
@@ -108,6 +113,8 @@ public enum StressSession {
         struct Mapping { var iova: UInt64; var host: UInt64 }
         var mappings: [Mapping] = []
         var devices: [SimulatedDevice] = []
+        let totalPages = Int(slice >> 12) * o.devices
+        let ledger = o.dirtyLogInterval != nil && !o.external ? DirtyLedger(iovaBase: StressOptions.iovaBase, pages: totalPages) : nil
         for d in 0..<o.devices {
             let iova = StressOptions.iovaBase + UInt64(d) * slice
             let host = region.base + UInt64(d) * slice
@@ -124,7 +131,12 @@ public enum StressSession {
             dc.iotlbEntries = 32
             dc.spinNanoseconds = 50_000
             dc.hostMayChangeMemory = true
+            dc.dirtyLedger = ledger
             devices.append(try rig.device(dc, domain: d % o.domains, regions: [region]))
+        }
+        if let ledger {
+            try engine.startDirtyTracking(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12)
+            ledger.trackingStarted()
         }
 
         let fleet = o.external ? try startFleet(o, rig: rig, region: region, slice: slice) : nil
@@ -163,6 +175,7 @@ public enum StressSession {
         var nextProgress = 0.5
         var nextSample = o.sampleEvery ?? .infinity
         var nextCheck = 0.05
+        var nextDirtyRead = o.dirtyLogInterval ?? .infinity
         var operations = 0
         let total = region.length
         while elapsed() < o.seconds && operations < (o.operations ?? .max) {
@@ -199,7 +212,11 @@ public enum StressSession {
                     counts["premap", default: 0] += 1
                 case 92..<96:  // remove a mapping and create it again; faults in between are INVALID
                     doing = "re-creating the mapping at \(hex(m.iova))"
-                    try service.unmap(iova: m.iova, size: StressOptions.mappingBytes)
+                    if let ledger {  // read what was written there with the removal, as a VMM must
+                        ledger.alsoReported(iova: m.iova, try service.unmapReadingDirty(iova: m.iova, size: StressOptions.mappingBytes))
+                    } else {
+                        try service.unmap(iova: m.iova, size: StressOptions.mappingBytes)
+                    }
                     try service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
                     counts["remap", default: 0] += 1
                 default:  // real host events
@@ -215,6 +232,11 @@ public enum StressSession {
                 if first == nil { first = "seed \(o.seed), while \(doing): \(error)" }
             }
             let now = elapsed()
+            if let ledger, now >= nextDirtyRead {
+                doing = "a read of the dirty log"
+                ledger.roundRead(try engine.readAndClearDirty(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12))
+                nextDirtyRead = now + o.dirtyLogInterval!
+            }
             if now >= nextCheck {
                 doing = "a periodic check"
                 record(try service.checkInvariants().wait())
@@ -257,6 +279,15 @@ public enum StressSession {
         }
         let reports = stuck == 0 ? devices.map { $0.finish() } : []
         record(try service.checkInvariants().wait())
+        if let ledger, stuck == 0 {  // the last round: every write has landed
+            ledger.roundRead(try engine.readAndClearDirty(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12))
+            let dirty = ledger.finish()
+            result.dirty = dirty
+            if dirty.missed > 0 {
+                kinds["dirtyWriteLost", default: 0] += dirty.missed
+                if first == nil { first = "seed \(o.seed): \(dirty.missed) pages written but never reported by the dirty log, e.g. \(dirty.firstMissed?.first ?? "")" }
+            }
+        }
         let seconds = elapsed()
         service.stop()
         _ = churn

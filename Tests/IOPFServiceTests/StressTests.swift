@@ -29,6 +29,8 @@ import Testing
         #expect(r.violations == 0, "\(r.violationKinds) \(r.firstViolation ?? "")")
         #expect(r.faults > 1000 && r.invalidations > 100 && r.checks > 1000)
         #expect(r.stormOperations.count == 6, "every kind of storm operation ran: \(r.stormOperations)")
+        // Dirty tracking is on by default: the log was read many times and lost nothing.
+        #expect(r.dirty != nil && r.dirty!.rounds > 20 && r.dirty!.written > 100 && r.dirty!.missed == 0, "\(String(describing: r.dirty))")
     }
 
     /// Under TSan everything runs several times slower, and races are met less often in
@@ -43,6 +45,7 @@ import Testing
             "no-retry": ["leafOnGoneMemory", "leafWithoutBit", "stormOperationFailed"],
             "early-free": ["tablePageFreedBeforeSync"],
             "double-answer": ["groupNotAnsweredOnce"],
+            "lose-dirty": ["dirtyWriteLost"],
         ]
         // no-retry needs an invalidation between a fault's lookup and its install; a 3-second
         // run under TSan (seed 11) once missed it, so each bug gets up to three seeds there.

@@ -63,6 +63,9 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Map ahead of sequential faults: off, adaptive (a window per stream that grows while faults stay sequential), or a fixed number of pages (1-512).", valueName: "off|adaptive|N"))
     var faultAround = "off"
 
+    @Option(help: ArgumentHelp("Track which pages the in-process devices write and read the dirty log every MS milliseconds, checking it against the pages really written (JSON dirty).", valueName: "MS"))
+    var dirtyLog: Double?
+
     @Flag(help: "Print one JSON object at the end instead of progress and a table.")
     var json = false
 
@@ -97,6 +100,10 @@ struct Serve: ParsableCommand {
         guard ChannelTransport(rawValue: transport) != nil else {
             throw ValidationError("--transport '\(transport)' is not one of \(ChannelTransport.allCases.map(\.rawValue).joined(separator: ", "))")
         }
+        if let dirtyLog {
+            guard dirtyLog >= 1 && dirtyLog <= 600_000 else { throw ValidationError("--dirty-log must be 1...600000 ms, got \(dirtyLog)") }
+            guard devices > 0 else { throw ValidationError("--dirty-log logs the in-process devices' memory: it needs --devices 1 or more") }
+        }
         guard spinMicroseconds >= 0 else { throw ValidationError("--spin-microseconds must not be negative, got \(spinMicroseconds)") }
     }
 
@@ -118,6 +125,7 @@ struct Serve: ParsableCommand {
         o.socketMode = mode_t(socketMode, radix: 8)!
         o.deviceMemoryBytes = parseSize(deviceMemory)!
         o.invalidateTimeout = .milliseconds(invalidateTimeout)
+        o.dirtyLogInterval = dirtyLog.map { $0 / 1000 }
         var logger = Logger(label: "iopf")
         logger.logLevel = listen != nil && !json ? .info : .warning
         Signals.stopOnInterrupt()
@@ -158,6 +166,10 @@ struct Serve: ParsableCommand {
             for h in r.hosts {
                 row("host '\(h.name)'", "pid \(h.pid), \(mib(h.memoryBytes)), \(h.mappings) mappings, \(h.addressUpdates) address updates, \(h.devices) devices, \(h.uffdEvents) uffd events" + (h.ended.map { "; ended: \($0)" } ?? ""))
             }
+        }
+        if let d = r.dirty {
+            let ratio = d.written > 0 ? String(format: " (%.3f of written)", Double(d.reported) / Double(d.written)) : ""
+            row("dirty log", "\(d.rounds) rounds: \(d.reported) pages reported\(ratio), \(d.written) written, \(d.missed) missed, \(d.extra) extra")
         }
         row("resident / locked", "\(mib(r.residentBytes)) / \(mib(r.lockedBytes))")
         row("integrity errors", "\(r.integrityErrors)")

@@ -1,0 +1,213 @@
+// DirtyLedger.swift — the pages devices really wrote, per round of the dirty log, held
+// against what the log reported (`iopf serve --dirty-log`, the stress tool's "dirty
+// write lost" invariant).
+//
+// Rounds: the logger starts tracking, then sets epoch 1; each round reads the log and
+// then advances the epoch. A device reads the epoch under its IOTLB lock just before a
+// write, so a write recorded in epoch e came after round e-1's read returned: it must be
+// in round e's report, or in round e+1's if it landed after round e's read took the
+// lock. `missed` counts writes in neither; `extra` counts reported pages that no device
+// wrote in that round or the one before. Writes in epoch 0 (before tracking) are not
+// recorded.
+//
+// Bitmaps cover `[iovaBase, iovaBase + pages * 4 KiB)`. Devices hand in a round's pages
+// when they see the epoch move; a round is judged once the next round was read and every
+// device has handed it in, and dropped then, so memory stays bounded by a few rounds
+// (a device stalled for more than `maxLag` rounds has its late pages counted `unchecked`).
+
+import IOPFCore
+import Synchronization
+
+/// JSON `dirty` of `iopf serve --dirty-log` and `iopf bench --scenario dirty-log`.
+public struct DirtySummary: Sendable, Codable, Equatable {
+    /// Reads of the dirty log judged.
+    public var rounds = 0
+    /// Pages the log reported, and pages devices really wrote, summed over rounds.
+    public var reported = 0
+    public var written = 0
+    /// Pages written but not reported (must be 0), and reported but not written.
+    public var missed = 0
+    public var extra = 0
+    /// Pages handed in too late to judge (a device stalled for many rounds).
+    public var unchecked = 0
+    /// The first missed pages, by IOVA and round, to reproduce.
+    public var firstMissed: [String]?
+
+    public init() {}
+}
+
+public final class DirtyLedger: @unchecked Sendable {
+    public let iovaBase: UInt64
+    public let pages: Int
+    static let maxLag: UInt64 = 64
+    private let epochCounter = Atomic<UInt64>(0)
+    private let state: Lock<State>
+
+    struct State {
+        var written: [UInt64: PageBitmap] = [:]
+        var reported: [UInt64: PageBitmap] = [:]
+        /// Per device: every epoch below this one is handed in.
+        var writers: [Int: UInt64] = [:]
+        var nextWriter = 0
+        /// Rounds below this one are judged.
+        var judged: UInt64 = 1
+        var summary = DirtySummary()
+    }
+
+    public init(iovaBase: UInt64, pages: Int) {
+        self.iovaBase = iovaBase
+        self.pages = pages
+        state = Lock(State())
+    }
+
+    /// The round writes now belong to; 0 before tracking started.
+    @inline(__always) public var epoch: UInt64 { epochCounter.load(ordering: .acquiring) }
+
+    /// Tracking is on: writes from now on are recorded.
+    public func trackingStarted() {
+        epochCounter.store(1, ordering: .releasing)
+    }
+
+    /// A device joins; returns its token for `handIn` and `retire`.
+    public func register() -> Int {
+        state.withLock { s in
+            defer { s.nextWriter += 1 }
+            s.writers[s.nextWriter] = max(epoch, 1)
+            return s.nextWriter
+        }
+    }
+
+    /// A device's pages written in `epoch` (bits over the ledger's range); it has now
+    /// handed in every epoch below `through`.
+    public func handIn(_ writer: Int, epoch e: UInt64, pages written: PageBitmap, through: UInt64) {
+        state.withLock { s in
+            if e >= 1 {
+                if e < s.judged {
+                    s.summary.unchecked += written.population
+                } else {
+                    s.written[e, default: PageBitmap(count: pages)].formUnion(written)
+                }
+            }
+            if s.writers[writer] != nil { s.writers[writer] = through }
+            judge(&s, force: false)
+        }
+    }
+
+    /// A device is done (after its last `handIn`).
+    public func retire(_ writer: Int) {
+        state.withLock { s in
+            s.writers[writer] = nil
+            judge(&s, force: false)
+        }
+    }
+
+    /// The log read for the current round; the epoch moves on.
+    public func roundRead(_ reported: PageBitmap) {
+        state.withLock { s in
+            let e = epoch
+            s.reported[e, default: PageBitmap(count: pages)].formUnion(reported)
+            epochCounter.store(e + 1, ordering: .releasing)
+            judge(&s, force: false)
+        }
+    }
+
+    /// Pages reported outside a round's read (an unmap that read the log), bit k for the
+    /// page at `iova + k * 4 KiB`: they count for the current round.
+    public func alsoReported(iova: UInt64, _ reported: PageBitmap) {
+        state.withLock { s in
+            let e = epoch
+            guard e >= 1, iova >= iovaBase else { return }
+            let offset = Int((iova - iovaBase) >> 12)
+            var bits = s.reported[e] ?? PageBitmap(count: pages)
+            var p = reported.findNextSet(from: 0)
+            while p < reported.count && offset + p < pages {
+                bits.set(offset + p)
+                p = reported.findNextSet(from: p + 1)
+            }
+            s.reported[e] = bits
+        }
+    }
+
+    /// Judges every round read so far (devices retired, the last round read) and returns
+    /// the summary.
+    public func finish() -> DirtySummary {
+        state.withLock { s in
+            judge(&s, force: true)
+            return s.summary
+        }
+    }
+
+    public var summary: DirtySummary { state.withLock { $0.summary } }
+
+    /// Judges round e once round e+1 was read (or at the end) and every device handed e in.
+    private func judge(_ s: inout State, force: Bool) {
+        let current = epoch  // rounds below it were read
+        while s.judged < current {
+            let e = s.judged
+            let handedIn = s.writers.values.allSatisfy { $0 > e }
+            let nextRead = e + 1 < current
+            guard force || (handedIn && nextRead) || current - e > Self.maxLag else { return }
+            let empty = PageBitmap(count: pages)
+            let written = s.written[e] ?? empty
+            let reported = s.reported[e] ?? empty
+            let missed = written.population(notIn: reported, s.reported[e + 1] ?? empty)
+            s.summary.rounds += 1
+            s.summary.written += written.population
+            s.summary.reported += reported.population
+            s.summary.missed += missed
+            s.summary.extra += reported.population(notIn: written, s.written[e - 1] ?? empty)
+            if missed > 0 && (s.summary.firstMissed?.count ?? 0) < 5 {
+                var p = written.findNextSet(from: 0)
+                while p < pages && (s.summary.firstMissed?.count ?? 0) < 5 {
+                    if !reported.test(p) && !(s.reported[e + 1]?.test(p) ?? false) {
+                        s.summary.firstMissed = (s.summary.firstMissed ?? []) + ["iova \(hex(iovaBase + UInt64(p) << 12)) written in round \(e)"]
+                    }
+                    p = written.findNextSet(from: p + 1)
+                }
+            }
+            s.written[e - 1] = nil
+            s.reported[e] = nil
+            s.judged = e + 1
+        }
+    }
+}
+
+/// A device's side of the ledger: its writes in the current epoch, handed in when the
+/// epoch moves. Used by one device thread only.
+struct DirtyWriter {
+    let ledger: DirtyLedger
+    let token: Int
+    /// Ledger page of the device's page 0.
+    let offset: Int
+    var epoch: UInt64
+    var written: PageBitmap
+
+    init(ledger: DirtyLedger, deviceIOVABase: UInt64) {
+        self.ledger = ledger
+        token = ledger.register()
+        offset = Int((deviceIOVABase - ledger.iovaBase) >> 12)
+        epoch = ledger.epoch
+        written = PageBitmap(count: ledger.pages)
+    }
+
+    /// Hands in the pages of an epoch that has ended.
+    mutating func catchUp() {
+        let now = ledger.epoch
+        guard now != epoch else { return }
+        ledger.handIn(token, epoch: epoch, pages: written, through: now)
+        if !written.isEmpty { written = PageBitmap(count: ledger.pages) }
+        epoch = now
+    }
+
+    /// Records a write to device page `page` (call under the IOTLB lock, before the store).
+    @inline(__always) mutating func willWrite(page: Int) {
+        catchUp()
+        let p = offset + page
+        if epoch >= 1 && p >= 0 && p < written.count { written.set(p) }
+    }
+
+    mutating func finish() {
+        ledger.handIn(token, epoch: epoch, pages: written, through: .max)
+        ledger.retire(token)
+    }
+}
