@@ -32,6 +32,8 @@ public struct DirtySummary: Sendable, Codable, Equatable {
     public var unchecked = 0
     /// The first missed pages, by IOVA and round, to reproduce.
     public var firstMissed: [String]?
+    /// How long each read of the log took (readAndClearDirty: report, write-protect, sync).
+    public var readNs = LatencySummary()
 
     public init() {}
 }
@@ -181,6 +183,8 @@ struct DirtyWriter {
     let offset: Int
     var epoch: UInt64
     var written: PageBitmap
+    /// Writes recorded in the current epoch (repeats included).
+    var writesThisEpoch = 0
 
     init(ledger: DirtyLedger, deviceIOVABase: UInt64) {
         self.ledger = ledger
@@ -197,17 +201,55 @@ struct DirtyWriter {
         ledger.handIn(token, epoch: epoch, pages: written, through: now)
         if !written.isEmpty { written = PageBitmap(count: ledger.pages) }
         epoch = now
+        writesThisEpoch = 0
     }
 
     /// Records a write to device page `page` (call under the IOTLB lock, before the store).
     @inline(__always) mutating func willWrite(page: Int) {
         catchUp()
         let p = offset + page
-        if epoch >= 1 && p >= 0 && p < written.count { written.set(p) }
+        if epoch >= 1 && p >= 0 && p < written.count {
+            written.set(p)
+            writesThisEpoch += 1
+        }
     }
 
     mutating func finish() {
         ledger.handIn(token, epoch: epoch, pages: written, through: .max)
         ledger.retire(token)
+    }
+}
+
+/// One row of `iopf bench --scenario dirty-log`.
+public struct DirtyLogRow: Codable, Sendable {
+    public var sizeBytes: UInt64
+    public var mode: String
+    public var rounds: Int
+    public var written: Int
+    public var reported: Int
+    public var missed: Int
+    public var extra: Int
+    /// Pages reported per page really written (1 is exact; pinned memory reports all).
+    public var reportedPerWritten: Double
+    /// Pages written per round, as a share of the memory.
+    public var writtenSharePerRound: Double
+    public var readNs: LatencySummary
+    public var dmaErrors: Int
+    public var problems: [String]
+
+    public init(size: UInt64, result r: ServeResult) {
+        let d = r.dirty ?? DirtySummary()
+        sizeBytes = size
+        mode = r.mode
+        rounds = d.rounds
+        written = d.written
+        reported = d.reported
+        missed = d.missed
+        extra = d.extra
+        reportedPerWritten = d.written > 0 ? Double(d.reported) / Double(d.written) : 0
+        writtenSharePerRound = d.rounds > 0 ? Double(d.written) / Double(d.rounds) / Double(size >> 12) : 0
+        readNs = d.readNs
+        dmaErrors = r.dmaErrors
+        problems = r.problems
     }
 }

@@ -72,6 +72,9 @@ public struct ServeOptions: Sendable {
     /// Seconds between reads of the dirty log over the in-process devices' memory (nil:
     /// no dirty tracking). `--dirty-log MS`.
     public var dirtyLogInterval: Double?
+    /// With `dirtyLogInterval`: the share of the in-process memory the devices write per
+    /// round, at most (random pages; then they wait for the next round). Nil: no limit.
+    public var dirtyShare: Double?
     public static let iovaBase: UInt64 = 1 << 32
     public static let externalIOVABase: UInt64 = 1 << 44
     public init() {}
@@ -259,6 +262,8 @@ public enum ServeSession {
             dc.operationLimit = o.operationsPerDevice
             dc.hostMayChangeMemory = o.hostChurnInterval > 0
             dc.dirtyLedger = ledger
+            dc.writesPerRound = o.dirtyShare.map { max(1, Int(Double(slicePages) * $0)) }
+            if o.dirtyShare != nil { dc.writePercent = 100 }
             devices.append(try rig.device(dc, domain: d % o.domains, regions: [region!]))
         }
         let loggedBytes = slice * UInt64(o.devices)
@@ -287,6 +292,7 @@ public enum ServeSession {
         var nextCheck = 1.0
         var nextChurn = 0.0
         var nextDirtyRead = o.dirtyLogInterval ?? .infinity
+        var readTimes = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
         var churn = o.hostChurnInterval > 0 && service.hostEventsEnabled && region != nil
             ? try HostChurn(service: service, region: region!, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages, seed: o.seed)
             : nil
@@ -328,7 +334,10 @@ public enum ServeSession {
             }
             if let ledger, now >= nextDirtyRead {
                 do {
-                    ledger.roundRead(try engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes))
+                    let t0 = ContinuousClock.now
+                    let bits = try engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes)
+                    readTimes.record(UInt64(max(0, (ContinuousClock.now - t0).nanoseconds)))
+                    ledger.roundRead(bits)
                 } catch {
                     problems.append("reading the dirty log failed: \(error)")
                 }
@@ -351,6 +360,7 @@ public enum ServeSession {
         if let ledger {  // the last round: every write has landed
             if let bits = try? engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes) { ledger.roundRead(bits) }
             result.dirty = ledger.finish()
+            result.dirty!.readNs = LatencySummary(readTimes)
             if result.dirty!.missed > 0 { problems += result.dirty!.firstMissed ?? [] }
         }
         let seconds = elapsed()

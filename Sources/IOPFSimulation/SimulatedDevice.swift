@@ -67,6 +67,9 @@ public struct DeviceConfiguration: Sendable {
     public var operationLimit: Int?
     /// Where the device records the pages it writes, per round of the dirty log.
     public var dirtyLedger: DirtyLedger?
+    /// With a ledger: write at most this many pages per round of the dirty log, then
+    /// wait for the next round (a device dirtying a set share of memory per round).
+    public var writesPerRound: Int?
 
     public init(deviceID: UInt32, iovaBase: UInt64, pages: Int, hostBase: UInt64? = nil, physBase: UInt64? = nil) {
         self.deviceID = deviceID
@@ -186,11 +189,22 @@ public final class SimulatedDevice: @unchecked Sendable {
             let first = min(nextPage(advance: count), configuration.pages - count)
             let write = Int(rng.next() % 100) < configuration.writePercent
             let errors = report.dmaErrors
-            dirtyWriter?.catchUp()
+            if dirtyWriter != nil { waitForRoundIfQuotaSpent() }
             guard dma(pages: first..<(first + count), write: write) else { break }
             if report.firstCompletion == nil && report.dmaErrors == errors { report.firstCompletion = .now }
         }
         dirtyWriter?.finish()
+    }
+
+    /// With `writesPerRound`: once this round's writes are done, waits for the next round.
+    private func waitForRoundIfQuotaSpent() {
+        dirtyWriter!.catchUp()
+        guard let quota = configuration.writesPerRound else { return }
+        if dirtyWriter!.writesThisEpoch >= quota {
+            let epoch = dirtyWriter!.epoch
+            while dirtyWriter!.ledger.epoch == epoch && !stopFlag.load(ordering: .relaxed) { usleep(100) }
+            dirtyWriter!.catchUp()
+        }
     }
 
     private func nextPage(advance: Int) -> Int {

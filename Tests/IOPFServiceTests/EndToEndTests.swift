@@ -67,6 +67,32 @@ import Testing
         #expect(Set(dirty.keys).isSuperset(of: ["rounds", "reported", "written", "missed", "extra"]))
     }
 
+    /// The dirty-log bench's rows: devices write at most their share per round; fault
+    /// mode reports about what was written, pinned mode every page.
+    @Test func dirtyLogRowsCompareFaultWithPinned() throws {
+        var rows: [MemoryMode: DirtyLogRow] = [:]
+        for mode in MemoryMode.allCases {
+            var o = ServeOptions()
+            o.mode = mode
+            o.devices = 2
+            o.memoryBytes = 8 << 20
+            o.invalidateInterval = 0
+            o.spinNanoseconds = 20_000
+            o.dirtyLogInterval = 0.05
+            o.dirtyShare = 0.05
+            o.seconds = 0.5
+            rows[mode] = DirtyLogRow(size: o.memoryBytes, result: try ServeSession.run(o))
+        }
+        let (fault, pinned) = (rows[.fault]!, rows[.pinned]!)
+        for r in [fault, pinned] {
+            #expect(r.problems.isEmpty && r.missed == 0 && r.rounds >= 5 && r.written > 0, "\(r)")
+            // The quota is checked before each burst (up to 4 pages), so a device may go 3 over.
+            #expect(r.writtenSharePerRound <= 0.06, "devices kept to about 5% a round: \(r.writtenSharePerRound)")
+        }
+        #expect(fault.reportedPerWritten >= 1 && fault.reportedPerWritten < 1.5, "\(fault)")
+        #expect(pinned.reported == pinned.rounds * 2048 && pinned.reportedPerWritten > 10, "\(pinned)")
+    }
+
     @Test(arguments: [
         (2, Workload.random, ChannelTransport.socket, 1),
         (3, Workload.sequential, ChannelTransport.pipe, 2),

@@ -14,12 +14,23 @@ struct Bench: ParsableCommand {
         discussion: """
             Each (size, touch) runs both modes, interleaved, --repeat times; medians are reported. \
             --scenario fault-around instead compares single-page faulting with --fault-around on one device's first touch: \
-            sequential over each size, and random 4 KiB touches of each --touch fraction.
+            sequential over each size, and random 4 KiB touches of each --touch fraction. \
+            --scenario dirty-log runs devices that write --dirty-share of each size per round and reads the dirty log \
+            every --dirty-interval ms, fault mode and pinned mode, holding what each reports against what was written.
             """
     )
 
-    @Option(help: ArgumentHelp("pinned-vs-fault, or fault-around (single pages against --fault-around).", valueName: "scenario"))
+    @Option(help: ArgumentHelp("pinned-vs-fault, fault-around (single pages against --fault-around), or dirty-log (what the dirty log reports, fault against pinned).", valueName: "scenario"))
     var scenario = "pinned-vs-fault"
+
+    @Option(help: "dirty-log: milliseconds between reads of the log.")
+    var dirtyInterval = 200.0
+
+    @Option(help: "dirty-log: rounds (reads of the log) per run.")
+    var dirtyRounds = 10
+
+    @Option(help: "dirty-log: share of the memory the devices write per round.")
+    var dirtyShare = 0.1
 
     @Option(help: ArgumentHelp("The policy --scenario fault-around compares with single pages: adaptive or a page count.", valueName: "adaptive|N"))
     var faultAround = "adaptive"
@@ -60,8 +71,11 @@ struct Bench: ParsableCommand {
         guard !t.isEmpty, t.count == parsedTouch.count, parsedTouch.allSatisfy({ $0 > 0 && $0 <= 1 }) else {
             throw ValidationError("--touch '\(touch)' must be fractions in (0, 1], e.g. 0.1,1.0")
         }
-        guard ["pinned-vs-fault", "fault-around"].contains(scenario) else {
-            throw ValidationError("--scenario must be pinned-vs-fault or fault-around, got '\(scenario)'")
+        guard ["pinned-vs-fault", "fault-around", "dirty-log"].contains(scenario) else {
+            throw ValidationError("--scenario must be pinned-vs-fault, fault-around or dirty-log, got '\(scenario)'")
+        }
+        guard dirtyInterval >= 1 && dirtyRounds >= 1 && dirtyShare > 0 && dirtyShare <= 1 else {
+            throw ValidationError("--dirty-interval must be at least 1 ms, --dirty-rounds at least 1, --dirty-share in (0, 1]")
         }
         guard let policy = FaultAroundPolicy(faultAround), policy != .off else {
             throw ValidationError("--fault-around must be adaptive or a page count 1...512, got '\(faultAround)'")
@@ -83,6 +97,7 @@ struct Bench: ParsableCommand {
             try Floors.warmUp(bytes: bytes)
         }
         if scenario == "fault-around" { return try runFaultAround(logger: logger) }
+        if scenario == "dirty-log" { return try runDirtyLog(logger: logger) }
         say("measuring floors…")
         let floors = try Floors.measure()
         var rows: [BenchRow] = []
@@ -159,6 +174,53 @@ struct Bench: ParsableCommand {
         }
         let problems = rows.flatMap(\.problems)
         if !problems.isEmpty {
+            print("problems: \(problems.prefix(3).joined(separator: "; "))")
+            throw ExitCode(1)
+        }
+    }
+
+    /// Fault mode against pinned mode: pages the dirty log reports per page written.
+    func runDirtyLog(logger: Logger) throws {
+        var rows: [DirtyLogRow] = []
+        for size in parsedSizes {
+            for mode in MemoryMode.allCases.reversed() {
+                Output.progress("\(human(size)) dirty log: \(mode)")
+                var o = ServeOptions()
+                o.mode = mode
+                o.devices = 2
+                o.memoryBytes = size
+                o.invalidateInterval = 0
+                o.dirtyLogInterval = dirtyInterval / 1000
+                o.dirtyShare = dirtyShare
+                o.seconds = dirtyInterval / 1000 * Double(dirtyRounds) + 0.05
+                let r = try ServeSession.run(o, logger: logger)
+                rows.append(DirtyLogRow(size: size, result: r))
+            }
+        }
+        Output.progress(nil)
+        if let csv {
+            var text = "sizeBytes,mode,rounds,written,reported,missed,extra,reportedPerWritten,writtenSharePerRound,readP50Ns,readMaxNs\n"
+            for r in rows {
+                text += "\(r.sizeBytes),\(r.mode),\(r.rounds),\(r.written),\(r.reported),\(r.missed),\(r.extra),\(r.reportedPerWritten),"
+                    + "\(r.writtenSharePerRound),\(r.readNs.p50),\(r.readNs.max)\n"
+            }
+            try text.write(toFile: csv, atomically: true, encoding: .utf8)
+        }
+        if json {
+            struct Report: Encodable { var rows: [DirtyLogRow] }
+            try Output.printJSON(Report(rows: rows))
+        } else {
+            print("size   mode   | rounds  written/round | reported   written    reported/written | missed  extra   | read p50 / max")
+            for r in rows {
+                print(pad(human(r.sizeBytes), 6) + " " + pad(r.mode, 6) + " | " + pad("\(r.rounds)", 6)
+                    + String(format: "  %6.1f%%        | ", 100 * r.writtenSharePerRound)
+                    + pad("\(r.reported)", 10) + " " + pad("\(r.written)", 10) + String(format: " %8.3f         | ", r.reportedPerWritten)
+                    + pad("\(r.missed)", 7) + " " + pad("\(r.extra)", 7) + " | "
+                    + String(format: "%.0f µs / %.0f µs", Double(r.readNs.p50) / 1000, Double(r.readNs.max) / 1000))
+            }
+        }
+        let problems = rows.flatMap(\.problems)
+        if !problems.isEmpty || rows.contains(where: { $0.missed > 0 }) {
             print("problems: \(problems.prefix(3).joined(separator: "; "))")
             throw ExitCode(1)
         }
