@@ -23,7 +23,8 @@ public struct DirtyTrackingError: Error, Sendable, Equatable, CustomStringConver
     public var iova: UInt64
     public var size: UInt64
     public var description: String {
-        "dirty tracking range [\(hex(iova)), +\(hex(size))) must be page-aligned, non-empty and inside the I/O address space"
+        "dirty tracking range [\(hex(iova)), +\(hex(size))) must be page-aligned, non-empty "
+            + "and inside the I/O address space"
     }
 }
 
@@ -44,7 +45,9 @@ extension FaultEngine {
                 m.dirty = PageBitmap(count: m.pageCount)
                 started += 1
                 guard m.prot.contains(.write) else { return }
-                for d in s.domains.indices { _ = s.domains[d].writeProtect(iova: m.iova, size: m.size, gather: &s.gathers[d]) }
+                for d in s.domains.indices {
+                    _ = s.domains[d].writeProtect(iova: m.iova, size: m.size, gather: &s.gathers[d])
+                }
             }
             syncAll(&s)
             return started
@@ -88,8 +91,9 @@ extension FaultEngine {
                 var p = dirty.findNextSet(from: lo, to: hi)
                 while p < hi {
                     let end = dirty.findNextClear(from: p, to: hi)
+                    let bytes = UInt64(end - p) << pageShift
                     for d in s.domains.indices {
-                        _ = s.domains[d].writeProtect(iova: m.iova(page: p), size: UInt64(end - p) << pageShift, gather: &s.gathers[d])
+                        _ = s.domains[d].writeProtect(iova: m.iova(page: p), size: bytes, gather: &s.gathers[d])
                     }
                     p = dirty.findNextSet(from: end, to: hi)
                 }

@@ -194,7 +194,9 @@ public final class FaultEngine: Sendable {
     public func map(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError) -> MappingID {
         try state.withLock { s throws(DMAMapError) in
             let m = try s.mappings.insert(iova: iova, vaddr: vaddr, size: size, prot: prot)
-            if s.dirtyTracked.contains(where: { $0.overlaps(m.iova...m.iovaLast) }) { m.dirty = PageBitmap(count: m.pageCount) }
+            if s.dirtyTracked.contains(where: { $0.overlaps(m.iova...m.iovaLast) }) {
+                m.dirty = PageBitmap(count: m.pageCount)
+            }
             return m.id
         }
     }
@@ -221,7 +223,9 @@ public final class FaultEngine: Sendable {
     /// last read of the dirty log, read under the same lock as the removal so that no
     /// write falls between (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP). Bits as
     /// `readAndClearDirty` gives them.
-    public func unmapReadingDirty(iova: UInt64, size: UInt64) throws -> (hostRanges: [Range<UInt64>], dirty: PageBitmap) {
+    public func unmapReadingDirty(iova: UInt64, size: UInt64)
+        throws -> (hostRanges: [Range<UInt64>], dirty: PageBitmap)
+    {
         var dirty: PageBitmap? = PageBitmap(count: Int(size >> pageShift))
         let ranges = try removeMappings(iova: iova, size: size, dirty: &dirty)
         return (ranges, dirty!)
@@ -240,7 +244,9 @@ public final class FaultEngine: Sendable {
             try unmapAllOrStop(victims, &s)
             s.stats.invalidations += 1
             for m in victims {
-                if dirty != nil { Self.report(m, pages: 0..<m.pageCount, into: &dirty!, at: Int((m.iova - iova) >> pageShift)) }
+                if dirty != nil {
+                    Self.report(m, pages: 0..<m.pageCount, into: &dirty!, at: Int((m.iova - iova) >> pageShift))
+                }
                 s.mappings.remove(m)
                 if m.pinned {  // unmapped and synced: now the pages can go
                     memory.unpin(address: m.vaddr, pageCount: m.pageCount)
@@ -790,7 +796,8 @@ extension FaultEngine.State {
     /// domains already mapped so that the bit keeps meaning "mapped everywhere".
     /// While dirty tracking, a write request's page becomes dirty and writable; other
     /// pages are mapped read-only unless already dirty (`installProtection`).
-    mutating func mapFaultedPage(iova: UInt64, phys: UInt64, mapping m: DMAMapping, writeRequest: Bool) -> RequestOutcome {
+    mutating func mapFaultedPage(iova: UInt64, phys: UInt64, mapping m: DMAMapping,
+                                 writeRequest: Bool) -> RequestOutcome {
         let index = m.pageIndex(iova: iova)
         // A duplicate within the group, or another thread, may have mapped it meanwhile.
         if m.iopfMapped.test(index) { return .spurious }

@@ -54,9 +54,11 @@ extension FaultEngine {
                     let first = m.pageIndex(iova: iova)
                     if let dirty = m.dirty, m.prot.contains(.write) {
                         if t.prot != m.prot && t.prot != m.prot.subtracting(.write) {
-                            report(.wrongPermission, "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot) (dirty-tracked)")
+                            report(.wrongPermission,
+                                   "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot) (dirty-tracked)")
                         } else if t.prot.contains(.write) && dirty.population(in: first..<(first + pages)) != pages {
-                            report(.writableButClean, "domain#\(d) leaf at \(hex(iova)) is writable but \(m.id) logs it clean: a write there would be lost")
+                            report(.writableButClean, "domain#\(d) leaf at \(hex(iova)) is writable but \(m.id) logs it clean: "
+                                + "a write there would be lost")
                         }
                     } else if t.prot != m.prot {
                         report(.wrongPermission, "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot)")

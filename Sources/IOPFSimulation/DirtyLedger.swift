@@ -162,7 +162,8 @@ public final class DirtyLedger: @unchecked Sendable {
                 var p = written.findNextSet(from: 0)
                 while p < pages && (s.summary.firstMissed?.count ?? 0) < 5 {
                     if !reported.test(p) && !(s.reported[e + 1]?.test(p) ?? false) {
-                        s.summary.firstMissed = (s.summary.firstMissed ?? []) + ["iova \(hex(iovaBase + UInt64(p) << 12)) written in round \(e)"]
+                        let page = "iova \(hex(iovaBase + UInt64(p) << 12)) written in round \(e)"
+                        s.summary.firstMissed = (s.summary.firstMissed ?? []) + [page]
                     }
                     p = written.findNextSet(from: p + 1)
                 }

@@ -353,7 +353,8 @@ public enum ServeSession {
                                        violations: violations.count, externalDevices: s.externalDevices))
                 nextProgress = now + 0.5
             }
-            let nap = min(o.invalidateInterval > 0 ? o.invalidateInterval / 2 : 0.01, 0.025, (o.dirtyLogInterval ?? 1) / 4)
+            let nap = min(o.invalidateInterval > 0 ? o.invalidateInterval / 2 : 0.01, 0.025,
+                          (o.dirtyLogInterval ?? 1) / 4)
             usleep(UInt32(nap * 1e6))
         }
         let reports = devices.map { $0.finish() }
@@ -415,7 +416,8 @@ public enum ServeSession {
         if s.externalDevices == 0 && (sent != answered || answered != s.groups - s.abandonedGroups) {
             accounting.append("groups sent \(sent), answered to devices \(answered), answered by the service \(s.groups - s.abandonedGroups)")
         }
-        result.violations = violations.count + protocolErrors + accounting.count + deviceViolations + (result.dirty?.missed ?? 0)
+        result.violations = violations.count + protocolErrors + accounting.count + deviceViolations
+            + (result.dirty?.missed ?? 0)
         problems += violations.prefix(5).map(\.description) + accounting
         result.residentBytes = (try? region?.residentBytes() ?? 0) ?? 0
         result.lockedBytes = lockedBytesOfProcess()

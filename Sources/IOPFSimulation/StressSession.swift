@@ -114,7 +114,12 @@ public enum StressSession {
         var mappings: [Mapping] = []
         var devices: [SimulatedDevice] = []
         let totalPages = Int(slice >> 12) * o.devices
-        let ledger = o.dirtyLogInterval != nil && !o.external ? DirtyLedger(iovaBase: StressOptions.iovaBase, pages: totalPages) : nil
+        let ledger = o.dirtyLogInterval != nil && !o.external
+            ? DirtyLedger(iovaBase: StressOptions.iovaBase, pages: totalPages) : nil
+        /// One read of the dirty log over every device's memory, handed to the ledger.
+        func readDirtyLog(_ ledger: DirtyLedger) throws {
+            ledger.roundRead(try engine.readAndClearDirty(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12))
+        }
         for d in 0..<o.devices {
             let iova = StressOptions.iovaBase + UInt64(d) * slice
             let host = region.base + UInt64(d) * slice
@@ -213,7 +218,8 @@ public enum StressSession {
                 case 92..<96:  // remove a mapping and create it again; faults in between are INVALID
                     doing = "re-creating the mapping at \(hex(m.iova))"
                     if let ledger {  // read what was written there with the removal, as a VMM must
-                        ledger.alsoReported(iova: m.iova, try service.unmapReadingDirty(iova: m.iova, size: StressOptions.mappingBytes))
+                        let written = try service.unmapReadingDirty(iova: m.iova, size: StressOptions.mappingBytes)
+                        ledger.alsoReported(iova: m.iova, written)
                     } else {
                         try service.unmap(iova: m.iova, size: StressOptions.mappingBytes)
                     }
@@ -234,7 +240,7 @@ public enum StressSession {
             let now = elapsed()
             if let ledger, now >= nextDirtyRead {
                 doing = "a read of the dirty log"
-                ledger.roundRead(try engine.readAndClearDirty(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12))
+                try readDirtyLog(ledger)
                 nextDirtyRead = now + o.dirtyLogInterval!
             }
             if now >= nextCheck {
@@ -280,12 +286,15 @@ public enum StressSession {
         let reports = stuck == 0 ? devices.map { $0.finish() } : []
         record(try service.checkInvariants().wait())
         if let ledger, stuck == 0 {  // the last round: every write has landed
-            ledger.roundRead(try engine.readAndClearDirty(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12))
+            try readDirtyLog(ledger)
             let dirty = ledger.finish()
             result.dirty = dirty
             if dirty.missed > 0 {
                 kinds["dirtyWriteLost", default: 0] += dirty.missed
-                if first == nil { first = "seed \(o.seed): \(dirty.missed) pages written but never reported by the dirty log, e.g. \(dirty.firstMissed?.first ?? "")" }
+                if first == nil {
+                    first = "seed \(o.seed): \(dirty.missed) pages written but never reported by the dirty log, "
+                        + "e.g. \(dirty.firstMissed?.first ?? "")"
+                }
             }
         }
         let seconds = elapsed()

@@ -65,9 +65,9 @@ import Testing
         #expect(throws: ServiceError.self) { try h.service.invalidate(hostAddress: h.address(0), length: 4096).wait() }
     }
 
-    /// Eight stream devices on a ring of two entries (four completions): their reads
-    /// complete together, the queue overflows, and every group is still answered.
-    @Test func anOverflowedCompletionQueueLosesNothing() throws {
+    /// A service on an io_uring of two entries (stream channels, no host events) with
+    /// `devices` attached over 64 pages mapped at 1 GiB. The region must outlive the test.
+    static func twoEntryRing(devices: Int) throws -> (HostRegion, FaultService, [DeviceChannel]) {
         let region = try HostRegion(length: 64 << 12)
         let engine = FaultEngine(memory: ProcessMemory())
         let domain = try engine.createDomain(invalidator: DomainIOTLBs())
@@ -77,9 +77,22 @@ import Testing
         config.hostEvents = false
         let service = try FaultService(engine: engine, configuration: config)
         try service.start()
+        do {
+            try service.map(iova: 1 << 30, vaddr: region.base, size: region.length, prot: .readWrite)
+            let channels = try (1...devices).map { id in try DeviceChannel(service.attach(deviceID: UInt32(id), domain: domain)) }
+            return (region, service, channels)
+        } catch {
+            service.stop()
+            throw error
+        }
+    }
+
+    /// Eight stream devices on a ring of two entries (four completions): their reads
+    /// complete together, the queue overflows, and every group is still answered.
+    @Test func anOverflowedCompletionQueueLosesNothing() throws {
+        let (region, service, channels) = try Self.twoEntryRing(devices: 8)
         defer { service.stop() }
-        try service.map(iova: 1 << 30, vaddr: region.base, size: region.length, prot: .readWrite)
-        let channels = try (1...8).map { id in try DeviceChannel(service.attach(deviceID: UInt32(id), domain: domain)) }
+        _ = region
         for round in 0..<8 {
             for (k, c) in channels.enumerated() {
                 try c.send([PageRequest(flags: [.lastPage], deviceID: UInt32(k + 1), groupIndex: 1, perm: [.read],
@@ -90,7 +103,7 @@ import Testing
                 #expect(answer?.first?.code == .success, "device \(k + 1) round \(round): \(String(describing: answer))")
             }
         }
-        #expect(engine.mappedPageCount == 64)
+        #expect(service.engine.mappedPageCount == 64)
         try service.barrier().wait()
         #expect(service.statistics.completionOverflows > 0, "the queue never overflowed: the test did not test anything")
     }
@@ -216,18 +229,9 @@ import Testing
     /// retried (completions set aside) while it clears within `Ring.busyLimit`, and a loud
     /// stop with commands failing at once when it does not.
     @Test func refusedSubmitsAreRetriedThenStopTheLoopLoudly() throws {
-        let region = try HostRegion(length: 64 << 12)
-        let engine = FaultEngine(memory: ProcessMemory())
-        let domain = try engine.createDomain(invalidator: DomainIOTLBs())
-        var config = ServiceConfiguration()
-        config.transport = .socket
-        config.ringEntries = 2
-        config.hostEvents = false
-        let service = try FaultService(engine: engine, configuration: config)
-        try service.start()
+        let (region, service, channels) = try Self.twoEntryRing(devices: 4)
         defer { service.stop() }
-        try service.map(iova: 1 << 30, vaddr: region.base, size: region.length, prot: .readWrite)
-        let channels = try (1...4).map { id in try DeviceChannel(service.attach(deviceID: UInt32(id), domain: domain)) }
+        _ = region
         func round(_ r: Int) throws -> [ResponseCode?] {
             for (k, c) in channels.enumerated() {
                 try c.send([PageRequest(flags: [.lastPage], deviceID: UInt32(k + 1), groupIndex: 1, perm: [.read],
