@@ -29,6 +29,10 @@ public enum PageSize: UInt64, Sendable, CaseIterable, CustomStringConvertible {
 public let pageShift: UInt64 = 12
 public let pageBytes: UInt64 = 1 << pageShift
 let pageMask: UInt64 = pageBytes - 1
+/// A 2 MiB block: the huge page a fault may map with one entry.
+public let hugeBlockBytes: UInt64 = 2 << 20
+/// 4 KiB pages in a 2 MiB block.
+public let hugeBlockPages = Int(hugeBlockBytes >> pageShift)
 
 @inlinable func isPageAligned(_ value: UInt64) -> Bool { value & 0xFFF == 0 }
 

@@ -29,6 +29,10 @@ public struct EngineConfiguration: Sendable {
     /// RLIMIT_MEMLOCK for the pinned path, and whether CAP_IPC_LOCK lifts it.
     public var lockedMemoryLimit: UInt64 = .max
     public var bypassesLockedMemoryLimit = true
+    /// Whether a fault maps the whole aligned 2 MiB block around it with one entry when
+    /// one huge page backs the block (`HostMemory.hugeBlock`) and the mapping holds all of
+    /// it unmapped and untracked; needs `.size2M` in `pageSizes`. `--huge-pages`.
+    public var blocksOnFault = false
     /// Bugs planted for `iopf stress` and tests; none otherwise.
     @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
     public init() {}
@@ -87,6 +91,8 @@ public struct EngineStatistics: Sendable, Equatable {
     public var mappedPages = 0
     /// Pages mapped ahead of faults (fault-around), included in `mappedPages`.
     public var prefetchedPages = 0
+    /// 2 MiB blocks mapped on faults with one entry each; their pages are in `mappedPages`.
+    public var blockMappings = 0
     public var spurious = 0
     public var retries = 0
     public var noMapping = 0
@@ -145,6 +151,8 @@ public final class FaultEngine: Sendable {
     }
 
     public init(memory: any HostMemory, configuration: EngineConfiguration = EngineConfiguration()) {
+        precondition(!configuration.blocksOnFault || configuration.pageSizes.contains(.size2M),
+                     "blocks on fault need 2 MiB pages in the page tables")
         self.memory = memory
         self.configuration = configuration
         lockedMemory = LockedMemoryAccount(limitBytes: configuration.lockedMemoryLimit, bypassesLimit: configuration.bypassesLockedMemoryLimit)
@@ -567,6 +575,9 @@ public final class FaultHandler {
     private var demandCount = 0
     /// The neighbourhood whose resident pages are mapped (host address, pages), if any.
     private var cluster: (host: UInt64, pages: Int)?
+    /// The 2 MiB block around the group's last request, when a huge page may back it
+    /// (`blocksOnFault`), and its physical address once the host said one does.
+    private var block: (iova: UInt64, host: UInt64, phys: UInt64?)?
     private var resident: [Bool] = []
     private var physical: [UInt64] = []
     /// Index into `physical` for each work item, or -1 when it was not resolved.
@@ -610,6 +621,7 @@ public final class FaultHandler {
         work.removeAll(keepingCapacity: true)
         demandCount = group.count
         cluster = nil
+        block = nil
         return engine.state.withLock { s in
             let failed = s.failure != nil
             for r in group {
@@ -643,7 +655,9 @@ public final class FaultHandler {
                 work.append(w)
             }
             if let last = work.last, let m = last.mapping, !m.pinned, !last.restore {
-                if ahead > 0 {
+                if engine.configuration.blocksOnFault, let b = blockCandidate(last, in: m) {
+                    block = b  // nothing ahead or around: the block covers it
+                } else if ahead > 0 {
                     lookAhead(after: last, in: m, pages: ahead)
                 } else if neighbours > 1 {
                     lookAround(last, in: m, pages: neighbours)
@@ -651,6 +665,20 @@ public final class FaultHandler {
             }
             return engine.sequence.load(ordering: .relaxed)
         }
+    }
+
+    /// The aligned 2 MiB block around `last` if it could be mapped with one entry: inside
+    /// the mapping, host address aligned alike, no page of it mapped, gone or tracked.
+    private func blockCandidate(_ last: Work, in m: DMAMapping) -> (iova: UInt64, host: UInt64, phys: UInt64?)? {
+        let iova = last.iova & ~(hugeBlockBytes - 1)
+        guard m.dirty == nil, iova >= m.iova, iova + (hugeBlockBytes - 1) <= m.iovaLast else { return nil }
+        let first = m.pageIndex(iova: iova)
+        let host = m.hostAddress(page: first)
+        let pages = first..<(first + hugeBlockPages)
+        guard host & (hugeBlockBytes - 1) == 0, m.iopfMapped.population(in: pages) == 0,
+            (m.hostGone?.population(in: pages) ?? 0) == 0
+        else { return nil }
+        return (iova, host, nil)
     }
 
     /// Adds the pages after `last` to map ahead, under the lock: stops at the mapping's
@@ -743,6 +771,10 @@ public final class FaultHandler {
             }
             i = end
         }
+        // The block is worth asking about only if the request it holds was resolved.
+        if let b = block, work[demandCount - 1].outcome == nil {
+            block!.phys = engine.memory.hugeBlock(at: b.host)
+        }
     }
 
     /// Phase 3, under the lock: install unless an invalidation ran since phase 1.
@@ -753,8 +785,21 @@ public final class FaultHandler {
                 return false
             }
             var code = ResponseCode.success
+            // A block first: the group's requests inside it are then mapped by it.
+            var blockMapped: ClosedRange<UInt64>?
+            if let b = block, let phys = b.phys, let m = work[demandCount - 1].mapping,
+                s.mapFaultedBlock(iova: b.iova, phys: phys, mapping: m)
+            {
+                blockMapped = b.iova...(b.iova + hugeBlockBytes - 1)
+            }
             for k in work.indices {
                 var result = work[k].outcome ?? .mapped
+                if result == .mapped, let blockMapped, blockMapped.contains(work[k].iova), !work[k].restore,
+                    work[k].mapping === work[demandCount - 1].mapping
+                {
+                    outcome.mapped += 1
+                    continue
+                }
                 if result == .mapped, let m = work[k].mapping {
                     result = work[k].restore
                         ? s.restoreWrite(iova: work[k].iova, mapping: m)
@@ -816,5 +861,29 @@ extension FaultEngine.State {
         m.iopfMapped.set(index)
         if writeRequest { m.dirty?.set(index) }
         return .mapped
+    }
+
+    /// Maps the 2 MiB block at `iova` with one entry in every domain and sets its 512
+    /// bits, unless a page of it was mapped meanwhile (another thread's fault); on a
+    /// failure undoes the domains already mapped. Returns whether the block is mapped.
+    mutating func mapFaultedBlock(iova: UInt64, phys: UInt64, mapping m: DMAMapping) -> Bool {
+        let first = m.pageIndex(iova: iova)
+        let pages = first..<(first + hugeBlockPages)
+        guard m.dirty == nil, m.iopfMapped.population(in: pages) == 0 else { return false }
+        for d in domains.indices {
+            do {
+                try domains[d].map(iova: iova, phys: phys, size: hugeBlockBytes, prot: m.prot)
+            } catch {
+                for undo in 0..<d {
+                    _ = domains[undo].unmap(iova: iova, size: hugeBlockBytes, gather: &gathers[undo])
+                    domains[undo].sync(&gathers[undo])
+                }
+                return false
+            }
+        }
+        m.iopfMapped.set(pages)
+        stats.mappedPages += hugeBlockPages
+        stats.blockMappings += 1
+        return true
     }
 }

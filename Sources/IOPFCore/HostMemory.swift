@@ -39,6 +39,11 @@ public protocol HostMemory: AnyObject, Sendable {
     /// without faulting anything in (mincore). Fault-around maps the resident neighbours
     /// of a random fault, which costs no memory.
     func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool])
+
+    /// The physical address of the 2 MiB block at `address` (2 MiB aligned) when one
+    /// huge page backs all of it now, mapped in place; nil otherwise. Faults map such a
+    /// block with one entry (`EngineConfiguration.blocksOnFault`). Nothing is faulted in.
+    func hugeBlock(at address: UInt64) -> UInt64?
 }
 
 extension HostMemory {
@@ -46,6 +51,9 @@ extension HostMemory {
     public func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool]) {
         resident.append(contentsOf: repeatElement(false, count: pageCount))
     }
+
+    /// Knows of no huge page.
+    public func hugeBlock(at address: UInt64) -> UInt64? { nil }
 }
 
 /// One pinned page: where it is, and whether it counts against locked memory.
@@ -76,6 +84,18 @@ public final class SimulatedHostMemory: HostMemory {
         var deviceMemory: [(range: Range<UInt64>, phys: UInt64)] = []
         var pinned: [UInt64: Int] = [:]  // page address -> pin count
         var resident: [Range<UInt64>] = []
+        var huge: [Range<UInt64>] = []
+    }
+
+    /// Backs the 2 MiB blocks inside `range` with huge pages, as far as `hugeBlock` tells.
+    public func markHuge(_ range: Range<UInt64>) {
+        state.withLock { $0.huge.append(range) }
+    }
+
+    public func hugeBlock(at address: UInt64) -> UInt64? {
+        let block = address..<(address + hugeBlockBytes)
+        let huge = state.withLock { s in s.huge.contains { $0.clamped(to: block) == block } }
+        return huge && address & (hugeBlockBytes - 1) == 0 ? address + physicalOffset : nil
     }
 
     /// Makes the pages of `range` resident as far as `residentPages` tells.

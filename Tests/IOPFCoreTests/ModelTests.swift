@@ -20,11 +20,22 @@ import Testing
     static let hostBase: UInt64 = 0x7000_0000_0000
     static let hostSpace: UInt64 = 8 * MiB
 
-    @Test(arguments: [1, 2, 3] as [UInt64])
-    func randomOperationsAgreeWithTheModel(seed: UInt64) throws {
+    /// Host memory backed by huge pages when faults map blocks: the first two 2 MiB blocks.
+    static let hugeHost = hostBase..<(hostBase + 4 * MiB)
+
+    /// With `blocks`, faults map 2 MiB blocks where huge pages back them, and the model
+    /// predicts exactly which: the block around a group's last request, when that request
+    /// is granted, the block lies inside its mapping with its host address aligned, in
+    /// huge memory, and none of it is mapped yet.
+    @Test(arguments: [1, 2, 3] as [UInt64], [false, true])
+    func randomOperationsAgreeWithTheModel(seed: UInt64, blocks: Bool) throws {
         var rng = SeededGenerator(seed: seed)
         let memory = SimulatedHostMemory()
-        let engine = FaultEngine(memory: memory)
+        var config = EngineConfiguration()
+        config.blocksOnFault = blocks
+        if blocks { memory.markHuge(Self.hugeHost) }
+        let engine = FaultEngine(memory: memory, configuration: config)
+        var faultBlocks = 0
         let domains = try (0..<2).map { _ in try engine.createDomain(invalidator: RecordingInvalidator()) }
         let handler = engine.makeFaultHandler()
         var mappings: [UInt64: ModelMapping] = [:]  // by iova
@@ -63,6 +74,7 @@ import Testing
                 var group: [PageRequest] = []
                 var expected = ResponseCode.success
                 var pages: [UInt64] = []
+                var lastGranted: (page: UInt64, owner: ModelMapping)?
                 for k in 0..<(1 + Int(rng.next() % 4)) {
                     // Mostly inside the mapping, sometimes just outside it.
                     let p = m.pages.lowerBound + rng.next() % UInt64(m.pages.count + 2)
@@ -71,11 +83,21 @@ import Testing
                     let allowed = owner.map { $0.prot.contains(write ? .write : .read) && (write ? $0.prot.contains(.read) : true) } ?? false
                     if !allowed { expected = .invalid }
                     if allowed { pages.append(p) }
+                    lastGranted = allowed ? (p, owner!) : nil
                     group.append(PageRequest(flags: k == 3 ? [.lastPage] : [], deviceID: 1, groupIndex: 0,
                                              perm: write ? [.read, .write] : [.read], addr: p << 12 | (rng.next() & 0xfff), cookie: 1))
                 }
                 let out = handler.handle(group)
                 #expect(out.code == expected, "\(context): group answered \(out.code), model says \(expected)")
+                if blocks, let (p, owner) = lastGranted {
+                    let block = (p & ~511)..<((p & ~511) + 512)
+                    if owner.pages.lowerBound <= block.lowerBound, block.upperBound <= owner.pages.upperBound,
+                        case let host = owner.host(ofPage: block.lowerBound), host & (2 * MiB - 1) == 0, Self.hugeHost.contains(host), faulted.isDisjoint(with: block)
+                    {
+                        faulted.formUnion(block)
+                        faultBlocks += 1
+                    }
+                }
                 faulted.formUnion(pages)
             case 55..<66:  // premap part of a mapping
                 guard let m = pick(&rng) else { continue }
@@ -140,5 +162,7 @@ import Testing
         let stats = engine.statistics
         #expect(blocksSeen > 10, "the generator must produce 2 MiB blocks to exercise unmap of more than asked")
         #expect(stats.mappedPages > 500 && stats.pagesUnmapped > 100 && stats.iotlbSyncs > 100, "\(stats)")
+        #expect(stats.blockMappings == faultBlocks, "blocks mapped on faults: engine \(stats.blockMappings), model \(faultBlocks)")
+        if blocks { #expect(faultBlocks > 10, "the generator must make faults that map blocks") }
     }
 }
