@@ -492,7 +492,9 @@ public final class FaultEngine: Sendable {
                         continue
                     }
                     guard let t = table.translate(iova) else {
-                        pos += 1  // a hole: nothing to unmap here in this domain
+                        // A hole: nothing to unmap here in this domain, up to the next leaf.
+                        let next = table.firstMapped(from: iova, end: m.iova(page: hi - 1) + pageBytes)
+                        pos = max(pos + 1, Int((next - m.iova) >> pageShift))
                         continue
                     }
                     let blockIOVA = iova & ~(t.pageSize.bytes - 1)

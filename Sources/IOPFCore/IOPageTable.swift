@@ -319,6 +319,34 @@ public final class IOPageTable: @unchecked Sendable {
         return nil
     }
 
+    /// The first address in `[iova, end)` that a leaf maps, or `end` when none does:
+    /// skips a hole whole entries at a time (an unmap walk stopped at a hole resumes here
+    /// instead of page by page). Writer side only.
+    public func firstMapped(from iova: UInt64, end: UInt64) -> UInt64 {
+        let end = min(end, Self.iovaLimit)
+        guard iova < end else { return end }
+        return min(firstMapped(page: root, level: 0, from: iova, end: end), end)
+    }
+
+    private func firstMapped(page: TablePageID, level: Int, from start: UInt64, end: UInt64) -> UInt64 {
+        let entrySize: UInt64 = 1 << Self.shift(level: level)
+        var pos = start
+        while pos < end {
+            let i = Self.index(pos, level: level)
+            let e = pool.load(page, i)
+            let entryEnd = (pos & ~(entrySize - 1)) + entrySize
+            if PTE.isPresent(e) {
+                if PTE.isLeaf(e) || level == 3 { return pos }
+                let found = firstMapped(page: PTE.child(e), level: level + 1, from: pos, end: min(end, entryEnd))
+                if found < min(end, entryEnd) { return found }
+            }
+            // The last entry of this table page ends where the parent's entry ends.
+            if i == TablePagePool.entriesPerPage - 1 { return entryEnd }
+            pos = entryEnd
+        }
+        return end
+    }
+
     /// Calls `body` for every leaf in IOVA order: (iova, translation of its first byte).
     /// Writer side only.
     public func forEachLeaf(_ body: (UInt64, Translation) throws -> Void) rethrows {

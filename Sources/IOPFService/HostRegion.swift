@@ -29,9 +29,13 @@ public final class HostRegion: @unchecked Sendable {
     /// False once the memory was moved away: the range is not the region's any more.
     private let ownsRange = Atomic<Bool>(true)
 
+    /// Whether the region asked for transparent huge pages (MADV_HUGEPAGE).
+    public let hugePages: Bool
+
     /// Maps `length` bytes at an address aligned to `alignment` (a power of two, at least
-    /// 4 KiB), e.g. 2 MiB so that the I/O page table can use blocks.
-    public init(length: UInt64, alignment: UInt64 = 4096, shared: Bool = true) throws(SystemCallError) {
+    /// 4 KiB), e.g. 2 MiB so that the I/O page table can use blocks. With `hugePages` the
+    /// memory asks for 2 MiB pages (MADV_HUGEPAGE; see HugePages.enableForShmem).
+    public init(length: UInt64, alignment: UInt64 = 4096, shared: Bool = true, hugePages: Bool = false) throws(SystemCallError) {
         precondition(length > 0 && length & 0xFFF == 0, "region length \(length) must be a positive multiple of 4 KiB")
         precondition(alignment >= 4096 && alignment & (alignment - 1) == 0, "alignment \(alignment) must be a power of two >= 4 KiB")
         var fd: CInt = -1
@@ -68,6 +72,13 @@ public final class HostRegion: @unchecked Sendable {
         if base > raw { munmap(p, Int(base - raw)) }
         let tail = raw + length + extra - (base + length)
         if tail > 0 { munmap(UnsafeMutableRawPointer(bitPattern: UInt(base + length)), Int(tail)) }
+        if hugePages && madvise(at, Int(length), MADV_HUGEPAGE) != 0 {
+            let e = Glibc.errno
+            munmap(at, Int(length))
+            if fd >= 0 { Sys.close(fd) }
+            throw SystemCallError("madvise(MADV_HUGEPAGE)", .init(rawValue: e))
+        }
+        self.hugePages = hugePages
         self.length = length
         self.fd = fd
         phys = shared ? PhysicalSpace.shared.add(host: base..<(base + length), alignment: max(alignment, 2 << 20)) : nil
@@ -307,6 +318,12 @@ public final class ProcessMemory: HostMemory {
     }
 
     public func currentPhysical(of address: UInt64) -> UInt64? { PhysicalSpace.shared.physical(of: address) }
+
+    /// A 2 MiB block backed by one huge page (pagemap and kpageflags, HugePages.swift).
+    public func hugeBlock(at address: UInt64) -> UInt64? {
+        guard HugePages.backsBlock(at: address) else { return nil }
+        return PhysicalSpace.shared.physicalRun(of: address, pages: 512)
+    }
 
     /// mincore(2): resident pages, nothing faulted in. On failure, none.
     public func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool]) {

@@ -23,6 +23,10 @@ public struct FaultAroundRow: Codable, Sendable {
     public var touchFraction: Double
     /// The policy: "off", "adaptive" or a page count.
     public var faultAround: String
+    /// Memory backed by 2 MiB transparent huge pages, blocks mapped on faults (`--huge-pages`).
+    public var hugePages = false
+    /// 2 MiB blocks mapped on faults with one entry each.
+    public var blockMappings = 0
     public var groups = 0
     /// Page requests the device sent, and pages mapped ahead of them.
     public var faults = 0
@@ -35,20 +39,28 @@ public struct FaultAroundRow: Codable, Sendable {
     public var populateGBps = 0.0
     public var residentBytes: UInt64 = 0
     public var faultLatencyNs = LatencySummary()
+    /// Sequential rows: the engine's invalidation of one 4 KiB page inside each of 64
+    /// blocks spread over the memory (what an MMU notifier for a 4 KiB madvise runs),
+    /// and the pages each really unmapped (512 where a 2 MiB block stood).
+    public var invalidate4KNs = LatencySummary()
+    public var pagesUnmappedPer4K = 0.0
     public var problems: [String] = []
 }
 
 public enum FaultAroundBench {
     /// Runs one device over `size` of fresh memory under `policy`.
     public static func measure(size: UInt64, pattern: Workload, touch: Double, policy: FaultAroundPolicy,
+                               hugePages: Bool = false,
                                logger: Logger = Logger(label: "iopf.bench")) throws -> FaultAroundRow {
         precondition(pattern == .sequential || pattern == .random, "fault-around bench patterns are sequential and random")
         let size = size & ~((2 << 20) - 1)
         precondition(size > 0, "bench size below 2 MiB")
-        let region = try HostRegion(length: size, alignment: 2 << 20)
+        if hugePages, let notice = try HugePages.enableForShmem() { logger.warning("\(notice)") }
+        let region = try HostRegion(length: size, alignment: 2 << 20, hugePages: hugePages)
         var serviceConfig = ServiceConfiguration()
         serviceConfig.faultAround = policy
-        let rig = try Rig(engine: .forThisProcess(mode: .fault), service: serviceConfig, domains: 1, logger: logger)
+        let rig = try Rig(engine: .forThisProcess(mode: .fault, hugePages: hugePages), service: serviceConfig, domains: 1,
+                          logger: logger)
         let service = rig.service
         defer { service.stop() }
         let iova = ServeOptions.iovaBase
@@ -80,6 +92,8 @@ public enum FaultAroundBench {
         let after = service.statistics
 
         var row = FaultAroundRow(sizeBytes: size, pattern: pattern.rawValue, touchFraction: touch, faultAround: policy.description)
+        row.hugePages = hugePages
+        row.blockMappings = rig.engine.statistics.blockMappings
         row.groups = after.groups - before.groups
         row.faults = after.records - before.records
         row.prefetchedPages = after.prefetchedPages - before.prefetchedPages
@@ -91,11 +105,30 @@ public enum FaultAroundBench {
         latency.add(report.latency)
         row.faultLatencyNs = LatencySummary(latency)
         row.problems = report.firstProblems
+        if pattern == .sequential {
+            (row.invalidate4KNs, row.pagesUnmappedPer4K) = try invalidateInsideBlocks(rig.engine, region: region)
+        }
         try service.unmap(iova: iova, size: size)
         service.stop()
         withExtendedLifetime(region) {}
         if pattern == .sequential { row.populateGBps = Double(size) / (try Floors.populateOnce(bytes: size)) / 1e9 }
         return row
+    }
+
+    /// Times the engine's invalidation of one 4 KiB page (the sixth) inside each of 64
+    /// blocks spread over `region`, and averages the pages each really unmapped.
+    static func invalidateInsideBlocks(_ engine: FaultEngine, region: HostRegion) throws -> (LatencySummary, Double) {
+        var times = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        let blocks = region.length / hugeBlockBytes
+        let count = min(64, blocks)
+        var unmapped = 0
+        for k in 0..<count {
+            let address = region.base + (k * blocks / count) * hugeBlockBytes + 5 * pageBytes
+            let start = ContinuousClock.now
+            unmapped += try engine.invalidate(hostAddress: address, length: pageBytes).pagesUnmapped
+            times.record(UInt64((ContinuousClock.now - start).nanoseconds))
+        }
+        return (LatencySummary(times), Double(unmapped) / Double(count))
     }
 
     /// The median of each measure over runs of the same (size, pattern, policy).
@@ -108,6 +141,7 @@ public enum FaultAroundBench {
         row.touchGBps = mid(runs.map(\.touchGBps))
         row.populateGBps = mid(runs.map(\.populateGBps))
         row.residentBytes = mid(runs.map(\.residentBytes))
+        row.blockMappings = mid(runs.map(\.blockMappings))
         row.problems = runs.flatMap(\.problems)
         return row
     }

@@ -26,12 +26,13 @@ public enum MemoryMode: String, Sendable, CaseIterable, Codable {
 }
 
 extension EngineConfiguration {
-    /// The engine for `mode` in this process: faults map single pages, pinning maps whole
-    /// runs with blocks; locked memory follows this process's RLIMIT_MEMLOCK and
-    /// CAP_IPC_LOCK.
-    public static func forThisProcess(mode: MemoryMode) -> EngineConfiguration {
+    /// The engine for `mode` in this process: faults map single pages (and 2 MiB blocks
+    /// where huge pages back them, with `hugePages`), pinning maps whole runs with blocks;
+    /// locked memory follows this process's RLIMIT_MEMLOCK and CAP_IPC_LOCK.
+    public static func forThisProcess(mode: MemoryMode, hugePages: Bool = false) -> EngineConfiguration {
         var config = EngineConfiguration()
-        config.pageSizes = mode == .fault ? [.size4K] : Set(PageSize.allCases)
+        config.pageSizes = mode == .pinned ? Set(PageSize.allCases) : hugePages ? [.size4K, .size2M] : [.size4K]
+        config.blocksOnFault = mode == .fault && hugePages
         let limits = LockedMemoryLimits.current()
         config.lockedMemoryLimit = limits.limitBytes
         config.bypassesLockedMemoryLimit = limits.capIPCLock
@@ -55,6 +56,10 @@ public struct ServeOptions: Sendable {
     public var spinNanoseconds: Int64 = 200_000
     /// Mapping ahead of sequential faults (`--fault-around`).
     public var faultAround = FaultAroundPolicy.off
+    /// Back the devices' memory with 2 MiB transparent huge pages and map a whole block
+    /// on a fault where one backs it (`--huge-pages`); each device's share is rounded
+    /// down to whole 2 MiB blocks.
+    public var hugePages = false
     public var gatherPolicy = GatherPolicy.defaultRangeList
     /// Stop each device after this many DMA operations instead of after `seconds`.
     public var operationsPerDevice: Int?
@@ -134,6 +139,8 @@ public struct ServeResult: Codable, Sendable {
     public var completionOverflows = 0
     /// Pages mapped ahead of faults (`--fault-around`); included in the pages mapped.
     public var prefetchedPages = 0
+    /// 2 MiB blocks mapped on faults with one entry each (`--huge-pages`).
+    public var blockMappings = 0
     /// Host changes made by `--host-churn`.
     public var hostChanges = 0
     /// Device accesses through a translation after its host event was read but before
@@ -174,12 +181,14 @@ final class ServeProvisioner: DeviceProvisioner, @unchecked Sendable {
     let domains: [DomainID]
     let bytes: UInt64
     let mode: MemoryMode
+    let hugePages: Bool
     private let state = Lock<(next: Int, free: [Int], live: [Int: HostRegion])>((0, [], [:]))
 
-    init(domains: [DomainID], bytes: UInt64, mode: MemoryMode) {
+    init(domains: [DomainID], bytes: UInt64, mode: MemoryMode, hugePages: Bool = false) {
         self.domains = domains
         self.bytes = bytes
         self.mode = mode
+        self.hugePages = hugePages
     }
 
     func provision(deviceID: UInt32, pasid: UInt32?) throws(ServiceError) -> DeviceProvision {
@@ -191,7 +200,7 @@ final class ServeProvisioner: DeviceProvisioner, @unchecked Sendable {
         }
         let iova = ServeOptions.externalIOVABase + UInt64(k) << 30
         do {
-            let region = try HostRegion(length: bytes, alignment: 2 << 20)
+            let region = try HostRegion(length: bytes, alignment: 2 << 20, hugePages: hugePages)
             switch mode {
             case .fault: try service.map(iova: iova, vaddr: region.base, size: bytes, prot: .readWrite)
             case .pinned: try service.mapPinned(iova: iova, vaddr: region.base, size: bytes, prot: .readWrite)
@@ -225,14 +234,19 @@ public enum ServeSession {
                            progress: (ServeProgress) -> Void = { _ in }) throws -> ServeResult {
         precondition(o.devices >= 0 && o.domains > 0, "devices must not be negative; at least one domain")
         precondition(o.devices > 0 || o.listenPath != nil, "no devices: at least one in-process device or --listen")
-        let slicePages = o.devices > 0 ? Int(o.memoryBytes >> 12) / o.devices : 0
+        var slicePages = o.devices > 0 ? Int(o.memoryBytes >> 12) / o.devices : 0
+        if o.hugePages {
+            slicePages &= ~(hugeBlockPages - 1)
+            if let notice = try HugePages.enableForShmem() { logger.warning("\(notice)") }
+        }
         guard o.devices == 0 || slicePages > 0 else {
-            throw ServiceError.invalidRequest("--memory is too small for \(o.devices) devices")
+            throw ServiceError.invalidRequest("--memory is too small for \(o.devices) devices\(o.hugePages ? " of 2 MiB blocks" : "")")
         }
         let slice = UInt64(slicePages) << 12
-        let region = o.devices > 0 ? try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20) : nil
+        let region = o.devices > 0
+            ? try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20, hugePages: o.hugePages) : nil
 
-        var config = EngineConfiguration.forThisProcess(mode: o.mode)
+        var config = EngineConfiguration.forThisProcess(mode: o.mode, hugePages: o.hugePages)
         config.gatherPolicy = o.gatherPolicy
         var serviceConfig = ServiceConfiguration()
         serviceConfig.transport = o.transport
@@ -271,7 +285,8 @@ public enum ServeSession {
             try engine.startDirtyTracking(iova: ServeOptions.iovaBase, size: loggedBytes)
             ledger!.trackingStarted()
         }
-        let provisioner = ServeProvisioner(domains: rig.domains, bytes: o.deviceMemoryBytes, mode: o.mode)
+        let provisioner = ServeProvisioner(domains: rig.domains, bytes: o.deviceMemoryBytes, mode: o.mode,
+                                           hugePages: o.hugePages)
         provisioner.service = service
         if let path = o.listenPath {
             try service.listen(path: path, mode: o.socketMode, provisioner: provisioner)
@@ -399,6 +414,7 @@ public enum ServeSession {
         result.stopped = s.stopped
         result.completionOverflows = s.completionOverflows
         result.prefetchedPages = s.prefetchedPages
+        result.blockMappings = e.blockMappings
         result.hostChanges = churn?.changes ?? 0
         result.lateAccesses = service.window.lateAccesses
         result.hostGoneFaults = e.hostGoneFaults

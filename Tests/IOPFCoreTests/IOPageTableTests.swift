@@ -18,6 +18,32 @@ import Testing
         #expect(t.translate(IOPageTable.iovaLimit) == nil)
     }
 
+    /// `firstMapped` skips holes at every level and agrees with a page-by-page search.
+    @Test func firstMappedFindsTheNextLeafAcrossHoles() throws {
+        let t = IOPageTable()
+        try t.map(iova: 0x5000, phys: 0x5000, size: 4 * KiB, prot: .read)
+        try t.map(iova: 6 * MiB, phys: 6 * MiB, size: 2 * MiB, prot: .read)
+        try t.map(iova: 3 * GiB, phys: 3 * GiB, size: GiB, prot: .read)
+        try t.map(iova: 600 * GiB + 0x3000, phys: 0x3000, size: 4 * KiB, prot: .read)
+        #expect(t.firstMapped(from: 0, end: GiB) == 0x5000)
+        #expect(t.firstMapped(from: 0x5000, end: GiB) == 0x5000)
+        #expect(t.firstMapped(from: 0x6000, end: GiB) == 6 * MiB)
+        #expect(t.firstMapped(from: 7 * MiB, end: GiB) == 7 * MiB)  // inside a block
+        #expect(t.firstMapped(from: 8 * MiB, end: 4 * GiB) == 3 * GiB)
+        #expect(t.firstMapped(from: 8 * MiB, end: 2 * GiB) == 2 * GiB)  // none before end
+        #expect(t.firstMapped(from: 4 * GiB, end: IOPageTable.iovaLimit) == 600 * GiB + 0x3000)
+        #expect(t.firstMapped(from: 600 * GiB + 0x4000, end: IOPageTable.iovaLimit) == IOPageTable.iovaLimit)
+        // Against a page-by-page search over the first 16 MiB.
+        var rng = SeededGenerator(seed: 9)
+        for _ in 0..<200 {
+            let from = (rng.next() % 4096) << 12
+            let end = from + (rng.next() % 1024) << 12
+            var slow = from
+            while slow < end && t.translate(slow) == nil { slow += 4096 }
+            #expect(t.firstMapped(from: from, end: end) == slow, "from \(hex(from)) to \(hex(end))")
+        }
+    }
+
     @Test func mapPicksLargestPagesAlignmentAllows() throws {
         let t = IOPageTable()
         // 4 KiB below a 2 MiB boundary, then a 2 MiB block, then 4 KiB.

@@ -7,7 +7,9 @@
 // - fault: handle one-page groups for pages whose host memory is resident, in steady
 //   state (table pages and scratch buffers already exist), counting mallocs.
 // - invalidate: unmap a dense (and a sparse) 1 GiB fault-mode mapping in one
-//   invalidation under each gather policy, against unmapping and syncing page by page.
+//   invalidation under each gather policy, against unmapping and syncing page by page;
+//   and one 4 KiB invalidation inside each 2 MiB block of 1 GiB mapped with blocks (the
+//   whole block goes) against the same inside 4 KiB pages (one page goes).
 
 import ArgumentParser
 import Foundation
@@ -164,6 +166,25 @@ struct Microbench: ParsableCommand {
                 results.append(Result(name: "invalidate 1 GiB \(dense ? "dense" : "sparse"): \(label)", seconds: seconds,
                                       unit: "page", units: pages, nsPerUnit: seconds * 1e9 / Double(pages), syncs: syncs, mallocs: mallocs))
             }
+        }
+        for blocks in [false, true] {
+            let engine = FaultEngine(memory: SimulatedHostMemory(),
+                                     configuration: configuration(pageSizes: blocks ? [.size4K, .size2M] : [.size4K]))
+            _ = try engine.createDomain(invalidator: SpinInvalidator(costNs: syncCostNs))
+            try engine.map(iova: 0, vaddr: host, size: size, prot: .readWrite)
+            let count = pages / 512
+            var samples: [(Double, Int)] = []
+            for run in 0...`repeat` {
+                try engine.premap(iova: 0, size: size, write: true)
+                samples.append(try measure(once: true) {
+                    for b in 0..<count { _ = try engine.invalidate(hostAddress: host + UInt64(b) << 21 + 5 << 12, length: 4096) }
+                })
+                if run == 0 { samples.removeAll() }
+                _ = try engine.invalidate(hostAddress: host, length: size)
+            }
+            let (seconds, mallocs) = median(samples)
+            results.append(Result(name: "invalidate 4 KiB inside \(blocks ? "a 2 MiB block" : "4 KiB pages")", seconds: seconds,
+                                  unit: "call", units: count, nsPerUnit: seconds * 1e9 / Double(count), syncs: count, mallocs: mallocs))
         }
         return results
     }

@@ -35,6 +35,9 @@ struct Bench: ParsableCommand {
     @Option(help: ArgumentHelp("The policy --scenario fault-around compares with single pages: adaptive or a page count.", valueName: "adaptive|N"))
     var faultAround = "adaptive"
 
+    @Flag(help: "fault-around: also run single pages over memory backed by 2 MiB transparent huge pages, one block mapped per fault (JSON blockMappings). Sets the shmem THP knob to advise if it is off.")
+    var hugePages = false
+
     @Option(help: "Memory sizes, comma-separated (e.g. 1G,2G,4G,8G).")
     var sizes = "1G,2G,4G,8G"
 
@@ -79,6 +82,9 @@ struct Bench: ParsableCommand {
         }
         guard let policy = FaultAroundPolicy(faultAround), policy != .off else {
             throw ValidationError("--fault-around must be adaptive or a page count 1...512, got '\(faultAround)'")
+        }
+        guard !hugePages || scenario == "fault-around" else {
+            throw ValidationError("--huge-pages is for --scenario fault-around (and iopf serve and stress)")
         }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1, got \(`repeat`)") }
         guard dmaSeconds > 0 else { throw ValidationError("--dma-seconds must be positive, got \(dmaSeconds)") }
@@ -139,14 +145,18 @@ struct Bench: ParsableCommand {
     func runFaultAround(logger: Logger) throws {
         let say = Output.progress
         let policies = [FaultAroundPolicy.off, FaultAroundPolicy(faultAround)!]
+        // Single pages, the policy, and with --huge-pages single pages over huge pages.
+        let configs = policies.map { ($0, false) } + (hugePages ? [(FaultAroundPolicy.off, true)] : [])
+        if hugePages, let notice = try HugePages.enableForShmem() { FileHandle.standardError.write(Data("iopf: \(notice)\n".utf8)) }
         var rows: [FaultAroundRow] = []
         for size in parsedSizes {
             for (pattern, t) in [(Workload.sequential, 1.0)] + parsedTouch.map({ (Workload.random, $0) }) {
-                var runs: [[FaultAroundRow]] = [[], []]
+                var runs: [[FaultAroundRow]] = Array(repeating: [], count: configs.count)
                 for r in 1...`repeat` {
-                    for (k, p) in policies.enumerated() {
-                        say("\(human(size)) \(pattern) touch \(t): fault-around \(p) run \(r)/\(`repeat`)")
-                        runs[k].append(try FaultAroundBench.measure(size: size, pattern: pattern, touch: t, policy: p, logger: logger))
+                    for (k, (p, huge)) in configs.enumerated() {
+                        say("\(human(size)) \(pattern) touch \(t): fault-around \(p)\(huge ? ", huge pages" : "") run \(r)/\(`repeat`)")
+                        runs[k].append(try FaultAroundBench.measure(size: size, pattern: pattern, touch: t, policy: p, hugePages: huge,
+                                                                    logger: logger))
                     }
                 }
                 rows += runs.map(FaultAroundBench.median)
@@ -157,7 +167,36 @@ struct Bench: ParsableCommand {
             struct Report: Encodable { var rows: [FaultAroundRow] }
             return try Output.printJSON(Report(rows: rows))
         }
-        let around = policies[1].description
+        let small = rows.filter { !$0.hugePages }
+        printFaultAroundTable(small, around: policies[1].description)
+        if hugePages { printHugePageTable(base: small.filter { $0.faultAround == "off" }, huge: rows.filter(\.hugePages)) }
+        let problems = rows.flatMap(\.problems)
+        if !problems.isEmpty {
+            print("problems: \(problems.prefix(3).joined(separator: "; "))")
+            throw ExitCode(1)
+        }
+    }
+
+    /// 2 MiB blocks on fault against single 4 KiB pages, row by row.
+    func printHugePageTable(base: [FaultAroundRow], huge: [FaultAroundRow]) {
+        print("")
+        print("size  pattern    touch | groups                  | first touch GB/s | resident MiB    | fault p50 µs    | invalidate 4 KiB: pages, p50 µs")
+        print("                       | 4 KiB   2 MiB    fewer  | 4 KiB   2 MiB    | 4 KiB   2 MiB   | 4 KiB   2 MiB   | 4 KiB         2 MiB")
+        for (a, b) in zip(base, huge) {
+            let head = human(a.sizeBytes).padding(toLength: 5, withPad: " ", startingAt: 0) + " "
+                + a.pattern.padding(toLength: 10, withPad: " ", startingAt: 0)
+            let invalidate = a.pattern == "sequential"
+                ? String(format: "%3.0f, %6.1f   %3.0f, %6.1f", a.pagesUnmappedPer4K, Double(a.invalidate4KNs.p50) / 1000,
+                         b.pagesUnmappedPer4K, Double(b.invalidate4KNs.p50) / 1000)
+                : "–"
+            print(head + String(format: " %5.2f | %6d  %6d  %6.1f× | %6.3f  %6.3f  | %6.0f  %6.0f  | %6.1f  %6.1f  | ", a.touchFraction,
+                                a.groups, b.groups, Double(a.groups) / Double(max(b.groups, 1)), a.touchGBps, b.touchGBps,
+                                Double(a.residentBytes) / 1048576, Double(b.residentBytes) / 1048576,
+                                Double(a.faultLatencyNs.p50) / 1000, Double(b.faultLatencyNs.p50) / 1000) + invalidate)
+        }
+    }
+
+    func printFaultAroundTable(_ rows: [FaultAroundRow], around: String) {
         print("size  pattern    touch | groups                  | first touch GB/s            | resident MiB      | fault p50 / p99 µs")
         print("                       | single  \(around.padding(toLength: 8, withPad: " ", startingAt: 0)) fewer  | single  \(around.padding(toLength: 8, withPad: " ", startingAt: 0)) populate  | single  \(around.padding(toLength: 8, withPad: " ", startingAt: 0))  | single        \(around)")
         for i in stride(from: 0, to: rows.count, by: 2) {
@@ -171,11 +210,6 @@ struct Bench: ParsableCommand {
                                     Double(a.residentBytes) / 1048576, Double(b.residentBytes) / 1048576,
                                     Double(a.faultLatencyNs.p50) / 1000, Double(a.faultLatencyNs.p99) / 1000,
                                     Double(b.faultLatencyNs.p50) / 1000, Double(b.faultLatencyNs.p99) / 1000))
-        }
-        let problems = rows.flatMap(\.problems)
-        if !problems.isEmpty {
-            print("problems: \(problems.prefix(3).joined(separator: "; "))")
-            throw ExitCode(1)
         }
     }
 

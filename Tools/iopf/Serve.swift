@@ -63,6 +63,9 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Map ahead of sequential faults: off, adaptive (a window per stream that grows while faults stay sequential), or a fixed number of pages (1-512).", valueName: "off|adaptive|N"))
     var faultAround = "off"
 
+    @Flag(help: "Back the devices' memory with 2 MiB transparent huge pages and map a whole 2 MiB block on a fault where one backs it (JSON blockMappings). Sets the shmem THP knob to advise if it is off.")
+    var hugePages = false
+
     @Option(help: ArgumentHelp("Track which pages the in-process devices write and read the dirty log every MS milliseconds, checking it against the pages really written (JSON dirty).", valueName: "MS"))
     var dirtyLog: Double?
 
@@ -119,6 +122,7 @@ struct Serve: ParsableCommand {
         o.transport = ChannelTransport(rawValue: transport)!
         o.spinNanoseconds = Int64(spinMicroseconds) * 1000
         o.faultAround = FaultAroundPolicy(faultAround)!
+        o.hugePages = hugePages
         o.seed = seed
         o.hostChurnInterval = hostChurn / 1000
         o.listenPath = listen
@@ -151,6 +155,7 @@ struct Serve: ParsableCommand {
         row("page requests (faults)", "\(r.faults) in \(r.groups) groups")
         row("responses", "\(r.responses.success) success, \(r.responses.invalid) invalid")
         if r.prefetchedPages > 0 { row("pages mapped ahead", "\(r.prefetchedPages) (fault-around \(faultAround))") }
+        if hugePages { row("2 MiB blocks on faults", "\(r.blockMappings)") }
         row("fault latency (device)", "p50 \(us(r.faultLatencyNs.p50))  p90 \(us(r.faultLatencyNs.p90))  p99 \(us(r.faultLatencyNs.p99))  p99.9 \(us(r.faultLatencyNs.p999))  max \(us(r.faultLatencyNs.max))")
         row("invalidations", "\(r.invalidations): \(r.pagesUnmapped) pages unmapped, \(r.iotlbSyncs) IOTLB syncs, \(r.retries) fault retries")
         if r.uffdEvents > 0 || r.hostChanges > 0 {
