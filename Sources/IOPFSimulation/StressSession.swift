@@ -29,6 +29,9 @@ public struct StressOptions: Sendable {
     @_spi(FaultInjection) public var injected: InjectedBugs = []
     /// Mapping ahead of sequential faults (`--fault-around`).
     public var faultAround = FaultAroundPolicy.off
+    /// Memory backed by 2 MiB transparent huge pages, whole blocks mapped on faults
+    /// (`--huge-pages`); tracked mappings (`dirtyLogInterval`) still take single pages.
+    public var hugePages = false
     /// Take the service's footprint every this many seconds (soak runs); nil: never.
     public var sampleEvery: Double?
     /// Seconds between reads of the dirty log, with the in-process devices' writes held
@@ -54,6 +57,8 @@ public struct StressResult: Codable, Sendable {
     public var retries = 0
     /// Pages mapped ahead of faults (`--fault-around`).
     public var prefetchedPages = 0
+    /// 2 MiB blocks mapped on faults (`--huge-pages`).
+    public var blockMappings = 0
     public var iotlbSyncs = 0
     /// Engine invariant checks run, plus translations checked by devices.
     public var checks = 0
@@ -89,8 +94,11 @@ public enum StressSession {
                            sample: (StressSample) -> Void = { _ in }) throws -> StressResult {
         precondition(o.devices > 0 && o.mappingsPerDevice > 0 && o.domains > 0, "stress needs devices, mappings and domains")
         let slice = StressOptions.mappingBytes * UInt64(o.mappingsPerDevice)
-        let region = try HostRegion(length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes)
+        if o.hugePages, let notice = try HugePages.enableForShmem() { logger.warning("\(notice)") }
+        let region = try HostRegion(length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes,
+                                    hugePages: o.hugePages)
         var config = EngineConfiguration()
+        config.blocksOnFault = o.hugePages
         config.injectedBugs = o.injected
         let audits = (0..<o.domains).map { _ in TranslationAudit(iovaBase: StressOptions.iovaBase, pages: Int(slice >> 12) * o.devices) }
         let tallies = (0..<o.domains).map { _ in SyncTally() }
@@ -333,6 +341,7 @@ public enum StressSession {
         result.uffdEvents = s.uffdEvents
         result.retries = e.retries
         result.prefetchedPages = s.prefetchedPages
+        result.blockMappings = e.blockMappings
         result.iotlbSyncs = e.iotlbSyncs
         result.checks += engineChecks
         result.violationKinds = kinds

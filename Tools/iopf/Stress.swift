@@ -41,8 +41,11 @@ struct Stress: ParsableCommand {
     @Option(help: ArgumentHelp("Map ahead of sequential faults: off, adaptive or a page count (1-512).", valueName: "off|adaptive|N"))
     var faultAround = "off"
 
-    @Option(help: ArgumentHelp("Track the devices' writes and read the dirty log every MS milliseconds, checking that no write is lost (0: no dirty tracking; in-process devices only).", valueName: "MS"))
-    var dirtyLog = 10.0
+    @Option(help: ArgumentHelp("Track the devices' writes and read the dirty log every MS milliseconds, checking that no write is lost (0: no dirty tracking; in-process devices only). Default 10, or 0 with --huge-pages (tracked mappings take no blocks).", valueName: "MS"))
+    var dirtyLog: Double?
+
+    @Flag(help: "Back the devices' memory with 2 MiB transparent huge pages and map whole blocks on faults, so that invalidations land inside blocks (JSON blockMappings). Sets the shmem THP knob to advise if it is off.")
+    var hugePages = false
 
     @Flag(help: "Print one JSON object at the end instead of progress and a summary.")
     var json = false
@@ -58,7 +61,9 @@ struct Stress: ParsableCommand {
             throw ValidationError("--inject '\(name)' is not a known bug; known: \(InjectedBugs.names.map(\.0).joined(separator: ", "))")
         }
         guard sampleEvery.map({ $0 > 0 }) ?? true else { throw ValidationError("--sample-every must be positive") }
-        guard dirtyLog >= 0 && dirtyLog <= 600_000 else { throw ValidationError("--dirty-log must be 0...600000 ms, got \(dirtyLog)") }
+        if let dirtyLog, !(dirtyLog >= 0 && dirtyLog <= 600_000) {
+            throw ValidationError("--dirty-log must be 0...600000 ms, got \(dirtyLog)")
+        }
         guard seconds > 0 else { throw ValidationError("--seconds must be positive, got \(seconds)") }
         guard ops.map({ $0 > 0 }) ?? true else { throw ValidationError("--ops must be positive") }
         guard devices >= 1 && devices <= 64 else { throw ValidationError("--devices must be 1...64, got \(devices)") }
@@ -80,7 +85,9 @@ struct Stress: ParsableCommand {
         o.external = external
         o.faultAround = FaultAroundPolicy(faultAround)!
         o.sampleEvery = sampleEvery
+        let dirtyLog = dirtyLog ?? (hugePages ? 0 : 10)
         o.dirtyLogInterval = dirtyLog > 0 ? dirtyLog / 1000 : nil
+        o.hugePages = hugePages
         o.deviceCommand = [try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"), "device"]
         o.injected = inject.reduce(into: InjectedBugs()) { $0.insert(InjectedBugs(name: $1)!) }
         var logger = Logger(label: "iopf.stress")
@@ -99,6 +106,7 @@ struct Stress: ParsableCommand {
             print("iopf stress: seed \(r.seed), \(String(format: "%.1f", r.seconds)) s, \(r.devices) devices" + (r.injected.isEmpty ? "" : ", injected: \(r.injected.joined(separator: ", "))"))
             print("  faults \(r.faults) in \(r.groups) groups (\(Int(Double(r.faults) / r.seconds))/s), DMA \(r.dmaOps) ops, \(r.dmaErrors) errors")
             if r.prefetchedPages > 0 { print("  pages mapped ahead (fault-around \(faultAround)): \(r.prefetchedPages)") }
+            if hugePages { print("  2 MiB blocks mapped on faults: \(r.blockMappings)") }
             print("  invalidations \(r.invalidations) (\(Int(Double(r.invalidations) / r.seconds))/s), IOTLB syncs \(r.iotlbSyncs), retries \(r.retries), uffd events \(r.uffdEvents), late accesses \(r.lateAccesses)")
             if let d = r.dirty {
                 print("  dirty log: \(d.rounds) rounds, \(d.reported) pages reported, \(d.written) written, \(d.missed) missed, \(d.extra) extra")
