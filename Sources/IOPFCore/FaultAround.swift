@@ -46,7 +46,11 @@ public enum FaultAroundPolicy: Sendable, Equatable, CustomStringConvertible {
 /// One device's sequential-fault detector. Not thread-safe: the loop owns one per device.
 public struct FaultAroundState: Sendable {
     private struct Stream {
-        /// The page (IOVA >> 12) a sequential fault of this stream would ask for next.
+        /// The pages (IOVA >> 12) a sequential fault of this stream may ask for next: from
+        /// the page after its last fault to the page after what is mapped (or being
+        /// mapped) ahead of it. A device that catches up with pages still being mapped
+        /// ahead faults inside the span, one that does not at its end.
+        var from: UInt64 = .max
         var next: UInt64 = .max
         var window = 0
         var lastUse: UInt32 = 0
@@ -95,7 +99,7 @@ public struct FaultAroundState: Sendable {
         var oldest = 0
         for i in 0..<4 {
             var s = self[i]
-            if s.next >= low && s.next <= high {
+            if low <= s.next && high >= s.from {
                 s.window = s.window == 0 ? FaultAroundPolicy.initialPages : min(s.window * 2, FaultAroundPolicy.maxPages)
                 s.lastUse = clock
                 self[i] = s
@@ -105,7 +109,7 @@ public struct FaultAroundState: Sendable {
             if self[i].lastUse < self[oldest].lastUse { oldest = i }
         }
         // Not sequential: the least recently used stream starts here, with no window.
-        self[oldest] = Stream(next: .max, window: 0, lastUse: clock)
+        self[oldest] = Stream(from: .max, next: .max, window: 0, lastUse: clock)
         current = oldest
         return 0
     }
@@ -132,11 +136,12 @@ public struct FaultAroundState: Sendable {
         neighbourSkip = neighbourBackoff
     }
 
-    /// Records what was mapped ahead of the group whose last request is `iova`, so that
-    /// its stream expects the page after that.
+    /// Records what was mapped (or is being mapped) ahead of the group whose last request
+    /// is `iova`, so that its stream expects a page from the next one to the page after that.
     public mutating func record(iova: UInt64, mappedAhead: Int) {
         var s = self[current]
-        s.next = (iova >> pageShift) &+ 1 &+ UInt64(mappedAhead)
+        s.from = (iova >> pageShift) &+ 1
+        s.next = s.from &+ UInt64(mappedAhead)
         self[current] = s
     }
 }

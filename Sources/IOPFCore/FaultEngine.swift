@@ -610,6 +610,45 @@ public final class FaultHandler {
         return outcome
     }
 
+    /// Maps, ahead of any fault, the pages of `[iova, iova + pages × 4 KiB)` that are not
+    /// mapped yet, as fault-around's pages ahead: resolved in one call per run and installed
+    /// under the same sequence check. Stops at the mapping's end and at a gone page; skips
+    /// pages already mapped (a device that caught up faulted them). The event loop calls it
+    /// a chunk at a time after answering, so that the device writes the pages of its last
+    /// window while the next one is populated. Returns the pages mapped and whether it
+    /// stopped before the end.
+    public func mapAhead(from iova: UInt64, pages: Int, write: Bool) -> (mapped: Int, stopped: Bool) {
+        while true {
+            work.removeAll(keepingCapacity: true)
+            demandCount = 0
+            cluster = nil
+            block = nil
+            var stopped = false
+            let seq = engine.state.withLock { s -> UInt64 in
+                guard s.failure == nil, let m = s.mappings.mapping(containing: iova), !m.pinned else {
+                    stopped = true
+                    return 0
+                }
+                var page = iova
+                for _ in 0..<pages {
+                    guard page <= m.iovaLast else { stopped = true; break }
+                    let index = m.pageIndex(iova: page)
+                    if let gone = m.hostGone, gone.test(index) { stopped = true; break }
+                    if !m.iopfMapped.test(index) {
+                        work.append(Work(iova: page, host: m.hostAddress(page: index), write: write, mapping: m, outcome: nil,
+                                         ahead: true))
+                    }
+                    page += pageBytes
+                }
+                return engine.sequence.load(ordering: .relaxed)
+            }
+            if work.isEmpty { return (0, stopped) }
+            resolve()
+            var outcome = GroupOutcome(code: .success)
+            if install(seq: seq, into: &outcome) { return (outcome.prefetched, stopped) }
+        }
+    }
+
     /// With no-retry planted: 20 µs between resolve and install, standing in for a slow
     /// page population, so that a short stress run (out of process, or under TSan, where
     /// the loop is slower than the invalidating threads) meets the race it plants.
@@ -830,6 +869,7 @@ public final class FaultHandler {
                 if !result.succeeded { code = .invalid }
             }
             outcome.code = code
+            guard demandCount > 0 else { return true }  // pages ahead only (mapAhead)
             s.stats.groups += 1
             s.stats.requests += demandCount
             if code == .success { s.stats.successGroups += 1 } else { s.stats.invalidGroups += 1 }

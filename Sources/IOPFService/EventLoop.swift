@@ -56,6 +56,10 @@ final class AttachedDevice {
 
     /// Sequential-fault detection for fault-around.
     var faultAround = FaultAroundState()
+    /// The next window of a sequential stream, mapped a chunk per loop turn after the
+    /// answer went out (`[next, end)`, IOVAs), so that the device writes the window it was
+    /// given while the service populates the one after it.
+    var prefetch: (next: UInt64, end: UInt64, write: Bool)?
 
     func inWindows(_ iova: UInt64) -> Bool {
         windows.isEmpty || windows.contains { iova >= $0.iova && iova - $0.iova < $0.size }
@@ -95,6 +99,17 @@ final class EventLoop {
     var running = true
     let doubleAnswer: Bool
     var streamDevices = 0
+    /// Some device has a window being mapped in the background: the loop must not sleep.
+    var prefetching = false
+    /// Pages a device's background window maps per loop turn: a fault of another device
+    /// waits for at most one chunk (256 KiB, about 60 µs to populate once warm).
+    static let prefetchChunk = 64
+    /// Pages a sequential fault gets mapped ahead before its answer; the rest of its
+    /// window, and the window after, are mapped in the background. Measured on 1 GiB of
+    /// sequential first touch (bench fault-around, first touch against one populate call):
+    /// all 512 before answering, 0.8-1.0x with 30x fewer groups; 256, 1.04x and 25x;
+    /// 128, 1.04-1.15x and 15x; 64, 1.1x but only 5x fewer groups.
+    static let syncPages = 128
     /// Room for 16 userfaultfd messages per read.
     let uffdBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * UserfaultfdSource.messageBytes, alignment: 8)
 
@@ -136,7 +151,7 @@ final class EventLoop {
                 ring.reap(into: &completions)
                 takeHostEvents()
                 var work = pollSharedRings()
-                if completions.isEmpty && work == 0 && !fences.pending.load(ordering: .acquiring) {
+                if completions.isEmpty && work == 0 && !prefetching && !fences.pending.load(ordering: .acquiring) {
                     let now = ContinuousClock.now
                     if now - lastActivity < spin {
                         // Streams and commands progress only when the kernel runs the
@@ -166,6 +181,7 @@ final class EventLoop {
                 }
                 serveExternalDevices()
                 try flushResponses()
+                if prefetching { prefetchAhead() }
                 runDeferred()
                 service.publish(stats)
             }
@@ -293,10 +309,17 @@ final class EventLoop {
             let window = d.faultAround.window(from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
             let ahead = d.aheadInWindow(last, window)
             let neighbours = ahead == 0 && d.windows.isEmpty ? d.faultAround.neighbours(policy: service.configuration.faultAround) : 0
-            let outcome = d.handler.handle(group.requests, ahead: ahead, neighbours: neighbours)
-            d.faultAround.record(iova: last, mappedAhead: ahead > 0 ? outcome.prefetched : 0)
-            if neighbours > 0 { d.faultAround.recordNeighbours(mapped: outcome.prefetched) }
+            let adaptive = service.configuration.faultAround == .adaptive
+            let outcome = d.handler.handle(group.requests, ahead: adaptive ? min(ahead, Self.syncPages) : ahead,
+                                           neighbours: neighbours)
             stats.prefetchedPages += outcome.prefetched
+            var planned = ahead > 0 ? outcome.prefetched : 0
+            if ahead > 0 && outcome.code == .success && adaptive {
+                planned = mapInBackground(d, after: last, window: ahead, mappedAhead: outcome.prefetched,
+                                          write: group.requests[group.requests.count - 1].wantsWrite)
+            }
+            d.faultAround.record(iova: last, mappedAhead: planned)
+            if neighbours > 0 { d.faultAround.recordNeighbours(mapped: outcome.prefetched) }
             code = outcome.code
         }
         d.assembler.answered(group)
@@ -304,6 +327,53 @@ final class EventLoop {
         if code == .success { stats.success += 1 } else { stats.invalid += 1 }
         d.queued.append(PageResponse(cookie: group.cookie, code: code))
         if doubleAnswer { d.queued.append(PageResponse(cookie: group.cookie, code: code)) }
+    }
+
+    /// A sequential stream under adaptive fault-around, after its group was handled with
+    /// `mappedAhead` pages mapped ahead: the first `syncPages` of the `window` after `last`
+    /// are mapped before the answer, skipping pages already mapped (a device that caught up
+    /// with its background window faults on pages the last chunk mapped, where the handler
+    /// stopped); the rest of the window and one window more are left to the background.
+    /// Returns the pages the stream has ahead of `last`, mapped or being mapped.
+    private func mapInBackground(_ d: AttachedDevice, after last: UInt64, window: Int, mappedAhead: Int, write: Bool) -> Int {
+        let sync = min(window, Self.syncPages)
+        d.prefetch = nil
+        if mappedAhead < sync {
+            let from = last + UInt64(mappedAhead + 1) << pageShift
+            let (mapped, stopped) = d.handler.mapAhead(from: from, pages: sync - mappedAhead, write: write)
+            stats.prefetchedPages += mapped
+            if stopped { return sync }
+        }
+        let start = last + UInt64(sync + 1) << pageShift
+        let more = d.aheadInWindow(start - pageBytes, 2 * window - sync)
+        guard more > 0 else { return sync }
+        d.prefetch = (start, start + UInt64(more) << pageShift, write)
+        prefetching = true
+        return sync + more
+    }
+
+    /// Maps one chunk of every device's background window (after this turn's answers
+    /// went out, so devices are writing meanwhile). A chunk that stops (mapping's end, a
+    /// gone page) ends the window; pages already mapped are skipped.
+    private func prefetchAhead() {
+        prefetching = false
+        for case let d? in devices {
+            guard let p = d.prefetch else { continue }
+            guard !d.closing else {
+                d.prefetch = nil
+                continue
+            }
+            let pages = min(Self.prefetchChunk, Int((p.end - p.next) >> pageShift))
+            let (mapped, stopped) = d.handler.mapAhead(from: p.next, pages: pages, write: p.write)
+            stats.prefetchedPages += mapped
+            let next = p.next + UInt64(pages) << pageShift
+            if stopped || next >= p.end {
+                d.prefetch = nil
+            } else {
+                d.prefetch!.next = next
+                prefetching = true
+            }
+        }
     }
 
     private func flushResponses() throws {

@@ -55,7 +55,7 @@ public struct ServeOptions: Sendable {
     public var transport = ChannelTransport.shared
     public var spinNanoseconds: Int64 = 200_000
     /// Mapping ahead of sequential faults (`--fault-around`).
-    public var faultAround = FaultAroundPolicy.off
+    public var faultAround = FaultAroundPolicy.adaptive
     /// Back the devices' memory with 2 MiB transparent huge pages and map a whole block
     /// on a fault where one backs it (`--huge-pages`); each device's share is rounded
     /// down to whole 2 MiB blocks.

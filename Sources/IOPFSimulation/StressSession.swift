@@ -28,7 +28,7 @@ public struct StressOptions: Sendable {
     public var deviceCommand: [String] = []
     @_spi(FaultInjection) public var injected: InjectedBugs = []
     /// Mapping ahead of sequential faults (`--fault-around`).
-    public var faultAround = FaultAroundPolicy.off
+    public var faultAround = FaultAroundPolicy.adaptive
     /// Memory backed by 2 MiB transparent huge pages, whole blocks mapped on faults
     /// (`--huge-pages`); tracked mappings (`dirtyLogInterval`) still take single pages.
     public var hugePages = false

@@ -69,6 +69,26 @@ import Testing
         #expect(windows == [0, 16, 32, 64, 128])
     }
 
+    /// A device that catches up with pages still being mapped in the background faults
+    /// inside the span its stream expects, not at its end: still sequential. A fault
+    /// before the span, or past its end, is not.
+    @Test func aFaultInsideTheExpectedSpanIsSequential() {
+        var d = FaultAroundState()
+        _ = d.window(for: 1000 << 12, policy: .adaptive)
+        d.record(iova: 1000 << 12, mappedAhead: 0)
+        #expect(d.window(for: 1001 << 12, policy: .adaptive) == 16)
+        d.record(iova: 1001 << 12, mappedAhead: 300)  // 1002...1302 expected
+        #expect(d.window(for: 1100 << 12, policy: .adaptive) == 32, "inside the span")
+        d.record(iova: 1100 << 12, mappedAhead: 50)  // 1101...1151
+        var other = d
+        #expect(other.window(for: 1151 << 12, policy: .adaptive) == 64, "at its end")
+        #expect(d.window(for: 1152 << 12, policy: .adaptive) == 0, "past its end")
+        var before = FaultAroundState()
+        _ = before.window(for: 1000 << 12, policy: .adaptive)
+        before.record(iova: 1000 << 12, mappedAhead: 10)
+        #expect(before.window(for: 1000 << 12, policy: .adaptive) == 0, "the page faulted last is not ahead of it")
+    }
+
     @Test func fourInterleavedStreamsAreEachFollowedAndAFifthEvictsTheOldest() {
         var d = FaultAroundState()
         var next: [UInt64] = [100, 10_000, 20_000, 30_000]
@@ -193,6 +213,47 @@ import Testing
         #expect(mapped(e, 0..<64) == [0, 1, 2, 3])
         memory.setBeforeResolve(nil)
         #expect(e.checkInvariants().isEmpty)
+    }
+
+    /// The background window (`mapAhead`): pages already mapped are skipped, the mapping's
+    /// end and a gone page stop it, and nothing counts as a group.
+    @Test func backgroundWindowsSkipMappedPagesAndStopAtTheEndOrAGonePage() throws {
+        let e = try engine()
+        let h = e.makeFaultHandler()
+        _ = h.handle([request(3)])
+        _ = h.handle([request(5)])
+        var r = h.mapAhead(from: Self.iova, pages: 8, write: true)
+        #expect(r.mapped == 6 && !r.stopped)
+        #expect(mapped(e, 0..<16) == Array(0..<8))
+        _ = try e.invalidate(hostAddress: Self.host + 12 << 12, length: 4096, hostGone: true)
+        r = h.mapAhead(from: Self.iova + 8 << 12, pages: 8, write: false)
+        #expect(r.mapped == 4 && r.stopped)
+        #expect(mapped(e, 8..<16) == [8, 9, 10, 11])
+        r = h.mapAhead(from: Self.iova + 60 << 12, pages: 8, write: false)
+        #expect(r.mapped == 4 && r.stopped, "the mapping ends at page 63")
+        r = h.mapAhead(from: Self.iova + 200 << 12, pages: 8, write: false)
+        #expect(r.mapped == 0 && r.stopped, "no mapping there")
+        let stats = e.statistics
+        #expect(stats.groups == 2 && stats.prefetchedPages == 14)
+        #expect(e.checkInvariants().isEmpty)
+    }
+
+    /// The background window under an invalidation in flight: retried, and never maps a
+    /// page the host took away meanwhile.
+    @Test func backgroundWindowsRetryAcrossAnInvalidation() throws {
+        let e = try engine()
+        let fired = Atomic<Bool>(false)
+        let engineRef = e
+        memory.setBeforeResolve { _, _ in
+            if !fired.exchange(true, ordering: .relaxed) {
+                _ = try? engineRef.invalidate(hostAddress: Self.host + 6 << 12, length: 2 << 12, hostGone: true)
+            }
+        }
+        let r = e.makeFaultHandler().mapAhead(from: Self.iova, pages: 16, write: true)
+        memory.setBeforeResolve(nil)
+        #expect(r.mapped == 6 && r.stopped)
+        #expect(mapped(e, 0..<64) == Array(0..<6))
+        #expect(e.statistics.retries == 1 && e.checkInvariants().isEmpty)
     }
 
     /// Pinned mappings are mapped whole already: nothing ahead.

@@ -101,7 +101,9 @@ final class Child {
         let (status, json) = c.finish()
         #expect(status == 0, "the C device exited \(status): \(json)")
         #expect(json["pagesWritten"] as? Int == 1500 && json["integrityErrors"] as? Int == 0)
-        #expect((json["faults"] as? Int ?? 0) >= 1500)
+        // Its pages are fresh and written in order: it faults on the first, and adaptive
+        // fault-around (the default) maps ahead of the rest, inside its DMA window.
+        #expect((1...1500).contains(json["faults"] as? Int ?? 0), "\(json)")
         let r = try s.result()
         #expect(r.externalDevices == 4 && r.devicesFenced == 0 && r.protocolErrors == 0, "\(r.protocolErrorKinds)")
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")

@@ -61,7 +61,7 @@ struct Serve: ParsableCommand {
     var seed: UInt64 = 1
 
     @Option(help: ArgumentHelp("Map ahead of sequential faults: off, adaptive (a window per stream that grows while faults stay sequential), or a fixed number of pages (1-512).", valueName: "off|adaptive|N"))
-    var faultAround = "off"
+    var faultAround = "adaptive"
 
     @Flag(help: "Back the devices' memory with 2 MiB transparent huge pages and map a whole 2 MiB block on a fault where one backs it (JSON blockMappings). Sets the shmem THP knob to advise if it is off.")
     var hugePages = false

@@ -39,7 +39,7 @@ struct Stress: ParsableCommand {
     var external = false
 
     @Option(help: ArgumentHelp("Map ahead of sequential faults: off, adaptive or a page count (1-512).", valueName: "off|adaptive|N"))
-    var faultAround = "off"
+    var faultAround = "adaptive"
 
     @Option(help: ArgumentHelp("Track the devices' writes and read the dirty log every MS milliseconds, checking that no write is lost (0: no dirty tracking; in-process devices only). Default 10, or 0 with --huge-pages (tracked mappings take no blocks).", valueName: "MS"))
     var dirtyLog: Double?
