@@ -70,6 +70,9 @@ public struct GroupOutcome: Sendable, Equatable {
     public var spurious = 0
     /// Pages mapped ahead of the group's last request (fault-around).
     public var prefetched = 0
+    /// Pages after the group's last request inside the 2 MiB block mapped for it (0 when
+    /// no block was): mapped ahead as surely as `prefetched`, for the sequential detector.
+    public var blockTail = 0
     /// Writes to pages write-protected by dirty tracking, now writable.
     public var writeRestored = 0
     /// Times the group was resolved again because an invalidation ran meanwhile.
@@ -617,7 +620,68 @@ public final class FaultHandler {
     /// a chunk at a time after answering, so that the device writes the pages of its last
     /// window while the next one is populated. Returns the pages mapped and whether it
     /// stopped before the end.
+    ///
+    /// With `blocksOnFault`, an aligned 2 MiB block wholly inside the range that could be
+    /// mapped with one entry is populated whole and mapped as a block if one huge page
+    /// backs it (its pages otherwise, populated already).
     public func mapAhead(from iova: UInt64, pages: Int, write: Bool) -> (mapped: Int, stopped: Bool) {
+        guard engine.configuration.blocksOnFault else { return mapPagesAhead(from: iova, pages: pages, write: write) }
+        let end = iova + UInt64(pages) << pageShift
+        var pos = iova
+        var mapped = 0
+        while pos < end {
+            if pos & (hugeBlockBytes - 1) == 0 && end - pos >= hugeBlockBytes, let n = mapBlockAhead(at: pos, write: write) {
+                mapped += n
+                pos += hugeBlockBytes
+                continue
+            }
+            let segmentEnd = min(end, (pos & ~(hugeBlockBytes - 1)) + hugeBlockBytes)
+            let r = mapPagesAhead(from: pos, pages: Int((segmentEnd - pos) >> pageShift), write: write)
+            mapped += r.mapped
+            if r.stopped { return (mapped, true) }
+            pos = segmentEnd
+        }
+        return (mapped, false)
+    }
+
+    /// The block at `iova` ahead of any fault: nil unless it is a block candidate that
+    /// one huge page backs once populated; then the pages it mapped (512, or 0 when a page
+    /// of it was mapped meanwhile). An invalidation in flight sends it round again.
+    private func mapBlockAhead(at iova: UInt64, write: Bool) -> Int? {
+        while true {
+            let candidate = engine.state.withLock { s -> (m: DMAMapping, host: UInt64, seq: UInt64)? in
+                guard s.failure == nil, let m = s.mappings.mapping(containing: iova), !m.pinned,
+                    let b = blockCandidate(Work(iova: iova, host: 0, write: write), in: m)
+                else { return nil }
+                return (m, b.host, engine.sequence.load(ordering: .relaxed))
+            }
+            guard let candidate else { return nil }
+            physical.removeAll(keepingCapacity: true)
+            do {
+                try engine.memory.resolve(address: candidate.host, pageCount: hugeBlockPages, write: write, physical: &physical)
+            } catch {
+                return nil  // the pages' own resolve says which one
+            }
+            guard let phys = engine.memory.hugeBlock(at: candidate.host) else { return nil }
+            let mapped = engine.state.withLock { s -> Int? in
+                guard engine.sequence.load(ordering: .relaxed) == seq(candidate.seq) else {
+                    s.stats.retries += 1
+                    return nil
+                }
+                guard s.mapFaultedBlock(iova: iova, phys: phys, mapping: candidate.m) else { return 0 }
+                s.stats.prefetchedPages += hugeBlockPages
+                return hugeBlockPages
+            }
+            if let mapped { return mapped }
+        }
+    }
+
+    /// Planted no-retry skips the sequence check here too.
+    private func seq(_ noted: UInt64) -> UInt64 {
+        engine.configuration.injectedBugs.contains(.noRetry) ? engine.sequence.load(ordering: .relaxed) : noted
+    }
+
+    private func mapPagesAhead(from iova: UInt64, pages: Int, write: Bool) -> (mapped: Int, stopped: Bool) {
         while true {
             work.removeAll(keepingCapacity: true)
             demandCount = 0
@@ -832,6 +896,7 @@ public final class FaultHandler {
                 s.mapFaultedBlock(iova: b.iova, phys: phys, mapping: m)
             {
                 blockMapped = b.iova...(b.iova + hugeBlockBytes - 1)
+                outcome.blockTail = Int((b.iova + hugeBlockBytes - work[demandCount - 1].iova) >> pageShift) - 1
             }
             for k in work.indices {
                 var result = work[k].outcome ?? .mapped

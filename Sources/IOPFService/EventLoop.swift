@@ -110,6 +110,8 @@ final class EventLoop {
     /// all 512 before answering, 0.8-1.0x with 30x fewer groups; 256, 1.04x and 25x;
     /// 128, 1.04-1.15x and 15x; 64, 1.1x but only 5x fewer groups.
     static let syncPages = 128
+    /// Over huge pages a full window (512 pages) sends this many blocks to the background.
+    static let blocksPerFullWindow = 8
     /// Room for 16 userfaultfd messages per read.
     let uffdBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * UserfaultfdSource.messageBytes, alignment: 8)
 
@@ -313,9 +315,10 @@ final class EventLoop {
             let outcome = d.handler.handle(group.requests, ahead: adaptive ? min(ahead, Self.syncPages) : ahead,
                                            neighbours: neighbours)
             stats.prefetchedPages += outcome.prefetched
-            var planned = ahead > 0 ? outcome.prefetched : 0
+            let mappedAhead = max(ahead > 0 ? outcome.prefetched : 0, outcome.blockTail)
+            var planned = mappedAhead
             if ahead > 0 && outcome.code == .success && adaptive {
-                planned = mapInBackground(d, after: last, window: ahead, mappedAhead: outcome.prefetched,
+                planned = mapInBackground(d, after: last, window: ahead, mappedAhead: mappedAhead,
                                           write: group.requests[group.requests.count - 1].wantsWrite)
             }
             d.faultAround.record(iova: last, mappedAhead: planned)
@@ -330,26 +333,38 @@ final class EventLoop {
     }
 
     /// A sequential stream under adaptive fault-around, after its group was handled with
-    /// `mappedAhead` pages mapped ahead: the first `syncPages` of the `window` after `last`
-    /// are mapped before the answer, skipping pages already mapped (a device that caught up
-    /// with its background window faults on pages the last chunk mapped, where the handler
-    /// stopped); the rest of the window and one window more are left to the background.
-    /// Returns the pages the stream has ahead of `last`, mapped or being mapped.
+    /// `mappedAhead` pages mapped ahead (or inside its block): the first `syncPages` of
+    /// the `window` after `last` are mapped before the answer, skipping pages already
+    /// mapped (a device that caught up with its background window faults on pages the last
+    /// chunk mapped, where the handler stopped); the rest of the window and one window
+    /// more are left to the background. Over huge pages both parts are whole blocks,
+    /// `blocksPerFullWindow` of them each once the window is full: a device outruns the
+    /// population of a huge page, so only a wider synchronous part saves faults. Returns
+    /// the pages the stream has ahead of `last`, mapped or being mapped.
     private func mapInBackground(_ d: AttachedDevice, after last: UInt64, window: Int, mappedAhead: Int, write: Bool) -> Int {
-        let sync = min(window, Self.syncPages)
         d.prefetch = nil
-        if mappedAhead < sync {
-            let from = last + UInt64(mappedAhead + 1) << pageShift
-            let (mapped, stopped) = d.handler.mapAhead(from: from, pages: sync - mappedAhead, write: write)
+        let blocks = d.engine.configuration.blocksOnFault
+        func blockEnd(_ iova: UInt64) -> UInt64 { (iova + hugeBlockBytes - 1) & ~(hugeBlockBytes - 1) }
+        let first = last + pageBytes  // the page after the fault
+        let span = blocks ? window * Self.blocksPerFullWindow / 2 : 0
+        var syncEnd = first + UInt64(blocks ? span : min(window, Self.syncPages)) << pageShift
+        if blocks { syncEnd = blockEnd(syncEnd) }
+        syncEnd = max(syncEnd, first + UInt64(mappedAhead) << pageShift)
+        syncEnd = first + UInt64(d.aheadInWindow(last, Int((syncEnd - first) >> pageShift))) << pageShift
+        let from = first + UInt64(mappedAhead) << pageShift
+        if from < syncEnd {
+            let (mapped, stopped) = d.handler.mapAhead(from: from, pages: Int((syncEnd - from) >> pageShift), write: write)
             stats.prefetchedPages += mapped
-            if stopped { return sync }
+            if stopped { return Int((syncEnd - first) >> pageShift) }
         }
-        let start = last + UInt64(sync + 1) << pageShift
-        let more = d.aheadInWindow(start - pageBytes, 2 * window - sync)
-        guard more > 0 else { return sync }
-        d.prefetch = (start, start + UInt64(more) << pageShift, write)
-        prefetching = true
-        return sync + more
+        var end = syncEnd + UInt64(blocks ? 2 * span : 2 * window - min(window, Self.syncPages)) << pageShift
+        if blocks { end = blockEnd(end) }
+        let more = d.aheadInWindow(syncEnd - pageBytes, Int((end - syncEnd) >> pageShift))
+        if more > 0 {
+            d.prefetch = (syncEnd, syncEnd + UInt64(more) << pageShift, write)
+            prefetching = true
+        }
+        return Int((syncEnd - first) >> pageShift) + more
     }
 
     /// Maps one chunk of every device's background window (after this turn's answers
@@ -363,7 +378,12 @@ final class EventLoop {
                 d.prefetch = nil
                 continue
             }
-            let pages = min(Self.prefetchChunk, Int((p.end - p.next) >> pageShift))
+            var pages = min(Self.prefetchChunk, Int((p.end - p.next) >> pageShift))
+            if d.engine.configuration.blocksOnFault {
+                // A whole block per turn, or the pages up to the next block's start.
+                let toBoundary = Int((hugeBlockBytes - p.next & (hugeBlockBytes - 1)) >> pageShift)
+                pages = min(toBoundary, Int((p.end - p.next) >> pageShift))
+            }
             let (mapped, stopped) = d.handler.mapAhead(from: p.next, pages: pages, write: p.write)
             stats.prefetchedPages += mapped
             let next = p.next + UInt64(pages) << pageShift

@@ -127,6 +127,26 @@ import Testing
         #expect(e.checkInvariants(limit: 3).isEmpty)
     }
 
+    /// The background window over huge pages: a whole block in range becomes one entry,
+    /// a block without a huge page and a part of a block become pages.
+    @Test func backgroundWindowsMapWholeBlocks() throws {
+        var config = EngineConfiguration()
+        config.blocksOnFault = true
+        let e = FaultEngine(memory: memory, configuration: config)
+        _ = try e.createDomain(invalidator: invalidator)
+        memory.markHuge(Self.host..<(Self.host + 2 * hugeBlockBytes))  // blocks 0 and 1; 2 and 3 are small pages
+        try e.map(iova: Self.iova, vaddr: Self.host, size: 4 * hugeBlockBytes, prot: .readWrite)
+        let h = e.makeFaultHandler()
+        // From page 500: 12 pages of block 0, block 1 whole, block 2 whole (no huge page), 4 of block 3.
+        let r = h.mapAhead(from: Self.iova + 500 << 12, pages: 12 + 512 + 512 + 4, write: true)
+        #expect(r.mapped == 12 + 512 + 512 + 4 && !r.stopped)
+        #expect(e.statistics.blockMappings == 1 && e.statistics.prefetchedPages == r.mapped)
+        var leaves: [PageSize: Int] = [:]
+        e.pageTable(DomainID(rawValue: 0)).forEachLeaf { _, t in leaves[t.pageSize, default: 0] += 1 }
+        #expect(leaves == [.size2M: 1, .size4K: 12 + 512 + 4])
+        #expect(mappedCount(e, 0..<2048) == r.mapped && e.checkInvariants(limit: 3).isEmpty)
+    }
+
     /// Fault-around never maps ahead into a block it could map whole: the next block's
     /// fault still gets one entry.
     @Test func sequentialFaultsMapOneBlockEach() throws {

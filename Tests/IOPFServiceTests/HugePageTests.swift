@@ -72,6 +72,12 @@ import Testing
         #expect(blocks.groups == 8 && blocks.blockMappings == 8, "\(blocks.groups) groups, \(blocks.blockMappings) blocks")
         #expect(blocks.pagesUnmappedPer4K == 512)
         #expect(blocks.residentBytes == 16 << 20)
+        // With adaptive fault-around, blocks go ahead in the background: far fewer groups.
+        let around = try FaultAroundBench.measure(size: 64 << 20, pattern: .sequential, touch: 1, policy: .adaptive,
+                                                  hugePages: true)
+        #expect(around.problems.isEmpty, "\(around.problems)")
+        #expect(around.blockMappings == 32 && around.groups <= 16, "\(around.groups) groups for 32 blocks")
+        #expect(around.prefetchedPages >= 8 * 512 && around.residentBytes == 64 << 20)
     }
 
     /// The stress tool over huge pages: blocks are mapped, invalidated inside and taken

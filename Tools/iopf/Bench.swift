@@ -146,7 +146,7 @@ struct Bench: ParsableCommand {
         let say = Output.progress
         let policies = [FaultAroundPolicy.off, FaultAroundPolicy(faultAround)!]
         // Single pages, the policy, and with --huge-pages single pages over huge pages.
-        let configs = policies.map { ($0, false) } + (hugePages ? [(FaultAroundPolicy.off, true)] : [])
+        let configs = policies.map { ($0, false) } + (hugePages ? policies.map { ($0, true) } : [])
         if hugePages, let notice = try HugePages.enableForShmem() { FileHandle.standardError.write(Data("iopf: \(notice)\n".utf8)) }
         var rows: [FaultAroundRow] = []
         for size in parsedSizes {
@@ -169,7 +169,11 @@ struct Bench: ParsableCommand {
         }
         let small = rows.filter { !$0.hugePages }
         printFaultAroundTable(small, around: policies[1].description)
-        if hugePages { printHugePageTable(base: small.filter { $0.faultAround == "off" }, huge: rows.filter(\.hugePages)) }
+        if hugePages {
+            let huge = rows.filter(\.hugePages)
+            printHugePageTable(base: small.filter { $0.faultAround == "off" }, huge: huge.filter { $0.faultAround == "off" },
+                               around: huge.filter { $0.faultAround != "off" })
+        }
         let problems = rows.flatMap(\.problems)
         if !problems.isEmpty {
             print("problems: \(problems.prefix(3).joined(separator: "; "))")
@@ -177,22 +181,27 @@ struct Bench: ParsableCommand {
         }
     }
 
-    /// 2 MiB blocks on fault against single 4 KiB pages, row by row.
-    func printHugePageTable(base: [FaultAroundRow], huge: [FaultAroundRow]) {
+    /// 2 MiB blocks on fault (alone, and with the fault-around policy) against single
+    /// 4 KiB pages, row by row.
+    func printHugePageTable(base: [FaultAroundRow], huge: [FaultAroundRow], around: [FaultAroundRow]) {
+        let policy = around.first?.faultAround ?? faultAround
         print("")
-        print("size  pattern    touch | groups                  | first touch GB/s | resident MiB    | fault p50 µs    | invalidate 4 KiB: pages, p50 µs")
-        print("                       | 4 KiB   2 MiB    fewer  | 4 KiB   2 MiB    | 4 KiB   2 MiB   | 4 KiB   2 MiB   | 4 KiB         2 MiB")
-        for (a, b) in zip(base, huge) {
+        print("2 MiB blocks on fault (--huge-pages), single and with fault-around \(policy), against single 4 KiB pages")
+        print("size  pattern    touch | groups                        | first touch GB/s       | resident MiB          | fault p50 µs           | invalidate 4 KiB: pages, p50 µs")
+        print("                       | 4 KiB  2 MiB  +\(policy.prefix(5).padding(toLength: 5, withPad: " ", startingAt: 0))  fewer    | 4 KiB  2 MiB  +\(policy.prefix(5).padding(toLength: 5, withPad: " ", startingAt: 0))  | 4 KiB  2 MiB  +\(policy.prefix(5).padding(toLength: 5, withPad: " ", startingAt: 0)) | 4 KiB  2 MiB  +\(policy.prefix(5).padding(toLength: 5, withPad: " ", startingAt: 0))  | 4 KiB        2 MiB")
+        for ((a, b), c) in zip(zip(base, huge), around) {
             let head = human(a.sizeBytes).padding(toLength: 5, withPad: " ", startingAt: 0) + " "
                 + a.pattern.padding(toLength: 10, withPad: " ", startingAt: 0)
             let invalidate = a.pattern == "sequential"
-                ? String(format: "%3.0f, %6.1f   %3.0f, %6.1f", a.pagesUnmappedPer4K, Double(a.invalidate4KNs.p50) / 1000,
+                ? String(format: "%3.0f, %5.1f   %3.0f, %5.1f", a.pagesUnmappedPer4K, Double(a.invalidate4KNs.p50) / 1000,
                          b.pagesUnmappedPer4K, Double(b.invalidate4KNs.p50) / 1000)
                 : "–"
-            print(head + String(format: " %5.2f | %6d  %6d  %6.1f× | %6.3f  %6.3f  | %6.0f  %6.0f  | %6.1f  %6.1f  | ", a.touchFraction,
-                                a.groups, b.groups, Double(a.groups) / Double(max(b.groups, 1)), a.touchGBps, b.touchGBps,
-                                Double(a.residentBytes) / 1048576, Double(b.residentBytes) / 1048576,
-                                Double(a.faultLatencyNs.p50) / 1000, Double(b.faultLatencyNs.p50) / 1000) + invalidate)
+            print(head + String(format: " %5.2f | %5d  %5d  %5d  %6.1f×  | %5.3f  %5.3f  %5.3f  | %5.0f  %5.0f  %5.0f | %5.1f  %5.1f  %5.1f  | ",
+                                a.touchFraction, a.groups, b.groups, c.groups, Double(a.groups) / Double(max(c.groups, 1)),
+                                a.touchGBps, b.touchGBps, c.touchGBps,
+                                Double(a.residentBytes) / 1048576, Double(b.residentBytes) / 1048576, Double(c.residentBytes) / 1048576,
+                                Double(a.faultLatencyNs.p50) / 1000, Double(b.faultLatencyNs.p50) / 1000,
+                                Double(c.faultLatencyNs.p50) / 1000) + invalidate)
         }
     }
 
