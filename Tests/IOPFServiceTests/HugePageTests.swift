@@ -90,7 +90,7 @@ import Testing
         o.dirtyLogInterval = nil
         let clean = try StressSession.run(o)
         #expect(clean.violations == 0, "\(clean.firstViolation ?? "")")
-        #expect(clean.blockMappings > 10 && clean.invalidations > 100)
+        #expect(clean.blockMappings > 10 && clean.invalidations > 10, "\(clean.blockMappings) blocks, \(clean.invalidations) invalidations")
         o.injected = .clearRequested
         let planted = try StressSession.run(o)
         #expect(planted.violations > 0 && planted.blockMappings > 0)
