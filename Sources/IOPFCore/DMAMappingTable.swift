@@ -17,24 +17,24 @@ public final class DMAMapping: @unchecked Sendable {
     public let size: UInt64
     public let prot: Protection
     /// Host virtual address of the first byte.
-    public internal(set) var vaddr: UInt64
+    @exclusivity(unchecked) public internal(set) var vaddr: UInt64
     /// Bit i set ⇔ page i is mapped in every domain by the fault path.
-    public internal(set) var iopfMapped: PageBitmap
+    @exclusivity(unchecked) public internal(set) var iopfMapped: PageBitmap
     /// Pages whose host memory was unmapped or moved away (UNMAP/REMAP events): faults
     /// there are answered INVALID until the host address is updated. Nil while none.
-    public internal(set) var hostGone: PageBitmap?
+    @exclusivity(unchecked) public internal(set) var hostGone: PageBitmap?
     /// Pinned (VFIO type1) rather than fault-driven: every page is mapped at creation and
     /// host events leave it alone.
-    public internal(set) var pinned = false
+    @exclusivity(unchecked) public internal(set) var pinned = false
     /// Pages of a pinned mapping charged to locked memory (device memory is not).
-    public internal(set) var chargedPages = 0
+    @exclusivity(unchecked) public internal(set) var chargedPages = 0
     /// A pinned mapping whose map call has not returned yet: it cannot be unmapped or
     /// moved (its pages are being pinned and charged outside the lock).
-    public internal(set) var populating = false
+    @exclusivity(unchecked) public internal(set) var populating = false
     /// Pages written since the last `readAndClearDirty`, while dirty tracking is on (nil
     /// while off). Kept across invalidations: a page written and then unmapped is still
     /// reported. While tracking, a leaf of this mapping is writable only if its bit is set.
-    public internal(set) var dirty: PageBitmap?
+    @exclusivity(unchecked) public internal(set) var dirty: PageBitmap?
 
     init(id: MappingID, iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) {
         self.id = id

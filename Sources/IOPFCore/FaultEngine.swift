@@ -575,18 +575,18 @@ public final class FaultHandler {
         var restore = false
     }
 
-    private var work: [Work] = []
+    @exclusivity(unchecked) private var work: [Work] = []
     /// The group's requests at the head of `work` (the rest are mapped ahead).
-    private var demandCount = 0
+    @exclusivity(unchecked) private var demandCount = 0
     /// The neighbourhood whose resident pages are mapped (host address, pages), if any.
-    private var cluster: (host: UInt64, pages: Int)?
+    @exclusivity(unchecked) private var cluster: (host: UInt64, pages: Int)?
     /// The 2 MiB block around the group's last request, when a huge page may back it
     /// (`blocksOnFault`), and its physical address once the host said one does.
-    private var block: (iova: UInt64, host: UInt64, phys: UInt64?)?
-    private var resident: [Bool] = []
-    private var physical: [UInt64] = []
+    @exclusivity(unchecked) private var block: (iova: UInt64, host: UInt64, phys: UInt64?)?
+    @exclusivity(unchecked) private var resident: [Bool] = []
+    @exclusivity(unchecked) private var physical: [UInt64] = []
     /// Index into `physical` for each work item, or -1 when it was not resolved.
-    private var physicalIndex: [Int] = []
+    @exclusivity(unchecked) private var physicalIndex: [Int] = []
 
     init(engine: FaultEngine) {
         self.engine = engine

@@ -54,18 +54,18 @@ public final class IOPageTable: @unchecked Sendable {
     /// Page sizes `map` may use, largest first.
     public let pageSizes: [PageSize]
     /// The devices' IOTLBs, flushed on every sync. Set by the runtime as devices attach.
-    public var invalidator: (any IOTLBInvalidator)?
+    @exclusivity(unchecked) public var invalidator: (any IOTLBInvalidator)?
 
     /// Tests only: makes every unmap remove nothing, to exercise the fatal path.
-    var testsOnly_refuseUnmap = false
+    @exclusivity(unchecked) var testsOnly_refuseUnmap = false
     /// Planted bugs (skip-sync, early-free); empty outside `iopf stress` and tests.
-    var bugs: InjectedBugs = []
+    @exclusivity(unchecked) var bugs: InjectedBugs = []
     /// Told after each sync, for checkers.
-    public var observer: (any IOTLBSyncObserver)?
+    @exclusivity(unchecked) public var observer: (any IOTLBSyncObserver)?
 
     /// Syncs that flushed something, and how many ranges they carried in total.
-    public private(set) var syncCount = 0
-    public private(set) var syncedRanges = 0
+    @exclusivity(unchecked) public private(set) var syncCount = 0
+    @exclusivity(unchecked) public private(set) var syncedRanges = 0
 
     public init(pageSizes: Set<PageSize> = Set(PageSize.allCases), invalidator: (any IOTLBInvalidator)? = nil) {
         precondition(pageSizes.contains(.size4K), "an I/O page table must support 4 KiB pages")

@@ -22,21 +22,21 @@ final class TablePagePool: @unchecked Sendable {
 
     /// Chunk directory; slots are written once, before any entry refers into the chunk.
     private let chunks: UnsafeMutablePointer<UnsafeMutablePointer<Atomic<UInt64>>?>
-    private var chunkCount = 0
+    @exclusivity(unchecked) private var chunkCount = 0
     /// Pages ever taken from fresh chunk memory; ids below this are allocated or free.
-    private var highWater: TablePageID = 0
-    private var freeList: [TablePageID] = []
+    @exclusivity(unchecked) private var highWater: TablePageID = 0
+    @exclusivity(unchecked) private var freeList: [TablePageID] = []
     /// Present entries per page, kept by the writer so that empty pages can be freed.
-    private(set) var presentEntries: [UInt16] = []
+    @exclusivity(unchecked) private(set) var presentEntries: [UInt16] = []
 
     /// Pages unlinked from the table whose gather has not been synced yet; freeing one of
     /// them is a bug (`freedBeforeSync` counts it).
-    private var awaitingSync: [Bool] = []
-    private(set) var freedBeforeSync = 0
+    @exclusivity(unchecked) private var awaitingSync: [Bool] = []
+    @exclusivity(unchecked) private(set) var freedBeforeSync = 0
 
     /// Counts for the "allocated = freed + live" invariant.
-    private(set) var allocations = 0
-    private(set) var frees = 0
+    @exclusivity(unchecked) private(set) var allocations = 0
+    @exclusivity(unchecked) private(set) var frees = 0
     var livePages: Int { allocations - frees }
 
     init() {

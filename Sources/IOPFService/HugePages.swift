@@ -7,7 +7,7 @@
 // carry MADV_HUGEPAGE. A fault on such a mapping allocates the whole huge page and maps it
 // with one PMD, so after the faulting page is populated, /proc/self/pagemap gives the PFN
 // of every page of the block and /proc/kpageflags says whether it is a huge page: three
-// pread calls, about 1 µs, against 160 µs to allocate and clear 2 MiB.
+// pread calls, 2.4 µs measured, against 150-2,600 µs to allocate and clear 2 MiB here.
 
 import Foundation
 import Glibc

@@ -39,7 +39,17 @@ struct Microbench: ParsableCommand {
     @Flag(help: "Print one JSON object instead of a table.")
     var json = false
 
+    @Option(help: ArgumentHelp("Also write the results as JSON to FILE (a baseline for --compare).", valueName: "FILE"))
+    var save: String?
+
+    @Option(help: ArgumentHelp("Compare with a baseline written by --save: each result's time per unit against the baseline's, and its mallocs; exit 1 when one is slower than --tolerance allows or allocates more.", valueName: "FILE"))
+    var compare: String?
+
+    @Option(help: "With --compare: the slow-down accepted as noise, as a fraction (0.2: 20% slower).")
+    var tolerance = 0.2
+
     func validate() throws {
+        guard tolerance >= 0 else { throw ValidationError("--tolerance must not be negative, got \(tolerance)") }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1, got \(`repeat`)") }
         guard syncCostNs >= 0 else { throw ValidationError("--sync-cost-ns must not be negative, got \(syncCostNs)") }
     }
@@ -50,10 +60,13 @@ struct Microbench: ParsableCommand {
         if scenario == .all || scenario == .bitmapScan { results += bitmapScan() }
         if scenario == .all || scenario == .fault { results += try fault() }
         if scenario == .all || scenario == .invalidate { results += try invalidate() }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let report = try encoder.encode(Report(syncCostNs: syncCostNs, results: results))
+        if let save { try report.write(to: URL(fileURLWithPath: save)) }
+        if let compare { return try self.compare(results, with: compare) }
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(["syncCostNs": AnyEncodable(syncCostNs), "results": AnyEncodable(results)]), as: UTF8.self))
+            print(String(decoding: report, as: UTF8.self))
         } else {
             print("iopf micro-benchmarks (median of \(`repeat`), sync cost \(syncCostNs) ns)")
             print(pad("name", 44) + pad("total", 12) + pad("per unit", 14) + pad("syncs", 9) + "mallocs")
@@ -64,7 +77,52 @@ struct Microbench: ParsableCommand {
         }
     }
 
-    struct Result: Encodable {
+    struct Report: Codable {
+        var syncCostNs: Int
+        var results: [Result]
+    }
+
+    /// Prints each result beside the baseline's and throws ExitCode(1) when one is slower
+    /// than the tolerance allows or allocates more. Results missing on either side are
+    /// listed, not judged.
+    func compare(_ results: [Result], with path: String) throws {
+        let data: Data
+        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
+            throw ValidationError("--compare: cannot read \(path): \(error.localizedDescription)")
+        }
+        let baseline: Report
+        do { baseline = try JSONDecoder().decode(Report.self, from: data) } catch {
+            throw ValidationError("--compare: \(path) is not a baseline written by --save (\(error))")
+        }
+        if baseline.syncCostNs != syncCostNs {
+            print("note: the baseline was taken with --sync-cost-ns \(baseline.syncCostNs), this run with \(syncCostNs)")
+        }
+        let before = Dictionary(baseline.results.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        print("iopf micro-benchmarks against \(path) (median of \(`repeat`), tolerance \(Int(tolerance * 100))%)")
+        print(pad("name", 44) + pad("baseline", 14) + pad("now", 14) + pad("ratio", 8) + "verdict")
+        var worse: [String] = []
+        for r in results {
+            guard let b = before[r.name] else {
+                print(pad(r.name, 44) + pad("-", 14) + pad(String(format: "%.1f ns", r.nsPerUnit), 14) + pad("-", 8) + "new")
+                continue
+            }
+            let ratio = r.nsPerUnit / max(b.nsPerUnit, 1e-9)
+            var verdict = ratio > 1 + tolerance ? "SLOWER" : ratio < 1 / (1 + tolerance) ? "faster" : "same"
+            if r.mallocs > b.mallocs { verdict += ", mallocs \(b.mallocs) -> \(r.mallocs)" }
+            if ratio > 1 + tolerance || r.mallocs > b.mallocs { worse.append(r.name) }
+            print(pad(r.name, 44) + pad(String(format: "%.2f ns", b.nsPerUnit), 14) + pad(String(format: "%.2f ns", r.nsPerUnit), 14)
+                + pad(String(format: "%.2f", ratio), 8) + verdict)
+        }
+        for name in before.keys.sorted() where !results.contains(where: { $0.name == name }) {
+            print(pad(name, 44) + "not run")
+        }
+        if !worse.isEmpty {
+            print("\(worse.count) result(s) worse than the baseline: \(worse.joined(separator: "; "))")
+            throw ExitCode(1)
+        }
+    }
+
+    struct Result: Codable {
         var name: String
         var seconds: Double
         var unit: String
@@ -79,7 +137,7 @@ struct Microbench: ParsableCommand {
     func bitmapScan() -> [Result] {
         let pages = 262_144
         var bitmap = PageBitmap(count: pages)
-        var rng = SystemRandomNumberGenerator()
+        var rng = SplitMix(state: 12)  // the same bitmap every run, so that runs compare
         var i = 0
         while i < pages {  // runs of 1...64 pages, about half set
             let length = Int.random(in: 1...64, using: &rng)
@@ -97,7 +155,7 @@ struct Microbench: ParsableCommand {
             }
         }
         precondition(runs > 0, "the bitmap scan found no runs")
-        return [Result(name: "bitmap-scan 1 GiB (\(runs) runs)", seconds: seconds, unit: "page", units: pages,
+        return [Result(name: "bitmap-scan 1 GiB, runs of 1-64 pages", seconds: seconds, unit: "page", units: pages,
                        nsPerUnit: seconds * 1e9 / Double(pages), syncs: nil, mallocs: mallocs)]
     }
 
@@ -226,6 +284,18 @@ struct Microbench: ParsableCommand {
     func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
 }
 
+/// SplitMix64: a fixed sequence per seed.
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
 /// Stands in for the devices' IOTLBs: counts nothing, spins `costNs` per sync.
 final class SpinInvalidator: IOTLBInvalidator {
     let costNs: Int
@@ -235,10 +305,4 @@ final class SpinInvalidator: IOTLBInvalidator {
         let until = ContinuousClock.now + .nanoseconds(costNs)
         while ContinuousClock.now < until {}
     }
-}
-
-struct AnyEncodable: Encodable {
-    let value: any Encodable
-    init(_ value: any Encodable) { self.value = value }
-    func encode(to encoder: any Encoder) throws { try value.encode(to: encoder) }
 }
