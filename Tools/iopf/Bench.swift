@@ -20,8 +20,14 @@ struct Bench: ParsableCommand {
             """
     )
 
-    @Option(help: ArgumentHelp("pinned-vs-fault, fault-around (single pages against --fault-around), or dirty-log (what the dirty log reports, fault against pinned).", valueName: "scenario"))
+    @Option(help: ArgumentHelp("pinned-vs-fault, fault-around (single pages against --fault-around), dirty-log (what the dirty log reports, fault against pinned), or faults (resident-page faults through one service thread, --outstanding groups in flight).", valueName: "scenario"))
     var scenario = "pinned-vs-fault"
+
+    @Option(help: "faults: groups the device keeps in flight (1-256).")
+    var outstanding = 32
+
+    @Option(help: "faults: seconds to run.")
+    var seconds = 2.0
 
     @Option(help: "dirty-log: milliseconds between reads of the log.")
     var dirtyInterval = 200.0
@@ -74,9 +80,13 @@ struct Bench: ParsableCommand {
         guard !t.isEmpty, t.count == parsedTouch.count, parsedTouch.allSatisfy({ $0 > 0 && $0 <= 1 }) else {
             throw ValidationError("--touch '\(touch)' must be fractions in (0, 1], e.g. 0.1,1.0")
         }
-        guard ["pinned-vs-fault", "fault-around", "dirty-log"].contains(scenario) else {
-            throw ValidationError("--scenario must be pinned-vs-fault, fault-around or dirty-log, got '\(scenario)'")
+        guard ["pinned-vs-fault", "fault-around", "dirty-log", "faults"].contains(scenario) else {
+            throw ValidationError("--scenario must be pinned-vs-fault, fault-around, dirty-log or faults, got '\(scenario)'")
         }
+        guard (1...FaultsBench.maxOutstanding).contains(outstanding) else {
+            throw ValidationError("--outstanding must be 1...\(FaultsBench.maxOutstanding), got \(outstanding)")
+        }
+        guard seconds > 0 && seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600], got \(seconds)") }
         guard dirtyInterval >= 1 && dirtyRounds >= 1 && dirtyShare > 0 && dirtyShare <= 1 else {
             throw ValidationError("--dirty-interval must be at least 1 ms, --dirty-rounds at least 1, --dirty-share in (0, 1]")
         }
@@ -102,6 +112,7 @@ struct Bench: ParsableCommand {
             say("warming \(human(bytes)) of memory…")
             try Floors.warmUp(bytes: bytes)
         }
+        if scenario == "faults" { return try runFaults(logger: logger) }
         if scenario == "fault-around" { return try runFaultAround(logger: logger) }
         if scenario == "dirty-log" { return try runDirtyLog(logger: logger) }
         say("measuring floors…")
@@ -138,6 +149,26 @@ struct Bench: ParsableCommand {
                              rows: rows))
         } else {
             printTable(rows, floors)
+        }
+    }
+
+    /// Resident-page faults through one service thread with `--outstanding` groups in flight.
+    func runFaults(logger: Logger) throws {
+        Output.progress("faults: \(outstanding) in flight for \(seconds) s")
+        let row = try FaultsBench.measure(outstanding: outstanding, seconds: seconds, logger: logger)
+        Output.progress(nil)
+        if json {
+            try Output.printJSON(row)
+        } else {
+            let l = row.faultLatencyNs
+            print(String(format: "faults: %d in %.2f s through one service thread, %d in flight: %.0f faults/s, %.1f faults per loop turn",
+                         row.faults, row.seconds, row.outstanding, row.faultsPerSecond, Double(row.faults) / Double(max(row.loopTurns, 1))))
+            print(String(format: "fault latency (device): p50 %.2f µs  p90 %.2f µs  p99 %.2f µs  p99.9 %.2f µs  max %.1f µs",
+                         Double(l.p50) / 1000, Double(l.p90) / 1000, Double(l.p99) / 1000, Double(l.p999) / 1000, Double(l.max) / 1000))
+        }
+        if !row.problems.isEmpty {
+            print("problems: \(row.problems.prefix(3).joined(separator: "; "))")
+            throw ExitCode(1)
         }
     }
 
