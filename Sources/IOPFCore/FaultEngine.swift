@@ -576,8 +576,12 @@ public final class FaultHandler {
     }
 
     @exclusivity(unchecked) private var work: [Work] = []
-    /// The group's requests at the head of `work` (the rest are mapped ahead).
+    /// The groups' requests at the head of `work` (the rest are mapped ahead).
     @exclusivity(unchecked) private var demandCount = 0
+    /// Where each group's requests end in `work` (one entry per group, the last being
+    /// `demandCount`), and each group's answer.
+    @exclusivity(unchecked) private var groupEnds: [Int] = []
+    @exclusivity(unchecked) private var outcomes: [GroupOutcome] = []
     /// The neighbourhood whose resident pages are mapped (host address, pages), if any.
     @exclusivity(unchecked) private var cluster: (host: UInt64, pages: Int)?
     /// The 2 MiB block around the group's last request, when a huge page may back it
@@ -602,15 +606,39 @@ public final class FaultHandler {
     /// of that many around the last request that are already resident are mapped, as the
     /// kernel's own fault-around maps cached pages: nothing is populated for them.
     public func handle(_ group: [PageRequest], ahead: Int = 0, neighbours: Int = 0) -> GroupOutcome {
-        var outcome = GroupOutcome(code: .success)
+        groupEnds.removeAll(keepingCapacity: true)
+        groupEnds.append(group.count)
+        var retries = 0
         while true {
             let seq = lookUp(group, ahead: ahead, neighbours: neighbours)
             resolve()
             if engine.configuration.injectedBugs.contains(.noRetry) { Self.stretchRaceWindow() }
-            if install(seq: seq, into: &outcome) { break }
-            outcome.retries += 1
+            if install(seq: seq) { break }
+            retries += 1
         }
-        return outcome
+        outcomes[0].retries = retries
+        return outcomes[0]
+    }
+
+    /// Handles several complete groups at once, with nothing mapped ahead: one lock for
+    /// the lookup, one resolve per contiguous run across groups (a device streaming
+    /// faults over consecutive pages costs one populate call per batch instead of one per
+    /// group), one lock to install. `requests` holds the groups in order, `ends` where
+    /// each ends. Answers, one per group, in `body`'s argument (valid during the call).
+    public func handle(batch requests: [PageRequest], ends: [Int], _ body: (borrowing [GroupOutcome]) -> Void) {
+        precondition(ends.last == requests.count && !ends.isEmpty, "group ends must cover the requests")
+        groupEnds.removeAll(keepingCapacity: true)
+        groupEnds.append(contentsOf: ends)
+        var retries = 0
+        while true {
+            let seq = lookUp(requests, ahead: 0, neighbours: 0)
+            resolve()
+            if engine.configuration.injectedBugs.contains(.noRetry) { Self.stretchRaceWindow() }
+            if install(seq: seq) { break }
+            retries += 1
+        }
+        for g in outcomes.indices { outcomes[g].retries = retries }
+        body(outcomes)
     }
 
     /// Maps, ahead of any fault, the pages of `[iova, iova + pages × 4 KiB)` that are not
@@ -708,8 +736,8 @@ public final class FaultHandler {
             }
             if work.isEmpty { return (0, stopped) }
             resolve()
-            var outcome = GroupOutcome(code: .success)
-            if install(seq: seq, into: &outcome) { return (outcome.prefetched, stopped) }
+            groupEnds.removeAll(keepingCapacity: true)
+            if install(seq: seq) { return (outcomes[0].prefetched, stopped) }
         }
     }
 
@@ -759,7 +787,7 @@ public final class FaultHandler {
                 }
                 work.append(w)
             }
-            if let last = work.last, let m = last.mapping, !m.pinned, !last.restore {
+            if groupEnds.count == 1, let last = work.last, let m = last.mapping, !m.pinned, !last.restore {
                 if engine.configuration.blocksOnFault, let b = blockCandidate(last, in: m) {
                     block = b  // nothing ahead or around: the block covers it
                 } else if ahead > 0 {
@@ -882,28 +910,35 @@ public final class FaultHandler {
         }
     }
 
-    /// Phase 3, under the lock: install unless an invalidation ran since phase 1.
-    private func install(seq: UInt64, into outcome: inout GroupOutcome) -> Bool {
+    /// Phase 3, under the lock: install unless an invalidation ran since phase 1. Fills
+    /// `outcomes`, one per group (one for pages ahead only, from `mapAhead`).
+    private func install(seq: UInt64) -> Bool {
         engine.state.withLock { s in
             guard engine.sequence.load(ordering: .relaxed) == seq || engine.configuration.injectedBugs.contains(.noRetry) else {
                 s.stats.retries += 1
                 return false
             }
-            var code = ResponseCode.success
-            // A block first: the group's requests inside it are then mapped by it.
+            outcomes.removeAll(keepingCapacity: true)
+            outcomes.append(GroupOutcome(code: .success))
+            var g = 0
+            // A block first (single groups only): the group's requests inside it are then mapped by it.
             var blockMapped: ClosedRange<UInt64>?
             if let b = block, let phys = b.phys, let m = work[demandCount - 1].mapping,
                 s.mapFaultedBlock(iova: b.iova, phys: phys, mapping: m)
             {
                 blockMapped = b.iova...(b.iova + hugeBlockBytes - 1)
-                outcome.blockTail = Int((b.iova + hugeBlockBytes - work[demandCount - 1].iova) >> pageShift) - 1
+                outcomes[0].blockTail = Int((b.iova + hugeBlockBytes - work[demandCount - 1].iova) >> pageShift) - 1
             }
             for k in work.indices {
+                if k < demandCount && k == groupEnds[g] {
+                    g += 1
+                    outcomes.append(GroupOutcome(code: .success))
+                }
                 var result = work[k].outcome ?? .mapped
                 if result == .mapped, let blockMapped, blockMapped.contains(work[k].iova), !work[k].restore,
                     work[k].mapping === work[demandCount - 1].mapping
                 {
-                    outcome.mapped += 1
+                    outcomes[g].mapped += 1
                     continue
                 }
                 if result == .mapped, let m = work[k].mapping {
@@ -914,16 +949,16 @@ public final class FaultHandler {
                 }
                 if work[k].ahead {
                     if result == .mapped {
-                        outcome.prefetched += 1
+                        outcomes[g].prefetched += 1
                         s.stats.mappedPages += 1
                         s.stats.prefetchedPages += 1
                     }
                     continue
                 }
                 switch result {
-                case .mapped: outcome.mapped += 1; s.stats.mappedPages += 1
-                case .spurious: outcome.spurious += 1; s.stats.spurious += 1
-                case .writeRestored: outcome.writeRestored += 1
+                case .mapped: outcomes[g].mapped += 1; s.stats.mappedPages += 1
+                case .spurious: outcomes[g].spurious += 1; s.stats.spurious += 1
+                case .writeRestored: outcomes[g].writeRestored += 1
                 case .noMapping: s.stats.noMapping += 1
                 case .permissionDenied: s.stats.permissionDenied += 1
                 case .resolveFailed: s.stats.resolveFailures += 1
@@ -931,13 +966,14 @@ public final class FaultHandler {
                 case .engineFailed: break
                 case .hostGone: s.stats.hostGoneFaults += 1
                 }
-                if !result.succeeded { code = .invalid }
+                if !result.succeeded { outcomes[g].code = .invalid }
             }
-            outcome.code = code
             guard demandCount > 0 else { return true }  // pages ahead only (mapAhead)
-            s.stats.groups += 1
+            s.stats.groups += outcomes.count
             s.stats.requests += demandCount
-            if code == .success { s.stats.successGroups += 1 } else { s.stats.invalidGroups += 1 }
+            for o in outcomes {
+                if o.code == .success { s.stats.successGroups += 1 } else { s.stats.invalidGroups += 1 }
+            }
             return true
         }
     }

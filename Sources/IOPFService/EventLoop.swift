@@ -60,6 +60,11 @@ final class AttachedDevice {
     /// answer went out (`[next, end)`, IOVAs), so that the device writes the window it was
     /// given while the service populates the one after it.
     var prefetch: (next: UInt64, end: UInt64, write: Bool)?
+    /// Complete groups with nothing to map ahead, handled together at the end of the loop
+    /// turn (one resolve per contiguous run across them), and scratch for that call.
+    var batched: [PageRequestGroup] = []
+    var batchRequests: [PageRequest] = []
+    var batchEnds: [Int] = []
 
     func inWindows(_ iova: UInt64) -> Bool {
         windows.isEmpty || windows.contains { iova >= $0.iova && iova - $0.iova < $0.size }
@@ -101,6 +106,8 @@ final class EventLoop {
     var streamDevices = 0
     /// Some device has a window being mapped in the background: the loop must not sleep.
     var prefetching = false
+    /// Some device has groups waiting to be handled together at the end of this turn.
+    var batching = false
     /// Pages a device's background window maps per loop turn: a fault of another device
     /// waits for at most one chunk (256 KiB, about 60 µs to populate once warm).
     static let prefetchChunk = 64
@@ -182,6 +189,7 @@ final class EventLoop {
                     for command in service.takeCommands() { try perform(command) }
                 }
                 serveExternalDevices()
+                if batching { handleBatches() }
                 try flushResponses()
                 if prefetching { prefetchAhead() }
                 runDeferred()
@@ -303,33 +311,72 @@ final class EventLoop {
 
     /// Answers a complete group once, with the code of the whole group.
     private func complete(_ d: AttachedDevice, _ group: PageRequestGroup) {
-        let code: ResponseCode
-        if group.failure != nil || !group.requests.allSatisfy({ d.inWindows($0.page) }) {
-            code = .invalid
-        } else {
-            let last = group.requests[group.requests.count - 1].page
-            let window = d.faultAround.window(from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
-            let ahead = d.aheadInWindow(last, window)
-            let neighbours = ahead == 0 && d.windows.isEmpty ? d.faultAround.neighbours(policy: service.configuration.faultAround) : 0
-            let adaptive = service.configuration.faultAround == .adaptive
-            let outcome = d.handler.handle(group.requests, ahead: adaptive ? min(ahead, Self.syncPages) : ahead,
-                                           neighbours: neighbours)
-            stats.prefetchedPages += outcome.prefetched
-            let mappedAhead = max(ahead > 0 ? outcome.prefetched : 0, outcome.blockTail)
-            var planned = mappedAhead
-            if ahead > 0 && outcome.code == .success && adaptive {
-                planned = mapInBackground(d, after: last, window: ahead, mappedAhead: mappedAhead,
-                                          write: group.requests[group.requests.count - 1].wantsWrite)
-            }
-            d.faultAround.record(iova: last, mappedAhead: planned)
-            if neighbours > 0 { d.faultAround.recordNeighbours(mapped: outcome.prefetched) }
-            code = outcome.code
+        guard group.failure == nil, group.requests.allSatisfy({ d.inWindows($0.page) }) else {
+            answer(d, group, .invalid)
+            return
         }
+        let last = group.requests[group.requests.count - 1].page
+        let window = d.faultAround.window(from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
+        let ahead = d.aheadInWindow(last, window)
+        let neighbours = ahead == 0 && d.windows.isEmpty ? d.faultAround.neighbours(policy: service.configuration.faultAround) : 0
+        if ahead == 0 && neighbours == 0 && !d.engine.configuration.blocksOnFault {
+            // Nothing around it to map: handled with the turn's other such groups.
+            d.faultAround.record(iova: last, mappedAhead: 0)
+            d.batched.append(group)
+            batching = true
+            return
+        }
+        handleBatch(d)  // earlier groups first
+        let adaptive = service.configuration.faultAround == .adaptive
+        let outcome = d.handler.handle(group.requests, ahead: adaptive ? min(ahead, Self.syncPages) : ahead,
+                                       neighbours: neighbours)
+        stats.prefetchedPages += outcome.prefetched
+        let mappedAhead = max(ahead > 0 ? outcome.prefetched : 0, outcome.blockTail)
+        var planned = mappedAhead
+        if ahead > 0 && outcome.code == .success && adaptive {
+            planned = mapInBackground(d, after: last, window: ahead, mappedAhead: mappedAhead,
+                                      write: group.requests[group.requests.count - 1].wantsWrite)
+        }
+        d.faultAround.record(iova: last, mappedAhead: planned)
+        if neighbours > 0 { d.faultAround.recordNeighbours(mapped: outcome.prefetched) }
+        answer(d, group, outcome.code)
+    }
+
+    /// Queues a group's single answer and releases its credit.
+    private func answer(_ d: AttachedDevice, _ group: PageRequestGroup, _ code: ResponseCode) {
         d.assembler.answered(group)
         stats.groups += 1
         if code == .success { stats.success += 1 } else { stats.invalid += 1 }
         d.queued.append(PageResponse(cookie: group.cookie, code: code))
         if doubleAnswer { d.queued.append(PageResponse(cookie: group.cookie, code: code)) }
+    }
+
+    /// Handles every device's batched groups (before this turn's answers go out).
+    private func handleBatches() {
+        batching = false
+        for case let d? in devices where !d.batched.isEmpty { handleBatch(d) }
+    }
+
+    /// Handles a device's batched groups in one engine call and answers each.
+    private func handleBatch(_ d: AttachedDevice) {
+        guard !d.batched.isEmpty else { return }
+        if d.batched.count == 1 {
+            let group = d.batched[0]
+            d.batched.removeAll(keepingCapacity: true)
+            answer(d, group, d.handler.handle(group.requests).code)
+            return
+        }
+        d.batchRequests.removeAll(keepingCapacity: true)
+        d.batchEnds.removeAll(keepingCapacity: true)
+        for group in d.batched {
+            d.batchRequests.append(contentsOf: group.requests)
+            d.batchEnds.append(d.batchRequests.count)
+        }
+        d.handler.handle(batch: d.batchRequests, ends: d.batchEnds) { outcomes in
+            for (group, outcome) in zip(d.batched, outcomes) { answer(d, group, outcome.code) }
+        }
+        stats.batchedGroups += d.batched.count
+        d.batched.removeAll(keepingCapacity: true)
     }
 
     /// A sequential stream under adaptive fault-around, after its group was handled with
@@ -449,6 +496,7 @@ final class EventLoop {
     /// best effort, its ring operations cancelled, and the service goes on serving the others.
     func detach(_ d: AttachedDevice, reason: String) {
         guard !d.closing else { return }
+        handleBatch(d)  // complete groups get their real answers in the final flush
         let pending = d.assembler.abandonAll()
         stats.abandonedGroups += pending.count
         stats.invalid += pending.count

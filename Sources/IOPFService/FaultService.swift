@@ -74,6 +74,8 @@ public struct ServiceStatistics: Sendable, Equatable {
     /// Command doorbell rings that failed; their commands were taken by the loop's sweep.
     public var doorbellWriteFailures = 0
     public var loopTurns = 0
+    /// Groups handled together with others of their device in one engine call.
+    public var batchedGroups = 0
     public var completions = 0
     /// Devices attached over the socket, in all.
     public var externalDevices = 0

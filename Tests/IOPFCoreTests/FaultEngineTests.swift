@@ -74,6 +74,50 @@ import Testing
         #expect(e.checkInvariants().isEmpty)
     }
 
+    /// Several groups in one call: each gets its own answer (a bad request fails only its
+    /// group), contiguous pages across groups resolve in one call, the stats count groups.
+    @Test func aBatchAnswersEachGroupAndResolvesRunsAcrossGroups() throws {
+        let (e, _) = try engine()
+        try e.map(iova: 0x100000, vaddr: Self.host, size: 64 * KiB, prot: .readWrite)
+        let h = e.makeFaultHandler()
+        _ = h.handle([request(0x105000)])  // mapped already: spurious in the batch
+        let calls = memory.resolveCalls
+        let requests = [request(0x100000, last: false), request(0x101000),  // group 0: pages 0, 1
+                        request(0x102000, write: true),  // group 1: page 2
+                        request(0x900000),  // group 2: no mapping
+                        request(0x103000), request(0x105000)]  // group 3: page 3, and 5 (spurious)
+        var answers: [GroupOutcome] = []
+        h.handle(batch: requests, ends: [2, 3, 4, 6]) { answers = Array($0) }
+        #expect(answers.map(\.code) == [.success, .success, .invalid, .success])
+        #expect(answers.map(\.mapped) == [2, 1, 0, 1] && answers[3].spurious == 1)
+        #expect(memory.resolveCalls == calls + 3, "pages 0-1 (read), 2 (write), 3 (read): three runs")
+        #expect((0..<4).allSatisfy { e.isMarkedMapped(iova: 0x100000 + UInt64($0) << 12) })
+        let stats = e.statistics
+        #expect(stats.groups == 5 && stats.successGroups == 4 && stats.invalidGroups == 1 && stats.requests == 7)
+        #expect(e.checkInvariants().isEmpty)
+    }
+
+    /// A batch whose resolve meets an invalidation is retried whole, every group with it.
+    @Test func aBatchIsRetriedWholeAcrossAnInvalidation() throws {
+        let (e, _) = try engine()
+        try e.map(iova: 0x100000, vaddr: Self.host, size: 64 * KiB, prot: .readWrite)
+        let fired = Atomic<Bool>(false)
+        let engineRef = e
+        memory.setBeforeResolve { _, _ in
+            if !fired.exchange(true, ordering: .relaxed) {
+                _ = try? engineRef.invalidate(hostAddress: Self.host + 0x1000, length: 4096, hostGone: true)
+            }
+        }
+        var answers: [GroupOutcome] = []
+        e.makeFaultHandler().handle(batch: [request(0x100000), request(0x101000), request(0x102000)], ends: [1, 2, 3]) {
+            answers = Array($0)
+        }
+        memory.setBeforeResolve(nil)
+        #expect(answers.map(\.code) == [.success, .invalid, .success], "page 1 went away before install")
+        #expect(answers.allSatisfy { $0.retries == 1 })
+        #expect(!e.isMarkedMapped(iova: 0x101000) && e.checkInvariants().isEmpty)
+    }
+
     @Test func anInvalidationDuringResolveForcesARetry() throws {
         let (e, _) = try engine()
         try e.map(iova: 0x100000, vaddr: Self.host, size: 64 * KiB, prot: .readWrite)

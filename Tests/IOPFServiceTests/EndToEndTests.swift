@@ -224,6 +224,20 @@ import Testing
     /// The fault-around scenario on the same memory shape: sequential first touch needs
     /// several times fewer groups with fault-around and ends with all of it resident;
     /// random touches map nothing ahead, so resident memory stays what was touched.
+    /// `bench --scenario faults`: every fault answered SUCCESS, with several groups in
+    /// flight the loop takes them in batches, and the device re-faults memory it walked
+    /// (invalidating it first) without anything going wrong.
+    @Test func faultsBenchKeepsGroupsInFlight() throws {
+        let one = try FaultsBench.measure(outstanding: 1, seconds: 0.3)
+        let many = try FaultsBench.measure(outstanding: 16, seconds: 1)
+        #expect(one.problems.isEmpty && many.problems.isEmpty, "\(one.problems + many.problems)")
+        #expect(one.faults > 1000 && one.faultLatencyNs.p50 > 0)
+        #expect(many.faults > FaultsBench.pages && many.invalidations > 0, "\(many.faults) faults")
+        #expect(Double(many.faults) / Double(max(many.loopTurns, 1)) > 1.5, "\(many.faults) faults in \(many.loopTurns) turns")
+        let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(many)) as! [String: Any]
+        #expect(Set(json.keys).isSuperset(of: ["faultsPerSecond", "faultLatencyNs", "outstanding"]))
+    }
+
     @Test func benchComparesFaultAroundWithSinglePages() throws {
         let single = try FaultAroundBench.measure(size: 16 << 20, pattern: .sequential, touch: 1, policy: .off)
         let around = try FaultAroundBench.measure(size: 16 << 20, pattern: .sequential, touch: 1, policy: .adaptive)
