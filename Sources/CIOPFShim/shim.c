@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "iopf_shim.h"
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
@@ -61,6 +62,22 @@ uint32_t iopf_uffd_event_pagefault(void) { return UFFD_EVENT_PAGEFAULT; }
 int iopf_memfd_create(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
 int iopf_gettid(void) { return (int)syscall(SYS_gettid); }
+
+int iopf_set_cpu_affinity(int cpu, int only) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (cpu < 0 || cpu >= CPU_SETSIZE || n < 1) { errno = EINVAL; return -1; }
+    if (only) {
+        CPU_SET(cpu, &set);
+    } else {
+        for (long i = 0; i < n && i < CPU_SETSIZE; i++) if (i != cpu) CPU_SET(i, &set);
+        if (CPU_COUNT(&set) == 0) { errno = EINVAL; return -1; }
+    }
+    return sched_setaffinity(0, sizeof set, &set);
+}
+
+int iopf_current_cpu(void) { return sched_getcpu(); }
 
 int iopf_memfd_create_sealable(const char *name) { return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING); }
 

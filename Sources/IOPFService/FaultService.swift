@@ -30,6 +30,10 @@ public struct ServiceConfiguration: Sendable {
     public var maxPeers = 256
     /// Mapping ahead of sequential faults, per device (FaultAround.swift).
     public var faultAround = FaultAroundPolicy.off
+    /// The CPU the service thread runs on alone, as a device's IOMMU works beside the CPUs
+    /// rather than on them; nil: wherever the scheduler puts it. Simulated devices in this
+    /// process then keep off it (`DeviceConfiguration.avoidCPU`).
+    public var loopCPU: Int?
     /// The engine each host's address space gets (fault-driven, 4 KiB pages; planted bugs
     /// reach hosts' engines through it).
     public var hostEngine: EngineConfiguration = {
@@ -509,6 +513,11 @@ public final class FaultService: Sendable {
         let ready = Ticket<Void>()
         let thread = Thread { [self] in
             loopThread.store(iopf_gettid(), ordering: .relaxed)
+            if let cpu = configuration.loopCPU {
+                do { try Sys.setCPUAffinity(cpu, only: true) } catch {
+                    logger.warning("the service thread could not be kept on CPU \(cpu): \(error)")
+                }
+            }
             let loop: EventLoop
             do {
                 loop = try EventLoop(service: self)

@@ -60,6 +60,10 @@ public struct ServeOptions: Sendable {
     /// on a fault where one backs it (`--huge-pages`); each device's share is rounded
     /// down to whole 2 MiB blocks.
     public var hugePages = false
+    /// The CPU the service thread runs on alone, the in-process devices on the others, as
+    /// an IOMMU's fault handling does not compete with the devices it serves; nil: no
+    /// placement (`--service-cpu`).
+    public var serviceCPU: Int?
     public var gatherPolicy = GatherPolicy.defaultRangeList
     /// Stop each device after this many DMA operations instead of after `seconds`.
     public var operationsPerDevice: Int?
@@ -252,6 +256,7 @@ public enum ServeSession {
         serviceConfig.transport = o.transport
         serviceConfig.spinNanoseconds = o.spinNanoseconds
         serviceConfig.faultAround = o.faultAround
+        serviceConfig.loopCPU = o.serviceCPU
         serviceConfig.hostEvents = o.mode == .fault
         serviceConfig.invalidateTimeout = o.invalidateTimeout
         let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, logger: logger)
@@ -271,6 +276,7 @@ public enum ServeSession {
             var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host,
                                          physBase: region!.phys! + UInt64(d) * slice)
             dc.workload = o.workload
+            dc.avoidCPU = o.serviceCPU
             dc.seed = o.seed &+ UInt64(d) &* 7919
             dc.spinNanoseconds = o.spinNanoseconds
             dc.operationLimit = o.operationsPerDevice

@@ -21,6 +21,7 @@ import Histogram
 import IOPFCore
 import IOPFDevice
 import IOPFService
+import IOPFSystem
 import Synchronization
 
 public enum Workload: String, Sendable, CaseIterable {
@@ -37,6 +38,8 @@ public enum Translator: @unchecked Sendable {
 
 public struct DeviceConfiguration: Sendable {
     public var deviceID: UInt32
+    /// A CPU this device's thread keeps off (the service thread's, `ServiceConfiguration.loopCPU`).
+    public var avoidCPU: Int?
     public var pasid: UInt32?
     public var iovaBase: UInt64
     public var pages: Int
@@ -151,6 +154,7 @@ public final class SimulatedDevice: @unchecked Sendable {
     /// Runs the workload on a thread of its own.
     public func start() {
         let thread = Thread { [self] in
+            if let cpu = configuration.avoidCPU { try? Sys.setCPUAffinity(cpu, only: false) }
             runWorkload()
             finished.store(true, ordering: .releasing)
             done.signal()

@@ -30,6 +30,17 @@ package func syscall<T: FixedWidthInteger>(_ call: String, _ body: () -> T) thro
 }
 
 public enum Sys {
+    /// Online CPUs.
+    public static var onlineCPUs: Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
+
+    /// The CPU the calling thread runs on now.
+    public static var currentCPU: Int { Int(iopf_current_cpu()) }
+
+    /// Runs the calling thread on `cpu` only (`only`) or on every online CPU but `cpu`.
+    public static func setCPUAffinity(_ cpu: Int, only: Bool) throws(SystemCallError) {
+        _ = try syscall("sched_setaffinity") { iopf_set_cpu_affinity(CInt(cpu), only ? 1 : 0) }
+    }
+
     @inline(never)
     package static func read(_ fd: CInt, _ buffer: UnsafeMutableRawBufferPointer) throws(SystemCallError) -> Int {
         try syscall("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }

@@ -224,6 +224,31 @@ import Testing
     /// The fault-around scenario on the same memory shape: sequential first touch needs
     /// several times fewer groups with fault-around and ends with all of it resident;
     /// random touches map nothing ahead, so resident memory stays what was touched.
+    /// `--service-cpu 0`: the service thread alone on CPU 0, the devices on the others;
+    /// the thread really runs there, and the devices' data checks pass.
+    @Test(.enabled(if: Sys.onlineCPUs >= 2)) func theServiceThreadCanHaveACPUToItself() throws {
+        var o = ServeOptions()
+        o.devices = 2
+        o.memoryBytes = 8 << 20
+        o.operationsPerDevice = 2000
+        o.serviceCPU = 0
+        let r = try ServeSession.run(o)
+        #expect(r.problems.isEmpty && r.integrityErrors == 0 && r.violations == 0, "\(r.problems)")
+        // The affinity call itself, on a thread of its own (a test's thread is shared):
+        // only CPU 1, then every CPU but 1, and a CPU that does not exist refused.
+        let seen = Lock<[Int]>([])
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            if (try? Sys.setCPUAffinity(1, only: true)) != nil { seen.withLock { $0.append(Sys.currentCPU) } }
+            if (try? Sys.setCPUAffinity(1, only: false)) != nil { seen.withLock { $0.append(Sys.currentCPU) } }
+            if (try? Sys.setCPUAffinity(Sys.onlineCPUs + 7, only: true)) == nil { seen.withLock { $0.append(-1) } }
+            done.signal()
+        }.start()
+        done.wait()
+        let cpus = seen.withLock { $0 }
+        #expect(cpus.count == 3 && cpus[0] == 1 && cpus[1] != 1 && cpus[2] == -1, "\(cpus)")
+    }
+
     /// `bench --scenario faults`: every fault answered SUCCESS, with several groups in
     /// flight the loop takes them in batches, and the device re-faults memory it walked
     /// (invalidating it first) without anything going wrong.

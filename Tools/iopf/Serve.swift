@@ -7,6 +7,7 @@ import Foundation
 import IOPFCore
 import IOPFSimulation
 import IOPFService
+import IOPFSystem
 import Logging
 
 struct Serve: ParsableCommand {
@@ -63,6 +64,9 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Map ahead of sequential faults: off, adaptive (a window per stream that grows while faults stay sequential), or a fixed number of pages (1-512).", valueName: "off|adaptive|N"))
     var faultAround = "adaptive"
 
+    @Option(help: ArgumentHelp("The CPU the service thread runs on alone, the in-process devices on the others (an IOMMU does not take the devices' CPUs); 'none', the default, leaves placement to the scheduler.", valueName: "N|none"))
+    var serviceCPU: String?
+
     @Flag(help: "Back the devices' memory with 2 MiB transparent huge pages and map a whole 2 MiB block on a fault where one backs it (JSON blockMappings). Sets the shmem THP knob to advise if it is off.")
     var hugePages = false
 
@@ -75,6 +79,9 @@ struct Serve: ParsableCommand {
     func validate() throws {
         guard FaultAroundPolicy(faultAround) != nil else {
             throw ValidationError("--fault-around must be off, adaptive or a page count 1...512, got '\(faultAround)'")
+        }
+        if let serviceCPU, serviceCPU != "none", !(Int(serviceCPU).map { (0..<Sys.onlineCPUs).contains($0) } ?? false) {
+            throw ValidationError("--service-cpu must be none or a CPU 0...\(Sys.onlineCPUs - 1), got '\(serviceCPU)'")
         }
         guard devices >= 0 && devices <= 4096 else { throw ValidationError("--devices must be 0...4096, got \(devices)") }
         guard devices > 0 || listen != nil else { throw ValidationError("--devices 0 needs --listen PATH: there would be no device") }
@@ -123,6 +130,7 @@ struct Serve: ParsableCommand {
         o.spinNanoseconds = Int64(spinMicroseconds) * 1000
         o.faultAround = FaultAroundPolicy(faultAround)!
         o.hugePages = hugePages
+        if let serviceCPU { o.serviceCPU = serviceCPU == "none" ? nil : Int(serviceCPU) }
         o.seed = seed
         o.hostChurnInterval = hostChurn / 1000
         o.listenPath = listen

@@ -98,6 +98,13 @@ int iopf_peer_credentials(int sock, int *pid, int *uid, int *gid);
 /// The gettid(2) of the calling thread.
 int iopf_gettid(void);
 
+/// Restricts the calling thread to CPU `cpu` (`only` != 0) or to every online CPU but
+/// `cpu` (`only` == 0). CPU_SET is a macro Swift cannot call. Returns 0 or -1 with errno.
+int iopf_set_cpu_affinity(int cpu, int only);
+
+/// sched_getcpu(3): the CPU the calling thread runs on now.
+int iopf_current_cpu(void);
+
 // mlock(2) / munlock(2) as raw system calls: the sanitizer runtimes intercept the libc
 // functions and make them no-ops, so under TSan/ASan nothing would really be pinned.
 int iopf_mlock(const void *addr, size_t len);
