@@ -686,13 +686,14 @@ public final class FaultHandler {
             guard let candidate else { return nil }
             physical.removeAll(keepingCapacity: true)
             do {
-                try engine.memory.resolve(address: candidate.host, pageCount: hugeBlockPages, write: write, physical: &physical)
+                try engine.memory.resolve(address: candidate.host, pageCount: hugeBlockPages, write: write,
+                                          physical: &physical)
             } catch {
                 return nil  // the pages' own resolve says which one
             }
             guard let phys = engine.memory.hugeBlock(at: candidate.host) else { return nil }
             let mapped = engine.state.withLock { s -> Int? in
-                guard engine.sequence.load(ordering: .relaxed) == seq(candidate.seq) else {
+                guard engine.sequence.load(ordering: .relaxed) == expectedSequence(candidate.seq) else {
                     s.stats.retries += 1
                     return nil
                 }
@@ -704,8 +705,9 @@ public final class FaultHandler {
         }
     }
 
-    /// Planted no-retry skips the sequence check here too.
-    private func seq(_ noted: UInt64) -> UInt64 {
+    /// The sequence an install must still see: the one noted at lookup, or whatever it
+    /// is now with no-retry planted (which skips the check here too).
+    private func expectedSequence(_ noted: UInt64) -> UInt64 {
         engine.configuration.injectedBugs.contains(.noRetry) ? engine.sequence.load(ordering: .relaxed) : noted
     }
 
@@ -727,8 +729,8 @@ public final class FaultHandler {
                     let index = m.pageIndex(iova: page)
                     if let gone = m.hostGone, gone.test(index) { stopped = true; break }
                     if !m.iopfMapped.test(index) {
-                        work.append(Work(iova: page, host: m.hostAddress(page: index), write: write, mapping: m, outcome: nil,
-                                         ahead: true))
+                        work.append(Work(iova: page, host: m.hostAddress(page: index), write: write, mapping: m,
+                                         outcome: nil, ahead: true))
                     }
                     page += pageBytes
                 }

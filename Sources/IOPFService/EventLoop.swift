@@ -318,7 +318,8 @@ final class EventLoop {
         let last = group.requests[group.requests.count - 1].page
         let window = d.faultAround.window(from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
         let ahead = d.aheadInWindow(last, window)
-        let neighbours = ahead == 0 && d.windows.isEmpty ? d.faultAround.neighbours(policy: service.configuration.faultAround) : 0
+        let neighbours = ahead == 0 && d.windows.isEmpty
+            ? d.faultAround.neighbours(policy: service.configuration.faultAround) : 0
         if ahead == 0 && neighbours == 0 && !d.engine.configuration.blocksOnFault {
             // Nothing around it to map: handled with the turn's other such groups.
             d.faultAround.record(iova: last, mappedAhead: 0)
@@ -388,7 +389,8 @@ final class EventLoop {
     /// `blocksPerFullWindow` of them each once the window is full: a device outruns the
     /// population of a huge page, so only a wider synchronous part saves faults. Returns
     /// the pages the stream has ahead of `last`, mapped or being mapped.
-    private func mapInBackground(_ d: AttachedDevice, after last: UInt64, window: Int, mappedAhead: Int, write: Bool) -> Int {
+    private func mapInBackground(_ d: AttachedDevice, after last: UInt64, window: Int, mappedAhead: Int,
+                                 write: Bool) -> Int {
         d.prefetch = nil
         let blocks = d.engine.configuration.blocksOnFault
         func blockEnd(_ iova: UInt64) -> UInt64 { (iova + hugeBlockBytes - 1) & ~(hugeBlockBytes - 1) }

@@ -35,7 +35,8 @@ public final class HostRegion: @unchecked Sendable {
     /// Maps `length` bytes at an address aligned to `alignment` (a power of two, at least
     /// 4 KiB), e.g. 2 MiB so that the I/O page table can use blocks. With `hugePages` the
     /// memory asks for 2 MiB pages (MADV_HUGEPAGE; see HugePages.enableForShmem).
-    public init(length: UInt64, alignment: UInt64 = 4096, shared: Bool = true, hugePages: Bool = false) throws(SystemCallError) {
+    public init(length: UInt64, alignment: UInt64 = 4096, shared: Bool = true,
+                hugePages: Bool = false) throws(SystemCallError) {
         precondition(length > 0 && length & 0xFFF == 0, "region length \(length) must be a positive multiple of 4 KiB")
         precondition(alignment >= 4096 && alignment & (alignment - 1) == 0, "alignment \(alignment) must be a power of two >= 4 KiB")
         var fd: CInt = -1

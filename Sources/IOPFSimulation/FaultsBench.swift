@@ -4,9 +4,9 @@
 //
 // One device, one page per group, resident pages (populated before the run, so the
 // host's allocation is not measured): each request is a real fault, a page whose host
-// memory is there and whose I/O page-table entry is not. The device walks 64 MiB in
-// order; before walking a 4,096-page chunk again it invalidates that chunk from its own
-// thread, as an MMU notifier runs in the thread that changes memory. It keeps up to
+// memory is there and whose I/O page-table entry is not. The device walks its memory (64
+// MiB by default) in order; before walking a quarter of it again it invalidates that
+// quarter from its own thread, as an MMU notifier runs in the thread that changes memory. It keeps up to
 // `outstanding` groups in flight, sending as many as it may in one go and taking every
 // answer that arrived.
 
@@ -35,17 +35,19 @@ public struct FaultsRow: Codable, Sendable {
 }
 
 public enum FaultsBench {
-    /// The memory the device walks: 64 MiB, resident.
+    /// The memory the device walks by default: 64 MiB, resident. A quarter of it is
+    /// invalidated at a time, just before it is faulted again.
     public static let pages = 16384
-    /// Pages invalidated at a time, just before they are faulted again.
-    public static let chunk = 4096
     /// The most groups in flight: PRI's 9-bit group index gives 512; half keeps indices
     /// of groups still in flight unique with room to spare.
     public static let maxOutstanding = 256
 
-    public static func measure(outstanding: Int, seconds: Double,
+    public static func measure(outstanding: Int, seconds: Double, pages: Int = pages,
                                logger: Logger = Logger(label: "iopf.bench")) throws -> FaultsRow {
         precondition((1...maxOutstanding).contains(outstanding), "outstanding must be 1...\(maxOutstanding)")
+        precondition(pages >= 4 * maxOutstanding && pages % 4 == 0,
+                     "pages must be a multiple of 4 and at least \(4 * maxOutstanding)")
+        let chunk = pages / 4
         let region = try HostRegion(length: UInt64(pages) << 12, alignment: 2 << 20)
         var physical: [UInt64] = []
         try ProcessMemory().resolve(address: region.base, pageCount: pages, write: true, physical: &physical)
@@ -106,7 +108,9 @@ public enum FaultsBench {
                     if row.problems.count < 5 { row.problems.append("an answer for cookie \(r.cookie), not in flight") }
                     continue
                 }
-                if r.code != .success && row.problems.count < 5 { row.problems.append("cookie \(r.cookie) answered \(r.code)") }
+                if r.code != .success && row.problems.count < 5 {
+                    row.problems.append("cookie \(r.cookie) answered \(r.code)")
+                }
                 latency.record(UInt64((now - sentAt[Int(r.cookie) % sentAt.count]).nanoseconds))
                 answered &+= 1
             }

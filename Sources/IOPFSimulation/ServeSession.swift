@@ -244,7 +244,8 @@ public enum ServeSession {
             if let notice = try HugePages.enableForShmem() { logger.warning("\(notice)") }
         }
         guard o.devices == 0 || slicePages > 0 else {
-            throw ServiceError.invalidRequest("--memory is too small for \(o.devices) devices\(o.hugePages ? " of 2 MiB blocks" : "")")
+            let unit = o.hugePages ? " of 2 MiB blocks" : ""
+            throw ServiceError.invalidRequest("--memory is too small for \(o.devices) devices\(unit)")
         }
         let slice = UInt64(slicePages) << 12
         let region = o.devices > 0

@@ -17,6 +17,8 @@ final class ListeningSession: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
     private var outcome: Result<ServeResult, Error>?  // written before `done` is signalled
     private let stopRequested = Atomic<Bool>(false)
+    /// External devices attached so far, as the session's progress reports them.
+    let attached = Atomic<Int>(0)
 
     /// Runs for `seconds`, or with 0 until `result()` is asked for.
     init(seconds: Double, invalidateTimeout: Duration = .seconds(1)) throws {
@@ -30,7 +32,11 @@ final class ListeningSession: @unchecked Sendable {
         o.spinNanoseconds = 20_000
         o.invalidateTimeout = invalidateTimeout
         Thread.detachNewThread { [self, o] in
-            outcome = Result { try ServeSession.run(o, shouldStop: { self.stopRequested.load(ordering: .relaxed) }) }
+            outcome = Result {
+                try ServeSession.run(o, shouldStop: { self.stopRequested.load(ordering: .relaxed) }) { p in
+                    self.attached.store(p.externalDevices, ordering: .relaxed)
+                }
+            }
             done.signal()
         }
         // Ready once the socket accepts.
@@ -43,6 +49,13 @@ final class ListeningSession: @unchecked Sendable {
             usleep(5000)
         }
         throw ServiceError.invalidRequest("the service never listened on \(path)")
+    }
+
+    /// Waits (up to 20 s, for slow sanitizer runs) until `count` devices have attached.
+    func waitForAttached(_ count: Int) -> Bool {
+        let deadline = ContinuousClock.now + .seconds(20)
+        while attached.load(ordering: .relaxed) < count && ContinuousClock.now < deadline { usleep(10_000) }
+        return attached.load(ordering: .relaxed) >= count
     }
 
     func result() throws -> ServeResult {
@@ -114,14 +127,17 @@ final class Child {
         let s = try ListeningSession(seconds: 0)
         let victim = try device(s, id: 1, seconds: 3)
         let survivor = try device(s, id: 2, seconds: 2.5)
-        usleep(800_000)
+        // Killed once both are attached and working (process start is slow under TSan).
+        #expect(s.waitForAttached(2))
+        usleep(300_000)
         kill(victim.process.processIdentifier, SIGKILL)
         let (status, json) = survivor.finish()
         #expect(status == 0 && json["integrityErrors"] as? Int == 0, "\(json)")
         #expect((json["dmaOps"] as? Int ?? 0) > 50)
         #expect(victim.finish().status != 0)
         let r = try s.result()
-        #expect(r.externalDevices == 2 && r.devicesFenced == 0 && r.protocolErrors == 0)
+        #expect(r.externalDevices == 2 && r.devicesFenced == 0 && r.protocolErrors == 0,
+                "\(r.externalDevices) attached, \(r.devicesFenced) fenced, \(r.protocolErrorKinds)")
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
         // A new device attaches after the death, under the victim's id.
         let s2 = try ListeningSession(seconds: 0)
