@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 enum { CMD_HELLO = 1, CMD_ATTACH = 2, CMD_TRANSLATE = 3, CMD_DETACH = 4, CMD_INVALIDATE = 5 };
@@ -133,19 +134,33 @@ int iopf_poll_invalidations(struct iopf_client *c, int timeout_ms) {
 }
 
 /* Waits until `fd` is readable, answering invalidations meanwhile. */
-static int wait_readable(struct iopf_client *c, int fd) {
+/* Waits until `fd` is readable, answering INVALIDATEs meanwhile: 1 when readable, 0 when
+ * timeout_ms (-1: none) passed, -1 on error. */
+static int wait_readable_for(struct iopf_client *c, int fd, int timeout_ms) {
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
     for (;;) {
+        int left = timeout_ms;
+        if (timeout_ms > 0) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long spent = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+            left = spent >= timeout_ms ? 0 : timeout_ms - (int)spent;
+        }
         struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = c->invalidation, .events = POLLIN}};
         int n = c->invalidation >= 0 ? 2 : 1;
-        int r = poll(p, (nfds_t)n, -1);
+        int r = poll(p, (nfds_t)n, left);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) return fail(c, "poll: %s", strerror(errno));
         /* The reply first: after DETACH the service replies, then closes the invalidation
          * socket, and that end of stream is no error once the reply is here. */
-        if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) return 0;
+        if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) return 1;
         if (n == 2 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)) && iopf_poll_invalidations(c, 0) < 0) return -1;
+        if (r == 0) return 0;
     }
 }
+
+static int wait_readable(struct iopf_client *c, int fd) { return wait_readable_for(c, fd, -1) < 0 ? -1 : 0; }
 
 /* Sends a request on the control socket and receives its reply (payload into out). */
 static int request(struct iopf_client *c, uint16_t cmd, const uint8_t *payload, size_t len, uint8_t *out, size_t cap,
@@ -246,8 +261,11 @@ int iopf_attach(struct iopf_client *c, uint32_t device_id, int pasid, uint32_t c
     return 0;
 }
 
-int iopf_page_request(struct iopf_client *c, const uint64_t *iovas, int count, int write, uint32_t *code) {
+int iopf_page_request_send(struct iopf_client *c, const uint64_t *iovas, int count, int write, uint32_t *cookie) {
     if (count < 1 || (uint32_t)count > c->credit) return fail(c, "a group has 1...credit (%u) pages", c->credit);
+    if (c->in_flight_pages + (uint32_t)count > c->credit || c->in_flight == IOPF_MAX_IN_FLIGHT)
+        return fail(c, "%d more pages would exceed the credit (%u, %u in flight): take answers first", count, c->credit,
+                    c->in_flight_pages);
     uint8_t records[RECORD * 256];
     c->next_cookie = c->next_cookie == UINT32_MAX ? 1 : c->next_cookie + 1;
     c->next_group = (c->next_group + 1) & 511;
@@ -264,19 +282,48 @@ int iopf_page_request(struct iopf_client *c, const uint64_t *iovas, int count, i
         put32(r + 36, c->next_cookie);
     }
     if (send_all(c->channel, records, (size_t)RECORD * (size_t)count) != 0) return fail(c, "send records: %s", strerror(errno));
+    c->flight[c->in_flight].cookie = c->next_cookie;
+    c->flight[c->in_flight].pages = (uint32_t)count;
+    c->in_flight++;
+    c->in_flight_pages += (uint32_t)count;
+    *cookie = c->next_cookie;
+    return 0;
+}
+
+int iopf_page_responses(struct iopf_client *c, uint32_t *cookies, uint32_t *codes, int max, int timeout_ms) {
+    if (max < 1) return fail(c, "room for at least one answer is needed");
+    if (c->in_flight == 0) return fail(c, "no group is in flight");
     for (;;) {
-        if (wait_readable(c, c->channel) != 0) return -1;
-        ssize_t n = read(c->channel, c->response_bytes + c->response_have, (size_t)(8 - c->response_have));
+        int ready = wait_readable_for(c, c->channel, timeout_ms);
+        if (ready <= 0) return ready;
+        int room = max < 64 ? max : 64;
+        ssize_t n = read(c->channel, c->response_bytes + c->response_have, (size_t)(8 * room - c->response_have));
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) return fail(c, "the service closed the fault channel");
         c->response_have += (int)n;
-        if (c->response_have < 8) continue;
-        c->response_have = 0;
-        uint32_t cookie = get32(c->response_bytes), value = get32(c->response_bytes + 4);
-        if (cookie != c->next_cookie || value > 1) return fail(c, "unexpected response (cookie %u, code %u)", cookie, value);
-        *code = value;
-        return 0;
+        int whole = c->response_have / 8, got = 0;
+        for (int i = 0; i < whole; i++) {
+            uint32_t cookie = get32(c->response_bytes + 8 * i), value = get32(c->response_bytes + 8 * i + 4);
+            int k = 0;
+            while (k < c->in_flight && c->flight[k].cookie != cookie) k++;
+            if (k == c->in_flight || value > 1) return fail(c, "unexpected response (cookie %u, code %u)", cookie, value);
+            c->in_flight_pages -= c->flight[k].pages;
+            c->flight[k] = c->flight[--c->in_flight];
+            cookies[got] = cookie;
+            codes[got++] = value;
+        }
+        c->response_have -= 8 * whole;
+        memmove(c->response_bytes, c->response_bytes + 8 * whole, (size_t)c->response_have);
+        if (got > 0) return got;
     }
+}
+
+int iopf_page_request(struct iopf_client *c, const uint64_t *iovas, int count, int write, uint32_t *code) {
+    if (c->in_flight > 0) return fail(c, "groups are in flight: take their answers with iopf_page_responses");
+    uint32_t cookie, answered;
+    if (iopf_page_request_send(c, iovas, count, write, &cookie) != 0) return -1;
+    int n = iopf_page_responses(c, &answered, code, 1, -1);
+    return n == 1 ? 0 : -1;
 }
 
 int iopf_translate(struct iopf_client *c, uint64_t iova, uint32_t pages, uint64_t *entries) {

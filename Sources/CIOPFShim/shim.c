@@ -79,6 +79,11 @@ int iopf_set_cpu_affinity(int cpu, int only) {
 
 int iopf_current_cpu(void) { return sched_getcpu(); }
 
+int iopf_set_idle_priority(void) {
+    struct sched_param p = { .sched_priority = 0 };
+    return sched_setscheduler(0, SCHED_IDLE, &p);
+}
+
 int iopf_memfd_create_sealable(const char *name) { return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING); }
 
 int iopf_seal_size(int fd) { return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL); }

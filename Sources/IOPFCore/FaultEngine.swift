@@ -568,8 +568,9 @@ public final class FaultHandler {
         var outcome: RequestOutcome?
         /// Mapped ahead of the group (fault-around): best effort, not part of the answer.
         var ahead = false
-        /// A neighbour mapped only if already resident (never populated).
+        /// A neighbour mapped only if already resident (never populated), and where it is.
         var residentOnly = false
+        var residentPhys: UInt64?
         /// A write to a mapped page that dirty tracking write-protected: nothing to
         /// resolve, write access to restore.
         var restore = false
@@ -587,7 +588,7 @@ public final class FaultHandler {
     /// The 2 MiB block around the group's last request, when a huge page may back it
     /// (`blocksOnFault`), and its physical address once the host said one does.
     @exclusivity(unchecked) private var block: (iova: UInt64, host: UInt64, phys: UInt64?)?
-    @exclusivity(unchecked) private var resident: [Bool] = []
+    @exclusivity(unchecked) private var resident: [UInt64?] = []
     @exclusivity(unchecked) private var physical: [UInt64] = []
     /// Index into `physical` for each work item, or -1 when it was not resolved.
     @exclusivity(unchecked) private var physicalIndex: [Int] = []
@@ -743,6 +744,30 @@ public final class FaultHandler {
         }
     }
 
+    /// Maps the resident pages of the aligned block of `pages` (a power of two) around
+    /// `iova` that are not mapped yet, as fault-around's neighbours of a random fault,
+    /// after its answer went out: nothing is populated, and nothing inside a gone range,
+    /// outside the mapping or across an invalidation (same sequence retry). Returns the
+    /// pages mapped.
+    public func mapResidentAround(_ iova: UInt64, pages: Int, write: Bool) -> Int {
+        while true {
+            work.removeAll(keepingCapacity: true)
+            demandCount = 0
+            cluster = nil
+            block = nil
+            let seq = engine.state.withLock { s -> UInt64? in
+                guard s.failure == nil, let m = s.mappings.mapping(containing: iova), !m.pinned else { return nil }
+                lookAround(Work(iova: iova & ~(pageBytes - 1), host: 0, write: write, mapping: m, outcome: nil), in: m,
+                           pages: pages)
+                return engine.sequence.load(ordering: .relaxed)
+            }
+            guard let seq, !work.isEmpty else { return 0 }
+            resolve()
+            groupEnds.removeAll(keepingCapacity: true)
+            if install(seq: seq) { return outcomes[0].prefetched }
+        }
+    }
+
     /// With no-retry planted: 20 µs between resolve and install, standing in for a slow
     /// page population, so that a short stress run (out of process, or under TSan, where
     /// the loop is slower than the invalidating threads) meets the race it plants.
@@ -862,7 +887,9 @@ public final class FaultHandler {
             engine.memory.residentPages(address: cluster.host, pageCount: cluster.pages, into: &resident)
             for k in demandCount..<work.count where work[k].residentOnly {
                 let i = Int((work[k].host - cluster.host) >> pageShift)
-                if i >= resident.count || !resident[i] {
+                if i < resident.count, let phys = resident[i] {
+                    work[k].residentPhys = phys
+                } else {
                     work[k].mapping = nil
                     work[k].outcome = .resolveFailed
                 }
@@ -870,13 +897,20 @@ public final class FaultHandler {
         }
         var i = 0
         while i < work.count {
+            if let phys = work[i].residentPhys {  // a resident neighbour: mapped as it is
+                physicalIndex.append(physical.count)
+                physical.append(phys)
+                i += 1
+                continue
+            }
             guard work[i].mapping != nil, !work[i].restore else {
                 physicalIndex.append(-1)
                 i += 1
                 continue
             }
             var end = i + 1
-            while end < work.count, work[end].mapping != nil, !work[end].restore, work[end].write == work[i].write,
+            while end < work.count, work[end].mapping != nil, !work[end].restore, work[end].residentPhys == nil,
+                work[end].write == work[i].write,
                 work[end].host == work[end - 1].host + pageBytes
             { end += 1 }
             let base = physical.count

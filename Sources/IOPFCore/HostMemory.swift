@@ -35,10 +35,13 @@ public protocol HostMemory: AnyObject, Sendable {
     /// Releases pages pinned earlier.
     func unpin(address: UInt64, pageCount: Int)
 
-    /// Appends, for each of `pageCount` pages from `address`, whether it is resident now,
-    /// without faulting anything in (mincore). Fault-around maps the resident neighbours
-    /// of a random fault, which costs no memory.
-    func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool])
+    /// Appends, for each of `pageCount` pages from `address`, the physical address of the
+    /// page if it is resident now, nil otherwise, without faulting anything in (one
+    /// mincore for the run). Fault-around maps the resident neighbours of a random fault
+    /// as they are, as the kernel's fault-around maps cached pages: no memory and no
+    /// populate call. Only for memory whose resident pages stay put (shared memory, where
+    /// the page-cache page is the page); anything else reports none.
+    func residentPages(address: UInt64, pageCount: Int, into resident: inout [UInt64?])
 
     /// The physical address of the 2 MiB block at `address` (2 MiB aligned) when one
     /// huge page backs all of it now, mapped in place; nil otherwise. Faults map such a
@@ -48,8 +51,8 @@ public protocol HostMemory: AnyObject, Sendable {
 
 extension HostMemory {
     /// Knows of no resident page.
-    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool]) {
-        resident.append(contentsOf: repeatElement(false, count: pageCount))
+    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [UInt64?]) {
+        resident.append(contentsOf: repeatElement(nil, count: pageCount))
     }
 
     /// Knows of no huge page.
@@ -103,11 +106,11 @@ public final class SimulatedHostMemory: HostMemory {
         state.withLock { $0.resident.append(range) }
     }
 
-    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool]) {
+    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [UInt64?]) {
         let ranges = state.withLock { $0.resident }
         for i in 0..<pageCount {
             let page = address + UInt64(i) << pageShift
-            resident.append(ranges.contains { $0.contains(page) })
+            resident.append(ranges.contains { $0.contains(page) } ? page + physicalOffset : nil)
         }
     }
 

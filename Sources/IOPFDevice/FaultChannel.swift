@@ -30,6 +30,11 @@ public final class DeviceChannel: @unchecked Sendable {
     private var requestTail: UInt32 = 0
     private var responseHead: UInt32 = 0
     private let closed = Atomic<Bool>(false)
+    /// Whether a wait for responses yields the CPU after its first 4 µs (so the service
+    /// runs on an oversubscribed machine). A device that cannot take the service's CPU
+    /// (lower priority, see `Sys.setIdlePriority`) spins 50 µs before it yields: most
+    /// answers come sooner, and a longer wait means the service is busy.
+    public var yields = true
 
     /// Takes ownership of the device's ends of a channel (closed on failure too).
     public init(_ ends: DeviceChannelEnds) throws(SystemCallError) {
@@ -118,28 +123,44 @@ public final class DeviceChannel: @unchecked Sendable {
         }
     }
 
+    /// The whole responses that arrived, without waiting (no system call on a shared
+    /// ring); nil when the service closed the channel.
+    public func poll() throws -> [PageResponse]? {
+        switch backing {
+        case .stream(let readFD, _):
+            return try receiveStream(readFD, spinNanoseconds: 0, timeoutMs: 0, waits: false)
+        case .shared(let q, _, _):
+            let tail = q.load(.responseTail)
+            if tail != responseHead { return try takeShared(q, upTo: tail) }
+            return q.load(.serviceClosed) != 0 ? nil : []
+        }
+    }
+
+    private func takeShared(_ q: SharedQueue, upTo tail: UInt32) throws -> [PageResponse] {
+        var out: [PageResponse] = []
+        out.reserveCapacity(Int(tail &- responseHead))
+        while responseHead != tail {
+            out.append(try PageResponse(bytes: UnsafeRawBufferPointer(q.responseSlot(responseHead))))
+            responseHead &+= 1
+        }
+        q.store(.responseHead, responseHead)
+        return out
+    }
+
     private func receiveShared(_ q: SharedQueue, wake: CInt, spinNanoseconds: Int64, timeoutMs: CInt) throws -> [PageResponse]? {
         let spinStart = ContinuousClock.now
         let spinUntil = spinStart + .nanoseconds(spinNanoseconds)
         var slept = false
         while true {
             let tail = q.load(.responseTail)
-            if tail != responseHead {
-                var out: [PageResponse] = []
-                while responseHead != tail {
-                    out.append(try PageResponse(bytes: UnsafeRawBufferPointer(q.responseSlot(responseHead))))
-                    responseHead &+= 1
-                }
-                q.store(.responseHead, responseHead)
-                return out
-            }
+            if tail != responseHead { return try takeShared(q, upTo: tail) }
             if q.load(.serviceClosed) != 0 { return nil }
             if slept && timeoutMs >= 0 { return [] }
             let now = ContinuousClock.now
             if now < spinUntil {
                 // Poll without a system call for the first microseconds (a typical answer),
                 // then yield so that the service can run on an oversubscribed machine.
-                if now - spinStart > .microseconds(4) { sched_yield() }
+                if now - spinStart > (yields ? .microseconds(4) : .microseconds(50)) { sched_yield() }
                 continue
             }
             // Announce the sleep, then look again: a response published before the flag
@@ -156,7 +177,7 @@ public final class DeviceChannel: @unchecked Sendable {
         }
     }
 
-    private func receiveStream(_ readFD: CInt, spinNanoseconds: Int64, timeoutMs: CInt) throws -> [PageResponse]? {
+    private func receiveStream(_ readFD: CInt, spinNanoseconds: Int64, timeoutMs: CInt, waits: Bool = true) throws -> [PageResponse]? {
         let spinUntil = ContinuousClock.now + .nanoseconds(spinNanoseconds)
         var slept = false
         while true {
@@ -185,7 +206,7 @@ public final class DeviceChannel: @unchecked Sendable {
                 received -= used
                 return out
             }
-            if slept && timeoutMs >= 0 { return [] }
+            if !waits || (slept && timeoutMs >= 0) { return [] }
             if ContinuousClock.now < spinUntil {
                 sched_yield()  // let the service run on this 2-core machine
             } else {

@@ -60,6 +60,10 @@ final class AttachedDevice {
     /// answer went out (`[next, end)`, IOVAs), so that the device writes the window it was
     /// given while the service populates the one after it.
     var prefetch: (next: UInt64, end: UInt64, write: Bool)?
+    /// Random faults answered this turn whose resident neighbours are still to be mapped
+    /// (after the answers went out: the fault does not wait for them). Bounded: a fault
+    /// beyond `maxNeighbourJobs` in one turn gets none.
+    var neighbourJobs: [(iova: UInt64, write: Bool)] = []
     /// Complete groups with nothing to map ahead, handled together at the end of the loop
     /// turn (one resolve per contiguous run across them), and scratch for that call.
     var batched: [PageRequestGroup] = []
@@ -111,6 +115,8 @@ final class EventLoop {
     /// Pages a device's background window maps per loop turn: a fault of another device
     /// waits for at most one chunk (256 KiB, about 60 µs to populate once warm).
     static let prefetchChunk = 64
+    /// Random faults per device and turn whose resident neighbours are mapped after the answer.
+    static let maxNeighbourJobs = 32
     /// Pages a sequential fault gets mapped ahead before its answer; the rest of its
     /// window, and the window after, are mapped in the background. Measured on 1 GiB of
     /// sequential first touch (bench fault-around, first touch against one populate call):
@@ -320,11 +326,16 @@ final class EventLoop {
         let ahead = d.aheadInWindow(last, window)
         let neighbours = ahead == 0 && d.windows.isEmpty
             ? d.faultAround.neighbours(policy: service.configuration.faultAround) : 0
-        if ahead == 0 && neighbours == 0 && !d.engine.configuration.blocksOnFault {
-            // Nothing around it to map: handled with the turn's other such groups.
+        if ahead == 0 && !d.engine.configuration.blocksOnFault {
+            // Nothing to map before the answer: handled with the turn's other such groups;
+            // its resident neighbours, if looked for, are mapped once the answers are out.
             d.faultAround.record(iova: last, mappedAhead: 0)
             d.batched.append(group)
             batching = true
+            if neighbours > 0 && d.neighbourJobs.count < Self.maxNeighbourJobs {
+                d.neighbourJobs.append((last, group.requests[group.requests.count - 1].wantsWrite))
+                prefetching = true
+            }
             return
         }
         handleBatch(d)  // earlier groups first
@@ -422,6 +433,16 @@ final class EventLoop {
     private func prefetchAhead() {
         prefetching = false
         for case let d? in devices {
+            if !d.neighbourJobs.isEmpty {
+                if !d.closing {
+                    for job in d.neighbourJobs {
+                        let mapped = d.handler.mapResidentAround(job.iova, pages: FaultAroundPolicy.neighbourPages, write: job.write)
+                        stats.prefetchedPages += mapped
+                        d.faultAround.recordNeighbours(mapped: mapped)
+                    }
+                }
+                d.neighbourJobs.removeAll(keepingCapacity: true)
+            }
             guard let p = d.prefetch else { continue }
             guard !d.closing else {
                 d.prefetch = nil

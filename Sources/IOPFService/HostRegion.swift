@@ -326,12 +326,15 @@ public final class ProcessMemory: HostMemory {
         return PhysicalSpace.shared.physicalRun(of: address, pages: 512)
     }
 
-    /// mincore(2): resident pages, nothing faulted in. On failure, none.
-    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [Bool]) {
+    /// mincore(2) on the shared region's memfd pages: a resident page is in its page
+    /// cache, the page the region's physical address names. Nothing faulted in; on
+    /// failure, none.
+    public func residentPages(address: UInt64, pageCount: Int, into resident: inout [UInt64?]) {
         var vector = [UInt8](repeating: 0, count: pageCount)
         let r = vector.withUnsafeMutableBufferPointer {
             mincore(UnsafeMutableRawPointer(bitPattern: UInt(address)), pageCount << 12, $0.baseAddress)
         }
-        for v in vector { resident.append(r == 0 && v & 1 != 0) }
+        let phys = r == 0 ? PhysicalSpace.shared.physicalRun(of: address, pages: pageCount) : nil
+        for (i, v) in vector.enumerated() { resident.append(phys != nil && v & 1 != 0 ? phys! + UInt64(i) << 12 : nil) }
     }
 }

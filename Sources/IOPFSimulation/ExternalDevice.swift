@@ -19,7 +19,10 @@ public struct ExternalDeviceOptions: Sendable {
     public var seconds = 3.0
     public var ignoreInvalidations = false
     public var stream = false
-    public var credit: UInt32 = 32
+    /// Page requests asked for at ATTACH; nil: enough for `outstanding` bursts (at least 32).
+    public var credit: UInt32?
+    /// Page request groups kept in flight (`--outstanding`), within the credit granted.
+    public var outstanding = 1
     public var seed: UInt64 = 1
     public var spinNanoseconds: Int64 = 200_000
     /// The host changes this memory (stress): data checks accept zeroed pages.
@@ -68,7 +71,7 @@ public enum ExternalDeviceSession {
         let started = ContinuousClock.now
         let client = try DeviceClient(connectingTo: o.path)
         defer { client.close() }
-        let attachment = try client.attach(Attach(deviceID: o.deviceID, pasid: o.pasid, credit: o.credit, wantsStream: o.stream,
+        let attachment = try client.attach(Attach(deviceID: o.deviceID, pasid: o.pasid, credit: o.credit ?? UInt32(DeviceConfiguration.credit(outstanding: o.outstanding, burst: o.burst)), wantsStream: o.stream,
                                                   addressSpaceName: o.addressSpace))
         let attached = ContinuousClock.now
         guard !attachment.windows.isEmpty else {
@@ -83,7 +86,9 @@ public enum ExternalDeviceSession {
         dc.spinNanoseconds = o.spinNanoseconds
         dc.hostMayChangeMemory = o.hostMayChangeMemory || o.addressSpace != nil
         dc.checkHostTags = o.addressSpace != nil
-        dc.burst = o.burst
+        dc.burst = min(o.burst, attachment.credit)
+        dc.credit = attachment.credit
+        dc.outstanding = o.outstanding
         dc.iotlbEntries = o.iotlbEntries
         let device = SimulatedDevice(configuration: dc, channel: attachment.channel, memory: attachment.memory,
                                      translator: .remote(client))

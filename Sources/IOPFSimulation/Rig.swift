@@ -46,7 +46,7 @@ final class Rig {
     /// Attaches an in-process device to domain `domainIndex` and builds it over `regions`.
     func device(_ dc: DeviceConfiguration, domain domainIndex: Int, regions: [HostRegion]) throws -> SimulatedDevice {
         let domain = domains[domainIndex]
-        let channel = try DeviceChannel(try service.attach(deviceID: dc.deviceID, pasid: dc.pasid, domain: domain))
+        let channel = try DeviceChannel(try service.attach(deviceID: dc.deviceID, pasid: dc.pasid, domain: domain, credit: dc.credit))
         let memory = try DeviceMemory(try regions.map { ($0.info!, try Sys.dup($0.fd)) })
         let device = SimulatedDevice(configuration: dc, channel: channel, memory: memory,
                                      translator: .pageTable(engine.pageTable(domain)), window: service.window,

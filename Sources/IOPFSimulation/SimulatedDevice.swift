@@ -54,6 +54,19 @@ public struct DeviceConfiguration: Sendable {
     /// Pages per DMA burst, at most (exactly, with `fixedBurst`).
     public var burst = 4
     public var fixedBurst = false
+    /// Bursts that may wait on page requests at once (PRI lets a device keep requests
+    /// outstanding up to its credit); 1: each burst waits for its answer.
+    public var outstanding = 1
+    /// Page requests the service granted this device (ATTACH credit): the pages of the
+    /// waiting bursts plus the next burst stay within it.
+    public var credit = 32
+    /// Starts at most this many bursts per second, sleeping when ahead (a device whose
+    /// DMA engine has a rate, as hardware does); nil: as fast as the CPU allows.
+    public var burstsPerSecond: Double?
+    /// Runs the device's thread at idle priority (SCHED_IDLE), so that it never takes a
+    /// CPU the service wants, as a hardware device does not; its waits for answers then
+    /// spin without yielding.
+    public var idlePriority = false
     /// Bytes each access moves: 8 (a tagged word) up to 4096 (the whole page, for
     /// throughput); the first 8 bytes always carry the checked tag.
     public var bytesPerAccess = 8
@@ -73,6 +86,12 @@ public struct DeviceConfiguration: Sendable {
     /// With a ledger: write at most this many pages per round of the dirty log, then
     /// wait for the next round (a device dirtying a set share of memory per round).
     public var writesPerRound: Int?
+
+    /// The credit a device asks for to keep `outstanding` bursts of up to `burst` pages
+    /// waiting: the default 32, or more, up to what a shared ring holds (256).
+    public static func credit(outstanding: Int, burst: Int) -> Int {
+        min(max(32, outstanding * burst), SharedRingLayout.entries)
+    }
 
     public init(deviceID: UInt32, iovaBase: UInt64, pages: Int, hostBase: UInt64? = nil, physBase: UInt64? = nil) {
         self.deviceID = deviceID
@@ -133,11 +152,16 @@ public final class SimulatedDevice: @unchecked Sendable {
     private var version: UInt64 = 0
     private let zipf: ZipfSampler?
     private var dirtyWriter: DirtyWriter?
+    /// Bursts waiting on a page request, oldest first, and the pages they asked for.
+    private var stalled: [Burst] = []
+    private var stalledPages = 0
 
     public init(configuration: DeviceConfiguration, channel: DeviceChannel, memory: DeviceMemory, translator: Translator,
                 window: HostChangeWindow? = nil, audit: TranslationAudit? = nil) {
         self.audit = audit
         precondition(configuration.pages > 0 && configuration.burst > 0, "a device needs pages and a burst of at least 1")
+        precondition(configuration.outstanding >= 1 && configuration.burst <= configuration.credit,
+                     "a device needs at least one burst in flight and a burst within its credit")
         self.configuration = configuration
         self.channel = channel
         self.memory = memory
@@ -155,6 +179,7 @@ public final class SimulatedDevice: @unchecked Sendable {
     public func start() {
         let thread = Thread { [self] in
             if let cpu = configuration.avoidCPU { try? Sys.setCPUAffinity(cpu, only: false) }
+            if configuration.idlePriority, (try? Sys.setIdlePriority()) != nil { channel.yields = false }
             runWorkload()
             finished.store(true, ordering: .releasing)
             done.signal()
@@ -185,19 +210,77 @@ public final class SimulatedDevice: @unchecked Sendable {
         return report
     }
 
+    /// Starts bursts while fewer than `outstanding` wait on page requests (and their pages
+    /// fit the credit), and takes answers as they come: a waiting burst resumes where it
+    /// stalled. With `outstanding` 1 a burst waits for its answer before the next starts.
     private func runWorkload() {
-        while !stopFlag.load(ordering: .relaxed) {
-            if let limit = configuration.operationLimit, report.dmaOps >= limit { break }
-            let count = min(configuration.fixedBurst ? configuration.burst : 1 + Int(rng.next() % UInt64(configuration.burst)),
-                            configuration.pages)
-            let first = min(nextPage(advance: count), configuration.pages - count)
-            let write = Int(rng.next() % 100) < configuration.writePercent
-            let errors = report.dmaErrors
-            if dirtyWriter != nil { waitForRoundIfQuotaSpent() }
-            guard dma(pages: first..<(first + count), write: write) else { break }
-            if report.firstCompletion == nil && report.dmaErrors == errors { report.firstCompletion = .now }
+        let outstanding = configuration.outstanding
+        let pace = configuration.burstsPerSecond.map { Duration.nanoseconds(Int64(1e9 / $0)) }
+        var due = ContinuousClock.now
+        while true {
+            let stopping = stopFlag.load(ordering: .relaxed)
+                || configuration.operationLimit.map { report.dmaOps >= $0 } ?? false
+            if !stopping && stalled.count < outstanding && stalledPages + configuration.burst <= configuration.credit {
+                let count = min(configuration.fixedBurst ? configuration.burst : 1 + Int(rng.next() % UInt64(configuration.burst)),
+                                configuration.pages)
+                let first = min(nextPage(advance: count), configuration.pages - count)
+                let write = Int(rng.next() % 100) < configuration.writePercent
+                if dirtyWriter != nil { waitForRoundIfQuotaSpent() }
+                if let pace {
+                    // Bursts start on a schedule, slept to when 100 µs or more ahead (sleeping
+                    // costs a wake-up); a device behind it (its faults took time) starts
+                    // over from now rather than catch up with bursts back to back.
+                    due += pace
+                    let ahead = due - .now
+                    if ahead > .microseconds(100) { Thread.sleep(forTimeInterval: ahead.seconds) }
+                    else if ahead < .zero { due = .now }  // behind (its faults took time): no catching up
+                }
+                report.dmaOps += 1
+                guard dma(Burst(pages: Array(first..<(first + count)), write: write)) else { break }
+                // Answers that are already in: take them without waiting.
+                if !stalled.isEmpty, !takeAnswers(wait: false) { break }
+                continue
+            }
+            if stalled.isEmpty {
+                if stopping { break }
+                continue
+            }
+            guard takeAnswers(wait: true) else { break }
         }
         dirtyWriter?.finish()
+    }
+
+    /// Takes the answers that arrived (waiting for at least one with `wait`) and resumes
+    /// their bursts. False when the channel is gone and the device must stop.
+    private func takeAnswers(wait: Bool) -> Bool {
+        let responses: [PageResponse]
+        do {
+            guard let r = wait ? try channel.receive(spinNanoseconds: configuration.spinNanoseconds)
+                               : try channel.poll() else { return false }
+            responses = r
+        } catch {
+            if !stopFlag.load(ordering: .relaxed) { problem("channel failed: \(error)") }
+            return false
+        }
+        let now = ContinuousClock.now
+        for r in responses {
+            guard let i = stalled.firstIndex(where: { $0.cookie == r.cookie }) else {
+                report.protocolErrors += 1
+                problem("response for cookie \(r.cookie), which no burst waits for")
+                continue
+            }
+            var burst = stalled.remove(at: i)
+            stalledPages -= burst.pages.count
+            report.latency.record(UInt64((now - burst.sentAt).nanoseconds))
+            if r.code == .success { report.success += 1 } else { report.invalid += 1 }
+            guard r.code == .success else {
+                report.dmaErrors += 1
+                continue
+            }
+            burst.cookie = 0
+            guard dma(burst) else { return false }
+        }
+        return true
     }
 
     /// With `writesPerRound`: once this round's writes are done, waits for the next round.
@@ -223,40 +306,51 @@ public final class SimulatedDevice: @unchecked Sendable {
         }
     }
 
-    /// One DMA burst; false when the channel is gone and the device must stop.
-    private func dma(pages: Range<Int>, write: Bool) -> Bool {
-        report.dmaOps += 1
-        var remaining = Array(pages)
+    /// A DMA burst: the pages it has still to access, and the page request it waits on.
+    struct Burst {
+        var pages: [Int]
+        var write: Bool
         var attempts = 0
-        while !remaining.isEmpty {
-            var missing: [Int] = []
-            var denied = false
-            for p in remaining {
-                switch access(page: p, write: write) {
-                case .done: break
-                case .notPresent: missing.append(p)
-                case .denied: denied = true
-                case .gone: return false
-                }
+        var errorsBefore = 0
+        var cookie: UInt32 = 0
+        var sentAt = ContinuousClock.now
+    }
+
+    /// Accesses the burst's pages; the ones not present go out in one page request group
+    /// and the burst waits in `stalled` for its answer. False when the channel is gone.
+    private func dma(_ burst: Burst) -> Bool {
+        var burst = burst
+        if burst.attempts == 0 { burst.errorsBefore = report.dmaErrors }
+        var missing: [Int] = []
+        var denied = false
+        for p in burst.pages {
+            switch access(page: p, write: burst.write) {
+            case .done: break
+            case .notPresent: missing.append(p)
+            case .denied: denied = true
+            case .gone: return false
             }
-            if denied {
-                report.dmaErrors += 1
-                return true
-            }
-            guard !missing.isEmpty else { return true }
-            attempts += 1
-            if attempts > 1000 {  // the service keeps answering SUCCESS without mapping
-                report.dmaErrors += 1
-                problem("pages \(missing) still not present after 1000 SUCCESS answers")
-                return true
-            }
-            guard let code = pageRequest(missing, write: write) else { return false }
-            if code == .invalid {
-                report.dmaErrors += 1
-                return true
-            }
-            remaining = missing
         }
+        if denied {
+            report.dmaErrors += 1
+            return true
+        }
+        guard !missing.isEmpty else {
+            if report.firstCompletion == nil && report.dmaErrors == burst.errorsBefore { report.firstCompletion = .now }
+            return true
+        }
+        burst.attempts += 1
+        if burst.attempts > 1000 {  // the service keeps answering SUCCESS without mapping
+            report.dmaErrors += 1
+            problem("pages \(missing) still not present after 1000 SUCCESS answers")
+            return true
+        }
+        burst.pages = missing
+        guard let cookie = sendPageRequest(missing, write: burst.write) else { return false }
+        burst.cookie = cookie
+        burst.sentAt = .now
+        stalled.append(burst)
+        stalledPages += missing.count
         return true
     }
 
@@ -376,8 +470,8 @@ public final class SimulatedDevice: @unchecked Sendable {
         return .denied
     }
 
-    /// Sends one group and waits for its answer; nil when the channel is gone.
-    private func pageRequest(_ pages: [Int], write: Bool) -> ResponseCode? {
+    /// Sends one group; returns its cookie, or nil when the channel is gone.
+    private func sendPageRequest(_ pages: [Int], write: Bool) -> UInt32? {
         cookie = cookie == UInt32.max ? 1 : cookie + 1
         groupIndex = (groupIndex + 1) & PageRequest.maxGroupIndex
         let perm: PageRequest.Permission = write ? [.read, .write] : [.read]
@@ -389,28 +483,9 @@ public final class SimulatedDevice: @unchecked Sendable {
         }
         report.faults += records.count
         report.groups += 1
-        let start = ContinuousClock.now
         do {
             try channel.send(records)
-            while true {
-                guard let responses = try channel.receive(spinNanoseconds: configuration.spinNanoseconds) else {
-                    return nil
-                }
-                for r in responses where r.cookie != cookie {
-                    report.protocolErrors += 1
-                    problem("response for cookie \(r.cookie) while waiting for \(cookie)")
-                }
-                if let r = responses.first(where: { $0.cookie == cookie }) {
-                    if responses.filter({ $0.cookie == cookie }).count > 1 {
-                        report.protocolErrors += 1
-                        problem("cookie \(cookie) answered more than once")
-                    }
-                    let elapsed = ContinuousClock.now - start
-                    report.latency.record(UInt64(elapsed.components.seconds) * 1_000_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000))
-                    if r.code == .success { report.success += 1 } else { report.invalid += 1 }
-                    return r.code
-                }
-            }
+            return cookie
         } catch {
             if !stopFlag.load(ordering: .relaxed) { problem("channel failed: \(error)") }
             return nil

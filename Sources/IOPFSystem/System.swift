@@ -36,6 +36,12 @@ public enum Sys {
     /// The CPU the calling thread runs on now.
     public static var currentCPU: Int { Int(iopf_current_cpu()) }
 
+    /// Lets the calling thread run only when no normal thread wants its CPU (SCHED_IDLE):
+    /// a simulated device yields at once to the service that serves it.
+    public static func setIdlePriority() throws(SystemCallError) {
+        _ = try syscall("sched_setscheduler(SCHED_IDLE)") { iopf_set_idle_priority() }
+    }
+
     /// Runs the calling thread on `cpu` only (`only`) or on every online CPU but `cpu`.
     public static func setCPUAffinity(_ cpu: Int, only: Bool) throws(SystemCallError) {
         _ = try syscall("sched_setaffinity") { iopf_set_cpu_affinity(CInt(cpu), only ? 1 : 0) }

@@ -277,10 +277,30 @@ import Testing
         // Block 16..<32: resident 16-19 and 30-31, plus the fault itself.
         #expect(mapped(e, 0..<64) == [16, 17, 18, 19, 22, 30, 31])
         #expect(out.prefetched == 6)
-        #expect(memory.resolvedPages - resolvedBefore == 7, "only the fault and resident pages were resolved")
+        #expect(memory.resolvedPages - resolvedBefore == 1, "only the fault was resolved: resident pages are mapped as they are")
         // Pages ahead take precedence: with a window, neighbours are not looked at.
         #expect(h.handle([request(50)], ahead: 2, neighbours: 16).prefetched == 2)
         #expect(mapped(e, 48..<64) == [50, 51, 52])
+        #expect(e.checkInvariants().isEmpty)
+    }
+
+    /// After a random fault's answer, its resident neighbours are mapped as they are: not
+    /// the pages already mapped, not gone ones, not outside the mapping, nothing resolved.
+    @Test func residentNeighboursAreMappedAfterTheAnswer() throws {
+        let e = try engine(pages: 40)
+        memory.markResident(Self.host..<Self.host + 64 << 12)
+        let h = e.makeFaultHandler()
+        #expect(h.handle([request(20, write: true)]).mapped == 1)
+        _ = try e.invalidate(hostAddress: Self.host + 25 << 12, length: 4096, hostGone: true)
+        let resolvedBefore = memory.resolvedPages
+        #expect(h.mapResidentAround(Self.iova + 20 << 12, pages: 16, write: true) == 14)
+        #expect(mapped(e, 0..<40) == Array(16..<25) + Array(26..<32))
+        #expect(memory.resolvedPages == resolvedBefore, "resident neighbours are not populated")
+        // The block 32..<48 ends with the mapping (40 pages): nothing past it.
+        #expect(h.mapResidentAround(Self.iova + 33 << 12, pages: 16, write: false) == 8)
+        #expect(mapped(e, 32..<64) == Array(32..<40))
+        // Everything around is mapped already: nothing more.
+        #expect(h.mapResidentAround(Self.iova + 20 << 12, pages: 16, write: true) == 0)
         #expect(e.checkInvariants().isEmpty)
     }
 }

@@ -143,6 +143,44 @@ import Testing
         #expect(r.faults > 0 && r.faultLatencyNs.p50 > 0 && r.faultLatencyNs.p50 <= r.faultLatencyNs.max)
     }
 
+    /// Devices with several groups in flight (PRI's credit) keep every data check right,
+    /// and the loop finds several groups of one device in a turn, which a device with
+    /// one in flight never gives it.
+    @Test func devicesKeepSeveralGroupsInFlight() throws {
+        var o = ServeOptions()
+        o.devices = 2
+        o.memoryBytes = 16 << 20
+        o.seconds = 1
+        o.spinNanoseconds = 20_000
+        o.faultAround = .off
+        o.outstanding = 8
+        let r = try ServeSession.run(o)
+        #expect(r.problems.isEmpty, "\(r.problems)")
+        #expect(r.integrityErrors == 0 && r.violations == 0 && r.dmaErrors == 0)
+        #expect(r.batchedGroups > 0, "no turn found two groups of one device: nothing was in flight together")
+        o.outstanding = 1
+        let single = try ServeSession.run(o)
+        #expect(single.batchedGroups == 0 && single.groups > 0 && single.integrityErrors == 0)
+    }
+
+    /// Paced devices start at most their rate of bursts; unpaced ones run far past it.
+    @Test func devicesKeepTheirRate() throws {
+        var o = ServeOptions()
+        o.devices = 2
+        o.memoryBytes = 8 << 20
+        o.seconds = 1
+        o.spinNanoseconds = 20_000
+        o.deviceRate = 2000
+        let paced = try ServeSession.run(o)
+        let rate = Double(paced.dmaOps) / paced.elapsedSeconds / 2
+        #expect(rate <= 2000 * 1.1 && rate > 200, "\(rate) bursts/s per device at --device-rate 2000")
+        #expect(paced.integrityErrors == 0 && paced.violations == 0)
+        o.deviceRate = nil
+        o.idleDevices = false
+        let unpaced = try ServeSession.run(o)
+        #expect(unpaced.dmaOps > 3 * paced.dmaOps, "\(unpaced.dmaOps) against \(paced.dmaOps)")
+    }
+
     @Test func aWrongTranslationIsCaughtByTheDevice() throws {
         // Map a device's pages to the wrong host page behind the service's back.
         let region = try HostRegion(length: 1 << 20)

@@ -4,6 +4,7 @@
 
 import Foundation
 import Glibc
+import IOPFCore
 import Synchronization
 import Testing
 @testable import IOPFService
@@ -21,8 +22,9 @@ final class ListeningSession: @unchecked Sendable {
     let attached = Atomic<Int>(0)
 
     /// Runs for `seconds`, or with 0 until `result()` is asked for.
-    init(seconds: Double, invalidateTimeout: Duration = .seconds(1)) throws {
+    init(seconds: Double, invalidateTimeout: Duration = .seconds(1), faultAround: FaultAroundPolicy = .adaptive) throws {
         var o = ServeOptions()
+        o.faultAround = faultAround
         o.devices = 0
         o.listenPath = path
         o.seconds = seconds
@@ -121,6 +123,21 @@ final class Child {
         #expect(r.externalDevices == 4 && r.devicesFenced == 0 && r.protocolErrors == 0, "\(r.protocolErrorKinds)")
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
         #expect(r.invalidations > 100)
+    }
+
+    /// The C client keeps up to 16 single-page groups in flight (iopf_page_request_send,
+    /// iopf_page_responses); with fault-around off every page faults, and the loop takes
+    /// several of its groups in one turn.
+    @Test func aCDeviceKeepsGroupsInFlight() throws {
+        let s = try ListeningSession(seconds: 0, faultAround: .off)
+        let c = try Child("iopf-device-example", [s.path, "--pages", "800", "--device-id", "5", "--outstanding", "16"])
+        let (status, json) = c.finish()
+        #expect(status == 0, "the C device exited \(status): \(json)")
+        #expect(json["pagesWritten"] as? Int == 800 && json["integrityErrors"] as? Int == 0)
+        #expect((json["faults"] as? Int ?? 0) >= 800, "\(json)")
+        let r = try s.result()
+        #expect(r.protocolErrors == 0 && r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
+        #expect(r.batchedGroups > 0, "no loop turn found two of its groups")
     }
 
     @Test func aKilledDeviceIsDetachedAndTheOthersGoOn() throws {

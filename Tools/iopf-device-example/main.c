@@ -3,7 +3,11 @@
  * obtains by page requests, reads every page back through fresh translations, answers
  * every invalidation, detaches, and prints one JSON object.
  *
- *   iopf-device-example PATH [--pages N] [--device-id ID]
+ *   iopf-device-example PATH [--pages N] [--device-id ID] [--outstanding N]
+ *
+ * With --outstanding N (1-64) it first faults its pages in with up to N page request
+ * groups in flight (iopf_page_request_send / iopf_page_responses), one page each, as a
+ * device with PRI credit may; the writes and reads then go as before.
  *
  * Exit status: 0 when every page read back what was written, 1 on integrity errors, 2 on
  * any other error. */
@@ -52,26 +56,63 @@ static void *translate(struct iopf_client *c, struct stats *s, uint64_t iova, in
     return NULL;
 }
 
+/* Faults in the pages of [base, base + pages * 4 KiB) that are not present, keeping up to
+ * `outstanding` single-page groups in flight. Returns 0, or -1 with c->error set. */
+static int prefault(struct iopf_client *c, struct stats *s, uint64_t base, long pages, int outstanding) {
+    long next = 0;
+    while (next < pages || c->in_flight > 0) {
+        while (next < pages && c->in_flight < outstanding && c->in_flight_pages < c->credit) {
+            uint64_t iova = base + (uint64_t)next++ * 4096, entry;
+            int fresh = iopf_translate(c, iova, 1, &entry);
+            if (fresh < 0) return -1;
+            s->translations++;
+            if (fresh && (entry & IOPF_TRANSLATION_WRITE)) continue; /* present already (mapped ahead) */
+            uint32_t cookie;
+            if (iopf_page_request_send(c, &iova, 1, 1, &cookie) != 0) return -1;
+            s->faults++;
+            s->groups++;
+        }
+        if (c->in_flight == 0) continue;
+        uint32_t cookies[64], codes[64];
+        int n = iopf_page_responses(c, cookies, codes, 64, 5000);
+        if (n < 0) return -1;
+        if (n == 0) {
+            snprintf(c->error, sizeof(c->error), "no answer in 5 s with %d groups in flight", c->in_flight);
+            return -1;
+        }
+        for (int i = 0; i < n; i++) {
+            if (codes[i] != IOPF_RESPONSE_SUCCESS) {
+                snprintf(c->error, sizeof(c->error), "page request %u answered INVALID", cookies[i]);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *path = NULL;
     long pages = 256;
     unsigned long device_id = 100;
+    long outstanding = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--pages") == 0 && i + 1 < argc) pages = strtol(argv[++i], NULL, 10);
         else if (strcmp(argv[i], "--device-id") == 0 && i + 1 < argc) device_id = strtoul(argv[++i], NULL, 10);
+        else if (strcmp(argv[i], "--outstanding") == 0 && i + 1 < argc) outstanding = strtol(argv[++i], NULL, 10);
         else if (!path && argv[i][0] != '-') path = argv[i];
         else {
-            fprintf(stderr, "usage: iopf-device-example PATH [--pages N] [--device-id ID]\n");
+            fprintf(stderr, "usage: iopf-device-example PATH [--pages N] [--device-id ID] [--outstanding N]\n");
             return 2;
         }
     }
-    if (!path || pages < 1) {
-        fprintf(stderr, "usage: iopf-device-example PATH [--pages N] [--device-id ID]\n");
+    if (!path || pages < 1 || outstanding < 0 || outstanding > 64) {
+        fprintf(stderr, "usage: iopf-device-example PATH [--pages N] [--device-id ID] [--outstanding N]\n");
         return 2;
     }
     struct iopf_client c;
     struct stats s = {0};
-    if (iopf_connect(&c, path) != 0 || iopf_attach(&c, (uint32_t)device_id, -1, 32) != 0) {
+    uint32_t credit = outstanding > 32 ? (uint32_t)outstanding : 32;
+    if (iopf_connect(&c, path) != 0 || iopf_attach(&c, (uint32_t)device_id, -1, credit) != 0) {
         fprintf(stderr, "iopf-device-example: %s\n", c.error);
         iopf_close(&c);
         return 2;
@@ -85,6 +126,7 @@ int main(int argc, char **argv) {
     }
     uint64_t base = c.windows[0].iova;
     long written = 0, errors = 0;
+    if (outstanding > 0 && prefault(&c, &s, base, pages, (int)outstanding) != 0) goto failed;
     for (long i = 0; i < pages; i++) {
         uint64_t *p = translate(&c, &s, base + (uint64_t)i * 4096, 1);
         if (!p) goto failed;

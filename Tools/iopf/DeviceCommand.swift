@@ -38,6 +38,9 @@ struct Device: ParsableCommand {
     @Option(help: "Fault channel to ask for: shared (rings in shared memory) or stream (records on a socket).")
     var channel = "shared"
 
+    @Option(help: "Page request groups kept in flight, as PRI allows (1-64; ATTACH asks for the credit to cover them).")
+    var outstanding = 1
+
     @Option(help: "Seed for the workload.")
     var seed: UInt64 = 1
 
@@ -66,6 +69,7 @@ struct Device: ParsableCommand {
         if let addressSpace, !AddressSpaceName.isValid(addressSpace) {
             throw ValidationError("--address-space must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(addressSpace)'")
         }
+        guard (1...64).contains(outstanding) else { throw ValidationError("--outstanding must be 1...64, got \(outstanding)") }
         guard (1...64).contains(burst), (1...4096).contains(iotlbEntries) else { throw ValidationError("--burst 1...64, --iotlb-entries 1...4096") }
     }
 
@@ -81,6 +85,7 @@ struct Device: ParsableCommand {
         o.spinNanoseconds = Int64(spinMicroseconds * 1000)
         o.hostMayChangeMemory = hostMayChangeMemory
         o.burst = burst
+        o.outstanding = outstanding
         o.iotlbEntries = iotlbEntries
         o.addressSpace = addressSpace
         Signals.stopOnInterrupt()

@@ -58,6 +58,18 @@ struct Serve: ParsableCommand {
     @Option(help: "Microseconds the service and devices busy-poll before sleeping.")
     var spinMicroseconds = 200
 
+    @Option(help: "Page request groups each simulated device keeps in flight, as PRI allows up to a device's credit (1-64; the credit grows to cover them).")
+    var outstanding = 1
+
+    @Option(help: ArgumentHelp("DMA bursts each simulated device starts per second, or max (as fast as its thread runs: then the devices' threads, not the service, decide the tail on a machine with few cores).", valueName: "N|max"))
+    var deviceRate = "100000"
+
+    @Option(help: ArgumentHelp("Scheduling of the simulated devices' threads: idle (SCHED_IDLE: they never take a CPU the service wants, as hardware does not) or normal.", valueName: "idle|normal"))
+    var devicePriority = "idle"
+
+    @Option(help: "Seconds between invariant checks while the devices run (0: only at the end). A check stops fault service while it walks the I/O page tables, about 0.5 µs per mapped page.")
+    var checkInterval = 0.0
+
     @Option(help: "Seed for workloads and invalidations.")
     var seed: UInt64 = 1
 
@@ -114,6 +126,16 @@ struct Serve: ParsableCommand {
             guard dirtyLog >= 1 && dirtyLog <= 600_000 else { throw ValidationError("--dirty-log must be 1...600000 ms, got \(dirtyLog)") }
             guard devices > 0 else { throw ValidationError("--dirty-log logs the in-process devices' memory: it needs --devices 1 or more") }
         }
+        guard deviceRate == "max" || (Double(deviceRate).map { $0 >= 1 && $0 <= 100_000_000 } ?? false) else {
+            throw ValidationError("--device-rate must be max or bursts per second 1...100000000, got '\(deviceRate)'")
+        }
+        guard devicePriority == "idle" || devicePriority == "normal" else {
+            throw ValidationError("--device-priority must be idle or normal, got '\(devicePriority)'")
+        }
+        guard checkInterval >= 0 && checkInterval <= 86_400 else {
+            throw ValidationError("--check-interval must be in [0, 86400] seconds, got \(checkInterval)")
+        }
+        guard (1...64).contains(outstanding) else { throw ValidationError("--outstanding must be 1...64, got \(outstanding)") }
         guard spinMicroseconds >= 0 else { throw ValidationError("--spin-microseconds must not be negative, got \(spinMicroseconds)") }
     }
 
@@ -128,6 +150,10 @@ struct Serve: ParsableCommand {
         o.domains = domains
         o.transport = ChannelTransport(rawValue: transport)!
         o.spinNanoseconds = Int64(spinMicroseconds) * 1000
+        o.outstanding = outstanding
+        o.checkInterval = checkInterval
+        o.deviceRate = deviceRate == "max" ? nil : Double(deviceRate)
+        o.idleDevices = devicePriority == "idle"
         o.faultAround = FaultAroundPolicy(faultAround)!
         o.hugePages = hugePages
         if let serviceCPU { o.serviceCPU = serviceCPU == "none" ? nil : Int(serviceCPU) }
@@ -159,6 +185,10 @@ struct Serve: ParsableCommand {
     func printSummary(_ r: ServeResult) {
         func row(_ name: String, _ value: String) { print(name.padding(toLength: 26, withPad: " ", startingAt: 0) + value) }
         print("iopf serve (\(r.mode)): \(r.devices) devices, \(memory) memory, \(r.domains) domain(s), \(r.transport) channel, \(String(format: "%.2f", r.elapsedSeconds)) s")
+        if devices > 0 {
+            let rate = deviceRate == "max" ? "as fast as their threads run" : "at up to \(deviceRate) DMA bursts/s each"
+            print("devices: \(rate), \(devicePriority) priority, \(outstanding) group(s) in flight each")
+        }
         row("DMA operations", "\(r.dmaOps) (\(r.dmaErrors) errors)")
         row("page requests (faults)", "\(r.faults) in \(r.groups) groups")
         row("responses", "\(r.responses.success) success, \(r.responses.invalid) invalid")

@@ -28,6 +28,7 @@ extern "C" {
 #define IOPF_MAX_WINDOWS 64
 #define IOPF_MAX_REGIONS 64
 #define IOPF_MAX_TRANSLATE 512
+#define IOPF_MAX_IN_FLIGHT 256 /* groups outstanding at once, at most (a credit is at most 256 pages) */
 
 /* Page response codes (struct iommu_hwpt_page_response). */
 #define IOPF_RESPONSE_SUCCESS 0u
@@ -75,8 +76,12 @@ struct iopf_client {
     uint64_t invalidation_sequence; /* the last INVALIDATE processed */
     uint32_t next_cookie;
     uint32_t next_group;
-    uint8_t response_bytes[8];
+    uint8_t response_bytes[8 * 64];
     int response_have;
+    /* Groups sent and not answered yet: cookie and pages (their pages count against credit). */
+    int in_flight;
+    uint32_t in_flight_pages;
+    struct { uint32_t cookie; uint32_t pages; } flight[IOPF_MAX_IN_FLIGHT];
     unsigned long invalidations_acked;
     iopf_invalidate_fn on_invalidate;
     void *on_invalidate_ctx;
@@ -93,6 +98,19 @@ int iopf_attach(struct iopf_client *c, uint32_t device_id, int pasid, uint32_t c
 /* Sends one page request group for `count` pages (1...credit) and waits for its response;
  * *code gets IOPF_RESPONSE_SUCCESS or IOPF_RESPONSE_INVALID. */
 int iopf_page_request(struct iopf_client *c, const uint64_t *iovas, int count, int write, uint32_t *code);
+
+/* Pipelined page requests, as PRI allows: send groups without waiting, up to the credit's
+ * pages outstanding, and take their answers as they come (in any order the service
+ * chooses). iopf_page_request_send sends one group of `count` pages; *cookie names it in
+ * the answer. It fails, sending nothing, when the group's pages would exceed the credit
+ * with those in flight: take answers first. */
+int iopf_page_request_send(struct iopf_client *c, const uint64_t *iovas, int count, int write, uint32_t *cookie);
+
+/* Waits up to timeout_ms (-1: forever, 0: not at all) for answers to groups in flight and
+ * stores up to `max` of them (cookies[i] answered codes[i]). Returns how many (0: none in
+ * time), or -1 on error; an answer for no group in flight is an error. Answers INVALIDATEs
+ * while it waits. Do not mix with iopf_page_request while groups are in flight. */
+int iopf_page_responses(struct iopf_client *c, uint32_t *cookies, uint32_t *codes, int max, int timeout_ms);
 
 /* Translates `pages` pages from `iova` (1...512) into entries[]. Returns 1 when the reply
  * is current, 0 when an INVALIDATE processed meanwhile made it stale (ask again), -1 on error. */

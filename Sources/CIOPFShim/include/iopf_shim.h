@@ -104,6 +104,8 @@ int iopf_set_cpu_affinity(int cpu, int only);
 
 /// sched_getcpu(3): the CPU the calling thread runs on now.
 int iopf_current_cpu(void);
+/* The calling thread runs only when no normal thread wants its CPU (SCHED_IDLE). */
+int iopf_set_idle_priority(void);
 
 // mlock(2) / munlock(2) as raw system calls: the sanitizer runtimes intercept the libc
 // functions and make them no-ops, so under TSan/ASan nothing would really be pinned.
