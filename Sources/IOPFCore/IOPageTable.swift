@@ -230,6 +230,7 @@ public final class IOPageTable: @unchecked Sendable {
     public func sync(_ gather: inout IOTLBGather) {
         guard !gather.isEmpty else { return }
         if !gather.ranges.isEmpty {
+            observer?.willSync()
             if !bugs.contains(.skipSync) { invalidator?.invalidate(gather.ranges) }
             observer?.synced(gather.ranges)
             syncCount += 1

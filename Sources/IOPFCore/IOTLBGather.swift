@@ -13,11 +13,17 @@ public protocol IOTLBInvalidator: AnyObject {
     func invalidate(_ ranges: [IOVARange])
 }
 
-/// Told after every IOTLB sync of a page table, once the devices have dropped the ranges:
-/// lets a checker know which translations no device may use any more. Called with the
-/// engine's update lock held.
+/// Told of every IOTLB sync of a page table: `willSync` after the table changed and before
+/// the devices are told to drop the ranges, `synced` once they have. Lets a checker know
+/// which translations no device may use any more. Called with the engine's update lock
+/// held.
 public protocol IOTLBSyncObserver: AnyObject, Sendable {
+    func willSync()
     func synced(_ ranges: [IOVARange])
+}
+
+extension IOTLBSyncObserver {
+    public func willSync() {}
 }
 
 /// When a gather must sync before it can take another range.

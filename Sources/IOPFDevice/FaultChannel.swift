@@ -14,7 +14,8 @@ import IOPFSystem
 import IOPFWire
 import Synchronization
 
-/// The device's end: send request groups, receive responses. One thread at a time.
+/// The device's end: send request groups, receive responses. One thread at a time, so
+/// its cursors and buffers skip Swift's dynamic exclusivity checks.
 public final class DeviceChannel: @unchecked Sendable {
     enum Backing {
         case stream(read: CInt, write: CInt)
@@ -24,11 +25,11 @@ public final class DeviceChannel: @unchecked Sendable {
     }
 
     let backing: Backing
-    private var sendBuffer: [UInt8] = []
-    private var receiveBuffer = [UInt8](repeating: 0, count: 4096)
-    private var received = 0
-    private var requestTail: UInt32 = 0
-    private var responseHead: UInt32 = 0
+    @exclusivity(unchecked) private var sendBuffer: [UInt8] = []
+    @exclusivity(unchecked) private var receiveBuffer = [UInt8](repeating: 0, count: 4096)
+    @exclusivity(unchecked) private var received = 0
+    @exclusivity(unchecked) private var requestTail: UInt32 = 0
+    @exclusivity(unchecked) private var responseHead: UInt32 = 0
     private let closed = Atomic<Bool>(false)
     /// Whether a wait for responses yields the CPU after its first 4 µs (so the service
     /// runs on an oversubscribed machine). A device that cannot take the service's CPU

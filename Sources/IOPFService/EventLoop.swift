@@ -7,6 +7,10 @@
 // busy-polls (shared rings in memory, streams through the completion queue) for
 // `spinNanoseconds` before it sleeps in io_uring.
 //
+// Ownership: the loop, its devices' state, their transports and the ring are touched by
+// the service thread only, so their hot stored properties are `@exclusivity(unchecked)`
+// (Swift's dynamic checks were a fifth of a one-in-flight round trip's samples).
+//
 // Lifetimes: a device's transport is dropped only after its ring operations completed
 // (cancelled on close); a peer's sockets are only polled (no buffers in flight), so they
 // are closed at once and stale completions are told apart by generation.
@@ -25,14 +29,14 @@ final class AttachedDevice {
     let deviceID: UInt32
     let pasid: UInt32?
     let domain: DomainID
-    var assembler: GroupAssembler
+    @exclusivity(unchecked) var assembler: GroupAssembler
     let transport: any FaultTransport
-    var queued: [PageResponse] = []
+    @exclusivity(unchecked) var queued: [PageResponse] = []
     /// IOVA ranges an external device may fault on and translate; empty: anywhere.
     let windows: [DMAWindow]
     /// The connection that attached it; nil for in-process devices.
     var peer: Peer?
-    var closing = false
+    @exclusivity(unchecked) var closing = false
     /// The host address space it is attached to; nil: the service's own.
     let space: HostSpace?
     let engine: FaultEngine
@@ -55,20 +59,20 @@ final class AttachedDevice {
     var generation: UInt32 { token.generation }
 
     /// Sequential-fault detection for fault-around.
-    var faultAround = FaultAroundState()
+    @exclusivity(unchecked) var faultAround = FaultAroundState()
     /// The next window of a sequential stream, mapped a chunk per loop turn after the
     /// answer went out (`[next, end)`, IOVAs), so that the device writes the window it was
     /// given while the service populates the one after it.
-    var prefetch: (next: UInt64, end: UInt64, write: Bool)?
+    @exclusivity(unchecked) var prefetch: (next: UInt64, end: UInt64, write: Bool)?
     /// Random faults answered this turn whose resident neighbours are still to be mapped
     /// (after the answers went out: the fault does not wait for them). Bounded: a fault
     /// beyond `maxNeighbourJobs` in one turn gets none.
-    var neighbourJobs: [(iova: UInt64, write: Bool)] = []
+    @exclusivity(unchecked) var neighbourJobs: [(iova: UInt64, write: Bool)] = []
     /// Complete groups with nothing to map ahead, handled together at the end of the loop
     /// turn (one resolve per contiguous run across them), and scratch for that call.
-    var batched: [PageRequestGroup] = []
-    var batchRequests: [PageRequest] = []
-    var batchEnds: [Int] = []
+    @exclusivity(unchecked) var batched: [PageRequestGroup] = []
+    @exclusivity(unchecked) var batchRequests: [PageRequest] = []
+    @exclusivity(unchecked) var batchEnds: [Int] = []
 
     func inWindows(_ iova: UInt64) -> Bool {
         windows.isEmpty || windows.contains { iova >= $0.iova && iova - $0.iova < $0.size }
@@ -89,7 +93,7 @@ final class EventLoop {
     let ring: Ring
     let handler: FaultHandler
     let fences: InvalidationFences
-    var devices: [AttachedDevice?] = []
+    @exclusivity(unchecked) var devices: [AttachedDevice?] = []
     var byGeneration: [UInt32: AttachedDevice] = [:]
     var peers: [Peer?] = []
     /// Hosts' address spaces (HostPeer.swift), by slot.
@@ -97,21 +101,21 @@ final class EventLoop {
     var nextSpaceID: UInt32 = 0
     var listener: (fd: CInt, path: String, provisioner: any DeviceProvisioner)?
     var generation: UInt32 = 0
-    var completions: [Completion] = []
-    var stats = ServiceStatistics()
+    @exclusivity(unchecked) var completions: [Completion] = []
+    @exclusivity(unchecked) var stats = ServiceStatistics()
     /// Completions that wait for external acknowledgements, in order per address space
     /// (0: the service's own).
-    var deferred: [(space: UInt32, fence: Fence, action: () -> Void)] = []
+    @exclusivity(unchecked) var deferred: [(space: UInt32, fence: Fence, action: () -> Void)] = []
     let commandBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
     /// One received peer message at a time.
     let messageBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes + 1, alignment: 8)
-    var running = true
+    @exclusivity(unchecked) var running = true
     let doubleAnswer: Bool
-    var streamDevices = 0
+    @exclusivity(unchecked) var streamDevices = 0
     /// Some device has a window being mapped in the background: the loop must not sleep.
-    var prefetching = false
+    @exclusivity(unchecked) var prefetching = false
     /// Some device has groups waiting to be handled together at the end of this turn.
-    var batching = false
+    @exclusivity(unchecked) var batching = false
     /// Pages a device's background window maps per loop turn: a fault of another device
     /// waits for at most one chunk (256 KiB, about 60 µs to populate once warm).
     static let prefetchChunk = 64

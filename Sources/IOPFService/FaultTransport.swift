@@ -73,12 +73,12 @@ final class SharedRingTransport: FaultTransport {
     let wake: CInt
     private let doorbellBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
     private let wakeValue = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
-    private(set) var inFlight = 0
-    private var doorbellArmed: RingToken.Kind?
-    private var wakeInFlight = false
+    @exclusivity(unchecked) private(set) var inFlight = 0
+    @exclusivity(unchecked) private var doorbellArmed: RingToken.Kind?
+    @exclusivity(unchecked) private var wakeInFlight = false
     /// The service's own copies of the indices it owns.
-    private var requestHead: UInt32 = 0
-    private var responseTail: UInt32 = 0
+    @exclusivity(unchecked) private var requestHead: UInt32 = 0
+    @exclusivity(unchecked) private var responseTail: UInt32 = 0
     var isShared: Bool { true }
 
     /// Creates the channel; returns the transport and the device's ends (its own descriptors).

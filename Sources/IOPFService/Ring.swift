@@ -68,20 +68,20 @@ struct Completion {
 }
 
 final class Ring {
-    private var ring = io_uring()
-    private var cqes: [UnsafeMutablePointer<io_uring_cqe>?]
+    @exclusivity(unchecked) private var ring = io_uring()
+    @exclusivity(unchecked) private var cqes: [UnsafeMutablePointer<io_uring_cqe>?]
     private let owner = pthread_self()
     /// Operations submitted (or queued) whose completion has not been reaped, cancels
     /// excluded: buffers they name must stay allocated until this drops.
-    private(set) var inFlight = 0
+    @exclusivity(unchecked) private(set) var inFlight = 0
     /// Failures a test plants (submits, wake-write completions).
     var planted: PlantedFailures?
     /// Completions taken while waiting for room in a full submission queue.
-    private var backlog: [Completion] = []
+    @exclusivity(unchecked) private var backlog: [Completion] = []
     /// When submits began to be refused (EAGAIN/EBUSY), while they are.
-    private var refusedSince: ContinuousClock.Instant?
+    @exclusivity(unchecked) private var refusedSince: ContinuousClock.Instant?
     /// Reaps that found the completion queue overflowed.
-    private(set) var overflowsSeen = 0
+    @exclusivity(unchecked) private(set) var overflowsSeen = 0
 
     init(entries: UInt32 = 256) throws(RingError) {
         cqes = Array(repeating: nil, count: Int(entries) * 2)

@@ -30,6 +30,25 @@ public struct BenchRow: Codable, Sendable {
     /// This run against `adjacentFloor`: pinned map time per GiB over the mlock floor, or
     /// fault first-touch throughput over the populate floor's.
     public var ratioToFloor = 0.0
+    /// Over the repeated runs of this row: each run's `ratioToFloor` and `mapSeconds`,
+    /// smallest, median and largest (the row holds the medians).
+    public var ratioSpread = Spread()
+    public var mapSecondsSpread = Spread()
+}
+
+/// The smallest, median and largest of a row's runs.
+public struct Spread: Codable, Sendable, Equatable {
+    public var min = 0.0
+    public var median = 0.0
+    public var max = 0.0
+
+    public init() {}
+
+    public init(_ values: [Double]) {
+        guard !values.isEmpty else { return }
+        let sorted = values.sorted()
+        (min, median, max) = (sorted[0], sorted[sorted.count / 2], sorted[sorted.count - 1])
+    }
 }
 
 public enum BenchSession {
@@ -144,6 +163,8 @@ public enum BenchSession {
         row.dmaGBps = mid(runs.map(\.dmaGBps))
         row.adjacentFloor = mid(runs.map(\.adjacentFloor))
         row.ratioToFloor = mid(runs.map(\.ratioToFloor))
+        row.ratioSpread = Spread(runs.map(\.ratioToFloor))
+        row.mapSecondsSpread = Spread(runs.map(\.mapSeconds))
         row.faultLatencyNs = runs.sorted { $0.faultLatencyNs.p50 < $1.faultLatencyNs.p50 }[runs.count / 2].faultLatencyNs
         return row
     }

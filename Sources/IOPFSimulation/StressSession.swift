@@ -29,6 +29,8 @@ public struct StressOptions: Sendable {
     @_spi(FaultInjection) public var injected: InjectedBugs = []
     /// Mapping ahead of sequential faults (`--fault-around`).
     public var faultAround = FaultAroundPolicy.adaptive
+    /// Page request groups each device keeps in flight (`--outstanding`).
+    public var outstanding = 1
     /// Memory backed by 2 MiB transparent huge pages, whole blocks mapped on faults
     /// (`--huge-pages`); tracked mappings (`dirtyLogInterval`) still take single pages.
     public var hugePages = false
@@ -141,6 +143,8 @@ public enum StressSession {
                                          physBase: region.phys! + UInt64(d) * slice)
             dc.seed = o.seed &+ UInt64(d) &* 104_729
             dc.burst = 8
+            dc.outstanding = o.outstanding
+            dc.credit = DeviceConfiguration.credit(outstanding: o.outstanding, burst: dc.burst)
             dc.iotlbEntries = 32
             dc.spinNanoseconds = 50_000
             dc.hostMayChangeMemory = true
@@ -360,7 +364,8 @@ public enum StressSession {
         let path = "/tmp/iopf-stress-\(getpid()).sock"
         let provisioner = StressProvisioner(domains: rig.domains, region: region, slice: slice, devices: o.devices)
         try rig.service.listen(path: path, provisioner: provisioner)
-        let fleet = try ExternalFleet(command: o.deviceCommand, socket: path, count: o.devices, seed: o.seed)
+        let fleet = try ExternalFleet(command: o.deviceCommand, socket: path, count: o.devices, seed: o.seed,
+                                      extra: ["--outstanding", "\(o.outstanding)"])
         let deadline = ContinuousClock.now + .seconds(30)
         while rig.service.statistics.externalDevices < o.devices {
             guard ContinuousClock.now < deadline, fleet.members.allSatisfy({ $0.process.isRunning }) else {

@@ -9,8 +9,10 @@ import Testing
 @_spi(FaultInjection) @testable import IOPFSimulation
 
 @Suite(.serialized) struct StressTests {
-    static func run(_ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false, seed: UInt64 = 11) throws -> StressResult {
+    static func run(_ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false, seed: UInt64 = 11,
+                    outstanding: Int = 1) throws -> StressResult {
         var o = StressOptions()
+        o.outstanding = outstanding
         o.seed = seed
         o.seconds = seconds
         o.devices = 3
@@ -35,6 +37,15 @@ import Testing
         #expect(r.stormOperations.count == 6, "every kind of storm operation ran: \(r.stormOperations)")
         // Dirty tracking is on by default: the log was read many times and lost nothing.
         #expect(r.dirty != nil && r.dirty!.rounds > 20 && r.dirty!.written > 100 && r.dirty!.missed == 0, "\(String(describing: r.dirty))")
+    }
+
+    /// Devices with 8 groups in flight each: clean, and a skipped sync is still caught.
+    @Test func pipelinedDevicesRunCleanAndASkippedSyncIsFound() throws {
+        let clean = try Self.run([], seconds: 2, outstanding: 8)
+        #expect(clean.violations == 0, "\(clean.violationKinds) \(clean.firstViolation ?? "")")
+        #expect(clean.faults > 1000 && clean.dmaOps > 0)  // DMA errors are expected: the storm takes memory away
+        let planted = try Self.run(.skipSync, seconds: 2, outstanding: 8)
+        #expect(planted.violationKinds["staleTranslation"] ?? 0 > 0, "\(planted.violationKinds)")
     }
 
     /// Under TSan everything runs several times slower, and races are met less often in

@@ -324,16 +324,16 @@ struct Bench: ParsableCommand {
         for r in rows {
             let gib = Double(r.sizeBytes) / Double(1 << 30)
             if r.mode == "pinned" {
-                print(String(format: "  pinned %@ touch %.2f: map %.3f s/GiB = %.2fx plain mlock of the same size (%.3f s/GiB)", human(r.sizeBytes),
-                             r.touchFraction, r.mapSeconds / gib, r.ratioToFloor, r.adjacentFloor))
+                print(String(format: "  pinned %@ touch %.2f: map %.3f s/GiB = %.2fx plain mlock of the same size (%.3f s/GiB); runs %.2f-%.2fx", human(r.sizeBytes),
+                             r.touchFraction, r.mapSeconds / gib, r.ratioToFloor, r.adjacentFloor, r.ratioSpread.min, r.ratioSpread.max))
             } else {
                 let pages = Double(r.sizeBytes >> 12) * r.touchFraction
                 let perPage = r.touchSeconds * 1e9 / pages
                 // Touch groups carry 32 page requests, so a group's latency is set beside 32
                 // userfaultfd round trips, not one.
                 print(String(format: "  fault  %@ touch %.2f: first touch %.0f ns/page = %.2fx the throughput of plain MADV_POPULATE_WRITE on as many pages (%.0f ns/page); "
-                             + "32-page group p50 %.1f µs = %.2fx 32 uffd round trips; resident %.2f%% of touched",
-                             human(r.sizeBytes), r.touchFraction, perPage, r.ratioToFloor, r.adjacentFloor,
+                             + "runs %.2f-%.2fx; 32-page group p50 %.1f µs = %.2fx 32 uffd round trips; resident %.2f%% of touched",
+                             human(r.sizeBytes), r.touchFraction, perPage, r.ratioToFloor, r.adjacentFloor, r.ratioSpread.min, r.ratioSpread.max,
                              Double(r.faultLatencyNs.p50) / 1000, Double(r.faultLatencyNs.p50) / (32 * f.uffdRoundTripNs),
                              100 * Double(r.residentBytes) / (pages * 4096)))
             }
@@ -341,10 +341,10 @@ struct Bench: ParsableCommand {
     }
 
     func writeCSV(_ rows: [BenchRow], to path: String) throws {
-        var text = "sizeBytes,touchFraction,mode,mapSeconds,firstDmaSeconds,touchSeconds,residentBytes,lockedBytes,dmaGBps,faultP50Ns,faultP99Ns,adjacentFloor,ratioToFloor\n"
+        var text = "sizeBytes,touchFraction,mode,mapSeconds,firstDmaSeconds,touchSeconds,residentBytes,lockedBytes,dmaGBps,faultP50Ns,faultP99Ns,adjacentFloor,ratioToFloor,ratioMin,ratioMax\n"
         for r in rows {
             text += "\(r.sizeBytes),\(r.touchFraction),\(r.mode),\(r.mapSeconds),\(r.firstDmaSeconds),\(r.touchSeconds),"
-                + "\(r.residentBytes),\(r.lockedBytes),\(r.dmaGBps),\(r.faultLatencyNs.p50),\(r.faultLatencyNs.p99),\(r.adjacentFloor),\(r.ratioToFloor)\n"
+                + "\(r.residentBytes),\(r.lockedBytes),\(r.dmaGBps),\(r.faultLatencyNs.p50),\(r.faultLatencyNs.p99),\(r.adjacentFloor),\(r.ratioToFloor),\(r.ratioSpread.min),\(r.ratioSpread.max)\n"
         }
         try text.write(toFile: path, atomically: true, encoding: .utf8)
     }

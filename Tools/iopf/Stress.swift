@@ -47,6 +47,9 @@ struct Stress: ParsableCommand {
     @Flag(help: "Back the devices' memory with 2 MiB transparent huge pages and map whole blocks on faults, so that invalidations land inside blocks (JSON blockMappings). Sets the shmem THP knob to advise if it is off.")
     var hugePages = false
 
+    @Option(help: "Page request groups each device keeps in flight (1-64), as PRI allows up to a device's credit.")
+    var outstanding = 1
+
     @Flag(help: "Print one JSON object at the end instead of progress and a summary.")
     var json = false
 
@@ -67,6 +70,7 @@ struct Stress: ParsableCommand {
         guard seconds > 0 else { throw ValidationError("--seconds must be positive, got \(seconds)") }
         guard ops.map({ $0 > 0 }) ?? true else { throw ValidationError("--ops must be positive") }
         guard devices >= 1 && devices <= 64 else { throw ValidationError("--devices must be 1...64, got \(devices)") }
+        guard (1...64).contains(outstanding) else { throw ValidationError("--outstanding must be 1...64, got \(outstanding)") }
         guard domains >= 1 && domains <= 16 else { throw ValidationError("--domains must be 1...16, got \(domains)") }
     }
 
@@ -84,6 +88,7 @@ struct Stress: ParsableCommand {
         o.hostChurn = hostChurn
         o.external = external
         o.faultAround = FaultAroundPolicy(faultAround)!
+        o.outstanding = outstanding
         o.sampleEvery = sampleEvery
         let dirtyLog = dirtyLog ?? (hugePages ? 0 : 10)
         o.dirtyLogInterval = dirtyLog > 0 ? dirtyLog / 1000 : nil
