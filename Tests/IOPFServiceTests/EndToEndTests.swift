@@ -163,17 +163,19 @@ import Testing
         #expect(single.batchedGroups == 0 && single.groups > 0 && single.integrityErrors == 0)
     }
 
-    /// Paced devices start at most their rate of bursts; unpaced ones run far past it.
+    /// Paced devices start at most their rate of bursts; unpaced ones run far past it
+    /// (even under TSan, which slows unpaced devices to about 700 bursts/s each: the rate
+    /// stays low enough that 3x still holds there).
     @Test func devicesKeepTheirRate() throws {
         var o = ServeOptions()
         o.devices = 2
         o.memoryBytes = 8 << 20
         o.seconds = 1
         o.spinNanoseconds = 20_000
-        o.deviceRate = 2000
+        o.deviceRate = 100
         let paced = try ServeSession.run(o)
         let rate = Double(paced.dmaOps) / paced.elapsedSeconds / 2
-        #expect(rate <= 2000 * 1.1 && rate > 200, "\(rate) bursts/s per device at --device-rate 2000")
+        #expect(rate <= 100 * 1.1 && rate > 10, "\(rate) bursts/s per device at --device-rate 100")
         #expect(paced.integrityErrors == 0 && paced.violations == 0)
         o.deviceRate = nil
         o.idleDevices = false
