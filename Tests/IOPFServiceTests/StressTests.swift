@@ -51,6 +51,7 @@ import Testing
     /// Under TSan everything runs several times slower, and races are met less often in
     /// the same time.
     static let sanitizedByTSan = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__tsan_init") != nil
+    static let sanitized = sanitizedByTSan || dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__asan_init") != nil
 
     @Test(arguments: InjectedBugs.names.map(\.0))
     func aPlantedBugIsFound(name: String) throws {
@@ -91,11 +92,12 @@ import Testing
         // Out of process the race no-retry needs (an invalidation between a fault's lookup and
         // its install) is found in most 2-second runs but not all (seed 2 of 1...4 missed it on
         // a loaded machine), so each bug gets up to three seeds; a clean run never gets a retry.
-        // Under TSan the device processes are several times slower, and the no-retry race
-        // showed up only 2-14 times in 2 s: they get longer runs there, and two more seeds
-        // (three 6-second runs once missed it while the rest of the suite shared the cores).
-        let seconds = Self.sanitizedByTSan ? 6.0 : 2.0
-        let retrySeeds: [UInt64] = Self.sanitizedByTSan ? [12, 13, 14, 15] : [12, 13]
+        // Under a sanitizer the device processes and the storm are tens of times slower (a
+        // debug ASan run made 850 groups and 600 invalidations in 2 s, and met the race in 1
+        // of 3 seeds): they get 6-second runs and two more seeds there (three 6-second runs
+        // under TSan once missed it while the rest of the suite shared the cores).
+        let seconds = Self.sanitized ? 6.0 : 2.0
+        let retrySeeds: [UInt64] = Self.sanitized ? [12, 13, 14, 15] : [12, 13]
         for (name, kinds) in expected {
             var r = try Self.run(InjectedBugs(name: name)!, seconds: seconds, external: true)
             for seed in retrySeeds where kinds.isDisjoint(with: r.violationKinds.keys) {
