@@ -64,6 +64,11 @@ public struct ServeOptions: Sendable {
     /// In-process devices run at idle priority (`--device-priority idle`): the service
     /// thread always gets a CPU when it wants one.
     public var idleDevices = true
+    /// Threads the in-process devices share (`--device-threads N`): each runs its devices
+    /// a step at a time and polls their answers, so that a device waiting for an answer
+    /// neither stops the others nor waits for a CPU once it comes. nil (`each`, the
+    /// default): a thread per device. Devices with a dirty-log quota always get their own.
+    public var deviceThreads: Int?
     /// Seconds between invariant checks while devices run (`--check-interval`; 0: only
     /// at the end). A check walks every I/O page table on the service thread, holding the
     /// engine's lock: about 0.5 µs per mapped page, during which no fault is served.
@@ -160,6 +165,9 @@ public struct ServeResult: Codable, Sendable {
     /// Groups handled together with other groups of their device in one loop turn: only
     /// devices with several groups in flight (`--outstanding`) have any.
     public var batchedGroups = 0
+    /// Threads the in-process devices ran on (`--device-threads`; as many as devices when
+    /// each had its own).
+    public var deviceThreads = 0
     /// 2 MiB blocks mapped on faults with one entry each (`--huge-pages`).
     public var blockMappings = 0
     /// Host changes made by `--host-churn`.
@@ -324,9 +332,18 @@ public enum ServeSession {
         let elapsed = { () -> Double in
             (ContinuousClock.now - start).seconds
         }
-        devices.forEach { $0.start() }
-
         var result = ServeResult()
+        if let n = o.deviceThreads, devices.allSatisfy({ $0.configuration.writesPerRound == nil }) {
+            let threads = min(n, devices.count)
+            result.deviceThreads = threads
+            for t in 0..<threads {
+                SimulatedDevice.startShared(stride(from: t, to: devices.count, by: threads).map { devices[$0] },
+                                            idlePriority: o.idleDevices, avoidCPU: o.serviceCPU, name: "iopf-devices-\(t)")
+            }
+        } else {
+            devices.forEach { $0.start() }
+            result.deviceThreads = devices.count
+        }
         var rng = Xoshiro(seed: o.seed ^ 0x5EED)
         var violations: [InvariantViolation] = []
         var problems: [String] = []

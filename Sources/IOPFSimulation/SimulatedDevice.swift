@@ -181,8 +181,7 @@ public final class SimulatedDevice: @unchecked Sendable {
             if let cpu = configuration.avoidCPU { try? Sys.setCPUAffinity(cpu, only: false) }
             if configuration.idlePriority, (try? Sys.setIdlePriority()) != nil { channel.yields = false }
             runWorkload()
-            finished.store(true, ordering: .releasing)
-            done.signal()
+            markFinished()
         }
         thread.name = "iopf-device-\(configuration.deviceID)"
         thread.start()
@@ -214,45 +213,133 @@ public final class SimulatedDevice: @unchecked Sendable {
     /// fit the credit), and takes answers as they come: a waiting burst resumes where it
     /// stalled. With `outstanding` 1 a burst waits for its answer before the next starts.
     private func runWorkload() {
-        let outstanding = configuration.outstanding
-        let pace = configuration.burstsPerSecond.map { Duration.nanoseconds(Int64(1e9 / $0)) }
-        var due = ContinuousClock.now
         while true {
-            let stopping = stopFlag.load(ordering: .relaxed)
-                || configuration.operationLimit.map { report.dmaOps >= $0 } ?? false
-            if !stopping && stalled.count < outstanding && stalledPages + configuration.burst <= configuration.credit {
-                let count = min(configuration.fixedBurst ? configuration.burst : 1 + Int(rng.next() % UInt64(configuration.burst)),
-                                configuration.pages)
-                let first = min(nextPage(advance: count), configuration.pages - count)
-                let write = Int(rng.next() % 100) < configuration.writePercent
-                if dirtyWriter != nil { waitForRoundIfQuotaSpent() }
-                if let pace {
-                    // Bursts start on a schedule, slept to when 100 µs or more ahead (sleeping
-                    // costs a wake-up); a device behind it (its faults took time) starts
-                    // over from now rather than catch up with bursts back to back.
-                    due += pace
-                    let ahead = due - .now
-                    if ahead > .microseconds(100) { Thread.sleep(forTimeInterval: ahead.seconds) }
-                    else if ahead < .zero { due = .now }  // behind (its faults took time): no catching up
+            switch step() {
+            case .progressed: continue
+            case .ended: return
+            case .due(let at):
+                let ahead = at - .now
+                if ahead > .microseconds(100) { Thread.sleep(forTimeInterval: ahead.seconds) }
+            case .waiting:
+                guard takeAnswers(wait: true) else {
+                    _ = finishWorkload()
+                    return
                 }
-                report.dmaOps += 1
-                guard dma(Burst(pages: Array(first..<(first + count)), write: write)) else { break }
-                // Answers that are already in: take them without waiting.
-                if !stalled.isEmpty, !takeAnswers(wait: false) { break }
-                continue
             }
-            if stalled.isEmpty {
-                if stopping { break }
-                continue
-            }
-            guard takeAnswers(wait: true) else { break }
         }
+    }
+
+    /// What one `step` did, or what the device waits for.
+    enum Step {
+        /// Took answers or started a burst.
+        case progressed
+        /// Bursts wait on answers, and no other may start.
+        case waiting
+        /// Paced: nothing waits, and the next burst is due then.
+        case due(ContinuousClock.Instant)
+        /// Stopped (or the channel is gone) with nothing in flight.
+        case ended
+    }
+
+    /// Bursts start on a schedule (`burstsPerSecond`); this is when the next one is due.
+    private var nextDue: ContinuousClock.Instant?
+
+    /// One step of the workload, without waiting: takes the answers that are in (resuming
+    /// their bursts), then starts a burst if one may start and is due.
+    func step() -> Step {
+        if !answered.isEmpty || !stalled.isEmpty, !takeAnswers(wait: false) { return finishWorkload() }
+        let stopping = stopFlag.load(ordering: .relaxed)
+            || configuration.operationLimit.map { report.dmaOps >= $0 } ?? false
+        guard !stopping else { return stalled.isEmpty ? finishWorkload() : .waiting }
+        guard stalled.count < configuration.outstanding && stalledPages + configuration.burst <= configuration.credit else {
+            return .waiting
+        }
+        if let rate = configuration.burstsPerSecond {
+            // A burst starts when due or less than 100 µs before (sleeping costs a wake-up);
+            // a device behind its schedule (its faults took time) starts over from now
+            // rather than catch up with bursts back to back.
+            let now = ContinuousClock.now
+            let due = nextDue ?? now
+            if due - now > .microseconds(100) { return stalled.isEmpty ? .due(due) : .waiting }
+            nextDue = max(due, now) + .nanoseconds(Int64(1e9 / rate))
+        }
+        let count = min(configuration.fixedBurst ? configuration.burst : 1 + Int(rng.next() % UInt64(configuration.burst)),
+                        configuration.pages)
+        let first = min(nextPage(advance: count), configuration.pages - count)
+        let write = Int(rng.next() % 100) < configuration.writePercent
+        if dirtyWriter != nil { waitForRoundIfQuotaSpent() }
+        report.dmaOps += 1
+        guard dma(Burst(pages: Array(first..<(first + count)), write: write)) else { return finishWorkload() }
+        return .progressed
+    }
+
+    private func finishWorkload() -> Step {
         dirtyWriter?.finish()
+        return .ended
+    }
+
+    /// Marks the workload ended: `finish` and `stopWorkload` return.
+    private func markFinished() {
+        finished.store(true, ordering: .releasing)
+        done.signal()
+    }
+
+    /// Runs several devices' workloads on one thread, a step of each in turn, never
+    /// waiting while one of them has bursts in flight (answers are polled: a device
+    /// waiting for its answer does not stop the others, as hardware devices do not stop
+    /// each other). Sleeps only when every device is paced ahead of its schedule.
+    /// Devices with a dirty-log quota (`writesPerRound`) wait for rounds: give them a thread
+    /// each (`start`).
+    public static func startShared(_ devices: [SimulatedDevice], idlePriority: Bool, avoidCPU: Int?, name: String) {
+        precondition(devices.allSatisfy { $0.configuration.writesPerRound == nil }, "a device waiting for dirty-log rounds needs its own thread")
+        let thread = Thread {
+            if let cpu = avoidCPU { try? Sys.setCPUAffinity(cpu, only: false) }
+            let idle = idlePriority && (try? Sys.setIdlePriority()) != nil
+            var live = devices
+            while !live.isEmpty {
+                var progressed = false
+                var waiting = false
+                var earliest: ContinuousClock.Instant?
+                var i = 0
+                while i < live.count {
+                    switch live[i].step() {
+                    case .progressed: progressed = true
+                    case .waiting: waiting = true
+                    case .due(let at): earliest = min(earliest ?? at, at)
+                    case .ended:
+                        live[i].markFinished()
+                        live.remove(at: i)
+                        continue
+                    }
+                    i += 1
+                    for d in live { d.peekAnswers() }
+                }
+                if progressed { continue }
+                if !waiting, let at = earliest {
+                    let ahead = at - .now
+                    if ahead > .microseconds(100) { Thread.sleep(forTimeInterval: ahead.seconds) }
+                } else if !idle {
+                    sched_yield()  // polling at normal priority: let the service run
+                }
+            }
+        }
+        thread.name = name
+        thread.start()
     }
 
     /// Takes the answers that arrived (waiting for at least one with `wait`) and resumes
     /// their bursts. False when the channel is gone and the device must stop.
     private func takeAnswers(wait: Bool) -> Bool {
+        collectAnswers(wait: wait) && resumeAnswered()
+    }
+
+    /// Bursts whose answers are in (SUCCESS), in order, not yet resumed.
+    private var answered: [Burst] = []
+
+    /// Takes the answers that arrived (waiting for at least one with `wait`): records
+    /// their latency, and moves the bursts they answer to `answered`. False when the
+    /// channel is gone and the device must stop.
+    private func collectAnswers(wait: Bool) -> Bool {
         let responses: [PageResponse]
         do {
             guard let r = wait ? try channel.receive(spinNanoseconds: configuration.spinNanoseconds)
@@ -262,6 +349,7 @@ public final class SimulatedDevice: @unchecked Sendable {
             if !stopFlag.load(ordering: .relaxed) { problem("channel failed: \(error)") }
             return false
         }
+        if responses.isEmpty { return true }
         let now = ContinuousClock.now
         for r in responses {
             guard let i = stalled.firstIndex(where: { $0.cookie == r.cookie }) else {
@@ -278,9 +366,23 @@ public final class SimulatedDevice: @unchecked Sendable {
                 continue
             }
             burst.cookie = 0
-            guard dma(burst) else { return false }
+            answered.append(burst)
         }
         return true
+    }
+
+    private func resumeAnswered() -> Bool {
+        while !answered.isEmpty {
+            guard dma(answered.removeFirst()) else { return false }
+        }
+        return true
+    }
+
+    /// With bursts in flight on a shared ring: takes the answers that are in, without a
+    /// system call (the shared runner looks after each device's step, so that an answer
+    /// is seen when it comes rather than when the device's turn does).
+    fileprivate func peekAnswers() {
+        if !stalled.isEmpty, channel.isShared { _ = collectAnswers(wait: false) }
     }
 
     /// With `writesPerRound`: once this round's writes are done, waits for the next round.

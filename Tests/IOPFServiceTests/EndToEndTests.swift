@@ -163,6 +163,30 @@ import Testing
         #expect(single.batchedGroups == 0 && single.groups > 0 && single.integrityErrors == 0)
     }
 
+    /// Three unpaced devices on one thread, one page request in flight each: every one
+    /// finishes its operations (none is left behind another's answer or starved by the
+    /// others), with every data check, over a shared ring and over a socket.
+    @Test(arguments: [ChannelTransport.shared, .socket])
+    func devicesSharingAThreadAllFinish(transport: ChannelTransport) throws {
+        var o = ServeOptions()
+        o.devices = 3
+        o.memoryBytes = 12 << 20
+        o.seconds = 60
+        o.spinNanoseconds = 20_000
+        o.transport = transport
+        o.deviceThreads = 1
+        o.deviceRate = nil
+        o.operationsPerDevice = 3000
+        let r = try ServeSession.run(o)
+        #expect(r.deviceThreads == 1)
+        #expect(r.dmaOps == 9000 && r.elapsedSeconds < 60, "\(r.dmaOps) operations in \(r.elapsedSeconds) s")
+        #expect(r.groups > 100 && r.integrityErrors == 0 && r.violations == 0, "\(r.groups) groups")
+        #expect(r.problems.isEmpty, "\(r.problems)")
+        o.deviceThreads = nil  // a thread each (the default)
+        let each = try ServeSession.run(o)
+        #expect(each.deviceThreads == 3 && each.dmaOps == 9000 && each.integrityErrors == 0)
+    }
+
     /// Paced devices start at most their rate of bursts; unpaced ones run far past it
     /// (even under TSan, which slows unpaced devices to about 700 bursts/s each: the rate
     /// stays low enough that 3x still holds there).

@@ -67,6 +67,9 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Scheduling of the simulated devices' threads: idle (SCHED_IDLE: they never take a CPU the service wants, as hardware does not) or normal.", valueName: "idle|normal"))
     var devicePriority = "idle"
 
+    @Option(help: ArgumentHelp("Threads the simulated devices share, each running its devices a DMA burst at a time and polling their answers (a device waiting for an answer neither stops the others nor waits for a CPU when it comes), or each (a thread per device). 1 on a 2-core machine takes the scheduler out of the tail; see the README.", valueName: "N|each"))
+    var deviceThreads = "each"
+
     @Option(help: "Seconds between invariant checks while the devices run (0: only at the end). A check stops fault service while it walks the I/O page tables, about 0.5 µs per mapped page.")
     var checkInterval = 0.0
 
@@ -132,6 +135,9 @@ struct Serve: ParsableCommand {
         guard devicePriority == "idle" || devicePriority == "normal" else {
             throw ValidationError("--device-priority must be idle or normal, got '\(devicePriority)'")
         }
+        if deviceThreads != "each", !(Int(deviceThreads).map { (1...1024).contains($0) } ?? false) {
+            throw ValidationError("--device-threads must be each or a thread count 1...1024, got '\(deviceThreads)'")
+        }
         guard checkInterval >= 0 && checkInterval <= 86_400 else {
             throw ValidationError("--check-interval must be in [0, 86400] seconds, got \(checkInterval)")
         }
@@ -154,6 +160,7 @@ struct Serve: ParsableCommand {
         o.checkInterval = checkInterval
         o.deviceRate = deviceRate == "max" ? nil : Double(deviceRate)
         o.idleDevices = devicePriority == "idle"
+        o.deviceThreads = deviceThreads == "each" ? nil : Int(deviceThreads)
         o.faultAround = FaultAroundPolicy(faultAround)!
         o.hugePages = hugePages
         if let serviceCPU { o.serviceCPU = serviceCPU == "none" ? nil : Int(serviceCPU) }
@@ -187,7 +194,8 @@ struct Serve: ParsableCommand {
         print("iopf serve (\(r.mode)): \(r.devices) devices, \(memory) memory, \(r.domains) domain(s), \(r.transport) channel, \(String(format: "%.2f", r.elapsedSeconds)) s")
         if devices > 0 {
             let rate = deviceRate == "max" ? "as fast as their threads run" : "at up to \(deviceRate) DMA bursts/s each"
-            print("devices: \(rate), \(devicePriority) priority, \(outstanding) group(s) in flight each")
+            let placement = r.deviceThreads == devices ? "a thread each" : "sharing \(r.deviceThreads) thread(s)"
+            print("devices: \(rate), \(placement), \(devicePriority) priority, \(outstanding) group(s) in flight each")
         }
         row("DMA operations", "\(r.dmaOps) (\(r.dmaErrors) errors)")
         row("page requests (faults)", "\(r.faults) in \(r.groups) groups")
