@@ -66,6 +66,19 @@ public final class DeviceClient: @unchecked Sendable {
     /// host whose address space it was attached to went away).
     public var detachedBecause: String? { detachNotice.withLock { $0 } }
 
+    /// Why the service detached this device, once the connection has ended: the notice
+    /// comes before the close, but the device's channels may see the close first, so this
+    /// waits (at most `timeout`) for the invalidation thread to read to the end.
+    public func detachedBecause(waitingUpTo timeout: Duration) -> String? {
+        if invalidationThread != nil {
+            let ms = Int(timeout / .milliseconds(1))
+            if invalidationsDone.wait(timeout: .now() + .milliseconds(ms)) == .success {
+                invalidationsDone.signal()  // close() waits on it too
+            }
+        }
+        return detachedBecause
+    }
+
     /// Connects to a service listening at `path` and says HELLO.
     public convenience init(connectingTo path: String) throws(DeviceClientError) {
         let fd: CInt

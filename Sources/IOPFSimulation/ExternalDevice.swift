@@ -110,7 +110,7 @@ public enum ExternalDeviceSession {
         let elapsed = ContinuousClock.now - attached
         var result = ExternalDeviceResult()
         result.disconnected = finishedEarly
-        if finishedEarly, let why = client.detachedBecause {
+        if finishedEarly, let why = client.detachedBecause(waitingUpTo: .seconds(2)) {
             result.detachReason = why
             result.problems.append("the service detached this device: \(why)")
         }
