@@ -51,6 +51,12 @@ public struct Spread: Codable, Sendable, Equatable {
     }
 }
 
+/// A bench run that went wrong in a way its numbers cannot show.
+public struct BenchError: Error, CustomStringConvertible {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
+
 public enum BenchSession {
     public static let devices = 2
 
@@ -116,7 +122,7 @@ public enum BenchSession {
         let touchReports = touchers.map { $0.finish() }
         touchers.forEach { rig.remove($0, domain: 0) }
         let resident = try region.residentBytes()
-        let locked = ServeSession.lockedBytesOfProcess()
+        let locked = region.lockedBytes()
 
         // Throughput: random whole-page reads and writes over the touched pages.
         let movers = try devicesFor(phase: 1) { dc in
@@ -132,6 +138,8 @@ public enum BenchSession {
 
         for d in 0..<devices { try service.unmap(iova: iova(d), size: slice) }
         service.stop()
+        let stillLocked = region.lockedBytes()
+        guard stillLocked == 0 else { throw BenchError("\(stillLocked) bytes of the \(mode.rawValue) run's memory stayed locked after unmap") }
         withExtendedLifetime(region) {}
 
         var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)

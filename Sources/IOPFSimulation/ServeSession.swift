@@ -178,6 +178,8 @@ public struct ServeResult: Codable, Sendable {
     /// Faults answered INVALID because the host had unmapped or moved the memory.
     public var hostGoneFaults = 0
     public var residentBytes: UInt64 = 0
+    /// Of the devices' memory (the in-process region and external devices' windows), at
+    /// the end of the run; a pinned run checks that all of it is unlocked after unmap.
     public var lockedBytes: UInt64 = 0
     public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
     public var elapsedSeconds = 0.0
@@ -482,23 +484,17 @@ public enum ServeSession {
             + (result.dirty?.missed ?? 0)
         problems += violations.prefix(5).map(\.description) + accounting
         result.residentBytes = (try? region?.residentBytes() ?? 0) ?? 0
-        result.lockedBytes = lockedBytesOfProcess()
+        result.lockedBytes = ([region].compactMap { $0 } + provisioner.regions).reduce(0) { $0 + $1.lockedBytes() }
         if o.mode == .pinned {
             for d in 0..<o.devices { _ = try? service.unmap(iova: ServeOptions.iovaBase + UInt64(d) * slice, size: slice) }
+            if let stillLocked = region?.lockedBytes(), stillLocked > 0 {
+                problems.append("\(stillLocked) bytes of the devices' memory stayed locked after unmap")
+            }
         }
         result.faultLatencyNs = LatencySummary(latency)
         result.elapsedSeconds = seconds
         result.problems = Array(problems.prefix(10))
         return result
-    }
-
-    /// VmLck of this process, from /proc/self/status.
-    public static func lockedBytesOfProcess() -> UInt64 {
-        guard let status = Sys.readText("/proc/self/status"),
-            let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmLck:") }),
-            let bytes = procBytes(line)
-        else { return 0 }
-        return bytes
     }
 
     /// The value of a /proc "Name:<whitespace>N kB" line, in bytes. The padding after the
