@@ -36,6 +36,18 @@ public final class DeviceChannel: @unchecked Sendable {
     /// (lower priority, see `Sys.setIdlePriority`) spins 50 µs before it yields: most
     /// answers come sooner, and a longer wait means the service is busy.
     public var yields = true
+    /// On a shared ring, once `wantsAnswerStamps`: when the service published the
+    /// responses the last receive or poll took (`Sys.monotonicNanoseconds`, its "answered
+    /// at" stamp), or later; 0 before any, and always 0 on a stream. The latency a
+    /// hardware device would see ends here: whatever this thread took to look is the
+    /// simulation's, not the service's.
+    @exclusivity(unchecked) public private(set) var answeredAt: UInt64 = 0
+
+    /// Asks the service for "answered at" stamps (a clock read per publish, so off unless
+    /// asked). Set before the first request; no effect on a stream.
+    public var wantsAnswerStamps: Bool = false {
+        didSet { if case .shared(let q, _, _) = backing { q.stampsWanted = wantsAnswerStamps } }
+    }
 
     /// Takes ownership of the device's ends of a channel (closed on failure too).
     public init(_ ends: DeviceChannelEnds) throws(SystemCallError) {
@@ -144,6 +156,7 @@ public final class DeviceChannel: @unchecked Sendable {
     }
 
     private func takeShared(_ q: SharedQueue, upTo tail: UInt32) throws -> [PageResponse] {
+        answeredAt = q.answeredAt  // after the tail's acquire load: at least that publication's
         var out: [PageResponse] = []
         out.reserveCapacity(Int(tail &- responseHead))
         while responseHead != tail {

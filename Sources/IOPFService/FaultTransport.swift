@@ -194,6 +194,7 @@ final class SharedRingTransport: FaultTransport {
             throw .misbehaved(kind: "responseBacklog", "\(responses.count) responses waiting: the device does not consume its response ring")
         }
         if n > 0 {
+            if queue.stampsWanted { queue.answeredAt = Sys.monotonicNanoseconds() }
             queue.storeSequential(.responseTail, responseTail)
             if queue.loadSequential(.deviceWaiting) != 0 && !wakeInFlight { try wakeDevice(ring, token) }
         }

@@ -60,6 +60,8 @@ public struct ExternalDeviceResult: Codable, Sendable {
     /// Why, when the service said (e.g. the host of its address space went away).
     public var detachReason: String?
     public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
+    /// Request to the service's answer, as hardware would see it (shared ring only).
+    public var answerLatencyNs: LatencySummary?
     public var elapsedSeconds = 0.0
     public var problems: [String] = []
 }
@@ -137,6 +139,7 @@ public enum ExternalDeviceSession {
         result.staleReplies = report.staleReplies
         result.attachMicroseconds = (attached - started).seconds * 1e6
         result.faultLatencyNs = LatencySummary(report.latency)
+        if report.answerLatency.totalCount > 0 { result.answerLatencyNs = LatencySummary(report.answerLatency) }
         result.elapsedSeconds = elapsed.seconds
         result.problems = report.firstProblems + result.problems
         return result

@@ -181,7 +181,12 @@ public struct ServeResult: Codable, Sendable {
     /// Of the devices' memory (the in-process region and external devices' windows), at
     /// the end of the run; a pinned run checks that all of it is unlocked after unmap.
     public var lockedBytes: UInt64 = 0
+    /// Device-observed: from sending a group to the device taking its answer, which
+    /// includes the simulated device's thread waiting for a CPU to look.
     public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
+    /// From sending a group to the service publishing its answer, as a hardware device
+    /// would see it (shared rings only: their "answered at" stamp; absent otherwise).
+    public var answerLatencyNs: LatencySummary?
     public var elapsedSeconds = 0.0
     /// Devices in other processes: attached, fenced, and the peers' protocol errors.
     public var externalDevices = 0
@@ -435,6 +440,7 @@ public enum ServeSession {
         result.domains = o.domains
         result.transport = o.transport.rawValue
         var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var answerLatency = latency
         var deviceViolations = 0
         for r in reports {
             result.dmaOps += r.dmaOps
@@ -443,6 +449,7 @@ public enum ServeSession {
             deviceViolations += r.staleTranslations
             problems += r.firstProblems
             latency.add(r.latency)
+            answerLatency.add(r.answerLatency)
         }
         for d in devices { let bad = d.verifyHostMemory(); result.integrityErrors += bad.count; problems += bad }
         let s = service.statistics
@@ -492,6 +499,7 @@ public enum ServeSession {
             }
         }
         result.faultLatencyNs = LatencySummary(latency)
+        if answerLatency.totalCount > 0 { result.answerLatencyNs = LatencySummary(answerLatency) }
         result.elapsedSeconds = seconds
         result.problems = Array(problems.prefix(10))
         return result

@@ -130,7 +130,13 @@ public struct DeviceReport: Sendable {
     /// When the first DMA operation completed without error.
     public var firstCompletion: ContinuousClock.Instant?
     public var bytesMoved = 0
+    /// From sending a group to taking its answer: includes what this device's thread
+    /// took to look (a CPU it had to wait for), which a hardware device does not have.
     public var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+    /// From sending a group to the service publishing its answer (the shared ring's
+    /// "answered at" stamp): the latency as a hardware device would see it. Empty on a
+    /// stream channel, which carries no stamp.
+    public var answerLatency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
 }
 
 public final class SimulatedDevice: @unchecked Sendable {
@@ -173,6 +179,7 @@ public final class SimulatedDevice: @unchecked Sendable {
         rng = Xoshiro(seed: configuration.seed)
         zipf = configuration.workload == .zipf ? ZipfSampler(count: configuration.pages, exponent: 1.1) : nil
         dirtyWriter = configuration.dirtyLedger.map { DirtyWriter(ledger: $0, deviceIOVABase: configuration.iovaBase) }
+        channel.wantsAnswerStamps = true  // for `answerLatency`
     }
 
     /// Runs the workload on a thread of its own.
@@ -350,7 +357,8 @@ public final class SimulatedDevice: @unchecked Sendable {
             return false
         }
         if responses.isEmpty { return true }
-        let now = ContinuousClock.now
+        let now = Sys.monotonicNanoseconds()
+        let answeredAt = channel.answeredAt
         for r in responses {
             guard let i = stalled.firstIndex(where: { $0.cookie == r.cookie }) else {
                 report.protocolErrors += 1
@@ -359,7 +367,8 @@ public final class SimulatedDevice: @unchecked Sendable {
             }
             var burst = stalled.remove(at: i)
             stalledPages -= burst.pages.count
-            report.latency.record(UInt64((now - burst.sentAt).nanoseconds))
+            report.latency.record(now &- burst.sentAt)
+            if answeredAt >= burst.sentAt { report.answerLatency.record(answeredAt - burst.sentAt) }
             if r.code == .success { report.success += 1 } else { report.invalid += 1 }
             guard r.code == .success else {
                 report.dmaErrors += 1
@@ -415,7 +424,9 @@ public final class SimulatedDevice: @unchecked Sendable {
         var attempts = 0
         var errorsBefore = 0
         var cookie: UInt32 = 0
-        var sentAt = ContinuousClock.now
+        /// When the group went out (`Sys.monotonicNanoseconds`, the clock of the service's
+        /// "answered at" stamp).
+        var sentAt: UInt64 = 0
     }
 
     /// Accesses the burst's pages; the ones not present go out in one page request group
@@ -448,9 +459,9 @@ public final class SimulatedDevice: @unchecked Sendable {
             return true
         }
         burst.pages = missing
+        burst.sentAt = Sys.monotonicNanoseconds()  // before it goes out: latencies err long
         guard let cookie = sendPageRequest(missing, write: burst.write) else { return false }
         burst.cookie = cookie
-        burst.sentAt = .now
         stalled.append(burst)
         stalledPages += missing.count
         return true

@@ -46,6 +46,8 @@ package final class SharedQueue: @unchecked Sendable {
         for f in Field.allCases {
             (base + f.offset).bindMemory(to: Atomic<UInt32>.self, capacity: 1)
         }
+        (base + SharedRingLayout.answeredAtOffset).bindMemory(to: Atomic<UInt64>.self, capacity: 1)
+        (base + SharedRingLayout.stampsWantedOffset).bindMemory(to: Atomic<UInt32>.self, capacity: 1)
     }
 
     deinit { munmap(base, Self.byteCount) }
@@ -62,6 +64,19 @@ package final class SharedQueue: @unchecked Sendable {
     }
     @inline(__always) package func loadSequential(_ f: Field) -> UInt32 {
         atomic(f).pointee.load(ordering: .sequentiallyConsistent)
+    }
+
+    /// The service's "answered at" stamp: when it published its latest responses
+    /// (`Sys.monotonicNanoseconds`). Stored before the tail is published, read after it.
+    @inline(__always) package var answeredAt: UInt64 {
+        get { (base + SharedRingLayout.answeredAtOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed) }
+        set { (base + SharedRingLayout.answeredAtOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.store(newValue, ordering: .relaxed) }
+    }
+
+    /// Whether the device asked for "answered at" stamps (any value but 0).
+    @inline(__always) package var stampsWanted: Bool {
+        get { (base + SharedRingLayout.stampsWantedOffset).assumingMemoryBound(to: Atomic<UInt32>.self).pointee.load(ordering: .relaxed) != 0 }
+        set { (base + SharedRingLayout.stampsWantedOffset).assumingMemoryBound(to: Atomic<UInt32>.self).pointee.store(newValue ? 1 : 0, ordering: .releasing) }
     }
 
     @inline(__always)

@@ -38,6 +38,14 @@ public enum Sys {
 
     /// Lets the calling thread run only when no normal thread wants its CPU (SCHED_IDLE):
     /// a simulated device yields at once to the service that serves it.
+    /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call): one clock for stamps that
+    /// cross threads and processes (the shared ring's "answered at").
+    @inline(__always) public static func monotonicNanoseconds() -> UInt64 {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
+    }
+
     public static func setIdlePriority() throws(SystemCallError) {
         _ = try syscall("sched_setscheduler(SCHED_IDLE)") { iopf_set_idle_priority() }
     }

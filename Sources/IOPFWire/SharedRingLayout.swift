@@ -8,6 +8,12 @@
 //   64      request tail    written by the device (it produces requests)
 //   128     response head   written by the device (it consumes responses)
 //   192     response tail   written by the service (it produces responses)
+//   200     answered at     UInt64, written by the service when `stamps wanted` is not
+//                           0: CLOCK_MONOTONIC nanoseconds when it published its latest
+//                           responses, stored before the tail; diagnostic only (latency
+//                           as a hardware device would see it), never trusted
+//   208     stamps wanted   UInt32, written by the device (once, before its first
+//                           request): not 0 asks for `answered at`, a clock read per publish
 //   256     device waiting  the device sleeps on its wake eventfd; the service must ring it
 //   320     service waiting the service sleeps; the device must ring its doorbell eventfd
 //   384     closed by the device
@@ -26,6 +32,13 @@ public enum SharedRingLayout {
     public static let requestSlotsOffset = headerBytes
     public static let responseSlotsOffset = headerBytes + entries * PageRequest.byteCount
     public static let byteCount = responseSlotsOffset + entries * PageResponse.byteCount
+
+    /// The service's "answered at" stamp (UInt64, CLOCK_MONOTONIC ns), on the response
+    /// tail's cache line: the device reads it with the tail at no extra transfer.
+    public static let answeredAtOffset = 200
+    /// Set (not 0) by a device that wants the stamp; the service reads it on the line it
+    /// writes anyway.
+    public static let stampsWantedOffset = 208
 
     /// The header's UInt32 fields, each on its own 64-byte cache line.
     public enum Field: Int, CaseIterable, Sendable {

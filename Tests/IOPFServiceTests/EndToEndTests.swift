@@ -122,6 +122,14 @@ import Testing
         #expect(r.invalidations > 0 && r.iotlbSyncs <= r.invalidations * domains)
         #expect(r.lockedBytes == 0)
         #expect(r.residentBytes > 0)
+        // The answer latency (shared rings' stamp) ends when the service answered, the
+        // device-observed one when the device looked: never earlier.
+        if transport == .shared {
+            let a = try #require(r.answerLatencyNs, "a shared ring gives the answer latency")
+            #expect(a.p50 > 0 && a.p50 <= r.faultLatencyNs.p50 && a.max <= r.faultLatencyNs.max, "\(a) against \(r.faultLatencyNs)")
+        } else {
+            #expect(r.answerLatencyNs == nil, "a stream carries no stamp")
+        }
     }
 
     @Test func serveJSONHasTheDocumentedKeys() throws {

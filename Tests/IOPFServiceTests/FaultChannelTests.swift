@@ -80,6 +80,34 @@ final class Harness {
         #expect(h.engine.pageTable(h.domain).translate(Harness.iova + 4096)?.phys == h.region.phys! + 4096)
     }
 
+    /// The shared ring's "answered at" stamp, once asked for, says when the service
+    /// published an answer, not when the device looked: a device that looks 50 ms late
+    /// still reads a stamp from before it looked. A stream carries none.
+    @Test(arguments: ChannelTransport.allCases)
+    func theAnsweredAtStampIsWhenTheServiceAnswered(transport: ChannelTransport) throws {
+        let h = try Harness(transport: transport)
+        let channel = try h.attach(deviceID: 1, domain: h.domain)
+        defer { channel.close() }
+        // Not asked for: none.
+        try channel.send([h.request(page: 2, cookie: 6)])
+        #expect(try h.responses(channel, count: 1).map(\.cookie) == [6])
+        #expect(channel.answeredAt == 0)
+        channel.wantsAnswerStamps = true
+        let sent = Sys.monotonicNanoseconds()
+        try channel.send([h.request(page: 3, cookie: 7)])
+        _ = h.waitFor { $0.groups >= 2 }  // published after the turn's answers went out
+        usleep(50_000)
+        let looked = Sys.monotonicNanoseconds()
+        let got = try h.responses(channel, count: 1)
+        #expect(got.map(\.cookie) == [7] && got.first?.code == .success)
+        if transport == .shared {
+            #expect(channel.answeredAt >= sent && channel.answeredAt + 50_000_000 <= looked,
+                    "answered \(Int64(channel.answeredAt) - Int64(sent)) ns after the request; looked \(looked - sent) ns after")
+        } else {
+            #expect(channel.answeredAt == 0)
+        }
+    }
+
     @Test(arguments: ChannelTransport.allCases)
     func aGroupIsAnsweredOnlyWhenItsLastPageArrives(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)

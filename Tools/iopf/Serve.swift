@@ -202,7 +202,11 @@ struct Serve: ParsableCommand {
         row("responses", "\(r.responses.success) success, \(r.responses.invalid) invalid")
         if r.prefetchedPages > 0 { row("pages mapped ahead", "\(r.prefetchedPages) (fault-around \(faultAround))") }
         if hugePages { row("2 MiB blocks on faults", "\(r.blockMappings)") }
-        row("fault latency (device)", "p50 \(us(r.faultLatencyNs.p50))  p90 \(us(r.faultLatencyNs.p90))  p99 \(us(r.faultLatencyNs.p99))  p99.9 \(us(r.faultLatencyNs.p999))  max \(us(r.faultLatencyNs.max))")
+        func latency(_ l: LatencySummary) -> String {
+            "p50 \(us(l.p50))  p90 \(us(l.p90))  p99 \(us(l.p99))  p99.9 \(us(l.p999))  max \(us(l.max))"
+        }
+        if let a = r.answerLatencyNs { row("fault latency (answer)", latency(a)) }
+        row("fault latency (device)", latency(r.faultLatencyNs))
         row("invalidations", "\(r.invalidations): \(r.pagesUnmapped) pages unmapped, \(r.iotlbSyncs) IOTLB syncs, \(r.retries) fault retries")
         if r.uffdEvents > 0 || r.hostChanges > 0 {
             let kinds = r.uffdEventKinds.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
