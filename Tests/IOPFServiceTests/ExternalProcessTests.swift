@@ -143,7 +143,8 @@ final class Child {
     @Test func aKilledDeviceIsDetachedAndTheOthersGoOn() throws {
         // Under TSan on a loaded machine the victim's last acknowledgement (or the close
         // of its sockets once killed) can come later than the default 1 s invalidation
-        // timeout, and the service then rightly fences it (CI saw devicesFenced 1 once).
+        // timeout, and the service then rightly fences it (a CI run under TSan failed
+        // the check below once; it is split so that the next failure names its count).
         // This test is about the disconnect, so the timeout is out of the way.
         let s = try ListeningSession(seconds: 0, invalidateTimeout: .seconds(30))
         let victim = try device(s, id: 1, seconds: 3)
@@ -157,8 +158,9 @@ final class Child {
         #expect((json["dmaOps"] as? Int ?? 0) > 50)
         #expect(victim.finish().status != 0)
         let r = try s.result()
-        #expect(r.externalDevices == 2 && r.devicesFenced == 0 && r.protocolErrors == 0,
-                "\(r.externalDevices) attached, \(r.devicesFenced) fenced, \(r.protocolErrorKinds)")
+        #expect(r.externalDevices == 2, "\(r.externalDevices) attached")
+        #expect(r.devicesFenced == 0, "\(r.devicesFenced) fenced: \(r.problems)")
+        #expect(r.protocolErrors == 0, "\(r.protocolErrorKinds)")
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
         // A new device attaches after the death, under the victim's id.
         let s2 = try ListeningSession(seconds: 0)
