@@ -136,14 +136,14 @@ public final class DeviceChannel: @unchecked Sendable {
         }
     }
 
-    /// The whole responses that arrived, without waiting (no system call on a shared
-    /// ring); nil when the service closed the channel.
     /// Whether answers arrive in a shared ring (`poll` is then a load, not a system call).
     public var isShared: Bool {
         if case .shared = backing { return true }
         return false
     }
 
+    /// The whole responses that arrived, without waiting (no system call on a shared
+    /// ring); nil when the service closed the channel.
     public func poll() throws -> [PageResponse]? {
         switch backing {
         case .stream(let readFD, _):

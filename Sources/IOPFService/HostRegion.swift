@@ -100,24 +100,14 @@ public final class HostRegion: @unchecked Sendable {
     /// The region as a device sees it: where it is in the physical address space.
     public var info: MemoryRegionInfo? { phys.map { MemoryRegionInfo(phys: $0, size: length) } }
 
-    /// Bytes of the region now locked (mlock): the parts of it in mappings that
-    /// /proc/self/smaps flags `lo` (VM_LOCKED), as the process's VmLck counts them, but without the
-    /// memory locked elsewhere in the process (another test, another mapping). Not the
-    /// `Locked:` line, which is proportional: a page mapped twice counts half.
+    /// Bytes of the region now locked (mlock): the parts of it in mappings flagged `lo`
+    /// (VM_LOCKED), as the process's VmLck counts them, but without the memory locked
+    /// elsewhere in the process (another test, another mapping). Not the `Locked:` line,
+    /// which is proportional: a page mapped twice counts half.
     public func lockedBytes() -> UInt64 {
-        guard let smaps = Sys.readText("/proc/self/smaps") else { return 0 }
-        var total: UInt64 = 0
-        var overlap: UInt64 = 0
-        for line in smaps.split(separator: "\n") {
-            if let dash = line.firstIndex(of: "-"), let space = line.firstIndex(of: " "), dash < space,
-                let lo = UInt64(line[..<dash], radix: 16), let hi = UInt64(line[line.index(after: dash)..<space], radix: 16)
-            {
-                overlap = min(hi, end) > max(lo, base) ? min(hi, end) - max(lo, base) : 0
-            } else if overlap > 0, line.hasPrefix("VmFlags:"), line.split(separator: " ").contains("lo") {
-                total += overlap
-            }
+        Sys.mappings(overlapping: base..<end).filter { $0.flags.contains("lo") }.reduce(0) { total, m in
+            total + min(m.range.upperBound, end) - max(m.range.lowerBound, base)
         }
-        return total
     }
 
     /// Bytes of the region now resident, by mincore(2).

@@ -139,7 +139,9 @@ public enum BenchSession {
         for d in 0..<devices { try service.unmap(iova: iova(d), size: slice) }
         service.stop()
         let stillLocked = region.lockedBytes()
-        guard stillLocked == 0 else { throw BenchError("\(stillLocked) bytes of the \(mode.rawValue) run's memory stayed locked after unmap") }
+        guard stillLocked == 0 else {
+            throw BenchError("\(stillLocked) bytes of the \(mode.rawValue) run's memory stayed locked after unmap")
+        }
         withExtendedLifetime(region) {}
 
         var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)

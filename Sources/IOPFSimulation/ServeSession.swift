@@ -345,7 +345,8 @@ public enum ServeSession {
             result.deviceThreads = threads
             for t in 0..<threads {
                 SimulatedDevice.startShared(stride(from: t, to: devices.count, by: threads).map { devices[$0] },
-                                            idlePriority: o.idleDevices, avoidCPU: o.serviceCPU, name: "iopf-devices-\(t)")
+                                            idlePriority: o.idleDevices, avoidCPU: o.serviceCPU,
+                                            name: "iopf-devices-\(t)")
             }
         } else {
             devices.forEach { $0.start() }

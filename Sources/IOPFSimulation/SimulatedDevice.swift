@@ -136,7 +136,8 @@ public struct DeviceReport: Sendable {
     /// From sending a group to the service publishing its answer (the shared ring's
     /// "answered at" stamp): the latency as a hardware device would see it. Empty on a
     /// stream channel, which carries no stamp.
-    public var answerLatency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+    public var answerLatency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000,
+                                                 numberOfSignificantValueDigits: .three)
 }
 
 public final class SimulatedDevice: @unchecked Sendable {
@@ -258,9 +259,9 @@ public final class SimulatedDevice: @unchecked Sendable {
         let stopping = stopFlag.load(ordering: .relaxed)
             || configuration.operationLimit.map { report.dmaOps >= $0 } ?? false
         guard !stopping else { return stalled.isEmpty ? finishWorkload() : .waiting }
-        guard stalled.count < configuration.outstanding && stalledPages + configuration.burst <= configuration.credit else {
-            return .waiting
-        }
+        let mayStart = stalled.count < configuration.outstanding
+            && stalledPages + configuration.burst <= configuration.credit
+        guard mayStart else { return .waiting }
         if let rate = configuration.burstsPerSecond {
             // A burst starts when due or less than 100 µs before (sleeping costs a wake-up);
             // a device behind its schedule (its faults took time) starts over from now
@@ -270,8 +271,8 @@ public final class SimulatedDevice: @unchecked Sendable {
             if due - now > .microseconds(100) { return stalled.isEmpty ? .due(due) : .waiting }
             nextDue = max(due, now) + .nanoseconds(Int64(1e9 / rate))
         }
-        let count = min(configuration.fixedBurst ? configuration.burst : 1 + Int(rng.next() % UInt64(configuration.burst)),
-                        configuration.pages)
+        let burst = configuration.fixedBurst ? configuration.burst : 1 + Int(rng.next() % UInt64(configuration.burst))
+        let count = min(burst, configuration.pages)
         let first = min(nextPage(advance: count), configuration.pages - count)
         let write = Int(rng.next() % 100) < configuration.writePercent
         if dirtyWriter != nil { waitForRoundIfQuotaSpent() }
@@ -298,7 +299,8 @@ public final class SimulatedDevice: @unchecked Sendable {
     /// Devices with a dirty-log quota (`writesPerRound`) wait for rounds: give them a thread
     /// each (`start`).
     public static func startShared(_ devices: [SimulatedDevice], idlePriority: Bool, avoidCPU: Int?, name: String) {
-        precondition(devices.allSatisfy { $0.configuration.writesPerRound == nil }, "a device waiting for dirty-log rounds needs its own thread")
+        precondition(devices.allSatisfy { $0.configuration.writesPerRound == nil },
+                     "a device waiting for dirty-log rounds needs its own thread")
         let thread = Thread {
             if let cpu = avoidCPU { try? Sys.setCPUAffinity(cpu, only: false) }
             let idle = idlePriority && (try? Sys.setIdlePriority()) != nil

@@ -69,14 +69,22 @@ package final class SharedQueue: @unchecked Sendable {
     /// The service's "answered at" stamp: when it published its latest responses
     /// (`Sys.monotonicNanoseconds`). Stored before the tail is published, read after it.
     @inline(__always) package var answeredAt: UInt64 {
-        get { (base + SharedRingLayout.answeredAtOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.load(ordering: .relaxed) }
-        set { (base + SharedRingLayout.answeredAtOffset).assumingMemoryBound(to: Atomic<UInt64>.self).pointee.store(newValue, ordering: .relaxed) }
+        get { answeredAtWord.pointee.load(ordering: .relaxed) }
+        set { answeredAtWord.pointee.store(newValue, ordering: .relaxed) }
     }
 
     /// Whether the device asked for "answered at" stamps (any value but 0).
     @inline(__always) package var stampsWanted: Bool {
-        get { (base + SharedRingLayout.stampsWantedOffset).assumingMemoryBound(to: Atomic<UInt32>.self).pointee.load(ordering: .relaxed) != 0 }
-        set { (base + SharedRingLayout.stampsWantedOffset).assumingMemoryBound(to: Atomic<UInt32>.self).pointee.store(newValue ? 1 : 0, ordering: .releasing) }
+        get { stampsWantedWord.pointee.load(ordering: .relaxed) != 0 }
+        set { stampsWantedWord.pointee.store(newValue ? 1 : 0, ordering: .releasing) }
+    }
+
+    private var answeredAtWord: UnsafeMutablePointer<Atomic<UInt64>> {
+        (base + SharedRingLayout.answeredAtOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
+    }
+
+    private var stampsWantedWord: UnsafeMutablePointer<Atomic<UInt32>> {
+        (base + SharedRingLayout.stampsWantedOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
     }
 
     @inline(__always)

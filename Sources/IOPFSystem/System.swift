@@ -36,8 +36,6 @@ public enum Sys {
     /// The CPU the calling thread runs on now.
     public static var currentCPU: Int { Int(iopf_current_cpu()) }
 
-    /// Lets the calling thread run only when no normal thread wants its CPU (SCHED_IDLE):
-    /// a simulated device yields at once to the service that serves it.
     /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call): one clock for stamps that
     /// cross threads and processes (the shared ring's "answered at").
     @inline(__always) public static func monotonicNanoseconds() -> UInt64 {
@@ -46,6 +44,39 @@ public enum Sys {
         return UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
     }
 
+    /// One mapping of this process, as /proc/self/smaps describes it.
+    public struct Mapping: Sendable {
+        public var range: Range<UInt64>
+        /// Its `VmFlags` mnemonics: `lo` locked (VM_LOCKED), `um`/`uw` registered with a
+        /// userfaultfd, …
+        public var flags: Set<Substring> = []
+        /// Its `Locked:` line in kB: proportional, so a page mapped twice counts half.
+        public var lockedKB = 0
+    }
+
+    /// This process's mappings that overlap `range`, from /proc/self/smaps (empty when
+    /// it cannot be read).
+    public static func mappings(overlapping range: Range<UInt64>) -> [Mapping] {
+        guard let smaps = readText("/proc/self/smaps") else { return [] }
+        var out: [Mapping] = []
+        for line in smaps.split(separator: "\n") {
+            // A mapping's first line: "start-end perms offset dev inode path", in hex.
+            if let dash = line.firstIndex(of: "-"), let space = line.firstIndex(of: " "), dash < space,
+                let lo = UInt64(line[..<dash], radix: 16),
+                let hi = UInt64(line[line.index(after: dash)..<space], radix: 16)
+            {
+                out.append(Mapping(range: lo..<hi))
+            } else if !out.isEmpty, line.hasPrefix("VmFlags:") {
+                out[out.count - 1].flags = Set(line.split(separator: " ").dropFirst())
+            } else if !out.isEmpty, line.hasPrefix("Locked:") {
+                out[out.count - 1].lockedKB = Int(line.split(separator: " ").dropFirst().first ?? "") ?? -1
+            }
+        }
+        return out.filter { $0.range.overlaps(range) }
+    }
+
+    /// Lets the calling thread run only when no normal thread wants its CPU (SCHED_IDLE):
+    /// a simulated device yields at once to the service that serves it.
     public static func setIdlePriority() throws(SystemCallError) {
         _ = try syscall("sched_setscheduler(SCHED_IDLE)") { iopf_set_idle_priority() }
     }

@@ -126,7 +126,8 @@ import Testing
         // device-observed one when the device looked: never earlier.
         if transport == .shared {
             let a = try #require(r.answerLatencyNs, "a shared ring gives the answer latency")
-            #expect(a.p50 > 0 && a.p50 <= r.faultLatencyNs.p50 && a.max <= r.faultLatencyNs.max, "\(a) against \(r.faultLatencyNs)")
+            #expect(a.p50 > 0 && a.p50 <= r.faultLatencyNs.p50 && a.max <= r.faultLatencyNs.max,
+                    "\(a) against \(r.faultLatencyNs)")
         } else {
             #expect(r.answerLatencyNs == nil, "a stream carries no stamp")
         }

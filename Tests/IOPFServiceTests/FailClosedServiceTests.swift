@@ -125,20 +125,9 @@ import Testing
     /// The VMAs overlapping `range`, from /proc/self/smaps: whether each is registered with
     /// a userfaultfd (VmFlags `um`/`uw`) and its `Locked:` kB.
     static func vmas(in range: Range<UInt64>) -> [(range: Range<UInt64>, registered: Bool, lockedKB: Int)] {
-        guard let smaps = Sys.readText("/proc/self/smaps") else { return [] }
-        var out: [(range: Range<UInt64>, registered: Bool, lockedKB: Int)] = []
-        for line in smaps.split(separator: "\n") {
-            if let dash = line.firstIndex(of: "-"), let space = line.firstIndex(of: " "), dash < space,
-                let lo = UInt64(line[..<dash], radix: 16), let hi = UInt64(line[line.index(after: dash)..<space], radix: 16)
-            {
-                out.append((lo..<hi, false, 0))
-            } else if !out.isEmpty, line.hasPrefix("VmFlags:") {
-                out[out.count - 1].registered = line.split(separator: " ").contains { $0 == "um" || $0 == "uw" }
-            } else if !out.isEmpty, line.hasPrefix("Locked:") {
-                out[out.count - 1].lockedKB = Int(line.split(separator: " ").dropFirst().first ?? "") ?? -1
-            }
+        Sys.mappings(overlapping: range).map { m in
+            (m.range, m.flags.contains("um") || m.flags.contains("uw"), m.lockedKB)
         }
-        return out.filter { $0.range.overlaps(range) }
     }
 
     static func lockedKB(_ range: Range<UInt64>) -> Int { vmas(in: range).reduce(0) { $0 + $1.lockedKB } }

@@ -67,7 +67,11 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Scheduling of the simulated devices' threads: idle (SCHED_IDLE: they never take a CPU the service wants, as hardware does not) or normal.", valueName: "idle|normal"))
     var devicePriority = "idle"
 
-    @Option(help: ArgumentHelp("Threads the simulated devices share, each running its devices a DMA burst at a time and polling their answers (a device waiting for an answer neither stops the others nor waits for a CPU when it comes), or each (a thread per device). 1 on a 2-core machine takes the scheduler out of the tail; see the README.", valueName: "N|each"))
+    @Option(help: ArgumentHelp("""
+        Threads the simulated devices share, each running its devices a DMA burst at a time and polling their \
+        answers (a device waiting for an answer neither stops the others nor waits for a CPU when it comes), or \
+        each (a thread per device). 1 on a 2-core machine takes the scheduler out of the tail; see the README.
+        """, valueName: "N|each"))
     var deviceThreads = "each"
 
     @Option(help: "Seconds between invariant checks while the devices run (0: only at the end). A check stops fault service while it walks the I/O page tables, about 0.5 µs per mapped page.")
