@@ -243,6 +243,26 @@ func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/
         #expect(try other.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 3, code: .success)])
     }
 
+    /// The "answered at" words are the device's to scribble on: any "stamps wanted" value
+    /// only asks for a clock read, and the service never reads "answered at" back.
+    @Test func garbageInTheStampWordsChangesNothingButTheStamp() throws {
+        let s = try ListeningService()
+        let (_, a) = try s.device(1)
+        let (q, _) = ring(a)
+        let raw = try #require(mmap(nil, SharedQueue.byteCount, PROT_READ | PROT_WRITE, MAP_SHARED, q.fd, 0))
+        defer { munmap(raw, SharedQueue.byteCount) }
+        raw.storeBytes(of: 0xDEAD_BEEF, toByteOffset: SharedRingLayout.stampsWantedOffset, as: UInt32.self)
+        raw.storeBytes(of: UInt64.max, toByteOffset: SharedRingLayout.answeredAtOffset, as: UInt64.self)
+        let before = Sys.monotonicNanoseconds()
+        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read],
+                                        addr: a.windows[0].iova, cookie: 5)])
+        #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 5, code: .success)])
+        #expect(a.channel.answeredAt >= before && a.channel.answeredAt <= Sys.monotonicNanoseconds(),
+                "the service's stamp replaced the garbage: \(a.channel.answeredAt)")
+        let stats = s.waitFor { $0.groups == 1 }
+        #expect(stats.protocolErrors == 0 && stats.devicesFenced == 0)
+    }
+
     @Test func malformedRecordsAndCreditOverrunsAreAnsweredInvalidAndCounted() throws {
         let s = try ListeningService()
         let (_, a) = try s.device(1)
