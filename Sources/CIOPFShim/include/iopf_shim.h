@@ -112,4 +112,14 @@ int iopf_set_idle_priority(void);
 int iopf_mlock(const void *addr, size_t len);
 int iopf_munlock(const void *addr, size_t len);
 
+// Touching host pages instead of asking the kernel (probe.c). Install once before the
+// first probe; it returns -1 if the signal handlers could not be installed.
+int iopf_probe_install(void);
+/// Touches the first word of each of `pages` pages from `address`: a load, or with
+/// `write` a locked no-op write (write-fault semantics, no byte changed). With `fault_ns`
+/// it stops after a page that took longer than that (it faulted): returns the pages
+/// touched, all or fewer; -1 if a page raised SIGSEGV or SIGBUS (the caller asks the
+/// kernel for the reason).
+long iopf_probe_pages(const void *address, size_t pages, int write, uint64_t fault_ns);
+
 #endif
