@@ -15,8 +15,8 @@
 // the process as they would have.
 //
 // Conventions: the handler is installed once per process (iopf_probe_install) and never
-// removed; the jump target is per thread; SA_NODEFER so that no signal stays blocked after
-// the jump (sigsetjmp without saving the mask: no system call per probe).
+// removed; the jump target is per thread; sigsetjmp does not save the mask (no system call
+// per probe), so a probe that jumped unblocks SIGSEGV and SIGBUS itself.
 #define _GNU_SOURCE
 #include "iopf_shim.h"
 #include <pthread.h>
@@ -73,7 +73,16 @@ static uint64_t now_ns(void) {
 __attribute__((no_sanitize("thread"), no_sanitize("address")))
 long iopf_probe_pages(const void *address, size_t pages, int write, uint64_t fault_ns) {
     sigjmp_buf jump;
-    if (sigsetjmp(jump, 0)) return -1;
+    if (sigsetjmp(jump, 0)) {
+        // The jump left the handler without restoring the mask; a sanitizer's wrapper may
+        // have blocked the signal despite SA_NODEFER, and a blocked SIGSEGV kills.
+        sigset_t faults;
+        sigemptyset(&faults);
+        sigaddset(&faults, SIGSEGV);
+        sigaddset(&faults, SIGBUS);
+        pthread_sigmask(SIG_UNBLOCK, &faults, 0);
+        return -1;
+    }
     probe_jump = &jump;
     uint64_t before = fault_ns ? now_ns() : 0;
     size_t i = 0;

@@ -46,22 +46,22 @@ import IOPFCore
         #expect(physical == (8..<16).map { region.phys! + UInt64($0) << 12 })
         var resident: [UInt64?] = []
         ProcessMemory().residentPages(address: region.base, pageCount: 16, into: &resident)
-        #expect(resident.map { $0 != nil } == (0..<16).map { $0 < touched || $0 >= 8 })
+        #expect(resident.map { $0 != nil } == (0..<16).map { $0 < max(4, touched) || $0 >= 8 })
         for page in 0..<4 { #expect(base.load(fromByteOffset: page << 12, as: UInt64.self) == UInt64(page + 1)) }
     }
 
-    @Test func anUnmappedPageIsTheKernelsErrorNotACrash() throws {
-        let p = mmap(nil, 2 << 12, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
-        #expect(munmap(p, 2 << 12) == 0)
+    /// Reserved but inaccessible (PROT_NONE, so no other test's mmap lands there meanwhile).
+    @Test func anInaccessiblePageIsTheKernelsErrorNotACrash() throws {
+        let p = mmap(nil, 2 << 12, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        defer { munmap(p, 2 << 12) }
         #expect(iopf_probe_install() == 0)
         #expect(iopf_probe_pages(p, 2, 1, 0) == -1)
         #expect(iopf_probe_pages(p, 1, 0, 0) == -1)
         var physical: [UInt64] = []
-        let address = UInt64(UInt(bitPattern: p))
         #expect {
-            try ProcessMemory().resolve(address: address, pageCount: 1, write: true, physical: &physical)
+            try ProcessMemory().resolve(address: UInt64(UInt(bitPattern: p)), pageCount: 1, write: true, physical: &physical)
         } throws: { error in
-            "\(error)".contains("MADV_POPULATE_WRITE of 1 pages") && "\(error)".contains("not mapped")
+            "\(error)".contains("MADV_POPULATE_WRITE of 1 pages")
         }
         #expect(physical.isEmpty)
     }
