@@ -85,8 +85,9 @@ let package = Package(
         .executableTarget(
             name: "iopf-microbench",
             dependencies: [
-                "IOPFCore",
+                "IOPFCore", "IOPFSimulation",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "MallocInterposerSwift", package: "malloc-interposer"),
             ],
             path: "Tools/iopf-microbench"

@@ -10,21 +10,27 @@
 //   invalidation under each gather policy, against unmapping and syncing page by page;
 //   and one 4 KiB invalidation inside each 2 MiB block of 1 GiB mapped with blocks (the
 //   whole block goes) against the same inside 4 KiB pages (one page goes).
+// - faults: the whole path through one service thread (`iopf bench --scenario faults`,
+//   real shared rings and real memory, 0.5 s per run): one group in flight, judged by
+//   its p50 latency, and 32 in flight, judged by time per fault (1 / faults per second).
+//   Mallocs are per fault, device side included, so that one more per fault shows.
 
 import ArgumentParser
 import Foundation
 import IOPFCore
+import IOPFSimulation
+import Logging
 import MallocInterposerSwift
 
 @main
 struct Microbench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "iopf-microbench",
-        abstract: "Measure the fault engine's hot paths: bitmap scans, fault handling, invalidation."
+        abstract: "Measure the fault engine's hot paths (bitmap scans, fault handling, invalidation) and faults through the service."
     )
 
     enum Scenario: String, ExpressibleByArgument, CaseIterable {
-        case all, bitmapScan = "bitmap-scan", fault, invalidate
+        case all, bitmapScan = "bitmap-scan", fault, invalidate, faults
     }
 
     @Option(help: "Which scenario to run: \(Scenario.allCases.map(\.rawValue).joined(separator: ", ")).")
@@ -60,6 +66,7 @@ struct Microbench: ParsableCommand {
         if scenario == .all || scenario == .bitmapScan { results += bitmapScan() }
         if scenario == .all || scenario == .fault { results += try fault() }
         if scenario == .all || scenario == .invalidate { results += try invalidate() }
+        if scenario == .all || scenario == .faults { results += try faults() }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let report = try encoder.encode(Report(syncCostNs: syncCostNs, results: results))
@@ -186,6 +193,33 @@ struct Microbench: ParsableCommand {
         let (seconds, mallocs) = median(samples)
         return [Result(name: "fault (resident page, 1-page group)", seconds: seconds, unit: "fault", units: pages,
                        nsPerUnit: seconds * 1e9 / Double(pages), syncs: nil, mallocs: mallocs)]
+    }
+
+    func faults() throws -> [Result] {
+        var results: [Result] = []
+        var logger = Logger(label: "iopf.microbench")
+        logger.logLevel = .warning  // not every device's goodbye
+        for outstanding in [1, 32] {
+            var rows: [(row: FaultsRow, mallocs: Int)] = []
+            for _ in 0..<`repeat` {
+                MallocInterposerSwift.reset()
+                MallocInterposerSwift.hook()
+                let row = try FaultsBench.measure(outstanding: outstanding, seconds: 0.5, logger: logger)
+                MallocInterposerSwift.unhook()
+                guard row.problems.isEmpty else {
+                    throw ValidationError("faults, \(outstanding) in flight: \(row.problems.joined(separator: "; "))")
+                }
+                rows.append((row, MallocInterposerSwift.getStatistics().mallocCount / max(row.faults, 1)))
+            }
+            let key: (FaultsRow) -> Double = outstanding == 1
+                ? { Double($0.faultLatencyNs.p50) } : { 1e9 / $0.faultsPerSecond }
+            let median = rows.sorted { key($0.row) < key($1.row) }[rows.count / 2]
+            results.append(Result(
+                name: outstanding == 1 ? "faults, 1 in flight: p50 round trip" : "faults, \(outstanding) in flight: time per fault",
+                seconds: median.row.seconds, unit: "fault", units: median.row.faults, nsPerUnit: key(median.row),
+                syncs: nil, mallocs: median.mallocs))
+        }
+        return results
     }
 
     func invalidate() throws -> [Result] {
