@@ -227,13 +227,20 @@ public final class ProcessMemory: HostMemory {
     /// Attempts at populating a run when the kernel answers EINTR or EAGAIN.
     static let populateTries = 3
 
-    /// Whether resolving may touch pages (the signal handlers are in place).
-    private let probes = iopf_probe_install() == 0
+    /// Whether resolving touches pages (asked for, and the signal handlers are in place).
+    private let probes: Bool
     /// A touch that took longer than this faulted (present: about 15 ns; a fault: 1 us
     /// and more).
     static let faultNanoseconds: UInt64 = 400
 
-    public init() {}
+    /// With `touchingPages` (the default) the first instance installs SIGSEGV and SIGBUS
+    /// handlers for the process, which pass every fault outside a probe on to the handler
+    /// installed before them (probe.c). A program that installs its own handlers later must
+    /// chain to the previous ones, as usual, or pass false: resolving then always asks
+    /// the kernel (`MADV_POPULATE_*`).
+    public init(touchingPages: Bool = true) {
+        probes = touchingPages && iopf_probe_install() == 0
+    }
 
     public func markDeviceMemory(_ range: Range<UInt64>) {
         deviceMemory.withLock { $0.append(range) }

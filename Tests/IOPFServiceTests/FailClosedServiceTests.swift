@@ -286,7 +286,7 @@ import Testing
     @Test func aLostCommandDoorbellLosesNothing() throws {
         let h = try EventHarness()
         h.service.planted.plant(.commandDoorbell, [EBADF])
-        try h.service.invalidate(hostAddress: h.address(0), length: 4096).wait()
+        _ = try h.service.invalidate(hostAddress: h.address(0), length: 4096).wait()
         try h.service.barrier().wait()
         #expect(h.service.planted.remaining(.commandDoorbell) == 0)
         #expect(h.service.statistics.doorbellWriteFailures == 1)

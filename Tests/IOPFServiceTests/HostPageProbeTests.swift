@@ -11,9 +11,10 @@ import IOPFCore
 @testable import IOPFSystem
 
 @Suite struct HostPageProbeTests {
-    @Test func touchingConfirmsTheSamePageAndChangesNoByte() throws {
+    /// Touching and asking the kernel (`touchingPages: false`) agree.
+    @Test(arguments: [true, false]) func touchingConfirmsTheSamePageAndChangesNoByte(touchingPages: Bool) throws {
         let region = try HostRegion(length: 8 << 12)
-        let memory = ProcessMemory()
+        let memory = ProcessMemory(touchingPages: touchingPages)
         let bytes = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: UInt(region.base)),
                                                   count: Int(region.length))
         for i in 0..<bytes.count { bytes[i] = UInt8(truncatingIfNeeded: i &* 7 &+ 3) }
