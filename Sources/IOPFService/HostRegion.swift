@@ -327,9 +327,9 @@ public final class ProcessMemory: HostMemory {
                                            pageCount > 1 ? Self.faultNanoseconds : 0)
             if touched > 0 { rest = (address + UInt64(touched) << 12, pageCount - touched) }
         }
+        let advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ
         var tries = 0
         while rest.pages > 0 {
-            let advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ
             if planted == 0 && madvise(UnsafeMutableRawPointer(bitPattern: UInt(rest.address)), rest.pages << 12, advice) == 0 {
                 break
             }
