@@ -330,9 +330,8 @@ public final class ProcessMemory: HostMemory {
         let advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ
         var tries = 0
         while rest.pages > 0 {
-            if planted == 0 && madvise(UnsafeMutableRawPointer(bitPattern: UInt(rest.address)), rest.pages << 12, advice) == 0 {
-                break
-            }
+            let start = UnsafeMutableRawPointer(bitPattern: UInt(rest.address))
+            if planted == 0 && madvise(start, rest.pages << 12, advice) == 0 { break }
             let e = planted != 0 ? planted : Glibc.errno
             tries += 1
             // A signal or a transiently busy kernel: try again, a few times.

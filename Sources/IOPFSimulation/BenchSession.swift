@@ -144,7 +144,7 @@ public enum BenchSession {
         }
         withExtendedLifetime(region) {}
 
-        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var latency = Histogram<UInt64>.nanoseconds()
         for r in touchReports { latency.add(r.latency) }
         let firstDMA = touchReports.compactMap(\.firstCompletion).min() ?? touched
         let problems = (touchReports + moverReports).flatMap(\.firstProblems)

@@ -101,7 +101,7 @@ public enum FaultAroundBench {
         let touchedBytes = Double(min(dc.operationLimit! * (pattern == .sequential ? 32 : 1), pages)) * 4096
         row.touchGBps = touchedBytes / row.touchSeconds / 1e9
         row.residentBytes = try region.residentBytes()
-        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var latency = Histogram<UInt64>.nanoseconds()
         latency.add(report.latency)
         row.faultLatencyNs = LatencySummary(latency)
         row.problems = report.firstProblems
@@ -118,7 +118,7 @@ public enum FaultAroundBench {
     /// Times the engine's invalidation of one 4 KiB page (the sixth) inside each of 64
     /// blocks spread over `region`, and averages the pages each really unmapped.
     static func invalidateInsideBlocks(_ engine: FaultEngine, region: HostRegion) throws -> (LatencySummary, Double) {
-        var times = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var times = Histogram<UInt64>.nanoseconds()
         let blocks = region.length / hugeBlockBytes
         let count = min(64, blocks)
         var unmapped = 0

@@ -62,7 +62,7 @@ public enum FaultsBench {
         defer { channel.close() }
 
         var row = FaultsRow(outstanding: outstanding)
-        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var latency = Histogram<UInt64>.nanoseconds()
         // Send time by cookie; cookies count groups from 1, so a cookie names its slot.
         var sentAt = [ContinuousClock.Instant](repeating: .now, count: 2 * maxOutstanding)
         var records: [PageRequest] = []

@@ -115,7 +115,7 @@ public enum HostSession {
         result.name = o.name
         result.memoryBytes = o.memoryBytes
         result.mappings = o.mappings
-        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var latency = Histogram<UInt64>.nanoseconds()
         var rng = Xoshiro(seed: o.seed ^ 0x4057)
         // Where each mapping lives now: its home (false) or the reservation after the memory (true).
         var moved = [Bool](repeating: false, count: o.mappings)

@@ -108,6 +108,13 @@ public struct ServeOptions: Sendable {
     public init() {}
 }
 
+extension Histogram where Count == UInt64 {
+    /// A histogram of latencies in nanoseconds: up to 60 s, three significant digits.
+    static func nanoseconds() -> Histogram<UInt64> {
+        Histogram(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+    }
+}
+
 public struct LatencySummary: Codable, Sendable, Equatable {
     public var p50: UInt64 = 0
     public var p90: UInt64 = 0
@@ -360,7 +367,7 @@ public enum ServeSession {
         var nextCheck = o.checkInterval > 0 ? o.checkInterval : .infinity
         var nextChurn = 0.0
         var nextDirtyRead = o.dirtyLogInterval ?? .infinity
-        var readTimes = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var readTimes = Histogram<UInt64>.nanoseconds()
         var churn = o.hostChurnInterval > 0 && service.hostEventsEnabled && region != nil
             ? try HostChurn(service: service, region: region!, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages, seed: o.seed)
             : nil
@@ -440,7 +447,7 @@ public enum ServeSession {
         result.devices = o.devices
         result.domains = o.domains
         result.transport = o.transport.rawValue
-        var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var latency = Histogram<UInt64>.nanoseconds()
         var answerLatency = latency
         var deviceViolations = 0
         for r in reports {

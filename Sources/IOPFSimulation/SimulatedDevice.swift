@@ -132,12 +132,11 @@ public struct DeviceReport: Sendable {
     public var bytesMoved = 0
     /// From sending a group to taking its answer: includes what this device's thread
     /// took to look (a CPU it had to wait for), which a hardware device does not have.
-    public var latency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+    public var latency = Histogram<UInt64>.nanoseconds()
     /// From sending a group to the service publishing its answer (the shared ring's
     /// "answered at" stamp): the latency as a hardware device would see it. Empty on a
     /// stream channel, which carries no stamp.
-    public var answerLatency = Histogram<UInt64>(highestTrackableValue: 60_000_000_000,
-                                                 numberOfSignificantValueDigits: .three)
+    public var answerLatency = Histogram<UInt64>.nanoseconds()
 }
 
 public final class SimulatedDevice: @unchecked Sendable {

@@ -60,7 +60,8 @@ import IOPFCore
         #expect(iopf_probe_pages(p, 1, 0, 0) == -1)
         var physical: [UInt64] = []
         #expect {
-            try ProcessMemory().resolve(address: UInt64(UInt(bitPattern: p)), pageCount: 1, write: true, physical: &physical)
+            try ProcessMemory().resolve(address: UInt64(UInt(bitPattern: p)), pageCount: 1, write: true,
+                                        physical: &physical)
         } throws: { error in
             "\(error)".contains("MADV_POPULATE_WRITE of 1 pages")
         }

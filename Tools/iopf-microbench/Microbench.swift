@@ -26,7 +26,10 @@ import MallocInterposerSwift
 struct Microbench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "iopf-microbench",
-        abstract: "Measure the fault engine's hot paths (bitmap scans, fault handling, invalidation) and faults through the service."
+        abstract: """
+            Measure the fault engine's hot paths (bitmap scans, fault handling, invalidation) and faults through \
+            the service.
+            """
     )
 
     enum Scenario: String, ExpressibleByArgument, CaseIterable {
@@ -215,7 +218,8 @@ struct Microbench: ParsableCommand {
                 ? { Double($0.faultLatencyNs.p50) } : { 1e9 / $0.faultsPerSecond }
             let median = rows.sorted { key($0.row) < key($1.row) }[rows.count / 2]
             results.append(Result(
-                name: outstanding == 1 ? "faults, 1 in flight: p50 round trip" : "faults, \(outstanding) in flight: time per fault",
+                name: outstanding == 1
+                    ? "faults, 1 in flight: p50 round trip" : "faults, \(outstanding) in flight: time per fault",
                 seconds: median.row.seconds, unit: "fault", units: median.row.faults, nsPerUnit: key(median.row),
                 syncs: nil, mallocs: median.mallocs))
         }

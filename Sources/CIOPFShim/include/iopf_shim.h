@@ -112,8 +112,8 @@ int iopf_set_idle_priority(void);
 int iopf_mlock(const void *addr, size_t len);
 int iopf_munlock(const void *addr, size_t len);
 
-// Touching host pages instead of asking the kernel (probe.c). Install once before the
-// first probe; it returns -1 if the signal handlers could not be installed.
+/// Touching host pages instead of asking the kernel (probe.c). Install once before the
+/// first probe; it returns -1 if the signal handlers could not be installed.
 int iopf_probe_install(void);
 /// Touches the first word of each of `pages` pages from `address`: a load, or with
 /// `write` a locked no-op write (write-fault semantics, no byte changed). With `fault_ns`
