@@ -1,9 +1,12 @@
 // DMAMappingTable.swift — the user's DMA mappings (VFIO type1's `vfio_dma` list):
 // IOVA range → host virtual range + permission, each with its "iopf mapped" bitmap.
 //
-// Ranges are `[iova, iova + size)`; `iovaLast` is inclusive. Lookups are binary searches
-// over arrays sorted by IOVA and by host address: O(log n) to find, O(n) to insert or
-// remove, which at the type1 default limit of 65535 entries is a short memmove.
+// Ranges are `[iova, iova + size)`; `iovaLast` is inclusive. By IOVA: an array sorted by
+// IOVA (IOVA ranges never overlap), binary-searched on every fault; inserting or removing
+// one is a memmove of at most 65535 pointers (the type1 default limit), and removing a
+// span of them (an unmap, a host's teardown) is one. By host address: an interval treap
+// (HostRangeIndex.swift), O(log n) to change and O(log n + k) to find the k mappings an
+// MMU-notifier event overlaps, whatever their sizes.
 
 public struct MappingID: Hashable, Sendable, CustomStringConvertible {
     public let rawValue: UInt64
@@ -99,10 +102,8 @@ public struct DMAMappingTable: Sendable {
     public let entryLimit: Int
     /// Sorted by `iova`; IOVA ranges never overlap.
     public private(set) var byIOVA: [DMAMapping] = []
-    /// Sorted by `vaddr`; host ranges may overlap (one buffer mapped at two IOVAs).
-    private var byHost: [DMAMapping] = []
-    /// Largest mapping size, so that a host-range query knows how far back to look.
-    private var largestSize: UInt64 = 0
+    /// By host range; host ranges may overlap (one buffer mapped at two IOVAs).
+    private var byHost = HostRangeIndex()
     private var nextID: UInt64 = 1
 
     public init(entryLimit: Int = Self.defaultEntryLimit) {
@@ -136,8 +137,7 @@ public struct DMAMappingTable: Sendable {
         let mapping = DMAMapping(id: MappingID(rawValue: nextID), iova: iova, vaddr: vaddr, size: size, prot: prot)
         nextID += 1
         byIOVA.insert(mapping, at: at)
-        byHost.insert(mapping, at: firstIndex(vaddrAtLeast: vaddr))
-        largestSize = max(largestSize, size)
+        byHost.insert(mapping)
         return mapping
     }
 
@@ -158,19 +158,37 @@ public struct DMAMappingTable: Sendable {
         return byIOVA[lo..<hi]
     }
 
-    /// Removes one mapping from both indexes.
+    /// Removes one mapping from both indexes: O(log n) to find it in each.
     public mutating func remove(_ mapping: DMAMapping) {
-        guard let i = byIOVA.firstIndex(where: { $0 === mapping }) else { return }
+        let i = firstIndex(iovaLastAtLeast: mapping.iova)
+        guard i < byIOVA.count, byIOVA[i] === mapping else { return }
         byIOVA.remove(at: i)
-        if let j = byHost.firstIndex(where: { $0 === mapping }) { byHost.remove(at: j) }
+        byHost.remove(mapping)
+    }
+
+    /// Removes mappings that are consecutive in IOVA order (what `mappings(coveringWhole:)`
+    /// returned): one memmove for all of them, however many.
+    public mutating func remove(consecutive span: [DMAMapping]) {
+        guard let first = span.first else { return }
+        let lo = firstIndex(iovaLastAtLeast: first.iova)
+        guard lo + span.count <= byIOVA.count, byIOVA[lo] === first, byIOVA[lo + span.count - 1] === span.last! else {
+            for m in span { remove(m) }
+            return
+        }
+        if span.count == byIOVA.count {
+            byHost.removeAll()
+        } else {
+            for m in span { byHost.remove(m) }
+        }
+        byIOVA.removeSubrange(lo..<(lo + span.count))
     }
 
     /// Replaces a mapping's host address (VFIO's `VFIO_DMA_MAP_FLAG_VADDR`), keeping the
-    /// host index sorted.
+    /// host index in step.
     mutating func updateHostAddress(_ mapping: DMAMapping, to vaddr: UInt64) {
-        if let j = byHost.firstIndex(where: { $0 === mapping }) { byHost.remove(at: j) }
+        byHost.remove(mapping)
         mapping.vaddr = vaddr
-        byHost.insert(mapping, at: firstIndex(vaddrAtLeast: vaddr))
+        byHost.insert(mapping)
     }
 
     /// The mapping whose IOVA range holds `iova`.
@@ -181,16 +199,10 @@ public struct DMAMappingTable: Sendable {
         return byIOVA[i]
     }
 
-    /// Calls `body` for each mapping whose host range overlaps `[start, end)`.
+    /// Calls `body` for each mapping whose host range overlaps `[start, end)`, by host address.
     public func forEachMapping(overlappingHost start: UInt64, end: UInt64, _ body: (DMAMapping) throws -> Void) rethrows {
         guard start < end else { return }
-        // A mapping starting at or before `start - largestSize` ends before `start`.
-        var i = firstIndex(vaddrAtLeast: start > largestSize ? start - largestSize + 1 : 0)
-        while i < byHost.count, byHost[i].vaddr < end {
-            let m = byHost[i]
-            if m.vaddrEnd > start { try body(m) }
-            i += 1
-        }
+        try byHost.forEach(overlapping: start, end, body)
     }
 
     /// Calls `body` for each mapping whose IOVA range overlaps `[first, last]`.
@@ -209,15 +221,6 @@ public struct DMAMappingTable: Sendable {
         while lo < hi {
             let mid = (lo + hi) / 2
             if byIOVA[mid].iovaLast < iova { lo = mid + 1 } else { hi = mid }
-        }
-        return lo
-    }
-
-    private func firstIndex(vaddrAtLeast vaddr: UInt64) -> Int {
-        var (lo, hi) = (0, byHost.count)
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if byHost[mid].vaddr < vaddr { lo = mid + 1 } else { hi = mid }
         }
         return lo
     }

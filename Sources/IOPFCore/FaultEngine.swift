@@ -254,11 +254,11 @@ public final class FaultEngine: Sendable {
             defer { endInvalidation() }
             try unmapAllOrStop(victims, &s)
             s.stats.invalidations += 1
+            s.mappings.remove(consecutive: victims)
             for m in victims {
                 if dirty != nil {
                     Self.report(m, pages: 0..<m.pageCount, into: &dirty!, at: Int((m.iova - iova) >> pageShift))
                 }
-                s.mappings.remove(m)
                 if m.pinned {  // unmapped and synced: now the pages can go
                     memory.unpin(address: m.vaddr, pageCount: m.pageCount)
                     lockedMemory.uncharge(pages: m.chargedPages)

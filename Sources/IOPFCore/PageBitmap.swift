@@ -1,55 +1,90 @@
-// PageBitmap.swift — the per-mapping "iopf mapped" bitmap.
+// PageBitmap.swift — the per-mapping "iopf mapped" bitmap (and the dirty and host-gone
+// bitmaps, which share its shape).
 //
 // Bit i stands for page i of a DMA mapping. Ranges are half-open `Range<Int>` (exclusive
 // end). Bits at and above `count` in the last word are always zero, so word-wise scans
 // need no masking at the top.
 //
+// Sparse: the words live in chunks of `chunkBits` bits (128 MiB of 4 KiB pages), each
+// allocated on its first set bit. A mapping's size is its host's word, so a 16 TiB mapping
+// must cost its directory (8 bytes per chunk), not 512 MiB of zeros; a scan skips a chunk
+// that was never set with one comparison, so an invalidation costs by what was mapped,
+// not by the size of the range. Chunks are never freed once allocated (a cleared chunk is
+// all zeros): a mapping that faulted in a range keeps its words until it goes.
+//
 // Why not swift-collections' `BitSet`: it has no find-next-zero and shrinks its storage on
 // removal. This bitmap is fixed-size with word storage and a `find_next_bit`-style API, the
 // shape the invalidation walk needs; `BitSet` serves as the oracle in the tests.
 
-public struct PageBitmap: Sendable, Equatable {
+public struct PageBitmap: Sendable {
     /// Number of bits (pages).
     public let count: Int
-    @usableFromInline var words: [UInt64]
+    /// `chunkWords` words each (the last one as many as `count` needs), or empty while
+    /// nothing in the chunk was ever set.
+    @usableFromInline var chunks: [[UInt64]]
+
+    @usableFromInline static let chunkShift = 15
+    /// Bits per chunk: 32768 pages, 4 KiB of words.
+    public static let chunkBits = 1 << chunkShift
+    @usableFromInline static let chunkWords = chunkBits >> 6
 
     public init(count: Int) {
         precondition(count >= 0, "PageBitmap count \(count) is negative")
         self.count = count
-        words = Array(repeating: 0, count: (count + 63) >> 6)
+        chunks = Array(repeating: [], count: (count + Self.chunkBits - 1) >> Self.chunkShift)
     }
+
+    /// Words in chunk `c` once allocated.
+    @inline(__always)
+    private func wordsIn(chunk c: Int) -> Int {
+        Swift.min(Self.chunkWords, ((count - c << Self.chunkShift) + 63) >> 6)
+    }
+
+    /// Bytes of words allocated: what the bitmap holds beyond its directory.
+    public var allocatedBytes: Int { chunks.reduce(0) { $0 + $1.count * 8 } }
 
     @inlinable @inline(__always)
     func checkIndex(_ i: Int) {
         precondition(i >= 0 && i < count, "page index \(i) is outside the bitmap of \(count) pages")
     }
 
+    /// Word `w` (0 in a chunk never set).
+    @inline(__always)
+    private func word(_ w: Int) -> UInt64 {
+        let c = w >> (Self.chunkShift - 6)
+        let chunk = chunks[c]
+        return chunk.isEmpty ? 0 : chunk[w & (Self.chunkWords - 1)]
+    }
+
     @inlinable
     public func test(_ i: Int) -> Bool {
         checkIndex(i)
-        return words[i &>> 6] & (1 &<< UInt64(i & 63)) != 0
+        let chunk = chunks[i &>> Self.chunkShift]
+        return !chunk.isEmpty && chunk[(i &>> 6) & (Self.chunkWords - 1)] & (1 &<< UInt64(i & 63)) != 0
     }
 
-    @inlinable
     public mutating func set(_ i: Int) {
         checkIndex(i)
-        words[i &>> 6] |= 1 &<< UInt64(i & 63)
+        let c = i &>> Self.chunkShift
+        if chunks[c].isEmpty { chunks[c] = Array(repeating: 0, count: wordsIn(chunk: c)) }
+        chunks[c][(i &>> 6) & (Self.chunkWords - 1)] |= 1 &<< UInt64(i & 63)
     }
 
-    @inlinable
     public mutating func clear(_ i: Int) {
         checkIndex(i)
-        words[i &>> 6] &= ~(1 &<< UInt64(i & 63))
+        let c = i &>> Self.chunkShift
+        guard !chunks[c].isEmpty else { return }
+        chunks[c][(i &>> 6) & (Self.chunkWords - 1)] &= ~(1 &<< UInt64(i & 63))
     }
 
     /// Sets every bit in `range`.
     public mutating func set(_ range: Range<Int>) {
-        forEachWord(in: range) { word, mask in word |= mask }
+        forEachWord(in: range, allocating: true) { word, mask in word |= mask }
     }
 
     /// Clears every bit in `range`.
     public mutating func clear(_ range: Range<Int>) {
-        forEachWord(in: range) { word, mask in word &= ~mask }
+        forEachWord(in: range, allocating: false) { word, mask in word &= ~mask }
     }
 
     /// Number of set bits in `range`.
@@ -58,31 +93,46 @@ public struct PageBitmap: Sendable, Equatable {
         guard !range.isEmpty else { return 0 }
         var total = 0
         let (first, last) = (range.lowerBound &>> 6, (range.upperBound - 1) &>> 6)
-        for w in first...last {
-            total += (words[w] & Self.mask(word: w, range: range)).nonzeroBitCount
+        var w = first
+        while w <= last {
+            let c = w >> (Self.chunkShift - 6)
+            if chunks[c].isEmpty {
+                w = (c + 1) << (Self.chunkShift - 6)
+                continue
+            }
+            total += (word(w) & Self.mask(word: w, range: range)).nonzeroBitCount
+            w += 1
         }
         return total
     }
 
     /// Number of set bits.
     public var population: Int {
-        words.reduce(0) { $0 + $1.nonzeroBitCount }
+        chunks.reduce(0) { sum, chunk in chunk.reduce(sum) { $0 + $1.nonzeroBitCount } }
     }
 
-    public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
+    public var isEmpty: Bool { chunks.allSatisfy { $0.allSatisfy { $0 == 0 } } }
 
     /// Sets every bit set in `other` (same count).
     public mutating func formUnion(_ other: PageBitmap) {
         precondition(other.count == count, "union of bitmaps of \(count) and \(other.count) pages")
-        for w in words.indices { words[w] |= other.words[w] }
+        for c in chunks.indices where !other.chunks[c].isEmpty {
+            if chunks[c].isEmpty {
+                chunks[c] = other.chunks[c]
+            } else {
+                for w in chunks[c].indices { chunks[c][w] |= other.chunks[c][w] }
+            }
+        }
     }
 
     /// Bits set here and clear in every one of `others` (same counts).
     public func population(notIn others: PageBitmap...) -> Int {
         precondition(others.allSatisfy { $0.count == count }, "bitmaps of different sizes")
         var total = 0
-        for w in words.indices {
-            total += others.reduce(words[w]) { $0 & ~$1.words[w] }.nonzeroBitCount
+        for c in chunks.indices where !chunks[c].isEmpty {
+            for w in chunks[c].indices {
+                total += others.reduce(chunks[c][w]) { $1.chunks[c].isEmpty ? $0 : $0 & ~$1.chunks[c][w] }.nonzeroBitCount
+            }
         }
         return total
     }
@@ -114,13 +164,20 @@ public struct PageBitmap: Sendable, Equatable {
         guard from < to else { return to }
         var w = from &>> 6
         let lastWord = (to - 1) &>> 6
-        var word = (words[w] ^ invert) & (~0 &<< UInt64(from & 63))
-        while word == 0 {
+        var bits = (word(w) ^ invert) & (~0 &<< UInt64(from & 63))
+        while bits == 0 {
             w += 1
             if w > lastWord { return to }
-            word = words[w] ^ invert
+            let c = w >> (Self.chunkShift - 6)
+            if chunks[c].isEmpty {
+                // A chunk never set: no set bit in it (skip it whole), every bit clear.
+                if invert != 0 { return Swift.min(w &<< 6, to) }
+                w = ((c + 1) << (Self.chunkShift - 6)) - 1
+                continue
+            }
+            bits = chunks[c][w & (Self.chunkWords - 1)] ^ invert
         }
-        return Swift.min(w &<< 6 + word.trailingZeroBitCount, to)
+        return Swift.min(w &<< 6 + bits.trailingZeroBitCount, to)
     }
 
     @inline(__always)
@@ -141,16 +198,43 @@ public struct PageBitmap: Sendable, Equatable {
         return low & high
     }
 
+    /// Calls `body` on each word of `range` with the mask of its bits in the range, chunk by
+    /// chunk. A chunk never set is allocated first when `allocating`, else skipped (all its
+    /// bits are clear already).
     @inline(__always)
-    private mutating func forEachWord(in range: Range<Int>, _ body: (inout UInt64, UInt64) -> Void) {
+    private mutating func forEachWord(in range: Range<Int>, allocating: Bool, _ body: (inout UInt64, UInt64) -> Void) {
         checkRange(range)
         guard !range.isEmpty else { return }
-        let (first, last) = (range.lowerBound &>> 6, (range.upperBound - 1) &>> 6)
-        words.withUnsafeMutableBufferPointer { words in
-            body(&words[first], Self.mask(word: first, range: range))
-            guard last > first else { return }
-            for w in (first + 1)..<last { body(&words[w], ~0) }
-            body(&words[last], Self.mask(word: last, range: range))
+        var lo = range.lowerBound
+        while lo < range.upperBound {
+            let c = lo &>> Self.chunkShift
+            let chunkStart = c << Self.chunkShift
+            let hi = Swift.min(range.upperBound, chunkStart + Self.chunkBits)
+            defer { lo = hi }
+            if chunks[c].isEmpty {
+                guard allocating else { continue }
+                chunks[c] = Array(repeating: 0, count: wordsIn(chunk: c))
+            }
+            let (first, last) = (lo &>> 6, (hi - 1) &>> 6)
+            let base = chunkStart >> 6
+            chunks[c].withUnsafeMutableBufferPointer { words in
+                body(&words[first - base], Self.mask(word: first, range: range))
+                guard last > first else { return }
+                for w in (first + 1)..<last { body(&words[w - base], ~0) }
+                body(&words[last - base], Self.mask(word: last, range: range))
+            }
         }
+    }
+}
+
+extension PageBitmap: Equatable {
+    /// Equal when the same bits are set, however much of each is allocated.
+    public static func == (a: PageBitmap, b: PageBitmap) -> Bool {
+        guard a.count == b.count else { return false }
+        for c in a.chunks.indices where a.chunks[c] != b.chunks[c] {
+            let (x, y) = (a.chunks[c], b.chunks[c])
+            if x.isEmpty ? !y.allSatisfy({ $0 == 0 }) : y.isEmpty ? !x.allSatisfy({ $0 == 0 }) : true { return false }
+        }
+        return true
     }
 }

@@ -3,7 +3,7 @@
 // declares DMA mappings into it, as a VMM does with VFIO type1. See Protocol.md, "Hosts".
 //
 // What the host must do, and must not: its memory is memfd-backed, mapped MAP_SHARED, the
-// memfds sealed with F_SEAL_SHRINK; its userfaultfd went through UFFDIO_API with
+// memfds sealed with F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL; its userfaultfd went through UFFDIO_API with
 // EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP (not EVENT_FORK) and has no ranges registered
 // by the host itself; the host never reads it. After mremap or mmap(MAP_FIXED) over
 // mapped memory it re-declares the mapping's address (`updateHostAddress`); faults there
@@ -46,8 +46,11 @@ public final class HostClient: @unchecked Sendable {
 
     /// HOST: hands over the address space. `memfds[k]` backs the regions whose `fdIndex`
     /// is k. The service keeps its own copies of the descriptors.
-    public func declare(name: String, regions: [HostRegionEntry], userfaultfd: CInt, memfds: [CInt]) throws(DeviceClientError) {
-        _ = try connection.request(HostDeclaration(name: name, regions: regions).message(id: connection.takeID()),
+    /// Devices of this process's uid may attach to it, and of each uid in `allowedUIDs`.
+    public func declare(name: String, regions: [HostRegionEntry], userfaultfd: CInt, memfds: [CInt],
+                        allowedUIDs: [UInt32] = []) throws(DeviceClientError) {
+        let declaration = HostDeclaration(name: name, regions: regions, allowedUIDs: allowedUIDs)
+        _ = try connection.request(declaration.message(id: connection.takeID()),
                                    fds: [userfaultfd] + memfds, expecting: .host)
     }
 

@@ -197,6 +197,7 @@ final class EventLoop {
                     // Commands whose doorbell ring was lost (issue 11 §5) wait at most this long.
                     lastSweep = lastActivity
                     for command in service.takeCommands() { try perform(command) }
+                    if !peers.isEmpty { sweepSilentPeers(now: lastActivity) }
                 }
                 serveExternalDevices()
                 if batching { handleBatches() }

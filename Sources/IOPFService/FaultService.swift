@@ -28,6 +28,22 @@ public struct ServiceConfiguration: Sendable {
     public var invalidateTimeout: Duration = .seconds(1)
     /// Connected peers at most; further connections are closed at once.
     public var maxPeers = 256
+    // Trust between tenants (Protocol.md, "Trust model"): what one peer, one uid or one
+    // host may make the service hold. Each is a `serve` flag.
+    /// Connected peers per uid (SO_PEERCRED) at most, so that one user cannot lock out others.
+    public var maxPeersPerUID = 128
+    /// A peer that has not sent HELLO this long after connecting is disconnected.
+    public var greetingTimeout: Duration = .seconds(2)
+    /// Hosts attached at once per uid at most (`maxHosts` in all).
+    public var maxHostsPerUID = 16
+    /// Bytes of memfds one host may hand over, their sizes added (sparse or not: the
+    /// service maps them and reserves their physical range).
+    public var maxHostMemoryBytes: UInt64 = 1 << 40
+    /// Bytes of memfds all hosts together may hand over.
+    public var maxTotalHostMemoryBytes: UInt64 = 16 << 40
+    /// Bytes of DMA mappings one host may hold, their sizes added (a buffer mapped at two
+    /// IOVAs counts twice): bounds its bitmaps and the work of its invalidations.
+    public var maxHostMappedBytes: UInt64 = 4 << 40
     /// Mapping ahead of sequential faults, per device (FaultAround.swift).
     public var faultAround = FaultAroundPolicy.off
     /// The CPU the service thread runs on alone, as a device's IOMMU works beside the CPUs
@@ -89,6 +105,11 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var protocolErrors = 0
     public var protocolErrorKinds: [String: Int] = [:]
     public var peersConnected = 0
+    /// Connections the service refused or cut before they were served, by why:
+    /// tooManyPeers, tooManyPeersForUID, greetingTimeout.
+    public var refusedConnections: [String: Int] = [:]
+    /// Requests of hosts refused for a budget: memfd bytes, mapped bytes, hosts per uid.
+    public var hostBudgetsExceeded = 0
     /// Peers the service disconnected (protocol errors, fencing), as opposed to clean closes.
     public var peersDisconnected = 0
     /// INVALIDATE messages sent to external devices, and acknowledgements received.

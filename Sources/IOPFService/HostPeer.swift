@@ -15,6 +15,7 @@
 // faults there are answered INVALID. So no change to memory a device can reach goes
 // unseen.
 
+import CIOPFShim
 import Glibc
 import IOPFCore
 import IOPFSystem
@@ -22,6 +23,28 @@ import IOPFWire
 
 /// Hosts attached at once at most; more are refused.
 let maxHosts = 64
+
+extension EventLoop {
+    /// Whether hosts' pages are confirmed by touching them: as for the service's own memory.
+    var probes: Bool { (engine.memory as? ProcessMemory)?.probes ?? (iopf_probe_install() == 0) }
+
+    /// The address space named `name` that peer `p` may attach a device to: one whose host
+    /// has `p`'s uid or allowed it. Among several, the one of `p`'s own uid; if none is,
+    /// the name is ambiguous and refused rather than guessed (a squatter of another uid
+    /// must not receive a device meant for someone else's host). The error never names
+    /// the address spaces `p` may not see.
+    func addressSpace(named name: String, for p: Peer) -> Result<HostSpace, HostRefusal> {
+        let admitted = hosts.compactMap { $0 }.filter { $0.name == name && !$0.closed && $0.admits(p.uid) }
+        if let own = admitted.first(where: { $0.uid == p.uid }) { return .success(own) }
+        if admitted.count == 1 { return .success(admitted[0]) }
+        if admitted.isEmpty {
+            return .failure(HostRefusal(WireErrno.noEntry, "unknownAddressSpace",
+                                        "no address space named '\(name)' that uid \(p.uid) may attach to"))
+        }
+        return .failure(HostRefusal(WireErrno.notUnique, "ambiguousAddressSpace",
+                                    "\(admitted.count) hosts of other uids named '\(name)' admit uid \(p.uid): none is chosen"))
+    }
+}
 /// Host events handled per wake-up, so that one host cannot starve the rest.
 private let eventsPerTurn = 256
 
@@ -46,11 +69,22 @@ extension EventLoop {
             return
         }
         let name = declaration.name
-        if let other = hosts.first(where: { $0?.name == name }) ?? nil {
-            return refuse(HostRefusal(WireErrno.exists, "nameTaken", "an address space named '\(name)' is attached already (pid \(other.pid))"))
+        let config = service.configuration
+        // Names belong to uids: two users may each have a 'vm1', and a device finds the one
+        // it may attach to (`addressSpace(named:for:)`). Only the same uid collides.
+        if let other = hosts.first(where: { $0?.name == name && $0?.uid == p.uid }) ?? nil {
+            return refuse(HostRefusal(WireErrno.exists, "nameTaken",
+                                      "an address space named '\(name)' is attached already for uid \(p.uid) (pid \(other.pid))"))
         }
-        guard hosts.compactMap({ $0 }).count < maxHosts else {
+        let live = hosts.compactMap { $0 }
+        guard live.count < maxHosts else {
+            stats.hostBudgetsExceeded += 1
             return refuse(HostRefusal(WireErrno.noSpace, "tooManyHosts", "the service serves \(maxHosts) hosts at most"))
+        }
+        guard live.count(where: { $0.uid == p.uid }) < config.maxHostsPerUID else {
+            stats.hostBudgetsExceeded += 1
+            return refuse(HostRefusal(WireErrno.noSpace, "tooManyHosts",
+                                      "uid \(p.uid) has \(config.maxHostsPerUID) hosts attached already (--max-hosts-per-uid)"))
         }
         guard owned.count == 1 + declaration.memfdCount else {
             return refuse(HostRefusal(WireErrno.badFD, "badRegionTable",
@@ -60,6 +94,8 @@ extension EventLoop {
         if let unused = (0..<UInt32(declaration.memfdCount)).first(where: { !used.contains($0) }) {
             return refuse(HostRefusal(WireErrno.invalid, "badRegionTable", "memfd \(unused) is not used by any region"))
         }
+        let inUse = live.reduce(UInt64(0)) { $0 + $1.memory.bytes }
+        let budget = min(config.maxHostMemoryBytes, config.maxTotalHostMemoryBytes - min(inUse, config.maxTotalHostMemoryBytes))
         let uffd: HostUserfaultfd
         do { uffd = try HostUserfaultfd(adopting: owned[0]) } catch {
             owned.removeFirst()
@@ -67,9 +103,10 @@ extension EventLoop {
         }
         owned.removeFirst()
         let memory: RemoteHostMemory
-        do { memory = try RemoteHostMemory(adopting: owned) } catch {
+        do { memory = try RemoteHostMemory(adopting: owned, budget: budget, probes: probes) } catch {
             owned = []
             uffd.release(scratch: uffdBuffer)
+            if error.kind == "hostMemoryBudget" { stats.hostBudgetsExceeded += 1 }
             return refuse(error)
         }
         owned = []
@@ -121,7 +158,8 @@ extension EventLoop {
         let index = hosts.firstIndex { $0 == nil } ?? hosts.count
         let memoryBytes = declaration.regions.reduce(0) { $0 + $1.size }
         stats.hosts.append(HostRecord(id: id, name: name, pid: p.pid, regions: declaration.regions.count, memoryBytes: memoryBytes))
-        let space = HostSpace(id: id, index: index, name: name, engine: engine, domain: domain, memory: memory, uffd: uffd, peer: p)
+        let space = HostSpace(id: id, index: index, name: name, engine: engine, domain: domain, memory: memory, uffd: uffd,
+                              peer: p, allowedUIDs: declaration.allowedUIDs)
         if index == hosts.count { hosts.append(space) } else { hosts[index] = space }
         p.space = space
         p.state = .attached
@@ -183,6 +221,12 @@ extension EventLoop {
             return refuse(WireErrno.fault, "notHostMemory",
                           "DMA map: host range [\(hex(request.hostAddress)), +\(hex(request.size))) is not the host's memory now (outside its regions, or unmapped or moved since: re-declare it with VADDR)")
         }
+        let (mapped, overflow) = s.mappedBytes.addingReportingOverflow(request.size)
+        guard !overflow, mapped <= service.configuration.maxHostMappedBytes else {
+            stats.hostBudgetsExceeded += 1
+            return refuse(WireErrno.noSpace, "hostMappedBudget",
+                          "DMA map: \(hex(request.size)) more bytes would pass this host's budget of \(hex(service.configuration.maxHostMappedBytes)) mapped bytes (--max-host-mapped); \(hex(s.mappedBytes)) are mapped")
+        }
         do { try s.engine.map(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot) } catch {
             let errno = switch error {
             case .overlap: WireErrno.exists
@@ -191,6 +235,7 @@ extension EventLoop {
             }
             return refuse(errno, "badMapping", error.description)
         }
+        s.mappedBytes = mapped
         stats.host(s.id) { $0.mappings += 1 }
         reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply))
     }
@@ -205,6 +250,7 @@ extension EventLoop {
         }
         stats.host(s.id) { $0.unmaps += removed.count }
         let bytes = removed.reduce(0) { $0 + UInt64($1.count) }
+        s.mappedBytes -= bytes
         afterExternalDevices(space: s.id) { [self] in reply(p, DMAUnmapReply(bytes: bytes).message(id: header.id, flags: .reply)) }
     }
 

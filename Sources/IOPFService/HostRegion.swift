@@ -138,7 +138,7 @@ public final class PhysicalSpace: Sendable {
         var alias = false
     }
 
-    private let state = Lock<(next: UInt64, entries: [Entry])>((1 << 30, []))
+    private let state = Lock<(next: UInt64, entries: [Entry], free: [Range<UInt64>])>((1 << 30, [], []))
 
     func add(host: Range<UInt64>, alignment: UInt64) -> UInt64 {
         state.withLock { s in
@@ -149,14 +149,48 @@ public final class PhysicalSpace: Sendable {
         }
     }
 
+    /// Where reservations end: physical addresses must fit a page-table entry's address field.
+    static let reservationLimit: UInt64 = 1 << 51
+
     /// A base for memory that is not this process's (a host's memfd): nothing is entered,
-    /// the range is only never given to anything else.
-    func reserve(size: UInt64) -> UInt64 {
-        state.withLock { s in
-            let alignment: UInt64 = 2 << 20
+    /// the range is only never given to anything else while reserved. Ranges released by
+    /// hosts that went are reused (first fit); nil when `size` does not fit below
+    /// `reservationLimit`. Every sum is checked: `size` comes from another process.
+    func reserve(size: UInt64) -> UInt64? {
+        let alignment: UInt64 = 2 << 20
+        guard size > 0, size <= Self.reservationLimit else { return nil }
+        let span = (size + alignment - 1) & ~(alignment - 1)
+        return state.withLock { s in
+            if let i = s.free.firstIndex(where: { UInt64($0.count) >= span }) {
+                let r = s.free[i]
+                s.free[i] = (r.lowerBound + span)..<r.upperBound
+                if s.free[i].isEmpty { s.free.remove(at: i) }
+                return r.lowerBound
+            }
             let phys = (s.next + alignment - 1) & ~(alignment - 1)
-            s.next = phys + size + (2 << 20)
+            guard phys <= Self.reservationLimit - span - alignment else { return nil }
+            s.next = phys + span + alignment
             return phys
+        }
+    }
+
+    /// Gives back a range `reserve(size:)` returned, once nothing can translate to it.
+    func release(_ phys: UInt64, size: UInt64) {
+        let alignment: UInt64 = 2 << 20
+        let span = (size + alignment - 1) & ~(alignment - 1)
+        state.withLock { s in
+            s.free.append(phys..<(phys + span))
+            s.free.sort { $0.lowerBound < $1.lowerBound }
+            // Neighbours merge, so that a host that comes and goes does not fragment the space.
+            var merged: [Range<UInt64>] = []
+            for r in s.free {
+                if let last = merged.last, last.upperBound >= r.lowerBound {
+                    merged[merged.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
+                } else {
+                    merged.append(r)
+                }
+            }
+            s.free = merged
         }
     }
 
@@ -228,7 +262,7 @@ public final class ProcessMemory: HostMemory {
     static let populateTries = 3
 
     /// Whether resolving touches pages (asked for, and the signal handlers are in place).
-    private let probes: Bool
+    let probes: Bool
     /// A touch that took longer than this faulted (present: about 15 ns; a fault: 1 us
     /// and more).
     static let faultNanoseconds: UInt64 = 400
@@ -315,14 +349,26 @@ public final class ProcessMemory: HostMemory {
         }
     }
 
-    /// Confirms the pages exist by touching them (probe.c): a page already in this
-    /// process's page table costs a load, not a system call. A run whose page took as long
-    /// as a fault hands the rest to one `MADV_POPULATE_*` call, which faults in missing
-    /// pages faster than one touch each; so does a probe that raised a signal, for the errno.
+    /// Confirms the pages exist (`confirm`) and gives their physical addresses.
     public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
-        var planted = self.planted.take(.madvise) ?? 0
+        try Self.confirm(address: address, pageCount: pageCount, write: write, probes: probes, planted: planted)
+        guard let phys = PhysicalSpace.shared.physicalRun(of: address, pages: pageCount) else {
+            throw HostMemoryError(address: address, reason: "not inside a shared host region (no physical address)")
+        }
+        for i in 0..<pageCount { physical.append(phys + UInt64(i) << 12) }
+    }
+
+    /// Confirms pages of this process exist by touching them (probe.c): a page already in
+    /// the page table costs a load, not a system call. A run whose page took as long as a
+    /// fault hands the rest to one `MADV_POPULATE_*` call, which faults in missing pages
+    /// faster than one touch each; so does a probe that raised a signal, for the errno.
+    /// Neither takes a lock another process can hold (no inode lock, unlike fallocate):
+    /// hosts' memfds mapped into the service are confirmed this way too.
+    static func confirm(address: UInt64, pageCount: Int, write: Bool, probes: Bool,
+                        planted: PlantedFailures?) throws(HostMemoryError) {
+        var injected = planted?.take(.madvise) ?? 0
         var rest = (address: address, pages: pageCount)
-        if probes && planted == 0 {
+        if probes && injected == 0 {
             let touched = iopf_probe_pages(UnsafeRawPointer(bitPattern: UInt(address)), pageCount, write ? 1 : 0,
                                            pageCount > 1 ? Self.faultNanoseconds : 0)
             if touched > 0 { rest = (address + UInt64(touched) << 12, pageCount - touched) }
@@ -331,12 +377,12 @@ public final class ProcessMemory: HostMemory {
         var tries = 0
         while rest.pages > 0 {
             let start = UnsafeMutableRawPointer(bitPattern: UInt(rest.address))
-            if planted == 0 && madvise(start, rest.pages << 12, advice) == 0 { break }
-            let e = planted != 0 ? planted : Glibc.errno
+            if injected == 0 && madvise(start, rest.pages << 12, advice) == 0 { break }
+            let e = injected != 0 ? injected : Glibc.errno
             tries += 1
             // A signal or a transiently busy kernel: try again, a few times.
             if (e == EINTR || e == EAGAIN) && tries < Self.populateTries {
-                planted = self.planted.take(.madvise) ?? 0
+                injected = planted?.take(.madvise) ?? 0
                 continue
             }
             let what = switch e {
@@ -350,10 +396,6 @@ public final class ProcessMemory: HostMemory {
             throw HostMemoryError(address: rest.address,
                                   reason: "MADV_POPULATE_\(write ? "WRITE" : "READ") of \(rest.pages) pages: \(what)")
         }
-        guard let phys = PhysicalSpace.shared.physicalRun(of: address, pages: pageCount) else {
-            throw HostMemoryError(address: address, reason: "not inside a shared host region (no physical address)")
-        }
-        for i in 0..<pageCount { physical.append(phys + UInt64(i) << 12) }
     }
 
     public func currentPhysical(of address: UInt64) -> UInt64? { PhysicalSpace.shared.physical(of: address) }

@@ -12,11 +12,14 @@
 // be the host's memory: after registering it, the service reads /proc/PID/maps of the
 // host (SO_PEERCRED) and checks the range is mapped shared from that memfd at that offset.
 //
-// Memory: the service never maps a host's memory. A fault makes pages resident with
-// fallocate(2) on the memfd (shmem allocates, existing pages keep their contents), and a
-// translation names (memfd, offset) as a physical address in the process-wide
-// `PhysicalSpace`, where each memfd has a base of its own: a device of another host, which
-// has not mapped this memfd, can reach none of it.
+// Memory: the service maps each memfd (shared, no reserve) and confirms a fault's pages by
+// touching them there, as for its own memory (probe.c): no system call on the host's file,
+// whose inode lock the host can hold (a write(2) into the memfd stalled fallocate for as
+// long as the host liked). A translation names (memfd, offset) as a physical address in
+// the process-wide `PhysicalSpace`, where each memfd has a range of its own, reserved at
+// HOST and released at teardown: a device of another host, which has not mapped this
+// memfd, can reach none of it. Sizes are the host's word: every sum is checked, and the
+// memfds of one host hold at most its budget (`maxHostMemoryBytes`).
 //
 // Reads of the host's uffd use preadv2(RWF_NOWAIT): the host shares the file and could
 // clear O_NONBLOCK, and the loop must never block on it.
@@ -121,6 +124,9 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         let fd: CInt
         let size: UInt64
         let phys: UInt64
+        /// Where the service mapped the memfd (shared): pages are confirmed by touching
+        /// them here, never by a system call on the host's file.
+        let base: UInt64
         let device: (major: UInt32, minor: UInt32)
         let inode: UInt64
     }
@@ -131,12 +137,24 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         var offset: UInt64
     }
 
+    /// Seals a host's memfd must carry: no shrink (a device would fault), no grow (the
+    /// service's budget holds), no further seals (a device that is handed the memfd cannot
+    /// seal its host's memory against writing).
+    static let requiredSeals: Int32 = sealShrink | sealGrow | sealSeal
+    static let (sealSeal, sealShrink, sealGrow, sealWrite, sealFutureWrite): (Int32, Int32, Int32, Int32, Int32) =
+        (0x1, 0x2, 0x4, 0x8, 0x10)
+
     let memfds: [Memfd]
+    let probes: Bool
+    /// The sum of the memfds' sizes.
+    let bytes: UInt64
     private let bindings = Lock<[Binding]>([])
 
-    /// Takes the memfds (all closed on a throw) after checking each one.
-    init(adopting fds: [CInt]) throws(HostRefusal) {
+    /// Takes the memfds (all closed on a throw) after checking each one, and maps each
+    /// into the service. `budget`: the bytes all of them may hold together.
+    init(adopting fds: [CInt], budget: UInt64, probes: Bool) throws(HostRefusal) {
         var checked: [Memfd] = []
+        var total: UInt64 = 0
         do throws(HostRefusal) {
             for (k, fd) in fds.enumerated() {
                 var st = stat()
@@ -148,28 +166,61 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
                     throw HostRefusal(WireErrno.badFD, "badMemfd", "memfd \(k) is not a memfd (\(link))")
                 }
                 guard st.st_blksize == 4096 else {
-                    throw HostRefusal(WireErrno.invalid, "badMemfd", "memfd \(k) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
+                    throw HostRefusal(WireErrno.invalid, "badMemfd",
+                                      "memfd \(k) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
                 }
                 let seals = iopf_seals(fd)
-                guard seals >= 0, seals & iopf_seal_shrink_flag() != 0 else {
+                guard seals >= 0, seals & Self.requiredSeals == Self.requiredSeals else {
                     throw HostRefusal(WireErrno.notPermitted, "badMemfd",
-                                      "memfd \(k) is not sealed against shrinking (F_SEAL_SHRINK): a shrink would fault every device that maps it")
+                                      "memfd \(k) is not sealed with F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL (seals \(hex(UInt64(max(seals, 0))))): "
+                                      + "without them a device handed the memfd could shrink, grow or seal its host's memory")
                 }
-                let size = UInt64(st.st_size)
+                guard seals & (Self.sealWrite | Self.sealFutureWrite) == 0 else {
+                    throw HostRefusal(WireErrno.notPermitted, "badMemfd", "memfd \(k) is sealed against writing: devices could not DMA to it")
+                }
+                let size = UInt64(max(st.st_size, 0))
+                let (sum, overflow) = total.addingReportingOverflow(size)
+                guard !overflow, sum <= budget else {
+                    throw HostRefusal(WireErrno.noSpace, "hostMemoryBudget",
+                                      "the memfds hold more than this host's budget of \(hex(budget)) bytes (--max-host-memory): memfd \(k) has \(hex(size))")
+                }
+                total = sum
+                let span = max(size, 4096)
+                guard let phys = PhysicalSpace.shared.reserve(size: span) else {
+                    throw HostRefusal(WireErrno.noSpace, "hostMemoryBudget", "no physical range of \(hex(span)) bytes is left for memfd \(k)")
+                }
+                let mapped = mmap(nil, Int(span), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
+                guard let mapped, mapped != MAP_FAILED else {
+                    let e = Glibc.errno
+                    PhysicalSpace.shared.release(phys, size: span)
+                    throw HostRefusal(WireErrno.noSpace, "badMemfd", "cannot map memfd \(k) (\(hex(size)) bytes) into the service: errno \(e)")
+                }
                 let dev = UInt64(st.st_dev)
-                checked.append(Memfd(fd: fd, size: size, phys: PhysicalSpace.shared.reserve(size: max(size, 4096)),
+                checked.append(Memfd(fd: fd, size: size, phys: phys, base: UInt64(UInt(bitPattern: mapped)),
                                      device: (UInt32((dev >> 8) & 0xFFF | (dev >> 32) & ~0xFFF), UInt32(dev & 0xFF | (dev >> 12) & ~0xFF)),
                                      inode: UInt64(st.st_ino)))
             }
         } catch {
+            Self.unmap(checked)
             for fd in fds { Sys.close(fd) }
             throw error
         }
         memfds = checked
+        bytes = total
+        self.probes = probes
     }
 
+    /// Unmaps, gives back the physical ranges and closes. Once: the space is torn down.
     func close() {
+        Self.unmap(memfds)
         for m in memfds { Sys.close(m.fd) }
+    }
+
+    private static func unmap(_ memfds: [Memfd]) {
+        for m in memfds {
+            munmap(UnsafeMutableRawPointer(bitPattern: UInt(m.base)), Int(max(m.size, 4096)))
+            PhysicalSpace.shared.release(m.phys, size: max(m.size, 4096))
+        }
     }
 
     /// The regions as a device maps them: one per memfd, at its physical base.
@@ -228,12 +279,16 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         }
     }
 
+    /// Touches the pages through the service's own mapping of the memfd: never a system
+    /// call on the host's file, whose inode lock the host can hold as long as it likes.
     func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
         guard let (m, offset) = locate(address, pages: pageCount) else {
             throw HostMemoryError(address: address, reason: "not the host's memory now (unmapped, moved, or outside its regions)")
         }
-        if iopf_allocate_range(m.fd, Int64(offset), Int64(pageCount) << 12) != 0 {
-            throw HostMemoryError(address: address, reason: "fallocate of \(pageCount) pages of the host's memfd failed: errno \(Glibc.errno)")
+        do {
+            try ProcessMemory.confirm(address: m.base + offset, pageCount: pageCount, write: write, probes: probes, planted: nil)
+        } catch {
+            throw HostMemoryError(address: address, reason: "the host's memfd at offset \(hex(offset)): \(error.reason)")
         }
         for i in 0..<pageCount { physical.append(m.phys + offset + UInt64(i) << 12) }
     }
@@ -350,13 +405,19 @@ final class HostSpace {
     let memory: RemoteHostMemory
     let uffd: HostUserfaultfd
     let pid: Int32
+    /// The host's uid (SO_PEERCRED): its name is unique among its uid's hosts, and its
+    /// devices must have this uid or one of `allowedUIDs`.
+    let uid: UInt32
+    let allowedUIDs: [UInt32]
     unowned let peer: Peer
     var devices: [AttachedDevice] = []
+    /// Bytes of its DMA mappings, against `maxHostMappedBytes`.
+    var mappedBytes: UInt64 = 0
     var uffdArmed = false
     var closed = false
 
     init(id: UInt32, index: Int, name: String, engine: FaultEngine, domain: DomainID, memory: RemoteHostMemory,
-         uffd: HostUserfaultfd, peer: Peer) {
+         uffd: HostUserfaultfd, peer: Peer, allowedUIDs: [UInt32]) {
         self.id = id
         self.index = index
         self.name = name
@@ -366,6 +427,10 @@ final class HostSpace {
         self.memory = memory
         self.uffd = uffd
         pid = peer.pid
+        uid = peer.uid
+        self.allowedUIDs = allowedUIDs
         self.peer = peer
     }
+
+    func admits(_ uid: UInt32) -> Bool { uid == self.uid || allowedUIDs.contains(uid) }
 }

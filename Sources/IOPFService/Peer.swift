@@ -33,6 +33,8 @@ final class Peer {
     var provision: DeviceProvision?
     let pid: Int32
     let uid: UInt32
+    /// When it connected: a peer still greeting `greetingTimeout` later is cut off.
+    let connectedAt = ContinuousClock.now
     var controlArmed = false
     var invalidationArmed = false
 
@@ -61,8 +63,17 @@ extension EventLoop {
                 break
             }
             guard let fd else { break }
-            guard peers.compactMap({ $0 }).count < service.configuration.maxPeers else {
-                stats.protocolError("tooManyPeers")
+            let live = peers.compactMap { $0 }
+            var refusal: String?
+            if live.count >= service.configuration.maxPeers {
+                refusal = "tooManyPeers"
+            } else if let uid = Sys.peerCredentials(fd)?.uid,
+                      live.count(where: { $0.uid == uid }) >= service.configuration.maxPeersPerUID {
+                refusal = "tooManyPeersForUID"
+            }
+            if let refusal {
+                stats.protocolError(refusal)
+                stats.refusedConnections[refusal, default: 0] += 1
                 Sys.close(fd)
                 continue
             }
@@ -123,6 +134,17 @@ extension EventLoop {
         peers[p.index] = nil
         if disconnected { stats.peersDisconnected += 1 }
         service.logger.info("\(p.name) closed: \(reason)")
+    }
+
+    /// Disconnects peers that connected more than `greetingTimeout` ago and still have
+    /// not said HELLO: a connection that only holds a slot must not keep others out.
+    func sweepSilentPeers(now: ContinuousClock.Instant) {
+        let limit = service.configuration.greetingTimeout
+        for case let p? in peers where p.state == .greeting && now - p.connectedAt > limit {
+            stats.protocolError("greetingTimeout")
+            stats.refusedConnections["greetingTimeout", default: 0] += 1
+            closePeer(p, reason: "no HELLO within \(limit)", disconnected: true)
+        }
     }
 
     // MARK: Control socket
@@ -264,12 +286,15 @@ extension EventLoop {
     private func attach(_ p: Peer, _ header: MessageHeader, _ request: Attach) {
         guard let l = listener else { return }
         // Device ids are unique per address space: two hosts' devices may share one.
-        let space = request.addressSpaceName.flatMap { name in hosts.first { $0?.name == name } ?? nil }
-        if let name = request.addressSpaceName, space == nil {
-            stats.protocolError("unknownAddressSpace")
-            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.noEntry,
-                                     text: "no host has an address space named '\(name)' (hosts now: \(hosts.compactMap { $0?.name }.sorted()))"))
-            return
+        var space: HostSpace?
+        if let name = request.addressSpaceName {
+            switch addressSpace(named: name, for: p) {
+            case .success(let s): space = s
+            case .failure(let refusal):
+                stats.protocolError(refusal.kind)
+                reply(p, Wire.errorReply(command: .attach, id: header.id, errno: refusal.errno, text: refusal.description))
+                return
+            }
         }
         if byGeneration.values.contains(where: { $0.deviceID == request.deviceID && $0.pasid == request.pasid && $0.space === space }) {
             reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.exists,
@@ -406,6 +431,10 @@ extension EventLoop {
                 do {
                     try Sys.send(p.invalidation, message.message(id: UInt16(truncatingIfNeeded: message.sequence)), nonBlocking: true)
                     stats.invalidationsSent += 1
+                } catch where error.errno == .brokenPipe || error.errno == .connectionReset {
+                    // The device closed its end (it exited, or was killed): a departure, not misbehaviour.
+                    closePeer(p, reason: "device \(d.deviceID) went away (INVALIDATE \(message.sequence): \(error))",
+                              disconnected: false)
                 } catch {
                     stats.protocolError(error.errno == .wouldBlock ? "slowReader" : "invalidationSocket")
                     stats.devicesFenced += 1

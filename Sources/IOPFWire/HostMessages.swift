@@ -46,20 +46,29 @@ public struct HostRegionEntry: Sendable, Equatable {
     public var hostRange: Range<UInt64> { hostAddress..<(hostAddress + size) }
 }
 
-/// HOST request: 16 bytes (region count, name length, 8 reserved), the name padded with
-/// zeros to a multiple of 8 bytes, then 32 bytes per region. Descriptors, in order: the
+/// HOST request: 16 bytes (region count, name length, allowed uid count, 4 reserved),
+/// the name padded with zeros to a multiple of 8 bytes, 32 bytes per region, then the
+/// allowed uids (u32 each) padded to a multiple of 8 bytes. Descriptors, in order: the
 /// host's userfaultfd, then the memfds that `fdIndex` numbers. Reply: empty.
+///
+/// Who may attach a device to the address space: peers with the host's own uid
+/// (SO_PEERCRED), and peers whose uid is in `allowedUIDs`. A client of 1.1 before the
+/// list existed sends a count of 0 (the field was reserved): its own uid only.
 public struct HostDeclaration: WirePayload {
     public static let command = Command.host
     public static let maxRegions = 64
     public static let regionBytes = 32
+    public static let maxAllowedUIDs = 16
 
     public var name: String
     public var regions: [HostRegionEntry]
+    /// Further uids whose peers may attach devices (the host's own uid always may).
+    public var allowedUIDs: [UInt32]
 
-    public init(name: String, regions: [HostRegionEntry]) {
+    public init(name: String, regions: [HostRegionEntry], allowedUIDs: [UInt32] = []) {
         self.name = name
         self.regions = regions
+        self.allowedUIDs = allowedUIDs
     }
 
     /// Memfds the regions name (the highest `fdIndex` plus one).
@@ -72,7 +81,11 @@ public struct HostDeclaration: WirePayload {
         var r = WireReader(p)
         let count = Int(r.u32())
         let nameLength = Int(r.u32())
-        guard r.u64() == 0 else { throw .reservedNonZero(field: "HOST reserved") }
+        let allowedCount = Int(r.u32())
+        guard r.u32() == 0 else { throw .reservedNonZero(field: "HOST reserved") }
+        guard allowedCount <= Self.maxAllowedUIDs else {
+            throw .outOfRange(field: "HOST allowed uids", value: UInt64(allowedCount), allowed: "0...\(Self.maxAllowedUIDs)")
+        }
         guard (1...Self.maxRegions).contains(count) else {
             throw .outOfRange(field: "HOST.regions", value: UInt64(count), allowed: "1...\(Self.maxRegions)")
         }
@@ -80,12 +93,17 @@ public struct HostDeclaration: WirePayload {
             throw .outOfRange(field: "HOST name length", value: UInt64(nameLength), allowed: "1...\(AddressSpaceName.maxBytes)")
         }
         let namePadded = Self.padded(nameLength)
-        try Wire.expectSize(.host, p, 16 + namePadded + Self.regionBytes * count)
+        let regionsAt = 16 + namePadded
+        let allowedAt = regionsAt + Self.regionBytes * count
+        try Wire.expectSize(.host, p, allowedAt + Self.padded(4 * allowedCount))
         name = try AddressSpaceName.decode(UnsafeRawBufferPointer(rebasing: p[16..<(16 + nameLength)]), field: "HOST name")
         guard p[(16 + nameLength)..<(16 + namePadded)].allSatisfy({ $0 == 0 }) else {
             throw .reservedNonZero(field: "HOST name padding")
         }
-        r = WireReader(UnsafeRawBufferPointer(rebasing: p[(16 + namePadded)...]))
+        r = WireReader(UnsafeRawBufferPointer(rebasing: p[allowedAt...]))
+        allowedUIDs = (0..<allowedCount).map { _ in r.u32() }
+        guard allowedCount % 2 == 0 || r.u32() == 0 else { throw .reservedNonZero(field: "HOST allowed uid padding") }
+        r = WireReader(UnsafeRawBufferPointer(rebasing: p[regionsAt...]))
         regions = []
         for i in 0..<count {
             let e = HostRegionEntry(hostAddress: r.u64(), size: r.u64(), fdOffset: r.u64(), pageSize: r.u32(), fdIndex: r.u32())
@@ -114,7 +132,8 @@ public struct HostDeclaration: WirePayload {
         let nameBytes = Array(name.utf8)
         w.u32(UInt32(regions.count))
         w.u32(UInt32(nameBytes.count))
-        w.u64(0)
+        w.u32(UInt32(allowedUIDs.count))
+        w.u32(0)
         w.bytes += nameBytes + [UInt8](repeating: 0, count: Self.padded(nameBytes.count) - nameBytes.count)
         for e in regions {
             w.u64(e.hostAddress)
@@ -123,6 +142,8 @@ public struct HostDeclaration: WirePayload {
             w.u32(e.pageSize)
             w.u32(e.fdIndex)
         }
+        for uid in allowedUIDs { w.u32(uid) }
+        if allowedUIDs.count % 2 == 1 { w.u32(0) }
     }
 }
 

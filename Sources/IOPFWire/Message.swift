@@ -118,6 +118,7 @@ public enum WireErrno {
     public static let noDevice: UInt32 = 19  // ENODEV
     public static let invalid: UInt32 = 22  // EINVAL
     public static let noSpace: UInt32 = 28  // ENOSPC
+    public static let notUnique: UInt32 = 76  // ENOTUNIQ
     public static let protocolError: UInt32 = 71  // EPROTO
     public static let messageSize: UInt32 = 90  // EMSGSIZE
     public static let notSupported: UInt32 = 95  // EOPNOTSUPP

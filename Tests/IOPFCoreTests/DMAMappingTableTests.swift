@@ -63,6 +63,45 @@ import Testing
         #expect(Set(host(0, .max)) == [a.id, b.id, c.id])
     }
 
+    /// The host index against a brute-force scan, through random inserts, removals (one at a
+    /// time and by span), address updates and queries: mappings of every size, aliased.
+    @Test func hostIndexMatchesABruteForceScan() throws {
+        var t = DMAMappingTable()
+        var rng = SeededGenerator(seed: 7)
+        var live: [DMAMapping] = []
+        var nextIOVA: UInt64 = 0
+        for step in 0..<3000 {
+            switch rng.next() % 10 {
+            case 0..<5:
+                let pages = rng.next() % 4 == 0 ? 1 + rng.next() % 4096 : 1 + rng.next() % 8
+                let vaddr = (rng.next() % 2048) << 12
+                live.append(try t.insert(iova: nextIOVA, vaddr: vaddr, size: pages << 12, prot: .read))
+                nextIOVA += (pages + 1) << 12
+            case 5..<7 where !live.isEmpty:
+                t.remove(live.remove(at: Int(rng.next() % UInt64(live.count))))
+            case 7 where !live.isEmpty:
+                let m = live[Int(rng.next() % UInt64(live.count))]
+                t.updateHostAddress(m, to: (rng.next() % 2048) << 12)
+            case 8 where live.count > 4:
+                // A span of consecutive mappings by IOVA, as an unmap removes them.
+                let sorted = t.byIOVA
+                let lo = Int(rng.next() % UInt64(sorted.count - 2))
+                let span = Array(sorted[lo..<(lo + 3)])
+                t.remove(consecutive: span)
+                live.removeAll { m in span.contains { $0 === m } }
+            default:
+                break
+            }
+            let start = (rng.next() % 2100) << 12
+            let end = start + (1 + rng.next() % 64) << 12
+            var found: [MappingID] = []
+            t.forEachMapping(overlappingHost: start, end: end) { found.append($0.id) }
+            let expected = live.filter { $0.vaddr < end && $0.vaddrEnd > start }.map(\.id)
+            #expect(Set(found) == Set(expected) && found.count == expected.count, "step \(step)")
+            #expect(t.count == live.count)
+        }
+    }
+
     @Test func unmapMustCoverWholeMappings() throws {
         var t = DMAMappingTable()
         let a = try t.insert(iova: 0x10000, vaddr: 0, size: 0x4000, prot: .read)

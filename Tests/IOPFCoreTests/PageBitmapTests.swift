@@ -95,3 +95,46 @@ import Testing
         #expect(runs == [100..<5000, 70_000..<70_001, 262_000..<262_144])
     }
 }
+
+/// The sparse storage: bitmaps of several chunks, with ranges across chunk edges, against
+/// the oracle; and a huge bitmap that costs its directory, not its size.
+@Suite struct SparsePageBitmapTests {
+    @Test func rangesAcrossChunksMatchOracle() {
+        let count = 3 * PageBitmap.chunkBits + 77
+        var rng = SeededGenerator(seed: 42)
+        var bitmap = PageBitmap(count: count)
+        var oracle = BitSet()
+        for step in 0..<400 {
+            let a = Int(rng.next() % UInt64(count + 1))
+            let b = Int(rng.next() % UInt64(count + 1))
+            let range = min(a, b)..<max(a, b)
+            if step % 3 == 2 {
+                bitmap.clear(range)
+                oracle.subtract(range)
+            } else {
+                bitmap.set(range)
+                oracle.formUnion(range)
+            }
+            let from = Int(rng.next() % UInt64(count))
+            #expect(bitmap.findNextSet(from: from) == (oracle.first { $0 >= from } ?? count))
+            #expect(bitmap.findNextClear(from: from) == ((from..<count).first { !oracle.contains($0) } ?? count))
+            #expect(bitmap.population(in: range) == oracle.filter { range.contains($0) }.count)
+        }
+        PageBitmapTests.assertSame(bitmap, oracle)
+    }
+
+    @Test func aHugeBitmapAllocatesOnlyWhereSet() {
+        // 16 TiB of 4 KiB pages: 512 MiB of words if it were dense.
+        let pages = 1 << 32
+        var bitmap = PageBitmap(count: pages)
+        #expect(bitmap.allocatedBytes == 0 && bitmap.isEmpty)
+        #expect(bitmap.findNextSet(from: 0) == pages && bitmap.findNextClear(from: 12) == 12)
+        bitmap.set(pages - 1)
+        bitmap.set(5 ..< 9)
+        #expect(bitmap.allocatedBytes == 2 * PageBitmap.chunkBits / 8)
+        #expect(bitmap.findNextSet(from: 9) == pages - 1 && bitmap.population == 5)
+        bitmap.clear(0..<pages)
+        #expect(bitmap.isEmpty && bitmap == PageBitmap(count: pages))
+        #expect(bitmap.allocatedBytes == 2 * PageBitmap.chunkBits / 8, "clearing frees nothing")
+    }
+}
