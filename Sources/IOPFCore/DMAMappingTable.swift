@@ -38,6 +38,8 @@ public final class DMAMapping: @unchecked Sendable {
     /// while off). Kept across invalidations: a page written and then unmapped is still
     /// reported. While tracking, a leaf of this mapping is writable only if its bit is set.
     @exclusivity(unchecked) public internal(set) var dirty: PageBitmap?
+    /// In the table's active index: some page may be mapped by the fault path.
+    @exclusivity(unchecked) var isActive = false
 
     init(id: MappingID, iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) {
         self.id = id
@@ -104,6 +106,8 @@ public struct DMAMappingTable: Sendable {
     public private(set) var byIOVA: [DMAMapping] = []
     /// By host range; host ranges may overlap (one buffer mapped at two IOVAs).
     private var byHost = HostRangeIndex()
+    /// The fault-driven mappings with pages mapped, by host range: what a REMOVE must visit.
+    private var active = HostRangeIndex()
     private var nextID: UInt64 = 1
 
     public init(entryLimit: Int = Self.defaultEntryLimit) {
@@ -164,6 +168,22 @@ public struct DMAMappingTable: Sendable {
         guard i < byIOVA.count, byIOVA[i] === mapping else { return }
         byIOVA.remove(at: i)
         byHost.remove(mapping)
+        deactivate(mapping)
+    }
+
+    /// The fault path mapped a page of `m`: a REMOVE over its host range must visit it.
+    @inline(__always)
+    mutating func activate(_ m: DMAMapping) {
+        guard !m.isActive else { return }
+        m.isActive = true
+        active.insert(m)
+    }
+
+    /// `m` has no page mapped any more.
+    mutating func deactivate(_ m: DMAMapping) {
+        guard m.isActive else { return }
+        m.isActive = false
+        active.remove(m)
     }
 
     /// Removes mappings that are consecutive in IOVA order (what `mappings(coveringWhole:)`
@@ -177,8 +197,13 @@ public struct DMAMappingTable: Sendable {
         }
         if span.count == byIOVA.count {
             byHost.removeAll()
+            active.removeAll()
+            for m in span { m.isActive = false }
         } else {
-            for m in span { byHost.remove(m) }
+            for m in span {
+                byHost.remove(m)
+                deactivate(m)
+            }
         }
         byIOVA.removeSubrange(lo..<(lo + span.count))
     }
@@ -187,8 +212,11 @@ public struct DMAMappingTable: Sendable {
     /// host index in step.
     mutating func updateHostAddress(_ mapping: DMAMapping, to vaddr: UInt64) {
         byHost.remove(mapping)
+        let wasActive = mapping.isActive
+        deactivate(mapping)
         mapping.vaddr = vaddr
         byHost.insert(mapping)
+        if wasActive { activate(mapping) }
     }
 
     /// The mapping whose IOVA range holds `iova`.
@@ -200,9 +228,11 @@ public struct DMAMappingTable: Sendable {
     }
 
     /// Calls `body` for each mapping whose host range overlaps `[start, end)`, by host address.
-    public func forEachMapping(overlappingHost start: UInt64, end: UInt64, _ body: (DMAMapping) throws -> Void) rethrows {
+    /// With `activeOnly`, only those with pages mapped by the fault path.
+    public func forEachMapping(overlappingHost start: UInt64, end: UInt64, activeOnly: Bool = false,
+                               _ body: (DMAMapping) throws -> Void) rethrows {
         guard start < end else { return }
-        try byHost.forEach(overlapping: start, end, body)
+        try (activeOnly ? active : byHost).forEach(overlapping: start, end, body)
     }
 
     /// Calls `body` for each mapping whose IOVA range overlaps `[first, last]`.

@@ -386,6 +386,7 @@ public final class FaultEngine: Sendable {
                         }
                     }
                     m.iopfMapped.set(p..<end)
+                    s.mappings.activate(m)
                     mapped += end - p
                     p = m.iopfMapped.findNextClear(from: end)
                 }
@@ -419,9 +420,14 @@ public final class FaultEngine: Sendable {
             defer { endInvalidation() }
             var outcome = InvalidationOutcome()
             var failure: FatalInvalidationError?
-            s.mappings.forEachMapping(overlappingHost: first, end: end) { m in
+            // A REMOVE needs only the mappings with pages mapped (the active index): a
+            // host cannot make each madvise cost its whole table. UNMAP and REMAP mark
+            // every overlapping mapping gone, mapped or not.
+            var emptied: [DMAMapping] = []
+            s.mappings.forEachMapping(overlappingHost: first, end: end, activeOnly: !hostGone) { m in
                 // Pinned pages stay where they are whatever the host does (VFIO type1).
                 guard failure == nil, !m.pinned else { return }
+                defer { if m.iopfMapped.isEmpty { emptied.append(m) } }
                 let lo = Int((max(first, m.vaddr) - m.vaddr) >> pageShift)
                 let hi = Int((min(end, m.vaddrEnd) - m.vaddr) >> pageShift)
                 outcome.mappingsTouched += 1
@@ -436,6 +442,7 @@ public final class FaultEngine: Sendable {
                 }
             }
             syncAll(&s)
+            for m in emptied { s.mappings.deactivate(m) }
             s.stats.invalidations += 1
             if let failure {
                 s.failure = failure
@@ -1038,6 +1045,7 @@ extension FaultEngine.State {
             }
         }
         m.iopfMapped.set(index)
+        mappings.activate(m)
         if writeRequest { m.dirty?.set(index) }
         return .mapped
     }
@@ -1061,6 +1069,7 @@ extension FaultEngine.State {
             }
         }
         m.iopfMapped.set(pages)
+        mappings.activate(m)
         stats.mappedPages += hugeBlockPages
         stats.blockMappings += 1
         return true

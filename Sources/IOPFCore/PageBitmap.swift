@@ -22,6 +22,9 @@ public struct PageBitmap: Sendable {
     /// `chunkWords` words each (the last one as many as `count` needs), or empty while
     /// nothing in the chunk was ever set.
     @usableFromInline var chunks: [[UInt64]]
+    /// Number of set bits, kept as bits change: an invalidation can tell in O(1) that a
+    /// mapping has nothing mapped any more.
+    public private(set) var population = 0
 
     @usableFromInline static let chunkShift = 15
     /// Bits per chunk: 32768 pages, 4 KiB of words.
@@ -67,24 +70,44 @@ public struct PageBitmap: Sendable {
         checkIndex(i)
         let c = i &>> Self.chunkShift
         if chunks[c].isEmpty { chunks[c] = Array(repeating: 0, count: wordsIn(chunk: c)) }
-        chunks[c][(i &>> 6) & (Self.chunkWords - 1)] |= 1 &<< UInt64(i & 63)
+        let bit: UInt64 = 1 &<< UInt64(i & 63)
+        let w = (i &>> 6) & (Self.chunkWords - 1)
+        if chunks[c][w] & bit == 0 {
+            chunks[c][w] |= bit
+            population += 1
+        }
     }
 
     public mutating func clear(_ i: Int) {
         checkIndex(i)
         let c = i &>> Self.chunkShift
         guard !chunks[c].isEmpty else { return }
-        chunks[c][(i &>> 6) & (Self.chunkWords - 1)] &= ~(1 &<< UInt64(i & 63))
+        let bit: UInt64 = 1 &<< UInt64(i & 63)
+        let w = (i &>> 6) & (Self.chunkWords - 1)
+        if chunks[c][w] & bit != 0 {
+            chunks[c][w] &= ~bit
+            population -= 1
+        }
     }
 
     /// Sets every bit in `range`.
     public mutating func set(_ range: Range<Int>) {
-        forEachWord(in: range, allocating: true) { word, mask in word |= mask }
+        var added = 0
+        forEachWord(in: range, allocating: true) { word, mask in
+            added += (mask & ~word).nonzeroBitCount
+            word |= mask
+        }
+        population += added
     }
 
     /// Clears every bit in `range`.
     public mutating func clear(_ range: Range<Int>) {
-        forEachWord(in: range, allocating: false) { word, mask in word &= ~mask }
+        var removed = 0
+        forEachWord(in: range, allocating: false) { word, mask in
+            removed += (mask & word).nonzeroBitCount
+            word &= ~mask
+        }
+        population -= removed
     }
 
     /// Number of set bits in `range`.
@@ -106,21 +129,16 @@ public struct PageBitmap: Sendable {
         return total
     }
 
-    /// Number of set bits.
-    public var population: Int {
-        chunks.reduce(0) { sum, chunk in chunk.reduce(sum) { $0 + $1.nonzeroBitCount } }
-    }
-
-    public var isEmpty: Bool { chunks.allSatisfy { $0.allSatisfy { $0 == 0 } } }
+    public var isEmpty: Bool { population == 0 }
 
     /// Sets every bit set in `other` (same count).
     public mutating func formUnion(_ other: PageBitmap) {
         precondition(other.count == count, "union of bitmaps of \(count) and \(other.count) pages")
         for c in chunks.indices where !other.chunks[c].isEmpty {
-            if chunks[c].isEmpty {
-                chunks[c] = other.chunks[c]
-            } else {
-                for w in chunks[c].indices { chunks[c][w] |= other.chunks[c][w] }
+            if chunks[c].isEmpty { chunks[c] = Array(repeating: 0, count: other.chunks[c].count) }
+            for w in chunks[c].indices {
+                population += (other.chunks[c][w] & ~chunks[c][w]).nonzeroBitCount
+                chunks[c][w] |= other.chunks[c][w]
             }
         }
     }

@@ -112,6 +112,8 @@ final class EventLoop {
     @exclusivity(unchecked) var running = true
     let doubleAnswer: Bool
     @exclusivity(unchecked) var streamDevices = 0
+    /// Cost of the control messages handled this turn (`controlCostPerTurn`).
+    var controlSpent = 0
     /// Some device has a window being mapped in the background: the loop must not sleep.
     @exclusivity(unchecked) var prefetching = false
     /// Some device has groups waiting to be handled together at the end of this turn.
@@ -190,6 +192,7 @@ final class EventLoop {
                 }
                 lastActivity = ContinuousClock.now
                 stats.loopTurns += 1
+                controlSpent = 0
                 stats.completionOverflows = ring.overflowsSeen
                 stats.completions += completions.count
                 for c in completions { try dispatch(c) }

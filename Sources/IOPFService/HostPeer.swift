@@ -45,8 +45,10 @@ extension EventLoop {
                                     "\(admitted.count) hosts of other uids named '\(name)' admit uid \(p.uid): none is chosen"))
     }
 }
-/// Host events handled per wake-up, so that one host cannot starve the rest.
-private let eventsPerTurn = 256
+/// What a host's events may cost per wake-up, in mappings visited plus pages unmapped, so
+/// that one host cannot starve the rest: events are read 16 at a time while this holds, and
+/// the rest wait for the next turn (the host's madvise waits with them, not other hosts).
+private let eventCostPerTurn = 4096
 
 extension EventLoop {
     // MARK: HOST
@@ -269,15 +271,14 @@ extension EventLoop {
             closePeer(s.peer, reason: "its userfaultfd failed (poll result \(c.result))", disconnected: true)
             return
         }
-        var handled = 0
+        var cost = 0
         do {
-            while handled < eventsPerTurn, !s.closed {
+            while cost < eventCostPerTurn, !s.closed {
                 let bytes = try s.uffd.drain(into: uffdBuffer)
                 if bytes == 0 { break }
                 for i in 0..<(bytes / UserfaultfdSource.messageBytes) where !s.closed {
                     let at = i * UserfaultfdSource.messageBytes
-                    handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])), in: s)
-                    handled += 1
+                    cost += handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])), in: s)
                 }
             }
         } catch {
@@ -288,7 +289,8 @@ extension EventLoop {
         armHostEvents(s)
     }
 
-    private func handle(_ event: HostEvent, in s: HostSpace) {
+    /// Returns what the event cost: 1, plus the mappings it visited and the pages it unmapped.
+    private func handle(_ event: HostEvent, in s: HostSpace) -> Int {
         guard let (range, gone) = event.invalidation else {
             if case .malformed(let why) = event {
                 closePeer(s.peer, reason: "its userfaultfd gave a malformed message: \(why)", disconnected: true)
@@ -297,17 +299,23 @@ extension EventLoop {
                 // concern its threads, not the devices' translations.
                 service.logger.warning("host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
             }
-            return
+            return 1
         }
-        guard range.lowerBound < range.upperBound else { return }
-        if gone { s.memory.forget(range) }
+        guard range.lowerBound < range.upperBound else { return 1 }
+        if gone {
+            s.memory.forget(range)
+            s.uffd.forget(range)
+        }
         stats.count(event, source: s.name)
         stats.host(s.id) { $0.uffdEvents += 1 }
         do {
-            _ = try s.engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
+            let outcome = try s.engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound,
+                                                  hostGone: gone)
+            return 1 + outcome.mappingsTouched + outcome.pagesUnmapped
         } catch {
             service.logger.critical("host '\(s.name)': \(error)")
             closePeer(s.peer, reason: "an invalidation in its address space failed: \(error)", disconnected: true)
+            return 1
         }
     }
 

@@ -50,7 +50,8 @@ struct HostRefusal: Error, CustomStringConvertible {
 /// A host's userfaultfd, owned by the service once received.
 final class HostUserfaultfd {
     let fd: CInt
-    private(set) var registered: [Range<UInt64>] = []
+    /// The ranges the service registered and the host has not given up since.
+    private(set) var registered = RangeTable<Bool> { v, _ in v }
     private var closed = false
 
     /// Takes `fd` (closed on a throw too) after checking it is a usable userfaultfd.
@@ -88,9 +89,12 @@ final class HostUserfaultfd {
     /// range that mmap(MAP_FIXED) replaced is watched again).
     func register(_ range: Range<UInt64>) throws(UserfaultfdError) {
         try UserfaultfdSource.register(fd, start: range.lowerBound, length: UInt64(range.count))
-        if !registered.contains(where: { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }) {
-            registered.append(range)
-        }
+        registered.insert(range, true)
+    }
+
+    /// The host unmapped or moved `range`: the kernel dropped its registration with the VMA.
+    func forget(_ range: Range<UInt64>) {
+        registered.cut(range)
     }
 
     /// Reads pending events into `buffer`; 0 when there are none. Never blocks.
@@ -108,8 +112,8 @@ final class HostUserfaultfd {
     func release(scratch: UnsafeMutableRawBufferPointer) {
         guard !closed else { return }
         closed = true
-        for r in registered { _ = iopf_uffd_unregister(fd, r.lowerBound, UInt64(r.count)) }
-        registered = []
+        for e in registered.entries { _ = iopf_uffd_unregister(fd, e.range.lowerBound, UInt64(e.range.count)) }
+        registered = RangeTable { v, _ in v }
         for _ in 0..<1024 {
             guard let n = try? drain(into: scratch), n > 0 else { break }
         }
@@ -148,7 +152,13 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
     let probes: Bool
     /// The sum of the memfds' sizes.
     let bytes: UInt64
-    private let bindings = Lock<[Binding]>([])
+    /// Where a bound host range starts in the memfds.
+    struct Place: Equatable {
+        var memfd: Int
+        var offset: UInt64
+    }
+
+    private let bindings = Lock(RangeTable<Place> { Place(memfd: $0.memfd, offset: $0.offset + $1) })
 
     /// Takes the memfds (all closed on a throw) after checking each one, and maps each
     /// into the service. `budget`: the bytes all of them may hold together.
@@ -230,52 +240,27 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
 
     func bind(_ pieces: [Binding]) {
         bindings.withLock { b in
-            for p in pieces { Self.cut(&b, p.host) }
-            b += pieces
+            for p in pieces { b.insert(p.host, Place(memfd: p.memfd, offset: p.offset)) }
         }
     }
 
     /// The host unmapped or moved `range`: it no longer reaches the memfds there.
     func forget(_ range: Range<UInt64>) {
-        bindings.withLock { Self.cut(&$0, range) }
-    }
-
-    private static func cut(_ b: inout [Binding], _ range: Range<UInt64>) {
-        var out: [Binding] = []
-        for x in b {
-            guard x.host.overlaps(range) else {
-                out.append(x)
-                continue
-            }
-            if x.host.lowerBound < range.lowerBound {
-                out.append(Binding(host: x.host.lowerBound..<range.lowerBound, memfd: x.memfd, offset: x.offset))
-            }
-            if range.upperBound < x.host.upperBound {
-                out.append(Binding(host: range.upperBound..<x.host.upperBound, memfd: x.memfd,
-                                   offset: x.offset + (range.upperBound - x.host.lowerBound)))
-            }
-        }
-        b = out
+        bindings.withLock { $0.cut(range) }
     }
 
     /// True when every page of `range` is bound.
     func covers(_ range: Range<UInt64>) -> Bool {
-        bindings.withLock { b in
-            var cursor = range.lowerBound
-            while cursor < range.upperBound {
-                guard let x = b.first(where: { $0.host.contains(cursor) }) else { return false }
-                cursor = x.host.upperBound
-            }
-            return true
-        }
+        bindings.withLock { $0.covers(range) }
     }
+
+    /// Bound host ranges (kept pruned: for tests and footprints).
+    var bindingCount: Int { bindings.withLock { $0.count } }
 
     private func locate(_ address: UInt64, pages: Int) -> (Memfd, UInt64)? {
         bindings.withLock { b in
-            guard let x = b.first(where: { $0.host.contains(address) }),
-                  address + UInt64(pages) << 12 <= x.host.upperBound
-            else { return nil }
-            return (memfds[x.memfd], x.offset + (address - x.host.lowerBound))
+            guard let x = b.entry(containing: address), address + UInt64(pages) << 12 <= x.range.upperBound else { return nil }
+            return (memfds[x.value.memfd], x.value.offset + (address - x.range.lowerBound))
         }
     }
 

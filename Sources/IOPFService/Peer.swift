@@ -50,6 +50,12 @@ final class Peer {
 
 /// Messages handled per peer per wake-up, so that one chatty peer cannot starve the rest.
 private let messagesPerTurn = 16
+/// What control messages may cost per peer per wake-up and in all per loop turn, in pages
+/// walked (a TRANSLATE costs its page count, any other message 1): 32 peers each keeping
+/// 512-page TRANSLATEs in flight must not take the loop from the devices it serves. A
+/// peer whose share is spent is polled again, and served, in a later turn.
+let controlCostPerPeer = 512
+let controlCostPerTurn = 1024
 
 extension EventLoop {
     // MARK: Connections
@@ -150,7 +156,10 @@ extension EventLoop {
     // MARK: Control socket
 
     func readControl(_ p: Peer) {
+        let start = controlSpent
         for _ in 0..<messagesPerTurn where p.state != .closed {
+            guard controlSpent - start < controlCostPerPeer, controlSpent < controlCostPerTurn else { break }
+            controlSpent += 1
             let got: Sys.Received
             do {
                 got = try Sys.receive(p.control, into: messageBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: true)
@@ -366,6 +375,7 @@ extension EventLoop {
 
     private func translate(_ p: Peer, _ header: MessageHeader, _ request: Translate) {
         guard let d = p.device else { return }
+        controlSpent += Int(request.pages)
         // Read before the walk: any unmap the walk missed is posted with a higher sequence.
         let sequence = fences.lastPosted(device: d.generation)
         let table = d.engine.pageTable(d.domain)
