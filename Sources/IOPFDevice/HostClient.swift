@@ -32,7 +32,9 @@ public final class HostClient: @unchecked Sendable {
     /// Creates a userfaultfd the service can use (UFFDIO_API with the three events) and
     /// returns it; the caller sends it with `declare` and closes its own copy after.
     public static func makeUserfaultfd() throws(SystemCallError) -> CInt {
-        let fd = try syscall("userfaultfd") { iopf_userfaultfd(O_CLOEXEC | O_NONBLOCK) }
+        // User-mode only: the service needs the events, not kernel-mode faults, and
+        // unprivileged hosts get no userfaultfd without it (vm.unprivileged_userfaultfd = 0).
+        let fd = try syscall("userfaultfd") { iopf_userfaultfd(O_CLOEXEC | O_NONBLOCK | CInt(UFFD_USER_MODE_ONLY)) }
         let wanted = UInt64(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP)
         var granted: UInt64 = 0
         var ioctls: UInt64 = 0

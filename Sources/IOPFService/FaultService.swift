@@ -206,6 +206,9 @@ public struct HostRecord: Sendable, Equatable, Codable {
     /// Devices that attached to its address space, in all.
     public var devices = 0
     public var uffdEvents = 0
+    /// Host ranges the service keeps for it (bound memfd pieces and registered ranges):
+    /// pruned as the host moves or unmaps memory, so it stays near its live mappings.
+    public var trackedRanges = 0
     /// Why its address space was torn down; nil while it is attached.
     public var ended: String?
 

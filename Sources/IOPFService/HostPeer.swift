@@ -209,7 +209,11 @@ extension EventLoop {
             do { try s.engine.updateHostAddress(iova: request.iova, size: request.size, vaddr: request.hostAddress) } catch {
                 return refuse(WireErrno.invalid, "badMapping", "\(error)")
             }
-            stats.host(s.id) { $0.addressUpdates += 1 }
+            let tracked = s.memory.bindingCount + s.uffd.registered.count
+            stats.host(s.id) {
+                $0.addressUpdates += 1
+                $0.trackedRanges = tracked
+            }
             afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply)) }
             return
         }

@@ -55,7 +55,7 @@ private let messagesPerTurn = 16
 /// 512-page TRANSLATEs in flight must not take the loop from the devices it serves. A
 /// peer whose share is spent is polled again, and served, in a later turn.
 let controlCostPerPeer = 512
-let controlCostPerTurn = 1024
+let controlCostPerTurn = 256
 
 extension EventLoop {
     // MARK: Connections

@@ -39,6 +39,8 @@ public struct HostOptions: Sendable {
     /// Seconds to run (0: until `shouldStop`).
     public var seconds = 0.0
     public var seed: UInt64 = 1
+    /// Uids besides this process's own whose devices may attach (HOST's allowed uids).
+    public var allowedUIDs: [UInt32] = []
     public init(path: String, name: String) {
         self.path = path
         self.name = name
@@ -100,7 +102,7 @@ public enum HostSession {
         let uffd = try HostClient.makeUserfaultfd()
         do {
             try client.declare(name: o.name, regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
-                               userfaultfd: uffd, memfds: [memfd])
+                               userfaultfd: uffd, memfds: [memfd], allowedUIDs: o.allowedUIDs)
         } catch {
             Sys.close(uffd)
             throw error

@@ -72,10 +72,11 @@ final class Child {
     let process = Process()
     private let out = Pipe()
 
-    init(_ executable: String, _ arguments: [String]) throws {
+    /// `executable` is one built beside the tests, or with `absolute` a path.
+    init(_ executable: String, _ arguments: [String], absolute: Bool = false) throws {
         let dir = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
             .deletingLastPathComponent()
-        let url = dir.appendingPathComponent(executable)
+        let url = absolute ? URL(fileURLWithPath: executable) : dir.appendingPathComponent(executable)
         guard FileManager.default.isExecutableFile(atPath: url.path) else {
             throw ServiceError.invalidRequest("\(url.path) is missing: build the package's executables first")
         }

@@ -22,19 +22,21 @@ final class ListeningService {
     /// Clients the tests discard with `_` stay connected until the service stops.
     private let attached = Lock<[(DeviceClient, DeviceAttachment)]>([])
 
-    init(timeout: Duration = .seconds(1), hostEvents: Bool = false) throws {
+    init(timeout: Duration = .seconds(1), hostEvents: Bool = false, socketMode: mode_t = 0o600,
+         configure: (inout ServiceConfiguration) -> Void = { _ in }) throws {
         engine = FaultEngine(memory: ProcessMemory())
         var config = ServiceConfiguration()
         config.spinNanoseconds = 20_000
         config.invalidateTimeout = timeout
         config.hostEvents = hostEvents
+        configure(&config)
         service = try FaultService(engine: engine, configuration: config)
         domain = try service.createDomain(local: DomainIOTLBs())
         try service.start()
         provisioner = ServeProvisioner(domains: [domain], bytes: 1 << 20, mode: .fault)
         provisioner.service = service
         path = "/tmp/iopf-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-        try service.listen(path: path, provisioner: provisioner)
+        try service.listen(path: path, mode: socketMode, provisioner: provisioner)
     }
 
     deinit { service.stop() }

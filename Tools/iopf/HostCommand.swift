@@ -41,6 +41,10 @@ struct Host: ParsableCommand {
     @Option(help: "Seed for the changes.")
     var seed: UInt64 = 1
 
+    @Option(name: .customLong("allow-uid"),
+            help: "A uid, besides this process's own, whose devices may attach to this address space (repeatable, up to 16).")
+    var allowedUIDs: [UInt32] = []
+
     @Flag(help: "Print one JSON object at the end instead of a summary.")
     var json = false
 
@@ -49,6 +53,9 @@ struct Host: ParsableCommand {
         guard let bytes = parseSize(memory), bytes > 0 else { throw ValidationError("--memory '\(memory)' is not a size like 64M") }
         guard (1...64).contains(mappings) else { throw ValidationError("--mappings must be 1...64, got \(mappings)") }
         guard bytes % (UInt64(mappings) << 12) == 0 else { throw ValidationError("--memory must be a multiple of --mappings × 4 KiB") }
+        guard allowedUIDs.count <= HostDeclaration.maxAllowedUIDs else {
+            throw ValidationError("--allow-uid at most \(HostDeclaration.maxAllowedUIDs) times")
+        }
         guard churn >= 0, seconds >= 0 && seconds <= 86_400 else { throw ValidationError("--churn and --seconds must not be negative") }
     }
 
@@ -59,6 +66,7 @@ struct Host: ParsableCommand {
         o.churnMilliseconds = churn
         o.seconds = seconds
         o.seed = seed
+        o.allowedUIDs = allowedUIDs
         Signals.stopOnInterrupt()
         let r: HostResult
         do {
