@@ -66,8 +66,9 @@ public struct GroupAssembler: Sendable {
             guard bytes.count == PageRequest.byteCount else { return nil }
             let flags = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
             let group = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+            // Cookie 0 is malformed too, and answered with cookie 0: a device that sent
+            // one must not wait forever for its answer.
             let cookie = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 36, as: UInt32.self))
-            guard cookie != 0 else { return nil }
             return fail(group: Int(group & PageRequest.maxGroupIndex), cookie: cookie, .malformed,
                         last: flags & PageRequest.Flags.lastPage.rawValue != 0)
         }

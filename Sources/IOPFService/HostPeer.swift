@@ -337,7 +337,9 @@ extension EventLoop {
         for d in devices {
             let why = "its host '\(s.name)' went away: \(reason)"
             if let dp = d.peer {
-                if dp.invalidation >= 0 { try? Sys.send(dp.invalidation, DetachNotice.message(reason: why), nonBlocking: true) }
+                if dp.invalidation >= 0 && dp.minor >= 1 {
+                    try? Sys.send(dp.invalidation, DetachNotice.message(reason: why), nonBlocking: true)
+                }
                 closePeer(dp, reason: "device \(d.deviceID) detached: \(why)", disconnected: true)
             } else {
                 detach(d, reason: why)

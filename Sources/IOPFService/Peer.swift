@@ -25,8 +25,10 @@ final class Peer {
     /// The service's end of the invalidation socket, once attached.
     var invalidation: CInt = -1
     var state = State.greeting
-    /// What the peer said it is in HELLO.
+    /// What the peer said it is in HELLO, and the minor version granted: a 1.0 peer gets
+    /// no 1.1 behaviour (named ATTACH, the DETACH notice).
     var role = PeerRole.device
+    var minor: UInt16 = 0
     var device: AttachedDevice?
     /// A host's address space, once HOST was accepted.
     var space: HostSpace?
@@ -237,6 +239,7 @@ extension EventLoop {
                 p.state = .ready
                 let granted = HelloReply(major: WireVersion.major, minor: min(hello.minor, WireVersion.minor),
                                          capabilities: hello.capabilities.intersection(.all))
+                p.minor = granted.minor
                 reply(p, granted.message(id: header.id, flags: .reply))
             case (.attach, .ready) where p.role == .device:
                 attach(p, header, try Attach(payload: payload))
@@ -296,6 +299,12 @@ extension EventLoop {
         guard let l = listener else { return }
         // Device ids are unique per address space: two hosts' devices may share one.
         var space: HostSpace?
+        if request.addressSpaceName != nil && p.minor < 1 {
+            stats.protocolError("badState")
+            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.protocolError,
+                                     text: "ATTACH to a named address space needs protocol 1.1; HELLO negotiated 1.\(p.minor)"))
+            return
+        }
         if let name = request.addressSpaceName {
             switch addressSpace(named: name, for: p) {
             case .success(let s): space = s

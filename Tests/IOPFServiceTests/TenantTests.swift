@@ -481,3 +481,41 @@ let fAddSeals: CInt = 1033
         }
     }
 }
+
+/// Where the protocol document and the service disagreed, and how killed devices count.
+@Suite(.serialized, .timeLimit(.minutes(2))) struct ProtocolAgreementTests {
+    @Test func aRecordWithCookieZeroIsAnsweredInvalid() throws {
+        let s = try ListeningService()
+        let (_, a) = try s.device(7, stream: true)
+        var bytes = PageRequest(flags: [.lastPage], deviceID: 7, groupIndex: 3, perm: [.read], addr: a.windows[0].iova,
+                                cookie: 1).bytes
+        bytes[36..<40] = [0, 0, 0, 0]
+        try a.channel.sendRaw(bytes)
+        #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 0, code: .invalid)])
+    }
+
+    @Test func aPeerThatNegotiated10GetsNo11Behaviour() throws {
+        let s = try ListeningService()
+        let p = try RawPeer(s.path)
+        try p.send(Hello(minor: 0).message(id: 1))
+        #expect(try p.receive()?.header.isError == false)
+        try p.send(Attach(deviceID: 1, addressSpaceName: "vm1").message(id: 2))
+        let r = try p.receive()
+        #expect(r?.header.error == WireErrno.protocolError, "\(String(describing: r?.header))")
+    }
+
+    /// Defect 12: devices killed while INVALIDATEs are posted to them left, they were not fenced.
+    @Test func killedDevicesAreDeparturesNotMisbehaviour() throws {
+        let s = try ListeningSession(seconds: 0)
+        let children = try (1...6).map {
+            try Child("iopf", ["device", "--connect", s.path, "--device-id", "\($0)", "--duration", "30", "--json"])
+        }
+        #expect(s.waitForAttached(children.count))
+        usleep(300_000)  // INVALIDATEs every 2 ms meanwhile
+        for c in children { kill(c.process.processIdentifier, SIGKILL) }
+        for c in children { _ = c.finish() }
+        usleep(300_000)
+        let r = try s.result()
+        #expect(r.devicesFenced == 0 && r.protocolErrorKinds["invalidationSocket"] == nil, "\(r.protocolErrorKinds)")
+    }
+}
