@@ -232,7 +232,12 @@ public struct DMAMappingTable: Sendable {
     public func forEachMapping(overlappingHost start: UInt64, end: UInt64, activeOnly: Bool = false,
                                _ body: (DMAMapping) throws -> Void) rethrows {
         guard start < end else { return }
-        try (activeOnly ? active : byHost).forEach(overlapping: start, end, body)
+        // Not `(activeOnly ? active : byHost)`: that copies the index (three retains) per event.
+        if activeOnly {
+            try active.forEach(overlapping: start, end, body)
+        } else {
+            try byHost.forEach(overlapping: start, end, body)
+        }
     }
 
     /// Calls `body` for each mapping whose IOVA range overlaps `[first, last]`.

@@ -151,6 +151,9 @@ public final class FaultEngine: Sendable {
         /// IOVA ranges under dirty tracking: mappings created inside one are tracked from
         /// the start, as iommufd tracks every mapping of a domain with tracking on.
         var dirtyTracked: [ClosedRange<UInt64>] = []
+        /// Scratch of `invalidate`: mappings it left with nothing mapped, to leave the active
+        /// index once the walk is over (kept, so that an event allocates nothing).
+        var emptied: [DMAMapping] = []
     }
 
     public init(memory: any HostMemory, configuration: EngineConfiguration = EngineConfiguration()) {
@@ -423,11 +426,9 @@ public final class FaultEngine: Sendable {
             // A REMOVE needs only the mappings with pages mapped (the active index): a
             // host cannot make each madvise cost its whole table. UNMAP and REMAP mark
             // every overlapping mapping gone, mapped or not.
-            var emptied: [DMAMapping] = []
             s.mappings.forEachMapping(overlappingHost: first, end: end, activeOnly: !hostGone) { m in
                 // Pinned pages stay where they are whatever the host does (VFIO type1).
                 guard failure == nil, !m.pinned else { return }
-                defer { if m.iopfMapped.isEmpty { emptied.append(m) } }
                 let lo = Int((max(first, m.vaddr) - m.vaddr) >> pageShift)
                 let hi = Int((min(end, m.vaddrEnd) - m.vaddr) >> pageShift)
                 outcome.mappingsTouched += 1
@@ -440,9 +441,11 @@ public final class FaultEngine: Sendable {
                 } catch {
                     failure = error
                 }
+                if m.iopfMapped.isEmpty && m.isActive { s.emptied.append(m) }
             }
             syncAll(&s)
-            for m in emptied { s.mappings.deactivate(m) }
+            for m in s.emptied { s.mappings.deactivate(m) }
+            s.emptied.removeAll(keepingCapacity: true)
             s.stats.invalidations += 1
             if let failure {
                 s.failure = failure

@@ -65,17 +65,40 @@ struct HostRangeIndex: Sendable {
 
     /// Calls `body` for each mapping whose host range overlaps `[start, end)`, by address.
     func forEach(overlapping start: UInt64, _ end: UInt64, _ body: (DMAMapping) throws -> Void) rethrows {
-        try visit(root, start, end, body)
+        // In order, with an explicit stack on the thread's stack: no allocation, no
+        // reference counting of the node array per step. A treap's depth is about
+        // 2 ln n (22 at 65535 mappings); a deeper path, never seen, falls back to recursion.
+        try withUnsafeTemporaryAllocation(of: Int32.self, capacity: 128) { stack throws in
+            var depth = 0
+            var n = root
+            while true {
+                // Down the left spine of every subtree that can still overlap.
+                while n >= 0 && nodes[Int(n)].maxEnd > start {
+                    if depth == stack.count {
+                        try visit(n, start, end, body)
+                        n = -1
+                        break
+                    }
+                    stack[depth] = n
+                    depth += 1
+                    n = nodes[Int(n)].left
+                }
+                guard depth > 0 else { return }
+                depth -= 1
+                let top = Int(stack[depth])
+                guard nodes[top].start < end else { return }  // in order: every later node starts later
+                if nodes[top].end > start { try body(mappings[top].unsafelyUnwrapped) }
+                n = nodes[top].right
+            }
+        }
     }
 
     private func visit(_ n: Int32, _ start: UInt64, _ end: UInt64, _ body: (DMAMapping) throws -> Void) rethrows {
-        guard n >= 0 else { return }
-        let node = nodes[Int(n)]
-        guard node.maxEnd > start else { return }
-        try visit(node.left, start, end, body)
-        guard node.start < end else { return }
-        if node.end > start { try body(mappings[Int(n)]!) }
-        try visit(node.right, start, end, body)
+        guard n >= 0, nodes[Int(n)].maxEnd > start else { return }
+        try visit(nodes[Int(n)].left, start, end, body)
+        guard nodes[Int(n)].start < end else { return }
+        if nodes[Int(n)].end > start { try body(mappings[Int(n)].unsafelyUnwrapped) }
+        try visit(nodes[Int(n)].right, start, end, body)
     }
 
     // MARK: Treap

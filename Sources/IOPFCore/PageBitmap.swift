@@ -6,7 +6,7 @@
 // need no masking at the top.
 //
 // Sparse: the words live in chunks of `chunkBits` bits (128 MiB of 4 KiB pages), each
-// allocated on its first set bit. A mapping's size is its host's word, so a 16 TiB mapping
+// allocated on its first set bit (in one flat array, found through a directory). A mapping's size is its host's word, so a 16 TiB mapping
 // must cost its directory (8 bytes per chunk), not 512 MiB of zeros; a scan skips a chunk
 // that was never set with one comparison, so an invalidation costs by what was mapped,
 // not by the size of the range. Chunks are never freed once allocated (a cleared chunk is
@@ -19,9 +19,13 @@
 public struct PageBitmap: Sendable {
     /// Number of bits (pages).
     public let count: Int
-    /// `chunkWords` words each (the last one as many as `count` needs), or empty while
-    /// nothing in the chunk was ever set.
-    @usableFromInline var chunks: [[UInt64]]
+    /// Where chunk c's words start in `words`, or -1 while nothing in the chunk was ever
+    /// set. One flat array, not an array per chunk: a bit is reached without reference
+    /// counting (an array per chunk cost two atomics per access, doubling an invalidation).
+    @usableFromInline var directory: [Int32]
+    /// The allocated chunks' words, `chunkWords` each (the last chunk as many as `count`
+    /// needs), in the order they were allocated.
+    @usableFromInline var words: [UInt64] = []
     /// Number of set bits, kept as bits change: an invalidation can tell in O(1) that a
     /// mapping has nothing mapped any more.
     public private(set) var population = 0
@@ -34,7 +38,7 @@ public struct PageBitmap: Sendable {
     public init(count: Int) {
         precondition(count >= 0, "PageBitmap count \(count) is negative")
         self.count = count
-        chunks = Array(repeating: [], count: (count + Self.chunkBits - 1) >> Self.chunkShift)
+        directory = Array(repeating: -1, count: (count + Self.chunkBits - 1) >> Self.chunkShift)
     }
 
     /// Words in chunk `c` once allocated.
@@ -44,53 +48,61 @@ public struct PageBitmap: Sendable {
     }
 
     /// Bytes of words allocated: what the bitmap holds beyond its directory.
-    public var allocatedBytes: Int { chunks.reduce(0) { $0 + $1.count * 8 } }
+    public var allocatedBytes: Int { words.count * 8 }
 
     @inlinable @inline(__always)
     func checkIndex(_ i: Int) {
         precondition(i >= 0 && i < count, "page index \(i) is outside the bitmap of \(count) pages")
     }
 
+    /// Index in `words` of word `w`, allocating its chunk first; the chunk's start.
+    @inline(__always)
+    private mutating func chunkStart(allocating c: Int) -> Int {
+        if directory[c] < 0 {
+            directory[c] = Int32(words.count)
+            words.append(contentsOf: repeatElement(0, count: wordsIn(chunk: c)))
+        }
+        return Int(directory[c])
+    }
+
     /// Word `w` (0 in a chunk never set).
     @inline(__always)
     private func word(_ w: Int) -> UInt64 {
-        let c = w >> (Self.chunkShift - 6)
-        let chunk = chunks[c]
-        return chunk.isEmpty ? 0 : chunk[w & (Self.chunkWords - 1)]
+        let start = directory[w &>> (Self.chunkShift - 6)]
+        return start < 0 ? 0 : words[Int(start) + w & (Self.chunkWords - 1)]
     }
 
     @inlinable
     public func test(_ i: Int) -> Bool {
         checkIndex(i)
-        let chunk = chunks[i &>> Self.chunkShift]
-        return !chunk.isEmpty && chunk[(i &>> 6) & (Self.chunkWords - 1)] & (1 &<< UInt64(i & 63)) != 0
+        let start = directory[i &>> Self.chunkShift]
+        return start >= 0 && words[Int(start) + (i &>> 6) & (Self.chunkWords - 1)] & (1 &<< UInt64(i & 63)) != 0
     }
 
     public mutating func set(_ i: Int) {
         checkIndex(i)
-        let c = i &>> Self.chunkShift
-        if chunks[c].isEmpty { chunks[c] = Array(repeating: 0, count: wordsIn(chunk: c)) }
+        let w = chunkStart(allocating: i &>> Self.chunkShift) + (i &>> 6) & (Self.chunkWords - 1)
         let bit: UInt64 = 1 &<< UInt64(i & 63)
-        let w = (i &>> 6) & (Self.chunkWords - 1)
-        if chunks[c][w] & bit == 0 {
-            chunks[c][w] |= bit
+        if words[w] & bit == 0 {
+            words[w] |= bit
             population += 1
         }
     }
 
     public mutating func clear(_ i: Int) {
         checkIndex(i)
-        let c = i &>> Self.chunkShift
-        guard !chunks[c].isEmpty else { return }
+        let start = directory[i &>> Self.chunkShift]
+        guard start >= 0 else { return }
+        let w = Int(start) + (i &>> 6) & (Self.chunkWords - 1)
         let bit: UInt64 = 1 &<< UInt64(i & 63)
-        let w = (i &>> 6) & (Self.chunkWords - 1)
-        if chunks[c][w] & bit != 0 {
-            chunks[c][w] &= ~bit
+        if words[w] & bit != 0 {
+            words[w] &= ~bit
             population -= 1
         }
     }
 
     /// Sets every bit in `range`.
+    @inline(__always)
     public mutating func set(_ range: Range<Int>) {
         var added = 0
         forEachWord(in: range, allocating: true) { word, mask in
@@ -101,6 +113,7 @@ public struct PageBitmap: Sendable {
     }
 
     /// Clears every bit in `range`.
+    @inline(__always)
     public mutating func clear(_ range: Range<Int>) {
         var removed = 0
         forEachWord(in: range, allocating: false) { word, mask in
@@ -111,6 +124,7 @@ public struct PageBitmap: Sendable {
     }
 
     /// Number of set bits in `range`.
+    @inline(__always)
     public func population(in range: Range<Int>) -> Int {
         checkRange(range)
         guard !range.isEmpty else { return 0 }
@@ -119,7 +133,7 @@ public struct PageBitmap: Sendable {
         var w = first
         while w <= last {
             let c = w >> (Self.chunkShift - 6)
-            if chunks[c].isEmpty {
+            if directory[c] < 0 {
                 w = (c + 1) << (Self.chunkShift - 6)
                 continue
             }
@@ -134,11 +148,11 @@ public struct PageBitmap: Sendable {
     /// Sets every bit set in `other` (same count).
     public mutating func formUnion(_ other: PageBitmap) {
         precondition(other.count == count, "union of bitmaps of \(count) and \(other.count) pages")
-        for c in chunks.indices where !other.chunks[c].isEmpty {
-            if chunks[c].isEmpty { chunks[c] = Array(repeating: 0, count: other.chunks[c].count) }
-            for w in chunks[c].indices {
-                population += (other.chunks[c][w] & ~chunks[c][w]).nonzeroBitCount
-                chunks[c][w] |= other.chunks[c][w]
+        for c in directory.indices where other.directory[c] >= 0 {
+            let (mine, theirs) = (chunkStart(allocating: c), Int(other.directory[c]))
+            for k in 0..<wordsIn(chunk: c) {
+                population += (other.words[theirs + k] & ~words[mine + k]).nonzeroBitCount
+                words[mine + k] |= other.words[theirs + k]
             }
         }
     }
@@ -147,9 +161,10 @@ public struct PageBitmap: Sendable {
     public func population(notIn others: PageBitmap...) -> Int {
         precondition(others.allSatisfy { $0.count == count }, "bitmaps of different sizes")
         var total = 0
-        for c in chunks.indices where !chunks[c].isEmpty {
-            for w in chunks[c].indices {
-                total += others.reduce(chunks[c][w]) { $1.chunks[c].isEmpty ? $0 : $0 & ~$1.chunks[c][w] }.nonzeroBitCount
+        for c in directory.indices where directory[c] >= 0 {
+            for k in 0..<wordsIn(chunk: c) {
+                let w = c << (Self.chunkShift - 6) + k
+                total += others.reduce(word(w)) { $0 & ~$1.word(w) }.nonzeroBitCount
             }
         }
         return total
@@ -167,11 +182,13 @@ public struct PageBitmap: Sendable {
 
     /// The first set bit in `from..<to`, or `to` when there is none. Bounding the scan
     /// keeps a small query on a large bitmap cheap (`find_next_bit`'s `size`).
+    @inline(__always)
     public func findNextSet(from: Int, to: Int) -> Int {
         find(from: from, to: to, invert: 0)
     }
 
     /// The first clear bit in `from..<to`, or `to` when there is none.
+    @inline(__always)
     public func findNextClear(from: Int, to: Int) -> Int {
         find(from: from, to: to, invert: ~0)
     }
@@ -179,23 +196,29 @@ public struct PageBitmap: Sendable {
     @inline(__always)
     private func find(from: Int, to: Int, invert: UInt64) -> Int {
         precondition(from >= 0 && to <= count, "findNext in \(from)..<\(to) is outside the bitmap of \(count) pages")
-        guard from < to else { return to }
-        var w = from &>> 6
-        let lastWord = (to - 1) &>> 6
-        var bits = (word(w) ^ invert) & (~0 &<< UInt64(from & 63))
-        while bits == 0 {
-            w += 1
-            if w > lastWord { return to }
-            let c = w >> (Self.chunkShift - 6)
-            if chunks[c].isEmpty {
+        var pos = from
+        while pos < to {
+            let c = pos &>> Self.chunkShift
+            let end = Swift.min(to, (c + 1) &<< Self.chunkShift)
+            let start = directory[c]
+            if start < 0 {
                 // A chunk never set: no set bit in it (skip it whole), every bit clear.
-                if invert != 0 { return Swift.min(w &<< 6, to) }
-                w = ((c + 1) << (Self.chunkShift - 6)) - 1
-                continue
+                if invert != 0 { return pos }
+            } else {
+                // Word indexes within the chunk, offset by where its words start.
+                let base = Int(start) - (c &<< (Self.chunkShift - 6))
+                var w = pos &>> 6
+                let lastWord = (end - 1) &>> 6
+                var bits = (words[base + w] ^ invert) & (~0 &<< UInt64(pos & 63))
+                while bits == 0 && w < lastWord {
+                    w += 1
+                    bits = words[base + w] ^ invert
+                }
+                if bits != 0 { return Swift.min(w &<< 6 + bits.trailingZeroBitCount, to) }
             }
-            bits = chunks[c][w & (Self.chunkWords - 1)] ^ invert
+            pos = end
         }
-        return Swift.min(w &<< 6 + bits.trailingZeroBitCount, to)
+        return to
     }
 
     @inline(__always)
@@ -226,20 +249,16 @@ public struct PageBitmap: Sendable {
         var lo = range.lowerBound
         while lo < range.upperBound {
             let c = lo &>> Self.chunkShift
-            let chunkStart = c << Self.chunkShift
-            let hi = Swift.min(range.upperBound, chunkStart + Self.chunkBits)
+            let hi = Swift.min(range.upperBound, (c + 1) << Self.chunkShift)
             defer { lo = hi }
-            if chunks[c].isEmpty {
-                guard allocating else { continue }
-                chunks[c] = Array(repeating: 0, count: wordsIn(chunk: c))
-            }
+            guard allocating || directory[c] >= 0 else { continue }
+            let base = chunkStart(allocating: c) - (c << (Self.chunkShift - 6))
             let (first, last) = (lo &>> 6, (hi - 1) &>> 6)
-            let base = chunkStart >> 6
-            chunks[c].withUnsafeMutableBufferPointer { words in
-                body(&words[first - base], Self.mask(word: first, range: range))
+            words.withUnsafeMutableBufferPointer { words in
+                body(&words[base + first], Self.mask(word: first, range: range))
                 guard last > first else { return }
-                for w in (first + 1)..<last { body(&words[w - base], ~0) }
-                body(&words[last - base], Self.mask(word: last, range: range))
+                for w in (first + 1)..<last { body(&words[base + w], ~0) }
+                body(&words[base + last], Self.mask(word: last, range: range))
             }
         }
     }
@@ -248,10 +267,12 @@ public struct PageBitmap: Sendable {
 extension PageBitmap: Equatable {
     /// Equal when the same bits are set, however much of each is allocated.
     public static func == (a: PageBitmap, b: PageBitmap) -> Bool {
-        guard a.count == b.count else { return false }
-        for c in a.chunks.indices where a.chunks[c] != b.chunks[c] {
-            let (x, y) = (a.chunks[c], b.chunks[c])
-            if x.isEmpty ? !y.allSatisfy({ $0 == 0 }) : y.isEmpty ? !x.allSatisfy({ $0 == 0 }) : true { return false }
+        guard a.count == b.count, a.population == b.population else { return false }
+        for c in a.directory.indices where a.directory[c] >= 0 || b.directory[c] >= 0 {
+            for k in 0..<a.wordsIn(chunk: c) {
+                let w = c << (chunkShift - 6) + k
+                if a.word(w) != b.word(w) { return false }
+            }
         }
         return true
     }

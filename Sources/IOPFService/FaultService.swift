@@ -65,6 +65,24 @@ public struct ServiceConfiguration: Sendable {
     public init() {}
 }
 
+/// The tenant limits of `ServiceConfiguration` as `serve` sets them from its flags.
+public struct TenantLimits: Sendable, Equatable {
+    public var maxPeersPerUID = ServiceConfiguration().maxPeersPerUID
+    public var greetingTimeout = ServiceConfiguration().greetingTimeout
+    public var maxHostsPerUID = ServiceConfiguration().maxHostsPerUID
+    public var maxHostMemoryBytes = ServiceConfiguration().maxHostMemoryBytes
+    public var maxHostMappedBytes = ServiceConfiguration().maxHostMappedBytes
+    public init() {}
+
+    public func apply(to c: inout ServiceConfiguration) {
+        c.maxPeersPerUID = maxPeersPerUID
+        c.greetingTimeout = greetingTimeout
+        c.maxHostsPerUID = maxHostsPerUID
+        c.maxHostMemoryBytes = maxHostMemoryBytes
+        c.maxHostMappedBytes = maxHostMappedBytes
+    }
+}
+
 public struct ServiceStatistics: Sendable, Equatable {
     /// Well-formed page requests received.
     public var records = 0

@@ -97,6 +97,9 @@ public struct ServeOptions: Sendable {
     /// Memory (and DMA window) each external device gets.
     public var deviceMemoryBytes: UInt64 = 64 << 20
     public var invalidateTimeout: Duration = .seconds(1)
+    /// Trust between tenants: the limits a peer, a uid and a host live within (`serve` flags;
+    /// ServiceConfiguration documents each).
+    public var tenantLimits = TenantLimits()
     /// Seconds between reads of the dirty log over the in-process devices' memory (nil:
     /// no dirty tracking). `--dirty-log MS`.
     public var dirtyLogInterval: Double?
@@ -201,6 +204,10 @@ public struct ServeResult: Codable, Sendable {
     public var protocolErrors = 0
     public var protocolErrorKinds = [String: Int]()
     public var peersDisconnected = 0
+    /// Connections refused or cut before they were served, by why; host requests refused
+    /// for a budget.
+    public var refusedConnections = [String: Int]()
+    public var hostBudgetsExceeded = 0
     /// With `--dirty-log`: reads of the log against what the devices really wrote.
     public var dirty: DirtySummary?
     /// The first problems seen, enough to reproduce (empty on a clean run).
@@ -299,6 +306,7 @@ public enum ServeSession {
         serviceConfig.loopCPU = o.serviceCPU
         serviceConfig.hostEvents = o.mode == .fault
         serviceConfig.invalidateTimeout = o.invalidateTimeout
+        o.tenantLimits.apply(to: &serviceConfig)
         let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, logger: logger)
         let (engine, service) = (rig.engine, rig.service)
         defer { service.stop() }
@@ -486,6 +494,8 @@ public enum ServeSession {
         result.protocolErrors = s.protocolErrors
         result.protocolErrorKinds = s.protocolErrorKinds
         result.peersDisconnected = s.peersDisconnected
+        result.refusedConnections = s.refusedConnections
+        result.hostBudgetsExceeded = s.hostBudgetsExceeded
         // Every group answered exactly once: what devices sent, got, and the service answered
         // agree (checked when every device is in this process).
         let sent = reports.reduce(0) { $0 + $1.groups }

@@ -20,8 +20,11 @@ struct Bench: ParsableCommand {
             """
     )
 
-    @Option(help: ArgumentHelp("pinned-vs-fault, fault-around (single pages against --fault-around), dirty-log (what the dirty log reports, fault against pinned), or faults (resident-page faults through one service thread, --outstanding groups in flight).", valueName: "scenario"))
+    @Option(help: ArgumentHelp("pinned-vs-fault, fault-around (single pages against --fault-around), dirty-log (what the dirty log reports, fault against pinned), faults (resident-page faults through one service thread, --outstanding groups in flight), or host-churn (what a host with --mappings one-page mappings costs per event, unmap and teardown).", valueName: "scenario"))
     var scenario = "pinned-vs-fault"
+
+    @Option(help: "host-churn: one-page mappings of the host, comma-separated counts (k = 1024).")
+    var mappings = "1k,16k,64k"
 
     @Option(help: "faults: groups the device keeps in flight (1-256).")
     var outstanding = 32
@@ -80,8 +83,11 @@ struct Bench: ParsableCommand {
         guard !t.isEmpty, t.count == parsedTouch.count, parsedTouch.allSatisfy({ $0 > 0 && $0 <= 1 }) else {
             throw ValidationError("--touch '\(touch)' must be fractions in (0, 1], e.g. 0.1,1.0")
         }
-        guard ["pinned-vs-fault", "fault-around", "dirty-log", "faults"].contains(scenario) else {
-            throw ValidationError("--scenario must be pinned-vs-fault, fault-around, dirty-log or faults, got '\(scenario)'")
+        guard ["pinned-vs-fault", "fault-around", "dirty-log", "faults", "host-churn"].contains(scenario) else {
+            throw ValidationError("--scenario must be pinned-vs-fault, fault-around, dirty-log, faults or host-churn, got '\(scenario)'")
+        }
+        guard let counts = parsedMappings, counts.allSatisfy({ (1...65535).contains($0) }) else {
+            throw ValidationError("--mappings must be counts 1...65535 (k = 1024), comma-separated, got '\(mappings)'")
         }
         guard (1...FaultsBench.maxOutstanding).contains(outstanding) else {
             throw ValidationError("--outstanding must be 1...\(FaultsBench.maxOutstanding), got \(outstanding)")
@@ -108,12 +114,13 @@ struct Bench: ParsableCommand {
         logger.logLevel = .error
         let say = Output.progress
         // The faults scenario walks 64 MiB of resident memory: nothing to warm.
-        if warmUp && scenario != "faults" {
+        if warmUp && scenario != "faults" && scenario != "host-churn" {
             let bytes = min(2 * (parsedSizes.max() ?? 0), Floors.availableMemory() / 4 * 3)
             say("warming \(human(bytes)) of memory…")
             try Floors.warmUp(bytes: bytes)
         }
         if scenario == "faults" { return try runFaults(logger: logger) }
+        if scenario == "host-churn" { return try runHostChurn() }
         if scenario == "fault-around" { return try runFaultAround(logger: logger) }
         if scenario == "dirty-log" { return try runDirtyLog(logger: logger) }
         say("measuring floors…")
@@ -154,6 +161,41 @@ struct Bench: ParsableCommand {
     }
 
     /// Resident-page faults through one service thread with `--outstanding` groups in flight.
+    var parsedMappings: [Int]? {
+        let counts = mappings.split(separator: ",").map { part -> Int? in
+            let text = part.trimmingCharacters(in: .whitespaces).lowercased()
+            return text.hasSuffix("k") ? Int(text.dropLast()).map { min($0 * 1024, 65535) } : Int(text)
+        }
+        return counts.contains(nil) || counts.isEmpty ? nil : counts.map { $0! }
+    }
+
+    /// Per event, unmap and teardown, for each mapping count, with the ratio of the largest
+    /// count's figures to the smallest's (at most logarithmic growth is the goal: ≤ 3×).
+    func runHostChurn() throws {
+        var rows: [HostChurnRow] = []
+        for n in parsedMappings! {
+            var runs: [HostChurnRow] = []
+            for r in 1...`repeat` {
+                Output.progress("host-churn: \(n) mappings, run \(r)/\(`repeat`)")
+                runs.append(try HostChurnBench.measure(mappings: n))
+            }
+            // The run with the median page-event cost stands for the count.
+            rows.append(runs.sorted { $0.pageEventNs < $1.pageEventNs }[runs.count / 2])
+        }
+        Output.progress(nil)
+        if json { return try Output.printJSON(rows) }
+        print("mappings   map ns  event ns (page)  event ns (empty)  whole event ns/mapping  unmap ns  teardown ns/mapping")
+        for r in rows {
+            print(String(format: "%8d %8.0f %16.0f %17.0f %23.1f %9.0f %20.1f", r.mappings, r.mapNs, r.pageEventNs, r.emptyEventNs,
+                         r.wholeEventNsPerMapping, r.unmapNs, r.teardownNsPerMapping))
+        }
+        if let a = rows.first, let b = rows.last, rows.count > 1 {
+            print(String(format: "ratio %d/%d: page event %.2fx, empty event %.2fx, unmap %.2fx, teardown per mapping %.2fx", b.mappings,
+                         a.mappings, b.pageEventNs / a.pageEventNs, b.emptyEventNs / a.emptyEventNs, b.unmapNs / a.unmapNs,
+                         b.teardownNsPerMapping / a.teardownNsPerMapping))
+        }
+    }
+
     func runFaults(logger: Logger) throws {
         Output.progress("faults: \(outstanding) in flight for \(seconds) s")
         let row = try FaultsBench.measure(outstanding: outstanding, seconds: seconds, logger: logger)

@@ -92,6 +92,21 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("Track which pages the in-process devices write and read the dirty log every MS milliseconds, checking it against the pages really written (JSON dirty).", valueName: "MS"))
     var dirtyLog: Double?
 
+    @Option(help: ArgumentHelp("Memfd bytes one host may hand over, their sizes added (e.g. 1T).", valueName: "SIZE"))
+    var maxHostMemory = "1T"
+
+    @Option(help: ArgumentHelp("DMA-mapped bytes one host may hold, their sizes added (e.g. 4T).", valueName: "SIZE"))
+    var maxHostMapped = "4T"
+
+    @Option(help: "Hosts one uid may have attached at once.")
+    var maxHostsPerUid = ServiceConfiguration().maxHostsPerUID
+
+    @Option(help: "Connections one uid may hold at once.")
+    var maxPeersPerUid = ServiceConfiguration().maxPeersPerUID
+
+    @Option(help: "Milliseconds a new connection has to send HELLO before it is cut.")
+    var greetingTimeout = 2000.0
+
     @Flag(help: "Print one JSON object at the end instead of progress and a table.")
     var json = false
 
@@ -114,6 +129,15 @@ struct Serve: ParsableCommand {
         }
         guard let dm = parseSize(deviceMemory), dm >= 4096, dm <= 1 << 30, dm & 0xFFF == 0 else {
             throw ValidationError("--device-memory '\(deviceMemory)' must be a multiple of 4 KiB from 4K to 1G, e.g. 64M")
+        }
+        for (flag, value) in [("--max-host-memory", maxHostMemory), ("--max-host-mapped", maxHostMapped)] {
+            guard let bytes = parseSize(value), bytes >= 4096 else { throw ValidationError("\(flag) '\(value)' is not a size like 64G") }
+        }
+        guard maxHostsPerUid >= 1, maxPeersPerUid >= 1 else {
+            throw ValidationError("--max-hosts-per-uid and --max-peers-per-uid must be at least 1")
+        }
+        guard greetingTimeout >= 1 && greetingTimeout <= 600_000 else {
+            throw ValidationError("--greeting-timeout must be 1...600000 ms, got \(greetingTimeout)")
         }
         guard invalidateTimeout >= 1 && invalidateTimeout <= 600_000 else {
             throw ValidationError("--invalidate-timeout must be 1...600000 ms, got \(invalidateTimeout)")
@@ -174,6 +198,11 @@ struct Serve: ParsableCommand {
         o.socketMode = mode_t(socketMode, radix: 8)!
         o.deviceMemoryBytes = parseSize(deviceMemory)!
         o.invalidateTimeout = .milliseconds(invalidateTimeout)
+        o.tenantLimits.maxHostMemoryBytes = parseSize(maxHostMemory)!
+        o.tenantLimits.maxHostMappedBytes = parseSize(maxHostMapped)!
+        o.tenantLimits.maxHostsPerUID = maxHostsPerUid
+        o.tenantLimits.maxPeersPerUID = maxPeersPerUid
+        o.tenantLimits.greetingTimeout = .milliseconds(greetingTimeout)
         o.dirtyLogInterval = dirtyLog.map { $0 / 1000 }
         var logger = Logger(label: "iopf")
         logger.logLevel = listen != nil && !json ? .info : .warning
