@@ -112,8 +112,10 @@ final class EventLoop {
     @exclusivity(unchecked) var running = true
     let doubleAnswer: Bool
     @exclusivity(unchecked) var streamDevices = 0
-    /// Cost of the control messages handled this turn (`controlCostPerTurn`).
-    var controlSpent = 0
+    /// Peers whose TRANSLATE is being walked, a few pages per turn, and where the next
+    /// turn starts among them.
+    var translators: [Peer] = []
+    var translateCursor = 0
     /// Some device has a window being mapped in the background: the loop must not sleep.
     @exclusivity(unchecked) var prefetching = false
     /// Some device has groups waiting to be handled together at the end of this turn.
@@ -172,7 +174,9 @@ final class EventLoop {
                 ring.reap(into: &completions)
                 takeHostEvents()
                 var work = pollSharedRings()
-                if completions.isEmpty && work == 0 && !prefetching && !fences.pending.load(ordering: .acquiring) {
+                if completions.isEmpty && work == 0 && !prefetching && translators.isEmpty
+                    && !fences.pending.load(ordering: .acquiring)
+                {
                     let now = ContinuousClock.now
                     if now - lastActivity < spin {
                         // Streams and commands progress only when the kernel runs the
@@ -192,7 +196,6 @@ final class EventLoop {
                 }
                 lastActivity = ContinuousClock.now
                 stats.loopTurns += 1
-                controlSpent = 0
                 stats.completionOverflows = ring.overflowsSeen
                 stats.completions += completions.count
                 for c in completions { try dispatch(c) }
@@ -205,6 +208,7 @@ final class EventLoop {
                 serveExternalDevices()
                 if batching { handleBatches() }
                 try flushResponses()
+                if !translators.isEmpty { advanceTranslations() }
                 if prefetching { prefetchAhead() }
                 runDeferred()
                 service.publish(stats)

@@ -29,6 +29,9 @@ final class Peer {
     /// no 1.1 behaviour (named ATTACH, the DETACH notice).
     var role = PeerRole.device
     var minor: UInt16 = 0
+    /// A TRANSLATE being walked a few pages per turn (`advanceTranslations`): its request,
+    /// the invalidation sequence read before the walk, and the entries so far.
+    var translating: (id: UInt16, request: Translate, sequence: UInt64, entries: [UInt64])?
     var device: AttachedDevice?
     /// A host's address space, once HOST was accepted.
     var space: HostSpace?
@@ -52,12 +55,14 @@ final class Peer {
 
 /// Messages handled per peer per wake-up, so that one chatty peer cannot starve the rest.
 private let messagesPerTurn = 16
-/// What control messages may cost per peer per wake-up and in all per loop turn, in pages
-/// walked (a TRANSLATE costs its page count, any other message 1): 32 peers each keeping
-/// 512-page TRANSLATEs in flight must not take the loop from the devices it serves. A
-/// peer whose share is spent is polled again, and served, in a later turn.
-let controlCostPerPeer = 512
-let controlCostPerTurn = 256
+/// TRANSLATE is weighed by its pages: a loop turn walks at most `translatePagesPerTurn`
+/// pages for all peers together, `translatePagesPerVisit` at a time per peer in turn, after
+/// that turn's fault responses went out. A 512-page TRANSLATE takes several turns; its peer
+/// is not read meanwhile. So 16 peers keeping 512-page TRANSLATEs in flight cost each turn a
+/// few microseconds, not 16 × 512 walks, and a device waiting for its page's answer does
+/// not wait behind them.
+let translatePagesPerTurn = 16
+let translatePagesPerVisit = 8
 
 extension EventLoop {
     // MARK: Connections
@@ -97,7 +102,7 @@ extension EventLoop {
         }
     }
 
-    private func armControl(_ p: Peer) {
+    func armControl(_ p: Peer) {
         guard p.state != .closed, !p.controlArmed else { return }
         do {
             try ring.preparePollIn(fd: p.control, token: RingToken(kind: .peerControl, slot: p.index, generation: p.generation))
@@ -158,10 +163,9 @@ extension EventLoop {
     // MARK: Control socket
 
     func readControl(_ p: Peer) {
-        let start = controlSpent
         for _ in 0..<messagesPerTurn where p.state != .closed {
-            guard controlSpent - start < controlCostPerPeer, controlSpent < controlCostPerTurn else { break }
-            controlSpent += 1
+            // Its TRANSLATE is still being walked: the rest waits, in order.
+            guard p.translating == nil else { return }
             let got: Sys.Received
             do {
                 got = try Sys.receive(p.control, into: messageBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: true)
@@ -382,24 +386,54 @@ extension EventLoop {
         service.logger.info("device \(d.deviceID) attached from \(p.name)\(space.map { " to host \($0.name)" } ?? ""): \(provision.windows.count) windows, \(regions.count) regions, \(request.wantsStream ? "stream" : "shared ring") channel, credit \(request.credit)")
     }
 
+    /// Starts a TRANSLATE; `advanceTranslations` walks it and replies.
     private func translate(_ p: Peer, _ header: MessageHeader, _ request: Translate) {
         guard let d = p.device else { return }
-        controlSpent += Int(request.pages)
         // Read before the walk: any unmap the walk missed is posted with a higher sequence.
-        let sequence = fences.lastPosted(device: d.generation)
-        let table = d.engine.pageTable(d.domain)
         var entries: [UInt64] = []
         entries.reserveCapacity(Int(request.pages))
-        for k in 0..<UInt64(request.pages) {
-            let iova = request.iova + k << 12
-            guard d.inWindows(iova), let t = table.translate(iova) else {
-                entries.append(0)
+        p.translating = (header.id, request, fences.lastPosted(device: d.generation), entries)
+        translators.append(p)
+    }
+
+    /// Walks the TRANSLATEs in progress, a few pages per peer in turn, `translatePagesPerTurn`
+    /// in all; replies to those finished and reads their peers again.
+    func advanceTranslations() {
+        var budget = translatePagesPerTurn
+        var k = 0
+        while budget > 0 && !translators.isEmpty {
+            k = (translateCursor + k) % translators.count
+            translateCursor = 0
+            let p = translators[k]
+            guard p.state == .attached, let d = p.device, var t = p.translating else {
+                p.translating = nil
+                translators.remove(at: k)
                 continue
             }
-            entries.append(t.phys & ~0xFFF | (t.prot.contains(.read) ? TranslateReply.read : 0)
-                | (t.prot.contains(.write) ? TranslateReply.write : 0))
+            p.translating = nil  // one owner of the entries while they grow
+            let table = d.engine.pageTable(d.domain)
+            let end = min(Int(t.request.pages), t.entries.count + min(translatePagesPerVisit, budget))
+            budget -= end - t.entries.count
+            for i in t.entries.count..<end {
+                let iova = t.request.iova + UInt64(i) << 12
+                guard d.inWindows(iova), let x = table.translate(iova) else {
+                    t.entries.append(0)
+                    continue
+                }
+                t.entries.append(x.phys & ~0xFFF | (x.prot.contains(.read) ? TranslateReply.read : 0)
+                    | (x.prot.contains(.write) ? TranslateReply.write : 0))
+            }
+            if t.entries.count == Int(t.request.pages) {
+                translators.remove(at: k)
+                reply(p, TranslateReply(sequence: t.sequence, entries: t.entries).message(id: t.id, flags: .reply))
+                armControl(p)
+            } else {
+                p.translating = t
+                k += 1
+            }
         }
-        reply(p, TranslateReply(sequence: sequence, entries: entries).message(id: header.id, flags: .reply))
+        // The next turn starts with the peer after the last one served.
+        translateCursor = translators.isEmpty ? 0 : k % translators.count
     }
 
     // MARK: Invalidation socket

@@ -62,7 +62,7 @@ final class ListeningService {
 }
 
 /// A peer that speaks raw bytes.
-final class RawPeer {
+final class RawPeer: @unchecked Sendable {  // used by one thread at a time
     let fd: CInt
     private var buffer = [UInt8](repeating: 0, count: 1 << 16)
 

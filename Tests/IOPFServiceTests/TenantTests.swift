@@ -139,19 +139,20 @@ final class Bystander: @unchecked Sendable {
 
 /// Attackers in this process run at idle priority: on two CPUs the test measures what the
 /// service gives the bystander, not what the scheduler takes from it for the attacker.
-func attackerThread(_ body: @escaping @Sendable () -> Void) {
+func attackerThread(idle: Bool = true, _ body: @escaping @Sendable () -> Void) {
     Thread.detachNewThread {
-        try? Sys.setIdlePriority()
+        if idle { try? Sys.setIdlePriority() }
         body()
     }
 }
 
-/// A process of another uid (nobody) running `iopf` with `arguments`, through setpriv.
+/// A process of another uid (nobody) running `iopf` with `arguments`, through setpriv, at
+/// idle priority as the attackers in this process (util-linux's chrt).
 func childAsNobody(_ arguments: [String]) throws -> Child {
     let dir = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
         .deletingLastPathComponent()
-    return try Child("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups",
-                                          dir.appendingPathComponent("iopf").path] + arguments, absolute: true)
+    return try Child("/usr/bin/chrt", ["--idle", "0", "/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                       dir.appendingPathComponent("iopf").path] + arguments, absolute: true)
 }
 
 /// fcntl(F_ADD_SEALS), which Glibc does not export to Swift.
@@ -159,7 +160,9 @@ let fAddSeals: CInt = 1033
 
 @Suite(.serialized, .timeLimit(.minutes(3))) struct TenantTests {
     static let nobody: UInt32 = 65534
-    static var canRunAsNobody: Bool { geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") }
+    static var canRunAsNobody: Bool {
+        geteuid() == 0 && ["/usr/bin/setpriv", "/usr/bin/chrt"].allSatisfy { FileManager.default.isExecutableFile(atPath: $0) }
+    }
 
     /// Defect 1: sparse memfds of 2^63 - 4096 bytes crashed the service in an overflow.
     @Test func hugeSparseMemfdsAreRefusedAndTheServiceLives() throws {
@@ -457,7 +460,8 @@ let fAddSeals: CInt = 1033
         try host.detach()
     }
 
-    /// Defect 11: peers flooding TRANSLATE share the loop by cost, not by message.
+    /// Defect 11: peers flooding TRANSLATE share the loop by cost, not by message. Each
+    /// flooder keeps 16 TRANSLATEs of 512 pages inside its window in flight at once.
     @Test func translateFloodsAreWeighedByPages() throws {
         let s = try ListeningService()
         let b = try Bystander(s.path)
@@ -465,12 +469,22 @@ let fAddSeals: CInt = 1033
         let stop = Atomic<Bool>(false)
         let ended = DispatchSemaphore(value: 0)
         let flooders = 16
+        let replies = Atomic<Int>(0)
+        var held: [CInt] = []
+        defer { for fd in held { Sys.close(fd) } }
         try b.keepsServing("512-page TRANSLATE floods", s.service) {
             for k in 0..<flooders {
-                let client = try DeviceClient(connectingTo: s.path)
-                _ = try client.attach(Attach(deviceID: UInt32(100 + k)))
+                let p = try RawPeer(s.path)
+                try p.hello()
+                try p.send(Attach(deviceID: UInt32(100 + k)).message(id: 2))
+                guard let r = try p.receive() else { throw ServiceError.invalidRequest("no ATTACH reply") }
+                held += r.fds  // a closed invalidation socket would detach the device
+                let window = try r.payload.withUnsafeBytes { try AttachReply(payload: $0) }.windows[0].iova
                 attackerThread {
-                    while !stop.load(ordering: .relaxed) { _ = try? client.translate(iova: 0, pages: 512) }
+                    while !stop.load(ordering: .relaxed) {
+                                for id in 0..<16 { try? p.send(Translate(iova: window, pages: 512).message(id: UInt16(id))) }
+                        for _ in 0..<16 where (try? p.receive()) != nil { replies.add(1, ordering: .relaxed) }
+                    }
                     ended.signal()
                 }
             }
@@ -479,6 +493,7 @@ let fAddSeals: CInt = 1033
                 for _ in 0..<flooders { ended.wait() }
             }
         }
+        #expect(replies.load(ordering: .relaxed) > 100, "the flooders were served too")
     }
 }
 
