@@ -116,6 +116,8 @@ final class EventLoop {
     /// turn starts among them.
     var translators: [Peer] = []
     var translateCursor = 0
+    /// TRANSLATE pages this turn may still walk.
+    var translateBudget = translatePagesPerTurn
     /// Some device has a window being mapped in the background: the loop must not sleep.
     @exclusivity(unchecked) var prefetching = false
     /// Some device has groups waiting to be handled together at the end of this turn.
@@ -196,6 +198,7 @@ final class EventLoop {
                 }
                 lastActivity = ContinuousClock.now
                 stats.loopTurns += 1
+                translateBudget = translatePagesPerTurn
                 stats.completionOverflows = ring.overflowsSeen
                 stats.completions += completions.count
                 for c in completions { try dispatch(c) }

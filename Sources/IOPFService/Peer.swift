@@ -56,9 +56,9 @@ final class Peer {
 /// Messages handled per peer per wake-up, so that one chatty peer cannot starve the rest.
 private let messagesPerTurn = 16
 /// TRANSLATE is weighed by its pages: a loop turn walks at most `translatePagesPerTurn`
-/// pages for all peers together, `translatePagesPerVisit` at a time per peer in turn, after
-/// that turn's fault responses went out. A 512-page TRANSLATE takes several turns; its peer
-/// is not read meanwhile. So 16 peers keeping 512-page TRANSLATEs in flight cost each turn a
+/// pages for all peers together (a small TRANSLATE is answered at once while they last), the
+/// rest `translatePagesPerVisit` at a time per peer in turn after that turn's fault responses
+/// went out. A 512-page TRANSLATE takes several turns; its peer is not read meanwhile. So 16 peers keeping 512-page TRANSLATEs in flight cost each turn a
 /// few microseconds, not 16 × 512 walks, and a device waiting for its page's answer does
 /// not wait behind them.
 let translatePagesPerTurn = 16
@@ -386,54 +386,62 @@ extension EventLoop {
         service.logger.info("device \(d.deviceID) attached from \(p.name)\(space.map { " to host \($0.name)" } ?? ""): \(provision.windows.count) windows, \(regions.count) regions, \(request.wantsStream ? "stream" : "shared ring") channel, credit \(request.credit)")
     }
 
-    /// Starts a TRANSLATE; `advanceTranslations` walks it and replies.
+    /// Starts a TRANSLATE: walked at once as far as this turn's budget goes, the rest by
+    /// `advanceTranslations` in later turns, and answered when every page is walked.
     private func translate(_ p: Peer, _ header: MessageHeader, _ request: Translate) {
         guard let d = p.device else { return }
         // Read before the walk: any unmap the walk missed is posted with a higher sequence.
         var entries: [UInt64] = []
         entries.reserveCapacity(Int(request.pages))
         p.translating = (header.id, request, fences.lastPosted(device: d.generation), entries)
+        if translateBudget > 0 && walk(p, pages: min(Int(request.pages), translateBudget)) { return }
         translators.append(p)
     }
 
-    /// Walks the TRANSLATEs in progress, a few pages per peer in turn, `translatePagesPerTurn`
-    /// in all; replies to those finished and reads their peers again.
+    /// Walks the TRANSLATEs in progress, a few pages per peer in turn, while this turn's
+    /// budget lasts; those finished are answered and their peers read again.
     func advanceTranslations() {
-        var budget = translatePagesPerTurn
-        var k = 0
-        while budget > 0 && !translators.isEmpty {
-            k = (translateCursor + k) % translators.count
-            translateCursor = 0
+        var k = translateCursor
+        while translateBudget > 0 && !translators.isEmpty {
+            k %= translators.count
             let p = translators[k]
-            guard p.state == .attached, let d = p.device, var t = p.translating else {
-                p.translating = nil
+            if p.translating == nil || walk(p, pages: min(translatePagesPerVisit, translateBudget)) {
                 translators.remove(at: k)
-                continue
-            }
-            p.translating = nil  // one owner of the entries while they grow
-            let table = d.engine.pageTable(d.domain)
-            let end = min(Int(t.request.pages), t.entries.count + min(translatePagesPerVisit, budget))
-            budget -= end - t.entries.count
-            for i in t.entries.count..<end {
-                let iova = t.request.iova + UInt64(i) << 12
-                guard d.inWindows(iova), let x = table.translate(iova) else {
-                    t.entries.append(0)
-                    continue
-                }
-                t.entries.append(x.phys & ~0xFFF | (x.prot.contains(.read) ? TranslateReply.read : 0)
-                    | (x.prot.contains(.write) ? TranslateReply.write : 0))
-            }
-            if t.entries.count == Int(t.request.pages) {
-                translators.remove(at: k)
-                reply(p, TranslateReply(sequence: t.sequence, entries: t.entries).message(id: t.id, flags: .reply))
-                armControl(p)
+                if p.state != .closed { armControl(p) }
             } else {
-                p.translating = t
                 k += 1
             }
         }
         // The next turn starts with the peer after the last one served.
         translateCursor = translators.isEmpty ? 0 : k % translators.count
+    }
+
+    /// Walks up to `pages` more pages of `p`'s TRANSLATE and answers it once complete.
+    /// Returns whether it is done (answered, or dropped with its peer).
+    private func walk(_ p: Peer, pages: Int) -> Bool {
+        guard p.state == .attached, let d = p.device, var t = p.translating else {
+            p.translating = nil
+            return true
+        }
+        p.translating = nil  // one owner of the entries while they grow
+        let table = d.engine.pageTable(d.domain)
+        let end = min(Int(t.request.pages), t.entries.count + pages)
+        translateBudget -= end - t.entries.count
+        for i in t.entries.count..<end {
+            let iova = t.request.iova + UInt64(i) << 12
+            guard d.inWindows(iova), let x = table.translate(iova) else {
+                t.entries.append(0)
+                continue
+            }
+            t.entries.append(x.phys & ~0xFFF | (x.prot.contains(.read) ? TranslateReply.read : 0)
+                | (x.prot.contains(.write) ? TranslateReply.write : 0))
+        }
+        guard t.entries.count == Int(t.request.pages) else {
+            p.translating = t
+            return false
+        }
+        reply(p, TranslateReply(sequence: t.sequence, entries: t.entries).message(id: t.id, flags: .reply))
+        return true
     }
 
     // MARK: Invalidation socket

