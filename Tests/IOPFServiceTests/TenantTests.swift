@@ -128,6 +128,29 @@ final class Bystander: @unchecked Sendable {
         var during = rate(over: 1.0)
         if during < 0.5 * alone { during = max(during, rate(over: 1.0)) }
         stop()
+        check(what, service, alone: alone, during: during)
+    }
+
+    /// For an attack that can pause (its threads read `paused`): windows alone and under
+    /// attack alternate, so that load from other suites falls on both alike.
+    func keepsServing(_ what: String, _ service: FaultService, paused: borrowing Atomic<Bool>,
+                      attack: () throws -> () -> Void) throws {
+        paused.store(true, ordering: .relaxed)
+        let stop = try attack()
+        var (alone, during) = (0.0, 0.0)
+        for _ in 0..<4 {
+            paused.store(true, ordering: .relaxed)
+            usleep(20_000)  // what was in flight drains
+            alone += rate(over: 0.25)
+            paused.store(false, ordering: .relaxed)
+            usleep(20_000)
+            during += rate(over: 0.25)
+        }
+        stop()
+        check(what, service, alone: alone, during: during)
+    }
+
+    private func check(_ what: String, _ service: FaultService, alone: Double, during: Double) {
         #expect(during >= 0.5 * alone, "\(what): the bystander did \(Int(during)) ops/s under attack, \(Int(alone)) alone")
         #expect(integrityErrors.load(ordering: .relaxed) == 0,
                 "\(what): the bystander saw wrong answers or data: \(lastError.withLock { $0 } ?? "")")
@@ -270,11 +293,16 @@ let fAddSeals: CInt = 1033
             #expect(try fault(a, device: 9, iova: UInt64(k + 1) << 12, cookie: UInt32(k + 1)) == .success)
         }
         let stop = Atomic<Bool>(false)
+        let paused = Atomic<Bool>(false)
         let ended = DispatchSemaphore(value: 0)
-        try b.keepsServing("madvise loop over 32k mappings", s.service) {
+        try b.keepsServing("madvise loop over 32k mappings", s.service, paused: paused) {
             attackerThread {
                 var k = 0
                 while !stop.load(ordering: .relaxed) {
+                    if paused.load(ordering: .relaxed) {
+                        usleep(1000)
+                        continue
+                    }
                     // The whole memory and single pages, in turn.
                     let (at, length) = k % 2 == 0 ? (0, pages << 12) : ((k * 31 % pages) << 12, 4096)
                     madvise(m.pointer(UInt64(at)), length, MADV_DONTNEED)
@@ -474,9 +502,10 @@ let fAddSeals: CInt = 1033
         let ended = DispatchSemaphore(value: 0)
         let flooders = 16
         let replies = Atomic<Int>(0)
+        let paused = Atomic<Bool>(false)
         var held: [CInt] = []
         defer { for fd in held { Sys.close(fd) } }
-        try b.keepsServing("512-page TRANSLATE floods", s.service) {
+        try b.keepsServing("512-page TRANSLATE floods", s.service, paused: paused) {
             for k in 0..<flooders {
                 let p = try RawPeer(s.path)
                 try p.hello()
@@ -486,7 +515,11 @@ let fAddSeals: CInt = 1033
                 let window = try r.payload.withUnsafeBytes { try AttachReply(payload: $0) }.windows[0].iova
                 attackerThread {
                     while !stop.load(ordering: .relaxed) {
-                                for id in 0..<16 { try? p.send(Translate(iova: window, pages: 512).message(id: UInt16(id))) }
+                        if paused.load(ordering: .relaxed) {
+                            usleep(1000)
+                            continue
+                        }
+                        for id in 0..<16 { try? p.send(Translate(iova: window, pages: 512).message(id: UInt16(id))) }
                         for _ in 0..<16 where (try? p.receive()) != nil { replies.add(1, ordering: .relaxed) }
                     }
                     ended.signal()
