@@ -204,8 +204,9 @@ struct Serve: ParsableCommand {
         o.tenantLimits.maxPeersPerUID = maxPeersPerUid
         o.tenantLimits.greetingTimeout = .milliseconds(greetingTimeout)
         o.dirtyLogInterval = dirtyLog.map { $0 / 1000 }
-        var logger = Logger(label: "iopf")
-        logger.logLevel = listen != nil && !json ? .info : .warning
+        // With --json the log stays, as JSON lines on standard error; the result alone is on standard output.
+        var logger = json ? Logger(label: "iopf") { JSONLinesLogHandler(label: $0) } : Logger(label: "iopf")
+        logger.logLevel = listen != nil ? .info : .warning
         Signals.stopOnInterrupt()
         let result = try ServeSession.run(o, logger: logger, shouldStop: Signals.stopRequested) { p in
             guard !json else { return }
