@@ -1,12 +1,12 @@
 // DMAMappingTable.swift — the user's DMA mappings (VFIO type1's `vfio_dma` list):
 // IOVA range → host virtual range + permission, each with its "iopf mapped" bitmap.
 //
-// Ranges are `[iova, iova + size)`; `iovaLast` is inclusive. By IOVA: an array sorted by
-// IOVA (IOVA ranges never overlap), binary-searched on every fault; inserting or removing
-// one is a memmove of at most 65535 pointers (the type1 default limit), and removing a
-// span of them (an unmap, a host's teardown) is one. By host address: an interval treap
-// (HostRangeIndex.swift), O(log n) to change and O(log n + k) to find the k mappings an
-// MMU-notifier event overlaps, whatever their sizes.
+// Ranges are `[iova, iova + size)`; `iovaLast` is inclusive. Three interval treaps
+// (MappingIndex.swift): by IOVA (ranges never overlap: one descent finds a fault's mapping),
+// by host address, and by host address for the mappings with pages mapped (what a REMOVE
+// must visit). Each is O(log n) to change and O(log n + k) to find k mappings, whatever
+// their sizes: a host with 65535 mappings pays per event, unmap and teardown about what a
+// host with a few pays.
 
 public struct MappingID: Hashable, Sendable, CustomStringConvertible {
     public let rawValue: UInt64
@@ -102,12 +102,12 @@ public struct DMAMappingTable: Sendable {
     public static let defaultEntryLimit = 65535
 
     public let entryLimit: Int
-    /// Sorted by `iova`; IOVA ranges never overlap.
-    public private(set) var byIOVA: [DMAMapping] = []
+    /// By IOVA; IOVA ranges never overlap.
+    private var iovaIndex = MappingIndex(.iova)
     /// By host range; host ranges may overlap (one buffer mapped at two IOVAs).
-    private var byHost = HostRangeIndex()
+    private var byHost = MappingIndex(.host)
     /// The fault-driven mappings with pages mapped, by host range: what a REMOVE must visit.
-    private var active = HostRangeIndex()
+    private var active = MappingIndex(.host)
     private var nextID: UInt64 = 1
 
     public init(entryLimit: Int = Self.defaultEntryLimit) {
@@ -115,7 +115,15 @@ public struct DMAMappingTable: Sendable {
         self.entryLimit = entryLimit
     }
 
-    public var count: Int { byIOVA.count }
+    public var count: Int { iovaIndex.count }
+
+    /// Every mapping, by IOVA (built on each call: for inspection, not for the fault path).
+    public var byIOVA: [DMAMapping] {
+        var all: [DMAMapping] = []
+        all.reserveCapacity(count)
+        iovaIndex.forEach(overlapping: 0, .max) { all.append($0) }
+        return all
+    }
 
     /// Validates like VFIO type1 (`vfio_dma_do_map`); changes nothing on error.
     public static func validate(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError) {
@@ -133,40 +141,38 @@ public struct DMAMappingTable: Sendable {
     public mutating func insert(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError) -> DMAMapping {
         try Self.validate(iova: iova, vaddr: vaddr, size: size, prot: prot)
         guard count < entryLimit else { throw .entryLimit(limit: entryLimit) }
-        let at = firstIndex(iovaLastAtLeast: iova)
-        if at < byIOVA.count, byIOVA[at].iova <= iova + size - 1 {
-            let e = byIOVA[at]
+        var existing: DMAMapping?
+        iovaIndex.forEach(overlapping: iova, iova + size) { if existing == nil { existing = $0 } }
+        if let e = existing {
             throw .overlap(iova: iova, size: size, existing: e.id, existingIOVA: e.iova, existingSize: e.size)
         }
         let mapping = DMAMapping(id: MappingID(rawValue: nextID), iova: iova, vaddr: vaddr, size: size, prot: prot)
         nextID += 1
-        byIOVA.insert(mapping, at: at)
+        iovaIndex.insert(mapping)
         byHost.insert(mapping)
         return mapping
     }
 
-    /// The mappings inside `[iova, iova + size)`, which must not cut any mapping (VFIO
-    /// type1 refuses to split a mapping). Validates only; `remove` does the removal.
-    public func mappings(coveringWhole iova: UInt64, size: UInt64) throws(DMAMapError) -> ArraySlice<DMAMapping> {
+    /// The mappings inside `[iova, iova + size)`, by IOVA, which must not cut any mapping
+    /// (VFIO type1 refuses to split a mapping). Validates only; `remove` does the removal.
+    public func mappings(coveringWhole iova: UInt64, size: UInt64) throws(DMAMapError) -> [DMAMapping] {
         guard size > 0 else { throw .zeroSize(iova: iova) }
         guard isPageAligned(iova) else { throw .unaligned(what: "iova", value: iova) }
         guard isPageAligned(size) else { throw .unaligned(what: "size", value: size) }
         guard let last = lastAddress(start: iova, size: size) else { throw .overflow(what: "iova", start: iova, size: size) }
-        let lo = firstIndex(iovaLastAtLeast: iova)
-        var hi = lo
-        while hi < byIOVA.count, byIOVA[hi].iova <= last { hi += 1 }
+        var span: [DMAMapping] = []
+        iovaIndex.forEach(overlapping: iova, last &+ 1 == 0 ? .max : last + 1) { span.append($0) }
         // Only the first and last mapping of the span can stick out of it.
-        if lo < hi, let cut = [byIOVA[lo], byIOVA[hi - 1]].first(where: { $0.iova < iova || $0.iovaLast > last }) {
+        if let cut = [span.first, span.last].compactMap({ $0 }).first(where: { $0.iova < iova || $0.iovaLast > last }) {
             throw .partialUnmap(iova: iova, size: size, mapping: cut.id, mappingIOVA: cut.iova, mappingSize: cut.size)
         }
-        return byIOVA[lo..<hi]
+        return span
     }
 
-    /// Removes one mapping from both indexes: O(log n) to find it in each.
+    /// Removes one mapping from every index: O(log n) each.
     public mutating func remove(_ mapping: DMAMapping) {
-        let i = firstIndex(iovaLastAtLeast: mapping.iova)
-        guard i < byIOVA.count, byIOVA[i] === mapping else { return }
-        byIOVA.remove(at: i)
+        guard iovaIndex.mapping(containing: mapping.iova) === mapping else { return }
+        iovaIndex.remove(mapping)
         byHost.remove(mapping)
         deactivate(mapping)
     }
@@ -186,30 +192,21 @@ public struct DMAMappingTable: Sendable {
         active.remove(m)
     }
 
-    /// Removes mappings that are consecutive in IOVA order (what `mappings(coveringWhole:)`
-    /// returned): one memmove for all of them, however many.
-    public mutating func remove(consecutive span: [DMAMapping]) {
-        guard let first = span.first else { return }
-        let lo = firstIndex(iovaLastAtLeast: first.iova)
-        guard lo + span.count <= byIOVA.count, byIOVA[lo] === first, byIOVA[lo + span.count - 1] === span.last! else {
+    /// Removes the mappings `mappings(coveringWhole:)` returned: O(log n) each, and when
+    /// they are every mapping (a host's teardown) the indexes are dropped whole.
+    public mutating func remove(all span: [DMAMapping]) {
+        guard span.count == count else {
             for m in span { remove(m) }
             return
         }
-        if span.count == byIOVA.count {
-            byHost.removeAll()
-            active.removeAll()
-            for m in span { m.isActive = false }
-        } else {
-            for m in span {
-                byHost.remove(m)
-                deactivate(m)
-            }
-        }
-        byIOVA.removeSubrange(lo..<(lo + span.count))
+        iovaIndex.removeAll()
+        byHost.removeAll()
+        active.removeAll()
+        for m in span { m.isActive = false }
     }
 
     /// Replaces a mapping's host address (VFIO's `VFIO_DMA_MAP_FLAG_VADDR`), keeping the
-    /// host index in step.
+    /// host indexes in step.
     mutating func updateHostAddress(_ mapping: DMAMapping, to vaddr: UInt64) {
         byHost.remove(mapping)
         let wasActive = mapping.isActive
@@ -222,9 +219,7 @@ public struct DMAMappingTable: Sendable {
     /// The mapping whose IOVA range holds `iova`.
     @inline(__always)
     public func mapping(containing iova: UInt64) -> DMAMapping? {
-        let i = firstIndex(iovaLastAtLeast: iova)
-        guard i < byIOVA.count, byIOVA[i].iova <= iova else { return nil }
-        return byIOVA[i]
+        iovaIndex.mapping(containing: iova)
     }
 
     /// Calls `body` for each mapping whose host range overlaps `[start, end)`, by host address.
@@ -240,23 +235,9 @@ public struct DMAMappingTable: Sendable {
         }
     }
 
-    /// Calls `body` for each mapping whose IOVA range overlaps `[first, last]`.
+    /// Calls `body` for each mapping whose IOVA range overlaps `[first, last]`, by IOVA.
     public func forEachMapping(overlappingIOVA first: UInt64, last: UInt64, _ body: (DMAMapping) throws -> Void) rethrows {
-        var i = firstIndex(iovaLastAtLeast: first)
-        while i < byIOVA.count, byIOVA[i].iova <= last {
-            try body(byIOVA[i])
-            i += 1
-        }
-    }
-
-    /// First index in `byIOVA` whose mapping ends at or after `iova`.
-    @inline(__always)
-    private func firstIndex(iovaLastAtLeast iova: UInt64) -> Int {
-        var (lo, hi) = (0, byIOVA.count)
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if byIOVA[mid].iovaLast < iova { lo = mid + 1 } else { hi = mid }
-        }
-        return lo
+        guard first <= last else { return }
+        try iovaIndex.forEach(overlapping: first, last &+ 1 == 0 ? .max : last + 1, body)
     }
 }

@@ -248,7 +248,7 @@ public final class FaultEngine: Sendable {
     func removeMappings(iova: UInt64, size: UInt64, dirty: inout PageBitmap?) throws -> [Range<UInt64>] {
         try state.withLock { s throws in
             if let failure = s.failure { throw failure }
-            let victims = Array(try s.mappings.mappings(coveringWhole: iova, size: size))
+            let victims = try s.mappings.mappings(coveringWhole: iova, size: size)
             guard !victims.isEmpty else { return [] }
             if let m = victims.first(where: \.populating) {
                 throw DMAMapError.busy(iova: m.iova, size: m.size, mapping: m.id)
@@ -257,7 +257,7 @@ public final class FaultEngine: Sendable {
             defer { endInvalidation() }
             try unmapAllOrStop(victims, &s)
             s.stats.invalidations += 1
-            s.mappings.remove(consecutive: victims)
+            s.mappings.remove(all: victims)
             for m in victims {
                 if dirty != nil {
                     Self.report(m, pages: 0..<m.pageCount, into: &dirty!, at: Int((m.iova - iova) >> pageShift))

@@ -41,7 +41,8 @@ extension FaultEngine {
             let bits = s.mappings.byIOVA.reduce(0) { $0 + $1.iopfMapped.population }
             // A REMOVE visits only active mappings: one with pages mapped must be among them.
             for m in s.mappings.byIOVA where !m.pinned && !m.iopfMapped.isEmpty && !m.isActive {
-                report(.bitWithoutLeaf, "\(m.id) has \(m.iopfMapped.population) pages mapped but is not in the active index")
+                report(.bitWithoutLeaf,
+                       "\(m.id) has \(m.iopfMapped.population) pages mapped but is not in the active index")
             }
             for (d, table) in s.domains.enumerated() {
                 var leafPages = 0

@@ -6,7 +6,8 @@
 // need no masking at the top.
 //
 // Sparse: the words live in chunks of `chunkBits` bits (128 MiB of 4 KiB pages), each
-// allocated on its first set bit (in one flat array, found through a directory). A mapping's size is its host's word, so a 16 TiB mapping
+// allocated on its first set bit (in one flat array, found through a directory). A
+// mapping's size is its host's word, so a 16 TiB mapping
 // must cost its directory (8 bytes per chunk), not 512 MiB of zeros; a scan skips a chunk
 // that was never set with one comparison, so an invalidation costs by what was mapped,
 // not by the size of the range. Chunks are never freed once allocated (a cleared chunk is

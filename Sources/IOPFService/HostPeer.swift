@@ -41,8 +41,9 @@ extension EventLoop {
             return .failure(HostRefusal(WireErrno.noEntry, "unknownAddressSpace",
                                         "no address space named '\(name)' that uid \(p.uid) may attach to"))
         }
-        return .failure(HostRefusal(WireErrno.notUnique, "ambiguousAddressSpace",
-                                    "\(admitted.count) hosts of other uids named '\(name)' admit uid \(p.uid): none is chosen"))
+        return .failure(HostRefusal(
+            WireErrno.notUnique, "ambiguousAddressSpace",
+            "\(admitted.count) hosts of other uids named '\(name)' admit uid \(p.uid): none is chosen"))
     }
 }
 /// What a host's events may cost per wake-up, in mappings visited plus pages unmapped, so
@@ -75,8 +76,9 @@ extension EventLoop {
         // Names belong to uids: two users may each have a 'vm1', and a device finds the one
         // it may attach to (`addressSpace(named:for:)`). Only the same uid collides.
         if let other = hosts.first(where: { $0?.name == name && $0?.uid == p.uid }) ?? nil {
-            return refuse(HostRefusal(WireErrno.exists, "nameTaken",
-                                      "an address space named '\(name)' is attached already for uid \(p.uid) (pid \(other.pid))"))
+            return refuse(HostRefusal(
+                WireErrno.exists, "nameTaken",
+                "an address space named '\(name)' is attached already for uid \(p.uid) (pid \(other.pid))"))
         }
         let live = hosts.compactMap { $0 }
         guard live.count < maxHosts else {
@@ -85,8 +87,9 @@ extension EventLoop {
         }
         guard live.count(where: { $0.uid == p.uid }) < config.maxHostsPerUID else {
             stats.hostBudgetsExceeded += 1
-            return refuse(HostRefusal(WireErrno.noSpace, "tooManyHosts",
-                                      "uid \(p.uid) has \(config.maxHostsPerUID) hosts attached already (--max-hosts-per-uid)"))
+            return refuse(HostRefusal(
+                WireErrno.noSpace, "tooManyHosts",
+                "uid \(p.uid) has \(config.maxHostsPerUID) hosts attached already (--max-hosts-per-uid)"))
         }
         guard owned.count == 1 + declaration.memfdCount else {
             return refuse(HostRefusal(WireErrno.badFD, "badRegionTable",
@@ -97,7 +100,8 @@ extension EventLoop {
             return refuse(HostRefusal(WireErrno.invalid, "badRegionTable", "memfd \(unused) is not used by any region"))
         }
         let inUse = live.reduce(UInt64(0)) { $0 + $1.memory.bytes }
-        let budget = min(config.maxHostMemoryBytes, config.maxTotalHostMemoryBytes - min(inUse, config.maxTotalHostMemoryBytes))
+        let left = config.maxTotalHostMemoryBytes - min(inUse, config.maxTotalHostMemoryBytes)
+        let budget = min(config.maxHostMemoryBytes, left)
         let uffd: HostUserfaultfd
         do { uffd = try HostUserfaultfd(adopting: owned[0]) } catch {
             owned.removeFirst()
@@ -160,8 +164,8 @@ extension EventLoop {
         let index = hosts.firstIndex { $0 == nil } ?? hosts.count
         let memoryBytes = declaration.regions.reduce(0) { $0 + $1.size }
         stats.hosts.append(HostRecord(id: id, name: name, pid: p.pid, regions: declaration.regions.count, memoryBytes: memoryBytes))
-        let space = HostSpace(id: id, index: index, name: name, engine: engine, domain: domain, memory: memory, uffd: uffd,
-                              peer: p, allowedUIDs: declaration.allowedUIDs)
+        let space = HostSpace(id: id, index: index, name: name, engine: engine, domain: domain, memory: memory,
+                              uffd: uffd, peer: p, allowedUIDs: declaration.allowedUIDs)
         if index == hosts.count { hosts.append(space) } else { hosts[index] = space }
         p.space = space
         p.state = .attached
@@ -230,8 +234,10 @@ extension EventLoop {
         let (mapped, overflow) = s.mappedBytes.addingReportingOverflow(request.size)
         guard !overflow, mapped <= service.configuration.maxHostMappedBytes else {
             stats.hostBudgetsExceeded += 1
+            let limit = service.configuration.maxHostMappedBytes
             return refuse(WireErrno.noSpace, "hostMappedBudget",
-                          "DMA map: \(hex(request.size)) more bytes would pass this host's budget of \(hex(service.configuration.maxHostMappedBytes)) mapped bytes (--max-host-mapped); \(hex(s.mappedBytes)) are mapped")
+                          "DMA map: \(hex(request.size)) more bytes would pass this host's budget of \(hex(limit)) "
+                              + "mapped bytes (--max-host-mapped); \(hex(s.mappedBytes)) are mapped")
         }
         do { try s.engine.map(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot) } catch {
             let errno = switch error {
@@ -282,7 +288,8 @@ extension EventLoop {
                 if bytes == 0 { break }
                 for i in 0..<(bytes / UserfaultfdSource.messageBytes) where !s.closed {
                     let at = i * UserfaultfdSource.messageBytes
-                    cost += handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])), in: s)
+                    let end = at + UserfaultfdSource.messageBytes
+                    cost += handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<end])), in: s)
                 }
             }
         } catch {
@@ -313,8 +320,8 @@ extension EventLoop {
         stats.count(event, source: s.name)
         stats.host(s.id) { $0.uffdEvents += 1 }
         do {
-            let outcome = try s.engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound,
-                                                  hostGone: gone)
+            let outcome = try s.engine.invalidate(
+                hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
             return 1 + outcome.mappingsTouched + outcome.pagesUnmapped
         } catch {
             service.logger.critical("host '\(s.name)': \(error)")

@@ -176,34 +176,42 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
                     throw HostRefusal(WireErrno.badFD, "badMemfd", "memfd \(k) is not a memfd (\(link))")
                 }
                 guard st.st_blksize == 4096 else {
-                    throw HostRefusal(WireErrno.invalid, "badMemfd",
-                                      "memfd \(k) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
+                    throw HostRefusal(
+                        WireErrno.invalid, "badMemfd",
+                        "memfd \(k) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
                 }
                 let seals = iopf_seals(fd)
                 guard seals >= 0, seals & Self.requiredSeals == Self.requiredSeals else {
-                    throw HostRefusal(WireErrno.notPermitted, "badMemfd",
-                                      "memfd \(k) is not sealed with F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL (seals \(hex(UInt64(max(seals, 0))))): "
-                                      + "without them a device handed the memfd could shrink, grow or seal its host's memory")
+                    throw HostRefusal(
+                        WireErrno.notPermitted, "badMemfd",
+                        "memfd \(k) is not sealed with F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL "
+                            + "(seals \(hex(UInt64(max(seals, 0))))): without them a device handed the memfd "
+                            + "could shrink, grow or seal its host's memory")
                 }
                 guard seals & (Self.sealWrite | Self.sealFutureWrite) == 0 else {
-                    throw HostRefusal(WireErrno.notPermitted, "badMemfd", "memfd \(k) is sealed against writing: devices could not DMA to it")
+                    throw HostRefusal(WireErrno.notPermitted, "badMemfd",
+                                      "memfd \(k) is sealed against writing: devices could not DMA to it")
                 }
                 let size = UInt64(max(st.st_size, 0))
                 let (sum, overflow) = total.addingReportingOverflow(size)
                 guard !overflow, sum <= budget else {
-                    throw HostRefusal(WireErrno.noSpace, "hostMemoryBudget",
-                                      "the memfds hold more than this host's budget of \(hex(budget)) bytes (--max-host-memory): memfd \(k) has \(hex(size))")
+                    throw HostRefusal(
+                        WireErrno.noSpace, "hostMemoryBudget",
+                        "the memfds hold more than this host's budget of \(hex(budget)) bytes (--max-host-memory): "
+                            + "memfd \(k) has \(hex(size))")
                 }
                 total = sum
                 let span = max(size, 4096)
                 guard let phys = PhysicalSpace.shared.reserve(size: span) else {
-                    throw HostRefusal(WireErrno.noSpace, "hostMemoryBudget", "no physical range of \(hex(span)) bytes is left for memfd \(k)")
+                    throw HostRefusal(WireErrno.noSpace, "hostMemoryBudget",
+                                      "no physical range of \(hex(span)) bytes is left for memfd \(k)")
                 }
                 let mapped = mmap(nil, Int(span), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
                 guard let mapped, mapped != MAP_FAILED else {
                     let e = Glibc.errno
                     PhysicalSpace.shared.release(phys, size: span)
-                    throw HostRefusal(WireErrno.noSpace, "badMemfd", "cannot map memfd \(k) (\(hex(size)) bytes) into the service: errno \(e)")
+                    throw HostRefusal(WireErrno.noSpace, "badMemfd",
+                                      "cannot map memfd \(k) (\(hex(size)) bytes) into the service: errno \(e)")
                 }
                 let dev = UInt64(st.st_dev)
                 checked.append(Memfd(fd: fd, size: size, phys: phys, base: UInt64(UInt(bitPattern: mapped)),
@@ -259,7 +267,9 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
 
     private func locate(_ address: UInt64, pages: Int) -> (Memfd, UInt64)? {
         bindings.withLock { b in
-            guard let x = b.entry(containing: address), address + UInt64(pages) << 12 <= x.range.upperBound else { return nil }
+            guard let x = b.entry(containing: address), address + UInt64(pages) << 12 <= x.range.upperBound else {
+                return nil
+            }
             return (memfds[x.value.memfd], x.value.offset + (address - x.range.lowerBound))
         }
     }
@@ -271,9 +281,11 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
             throw HostMemoryError(address: address, reason: "not the host's memory now (unmapped, moved, or outside its regions)")
         }
         do {
-            try ProcessMemory.confirm(address: m.base + offset, pageCount: pageCount, write: write, probes: probes, planted: nil)
+            try ProcessMemory.confirm(address: m.base + offset, pageCount: pageCount, write: write, probes: probes,
+                                      planted: nil)
         } catch {
-            throw HostMemoryError(address: address, reason: "the host's memfd at offset \(hex(offset)): \(error.reason)")
+            throw HostMemoryError(address: address,
+                                  reason: "the host's memfd at offset \(hex(offset)): \(error.reason)")
         }
         for i in 0..<pageCount { physical.append(m.phys + offset + UInt64(i) << 12) }
     }

@@ -58,7 +58,8 @@ private let messagesPerTurn = 16
 /// TRANSLATE is weighed by its pages: a loop turn walks at most `translatePagesPerTurn`
 /// pages for all peers together (a small TRANSLATE is answered at once while they last), the
 /// rest `translatePagesPerVisit` at a time per peer in turn after that turn's fault responses
-/// went out. A 512-page TRANSLATE takes several turns; its peer is not read meanwhile. So 16 peers keeping 512-page TRANSLATEs in flight cost each turn a
+/// went out. A 512-page TRANSLATE takes several turns; its peer is not read meanwhile. So 16
+/// peers keeping 512-page TRANSLATEs in flight cost each turn a
 /// few microseconds, not 16 × 512 walks, and a device waiting for its page's answer does
 /// not wait behind them.
 let translatePagesPerTurn = 16
@@ -305,8 +306,8 @@ extension EventLoop {
         var space: HostSpace?
         if request.addressSpaceName != nil && p.minor < 1 {
             stats.protocolError("badState")
-            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.protocolError,
-                                     text: "ATTACH to a named address space needs protocol 1.1; HELLO negotiated 1.\(p.minor)"))
+            let why = "ATTACH to a named address space needs protocol 1.1; HELLO negotiated 1.\(p.minor)"
+            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.protocolError, text: why))
             return
         }
         if let name = request.addressSpaceName {
@@ -314,7 +315,8 @@ extension EventLoop {
             case .success(let s): space = s
             case .failure(let refusal):
                 stats.protocolError(refusal.kind)
-                reply(p, Wire.errorReply(command: .attach, id: header.id, errno: refusal.errno, text: refusal.description))
+                reply(p, Wire.errorReply(command: .attach, id: header.id, errno: refusal.errno,
+                                         text: refusal.description))
                 return
             }
         }

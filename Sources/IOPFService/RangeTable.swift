@@ -50,8 +50,10 @@ struct RangeTable<Value: Equatable>: Equatable {
                 kept.append(Entry(range: e.range.lowerBound..<range.lowerBound, value: e.value))
             }
             if range.upperBound < e.range.upperBound {
-                kept.append(Entry(range: range.upperBound..<e.range.upperBound,
-                                  value: advance(e.value, range.upperBound - e.range.lowerBound)))
+                kept.append(
+                    Entry(
+                        range: range.upperBound..<e.range.upperBound,
+                        value: advance(e.value, range.upperBound - e.range.lowerBound)))
             }
             hi += 1
         }

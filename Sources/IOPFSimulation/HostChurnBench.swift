@@ -37,7 +37,8 @@ public enum HostChurnBench {
         var rng = Xoshiro(seed: seed)
         var row = HostChurnRow()
         row.mappings = n
-        row.mapNs = try time(n) { k in try engine.map(iova: iova(k), vaddr: host(k), size: 4096, prot: [.read, .write]) }
+        row.mapNs = try time(n) { k in try engine.map(iova: iova(k), vaddr: host(k), size: 4096, prot: [.read, .write])
+        }
         for k in 0..<n { try engine.premap(iova: iova(k), size: 4096, write: true) }
         var picks = (0..<events).map { _ in Int(rng.next() % UInt64(n)) }
         var elapsed = Duration.zero
@@ -51,7 +52,8 @@ public enum HostChurnBench {
         try engine.invalidate(hostAddress: host(picks[0]), length: 4096)
         row.emptyEventNs = try time(events) { _ in try engine.invalidate(hostAddress: host(picks[0]), length: 4096) }
         try engine.premap(iova: iova(picks[0]), size: 4096, write: true)
-        row.wholeEventNsPerMapping = try time(1) { _ in try engine.invalidate(hostAddress: hostBase, length: UInt64(n) << 12) }
+        row.wholeEventNsPerMapping =
+            try time(1) { _ in try engine.invalidate(hostAddress: hostBase, length: UInt64(n) << 12) }
             / Double(n)
         picks = Array(picks.prefix(min(events, 5000)))
         elapsed = .zero
@@ -63,7 +65,8 @@ public enum HostChurnBench {
         }
         row.unmapNs = nanoseconds(elapsed) / Double(picks.count)
         for k in 0..<n { try engine.premap(iova: iova(k), size: 4096, write: true) }
-        row.teardownNsPerMapping = try time(1) { _ in try engine.unmap(iova: 0, size: IOPageTable.iovaLimit) } / Double(n)
+        row.teardownNsPerMapping =
+            try time(1) { _ in try engine.unmap(iova: 0, size: IOPageTable.iovaLimit) } / Double(n)
         return row
     }
 

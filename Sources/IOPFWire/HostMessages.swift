@@ -84,7 +84,8 @@ public struct HostDeclaration: WirePayload {
         let allowedCount = Int(r.u32())
         guard r.u32() == 0 else { throw .reservedNonZero(field: "HOST reserved") }
         guard allowedCount <= Self.maxAllowedUIDs else {
-            throw .outOfRange(field: "HOST allowed uids", value: UInt64(allowedCount), allowed: "0...\(Self.maxAllowedUIDs)")
+            throw .outOfRange(field: "HOST allowed uids", value: UInt64(allowedCount),
+                              allowed: "0...\(Self.maxAllowedUIDs)")
         }
         guard (1...Self.maxRegions).contains(count) else {
             throw .outOfRange(field: "HOST.regions", value: UInt64(count), allowed: "1...\(Self.maxRegions)")

@@ -63,8 +63,8 @@ import Testing
         #expect(Set(host(0, .max)) == [a.id, b.id, c.id])
     }
 
-    /// The host index against a brute-force scan, through random inserts, removals (one at a
-    /// time and by span), address updates and queries: mappings of every size, aliased.
+    /// The IOVA and host indexes against a brute-force scan, through random inserts, removals
+    /// (one at a time and by span), address updates and queries: mappings of every size, aliased.
     @Test func hostIndexMatchesABruteForceScan() throws {
         var t = DMAMappingTable()
         var rng = SeededGenerator(seed: 7)
@@ -83,11 +83,13 @@ import Testing
                 let m = live[Int(rng.next() % UInt64(live.count))]
                 t.updateHostAddress(m, to: (rng.next() % 2048) << 12)
             case 8 where live.count > 4:
-                // A span of consecutive mappings by IOVA, as an unmap removes them.
+                // The whole mappings inside an IOVA range, as an unmap removes them.
                 let sorted = t.byIOVA
                 let lo = Int(rng.next() % UInt64(sorted.count - 2))
-                let span = Array(sorted[lo..<(lo + 3)])
-                t.remove(consecutive: span)
+                let (first, last) = (sorted[lo], sorted[lo + 2])
+                let span = try t.mappings(coveringWhole: first.iova, size: last.iova + last.size - first.iova)
+                #expect(span.map(\.id) == sorted[lo...(lo + 2)].map(\.id))
+                t.remove(all: span)
                 live.removeAll { m in span.contains { $0 === m } }
             default:
                 break
@@ -99,6 +101,10 @@ import Testing
             let expected = live.filter { $0.vaddr < end && $0.vaddrEnd > start }.map(\.id)
             #expect(Set(found) == Set(expected) && found.count == expected.count, "step \(step)")
             #expect(t.count == live.count)
+            // By IOVA: the mapping holding an address, and the order.
+            let address = rng.next() % max(nextIOVA, 1)
+            #expect(t.mapping(containing: address)?.id == live.first { $0.contains(iova: address) }?.id, "step \(step)")
+            #expect(t.byIOVA.map(\.id) == live.sorted { $0.iova < $1.iova }.map(\.id))
         }
     }
 

@@ -20,7 +20,11 @@ struct Bench: ParsableCommand {
             """
     )
 
-    @Option(help: ArgumentHelp("pinned-vs-fault, fault-around (single pages against --fault-around), dirty-log (what the dirty log reports, fault against pinned), faults (resident-page faults through one service thread, --outstanding groups in flight), or host-churn (what a host with --mappings one-page mappings costs per event, unmap and teardown).", valueName: "scenario"))
+    @Option(help: ArgumentHelp("""
+        pinned-vs-fault, fault-around (single pages against --fault-around), dirty-log (what the dirty log reports, \
+        fault against pinned), faults (resident-page faults through one service thread, --outstanding groups in \
+        flight), or host-churn (what a host with --mappings one-page mappings costs per event, unmap and teardown).
+        """, valueName: "scenario"))
     var scenario = "pinned-vs-fault"
 
     @Option(help: "host-churn: one-page mappings of the host, comma-separated counts (k = 1024).")
@@ -84,7 +88,8 @@ struct Bench: ParsableCommand {
             throw ValidationError("--touch '\(touch)' must be fractions in (0, 1], e.g. 0.1,1.0")
         }
         guard ["pinned-vs-fault", "fault-around", "dirty-log", "faults", "host-churn"].contains(scenario) else {
-            throw ValidationError("--scenario must be pinned-vs-fault, fault-around, dirty-log, faults or host-churn, got '\(scenario)'")
+            throw ValidationError(
+                "--scenario must be pinned-vs-fault, fault-around, dirty-log, faults or host-churn, got '\(scenario)'")
         }
         guard let counts = parsedMappings, counts.allSatisfy({ (1...65535).contains($0) }) else {
             throw ValidationError("--mappings must be counts 1...65535 (k = 1024), comma-separated, got '\(mappings)'")
@@ -184,15 +189,17 @@ struct Bench: ParsableCommand {
         }
         Output.progress(nil)
         if json { return try Output.printJSON(rows) }
-        print("mappings   map ns  event ns (page)  event ns (empty)  whole event ns/mapping  unmap ns  teardown ns/mapping")
+        print("mappings   map ns  event ns (page)  event ns (empty)  whole event ns/mapping  unmap ns"
+            + "  teardown ns/mapping")
         for r in rows {
-            print(String(format: "%8d %8.0f %16.0f %17.0f %23.1f %9.0f %20.1f", r.mappings, r.mapNs, r.pageEventNs, r.emptyEventNs,
-                         r.wholeEventNsPerMapping, r.unmapNs, r.teardownNsPerMapping))
+            print(String(format: "%8d %8.0f %16.0f %17.0f %23.1f %9.0f %20.1f", r.mappings, r.mapNs, r.pageEventNs,
+                         r.emptyEventNs, r.wholeEventNsPerMapping, r.unmapNs, r.teardownNsPerMapping))
         }
         if let a = rows.first, let b = rows.last, rows.count > 1 {
-            print(String(format: "ratio %d/%d: page event %.2fx, empty event %.2fx, unmap %.2fx, teardown per mapping %.2fx", b.mappings,
-                         a.mappings, b.pageEventNs / a.pageEventNs, b.emptyEventNs / a.emptyEventNs, b.unmapNs / a.unmapNs,
-                         b.teardownNsPerMapping / a.teardownNsPerMapping))
+            let format = "ratio %d/%d: page event %.2fx, empty event %.2fx, unmap %.2fx, teardown per mapping %.2fx"
+            print(String(format: format,
+                         b.mappings, a.mappings, b.pageEventNs / a.pageEventNs, b.emptyEventNs / a.emptyEventNs,
+                         b.unmapNs / a.unmapNs, b.teardownNsPerMapping / a.teardownNsPerMapping))
         }
     }
 

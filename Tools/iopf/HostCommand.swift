@@ -42,7 +42,8 @@ struct Host: ParsableCommand {
     var seed: UInt64 = 1
 
     @Option(name: .customLong("allow-uid"),
-            help: "A uid, besides this process's own, whose devices may attach to this address space (repeatable, up to 16).")
+            help: ArgumentHelp("A uid, besides this process's own, whose devices may attach to this address space "
+                + "(repeatable, up to 16).", valueName: "uid"))
     var allowedUIDs: [UInt32] = []
 
     @Flag(help: "Print one JSON object at the end instead of a summary.")

@@ -131,7 +131,9 @@ struct Serve: ParsableCommand {
             throw ValidationError("--device-memory '\(deviceMemory)' must be a multiple of 4 KiB from 4K to 1G, e.g. 64M")
         }
         for (flag, value) in [("--max-host-memory", maxHostMemory), ("--max-host-mapped", maxHostMapped)] {
-            guard let bytes = parseSize(value), bytes >= 4096 else { throw ValidationError("\(flag) '\(value)' is not a size like 64G") }
+            guard let bytes = parseSize(value), bytes >= 4096 else {
+                throw ValidationError("\(flag) '\(value)' is not a size like 64G")
+            }
         }
         guard maxHostsPerUid >= 1, maxPeersPerUid >= 1 else {
             throw ValidationError("--max-hosts-per-uid and --max-peers-per-uid must be at least 1")

@@ -1,16 +1,21 @@
-// HostRangeIndex.swift — DMA mappings by host address: an interval treap (the kernel's
-// interval tree for MMU notifiers, `interval_tree_iter_first`, in a treap's shape).
+// MappingIndex.swift — DMA mappings by IOVA or by host address: an interval treap (the
+// kernel's interval trees for IOVA areas and MMU notifiers, `interval_tree_iter_first`, in
+// a treap's shape).
 //
 // Host ranges may overlap (a buffer mapped at two IOVAs) and may be of any size, so a
 // sorted array cannot say where the mappings overlapping an address start. Each node keeps
 // the largest end in its subtree; a query skips every subtree that ends at or before the
 // range. Insert, remove and each query step are O(log n) expected; a query is
-// O(log n + k) for k mappings found. Keys are (vaddr, id), unique.
+// O(log n + k) for k mappings found. Keys are (start, id), unique. IOVA ranges never
+// overlap, so there the mapping holding an address is found by one descent.
 //
 // Nodes live in arrays indexed by Int32 (no per-node allocation, no reference counting
 // on a walk); freed slots are reused. Ranges are `[start, end)`.
 
-struct HostRangeIndex: Sendable {
+struct MappingIndex: Sendable {
+    /// Which of a mapping's ranges the index orders: its IOVAs or its host addresses.
+    enum Key: Sendable { case iova, host }
+
     private struct Node {
         var start: UInt64
         var end: UInt64
@@ -28,9 +33,20 @@ struct HostRangeIndex: Sendable {
     private var root: Int32 = -1
     private var seed: UInt32 = 0x9E37_79B9
     private(set) var count = 0
+    let key: Key
+
+    init(_ key: Key) { self.key = key }
+
+    /// `m`'s range in this index, `[start, end)`; for a mapping at the top of the IOVA space
+    /// `end` is its last address plus one, which fits (IOVAs are below 2^48).
+    @inline(__always)
+    private func range(of m: DMAMapping) -> (start: UInt64, end: UInt64) {
+        key == .iova ? (m.iova, m.iova + m.size) : (m.vaddr, m.vaddrEnd)
+    }
 
     mutating func insert(_ m: DMAMapping) {
-        let node = Node(start: m.vaddr, end: m.vaddrEnd, id: m.id.rawValue, maxEnd: m.vaddrEnd, priority: nextPriority())
+        let (start, end) = range(of: m)
+        let node = Node(start: start, end: end, id: m.id.rawValue, maxEnd: end, priority: nextPriority())
         let n: Int32
         if let slot = free.popLast() {
             n = slot
@@ -41,14 +57,15 @@ struct HostRangeIndex: Sendable {
             nodes.append(node)
             mappings.append(m)
         }
-        let (l, r) = split(root, before: (m.vaddr, m.id.rawValue))
+        let (l, r) = split(root, before: (start, m.id.rawValue))
         root = merge(merge(l, n), r)
         count += 1
     }
 
-    /// Removes `m`, found by the host address it was inserted with.
+    /// Removes `m`, found by the range it was inserted with (change a mapping's host
+    /// address only after removing it).
     mutating func remove(_ m: DMAMapping) {
-        let key = (m.vaddr, m.id.rawValue)
+        let key = (range(of: m).start, m.id.rawValue)
         let (l, rest) = split(root, before: key)
         let (found, r) = split(rest, before: (key.0, key.1 &+ 1))
         if found >= 0 {
@@ -60,7 +77,25 @@ struct HostRangeIndex: Sendable {
     }
 
     mutating func removeAll() {
-        self = HostRangeIndex()
+        self = MappingIndex(key)
+    }
+
+    /// The mapping whose range holds `address`, in an index whose ranges never overlap
+    /// (IOVAs): the one that starts last at or before it. One descent, no allocation.
+    @inline(__always)
+    func mapping(containing address: UInt64) -> DMAMapping? {
+        var n = root
+        var best: Int32 = -1
+        while n >= 0 {
+            if nodes[Int(n)].start <= address {
+                best = n
+                n = nodes[Int(n)].right
+            } else {
+                n = nodes[Int(n)].left
+            }
+        }
+        guard best >= 0, nodes[Int(best)].end > address else { return nil }
+        return mappings[Int(best)].unsafelyUnwrapped
     }
 
     /// Calls `body` for each mapping whose host range overlaps `[start, end)`, by address.
