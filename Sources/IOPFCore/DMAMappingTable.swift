@@ -40,6 +40,9 @@ public final class DMAMapping: @unchecked Sendable {
     @exclusivity(unchecked) public internal(set) var dirty: PageBitmap?
     /// In the table's active index: some page may be mapped by the fault path.
     @exclusivity(unchecked) var isActive = false
+    /// Removed from its table: never made active again (a fault that raced its removal
+    /// must not put it back into an index).
+    @exclusivity(unchecked) var isRemoved = false
 
     init(id: MappingID, iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) {
         self.id = id
@@ -175,12 +178,13 @@ public struct DMAMappingTable: Sendable {
         iovaIndex.remove(mapping)
         byHost.remove(mapping)
         deactivate(mapping)
+        mapping.isRemoved = true
     }
 
     /// The fault path mapped a page of `m`: a REMOVE over its host range must visit it.
     @inline(__always)
     mutating func activate(_ m: DMAMapping) {
-        guard !m.isActive else { return }
+        guard !m.isActive, !m.isRemoved else { return }
         m.isActive = true
         active.insert(m)
     }
@@ -202,7 +206,10 @@ public struct DMAMappingTable: Sendable {
         iovaIndex.removeAll()
         byHost.removeAll()
         active.removeAll()
-        for m in span { m.isActive = false }
+        for m in span {
+            m.isActive = false
+            m.isRemoved = true
+        }
     }
 
     /// Replaces a mapping's host address (VFIO's `VFIO_DMA_MAP_FLAG_VADDR`), keeping the

@@ -108,6 +108,24 @@ import Testing
         }
     }
 
+    /// A fault that raced a mapping's removal (the no-retry planted bug found this) must not
+    /// put the removed mapping back into the active index.
+    @Test func aRemovedMappingIsNeverMadeActive() throws {
+        var t = DMAMappingTable()
+        let m = try t.insert(iova: 0x10000, vaddr: 0x5000_0000, size: 0x1000, prot: .read)
+        t.activate(m)
+        t.remove(m)
+        t.activate(m)
+        var found = 0
+        t.forEachMapping(overlappingHost: 0, end: .max, activeOnly: true) { _ in found += 1 }
+        #expect(found == 0 && !m.isActive)
+        let n = try t.insert(iova: 0x10000, vaddr: 0x5000_0000, size: 0x1000, prot: .read)
+        t.remove(all: [n])
+        t.activate(n)
+        t.forEachMapping(overlappingHost: 0, end: .max, activeOnly: true) { _ in found += 1 }
+        #expect(found == 0 && t.count == 0)
+    }
+
     @Test func unmapMustCoverWholeMappings() throws {
         var t = DMAMappingTable()
         let a = try t.insert(iova: 0x10000, vaddr: 0, size: 0x4000, prot: .read)
