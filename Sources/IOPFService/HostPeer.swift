@@ -169,6 +169,7 @@ extension EventLoop {
         if index == hosts.count { hosts.append(space) } else { hosts[index] = space }
         p.space = space
         p.state = .attached
+        noteTrackedRanges(space)
         armHostEvents(space)
         reply(p, Wire.message(command: .host, id: header.id, flags: .reply))
         service.logger.info("host '\(name)' attached from \(p.name): \(declaration.regions.count) regions, \(memory.memfds.count) memfds, \(memoryBytes >> 20) MiB")
@@ -213,11 +214,8 @@ extension EventLoop {
             do { try s.engine.updateHostAddress(iova: request.iova, size: request.size, vaddr: request.hostAddress) } catch {
                 return refuse(WireErrno.invalid, "badMapping", "\(error)")
             }
-            let tracked = s.memory.bindingCount + s.uffd.registered.count
-            stats.host(s.id) {
-                $0.addressUpdates += 1
-                $0.trackedRanges = tracked
-            }
+            stats.host(s.id) { $0.addressUpdates += 1 }
+            noteTrackedRanges(s)
             afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply)) }
             return
         }
@@ -271,6 +269,12 @@ extension EventLoop {
         afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .sync, id: header.id, flags: .reply)) }
     }
 
+    /// Publishes how many host ranges the service keeps for `s` (pruned as it moves memory).
+    private func noteTrackedRanges(_ s: HostSpace) {
+        let tracked = s.memory.bindingCount + s.uffd.registered.count
+        stats.host(s.id) { $0.trackedRanges = tracked }
+    }
+
     // MARK: Events
 
     /// The host's uffd is readable: every queued event becomes an invalidation in its space.
@@ -316,6 +320,7 @@ extension EventLoop {
         if gone {
             s.memory.forget(range)
             s.uffd.forget(range)
+            noteTrackedRanges(s)
         }
         stats.count(event, source: s.name)
         stats.host(s.id) { $0.uffdEvents += 1 }

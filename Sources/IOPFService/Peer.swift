@@ -59,9 +59,8 @@ private let messagesPerTurn = 16
 /// pages for all peers together (a small TRANSLATE is answered at once while they last), the
 /// rest `translatePagesPerVisit` at a time per peer in turn after that turn's fault responses
 /// went out. A 512-page TRANSLATE takes several turns; its peer is not read meanwhile. So 16
-/// peers keeping 512-page TRANSLATEs in flight cost each turn a
-/// few microseconds, not 16 × 512 walks, and a device waiting for its page's answer does
-/// not wait behind them.
+/// peers keeping 512-page TRANSLATEs in flight cost each turn 16 walks, not 16 × 512, and a
+/// device waiting for its page's answer does not wait behind them.
 let translatePagesPerTurn = 16
 let translatePagesPerVisit = 8
 

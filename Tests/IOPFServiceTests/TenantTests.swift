@@ -29,6 +29,8 @@ final class Bystander: @unchecked Sendable {
     let operations = Atomic<Int>(0)
     let integrityErrors = Atomic<Int>(0)
     let lastError = Lock<String?>(nil)
+    /// The service's resident memory when the current attack began.
+    private var rssBefore: UInt64 = 0
     private let iotlb = Lock<[UInt64: UInt64]>([:])
     private let stopped = Atomic<Bool>(false)
     private let done = DispatchSemaphore(value: 0)
@@ -128,6 +130,7 @@ final class Bystander: @unchecked Sendable {
     /// else's load is not taken for the attack's doing (an unfair service falls short in
     /// every window; one the attack left broken is slow after it too, and fails the last check).
     func keepsServing(_ what: String, _ service: FaultService, attack: () throws -> () -> Void) throws {
+        rssBefore = (try? service.footprint().wait().rssBytes) ?? 0
         let before = rate(over: 0.5)
         let stop = try attack()
         var during = rate(over: 1.0)
@@ -146,6 +149,7 @@ final class Bystander: @unchecked Sendable {
         _ what: String, _ service: FaultService, paused: borrowing Atomic<Bool>,
         attack: () throws -> () -> Void
     ) throws {
+        rssBefore = (try? service.footprint().wait().rssBytes) ?? 0
         paused.store(true, ordering: .relaxed)
         let stop = try attack()
         var (alone, during) = (0.0, 0.0)
@@ -161,7 +165,14 @@ final class Bystander: @unchecked Sendable {
         check(what, service, alone: alone, during: during)
     }
 
+    /// The service's resident memory may grow this much over one attack (it shares the
+    /// process with the test, so this is loose; the budgets themselves are tested exactly).
+    static let rssAllowance: UInt64 = 256 << 20
+
     private func check(_ what: String, _ service: FaultService, alone: Double, during: Double) {
+        if let rss = try? service.footprint().wait().rssBytes {
+            #expect(rss < rssBefore + Self.rssAllowance, "\(what): resident memory grew \((rss - rssBefore) >> 20) MiB")
+        }
         #expect(
             during >= 0.5 * alone, "\(what): the bystander did \(Int(during)) ops/s under attack, \(Int(alone)) alone")
         #expect(
