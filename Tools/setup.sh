@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Installs what iopf needs and the machine lacks: Debian's liburing-dev (the io_uring
-# library) and pkg-config. Safe to run again; installs nothing when all is present.
+# library) and pkg-config; with --dpdk also dpdk-dev, whose testpmd is the vhost-user
+# back-end the test suite drives. Safe to run again; installs nothing when all is present.
 # Run as root on Debian/Ubuntu. The Swift toolchain (6.1 or later) must already be there.
 set -euo pipefail
 
 need=()
+if [ "${1:-}" = "--dpdk" ] && ! command -v dpdk-testpmd >/dev/null 2>&1; then
+  need+=(dpdk-dev)
+fi
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 if ! pkg-config --exists liburing 2>/dev/null && [ ! -f /usr/include/liburing.h ]; then
   need+=(liburing-dev)

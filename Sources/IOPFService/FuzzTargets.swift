@@ -56,6 +56,9 @@ public enum FuzzTargets {
                                                                                        fdOffset: 0, fdIndex: 0)]), tag: 8),
                       payload(DMAMapRequest(iova: 1 << 30, hostAddress: 0x7f00_0000_0000, size: 1 << 21, flags: 3), tag: 9),
                       payload(DMAUnmapRequest(iova: 1 << 30, size: 1 << 21), tag: 10)]
+            let miss = VhostUser.IOTLBMessage(iova: 1 << 30, size: 0, userAddress: 0, permission: 3, kind: .miss)
+            seeds += [VhostUser.message(1, flags: .needsReply, payload: miss.bytes),
+                      VhostUser.message(.getFeatures, flags: .reply, payload: VhostUser.u64(1 << 33))]
             return seeds
         case "uffd-events":
             func msg(_ event: Int32, _ a: UInt64, _ b: UInt64, _ c: UInt64, move: Bool) -> [UInt8] {
@@ -133,6 +136,7 @@ public enum FuzzTargets {
     /// survives any bytes, and what decodes re-encodes to the same payload.
     static func message(_ data: UnsafeRawBufferPointer) {
         _ = peekMessageID(data)
+        vhostUser(data)
         if let h = try? MessageHeader(message: data) {
             check(Int(h.size) == data.count, "a header decoded with a size other than the message's")
         }
@@ -157,6 +161,24 @@ public enum FuzzTargets {
         case 9: roundTrip(DMAMapRequest.self)
         case 10: roundTrip(DMAUnmapRequest.self)
         default: roundTrip(DMAUnmapReply.self)
+        }
+    }
+
+    /// What a vhost-user back-end may send: a header, a u64 reply, a back-end request. What
+    /// decodes re-encodes to the same bytes.
+    static func vhostUser(_ data: UnsafeRawBufferPointer) {
+        if let h = try? VhostUser.Header(bytes: data) {
+            check(h.size <= VhostUser.maxPayloadBytes, "a vhost-user header decoded with a size past the limit")
+        }
+        if let v = try? VhostUser.decodeU64Reply(to: .getFeatures, data), let h = try? VhostUser.Header(bytes: data) {
+            check(Array(data) == VhostUser.message(.getFeatures, flags: h.flags, payload: VhostUser.u64(v)),
+                  "a u64 reply does not round-trip")
+        }
+        if let m = try? VhostUser.BackendMessage(bytes: data) {
+            let again = VhostUser.message(VhostUser.BackendRequest.iotlbMessage.rawValue,
+                                          flags: m.needsReply ? .needsReply : [], payload: m.iotlb.bytes)
+            check((try? again.withUnsafeBytes { try VhostUser.BackendMessage(bytes: $0) }) == m,
+                  "a back-end IOTLB message does not round-trip")
         }
     }
 

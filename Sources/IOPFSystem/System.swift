@@ -239,10 +239,12 @@ public enum Sys {
         }
     }
 
-    /// Connects to the AF_UNIX SOCK_SEQPACKET socket at `path` (blocking).
-    package static func connectUnix(path: String) throws(SystemCallError) -> CInt {
-        let fd = try syscall("socket(AF_UNIX, SOCK_SEQPACKET)") {
-            Glibc.socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
+    /// Connects to the AF_UNIX socket at `path` (blocking): SOCK_SEQPACKET, iopf's own
+    /// protocol, or with `stream` SOCK_STREAM (vhost-user).
+    package static func connectUnix(path: String, stream: Bool = false) throws(SystemCallError) -> CInt {
+        let kind = stream ? SOCK_STREAM : SOCK_SEQPACKET
+        let fd = try syscall("socket(AF_UNIX, \(stream ? "SOCK_STREAM" : "SOCK_SEQPACKET"))") {
+            Glibc.socket(AF_UNIX, CInt(kind.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0)
         }
         do {
             var addr = try unixAddress(path)
