@@ -82,7 +82,8 @@ public enum VhostUser {
             case .tooLarge(let size): "vhost-user payload of \(size) bytes, at most \(VhostUser.maxPayloadBytes)"
             case .notAReply(let r): "request \(r) where a reply was expected"
             case .wrongReply(let r, let e): "a reply to request \(r) where one to \(e) was expected"
-            case .payloadSize(let r, let got, let expected): "request \(r): payload of \(got) bytes, expected \(expected)"
+            case .payloadSize(let r, let got, let expected):
+                "request \(r): payload of \(got) bytes, expected \(expected)"
             case .unknownRequest(let r): "back-end request \(r) is not one iopf serves"
             case .badIOTLB(let why): "IOTLB message: \(why)"
             }
@@ -274,7 +275,8 @@ public enum VhostUser {
         /// from a back-end, with a permission of 1, 2 or 3.
         public init(backendPayload p: UnsafeRawBufferPointer) throws(DecodeError) {
             guard p.count == Self.byteCount else {
-                throw .payloadSize(request: BackendRequest.iotlbMessage.rawValue, got: p.count, expected: Self.byteCount)
+                throw .payloadSize(request: BackendRequest.iotlbMessage.rawValue, got: p.count,
+                                   expected: Self.byteCount)
             }
             var r = WireReader(p)
             iova = r.u64()

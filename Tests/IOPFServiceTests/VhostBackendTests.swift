@@ -74,8 +74,10 @@ final class TestPMD {
         let fd = try pmd.connect()
         defer { Sys.close(fd) }
         let features = try ask(fd, .getFeatures)
-        let bits = [("IOMMU_PLATFORM", VhostUser.Feature.iommuPlatform), ("VERSION_1", VhostUser.Feature.version1),
-                    ("PROTOCOL_FEATURES", VhostUser.Feature.protocolFeatures)]
+        let bits = [
+            ("IOMMU_PLATFORM", VhostUser.Feature.iommuPlatform), ("VERSION_1", VhostUser.Feature.version1),
+            ("PROTOCOL_FEATURES", VhostUser.Feature.protocolFeatures),
+        ]
         for (name, bit) in bits {
             #expect(features & bit != 0, "testpmd does not offer \(name): features \(String(features, radix: 16))")
         }
