@@ -158,7 +158,9 @@ public final class PhysicalSpace: Sendable {
     /// `reservationLimit`. Every sum is checked: `size` comes from another process.
     func reserve(size: UInt64) -> UInt64? {
         let alignment: UInt64 = 2 << 20
-        guard size > 0, size <= Self.reservationLimit else { return nil }
+        // At most the limit less the guard gap, so that `limit - span - alignment` below
+        // cannot wrap (an operator's --max-host-memory may be as large as it likes).
+        guard size > 0, size <= Self.reservationLimit - alignment else { return nil }
         let span = (size + alignment - 1) & ~(alignment - 1)
         return state.withLock { s in
             if let i = s.free.firstIndex(where: { UInt64($0.count) >= span }) {

@@ -253,6 +253,9 @@ let fAddSeals: CInt = 1033
             }
         }
         try b.keepsServing("huge memfds", s.service) {
+            // Whatever the budget, a range the physical space cannot hold is refused, not trapped on.
+            #expect(PhysicalSpace.shared.reserve(size: PhysicalSpace.reservationLimit) == nil)
+            #expect(PhysicalSpace.shared.reserve(size: PhysicalSpace.reservationLimit - (2 << 20)) == nil)
             let huge = UInt64(Int64.max) - 4095
             let r = declare([huge, huge])
             #expect(r?.errno == WireErrno.noSpace && r?.text.contains("budget") == true, "\(String(describing: r))")
