@@ -164,13 +164,7 @@ int iopf_punch_hole(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
-int iopf_allocate_range(int fd, int64_t offset, int64_t length) {
-    return fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length);
-}
-
 int iopf_seals(int fd) { return fcntl(fd, F_GET_SEALS); }
-
-int iopf_seal_shrink_flag(void) { return F_SEAL_SHRINK; }
 
 ssize_t iopf_read_nowait(int fd, void *buf, size_t len) {
     struct iovec iov = {.iov_base = buf, .iov_len = len};

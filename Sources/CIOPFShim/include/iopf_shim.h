@@ -54,14 +54,8 @@ int iopf_size_is_sealed(int fd);
 /// show that it raises no userfaultfd event on mappings of the file).
 int iopf_punch_hole(int fd, int64_t offset, int64_t length);
 
-/// fallocate(FALLOC_FL_KEEP_SIZE): allocates a file's pages (shmem: makes them resident)
-/// without changing its size; existing pages keep their contents.
-int iopf_allocate_range(int fd, int64_t offset, int64_t length);
-
 /// fcntl(F_GET_SEALS): the seals of a memfd, or -1.
 int iopf_seals(int fd);
-/// F_SEAL_SHRINK, a macro.
-int iopf_seal_shrink_flag(void);
 
 /// preadv2(RWF_NOWAIT) of one buffer: never blocks, whatever the file's O_NONBLOCK flag
 /// (which another process sharing the file can change). -1 with EAGAIN when nothing is ready.
