@@ -554,6 +554,36 @@ public final class FaultEngine: Sendable {
         state.withLock { s in s.mappings.byIOVA.reduce(0) { $0 + $1.iopfMapped.population } }
     }
 
+    /// The pages around `iova`, inside `window`, that are mapped in `domain` and translate
+    /// to consecutive physical addresses with one protection: what one IOTLB entry of a
+    /// translating device (a vhost-user back-end) can name. Found from the mapping's bitmap
+    /// (a few words, not a page walk each) and checked at both ends against the page table;
+    /// a run whose ends disagree, or any run under dirty tracking (whose pages differ in
+    /// write access), shrinks to the page itself. Nil when `iova` is not mapped.
+    public func mappedRun(domain: DomainID, around iova: UInt64, within window: Range<UInt64>)
+        -> (range: Range<UInt64>, phys: UInt64, prot: Protection)?
+    {
+        state.withLock { s in
+            let page = iova & ~0xFFF
+            let table = s.domains[domain.rawValue]
+            guard let x = table.translate(page) else { return nil }
+            let single = (page..<(page + 4096), x.phys & ~0xFFF, x.prot)
+            guard let m = s.mappings.mapping(containing: page), !m.pinned, m.dirty == nil,
+                  window.contains(page) else { return single }
+            let p = m.pageIndex(iova: page)
+            let low = max(window.lowerBound, m.iova)
+            let high = min(window.upperBound, m.iova + m.size)
+            let first = m.iopfMapped.findPreviousClear(from: Int((low - m.iova) >> 12), to: p) + 1
+            let end = m.iopfMapped.findNextClear(from: p, to: Int((high - m.iova + 4095) >> 12))
+            let a = m.iova + UInt64(first) << 12
+            let last = m.iova + UInt64(end - 1) << 12
+            guard end > p, let xa = table.translate(a), let xl = table.translate(last), xa.prot == x.prot,
+                  xl.prot == x.prot, xl.phys &- xa.phys == last - a, x.phys &- xa.phys == page - a
+            else { return single }
+            return (a..<(last + 4096), xa.phys & ~0xFFF, x.prot)
+        }
+    }
+
     /// Whether page `iova` is marked mapped in its mapping's bitmap.
     public func isMarkedMapped(iova: UInt64) -> Bool {
         state.withLock { s in

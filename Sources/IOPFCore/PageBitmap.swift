@@ -194,6 +194,24 @@ public struct PageBitmap: Sendable {
         find(from: from, to: to, invert: ~0)
     }
 
+    /// The last clear bit in `from..<to`, or `from - 1` when there is none (a run of set
+    /// bits ending at `to` reaches back to the result + 1).
+    public func findPreviousClear(from: Int, to: Int) -> Int {
+        precondition(from >= 0 && from <= to && to <= count, "findPrevious in \(from)..<\(to) is outside the bitmap of \(count) pages")
+        var hi = to
+        while hi > from {
+            let w = (hi - 1) &>> 6
+            let lo = Swift.max(from, w &<< 6)
+            var clear = ~word(w)
+            let top = hi - w &<< 6
+            if top < 64 { clear &= (1 &<< UInt64(top)) &- 1 }
+            clear &= ~0 &<< UInt64(lo - w &<< 6)
+            if clear != 0 { return w &<< 6 + 63 - clear.leadingZeroBitCount }
+            hi = lo
+        }
+        return from - 1
+    }
+
     @inline(__always)
     private func find(from: Int, to: Int, invert: UInt64) -> Int {
         precondition(from >= 0 && to <= count, "findNext in \(from)..<\(to) is outside the bitmap of \(count) pages")

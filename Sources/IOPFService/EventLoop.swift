@@ -98,6 +98,9 @@ final class EventLoop {
     var peers: [Peer?] = []
     /// Hosts' address spaces (HostPeer.swift), by slot.
     var hosts: [HostSpace?] = []
+    /// vhost-user back-ends (VhostBackend.swift), by slot and by generation.
+    var vhosts: [VhostBackend?] = []
+    var vhostByGeneration: [UInt32: VhostBackend] = [:]
     var nextSpaceID: UInt32 = 0
     var listener: (fd: CInt, path: String, provisioner: any DeviceProvisioner)?
     var generation: UInt32 = 0
@@ -303,6 +306,10 @@ final class EventLoop {
             guard let p = peer(c.token) else { return }
             p.invalidationArmed = false
             readAcknowledgements(p)
+        case .vhostMain:
+            if let b = vhost(c.token) { readVhostMain(b) }
+        case .vhostChannel:
+            if let b = vhost(c.token) { readVhostChannel(b) }
         case .cancel:
             break
         }
@@ -564,6 +571,13 @@ final class EventLoop {
     private func perform(_ command: FaultService.Command) throws {
         // Tickets publish this turn's statistics before completing: their waiters read them next.
         switch command {
+        case .attachVhost(let a):
+            addVhost(a)
+        case .detachVhost(let handle, let ticket):
+            if let b = vhosts.first(where: { $0?.handle === handle }), let b {
+                closeVhost(b, reason: "detached", fenced: false)
+            }
+            ticket.complete(.success(()))
         case .attach(let a):
             _ = try addDevice(deviceID: a.deviceID, pasid: a.pasid, domain: a.domain, credit: a.credit, transport: a.transport)
         case .listen(let fd, let path, let provisioner):
@@ -709,6 +723,10 @@ final class EventLoop {
             case .footprint(let ticket): ticket.complete(.failure(.stopped))
             case .barrier(let ticket): ticket.complete(.failure(.stopped))
             case .attach(let a): a.transport.close()
+            case .attachVhost(let a):
+                Sys.close(a.main)
+                Sys.close(a.channel)
+            case .detachVhost(_, let ticket): ticket.complete(.success(()))
             case .listen(let fd, _, _): Sys.close(fd)
             case .stop: break
             }
@@ -717,6 +735,7 @@ final class EventLoop {
         for case let p? in peers where p.role == .device { closePeer(p, reason: "the service stopped", disconnected: false) }
         for case let p? in peers { closePeer(p, reason: "the service stopped", disconnected: false) }
         for case let d? in devices { detach(d, reason: "closed: the service stopped") }
+        for case let b? in vhosts { closeVhost(b, reason: "closed: the service stopped", fenced: false) }
         if let l = listener {
             Sys.close(l.fd)
             unlink(l.path)

@@ -270,6 +270,9 @@ public final class Ticket<Value: Sendable>: Sendable {
 
     init() {}
 
+    /// True once the service completed the command (`wait` returns at once).
+    public var isDone: Bool { value.withLock { $0 != nil } }
+
     func complete(_ result: Result<Value, ServiceError>) {
         value.withLock { $0 = result }
         semaphore.signal()
@@ -317,7 +320,18 @@ public final class FaultService: Sendable {
         case check(Ticket<[InvariantViolation]>)
         case footprint(Ticket<ServiceFootprint>)
         case barrier(Ticket<Void>)
+        case attachVhost(VhostAttachment)
+        case detachVhost(VhostDevice, Ticket<Void>)
         case stop
+    }
+
+    struct VhostAttachment: @unchecked Sendable {
+        var handle: VhostDevice
+        var main: CInt
+        var channel: CInt
+        var domain: DomainID
+        var runPages: Int
+        var faultAroundPages: Int
     }
 
     struct InProcessAttachment: @unchecked Sendable {
@@ -533,6 +547,48 @@ public final class FaultService: Sendable {
             throw error
         }
         logger.info("listening for devices on \(path) (mode \(String(mode, radix: 8)))")
+    }
+
+    /// Serves a vhost-user back-end whose handshake is done: its IOTLB misses on `channel`
+    /// (the back-end channel's front-end end, a SOCK_SEQPACKET socket given to the back-end
+    /// with SET_BACKEND_REQ_FD) are served from `domain`, mapping `faultAroundPages` from
+    /// the page missed, with an UPDATE on `main` (its vhost-user socket) of the whole mapped
+    /// run around it inside its aligned block of `runPages` (a power of two); `domain`'s
+    /// invalidations reach it as IOTLB INVALIDATEs. Takes both descriptors (closed on a
+    /// throw too). The memory table must give each region's physical base as its user
+    /// address (VhostBackend.swift).
+    public func attachVhost(main: CInt, channel: CInt, domain: DomainID, deviceID: UInt32, runPages: Int = 8192,
+                            faultAroundPages: Int = 16) throws(ServiceError) -> VhostDevice
+    {
+        guard (1...(1 << 18)).contains(runPages), runPages & (runPages - 1) == 0,
+              (1...512).contains(faultAroundPages)
+        else {
+            Sys.close(main)
+            Sys.close(channel)
+            throw .invalidRequest("pages per UPDATE block must be a power of two up to 262144 and pages per miss 1...512, "
+                + "got \(runPages) and \(faultAroundPages)")
+        }
+        let handle = VhostDevice(deviceID: deviceID)
+        do {
+            try Sys.setNonBlocking(main, true)
+            try Sys.setNonBlocking(channel, true)
+            try send(.attachVhost(VhostAttachment(handle: handle, main: main, channel: channel, domain: domain,
+                                                  runPages: runPages, faultAroundPages: faultAroundPages)))
+        } catch {
+            Sys.close(main)
+            Sys.close(channel)
+            if let error = error as? ServiceError { throw error }
+            throw .system(error as! SystemCallError)
+        }
+        return handle
+    }
+
+    /// Stops serving a back-end: its sockets are closed (it sees its front-end go). Returns
+    /// once the loop did it; a back-end already fenced or gone is left as it is.
+    public func detachVhost(_ device: VhostDevice) {
+        let ticket = Ticket<Void>()
+        submit(.detachVhost(device, ticket), ticket)
+        _ = try? ticket.wait()
     }
 
     // MARK: Commands

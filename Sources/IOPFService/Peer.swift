@@ -489,6 +489,10 @@ extension EventLoop {
     func serveExternalDevices() {
         if fences.pending.load(ordering: .acquiring) {
             for (generation, message) in fences.takeOutbox() {
+                if let b = vhostByGeneration[generation] {
+                    sendVhostInvalidation(b, message)
+                    continue
+                }
                 guard let d = byGeneration[generation], let p = d.peer, p.state == .attached else { continue }
                 do {
                     try Sys.send(p.invalidation, message.message(id: UInt16(truncatingIfNeeded: message.sequence)), nonBlocking: true)
@@ -505,8 +509,14 @@ extension EventLoop {
                 }
             }
         }
-        guard !byGeneration.isEmpty, !peers.isEmpty else { return }
+        guard !vhostByGeneration.isEmpty || (!byGeneration.isEmpty && !peers.isEmpty) else { return }
         for generation in fences.overdue(at: .now) {
+            if let b = vhostByGeneration[generation] {
+                stats.protocolError("invalidateTimeout")
+                closeVhost(b, reason: "fenced: no acknowledgement within \(service.configuration.invalidateTimeout)",
+                           fenced: true)
+                continue
+            }
             guard let d = byGeneration[generation], let p = d.peer else {
                 fences.remove(device: generation)
                 continue

@@ -36,6 +36,8 @@ struct RingToken: Equatable {
         case hostSpaceEvent
         /// The listening socket, and a peer's control and invalidation sockets (polls).
         case listener, peerControl, peerInvalidation
+        /// A vhost-user back-end's socket (REPLY_ACKs) and its back-end channel (misses).
+        case vhostMain, vhostChannel
         /// An IORING_OP_ASYNC_CANCEL; its completion carries nothing to act on.
         case cancel
     }

@@ -23,7 +23,7 @@ final class TestPMD {
         process.arguments = [
             "--no-huge", "-m", "256", "--no-pci", "--file-prefix", "iopf-\(getpid())",
             "--vdev", "net_vhost0,iface=\(path),iommu-support=1,client=0",
-            "--", "--total-num-mbufs=4096", "--forward-mode=io", "-a", "--stats-period", "0",
+            "--", "--total-num-mbufs=4096", "--forward-mode=io", "--port-topology=loop", "-a", "--stats-period", "0",
         ]
         process.standardInput = input
         process.standardOutput = FileHandle.nullDevice
@@ -42,12 +42,30 @@ final class TestPMD {
         }
     }
 
+    /// Waits until its socket exists (20 s at most): it listens right after binding it.
+    func waitListening() throws {
+        let deadline = ContinuousClock.now + .seconds(20)
+        while !FileManager.default.fileExists(atPath: path) {
+            guard ContinuousClock.now < deadline, process.isRunning else {
+                throw SystemCallError("testpmd did not create \(path)", .timedOut)
+            }
+            usleep(20_000)
+        }
+        usleep(100_000)
+    }
+
+    /// Kills it mid-whatever, as a crash would.
+    func kill() {
+        Glibc.kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
     /// Ends testpmd: the end of its standard input stops it, SIGKILL if it has not gone in 5 s.
     func stop() {
         try? input.fileHandleForWriting.close()
         let deadline = ContinuousClock.now + .seconds(5)
         while process.isRunning && ContinuousClock.now < deadline { usleep(10_000) }
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
         unlink(path)
     }

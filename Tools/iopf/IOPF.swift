@@ -8,6 +8,6 @@ struct IOPF: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "iopf",
         abstract: "Serve I/O page faults for DMA-capable devices without pinning their memory.",
-        subcommands: [Serve.self, Device.self, Host.self, Stress.self, Bench.self, FloorsCommand.self]
+        subcommands: [Serve.self, Device.self, Host.self, Vhost.self, Stress.self, Bench.self, FloorsCommand.self]
     )
 }

@@ -1,0 +1,302 @@
+// VhostSession.swift — `iopf vhost`: a virtio-net driver in this process's memory, a
+// vhost-user back-end in another (DPDK's testpmd), and iopf between them as the IOMMU.
+// One run per translation mode:
+//   fault   — nothing mapped up front; each IOTLB miss of the back-end is a page fault
+//             served by the engine, answered with an UPDATE of the mapped run;
+//   pinned  — VFIO type1: the memory pinned and mapped before the device starts, and one
+//             UPDATE per contiguous run of it sent up front (misses should not happen);
+//   noIOMMU — VIRTIO_F_IOMMU_PLATFORM not negotiated: the back-end uses the memory table's
+//             addresses directly, no translation at all (the ceiling).
+// `--compare` runs all three, one after another, against the same back-end.
+
+import Foundation
+import Glibc
+import Histogram
+import IOPFCore
+import IOPFService
+import IOPFSimulation
+import IOPFSystem
+import IOPFWire
+import Logging
+
+public enum VhostMode: String, Sendable, CaseIterable, Codable {
+    case fault, pinned, noIOMMU
+}
+
+public struct VhostOptions: Sendable {
+    public var backendPath = ""
+    public var mode = VhostMode.fault
+    public var memoryBytes: UInt64 = 256 << 20
+    public var seconds = 10.0
+    /// Seconds counted as warm-up (the first pass over the memory): `mppsAfterWarmup`
+    /// counts what came after.
+    public var warmupSeconds = 1.0
+    /// Seconds between invalidations of a random range of the memory (0: none).
+    public var invalidateInterval = 0.0
+    public var invalidateMaxPages = 16
+    /// Ethernet frame bytes (the 12-byte virtio_net_hdr comes on top).
+    public var frameBytes = 64
+    public var queueSize = 256
+    /// Pages a miss maps (the missed one and those after it, fault-around), and the
+    /// aligned block (pages, a power of two) inside which an UPDATE names the whole mapped run.
+    public var faultAroundPages = 16
+    public var maxUpdatePages = 8192
+    public var burst = 32
+    public static let iovaBase: UInt64 = 1 << 32
+    public init() {}
+}
+
+/// What one run measured; the JSON keys are the README's.
+public struct VhostRunResult: Codable, Sendable, Equatable {
+    public var mode: VhostMode
+    public var seconds = 0.0
+    public var packetsSent = 0
+    public var packetsReceived = 0
+    public var payloadErrors = 0
+    public var firstPayloadError: String?
+    public var mpps = 0.0
+    public var mppsAfterWarmup = 0.0
+    public var iotlbMisses = 0
+    public var missesPerSecond = 0.0
+    public var missesRefused = 0
+    public var iotlbUpdates = 0
+    public var pagesUpdated = 0
+    public var updatesRefused = 0
+    /// UPDATEs that first dropped the back-end's smaller entries inside their run, and
+    /// the entries it held at the end as far as the service knows.
+    public var entriesMerged = 0
+    public var iotlbEntries = 0
+    public var missLatencyNs = LatencySummary()
+    /// Invalidations asked of the service, iopf invalidations that reached the back-end,
+    /// and those it acknowledged (every IOTLB INVALIDATE of one answered).
+    public var invalidationsRequested = 0
+    public var invalidatesSent = 0
+    public var invalidationsPosted = 0
+    public var invalidationsAcked = 0
+    /// Pages the I/O page table maps at the end, and the driver memory resident.
+    public var mappedBytes: UInt64 = 0
+    public var residentBytes: UInt64 = 0
+    /// Why the service stopped serving the back-end before the end (gone, fenced).
+    public var backendEnded: String?
+    public var fenced = false
+}
+
+public struct VhostCompareResult: Codable, Sendable, Equatable {
+    public var runs: [VhostRunResult]
+    /// Throughput after warm-up, fault-driven over pinned and pinned over no IOMMU.
+    public var faultToPinned: Double?
+    public var pinnedToNoIOMMU: Double?
+}
+
+public enum VhostSession {
+    /// Runs `o.mode` against the back-end at `o.backendPath` on a service of its own.
+    public static func run(_ o: VhostOptions, logger: Logger = Logger(label: "iopf.vhost")) throws -> VhostRunResult {
+        var config = ServiceConfiguration()
+        config.hostEvents = o.mode == .fault
+        let engine = FaultEngine(memory: ProcessMemory(),
+                                 configuration: .forThisProcess(mode: o.mode == .fault ? .fault : .pinned))
+        let service = try FaultService(engine: engine, configuration: config, logger: logger)
+        let domain = try service.createDomain()
+        try service.start()
+        defer { service.stop() }
+        return try run(o, service: service, domain: domain)
+    }
+
+    /// Every mode in turn, no IOMMU first, against the same back-end.
+    public static func compare(_ o: VhostOptions, logger: Logger = Logger(label: "iopf.vhost"),
+                               progress: (VhostRunResult) -> Void = { _ in }) throws -> VhostCompareResult {
+        var runs: [VhostRunResult] = []
+        for mode in [VhostMode.noIOMMU, .pinned, .fault] {
+            var m = o
+            m.mode = mode
+            let r = try run(m, logger: logger)
+            progress(r)
+            runs.append(r)
+            usleep(300_000)  // the back-end tears the device down before it listens again
+        }
+        func ratio(_ a: VhostMode, _ b: VhostMode) -> Double? {
+            guard let x = runs.first(where: { $0.mode == a }), let y = runs.first(where: { $0.mode == b }),
+                  y.mppsAfterWarmup > 0 else { return nil }
+            return x.mppsAfterWarmup / y.mppsAfterWarmup
+        }
+        return VhostCompareResult(runs: runs, faultToPinned: ratio(.fault, .pinned), pinnedToNoIOMMU: ratio(.pinned, .noIOMMU))
+    }
+
+    /// Runs `o.mode` with its driver memory mapped in `domain` of a running `service`
+    /// (whose engine must be of the mode: pinned for pinned and noIOMMU). `stop` ends the
+    /// traffic early (tests).
+    public static func run(_ o: VhostOptions, service: FaultService, domain: DomainID,
+                           stop: @escaping @Sendable () -> Bool = { false }) throws -> VhostRunResult {
+        var result = VhostRunResult(mode: o.mode)
+        let region = try HostRegion(length: o.memoryBytes, alignment: 2 << 20)
+        let iova = VhostOptions.iovaBase
+        if o.mode == .fault {
+            try service.map(iova: iova, vaddr: region.base, size: o.memoryBytes, prot: .readWrite)
+        } else {
+            try service.mapPinned(iova: iova, vaddr: region.base, size: o.memoryBytes, prot: .readWrite)
+        }
+        defer { _ = try? service.unmap(iova: iova, size: o.memoryBytes) }
+        let driver = try VirtioNetDriver(base: UnsafeMutableRawPointer(bitPattern: UInt(region.base))!, iovaBase: iova,
+                                         memory: o.memoryBytes, frameBytes: o.frameBytes, queueSize: o.queueSize)
+
+        let frontEnd = try VhostFrontEnd(connectingTo: o.backendPath)
+        defer { frontEnd.close() }
+        let translated = o.mode != .noIOMMU
+        var features = VhostUser.Feature.version1 | VhostUser.Feature.protocolFeatures
+        if translated { features |= VhostUser.Feature.iommuPlatform }
+        try frontEnd.negotiate(features: features)
+        let channel = translated ? try frontEnd.openBackendChannel() : -1
+        var channelOwned = channel >= 0
+        defer { if channelOwned { Sys.close(channel) } }
+        // The user address of the region is its physical base: an UPDATE names what the
+        // I/O page table holds (VhostBackend.swift). Without an IOMMU, guest addresses are IOVAs.
+        try frontEnd.setMemoryTable(VhostUser.MemoryTable(regions: [
+            .init(guestAddress: iova, size: o.memoryBytes, userAddress: region.phys!, mmapOffset: 0),
+        ]), fds: [region.fd])
+        // Without an IOMMU a vring's addresses are the front-end's user addresses (the
+        // buffers' are guest addresses, here the IOVAs).
+        let rings = [driver.rx.setup, driver.tx.setup].map { v in
+            var v = v
+            if !translated {
+                let user = { (a: UInt64) in a - iova + region.phys! }
+                (v.descriptors, v.available, v.used) = (user(v.descriptors), user(v.available), user(v.used))
+            }
+            return v
+        }
+        try frontEnd.setSize(rings[0])
+        try frontEnd.setSize(rings[1])
+        if o.mode == .pinned {
+            // Once the vrings exist (DPDK keeps an IOTLB per vring and fills those it has)
+            // and before their addresses, whose translation would miss.
+            for run in premappedRuns(service.engine.pageTable(domain), iova: iova, size: o.memoryBytes) {
+                try frontEnd.update(iova: run.iova, size: run.size, userAddress: run.phys)
+            }
+        }
+        try frontEnd.setUp(rings[0])
+        try frontEnd.setUp(rings[1])
+        try frontEnd.enable(0)
+        try frontEnd.enable(1)
+        var device: VhostDevice?
+        if translated {
+            channelOwned = false
+            device = try service.attachVhost(main: try Sys.dup(frontEnd.fd), channel: channel, domain: domain,
+                                             deviceID: 1, runPages: o.maxUpdatePages,
+                                             faultAroundPages: o.faultAroundPages)
+        }
+
+        var latencies = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        func takeLatencies() {
+            for v in device?.takeLatencies().samples ?? [] { latencies.record(v) }
+        }
+        var rng = SystemRandomNumberGenerator()
+        let start = ContinuousClock.now
+        let end = start + .nanoseconds(Int64(o.seconds * 1e9))
+        let warm = start + .nanoseconds(Int64(min(o.warmupSeconds, o.seconds) * 1e9))
+        var receivedAtWarm: Int?
+        var nextInvalidate = start
+        var pending: Ticket<InvalidationOutcome>?
+        var nextCheck = start
+        var idle = 0
+        driver.refill()
+        while true {
+            let now = ContinuousClock.now
+            if now >= end || stop() { break }
+            if receivedAtWarm == nil && now >= warm { receivedAtWarm = driver.counts.packetsReceived }
+            let n = driver.poll()
+            driver.refill()
+            if driver.tx.inFlight <= o.queueSize - o.burst { driver.send(o.burst) }
+            if o.invalidateInterval > 0 && now >= nextInvalidate && pending?.isDone != false {
+                let first = UInt64.random(in: 0..<(o.memoryBytes >> 12), using: &rng)
+                let pages = min(UInt64.random(in: 1...UInt64(o.invalidateMaxPages), using: &rng), (o.memoryBytes >> 12) - first)
+                pending = service.invalidate(hostAddress: region.base + first << 12, length: pages << 12)
+                result.invalidationsRequested += 1
+                nextInvalidate = now + .nanoseconds(Int64(o.invalidateInterval * 1e9))
+            }
+            if now >= nextCheck {
+                nextCheck = now + .milliseconds(100)
+                takeLatencies()
+                if let device, device.statistics.ended != nil { break }
+                if device == nil && !Self.alive(frontEnd.fd) {
+                    result.backendEnded = "gone: it closed its socket"
+                    break
+                }
+            }
+            // Two cores are shared by this thread, the service and the back-end's poller.
+            idle = n == 0 ? idle + 1 : 0
+            if idle > 64 { sched_yield() }
+        }
+        let elapsed = ContinuousClock.now - start
+        // Let what is in flight come back (a quarter second at most).
+        let drainUntil = ContinuousClock.now + .milliseconds(250)
+        while driver.tx.inFlight > 0 && ContinuousClock.now < drainUntil && device?.statistics.ended == nil {
+            _ = driver.poll()
+        }
+        _ = driver.poll()
+        _ = try? pending?.wait()
+        _ = try? service.barrier().wait()
+        if let device {
+            service.detachVhost(device)
+            takeLatencies()
+            let s = device.statistics
+            result.iotlbMisses = s.iotlbMisses
+            result.missesRefused = s.missesRefused
+            result.iotlbUpdates = s.iotlbUpdates
+            result.pagesUpdated = s.pagesUpdated
+            result.updatesRefused = s.updatesRefused
+            result.entriesMerged = s.entriesMerged
+            result.iotlbEntries = s.entries
+            result.invalidatesSent = s.invalidatesSent
+            result.invalidationsAcked = s.invalidationsAcked
+            result.invalidationsPosted = s.invalidationsPosted
+            if let ended = s.ended, ended != "detached" { result.backendEnded = ended }
+            result.fenced = s.fenced
+        }
+        if result.backendEnded == nil {
+            // Stop the rings as QEMU does, so the back-end tears the device down cleanly.
+            _ = try? frontEnd.stop(0)
+            _ = try? frontEnd.stop(1)
+        }
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        result.seconds = seconds
+        result.packetsSent = driver.counts.packetsSent
+        result.packetsReceived = driver.counts.packetsReceived
+        result.payloadErrors = driver.counts.payloadErrors
+        result.firstPayloadError = driver.counts.firstPayloadError
+        result.mpps = Double(result.packetsReceived) / seconds / 1e6
+        let afterWarm = seconds - min(o.warmupSeconds, o.seconds)
+        if let r = receivedAtWarm, afterWarm > 0 { result.mppsAfterWarmup = Double(result.packetsReceived - r) / afterWarm / 1e6 }
+        result.missesPerSecond = Double(result.iotlbMisses) / seconds
+        result.missLatencyNs = LatencySummary(latencies)
+        result.mappedBytes = UInt64(service.engine.mappedPageCount) << 12
+        result.residentBytes = (try? region.residentBytes()) ?? 0
+        return result
+    }
+
+    /// The page table's contiguous runs over `[iova, iova + size)`, for the pinned mode's
+    /// UPDATEs up front.
+    static func premappedRuns(_ table: IOPageTable, iova: UInt64, size: UInt64) -> [(iova: UInt64, size: UInt64, phys: UInt64)] {
+        var runs: [(iova: UInt64, size: UInt64, phys: UInt64)] = []
+        var at = iova
+        while at < iova + size {
+            guard let x = table.translate(at) else {
+                at += 4096
+                continue
+            }
+            if let last = runs.last, last.iova + last.size == at, last.phys + last.size == x.phys {
+                runs[runs.count - 1].size += 4096
+            } else {
+                runs.append((at, 4096, x.phys))
+            }
+            at += 4096
+        }
+        return runs
+    }
+
+    /// False once the peer closed the socket (poll says HUP, or readable at end of file).
+    static func alive(_ fd: CInt) -> Bool {
+        let rdhup: Int16 = 0x2000  // POLLRDHUP, which Glibc's module does not export
+        var p = pollfd(fd: fd, events: Int16(POLLIN) | rdhup, revents: 0)
+        guard poll(&p, 1, 0) == 1 else { return true }
+        return p.revents & (Int16(POLLHUP | POLLERR) | rdhup) == 0
+    }
+}
