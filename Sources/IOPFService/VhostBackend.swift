@@ -116,7 +116,6 @@ final class VhostBackend {
     var inboxCount = 0
     var stats = VhostStatistics()
     var latencies: [UInt64] = []
-    var lastPublish = ContinuousClock.now
 
     static let replyBytes = VhostUser.headerBytes + 8
     /// Back-end messages taken per turn, and replies owed before its misses wait.
@@ -167,10 +166,8 @@ final class VhostBackend {
 
     var owedCount: Int { owed.count - owedHead }
 
-    func publish(force: Bool = false) {
-        let now = ContinuousClock.now
-        guard force || now - lastPublish > .milliseconds(20) else { return }
-        lastPublish = now
+    /// Once per batch of messages read: a lock and a copy.
+    func publish() {
         stats.entries = entries.count
         let (stats, samples) = (self.stats, latencies)
         latencies.removeAll(keepingCapacity: true)
@@ -196,7 +193,7 @@ extension EventLoop {
         stats.externalDevices += 1
         service.logger.info("vhost-user back-end \(a.handle.deviceID) attached: \(a.faultAroundPages) pages per miss, \(a.runPages) per UPDATE")
         armVhost(b)
-        b.publish(force: true)
+        b.publish()
     }
 
     private func armVhost(_ b: VhostBackend) {
@@ -238,7 +235,7 @@ extension EventLoop {
         b.stats.fenced = fenced
         if fenced { stats.devicesFenced += 1 }
         stats.devicesClosed += 1
-        b.publish(force: true)
+        b.publish()
         vhosts[b.slot] = nil
         service.logger.info("vhost-user back-end \(b.handle.deviceID) \(reason)")
     }
@@ -284,6 +281,7 @@ extension EventLoop {
             serveMiss(b, message)
         }
         armVhost(b)
+        if !b.closed { b.publish() }
     }
 
     /// Maps the missed page (and up to `runPages - 1` after it) through the engine, as a

@@ -42,6 +42,26 @@ import Testing
         #expect(e.checkInvariants().isEmpty)
     }
 
+    /// What one IOTLB entry of a translating device can name: the mapped run around a
+    /// page, clipped to the window and the mapping, at its first page's physical address.
+    @Test func mappedRunIsTheContiguousMappedPagesAroundAPage() throws {
+        let (e, _) = try engine()
+        try e.map(iova: 0x100000, vaddr: Self.host, size: 64 * KiB, prot: .readWrite)
+        let d = DomainID(rawValue: 0)
+        #expect(e.mappedRun(domain: d, around: 0x104000, within: 0..<(1 << 40)) == nil)
+        let h = e.makeFaultHandler()
+        for page in [3, 4, 5, 6, 9] { _ = h.handle([request(0x100000 + UInt64(page) << 12)]) }
+        let run = try #require(e.mappedRun(domain: d, around: 0x105123, within: 0..<(1 << 40)))
+        #expect(run.range == 0x103000..<0x107000 && run.prot == .readWrite)
+        #expect(run.phys == Self.host + 0x3000 + memory.physicalOffset)
+        let clipped = try #require(e.mappedRun(domain: d, around: 0x105000, within: 0x104000..<0x106000))
+        #expect(clipped.range == 0x104000..<0x106000 && clipped.phys == Self.host + 0x4000 + memory.physicalOffset)
+        #expect(e.mappedRun(domain: d, around: 0x109000, within: 0..<(1 << 40))?.range == 0x109000..<0x10A000)
+        _ = try e.invalidate(hostAddress: Self.host + 0x4000, length: 4096)
+        #expect(e.mappedRun(domain: d, around: 0x105000, within: 0..<(1 << 40))?.range == 0x105000..<0x107000)
+        #expect(e.mappedRun(domain: d, around: 0x104000, within: 0..<(1 << 40)) == nil)
+    }
+
     @Test func badRequestsAreAnsweredInvalid() throws {
         let (e, _) = try engine()
         try e.map(iova: 0x100000, vaddr: Self.host, size: 16 * KiB, prot: .read)

@@ -64,6 +64,27 @@ import Testing
         }
     }
 
+    @Test(arguments: universes)
+    func findPreviousClearMatchesOracle(count: Int) {
+        var rng = SeededGenerator(seed: UInt64(count) &* 11 &+ 5)
+        for _ in 0..<4 {
+            let (bitmap, oracle) = Self.randomPair(count: count, using: &rng)
+            for from in 0...count {
+                for to in from...count {
+                    let clear = (from..<to).last { !oracle.contains($0) } ?? from - 1
+                    #expect(bitmap.findPreviousClear(from: from, to: to) == clear, "findPreviousClear(from: \(from), to: \(to)) in \(count)")
+                }
+            }
+        }
+        // Across chunks never allocated and a long run of set bits.
+        var big = PageBitmap(count: 1 << 17)
+        big.set(40_000..<100_000)
+        #expect(big.findPreviousClear(from: 0, to: 99_999) == 39_999)
+        #expect(big.findPreviousClear(from: 50_000, to: 99_999) == 49_999)
+        #expect(big.findPreviousClear(from: 0, to: 1 << 17) == (1 << 17) - 1)
+        #expect(big.findPreviousClear(from: 0, to: 10) == 9)
+    }
+
     @Test func singleBitsAndEmptiness() {
         var b = PageBitmap(count: 70)
         #expect(b.isEmpty)
