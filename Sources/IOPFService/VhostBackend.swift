@@ -59,11 +59,13 @@ public struct VhostStatistics: Sendable, Equatable, Codable {
     public init() {}
 }
 
-/// The embedder's handle on an attached back-end: statistics and miss latencies (time from
-/// reading a MISS to the back-end's REPLY_ACK of its UPDATE), published by the loop.
+/// The embedder's handle on an attached back-end: statistics and miss latencies, published
+/// by the loop: from reading a MISS to the back-end's REPLY_ACK of its UPDATE (what the
+/// device waits, with its own handling), and to sending the UPDATE (the service's part).
 public final class VhostDevice: Sendable {
     public let deviceID: UInt32
-    let shared = Mutex<(stats: VhostStatistics, latencies: [UInt64], dropped: Int)>((VhostStatistics(), [], 0))
+    let shared = Mutex<(stats: VhostStatistics, latencies: [UInt64], serviceTimes: [UInt64], dropped: Int)>(
+        (VhostStatistics(), [], [], 0))
     /// Samples kept between two `takeLatencies` calls; later ones are counted, not kept.
     static let maxSamples = 1 << 20
 
@@ -71,11 +73,12 @@ public final class VhostDevice: Sendable {
 
     public var statistics: VhostStatistics { shared.withLock { $0.stats } }
 
-    /// The miss latencies (ns) published since the last call, and how many were dropped.
-    public func takeLatencies() -> (samples: [UInt64], dropped: Int) {
+    /// The miss latencies and service times (ns) published since the last call, and how
+    /// many of each were dropped.
+    public func takeLatencies() -> (samples: [UInt64], serviceTimes: [UInt64], dropped: Int) {
         shared.withLock { s in
-            defer { s.latencies = []; s.dropped = 0 }
-            return (s.latencies, s.dropped)
+            defer { s.latencies = []; s.serviceTimes = []; s.dropped = 0 }
+            return (s.latencies, s.serviceTimes, s.dropped)
         }
     }
 }
@@ -116,6 +119,7 @@ final class VhostBackend {
     var inboxCount = 0
     var stats = VhostStatistics()
     var latencies: [UInt64] = []
+    var serviceTimes: [UInt64] = []
 
     static let replyBytes = VhostUser.headerBytes + 8
     /// Back-end messages taken per turn, and replies owed before its misses wait.
@@ -169,12 +173,14 @@ final class VhostBackend {
     /// Once per batch of messages read: a lock and a copy.
     func publish() {
         stats.entries = entries.count
-        let (stats, samples) = (self.stats, latencies)
+        let (stats, samples, times) = (self.stats, latencies, serviceTimes)
         latencies.removeAll(keepingCapacity: true)
+        serviceTimes.removeAll(keepingCapacity: true)
         handle.shared.withLock { s in
             s.stats = stats
             let room = max(0, VhostDevice.maxSamples - s.latencies.count)
             s.latencies += samples.prefix(room)
+            s.serviceTimes += times.prefix(max(0, VhostDevice.maxSamples - s.serviceTimes.count))
             s.dropped += max(0, samples.count - room)
         }
     }
@@ -341,6 +347,7 @@ extension EventLoop {
                                             userAddress: run.phys, permission: permission, kind: .update)
         guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes), .update(missAt: at))
         else { return }
+        b.serviceTimes.append(UInt64((ContinuousClock.now - at).nanoseconds))
         b.install(run.range)
         b.stats.iotlbUpdates += 1
         b.stats.pagesUpdated += run.range.count >> 12

@@ -27,6 +27,9 @@ public struct VhostOptions: Sendable {
     public var backendPath = ""
     public var mode = VhostMode.fault
     public var memoryBytes: UInt64 = 256 << 20
+    /// The part of the memory packet buffers come from (the rest is never touched: what
+    /// pinning costs for memory a device never uses).
+    public var workingSetBytes: UInt64 = .max
     public var seconds = 10.0
     /// Seconds counted as warm-up (the first pass over the memory): `mppsAfterWarmup`
     /// counts what came after.
@@ -66,7 +69,10 @@ public struct VhostRunResult: Codable, Sendable, Equatable {
     /// the entries it held at the end as far as the service knows.
     public var entriesMerged = 0
     public var iotlbEntries = 0
+    /// From the service reading a miss to the back-end's REPLY_ACK of its UPDATE, and to
+    /// the UPDATE being sent (the service's own part).
     public var missLatencyNs = LatencySummary()
+    public var missServiceNs = LatencySummary()
     /// Invalidations asked of the service, iopf invalidations that reached the back-end,
     /// and those it acknowledged (every IOTLB INVALIDATE of one answered).
     public var invalidationsRequested = 0
@@ -130,14 +136,17 @@ public enum VhostSession {
         var result = VhostRunResult(mode: o.mode)
         let region = try HostRegion(length: o.memoryBytes, alignment: 2 << 20)
         let iova = VhostOptions.iovaBase
-        if o.mode == .fault {
-            try service.map(iova: iova, vaddr: region.base, size: o.memoryBytes, prot: .readWrite)
-        } else {
-            try service.mapPinned(iova: iova, vaddr: region.base, size: o.memoryBytes, prot: .readWrite)
+        // Without an IOMMU nothing is mapped or pinned: the back-end reaches all of the
+        // memory table directly, as a vhost-user back-end of a guest without a vIOMMU does.
+        switch o.mode {
+        case .fault: try service.map(iova: iova, vaddr: region.base, size: o.memoryBytes, prot: .readWrite)
+        case .pinned: try service.mapPinned(iova: iova, vaddr: region.base, size: o.memoryBytes, prot: .readWrite)
+        case .noIOMMU: break
         }
-        defer { _ = try? service.unmap(iova: iova, size: o.memoryBytes) }
+        defer { if o.mode != .noIOMMU { _ = try? service.unmap(iova: iova, size: o.memoryBytes) } }
         let driver = try VirtioNetDriver(base: UnsafeMutableRawPointer(bitPattern: UInt(region.base))!, iovaBase: iova,
-                                         memory: o.memoryBytes, frameBytes: o.frameBytes, queueSize: o.queueSize)
+                                         memory: o.memoryBytes, workingSet: o.workingSetBytes, frameBytes: o.frameBytes,
+                                         queueSize: o.queueSize)
 
         let frontEnd = try VhostFrontEnd(connectingTo: o.backendPath)
         defer { frontEnd.close() }
@@ -185,8 +194,11 @@ public enum VhostSession {
         }
 
         var latencies = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        var serviceTimes = latencies
         func takeLatencies() {
-            for v in device?.takeLatencies().samples ?? [] { latencies.record(v) }
+            guard let taken = device?.takeLatencies() else { return }
+            for v in taken.samples { latencies.record(v) }
+            for v in taken.serviceTimes { serviceTimes.record(v) }
         }
         var rng = SystemRandomNumberGenerator()
         let start = ContinuousClock.now
@@ -267,6 +279,7 @@ public enum VhostSession {
         if let r = receivedAtWarm, afterWarm > 0 { result.mppsAfterWarmup = Double(result.packetsReceived - r) / afterWarm / 1e6 }
         result.missesPerSecond = Double(result.iotlbMisses) / seconds
         result.missLatencyNs = LatencySummary(latencies)
+        result.missServiceNs = LatencySummary(serviceTimes)
         result.mappedBytes = UInt64(service.engine.mappedPageCount) << 12
         result.residentBytes = (try? region.residentBytes()) ?? 0
         return result

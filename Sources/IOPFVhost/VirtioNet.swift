@@ -4,9 +4,10 @@
 //
 // Layout of the memory (offsets from its start, IOVA = iovaBase + offset): ring q (0 RX,
 // 1 TX) at q × 16 KiB with its descriptors, available ring at +4 KiB and used ring at
-// +8 KiB; packet buffers of 2 KiB from 64 KiB to the end. Buffers are taken round-robin
-// over all of the memory (skipping those still posted), as a guest's buffers come from
-// anywhere in its RAM: the first pass faults the memory in.
+// +8 KiB; packet buffers of 2 KiB from 64 KiB to the end of the working set (all of the
+// memory unless told otherwise). Buffers are taken round-robin over it (skipping those
+// still posted), as a guest's buffers come from anywhere in its RAM: the first pass
+// faults it in; the memory beyond it is never touched.
 //
 // A packet is the 12-byte virtio_net_hdr (VERSION_1: num_buffers included), an Ethernet
 // header with the local experimental ethertype 0x88B5, its sequence number, and a payload
@@ -150,13 +151,16 @@ final class VirtioNetDriver {
     private var nextSequence: UInt64 = 1
     var counts = DriverCounts()
 
-    /// `memory` bytes at `base` (host address) and `iovaBase`; frames of `frameBytes`.
-    init(base: UnsafeMutableRawPointer, iovaBase: UInt64, memory: UInt64, frameBytes: Int, queueSize: Int) throws {
-        precondition(memory >= UInt64(Self.buffersOffset + 64 * Self.slotBytes), "memory too small for the driver")
+    /// `memory` bytes at `base` (host address) and `iovaBase`, of which buffers use the
+    /// first `workingSet`; frames of `frameBytes`.
+    init(base: UnsafeMutableRawPointer, iovaBase: UInt64, memory: UInt64, workingSet: UInt64, frameBytes: Int,
+         queueSize: Int) throws {
+        let used = min(memory, workingSet)
+        precondition(used >= UInt64(Self.buffersOffset + 4 * queueSize * Self.slotBytes), "memory too small for the driver")
         self.base = base
         self.iovaBase = iovaBase
         self.frameBytes = frameBytes
-        slots = (Int(memory) - Self.buffersOffset) / Self.slotBytes
+        slots = (Int(used) - Self.buffersOffset) / Self.slotBytes
         inUse = Array(repeating: false, count: slots)
         rx = try SplitRing(index: 0, size: queueSize, base: base, iova: iovaBase)
         tx = try SplitRing(index: 1, size: queueSize, base: base + SplitRing.stride, iova: iovaBase + UInt64(SplitRing.stride))

@@ -30,7 +30,7 @@ final class TestPMD {
         process.arguments = ["-n", "10", Self.binary] + [
             "--no-huge", "-m", "256", "--no-pci", "--file-prefix", "iopf-\(getpid())-\(UInt32.random(in: 0...UInt32.max))",
             "--vdev", "net_vhost0,iface=\(path),iommu-support=1,client=0",
-            "--", "--total-num-mbufs=4096", "--forward-mode=io", "--port-topology=loop", "-a", "--stats-period", "0",
+            "--", "--no-mlockall", "--total-num-mbufs=4096", "--forward-mode=io", "--port-topology=loop", "-a", "--stats-period", "0",
         ]
         process.standardInput = input
         process.standardOutput = FileHandle.nullDevice
