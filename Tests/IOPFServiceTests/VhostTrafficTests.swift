@@ -43,7 +43,7 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         let (service, domain, options) = (s.service, s.domain, o)
         let r = try niceThread { try VhostSession.run(options, service: service, domain: domain) }
         #expect(r.payloadErrors == 0, "\(r.firstPayloadError ?? "")")
-        #expect(r.packetsReceived > 10_000, "only \(r.packetsReceived) of \(r.packetsSent) packets came back")
+        #expect(r.packetsReceived > 1000, "only \(r.packetsReceived) of \(r.packetsSent) packets came back")
         #expect(r.iotlbMisses > 0 && r.iotlbUpdates == r.iotlbMisses && r.missesRefused == 0 && r.updatesRefused == 0,
                 "misses \(r.iotlbMisses), updates \(r.iotlbUpdates), refused \(r.missesRefused)/\(r.updatesRefused)")
         #expect(r.invalidationsRequested > 200, "only \(r.invalidationsRequested) invalidations in 10 s")
