@@ -557,7 +557,7 @@ public final class FaultService: Sendable {
     /// invalidations reach it as IOTLB INVALIDATEs. Takes both descriptors (closed on a
     /// throw too). The memory table must give each region's physical base as its user
     /// address (VhostBackend.swift).
-    public func attachVhost(main: CInt, channel: CInt, domain: DomainID, deviceID: UInt32, runPages: Int = 8192,
+    public func attachVhost(main: CInt, channel: CInt, domain: DomainID, deviceID: UInt32, runPages: Int = 512,
                             faultAroundPages: Int = 16) throws(ServiceError) -> VhostDevice
     {
         guard (1...(1 << 18)).contains(runPages), runPages & (runPages - 1) == 0,

@@ -45,6 +45,9 @@ public struct VhostStatistics: Sendable, Equatable, Codable {
     /// UPDATEs that replaced the back-end's smaller entries inside their run (an
     /// INVALIDATE of the run first: the back-end keeps an entry per UPDATE).
     public var entriesMerged = 0
+    /// UPDATEs sent after an invalidation for the parts of the entries it dropped that
+    /// are still mapped (the back-end drops whole entries).
+    public var entriesRestored = 0
     /// Entries the back-end holds as far as the service knows, at the last publish.
     public var entries = 0
     /// IOTLB INVALIDATE messages sent, and iopf invalidations (one or more ranges each)
@@ -87,6 +90,8 @@ public final class VhostDevice: Sendable {
 final class VhostBackend {
     enum Owed {
         case update(missAt: ContinuousClock.Instant)
+        /// An UPDATE that gives back what an invalidation took beyond its range.
+        case restore
         /// The last INVALIDATE of an iopf invalidation carries its sequence.
         case invalidate(sequence: UInt64?)
     }
@@ -423,6 +428,8 @@ extension EventLoop {
             case .update(let missAt):
                 if result != 0 { b.stats.updatesRefused += 1 }
                 b.latencies.append(UInt64((now - missAt).nanoseconds))
+            case .restore:
+                if result != 0 { b.stats.updatesRefused += 1 }
             case .invalidate(let sequence):
                 // A failed INVALIDATE still left no entry to use: DPDK fails only unknown types.
                 guard let sequence else { break }
@@ -437,20 +444,57 @@ extension EventLoop {
     }
 
     /// Sends one iopf invalidation to a back-end: an IOTLB INVALIDATE per range, each with
-    /// NEED_REPLY; the last one's REPLY_ACK acknowledges the sequence.
+    /// NEED_REPLY; the last one's REPLY_ACK acknowledges the sequence. The back-end drops
+    /// every entry that overlaps a range, whole: the parts of those entries outside the
+    /// ranges that are still mapped are sent again right after (UPDATEs behind the
+    /// INVALIDATEs on the same socket), so one invalidated page of a 32 MiB entry does not
+    /// turn every other page of it into a miss.
     func sendVhostInvalidation(_ b: VhostBackend, _ message: Invalidate) {
         b.stats.invalidationsPosted += 1
+        var dropped: [Range<UInt64>] = []
+        var cut: [Range<UInt64>] = []
         for (k, r) in message.ranges.enumerated() where !b.closed {
             let (size, overflow) = (r.1 - r.0).addingReportingOverflow(1)
+            let range = r.0..<(overflow ? .max : r.1 + 1)
             let msg = VhostUser.IOTLBMessage(iova: r.0, size: overflow ? .max : size, userAddress: 0, permission: 0,
                                              kind: .invalidate)
-            b.forget(r.0..<(overflow ? .max : r.1 + 1))
+            dropped += b.entries[b.overlapping(range)]
+            cut.append(range)
+            b.forget(range)
             let last = k == message.ranges.count - 1
             guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: msg.bytes),
                               .invalidate(sequence: last ? message.sequence : nil))
             else { return }
             b.stats.invalidatesSent += 1
             stats.invalidationsSent += 1
+        }
+        for entry in dropped {
+            // What is left of the entry: its pieces between the invalidated ranges, each
+            // announced from both of its ends (a piece with a hole inside gets two runs).
+            var pieces = [entry]
+            for c in cut {
+                pieces = pieces.flatMap { p -> [Range<UInt64>] in
+                    guard p.overlaps(c) else { return [p] }
+                    return [p.lowerBound..<max(p.lowerBound, c.lowerBound), min(p.upperBound, c.upperBound)..<p.upperBound]
+                        .filter { !$0.isEmpty }
+                }
+            }
+            for piece in pieces {
+                for edge in [piece.lowerBound, piece.upperBound - 4096] where !b.closed {
+                    guard b.overlapping(edge..<(edge + 4096)).isEmpty,
+                          let run = b.engine.mappedRun(domain: b.domain, around: edge, within: piece)
+                    else { continue }
+                    let permission = (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
+                        | (run.prot.contains(.write) ? VhostUser.IOTLBMessage.write : 0)
+                    let update = VhostUser.IOTLBMessage(iova: run.range.lowerBound, size: UInt64(run.range.count),
+                                                        userAddress: run.phys, permission: permission, kind: .update)
+                    guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes),
+                                      .restore)
+                    else { return }
+                    b.install(run.range)
+                    b.stats.entriesRestored += 1
+                }
+            }
         }
     }
 }

@@ -35,8 +35,11 @@ public struct VhostOptions: Sendable {
     /// Seconds counted as warm-up (the first pass over the memory): `mppsAfterWarmup`
     /// counts what came after.
     public var warmupSeconds = 1.0
-    /// Seconds between invalidations of a random range of the memory (0: none).
+    /// Seconds between invalidations of a random range of the working set (0: none).
     public var invalidateInterval = 0.0
+    /// Seconds between host changes: `madvise(MADV_DONTNEED)` of a random range of 1-16
+    /// pages of the working set, seen by the service through userfaultfd (fault mode).
+    public var hostChurnInterval = 0.0
     public var invalidateMaxPages = 16
     /// Ethernet frame bytes (the 12-byte virtio_net_hdr comes on top).
     public var frameBytes = 64
@@ -44,7 +47,7 @@ public struct VhostOptions: Sendable {
     /// Pages a miss maps (the missed one and those after it, fault-around), and the
     /// aligned block (pages, a power of two) inside which an UPDATE names the whole mapped run.
     public var faultAroundPages = 16
-    public var maxUpdatePages = 8192
+    public var maxUpdatePages = 512
     public var burst = 32
     /// The nice value the driver's thread runs at during the traffic (never lowered).
     public var driverNice: Int32 = 5
@@ -71,6 +74,7 @@ public struct VhostRunResult: Codable, Sendable, Equatable {
     /// UPDATEs that first dropped the back-end's smaller entries inside their run, and
     /// the entries it held at the end as far as the service knows.
     public var entriesMerged = 0
+    public var entriesRestored = 0
     public var iotlbEntries = 0
     /// From the service reading a miss to the back-end's REPLY_ACK of its UPDATE, and to
     /// the UPDATE being sent (the service's own part).
@@ -79,6 +83,9 @@ public struct VhostRunResult: Codable, Sendable, Equatable {
     /// Invalidations asked of the service, iopf invalidations that reached the back-end,
     /// and those it acknowledged (every IOTLB INVALIDATE of one answered).
     public var invalidationsRequested = 0
+    /// madvise calls made (`hostChurnInterval`), and userfaultfd events the service read.
+    public var hostChanges = 0
+    public var uffdEvents = 0
     public var invalidatesSent = 0
     public var invalidationsPosted = 0
     public var invalidationsAcked = 0
@@ -209,6 +216,9 @@ public enum VhostSession {
         let warm = start + .nanoseconds(Int64(min(o.warmupSeconds, o.seconds) * 1e9))
         var receivedAtWarm: Int?
         var nextInvalidate = start
+        var nextChurn = start
+        let used = min(o.memoryBytes, o.workingSetBytes) >> 12
+        let eventsBefore = service.statistics.uffdEvents
         var pending: Ticket<InvalidationOutcome>?
         var nextCheck = start
         var idle = 0
@@ -227,9 +237,19 @@ public enum VhostSession {
             let n = driver.poll()
             driver.refill()
             if driver.tx.inFlight <= o.queueSize - o.burst { driver.send(o.burst) }
+            if o.hostChurnInterval > 0 && now >= nextChurn {
+                // Waits until the service read the REMOVE event (userfaultfd's rule).
+                let first = UInt64.random(in: 0..<used, using: &rng)
+                let pages = min(UInt64.random(in: 1...16, using: &rng), used - first)
+                if madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base + first << 12)), Int(pages << 12),
+                           MADV_DONTNEED) == 0 {
+                    result.hostChanges += 1
+                }
+                nextChurn = now + .nanoseconds(Int64(o.hostChurnInterval * 1e9))
+            }
             if o.invalidateInterval > 0 && now >= nextInvalidate && pending?.isDone != false {
-                let first = UInt64.random(in: 0..<(o.memoryBytes >> 12), using: &rng)
-                let pages = min(UInt64.random(in: 1...UInt64(o.invalidateMaxPages), using: &rng), (o.memoryBytes >> 12) - first)
+                let first = UInt64.random(in: 0..<used, using: &rng)
+                let pages = min(UInt64.random(in: 1...UInt64(o.invalidateMaxPages), using: &rng), used - first)
                 pending = service.invalidate(hostAddress: region.base + first << 12, length: pages << 12)
                 result.invalidationsRequested += 1
                 nextInvalidate = now + .nanoseconds(Int64(o.invalidateInterval * 1e9))
@@ -266,6 +286,7 @@ public enum VhostSession {
             result.pagesUpdated = s.pagesUpdated
             result.updatesRefused = s.updatesRefused
             result.entriesMerged = s.entriesMerged
+            result.entriesRestored = s.entriesRestored
             result.iotlbEntries = s.entries
             result.invalidatesSent = s.invalidatesSent
             result.invalidationsAcked = s.invalidationsAcked
@@ -291,6 +312,7 @@ public enum VhostSession {
         result.missLatencyNs = LatencySummary(latencies)
         result.missServiceNs = LatencySummary(serviceTimes)
         result.mappedBytes = UInt64(service.engine.mappedPageCount) << 12
+        result.uffdEvents = service.statistics.uffdEvents - eventsBefore
         result.residentBytes = (try? region.residentBytes()) ?? 0
         return result
     }

@@ -4,8 +4,9 @@
 //
 // Layout of the memory (offsets from its start, IOVA = iovaBase + offset): ring q (0 RX,
 // 1 TX) at q × 16 KiB with its descriptors, available ring at +4 KiB and used ring at
-// +8 KiB; packet buffers of 2 KiB from 64 KiB to the end of the working set (all of the
-// memory unless told otherwise). Buffers are taken round-robin over it (skipping those
+// +8 KiB; packet buffers of 2 KiB from 2 MiB to the end of the working set (all of the
+// memory unless told otherwise), so that the rings have a 2 MiB block of their own (an
+// invalidation of buffers never takes the back-end's ring translations with it). Buffers are taken round-robin over it (skipping those
 // still posted), as a guest's buffers come from anywhere in its RAM: the first pass
 // faults it in; the memory beyond it is never touched.
 //
@@ -137,7 +138,7 @@ public struct DriverCounts: Sendable, Equatable, Codable {
 final class VirtioNetDriver {
     static let headerBytes = 12
     static let slotBytes = 2048
-    static let buffersOffset = 64 << 10
+    static let buffersOffset = 2 << 20
     static let etherType: UInt16 = 0x88B5
 
     let base: UnsafeMutableRawPointer

@@ -116,12 +116,23 @@ final class FakeBackend {
             usleep(1000)
         }
         #expect(samples == 2)
+        // An invalidation of the middle page drops the whole entry at the back-end: what is
+        // left of it, still mapped, comes right behind as two UPDATEs.
         let ticket = s.service.invalidate(hostAddress: f.region.base + 6 << 12, length: 4096)
         let (h3, inv) = try f.next()
         #expect(h3.flags.contains(.needsReply) && inv.kind == .invalidate && inv.iova == base + 6 << 12 && inv.size == 4096)
+        let (_, left) = try f.next()
+        let (_, right) = try f.next()
+        #expect(left.kind == .update && left.iova == base + 5 << 12 && left.size == 4096
+                && left.userAddress == f.region.phys! + 5 << 12, "\(left)")
+        #expect(right.kind == .update && right.iova == base + 7 << 12 && right.size == 2 << 12
+                && right.userAddress == f.region.phys! + 7 << 12, "\(right)")
         #expect(!ticket.isDone, "the invalidation completed before the back-end acknowledged it")
         try f.ack()
+        try f.ack()
+        try f.ack()
         _ = try ticket.wait()
+        #expect(f.waitFor { $0.entriesRestored == 2 }.entriesRestored == 2)
         #expect(f.waitFor { $0.invalidationsAcked == 1 }.invalidationsAcked == 1)
         // A miss outside every mapping is refused: no UPDATE, counted.
         try f.miss(1 << 40)

@@ -28,18 +28,20 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
 }
 
 @Suite(.serialized, .timeLimit(.minutes(3))) struct VhostTrafficTests {
-    /// 10 s of traffic under an invalidation every 5 ms: every payload intact, misses
-    /// served, every invalidation acknowledged by the back-end.
+    /// 10 s of traffic under an invalidation every 5 ms and a madvise(MADV_DONTNEED) of
+    /// the driver's memory every 5 ms (seen through userfaultfd): every payload intact,
+    /// misses served, every invalidation acknowledged by the back-end.
     @Test(.enabled(if: TestPMD.installed)) func testpmdForwardsUnderInvalidationsWithEveryByteChecked() throws {
         let pmd = try TestPMD()
         defer { pmd.stop() }
         try pmd.waitListening()
-        let s = try ListeningService()
+        let s = try ListeningService(hostEvents: true)
         var o = VhostOptions()
         o.backendPath = pmd.path
         o.memoryBytes = 32 << 20
         o.seconds = 10
         o.invalidateInterval = 0.005
+        o.hostChurnInterval = 0.005
         let (service, domain, options) = (s.service, s.domain, o)
         let r = try niceThread { try VhostSession.run(options, service: service, domain: domain) }
         #expect(r.payloadErrors == 0, "\(r.firstPayloadError ?? "")")
@@ -49,6 +51,7 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         #expect(r.invalidationsRequested > 200, "only \(r.invalidationsRequested) invalidations in 10 s")
         #expect(r.invalidationsPosted > 100 && r.invalidationsAcked == r.invalidationsPosted,
                 "\(r.invalidationsAcked) of \(r.invalidationsPosted) invalidations acknowledged")
+        #expect(r.hostChanges > 200 && r.uffdEvents >= r.hostChanges, "\(r.hostChanges) madvise, \(r.uffdEvents) events")
         #expect(r.backendEnded == nil && !r.fenced, "\(r.backendEnded ?? "")")
         #expect(s.service.statistics.devicesFenced == 0)
     }

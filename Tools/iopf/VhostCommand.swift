@@ -42,8 +42,11 @@ struct Vhost: ParsableCommand {
     @Option(help: "Seconds of each run counted as warm-up (mppsAfterWarmup leaves them out).")
     var warmup = 1.0
 
-    @Option(help: "Milliseconds between invalidations of a random range of 1-16 pages of the memory (0: none).")
+    @Option(help: "Milliseconds between invalidations of a random range of 1-16 pages of the working set (0: none).")
     var invalidateInterval = 0.0
+
+    @Option(help: "Milliseconds between madvise(MADV_DONTNEED) of a random range of 1-16 pages of the working set, seen through userfaultfd (fault mode; 0: none).")
+    var hostChurn = 0.0
 
     @Option(name: [.customLong("packet-size"), .customLong("packets-size")],
             help: "Ethernet frame bytes per packet (60-2000; the 12-byte virtio-net header comes on top).")
@@ -53,23 +56,28 @@ struct Vhost: ParsableCommand {
     var faultAround = 16
 
     @Option(help: "Pages of the aligned block inside which an UPDATE names the whole mapped run around a miss (a power of two up to 262144).")
-    var updatePages = 8192
+    var updatePages = 512
 
     @Flag(help: "Print one JSON object at the end instead of a summary.")
     var json = false
 
     func validate() throws {
         guard VhostMode(cliName: mode) != nil else { throw ValidationError("--mode '\(mode)' is not one of fault, pinned, no-iommu") }
-        guard let bytes = parseSize(memory), bytes >= 1 << 20, bytes % 4096 == 0 else {
-            throw ValidationError("--memory '\(memory)' is not a size of at least 1M in whole pages")
+        guard let bytes = parseSize(memory), bytes >= 8 << 20, bytes % 4096 == 0 else {
+            throw ValidationError("--memory '\(memory)' is not a size of at least 8M in whole pages")
         }
         if let workingSet {
-            guard let w = parseSize(workingSet), w >= 4 << 20 else {
-                throw ValidationError("--working-set '\(workingSet)' is not a size of at least 4M")
+            guard let w = parseSize(workingSet), w >= 8 << 20 else {
+                throw ValidationError("--working-set '\(workingSet)' is not a size of at least 8M (the rings take the first 2M)")
             }
         }
         guard seconds > 0 && seconds <= 86_400, warmup >= 0 else { throw ValidationError("--seconds must be positive, --warmup not negative") }
-        guard invalidateInterval >= 0 else { throw ValidationError("--invalidate-interval must not be negative") }
+        guard invalidateInterval >= 0, hostChurn >= 0 else {
+            throw ValidationError("--invalidate-interval and --host-churn must not be negative")
+        }
+        guard hostChurn == 0 || (mode == "fault" && !compare) else {
+            throw ValidationError("--host-churn needs --mode fault without --compare: pinned memory cannot be given back")
+        }
         guard (60...2000).contains(packetSize) else { throw ValidationError("--packet-size must be 60...2000, got \(packetSize)") }
         guard (1...(1 << 18)).contains(updatePages), updatePages & (updatePages - 1) == 0, (1...512).contains(faultAround) else {
             throw ValidationError("--update-pages must be a power of two up to 262144 and --fault-around 1...512")
@@ -85,6 +93,7 @@ struct Vhost: ParsableCommand {
         o.workingSetBytes = workingSet.flatMap(parseSize) ?? .max
         o.warmupSeconds = warmup
         o.invalidateInterval = invalidateInterval / 1000
+        o.hostChurnInterval = hostChurn / 1000
         o.frameBytes = packetSize
         o.faultAroundPages = faultAround
         o.maxUpdatePages = updatePages
@@ -126,6 +135,7 @@ struct Vhost: ParsableCommand {
                 + "miss to UPDATE acknowledged p50 \(r.missLatencyNs.p50 / 1000) µs, p99 \(r.missLatencyNs.p99 / 1000) µs, "
                 + "max \(r.missLatencyNs.max / 1000) µs; in the service p50 \(r.missServiceNs.p50 / 1000) µs, "
                 + "p99 \(r.missServiceNs.p99 / 1000) µs")
+            if r.hostChanges > 0 { print("  host changes: \(r.hostChanges) madvise, \(r.uffdEvents) userfaultfd events read") }
             print("  invalidations: \(r.invalidationsRequested) asked, \(r.invalidationsPosted) reached the back-end "
                 + "(\(r.invalidatesSent) IOTLB INVALIDATEs), \(r.invalidationsAcked) acknowledged")
         }
