@@ -71,7 +71,7 @@ let package = Package(
         .target(
             name: "IOPFVhost",
             dependencies: [
-                "IOPFCore", "IOPFService", "IOPFSimulation", "IOPFSystem", "IOPFWire",
+                "IOPFCore", "IOPFService", "IOPFSimulation", "IOPFSystem", "IOPFWire", "IOPFDevice", "CIOPFShim",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]

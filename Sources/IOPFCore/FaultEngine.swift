@@ -554,22 +554,30 @@ public final class FaultEngine: Sendable {
         state.withLock { s in s.mappings.byIOVA.reduce(0) { $0 + $1.iopfMapped.population } }
     }
 
+    /// A run of mapped pages: its IOVAs, and the physical and host addresses of its first
+    /// page (both consecutive over the run).
+    public struct MappedRun: Sendable, Equatable {
+        public var range: Range<UInt64>
+        public var phys: UInt64
+        public var host: UInt64
+        public var prot: Protection
+    }
+
     /// The pages around `iova`, inside `window`, that are mapped in `domain` and translate
     /// to consecutive physical addresses with one protection: what one IOTLB entry of a
     /// translating device (a vhost-user back-end) can name. Found from the mapping's bitmap
     /// (a few words, not a page walk each) and checked at both ends against the page table;
     /// a run whose ends disagree, or any run under dirty tracking (whose pages differ in
     /// write access), shrinks to the page itself. Nil when `iova` is not mapped.
-    public func mappedRun(domain: DomainID, around iova: UInt64, within window: Range<UInt64>)
-        -> (range: Range<UInt64>, phys: UInt64, prot: Protection)?
-    {
+    public func mappedRun(domain: DomainID, around iova: UInt64, within window: Range<UInt64>) -> MappedRun? {
         state.withLock { s in
             let page = iova & ~0xFFF
             let table = s.domains[domain.rawValue]
             guard let x = table.translate(page) else { return nil }
-            let single = (page..<(page + 4096), x.phys & ~0xFFF, x.prot)
-            guard let m = s.mappings.mapping(containing: page), !m.pinned, m.dirty == nil,
-                  window.contains(page) else { return single }
+            let m = s.mappings.mapping(containing: page)
+            let host = { (a: UInt64) in m.map { $0.vaddr + (a - $0.iova) } ?? 0 }
+            let single = MappedRun(range: page..<(page + 4096), phys: x.phys & ~0xFFF, host: host(page), prot: x.prot)
+            guard let m, !m.pinned, m.dirty == nil, window.contains(page) else { return single }
             let p = m.pageIndex(iova: page)
             let low = max(window.lowerBound, m.iova)
             let high = min(window.upperBound, m.iova + m.size)
@@ -580,7 +588,7 @@ public final class FaultEngine: Sendable {
             guard end > p, let xa = table.translate(a), let xl = table.translate(last), xa.prot == x.prot,
                   xl.prot == x.prot, xl.phys &- xa.phys == last - a, x.phys &- xa.phys == page - a
             else { return single }
-            return (a..<(last + 4096), xa.phys & ~0xFFF, x.prot)
+            return MappedRun(range: a..<(last + 4096), phys: xa.phys & ~0xFFF, host: host(a), prot: x.prot)
         }
     }
 

@@ -86,6 +86,15 @@ public final class HostClient: @unchecked Sendable {
         _ = try connection.request(Wire.message(command: .sync, id: connection.takeID()), expecting: .sync)
     }
 
+    /// VHOST: the service serves a vhost-user back-end in this address space from now on
+    /// (its IOTLB misses, its invalidations). `socket` is the back-end's vhost-user socket
+    /// after the handshake, `channel` the front-end's end of its back-end channel; the
+    /// service keeps copies, the caller keeps its own (and must not read the socket until
+    /// it takes the back-end back by closing the channel, or the host detaches).
+    public func attachVhost(socket: CInt, channel: CInt, _ request: VhostAttachRequest) throws(DeviceClientError) {
+        _ = try connection.request(request.message(id: connection.takeID()), fds: [socket, channel], expecting: .vhost)
+    }
+
     /// DETACH: the service tears the address space down (devices detached, mappings
     /// removed, ranges unregistered) before it answers.
     public func detach() throws(DeviceClientError) {

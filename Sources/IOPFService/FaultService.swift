@@ -227,6 +227,9 @@ public struct HostRecord: Sendable, Equatable, Codable {
     /// Host ranges the service keeps for it (bound memfd pieces and registered ranges):
     /// pruned as the host moves or unmaps memory, so it stays near its live mappings.
     public var trackedRanges = 0
+    /// Its vhost-user back-ends (VHOST): those attached and the last few that ended.
+    public var vhost: [VhostStatistics] = []
+    static let keptVhostRecords = 8
     /// Why its address space was torn down; nil while it is attached.
     public var ended: String?
 
@@ -568,17 +571,16 @@ public final class FaultService: Sendable {
             throw .invalidRequest("pages per UPDATE block must be a power of two up to 262144 and pages per miss 1...512, "
                 + "got \(runPages) and \(faultAroundPages)")
         }
+        // The descriptors stay blocking (their file may be shared with the front-end, which
+        // waits for replies): the loop asks MSG_DONTWAIT of every call.
         let handle = VhostDevice(deviceID: deviceID)
         do {
-            try Sys.setNonBlocking(main, true)
-            try Sys.setNonBlocking(channel, true)
             try send(.attachVhost(VhostAttachment(handle: handle, main: main, channel: channel, domain: domain,
                                                   runPages: runPages, faultAroundPages: faultAroundPages)))
         } catch {
             Sys.close(main)
             Sys.close(channel)
-            if let error = error as? ServiceError { throw error }
-            throw .system(error as! SystemCallError)
+            throw error
         }
         return handle
     }

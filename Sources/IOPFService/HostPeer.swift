@@ -24,6 +24,9 @@ import IOPFWire
 /// Hosts attached at once at most; more are refused.
 let maxHosts = 64
 
+/// vhost-user back-ends one host may have attached at once.
+let maxVhostPerHost = 4
+
 extension EventLoop {
     /// Whether hosts' pages are confirmed by touching them: as for the service's own memory.
     var probes: Bool { (engine.memory as? ProcessMemory)?.probes ?? (iopf_probe_install() == 0) }
@@ -264,6 +267,43 @@ extension EventLoop {
         afterExternalDevices(space: s.id) { [self] in reply(p, DMAUnmapReply(bytes: bytes).message(id: header.id, flags: .reply)) }
     }
 
+    /// VHOST: serve a vhost-user back-end in the host's address space. Takes `fds` (closed
+    /// on a refusal): they must be an AF_UNIX stream socket and an AF_UNIX seqpacket socket,
+    /// at most `maxVhostPerHost` back-ends per host at once.
+    func hostVhost(_ p: Peer, _ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: [CInt]) {
+        func refuse(_ errno: UInt32, _ kind: String, _ text: String) {
+            for fd in fds { Sys.close(fd) }
+            stats.protocolError(kind)
+            reply(p, Wire.errorReply(command: .vhost, id: header.id, errno: errno, text: text))
+        }
+        guard let s = p.space else { return refuse(WireErrno.protocolError, "badState", "VHOST needs an address space (HOST first)") }
+        let request: VhostAttachRequest
+        do { request = try VhostAttachRequest(payload: payload) } catch {
+            return refuse(error.errno, error.kind, error.description)
+        }
+        guard fds.count == 2 else {
+            return refuse(WireErrno.badFD, "badVhostSockets",
+                          "VHOST carries 2 descriptors (the vhost-user socket, the back-end channel), got \(fds.count)")
+        }
+        let stream = Sys.socketKind(fds[0])
+        let seqpacket = Sys.socketKind(fds[1])
+        guard stream?.domain == AF_UNIX, stream?.type == CInt(SOCK_STREAM.rawValue), seqpacket?.domain == AF_UNIX,
+              seqpacket?.type == CInt(SOCK_SEQPACKET.rawValue)
+        else {
+            return refuse(WireErrno.badFD, "badVhostSockets",
+                          "VHOST's descriptors must be an AF_UNIX SOCK_STREAM socket and an AF_UNIX SOCK_SEQPACKET socket")
+        }
+        guard vhosts.count(where: { $0?.space === s }) < maxVhostPerHost else {
+            return refuse(WireErrno.noSpace, "tooManyVhostBackends",
+                          "host '\(s.name)' already has \(maxVhostPerHost) vhost-user back-ends")
+        }
+        let handle = VhostDevice(deviceID: request.deviceID)
+        addVhost(FaultService.VhostAttachment(handle: handle, main: fds[0], channel: fds[1], domain: s.domain,
+                                              runPages: Int(request.blockPages),
+                                              faultAroundPages: Int(request.faultAroundPages)), space: s)
+        reply(p, Wire.message(command: .vhost, id: header.id, flags: .reply))
+    }
+
     func hostSync(_ p: Peer, _ header: MessageHeader) {
         guard let s = p.space else { return }
         afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .sync, id: header.id, flags: .reply)) }
@@ -356,6 +396,9 @@ extension EventLoop {
             } else {
                 detach(d, reason: why)
             }
+        }
+        for case let b? in vhosts where b.space === s {
+            closeVhost(b, reason: "detached: its host '\(s.name)' went away: \(reason)", fenced: false)
         }
         do { _ = try s.engine.removeMappings(iova: 0, size: IOPageTable.iovaLimit) } catch {
             service.logger.critical("host '\(s.name)': removing its mappings failed: \(error)")

@@ -207,6 +207,11 @@ extension EventLoop {
                 fds = []
                 continue
             }
+            if header.command == .vhost && !header.isReply && p.state == .attached && p.role == .host {
+                hostVhost(p, header, payload, fds: fds)
+                fds = []
+                continue
+            }
             if fdsSent {
                 refuse(p, message, kind: "unexpectedFDs", errno: WireErrno.invalid, "\(header.command) carries no descriptors")
                 continue
@@ -267,7 +272,7 @@ extension EventLoop {
                 case (.ready, .device): "ATTACH or DETACH"
                 case (.ready, .host): "HOST or DETACH"
                 case (_, .device): "TRANSLATE or DETACH"
-                case (_, .host): "DMA_MAP, DMA_UNMAP, SYNC or DETACH"
+                case (_, .host): "DMA_MAP, DMA_UNMAP, SYNC, VHOST or DETACH"
                 }
                 stats.protocolError("badState")
                 reply(p, Wire.errorReply(command: header.command, id: header.id, errno: WireErrno.protocolError,

@@ -33,6 +33,7 @@ import IOPFWire
 
 /// What a vhost-user back-end's front-end asked of the service, and what the back-end did.
 public struct VhostStatistics: Sendable, Equatable, Codable {
+    public var deviceID: UInt32 = 0
     /// IOTLB MISS messages received and served with an UPDATE.
     public var iotlbMisses = 0
     /// Misses the engine refused (outside every mapping, or no memory there): no UPDATE.
@@ -72,7 +73,10 @@ public final class VhostDevice: Sendable {
     /// Samples kept between two `takeLatencies` calls; later ones are counted, not kept.
     static let maxSamples = 1 << 20
 
-    init(deviceID: UInt32) { self.deviceID = deviceID }
+    init(deviceID: UInt32) {
+        self.deviceID = deviceID
+        shared.withLock { $0.stats.deviceID = deviceID }
+    }
 
     public var statistics: VhostStatistics { shared.withLock { $0.stats } }
 
@@ -105,6 +109,10 @@ final class VhostBackend {
     let domain: DomainID
     let engine: FaultEngine
     let handler: FaultHandler
+    /// The host's address space it serves (nil: the service's own). A host's back-end was
+    /// given the host's own addresses as user addresses (QEMU's way): UPDATEs name host
+    /// addresses; the service's own, physical ones.
+    let space: HostSpace?
     /// Pages of the aligned block an UPDATE's run stays in (a power of two), and pages a
     /// miss maps (fault-around).
     let runPages: Int
@@ -132,7 +140,9 @@ final class VhostBackend {
     static let maxOwed = 256
 
     init(handle: VhostDevice, slot: Int, generation: UInt32, main: CInt, channel: CInt, domain: DomainID,
-         engine: FaultEngine, handler: FaultHandler, runPages: Int, faultAroundPages: Int) {
+         engine: FaultEngine, handler: FaultHandler, space: HostSpace?, runPages: Int, faultAroundPages: Int) {
+        self.space = space
+        stats.deviceID = handle.deviceID
         self.handle = handle
         self.slot = slot
         self.generation = generation
@@ -162,6 +172,9 @@ final class VhostBackend {
         while end < entries.count && entries[end].lowerBound < range.upperBound { end += 1 }
         return first..<end
     }
+
+    /// The user address an UPDATE gives for `run`.
+    func userAddress(_ run: FaultEngine.MappedRun) -> UInt64 { space == nil ? run.phys : run.host }
 
     /// Replaces the entries overlapping `range` with `range` itself.
     func install(_ range: Range<UInt64>) {
@@ -193,18 +206,36 @@ final class VhostBackend {
 
 extension EventLoop {
     /// Takes a back-end whose handshake is done; its misses are served from the next turn.
-    func addVhost(_ a: FaultService.VhostAttachment) {
+    func addVhost(_ a: FaultService.VhostAttachment, space: HostSpace? = nil) {
         let slot = vhosts.firstIndex { $0 == nil } ?? vhosts.count
         let b = VhostBackend(handle: a.handle, slot: slot, generation: nextGeneration(), main: a.main, channel: a.channel,
-                             domain: a.domain, engine: engine, handler: handler, runPages: a.runPages,
-                             faultAroundPages: a.faultAroundPages)
+                             domain: a.domain, engine: space?.engine ?? engine, handler: space?.handler ?? handler,
+                             space: space, runPages: a.runPages, faultAroundPages: a.faultAroundPages)
         if slot == vhosts.count { vhosts.append(b) } else { vhosts[slot] = b }
         vhostByGeneration[b.generation] = b
-        fences.add(device: b.generation, domain: SyncDomain(space: 0, domain: a.domain), pasid: nil)
+        fences.add(device: b.generation, domain: SyncDomain(space: space?.id ?? 0, domain: a.domain), pasid: nil)
         stats.externalDevices += 1
-        service.logger.info("vhost-user back-end \(a.handle.deviceID) attached: \(a.faultAroundPages) pages per miss, \(a.runPages) per UPDATE")
+        let to = space.map { " to host \($0.name)" } ?? ""
+        service.logger.info(
+            "vhost-user back-end \(a.handle.deviceID) attached\(to): \(a.faultAroundPages) pages per miss, \(a.runPages)-page blocks")
         armVhost(b)
+        publish(b)
+    }
+
+    /// Publishes a back-end's statistics to its handle and, for a host's, to the host's
+    /// record (what `iopf serve --json` shows): once per batch of messages read.
+    func publish(_ b: VhostBackend) {
         b.publish()
+        guard let s = b.space else { return }
+        let current = b.stats
+        stats.host(s.id) { r in
+            if let i = r.vhost.firstIndex(where: { $0.deviceID == current.deviceID && $0.ended == nil }) {
+                r.vhost[i] = current
+            } else {
+                r.vhost.append(current)
+                if r.vhost.count > HostRecord.keptVhostRecords { r.vhost.removeFirst() }
+            }
+        }
     }
 
     private func armVhost(_ b: VhostBackend) {
@@ -246,7 +277,7 @@ extension EventLoop {
         b.stats.fenced = fenced
         if fenced { stats.devicesFenced += 1 }
         stats.devicesClosed += 1
-        b.publish()
+        publish(b)
         vhosts[b.slot] = nil
         service.logger.info("vhost-user back-end \(b.handle.deviceID) \(reason)")
     }
@@ -292,7 +323,7 @@ extension EventLoop {
             serveMiss(b, message)
         }
         armVhost(b)
-        if !b.closed { b.publish() }
+        if !b.closed { publish(b) }
     }
 
     /// Maps the missed page (and up to `runPages - 1` after it) through the engine, as a
@@ -349,7 +380,7 @@ extension EventLoop {
         let permission = (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
             | (run.prot.contains(.write) ? VhostUser.IOTLBMessage.write : 0)
         let update = VhostUser.IOTLBMessage(iova: run.range.lowerBound, size: UInt64(run.range.count),
-                                            userAddress: run.phys, permission: permission, kind: .update)
+                                            userAddress: b.userAddress(run), permission: permission, kind: .update)
         guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes), .update(missAt: at))
         else { return }
         b.serviceTimes.append(UInt64((ContinuousClock.now - at).nanoseconds))
@@ -440,7 +471,7 @@ extension EventLoop {
             }
         }
         armVhost(b)
-        if !b.closed { b.publish() }
+        if !b.closed { publish(b) }
     }
 
     /// Sends one iopf invalidation to a back-end: an IOTLB INVALIDATE per range, each with
@@ -487,7 +518,7 @@ extension EventLoop {
                     let permission = (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
                         | (run.prot.contains(.write) ? VhostUser.IOTLBMessage.write : 0)
                     let update = VhostUser.IOTLBMessage(iova: run.range.lowerBound, size: UInt64(run.range.count),
-                                                        userAddress: run.phys, permission: permission, kind: .update)
+                                                        userAddress: b.userAddress(run), permission: permission, kind: .update)
                     guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes),
                                       .restore)
                     else { return }

@@ -239,6 +239,17 @@ public enum Sys {
         }
     }
 
+    /// A socket's domain and type (SO_DOMAIN, SO_TYPE); nil when `fd` is not a socket.
+    package static func socketKind(_ fd: CInt) -> (domain: CInt, type: CInt)? {
+        var domain: CInt = 0
+        var type: CInt = 0
+        var length = socklen_t(MemoryLayout<CInt>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &length) == 0 else { return nil }
+        length = socklen_t(MemoryLayout<CInt>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) == 0 else { return nil }
+        return (domain, type)
+    }
+
     /// Connects to the AF_UNIX socket at `path` (blocking): SOCK_SEQPACKET, iopf's own
     /// protocol, or with `stream` SOCK_STREAM (vhost-user).
     package static func connectUnix(path: String, stream: Bool = false) throws(SystemCallError) -> CInt {

@@ -14,6 +14,7 @@ import CIOPFShim
 import Glibc
 import Histogram
 import IOPFCore
+import IOPFDevice
 import IOPFService
 import IOPFSimulation
 import IOPFSystem
@@ -51,6 +52,8 @@ public struct VhostOptions: Sendable {
     public var burst = 32
     /// The nice value the driver's thread runs at during the traffic (never lowered).
     public var driverNice: Int32 = 5
+    /// The host name the memory is handed over under (`runOnHost`).
+    public var addressSpaceName = "vhost"
     public static let iovaBase: UInt64 = 1 << 32
     public init() {}
 }
@@ -58,6 +61,9 @@ public struct VhostOptions: Sendable {
 /// What one run measured; the JSON keys are the README's.
 public struct VhostRunResult: Codable, Sendable, Equatable {
     public var mode: VhostMode
+    /// The host name the back-end was served under by another process's service (whose
+    /// statistics, `hosts[].vhost`, hold the IOTLB figures); nil when served here.
+    public var addressSpace: String?
     public var seconds = 0.0
     public var packetsSent = 0
     public var packetsReceived = 0
@@ -143,7 +149,6 @@ public enum VhostSession {
     /// traffic early (tests).
     public static func run(_ o: VhostOptions, service: FaultService, domain: DomainID,
                            stop: @escaping @Sendable () -> Bool = { false }) throws -> VhostRunResult {
-        var result = VhostRunResult(mode: o.mode)
         let region = try HostRegion(length: o.memoryBytes, alignment: 2 << 20)
         let iova = VhostOptions.iovaBase
         // Without an IOMMU nothing is mapped or pinned: the back-end reaches all of the
@@ -154,10 +159,110 @@ public enum VhostSession {
         case .noIOMMU: break
         }
         defer { if o.mode != .noIOMMU { _ = try? service.unmap(iova: iova, size: o.memoryBytes) } }
-        let driver = try VirtioNetDriver(base: UnsafeMutableRawPointer(bitPattern: UInt(region.base))!, iovaBase: iova,
+        let eventsBefore = service.statistics.uffdEvents
+        // The user address of the region is its physical base: an UPDATE names what the
+        // I/O page table holds (VhostBackend.swift).
+        let plumbing = Plumbing(
+            base: region.base, memfd: region.fd, userAddress: region.phys!,
+            premapped: o.mode == .pinned ? premappedRuns(service.engine.pageTable(domain), iova: iova, size: o.memoryBytes) : [],
+            attach: { main, channel in
+                try service.attachVhost(main: main, channel: channel, domain: domain, deviceID: 1,
+                                        runPages: o.maxUpdatePages, faultAroundPages: o.faultAroundPages)
+            },
+            detach: { device in
+                _ = try? service.barrier().wait()
+                if let device { service.detachVhost(device) }
+            },
+            invalidate: { start, length in service.invalidate(hostAddress: start, length: length) },
+            finish: { result in
+                result.mappedBytes = UInt64(service.engine.mappedPageCount) << 12
+                result.uffdEvents = service.statistics.uffdEvents - eventsBefore
+                result.residentBytes = (try? region.residentBytes()) ?? 0
+            })
+        return try drive(o, plumbing, stop: stop)
+    }
+
+    /// Runs `o.mode` (fault) with the driver's memory handed to the service at `path` as
+    /// host `o.addressSpaceName`, as a VMM in another process would: a sealed memfd mapped
+    /// here, this process's userfaultfd, one DMA mapping; the back-end is handed over with
+    /// VHOST. The memory table gives this process's own addresses as user addresses, as
+    /// QEMU does. What the service did is in its statistics (`hosts[].vhost`), not here.
+    public static func runOnHost(_ o: VhostOptions, servicePath path: String,
+                                 stop: @escaping @Sendable () -> Bool = { false }) throws -> VhostRunResult {
+        guard o.mode == .fault else {
+            throw VhostError("a host's address space is fault-driven: --address-space needs --mode fault")
+        }
+        let memfd = try syscall("memfd_create") { iopf_memfd_create_sealable("iopf-vhost-\(o.addressSpaceName)") }
+        defer { Sys.close(memfd) }
+        _ = try syscall("ftruncate") { ftruncate(memfd, off_t(o.memoryBytes)) }
+        _ = try syscall("fcntl(F_ADD_SEALS)") { iopf_seal_size(memfd) }
+        guard let mapped = mmap(nil, Int(o.memoryBytes), PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0), mapped != MAP_FAILED
+        else { throw SystemCallError("mmap of the memfd", .init(rawValue: errno)) }
+        let base = UInt64(UInt(bitPattern: mapped))
+        let host = try HostClient(connectingTo: path)
+        let uffd = try HostClient.makeUserfaultfd()
+        defer { Sys.close(uffd) }
+        try host.declare(name: o.addressSpaceName,
+                         regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
+                         userfaultfd: uffd, memfds: [memfd])
+        var detached = false
+        defer {
+            // The service lets go of the memory (and unregisters it) before it is unmapped.
+            if !detached { _ = try? host.detach() }
+            host.close()
+            munmap(mapped, Int(o.memoryBytes))
+        }
+        try host.map(iova: VhostOptions.iovaBase, hostAddress: base, size: o.memoryBytes, prot: .readWrite)
+        let plumbing = Plumbing(
+            base: base, memfd: memfd, userAddress: base, premapped: [],
+            attach: { main, channel in
+                defer {
+                    Sys.close(main)
+                    Sys.close(channel)
+                }
+                try host.attachVhost(socket: main, channel: channel, VhostAttachRequest(
+                    deviceID: 1, blockPages: UInt32(o.maxUpdatePages), faultAroundPages: UInt32(o.faultAroundPages)))
+                return nil
+            },
+            detach: { _ in
+                _ = try? host.sync()
+                _ = try? host.detach()
+                detached = true
+            },
+            invalidate: nil,
+            finish: { result in
+                result.addressSpace = o.addressSpaceName
+                var vec = [UInt8](repeating: 0, count: Int(o.memoryBytes >> 12))
+                if mincore(mapped, Int(o.memoryBytes), &vec) == 0 {
+                    result.residentBytes = UInt64(vec.reduce(0) { $0 + Int($1 & 1) }) << 12
+                }
+            })
+        return try drive(o, plumbing, stop: stop)
+    }
+
+    /// The memory a run drives and who serves its back-end.
+    struct Plumbing {
+        var base: UInt64
+        var memfd: CInt
+        /// The memory table's user address for the memory's start.
+        var userAddress: UInt64
+        /// UPDATEs to send before the vrings' addresses (pinned).
+        var premapped: [(iova: UInt64, size: UInt64, phys: UInt64)]
+        /// Hands the back-end (a copy of its socket, the channel) to the service; the
+        /// handle when the service is in this process.
+        var attach: (CInt, CInt) throws -> VhostDevice?
+        /// Takes it back once the traffic stopped and everything was acknowledged.
+        var detach: (VhostDevice?) -> Void
+        var invalidate: ((UInt64, UInt64) -> Ticket<InvalidationOutcome>)?
+        var finish: (inout VhostRunResult) -> Void
+    }
+
+    static func drive(_ o: VhostOptions, _ plumbing: Plumbing, stop: @Sendable () -> Bool) throws -> VhostRunResult {
+        var result = VhostRunResult(mode: o.mode)
+        let iova = VhostOptions.iovaBase
+        let driver = try VirtioNetDriver(base: UnsafeMutableRawPointer(bitPattern: UInt(plumbing.base))!, iovaBase: iova,
                                          memory: o.memoryBytes, workingSet: o.workingSetBytes, frameBytes: o.frameBytes,
                                          queueSize: o.queueSize)
-
         let frontEnd = try VhostFrontEnd(connectingTo: o.backendPath)
         defer { frontEnd.close() }
         let translated = o.mode != .noIOMMU
@@ -167,40 +272,37 @@ public enum VhostSession {
         let channel = translated ? try frontEnd.openBackendChannel() : -1
         var channelOwned = channel >= 0
         defer { if channelOwned { Sys.close(channel) } }
-        // The user address of the region is its physical base: an UPDATE names what the
-        // I/O page table holds (VhostBackend.swift). Without an IOMMU, guest addresses are IOVAs.
+        // Without an IOMMU, guest addresses are IOVAs.
         try frontEnd.setMemoryTable(VhostUser.MemoryTable(regions: [
-            .init(guestAddress: iova, size: o.memoryBytes, userAddress: region.phys!, mmapOffset: 0),
-        ]), fds: [region.fd])
+            .init(guestAddress: iova, size: o.memoryBytes, userAddress: plumbing.userAddress, mmapOffset: 0),
+        ]), fds: [plumbing.memfd])
         // Without an IOMMU a vring's addresses are the front-end's user addresses (the
         // buffers' are guest addresses, here the IOVAs).
         let rings = [driver.rx.setup, driver.tx.setup].map { v in
             var v = v
             if !translated {
-                let user = { (a: UInt64) in a - iova + region.phys! }
+                let user = { (a: UInt64) in a - iova + plumbing.userAddress }
                 (v.descriptors, v.available, v.used) = (user(v.descriptors), user(v.available), user(v.used))
             }
             return v
         }
         try frontEnd.setSize(rings[0])
         try frontEnd.setSize(rings[1])
-        if o.mode == .pinned {
-            // Once the vrings exist (DPDK keeps an IOTLB per vring and fills those it has)
-            // and before their addresses, whose translation would miss.
-            for run in premappedRuns(service.engine.pageTable(domain), iova: iova, size: o.memoryBytes) {
-                try frontEnd.update(iova: run.iova, size: run.size, userAddress: run.phys)
-            }
+        // Once the vrings exist (DPDK keeps an IOTLB per vring and fills those it has) and
+        // before their addresses, whose translation would miss.
+        for run in plumbing.premapped {
+            try frontEnd.update(iova: run.iova, size: run.size, userAddress: run.phys)
         }
         try frontEnd.setUp(rings[0])
         try frontEnd.setUp(rings[1])
         try frontEnd.enable(0)
         try frontEnd.enable(1)
         var device: VhostDevice?
+        var handedOver = false
         if translated {
             channelOwned = false
-            device = try service.attachVhost(main: try Sys.dup(frontEnd.fd), channel: channel, domain: domain,
-                                             deviceID: 1, runPages: o.maxUpdatePages,
-                                             faultAroundPages: o.faultAroundPages)
+            device = try plumbing.attach(try Sys.dup(frontEnd.fd), channel)
+            handedOver = true
         }
 
         var latencies = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
@@ -218,7 +320,6 @@ public enum VhostSession {
         var nextInvalidate = start
         var nextChurn = start
         let used = min(o.memoryBytes, o.workingSetBytes) >> 12
-        let eventsBefore = service.statistics.uffdEvents
         var pending: Ticket<InvalidationOutcome>?
         var nextCheck = start
         var idle = 0
@@ -241,16 +342,18 @@ public enum VhostSession {
                 // Waits until the service read the REMOVE event (userfaultfd's rule).
                 let first = UInt64.random(in: 0..<used, using: &rng)
                 let pages = min(UInt64.random(in: 1...16, using: &rng), used - first)
-                if madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base + first << 12)), Int(pages << 12),
+                if madvise(UnsafeMutableRawPointer(bitPattern: UInt(plumbing.base + first << 12)), Int(pages << 12),
                            MADV_DONTNEED) == 0 {
                     result.hostChanges += 1
                 }
                 nextChurn = now + .nanoseconds(Int64(o.hostChurnInterval * 1e9))
             }
-            if o.invalidateInterval > 0 && now >= nextInvalidate && pending?.isDone != false {
+            if let invalidate = plumbing.invalidate, o.invalidateInterval > 0 && now >= nextInvalidate
+                && pending?.isDone != false
+            {
                 let first = UInt64.random(in: 0..<used, using: &rng)
                 let pages = min(UInt64.random(in: 1...UInt64(o.invalidateMaxPages), using: &rng), used - first)
-                pending = service.invalidate(hostAddress: region.base + first << 12, length: pages << 12)
+                pending = invalidate(plumbing.base + first << 12, pages << 12)
                 result.invalidationsRequested += 1
                 nextInvalidate = now + .nanoseconds(Int64(o.invalidateInterval * 1e9))
             }
@@ -275,9 +378,8 @@ public enum VhostSession {
         }
         _ = driver.poll()
         _ = try? pending?.wait()
-        _ = try? service.barrier().wait()
+        if handedOver { plumbing.detach(device) }
         if let device {
-            service.detachVhost(device)
             takeLatencies()
             let s = device.statistics
             result.iotlbMisses = s.iotlbMisses
@@ -311,9 +413,7 @@ public enum VhostSession {
         result.missesPerSecond = Double(result.iotlbMisses) / seconds
         result.missLatencyNs = LatencySummary(latencies)
         result.missServiceNs = LatencySummary(serviceTimes)
-        result.mappedBytes = UInt64(service.engine.mappedPageCount) << 12
-        result.uffdEvents = service.statistics.uffdEvents - eventsBefore
-        result.residentBytes = (try? region.residentBytes()) ?? 0
+        plumbing.finish(&result)
         return result
     }
 

@@ -236,6 +236,49 @@ public struct DMAUnmapReply: WirePayload {
     public func encode(into w: inout WireWriter) { w.u64(bytes) }
 }
 
+/// VHOST (protocol 1.1, host → service): the service is to serve a vhost-user back-end in
+/// the host's address space. Two descriptors: the back-end's vhost-user socket (AF_UNIX
+/// SOCK_STREAM) and the front-end's end of its back-end channel (AF_UNIX SOCK_SEQPACKET),
+/// after the host did the handshake with its memory table's user addresses being its own
+/// (as QEMU's). 16 bytes: the device id, the pages of the aligned block an UPDATE's run
+/// stays in (a power of two, 1-262144), the pages a miss maps (1-512), 4 reserved.
+public struct VhostAttachRequest: WirePayload {
+    public static let command = Command.vhost
+    public static let maxBlockPages: UInt32 = 1 << 18
+    public static let maxFaultAroundPages: UInt32 = 512
+    public var deviceID: UInt32
+    public var blockPages: UInt32
+    public var faultAroundPages: UInt32
+
+    public init(deviceID: UInt32, blockPages: UInt32 = 512, faultAroundPages: UInt32 = 16) {
+        self.deviceID = deviceID
+        self.blockPages = blockPages
+        self.faultAroundPages = faultAroundPages
+    }
+
+    public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
+        try Wire.expectSize(.vhost, p, 16)
+        var r = WireReader(p)
+        deviceID = r.u32()
+        blockPages = r.u32()
+        faultAroundPages = r.u32()
+        guard r.u32() == 0 else { throw .reservedNonZero(field: "VHOST reserved") }
+        guard (1...Self.maxBlockPages).contains(blockPages), blockPages & (blockPages - 1) == 0 else {
+            throw .outOfRange(field: "blockPages", value: UInt64(blockPages), allowed: "a power of two, 1-262144")
+        }
+        guard (1...Self.maxFaultAroundPages).contains(faultAroundPages) else {
+            throw .outOfRange(field: "faultAroundPages", value: UInt64(faultAroundPages), allowed: "1-512")
+        }
+    }
+
+    public func encode(into w: inout WireWriter) {
+        w.u32(deviceID)
+        w.u32(blockPages)
+        w.u32(faultAroundPages)
+        w.u32(0)
+    }
+}
+
 /// The DETACH notice: the service tells a device, on its invalidation socket, that it is
 /// being detached and why (a DETACH request with NO_REPLY, `error` ENODEV, the reason as
 /// text), then closes the connection.

@@ -44,6 +44,7 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case dmaMap = 7
     case dmaUnmap = 8
     case sync = 9
+    case vhost = 10
 
     public var description: String {
         switch self {
@@ -56,6 +57,7 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .dmaMap: "DMA_MAP"
         case .dmaUnmap: "DMA_UNMAP"
         case .sync: "SYNC"
+        case .vhost: "VHOST"
         }
     }
 }

@@ -7,6 +7,7 @@
 import Foundation
 import Glibc
 import IOPFCore
+import IOPFDevice
 import Synchronization
 import Testing
 @testable import IOPFService
@@ -224,6 +225,48 @@ final class FakeBackend {
             #expect(f.waitFor { $0.ended != nil }.fenced)
             return {}
         }
+    }
+
+    /// VHOST from a host: exactly an AF_UNIX stream socket and a seqpacket socket, at most
+    /// four back-ends at once; each refusal closes what was sent, and the host's going
+    /// takes its back-ends with it.
+    @Test func vhostFromAHostIsCheckedAndBounded() throws {
+        let s = try ListeningService()
+        let memory = try TestHostMemory(size: 1 << 20)
+        let host = try memory.attach(s.path, name: "vhost-host", iova: 1 << 36)
+        func refusal(_ fds: [CInt], _ request: VhostAttachRequest = VhostAttachRequest(deviceID: 3)) -> String? {
+            defer { for fd in fds { Sys.close(fd) } }
+            do {
+                try host.attachVhost(socket: fds[0], channel: fds.count > 1 ? fds[1] : fds[0], request)
+                return nil
+            } catch { return "\(error)" }
+        }
+        func streamPair() throws -> (CInt, CInt) {
+            var fds: [CInt] = [-1, -1]
+            #expect(socketpair(AF_UNIX, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) == 0)
+            return (fds[0], fds[1])
+        }
+        var kept: [CInt] = []
+        defer { for fd in kept { Sys.close(fd) } }
+        // Two seqpacket sockets, and an eventfd where the channel goes: refused.
+        let (a, b) = try Sys.seqpacketPair()
+        #expect(refusal([a, b])?.contains("SOCK_STREAM") == true)
+        let (m, _) = try streamPair()
+        #expect(refusal([m, try Sys.eventfd()])?.contains("SOCK_SEQPACKET") == true)
+        // Four are taken; the fifth is refused for the budget.
+        for k in 0..<5 {
+            let (main, theirMain) = try streamPair()
+            let (channel, theirChannel) = try Sys.seqpacketPair()
+            kept += [theirMain, theirChannel]
+            let why = refusal([main, channel], VhostAttachRequest(deviceID: UInt32(10 + k)))
+            if k < 4 { #expect(why == nil, "\(why ?? "")") } else { #expect(why?.contains("already has 4") == true, "\(why ?? "")") }
+        }
+        #expect(s.service.statistics.protocolErrorKinds["badVhostSockets", default: 0] == 2)
+        #expect(s.service.statistics.protocolErrorKinds["tooManyVhostBackends", default: 0] == 1)
+        #expect(s.waitFor { $0.hosts.first?.vhost.count == 4 }.hosts.first?.vhost.count == 4)
+        try host.detach()
+        let ended = s.waitFor { $0.hosts.first?.vhost.allSatisfy { $0.ended != nil } == true }
+        #expect(ended.hosts.first?.vhost.allSatisfy { $0.ended?.contains("went away") == true && !$0.fenced } == true)
     }
 
     /// A back-end that hangs up is gone: not fenced, nothing left waiting for it.

@@ -90,6 +90,32 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         #expect(r.iotlbMisses == 0 && r.mappedBytes == 0)
     }
 
+    /// A VMM's way: the driver's memory handed to the service as a host (memfd, this
+    /// process's userfaultfd), the back-end handed over with VHOST, the host's madvise
+    /// seen through its userfaultfd. The service serves the misses in the host's space and
+    /// gets every invalidation acknowledged; every payload comes back intact.
+    @Test(.enabled(if: TestPMD.installed)) func aHostHandsItsBackEndToTheServiceWithVHOST() throws {
+        let pmd = try TestPMD()
+        defer { pmd.stop() }
+        try pmd.waitListening()
+        let s = try ListeningService()
+        var o = VhostOptions()
+        o.backendPath = pmd.path
+        o.memoryBytes = 32 << 20
+        o.seconds = 4
+        o.hostChurnInterval = 0.005
+        o.addressSpaceName = "vm-vhost"
+        let (options, path) = (o, s.path)
+        let r = try niceThread { try VhostSession.runOnHost(options, servicePath: path) }
+        #expect(r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
+        #expect(r.hostChanges > 100 && r.addressSpace == "vm-vhost")
+        let record = try #require(s.waitFor { $0.hosts.first?.vhost.first?.ended != nil }.hosts.first?.vhost.first)
+        #expect(record.deviceID == 1 && record.iotlbMisses > 0 && record.missesRefused == 0 && record.updatesRefused == 0,
+                "\(record)")
+        #expect(record.invalidationsPosted > 10 && record.invalidationsAcked == record.invalidationsPosted, "\(record)")
+        #expect(!record.fenced && record.ended?.contains("the host detached") == true, "\(record.ended ?? "")")
+    }
+
     /// testpmd killed mid-traffic: the run ends saying the back-end went, and a bystander
     /// host and device on the same service keep being served with their data intact.
     @Test(.enabled(if: TestPMD.installed)) func killingTestpmdMidTrafficLeavesTheServiceServingOthers() throws {

@@ -5,6 +5,7 @@ import ArgumentParser
 import Foundation
 import IOPFSimulation
 import IOPFVhost
+import IOPFWire
 import Logging
 
 struct Vhost: ParsableCommand {
@@ -26,6 +27,14 @@ struct Vhost: ParsableCommand {
 
     @Option(help: "fault, pinned or no-iommu.")
     var mode = "fault"
+
+    @Option(help: ArgumentHelp(
+        "Hand the driver's memory to the service at --service as host NAME (as a VMM does) and the back-end to it with VHOST, instead of serving it in this process.",
+        valueName: "name"))
+    var addressSpace: String?
+
+    @Option(help: "The service's socket (iopf serve --listen PATH), with --address-space.")
+    var service: String?
 
     @Flag(help: "Run no-iommu, pinned and fault one after another and report them side by side.")
     var compare = false
@@ -62,6 +71,17 @@ struct Vhost: ParsableCommand {
     var json = false
 
     func validate() throws {
+        if let addressSpace {
+            guard AddressSpaceName.isValid(addressSpace) else {
+                throw ValidationError("--address-space must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(addressSpace)'")
+            }
+            guard service != nil, mode == "fault", !compare, invalidateInterval == 0 else {
+                throw ValidationError("--address-space needs --service PATH and --mode fault, without --compare or "
+                    + "--invalidate-interval (a host's invalidations are its own memory changes: --host-churn)")
+            }
+        } else if service != nil {
+            throw ValidationError("--service is for --address-space")
+        }
         guard VhostMode(cliName: mode) != nil else { throw ValidationError("--mode '\(mode)' is not one of fault, pinned, no-iommu") }
         guard let bytes = parseSize(memory), bytes >= 8 << 20, bytes % 4096 == 0 else {
             throw ValidationError("--memory '\(memory)' is not a size of at least 8M in whole pages")
@@ -108,6 +128,11 @@ struct Vhost: ParsableCommand {
                 if !json { Output.progress(nil) }
                 runs = r.runs
                 if json { try Output.printJSON(r) }
+            } else if let addressSpace, let service {
+                o.addressSpaceName = addressSpace
+                let r = try VhostSession.runOnHost(o, servicePath: service)
+                runs = [r]
+                if json { try Output.printJSON(r) }
             } else {
                 let r = try VhostSession.run(o, logger: logger)
                 runs = [r]
@@ -130,7 +155,10 @@ struct Vhost: ParsableCommand {
         let f = { (v: Double) in String(format: "%.3f", v) }
         print("iopf vhost \(r.mode.cliName): \(f(r.mpps)) Mpps (\(f(r.mppsAfterWarmup)) after warm-up) over \(f(r.seconds)) s; "
             + "\(r.packetsReceived) of \(r.packetsSent) packets back, \(r.payloadErrors) payload errors")
-        if r.mode != .noIOMMU {
+        if let name = r.addressSpace {
+            print("  served by the service as host '\(name)': its IOTLB figures are in iopf serve --json, hosts[].vhost")
+            if r.hostChanges > 0 { print("  host changes: \(r.hostChanges) madvise") }
+        } else if r.mode != .noIOMMU {
             print("  IOTLB: \(r.iotlbMisses) misses (\(Int(r.missesPerSecond))/s), \(r.iotlbUpdates) updates of \(r.pagesUpdated) pages; "
                 + "miss to UPDATE acknowledged p50 \(r.missLatencyNs.p50 / 1000) µs, p99 \(r.missLatencyNs.p99 / 1000) µs, "
                 + "max \(r.missLatencyNs.max / 1000) µs; in the service p50 \(r.missServiceNs.p50 / 1000) µs, "
