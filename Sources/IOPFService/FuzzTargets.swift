@@ -148,7 +148,7 @@ public enum FuzzTargets {
             p.encode(into: &w)
             check((try? P(payload: w.bytes.withUnsafeBytes { UnsafeRawBufferPointer($0) })) == p, "\(P.self) does not round-trip")
         }
-        switch data[0] % 12 {
+        switch data[0] % 13 {
         case 0: roundTrip(Hello.self)
         case 1: roundTrip(HelloReply.self)
         case 2: roundTrip(Attach.self)
@@ -160,6 +160,7 @@ public enum FuzzTargets {
         case 8: roundTrip(HostDeclaration.self)
         case 9: roundTrip(DMAMapRequest.self)
         case 10: roundTrip(DMAUnmapRequest.self)
+        case 11: roundTrip(VhostAttachRequest.self)
         default: roundTrip(DMAUnmapReply.self)
         }
     }

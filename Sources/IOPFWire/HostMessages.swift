@@ -242,7 +242,7 @@ public struct DMAUnmapReply: WirePayload {
 /// after the host did the handshake with its memory table's user addresses being its own
 /// (as QEMU's). 16 bytes: the device id, the pages of the aligned block an UPDATE's run
 /// stays in (a power of two, 1-262144), the pages a miss maps (1-512), 4 reserved.
-public struct VhostAttachRequest: WirePayload {
+public struct VhostAttachRequest: WirePayload, Equatable {
     public static let command = Command.vhost
     public static let maxBlockPages: UInt32 = 1 << 18
     public static let maxFaultAroundPages: UInt32 = 512

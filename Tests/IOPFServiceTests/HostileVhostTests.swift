@@ -261,8 +261,8 @@ final class FakeBackend {
             let why = refusal([main, channel], VhostAttachRequest(deviceID: UInt32(10 + k)))
             if k < 4 { #expect(why == nil, "\(why ?? "")") } else { #expect(why?.contains("already has 4") == true, "\(why ?? "")") }
         }
-        #expect(s.service.statistics.protocolErrorKinds["badVhostSockets", default: 0] == 2)
-        #expect(s.service.statistics.protocolErrorKinds["tooManyVhostBackends", default: 0] == 1)
+        let kinds = s.waitFor { $0.protocolErrorKinds["tooManyVhostBackends", default: 0] == 1 }.protocolErrorKinds
+        #expect(kinds["badVhostSockets", default: 0] == 2 && kinds["tooManyVhostBackends", default: 0] == 1, "\(kinds)")
         #expect(s.waitFor { $0.hosts.first?.vhost.count == 4 }.hosts.first?.vhost.count == 4)
         try host.detach()
         let ended = s.waitFor { $0.hosts.first?.vhost.allSatisfy { $0.ended != nil } == true }
