@@ -568,7 +568,8 @@ public final class FaultService: Sendable {
         else {
             Sys.close(main)
             Sys.close(channel)
-            throw .invalidRequest("pages per UPDATE block must be a power of two up to 262144 and pages per miss 1...512, "
+            throw .invalidRequest("pages per UPDATE block must be a power of two up to 262144 "
+                + "and pages per miss 1...512, "
                 + "got \(runPages) and \(faultAroundPages)")
         }
         // The descriptors stay blocking (their file may be shared with the front-end, which

@@ -276,7 +276,9 @@ extension EventLoop {
             stats.protocolError(kind)
             reply(p, Wire.errorReply(command: .vhost, id: header.id, errno: errno, text: text))
         }
-        guard let s = p.space else { return refuse(WireErrno.protocolError, "badState", "VHOST needs an address space (HOST first)") }
+        guard let s = p.space else {
+            return refuse(WireErrno.protocolError, "badState", "VHOST needs an address space (HOST first)")
+        }
         let request: VhostAttachRequest
         do { request = try VhostAttachRequest(payload: payload) } catch {
             return refuse(error.errno, error.kind, error.description)
@@ -291,7 +293,8 @@ extension EventLoop {
               seqpacket?.type == CInt(SOCK_SEQPACKET.rawValue)
         else {
             return refuse(WireErrno.badFD, "badVhostSockets",
-                          "VHOST's descriptors must be an AF_UNIX SOCK_STREAM socket and an AF_UNIX SOCK_SEQPACKET socket")
+                          "VHOST's descriptors must be an AF_UNIX SOCK_STREAM socket "
+                              + "and an AF_UNIX SOCK_SEQPACKET socket")
         }
         guard vhosts.count(where: { $0?.space === s }) < maxVhostPerHost else {
             return refuse(WireErrno.noSpace, "tooManyVhostBackends",

@@ -84,7 +84,11 @@ public final class VhostDevice: Sendable {
     /// many of each were dropped.
     public func takeLatencies() -> (samples: [UInt64], serviceTimes: [UInt64], dropped: Int) {
         shared.withLock { s in
-            defer { s.latencies = []; s.serviceTimes = []; s.dropped = 0 }
+            defer {
+                s.latencies = []
+                s.serviceTimes = []
+                s.dropped = 0
+            }
             return (s.latencies, s.serviceTimes, s.dropped)
         }
     }
@@ -139,8 +143,10 @@ final class VhostBackend {
     static let messagesPerTurn = 32
     static let maxOwed = 256
 
-    init(handle: VhostDevice, slot: Int, generation: UInt32, main: CInt, channel: CInt, domain: DomainID,
-         engine: FaultEngine, handler: FaultHandler, space: HostSpace?, runPages: Int, faultAroundPages: Int) {
+    init(
+        handle: VhostDevice, slot: Int, generation: UInt32, main: CInt, channel: CInt, domain: DomainID,
+        engine: FaultEngine, handler: FaultHandler, space: HostSpace?, runPages: Int, faultAroundPages: Int
+    ) {
         self.space = space
         stats.deviceID = handle.deviceID
         self.handle = handle
@@ -208,16 +214,17 @@ extension EventLoop {
     /// Takes a back-end whose handshake is done; its misses are served from the next turn.
     func addVhost(_ a: FaultService.VhostAttachment, space: HostSpace? = nil) {
         let slot = vhosts.firstIndex { $0 == nil } ?? vhosts.count
-        let b = VhostBackend(handle: a.handle, slot: slot, generation: nextGeneration(), main: a.main, channel: a.channel,
-                             domain: a.domain, engine: space?.engine ?? engine, handler: space?.handler ?? handler,
-                             space: space, runPages: a.runPages, faultAroundPages: a.faultAroundPages)
+        let b = VhostBackend(
+            handle: a.handle, slot: slot, generation: nextGeneration(), main: a.main, channel: a.channel,
+            domain: a.domain, engine: space?.engine ?? engine, handler: space?.handler ?? handler,
+            space: space, runPages: a.runPages, faultAroundPages: a.faultAroundPages)
         if slot == vhosts.count { vhosts.append(b) } else { vhosts[slot] = b }
         vhostByGeneration[b.generation] = b
         fences.add(device: b.generation, domain: SyncDomain(space: space?.id ?? 0, domain: a.domain), pasid: nil)
         stats.externalDevices += 1
         let to = space.map { " to host \($0.name)" } ?? ""
-        service.logger.info(
-            "vhost-user back-end \(a.handle.deviceID) attached\(to): \(a.faultAroundPages) pages per miss, \(a.runPages)-page blocks")
+        let shape = "\(a.faultAroundPages) pages per miss, \(a.runPages)-page blocks"
+        service.logger.info("vhost-user back-end \(a.handle.deviceID) attached\(to): \(shape)")
         armVhost(b)
         publish(b)
     }
@@ -242,11 +249,13 @@ extension EventLoop {
         guard !b.closed else { return }
         do {
             if !b.channelArmed && b.owedCount < VhostBackend.maxOwed {
-                try ring.preparePollIn(fd: b.channel, token: RingToken(kind: .vhostChannel, slot: b.slot, generation: b.generation))
+                try ring.preparePollIn(
+                    fd: b.channel, token: RingToken(kind: .vhostChannel, slot: b.slot, generation: b.generation))
                 b.channelArmed = true
             }
             if !b.mainArmed {
-                try ring.preparePollIn(fd: b.main, token: RingToken(kind: .vhostMain, slot: b.slot, generation: b.generation))
+                try ring.preparePollIn(
+                    fd: b.main, token: RingToken(kind: .vhostMain, slot: b.slot, generation: b.generation))
                 b.mainArmed = true
             }
         } catch {
@@ -268,7 +277,9 @@ extension EventLoop {
         b.closed = true
         fences.remove(device: b.generation)
         vhostByGeneration[b.generation] = nil
-        if b.channelArmed { try? ring.prepareCancel(RingToken(kind: .vhostChannel, slot: b.slot, generation: b.generation)) }
+        if b.channelArmed {
+            try? ring.prepareCancel(RingToken(kind: .vhostChannel, slot: b.slot, generation: b.generation))
+        }
         if b.mainArmed { try? ring.prepareCancel(RingToken(kind: .vhostMain, slot: b.slot, generation: b.generation)) }
         // Polls hold no buffers: the descriptors can go now; stale completions are told apart by generation.
         Sys.close(b.main)
@@ -297,7 +308,7 @@ extension EventLoop {
             let got: Sys.Received
             do {
                 got = try Sys.receive(b.channel, into: messageBuffer, maxFDs: 1, nonBlocking: true)
-            } catch where error.errno == .wouldBlock {
+            } catch  where error.errno == .wouldBlock {
                 break
             } catch {
                 closeVhost(b, reason: "gone: receive on its back-end channel failed: \(error)", fenced: false)
@@ -309,13 +320,17 @@ extension EventLoop {
             }
             for fd in got.fds { Sys.close(fd) }
             guard got.fds.isEmpty, !got.truncated else {
-                fenceVhost(b, "badVhostMessage", got.truncated ? "a back-end message longer than any it may send"
-                                                                : "descriptors with a back-end message")
+                fenceVhost(
+                    b, "badVhostMessage",
+                    got.truncated
+                        ? "a back-end message longer than any it may send"
+                        : "descriptors with a back-end message")
                 return
             }
             let message: VhostUser.BackendMessage
             do {
-                message = try VhostUser.BackendMessage(bytes: UnsafeRawBufferPointer(rebasing: messageBuffer[..<got.count]))
+                message = try VhostUser.BackendMessage(
+                    bytes: UnsafeRawBufferPointer(rebasing: messageBuffer[..<got.count]))
             } catch {
                 fenceVhost(b, "badVhostMessage", "its back-end message is not an IOTLB MISS: \(error)")
                 return
@@ -340,8 +355,9 @@ extension EventLoop {
         var perm: PageRequest.Permission = []
         if m.iotlb.permission & VhostUser.IOTLBMessage.read != 0 { perm.insert(.read) }
         if m.iotlb.permission & VhostUser.IOTLBMessage.write != 0 { perm.insert(.write) }
-        let request = PageRequest(flags: .lastPage, deviceID: b.handle.deviceID, groupIndex: 0, perm: perm, addr: page,
-                                  cookie: 1)
+        let request = PageRequest(
+            flags: .lastPage, deviceID: b.handle.deviceID, groupIndex: 0, perm: perm, addr: page,
+            cookie: 1)
         let outcome = b.handler.handle([request], ahead: b.faultAroundPages - 1)
         stats.records += 1
         stats.groups += 1
@@ -360,7 +376,8 @@ extension EventLoop {
         let block = UInt64(b.runPages) << 12
         let start = page & ~(block - 1)
         let (end, overflow) = start.addingReportingOverflow(block)
-        guard let run = b.engine.mappedRun(domain: b.domain, around: page, within: start..<(overflow ? .max : end)) else {
+        guard let run = b.engine.mappedRun(domain: b.domain, around: page, within: start..<(overflow ? .max : end))
+        else {
             stats.invalid += 1
             b.stats.missesRefused += 1
             if m.needsReply { replyToBackend(b, failed: true) }
@@ -370,18 +387,25 @@ extension EventLoop {
         if !held.isEmpty && !(held.count == 1 && b.entries[held.lowerBound] == run.range) {
             // Smaller entries inside the run: dropped first, or the back-end would keep them
             // all (and ignore an UPDATE at an IOVA it holds, whatever its size).
-            let drop = VhostUser.IOTLBMessage(iova: run.range.lowerBound, size: UInt64(run.range.count), userAddress: 0,
-                                              permission: 0, kind: .invalidate)
-            guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: drop.bytes),
-                              .invalidate(sequence: nil))
+            let drop = VhostUser.IOTLBMessage(
+                iova: run.range.lowerBound, size: UInt64(run.range.count), userAddress: 0,
+                permission: 0, kind: .invalidate)
+            guard
+                sendToVhost(
+                    b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: drop.bytes),
+                    .invalidate(sequence: nil))
             else { return }
             b.stats.entriesMerged += 1
         }
-        let permission = (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
+        let permission =
+            (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
             | (run.prot.contains(.write) ? VhostUser.IOTLBMessage.write : 0)
-        let update = VhostUser.IOTLBMessage(iova: run.range.lowerBound, size: UInt64(run.range.count),
-                                            userAddress: b.userAddress(run), permission: permission, kind: .update)
-        guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes), .update(missAt: at))
+        let update = VhostUser.IOTLBMessage(
+            iova: run.range.lowerBound, size: UInt64(run.range.count),
+            userAddress: b.userAddress(run), permission: permission, kind: .update)
+        guard
+            sendToVhost(
+                b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes), .update(missAt: at))
         else { return }
         b.serviceTimes.append(UInt64((ContinuousClock.now - at).nanoseconds))
         b.install(run.range)
@@ -403,7 +427,7 @@ extension EventLoop {
     private func sendToVhost(_ b: VhostBackend, _ bytes: [UInt8], _ owed: VhostBackend.Owed) -> Bool {
         do {
             try Sys.send(b.main, bytes, nonBlocking: true)
-        } catch where error.errno == .brokenPipe || error.errno == .connectionReset {
+        } catch  where error.errno == .brokenPipe || error.errno == .connectionReset {
             closeVhost(b, reason: "gone: \(error)", fenced: false)
             return false
         } catch {
@@ -487,14 +511,17 @@ extension EventLoop {
         for (k, r) in message.ranges.enumerated() where !b.closed {
             let (size, overflow) = (r.1 - r.0).addingReportingOverflow(1)
             let range = r.0..<(overflow ? .max : r.1 + 1)
-            let msg = VhostUser.IOTLBMessage(iova: r.0, size: overflow ? .max : size, userAddress: 0, permission: 0,
-                                             kind: .invalidate)
+            let msg = VhostUser.IOTLBMessage(
+                iova: r.0, size: overflow ? .max : size, userAddress: 0, permission: 0,
+                kind: .invalidate)
             dropped += b.entries[b.overlapping(range)]
             cut.append(range)
             b.forget(range)
             let last = k == message.ranges.count - 1
-            guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: msg.bytes),
-                              .invalidate(sequence: last ? message.sequence : nil))
+            guard
+                sendToVhost(
+                    b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: msg.bytes),
+                    .invalidate(sequence: last ? message.sequence : nil))
             else { return }
             b.stats.invalidatesSent += 1
             stats.invalidationsSent += 1
@@ -506,21 +533,27 @@ extension EventLoop {
             for c in cut {
                 pieces = pieces.flatMap { p -> [Range<UInt64>] in
                     guard p.overlaps(c) else { return [p] }
-                    return [p.lowerBound..<max(p.lowerBound, c.lowerBound), min(p.upperBound, c.upperBound)..<p.upperBound]
-                        .filter { !$0.isEmpty }
+                    return [
+                        p.lowerBound..<max(p.lowerBound, c.lowerBound), min(p.upperBound, c.upperBound)..<p.upperBound,
+                    ]
+                    .filter { !$0.isEmpty }
                 }
             }
             for piece in pieces {
                 for edge in [piece.lowerBound, piece.upperBound - 4096] where !b.closed {
                     guard b.overlapping(edge..<(edge + 4096)).isEmpty,
-                          let run = b.engine.mappedRun(domain: b.domain, around: edge, within: piece)
+                        let run = b.engine.mappedRun(domain: b.domain, around: edge, within: piece)
                     else { continue }
-                    let permission = (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
+                    let permission =
+                        (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
                         | (run.prot.contains(.write) ? VhostUser.IOTLBMessage.write : 0)
-                    let update = VhostUser.IOTLBMessage(iova: run.range.lowerBound, size: UInt64(run.range.count),
-                                                        userAddress: b.userAddress(run), permission: permission, kind: .update)
-                    guard sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes),
-                                      .restore)
+                    let update = VhostUser.IOTLBMessage(
+                        iova: run.range.lowerBound, size: UInt64(run.range.count),
+                        userAddress: b.userAddress(run), permission: permission, kind: .update)
+                    guard
+                        sendToVhost(
+                            b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes),
+                            .restore)
                     else { return }
                     b.install(run.range)
                     b.stats.entriesRestored += 1

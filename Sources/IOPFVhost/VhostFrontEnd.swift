@@ -72,8 +72,13 @@ public final class VhostFrontEnd {
             let n = bytes.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, count - got, 0) }
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
-                throw VhostError(n == 0 ? "the back-end closed the connection"
-                                        : "no reply within \(Self.replyTimeout) (errno \(errno))")
+                let e = errno
+                throw VhostError(
+                    n == 0
+                        ? "the back-end closed the connection"
+                        : e == EAGAIN
+                            ? "no reply within \(Self.replyTimeout)"
+                            : "receive from the back-end failed: \(String(cString: strerror(e))) (errno \(e))")
             }
             got += n
         }
@@ -120,15 +125,17 @@ public final class VhostFrontEnd {
         offeredFeatures = try reply(to: .getFeatures)
         let missing = wanted & ~offeredFeatures
         guard missing == 0 else {
-            throw VhostError("the back-end does not offer features \(hex(missing)) (offered \(hex(offeredFeatures)))"
-                + (missing & VhostUser.Feature.iommuPlatform != 0 ? ": start it with iommu-support=1" : ""))
+            throw VhostError(
+                "the back-end does not offer features \(hex(missing)) (offered \(hex(offeredFeatures)))"
+                    + (missing & VhostUser.Feature.iommuPlatform != 0 ? ": start it with iommu-support=1" : ""))
         }
         try send(.getProtocolFeatures)
         offeredProtocolFeatures = try reply(to: .getProtocolFeatures)
         var wantedProtocol = VhostUser.ProtocolFeature.replyAck
         if wanted & VhostUser.Feature.iommuPlatform != 0 { wantedProtocol |= VhostUser.ProtocolFeature.backendRequests }
         guard offeredProtocolFeatures & wantedProtocol == wantedProtocol else {
-            throw VhostError("the back-end does not offer protocol features \(hex(wantedProtocol & ~offeredProtocolFeatures))")
+            throw VhostError(
+                "the back-end does not offer protocol features \(hex(wantedProtocol & ~offeredProtocolFeatures))")
         }
         try send(.setProtocolFeatures, payload: VhostUser.u64(wantedProtocol))
         protocolFeatures = wantedProtocol
@@ -156,9 +163,10 @@ public final class VhostFrontEnd {
 
     /// An IOTLB UPDATE sent by the front-end itself (the pinned mode's whole-memory entry).
     public func update(iova: UInt64, size: UInt64, userAddress: UInt64) throws {
-        let m = VhostUser.IOTLBMessage(iova: iova, size: size, userAddress: userAddress,
-                                       permission: VhostUser.IOTLBMessage.read | VhostUser.IOTLBMessage.write,
-                                       kind: .update)
+        let m = VhostUser.IOTLBMessage(
+            iova: iova, size: size, userAddress: userAddress,
+            permission: VhostUser.IOTLBMessage.read | VhostUser.IOTLBMessage.write,
+            kind: .update)
         try acknowledged(.iotlbMessage, payload: m.bytes)
     }
 
@@ -170,8 +178,11 @@ public final class VhostFrontEnd {
     /// The rest of a vring's set-up, after `setSize`.
     public func setUp(_ v: VringSetup) throws {
         try acknowledged(.setVringBase, payload: VhostUser.VringState(index: v.index, num: 0).bytes)
-        try acknowledged(.setVringAddr, payload: VhostUser.VringAddress(
-            index: v.index, descriptors: v.descriptors, used: v.used, available: v.available).bytes)
+        try acknowledged(
+            .setVringAddr,
+            payload: VhostUser.VringAddress(
+                index: v.index, descriptors: v.descriptors, used: v.used, available: v.available
+            ).bytes)
         // KICK and CALL carry the index in the u64's low byte (bit 8: no fd).
         try acknowledged(.setVringKick, payload: VhostUser.u64(UInt64(v.index)), fds: [v.kick])
         try acknowledged(.setVringCall, payload: VhostUser.u64(UInt64(v.index)), fds: [v.call])

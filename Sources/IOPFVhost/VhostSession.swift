@@ -9,8 +9,8 @@
 //             addresses directly, no translation at all (the ceiling).
 // `--compare` runs all three, one after another, against the same back-end.
 
-import Foundation
 import CIOPFShim
+import Foundation
 import Glibc
 import Histogram
 import IOPFCore
@@ -115,8 +115,9 @@ public enum VhostSession {
     public static func run(_ o: VhostOptions, logger: Logger = Logger(label: "iopf.vhost")) throws -> VhostRunResult {
         var config = ServiceConfiguration()
         config.hostEvents = o.mode == .fault
-        let engine = FaultEngine(memory: ProcessMemory(),
-                                 configuration: .forThisProcess(mode: o.mode == .fault ? .fault : .pinned))
+        let engine = FaultEngine(
+            memory: ProcessMemory(),
+            configuration: .forThisProcess(mode: o.mode == .fault ? .fault : .pinned))
         let service = try FaultService(engine: engine, configuration: config, logger: logger)
         let domain = try service.createDomain()
         try service.start()
@@ -125,8 +126,10 @@ public enum VhostSession {
     }
 
     /// Every mode in turn, no IOMMU first, against the same back-end.
-    public static func compare(_ o: VhostOptions, logger: Logger = Logger(label: "iopf.vhost"),
-                               progress: (VhostRunResult) -> Void = { _ in }) throws -> VhostCompareResult {
+    public static func compare(
+        _ o: VhostOptions, logger: Logger = Logger(label: "iopf.vhost"),
+        progress: (VhostRunResult) -> Void = { _ in }
+    ) throws -> VhostCompareResult {
         var runs: [VhostRunResult] = []
         for mode in [VhostMode.noIOMMU, .pinned, .fault] {
             var m = o
@@ -138,17 +141,21 @@ public enum VhostSession {
         }
         func ratio(_ a: VhostMode, _ b: VhostMode) -> Double? {
             guard let x = runs.first(where: { $0.mode == a }), let y = runs.first(where: { $0.mode == b }),
-                  y.mppsAfterWarmup > 0 else { return nil }
+                y.mppsAfterWarmup > 0
+            else { return nil }
             return x.mppsAfterWarmup / y.mppsAfterWarmup
         }
-        return VhostCompareResult(runs: runs, faultToPinned: ratio(.fault, .pinned), pinnedToNoIOMMU: ratio(.pinned, .noIOMMU))
+        return VhostCompareResult(
+            runs: runs, faultToPinned: ratio(.fault, .pinned), pinnedToNoIOMMU: ratio(.pinned, .noIOMMU))
     }
 
     /// Runs `o.mode` with its driver memory mapped in `domain` of a running `service`
     /// (whose engine must be of the mode: pinned for pinned and noIOMMU). `stop` ends the
     /// traffic early (tests).
-    public static func run(_ o: VhostOptions, service: FaultService, domain: DomainID,
-                           stop: @escaping @Sendable () -> Bool = { false }) throws -> VhostRunResult {
+    public static func run(
+        _ o: VhostOptions, service: FaultService, domain: DomainID,
+        stop: @escaping @Sendable () -> Bool = { false }
+    ) throws -> VhostRunResult {
         let region = try HostRegion(length: o.memoryBytes, alignment: 2 << 20)
         let iova = VhostOptions.iovaBase
         // Without an IOMMU nothing is mapped or pinned: the back-end reaches all of the
@@ -164,10 +171,12 @@ public enum VhostSession {
         // I/O page table holds (VhostBackend.swift).
         let plumbing = Plumbing(
             base: region.base, memfd: region.fd, userAddress: region.phys!,
-            premapped: o.mode == .pinned ? premappedRuns(service.engine.pageTable(domain), iova: iova, size: o.memoryBytes) : [],
+            premapped: o.mode == .pinned
+                ? premappedRuns(service.engine.pageTable(domain), iova: iova, size: o.memoryBytes) : [],
             attach: { main, channel in
-                try service.attachVhost(main: main, channel: channel, domain: domain, deviceID: 1,
-                                        runPages: o.maxUpdatePages, faultAroundPages: o.faultAroundPages)
+                try service.attachVhost(
+                    main: main, channel: channel, domain: domain, deviceID: 1,
+                    runPages: o.maxUpdatePages, faultAroundPages: o.faultAroundPages)
             },
             detach: { device in
                 _ = try? service.barrier().wait()
@@ -187,8 +196,10 @@ public enum VhostSession {
     /// here, this process's userfaultfd, one DMA mapping; the back-end is handed over with
     /// VHOST. The memory table gives this process's own addresses as user addresses, as
     /// QEMU does. What the service did is in its statistics (`hosts[].vhost`), not here.
-    public static func runOnHost(_ o: VhostOptions, servicePath path: String,
-                                 stop: @escaping @Sendable () -> Bool = { false }) throws -> VhostRunResult {
+    public static func runOnHost(
+        _ o: VhostOptions, servicePath path: String,
+        stop: @escaping @Sendable () -> Bool = { false }
+    ) throws -> VhostRunResult {
         guard o.mode == .fault else {
             throw VhostError("a host's address space is fault-driven: --address-space needs --mode fault")
         }
@@ -196,15 +207,17 @@ public enum VhostSession {
         defer { Sys.close(memfd) }
         _ = try syscall("ftruncate") { ftruncate(memfd, off_t(o.memoryBytes)) }
         _ = try syscall("fcntl(F_ADD_SEALS)") { iopf_seal_size(memfd) }
-        guard let mapped = mmap(nil, Int(o.memoryBytes), PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0), mapped != MAP_FAILED
+        guard let mapped = mmap(nil, Int(o.memoryBytes), PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0),
+            mapped != MAP_FAILED
         else { throw SystemCallError("mmap of the memfd", .init(rawValue: errno)) }
         let base = UInt64(UInt(bitPattern: mapped))
         let host = try HostClient(connectingTo: path)
         let uffd = try HostClient.makeUserfaultfd()
         defer { Sys.close(uffd) }
-        try host.declare(name: o.addressSpaceName,
-                         regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
-                         userfaultfd: uffd, memfds: [memfd])
+        try host.declare(
+            name: o.addressSpaceName,
+            regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
+            userfaultfd: uffd, memfds: [memfd])
         var detached = false
         defer {
             // The service lets go of the memory (and unregisters it) before it is unmapped.
@@ -220,8 +233,11 @@ public enum VhostSession {
                     Sys.close(main)
                     Sys.close(channel)
                 }
-                try host.attachVhost(socket: main, channel: channel, VhostAttachRequest(
-                    deviceID: 1, blockPages: UInt32(o.maxUpdatePages), faultAroundPages: UInt32(o.faultAroundPages)))
+                try host.attachVhost(
+                    socket: main, channel: channel,
+                    VhostAttachRequest(
+                        deviceID: 1, blockPages: UInt32(o.maxUpdatePages), faultAroundPages: UInt32(o.faultAroundPages))
+                )
                 return nil
             },
             detach: { _ in
@@ -260,9 +276,10 @@ public enum VhostSession {
     static func drive(_ o: VhostOptions, _ plumbing: Plumbing, stop: @Sendable () -> Bool) throws -> VhostRunResult {
         var result = VhostRunResult(mode: o.mode)
         let iova = VhostOptions.iovaBase
-        let driver = try VirtioNetDriver(base: UnsafeMutableRawPointer(bitPattern: UInt(plumbing.base))!, iovaBase: iova,
-                                         memory: o.memoryBytes, workingSet: o.workingSetBytes, frameBytes: o.frameBytes,
-                                         queueSize: o.queueSize)
+        let driver = try VirtioNetDriver(
+            base: UnsafeMutableRawPointer(bitPattern: UInt(plumbing.base))!, iovaBase: iova,
+            memory: o.memoryBytes, workingSet: o.workingSetBytes, frameBytes: o.frameBytes,
+            queueSize: o.queueSize)
         let frontEnd = try VhostFrontEnd(connectingTo: o.backendPath)
         defer { frontEnd.close() }
         let translated = o.mode != .noIOMMU
@@ -273,9 +290,10 @@ public enum VhostSession {
         var channelOwned = channel >= 0
         defer { if channelOwned { Sys.close(channel) } }
         // Without an IOMMU, guest addresses are IOVAs.
-        try frontEnd.setMemoryTable(VhostUser.MemoryTable(regions: [
-            .init(guestAddress: iova, size: o.memoryBytes, userAddress: plumbing.userAddress, mmapOffset: 0),
-        ]), fds: [plumbing.memfd])
+        try frontEnd.setMemoryTable(
+            VhostUser.MemoryTable(regions: [
+                .init(guestAddress: iova, size: o.memoryBytes, userAddress: plumbing.userAddress, mmapOffset: 0)
+            ]), fds: [plumbing.memfd])
         // Without an IOMMU a vring's addresses are the front-end's user addresses (the
         // buffers' are guest addresses, here the IOVAs).
         let rings = [driver.rx.setup, driver.tx.setup].map { v in
@@ -342,14 +360,17 @@ public enum VhostSession {
                 // Waits until the service read the REMOVE event (userfaultfd's rule).
                 let first = UInt64.random(in: 0..<used, using: &rng)
                 let pages = min(UInt64.random(in: 1...16, using: &rng), used - first)
-                if madvise(UnsafeMutableRawPointer(bitPattern: UInt(plumbing.base + first << 12)), Int(pages << 12),
-                           MADV_DONTNEED) == 0 {
+                if madvise(
+                    UnsafeMutableRawPointer(bitPattern: UInt(plumbing.base + first << 12)), Int(pages << 12),
+                    MADV_DONTNEED) == 0
+                {
                     result.hostChanges += 1
                 }
                 nextChurn = now + .nanoseconds(Int64(o.hostChurnInterval * 1e9))
             }
-            if let invalidate = plumbing.invalidate, o.invalidateInterval > 0 && now >= nextInvalidate
-                && pending?.isDone != false
+            if let invalidate = plumbing.invalidate,
+                o.invalidateInterval > 0 && now >= nextInvalidate
+                    && pending?.isDone != false
             {
                 let first = UInt64.random(in: 0..<used, using: &rng)
                 let pages = min(UInt64.random(in: 1...UInt64(o.invalidateMaxPages), using: &rng), used - first)
@@ -409,7 +430,9 @@ public enum VhostSession {
         result.firstPayloadError = driver.counts.firstPayloadError
         result.mpps = Double(result.packetsReceived) / seconds / 1e6
         let afterWarm = seconds - min(o.warmupSeconds, o.seconds)
-        if let r = receivedAtWarm, afterWarm > 0 { result.mppsAfterWarmup = Double(result.packetsReceived - r) / afterWarm / 1e6 }
+        if let r = receivedAtWarm, afterWarm > 0 {
+            result.mppsAfterWarmup = Double(result.packetsReceived - r) / afterWarm / 1e6
+        }
         result.missesPerSecond = Double(result.iotlbMisses) / seconds
         result.missLatencyNs = LatencySummary(latencies)
         result.missServiceNs = LatencySummary(serviceTimes)
@@ -419,7 +442,9 @@ public enum VhostSession {
 
     /// The page table's contiguous runs over `[iova, iova + size)`, for the pinned mode's
     /// UPDATEs up front.
-    static func premappedRuns(_ table: IOPageTable, iova: UInt64, size: UInt64) -> [(iova: UInt64, size: UInt64, phys: UInt64)] {
+    static func premappedRuns(_ table: IOPageTable, iova: UInt64, size: UInt64) -> [(
+        iova: UInt64, size: UInt64, phys: UInt64
+    )] {
         var runs: [(iova: UInt64, size: UInt64, phys: UInt64)] = []
         var at = iova
         while at < iova + size {

@@ -2,22 +2,23 @@
 // no offloads) living in the memory the back-end reaches through iopf, so that a real
 // device has traffic to translate: every descriptor and buffer address is an IOVA.
 //
-// Layout of the memory (offsets from its start, IOVA = iovaBase + offset): ring q (0 RX,
-// 1 TX) at q × 16 KiB with its descriptors, available ring at +4 KiB and used ring at
-// +8 KiB; packet buffers of 2 KiB from 2 MiB to the end of the working set (all of the
-// memory unless told otherwise), so that the rings have a 2 MiB block of their own (an
-// invalidation of buffers never takes the back-end's ring translations with it). Buffers are taken round-robin over it (skipping those
-// still posted), as a guest's buffers come from anywhere in its RAM: the first pass
-// faults it in; the memory beyond it is never touched.
+// Layout of the memory (offsets from its start, IOVA = iovaBase + offset): ring q (0 RX, 1
+// TX) at q × 16 KiB with its descriptors, available ring at +4 KiB and used ring at +8
+// KiB; packet buffers of 2 KiB from 2 MiB to the end of the working set (all of the memory
+// unless told otherwise), so that the rings have a 2 MiB block of their own (an
+// invalidation of buffers never takes the back-end's ring translations with it). Buffers
+// are taken round-robin over it (skipping those still posted), as a guest's buffers come
+// from anywhere in its RAM: the first pass faults it in; the memory beyond it is never
+// touched.
 //
 // A packet is the 12-byte virtio_net_hdr (VERSION_1: num_buffers included), an Ethernet
 // header with the local experimental ethertype 0x88B5, its sequence number, and a payload
-// every byte of which depends on the sequence: the driver checks each received packet
-// byte for byte, so a wrong translation shows up as a payload error.
+// every byte of which depends on the sequence: the driver checks each received packet byte
+// for byte, so a wrong translation shows up as a payload error.
 //
-// Indices shared with the back-end (avail.idx, used.idx) are read with acquire and
-// written with release ordering; everything else in the rings is plain memory ordered by
-// them. Single-threaded: one driver thread owns the rings.
+// Indices shared with the back-end (avail.idx, used.idx) are read with acquire and written
+// with release ordering; everything else in the rings is plain memory ordered by them.
+// Single-threaded: one driver thread owns the rings.
 
 import Foundation
 import Glibc
@@ -68,8 +69,9 @@ final class SplitRing {
     }
 
     var setup: VringSetup {
-        VringSetup(index: index, size: UInt32(size), descriptors: iova, available: iova + UInt64(Self.availOffset),
-                   used: iova + UInt64(Self.usedOffset), kick: kick, call: call)
+        VringSetup(
+            index: index, size: UInt32(size), descriptors: iova, available: iova + UInt64(Self.availOffset),
+            used: iova + UInt64(Self.usedOffset), kick: kick, call: call)
     }
 
     private func index16(_ offset: Int) -> UnsafeMutablePointer<Atomic<UInt16>> {
@@ -154,20 +156,26 @@ final class VirtioNetDriver {
 
     /// `memory` bytes at `base` (host address) and `iovaBase`, of which buffers use the
     /// first `workingSet`; frames of `frameBytes`.
-    init(base: UnsafeMutableRawPointer, iovaBase: UInt64, memory: UInt64, workingSet: UInt64, frameBytes: Int,
-         queueSize: Int) throws {
+    init(
+        base: UnsafeMutableRawPointer, iovaBase: UInt64, memory: UInt64, workingSet: UInt64, frameBytes: Int,
+        queueSize: Int
+    ) throws {
         let used = min(memory, workingSet)
-        precondition(used >= UInt64(Self.buffersOffset + 4 * queueSize * Self.slotBytes), "memory too small for the driver")
+        precondition(
+            used >= UInt64(Self.buffersOffset + 4 * queueSize * Self.slotBytes), "memory too small for the driver")
         self.base = base
         self.iovaBase = iovaBase
         self.frameBytes = frameBytes
         slots = (Int(used) - Self.buffersOffset) / Self.slotBytes
         inUse = Array(repeating: false, count: slots)
         rx = try SplitRing(index: 0, size: queueSize, base: base, iova: iovaBase)
-        tx = try SplitRing(index: 1, size: queueSize, base: base + SplitRing.stride, iova: iovaBase + UInt64(SplitRing.stride))
+        tx = try SplitRing(
+            index: 1, size: queueSize, base: base + SplitRing.stride, iova: iovaBase + UInt64(SplitRing.stride))
     }
 
-    private func slotAddress(_ slot: Int) -> UnsafeMutableRawPointer { base + Self.buffersOffset + slot * Self.slotBytes }
+    private func slotAddress(_ slot: Int) -> UnsafeMutableRawPointer {
+        base + Self.buffersOffset + slot * Self.slotBytes
+    }
     private func slotIOVA(_ slot: Int) -> UInt64 { iovaBase + UInt64(Self.buffersOffset + slot * Self.slotBytes) }
 
     /// The next buffer not posted, round-robin over the memory.

@@ -72,7 +72,8 @@ import Testing
             for from in 0...count {
                 for to in from...count {
                     let clear = (from..<to).last { !oracle.contains($0) } ?? from - 1
-                    #expect(bitmap.findPreviousClear(from: from, to: to) == clear, "findPreviousClear(from: \(from), to: \(to)) in \(count)")
+                    #expect(bitmap.findPreviousClear(from: from, to: to) == clear,
+                            "findPreviousClear(from: \(from), to: \(to)) in \(count)")
                 }
             }
         }

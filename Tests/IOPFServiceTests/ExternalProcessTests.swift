@@ -129,16 +129,22 @@ final class Child {
     /// The C client keeps up to 16 single-page groups in flight (iopf_page_request_send,
     /// iopf_page_responses); with fault-around off every page faults, and the loop takes
     /// several of its groups in one turn.
+    /// Whether a turn finds two groups is timing (a loop that always keeps up with the
+    /// device never does): up to three runs, other suites' load being what it is.
     @Test func aCDeviceKeepsGroupsInFlight() throws {
-        let s = try ListeningSession(seconds: 0, faultAround: .off)
-        let c = try Child("iopf-device-example", [s.path, "--pages", "800", "--device-id", "5", "--outstanding", "16"])
-        let (status, json) = c.finish()
-        #expect(status == 0, "the C device exited \(status): \(json)")
-        #expect(json["pagesWritten"] as? Int == 800 && json["integrityErrors"] as? Int == 0)
-        #expect((json["faults"] as? Int ?? 0) >= 800, "\(json)")
-        let r = try s.result()
-        #expect(r.protocolErrors == 0 && r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
-        #expect(r.batchedGroups > 0, "no loop turn found two of its groups")
+        var batched = 0
+        for _ in 0..<3 where batched == 0 {
+            let s = try ListeningSession(seconds: 0, faultAround: .off)
+            let c = try Child("iopf-device-example", [s.path, "--pages", "800", "--device-id", "5", "--outstanding", "16"])
+            let (status, json) = c.finish()
+            #expect(status == 0, "the C device exited \(status): \(json)")
+            #expect(json["pagesWritten"] as? Int == 800 && json["integrityErrors"] as? Int == 0)
+            #expect((json["faults"] as? Int ?? 0) >= 800, "\(json)")
+            let r = try s.result()
+            #expect(r.protocolErrors == 0 && r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
+            batched = r.batchedGroups
+        }
+        #expect(batched > 0, "no loop turn found two of its groups, in three runs")
     }
 
     @Test func aKilledDeviceIsDetachedAndTheOthersGoOn() throws {

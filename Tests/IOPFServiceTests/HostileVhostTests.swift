@@ -10,6 +10,7 @@ import IOPFCore
 import IOPFDevice
 import Synchronization
 import Testing
+
 @testable import IOPFService
 @testable import IOPFSystem
 @testable import IOPFWire
@@ -31,8 +32,9 @@ final class FakeBackend {
         let (serviceChannel, backendChannel) = try Sys.seqpacketPair()
         main = fds[1]
         channel = backendChannel
-        device = try s.service.attachVhost(main: fds[0], channel: serviceChannel, domain: s.domain, deviceID: 9,
-                                           runPages: runPages, faultAroundPages: faultAround)
+        device = try s.service.attachVhost(
+            main: fds[0], channel: serviceChannel, domain: s.domain, deviceID: 9,
+            runPages: runPages, faultAroundPages: faultAround)
     }
 
     deinit {
@@ -42,8 +44,9 @@ final class FakeBackend {
 
     func miss(_ iova: UInt64, permission: UInt8 = 3) throws {
         let m = VhostUser.IOTLBMessage(iova: iova, size: 0, userAddress: 0, permission: permission, kind: .miss)
-        try Sys.send(channel, VhostUser.message(VhostUser.BackendRequest.iotlbMessage.rawValue, payload: m.bytes),
-                     nonBlocking: false)
+        try Sys.send(
+            channel, VhostUser.message(VhostUser.BackendRequest.iotlbMessage.rawValue, payload: m.bytes),
+            nonBlocking: false)
     }
 
     /// The next request on the main socket (5 s at most): its header and IOTLB message.
@@ -54,9 +57,10 @@ final class FakeBackend {
         #expect(p.count == 32)
         let kind = VhostUser.IOTLBMessage.Kind(rawValue: p[25]) ?? .miss
         let m = p.withUnsafeBytes {
-            VhostUser.IOTLBMessage(iova: $0.load(as: UInt64.self), size: $0.load(fromByteOffset: 8, as: UInt64.self),
-                                   userAddress: $0.load(fromByteOffset: 16, as: UInt64.self), permission: p[24],
-                                   kind: kind)
+            VhostUser.IOTLBMessage(
+                iova: $0.load(as: UInt64.self), size: $0.load(fromByteOffset: 8, as: UInt64.self),
+                userAddress: $0.load(fromByteOffset: 16, as: UInt64.self), permission: p[24],
+                kind: kind)
         }
         return (header, m)
     }
@@ -74,7 +78,8 @@ final class FakeBackend {
     }
 
     func ack(_ status: UInt64 = 0) throws {
-        try Sys.send(main, VhostUser.message(.iotlbMessage, flags: .reply, payload: VhostUser.u64(status)), nonBlocking: false)
+        try Sys.send(
+            main, VhostUser.message(.iotlbMessage, flags: .reply, payload: VhostUser.u64(status)), nonBlocking: false)
     }
 
     /// The statistics once `condition` holds (5 s at most).
@@ -121,12 +126,15 @@ final class FakeBackend {
         // left of it, still mapped, comes right behind as two UPDATEs.
         let ticket = s.service.invalidate(hostAddress: f.region.base + 6 << 12, length: 4096)
         let (h3, inv) = try f.next()
-        #expect(h3.flags.contains(.needsReply) && inv.kind == .invalidate && inv.iova == base + 6 << 12 && inv.size == 4096)
+        #expect(
+            h3.flags.contains(.needsReply) && inv.kind == .invalidate && inv.iova == base + 6 << 12 && inv.size == 4096)
         let (_, left) = try f.next()
         let (_, right) = try f.next()
-        #expect(left.kind == .update && left.iova == base + 5 << 12 && left.size == 4096
+        #expect(
+            left.kind == .update && left.iova == base + 5 << 12 && left.size == 4096
                 && left.userAddress == f.region.phys! + 5 << 12, "\(left)")
-        #expect(right.kind == .update && right.iova == base + 7 << 12 && right.size == 2 << 12
+        #expect(
+            right.kind == .update && right.iova == base + 7 << 12 && right.size == 2 << 12
                 && right.userAddress == f.region.phys! + 7 << 12, "\(right)")
         #expect(!ticket.isDone, "the invalidation completed before the back-end acknowledged it")
         try f.ack()
@@ -147,9 +155,15 @@ final class FakeBackend {
         let b = try Bystander(s.path)
         defer { b.finish() }
         let attacks: [(String, (FakeBackend) throws -> Void)] = [
-            ("random bytes", { try Sys.send($0.channel, (0..<44).map { _ in UInt8.random(in: 0...255) }, nonBlocking: false) }),
+            (
+                "random bytes",
+                { try Sys.send($0.channel, (0..<44).map { _ in UInt8.random(in: 0...255) }, nonBlocking: false) }
+            ),
             ("a MISS with permission 0", { try $0.miss(FakeBackend.iova, permission: 0) }),
-            ("a message longer than any", { try Sys.send($0.channel, [UInt8](repeating: 1, count: 70_000), nonBlocking: false) }),
+            (
+                "a message longer than any",
+                { try Sys.send($0.channel, [UInt8](repeating: 1, count: 70_000), nonBlocking: false) }
+            ),
             ("a descriptor", { f in try Sys.send(f.channel, [1, 2, 3], fds: [f.main], nonBlocking: false) }),
         ]
         for (what, attack) in attacks {
@@ -158,7 +172,8 @@ final class FakeBackend {
                 let f = try FakeBackend(s)
                 try attack(f)
                 let stats = f.waitFor { $0.ended != nil }
-                #expect(stats.fenced && stats.ended?.contains("fenced") == true, "\(what): \(stats.ended ?? "not ended")")
+                #expect(
+                    stats.fenced && stats.ended?.contains("fenced") == true, "\(what): \(stats.ended ?? "not ended")")
                 _ = try s.service.unmap(iova: FakeBackend.iova, size: 1 << 20)
                 return {}
             }
@@ -199,7 +214,8 @@ final class FakeBackend {
         let g = try FakeBackend(s)
         try g.miss(FakeBackend.iova)
         _ = try g.next()
-        try Sys.send(g.main, VhostUser.message(.getFeatures, flags: .reply, payload: VhostUser.u64(0)), nonBlocking: false)
+        try Sys.send(
+            g.main, VhostUser.message(.getFeatures, flags: .reply, payload: VhostUser.u64(0)), nonBlocking: false)
         let stats2 = g.waitFor { $0.ended != nil }
         #expect(stats2.fenced && stats2.ended?.contains("not the REPLY_ACK") == true, "\(stats2.ended ?? "")")
     }
@@ -220,7 +236,9 @@ final class FakeBackend {
             }
             usleep(300_000)
             let stats = f.device.statistics
-            #expect(sent > 256 && stats.iotlbUpdates <= VhostBackend.maxOwed, "\(stats.iotlbUpdates) updates for \(sent) misses")
+            #expect(
+                sent > 256 && stats.iotlbUpdates <= VhostBackend.maxOwed,
+                "\(stats.iotlbUpdates) updates for \(sent) misses")
             _ = try s.service.unmap(iova: FakeBackend.iova, size: 1 << 20)
             #expect(f.waitFor { $0.ended != nil }.fenced)
             return {}
@@ -259,7 +277,11 @@ final class FakeBackend {
             let (channel, theirChannel) = try Sys.seqpacketPair()
             kept += [theirMain, theirChannel]
             let why = refusal([main, channel], VhostAttachRequest(deviceID: UInt32(10 + k)))
-            if k < 4 { #expect(why == nil, "\(why ?? "")") } else { #expect(why?.contains("already has 4") == true, "\(why ?? "")") }
+            if k < 4 {
+                #expect(why == nil, "\(why ?? "")")
+            } else {
+                #expect(why?.contains("already has 4") == true, "\(why ?? "")")
+            }
         }
         let kinds = s.waitFor { $0.protocolErrorKinds["tooManyVhostBackends", default: 0] == 1 }.protocolErrorKinds
         #expect(kinds["badVhostSockets", default: 0] == 2 && kinds["tooManyVhostBackends", default: 0] == 1, "\(kinds)")

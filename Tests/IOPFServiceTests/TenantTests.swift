@@ -130,6 +130,10 @@ final class Bystander: @unchecked Sendable {
     /// else's load is not taken for the attack's doing (an unfair service falls short in
     /// every window; one the attack left broken is slow after it too, and fails the last check).
     func keepsServing(_ what: String, _ service: FaultService, attack: () throws -> () -> Void) throws {
+        try TestPMD.quietly { try measure(what, service, attack: attack) }
+    }
+
+    private func measure(_ what: String, _ service: FaultService, attack: () throws -> () -> Void) throws {
         rssBefore = (try? service.footprint().wait().rssBytes) ?? 0
         let before = rate(over: 0.5)
         let stop = try attack()
@@ -458,6 +462,8 @@ let fAddSeals: CInt = 1033
         let b = try Bystander(s.path)
         defer { b.finish() }
         var silent: [CInt] = []
+        descriptorCounting.wait()
+        defer { descriptorCounting.signal() }
         try b.keepsServing("silent connections", s.service) {
             for _ in 0..<300 { if let fd = try? Sys.connectUnix(path: s.path) { silent.append(fd) } }
             return {}

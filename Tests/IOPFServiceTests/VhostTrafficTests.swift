@@ -4,22 +4,23 @@
 // would show as a payload error: the driver checks every byte that comes back. Enabled
 // where testpmd is installed (`Tools/setup.sh --dpdk`).
 
-import Foundation
 import CIOPFShim
+import Foundation
 import Glibc
-import Testing
 import IOPFCore
+import Testing
+
 @testable import IOPFService
 @testable import IOPFSystem
 @testable import IOPFVhost
 
-/// Runs `body` on a thread of its own at nice 10 (the driver busy-polls; other suites
+/// Runs `body` on a thread of its own at nice 19 (the driver busy-polls; other suites
 /// run beside this one) and returns what it returned.
 func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws -> T {
     let result = Lock<Result<T, any Error>?>(nil)
     let done = DispatchSemaphore(value: 0)
     Thread.detachNewThread {
-        setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(iopf_gettid()), 10)
+        setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(iopf_gettid()), 19)
         result.withLock { $0 = Result { try body() } }
         done.signal()
     }
@@ -46,12 +47,15 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         let r = try niceThread { try VhostSession.run(options, service: service, domain: domain) }
         #expect(r.payloadErrors == 0, "\(r.firstPayloadError ?? "")")
         #expect(r.packetsReceived > 1000, "only \(r.packetsReceived) of \(r.packetsSent) packets came back")
-        #expect(r.iotlbMisses > 0 && r.iotlbUpdates == r.iotlbMisses && r.missesRefused == 0 && r.updatesRefused == 0,
-                "misses \(r.iotlbMisses), updates \(r.iotlbUpdates), refused \(r.missesRefused)/\(r.updatesRefused)")
-        #expect(r.invalidationsRequested > 200, "only \(r.invalidationsRequested) invalidations in 10 s")
-        #expect(r.invalidationsPosted > 100 && r.invalidationsAcked == r.invalidationsPosted,
-                "\(r.invalidationsAcked) of \(r.invalidationsPosted) invalidations acknowledged")
-        #expect(r.hostChanges > 200 && r.uffdEvents >= r.hostChanges, "\(r.hostChanges) madvise, \(r.uffdEvents) events")
+        #expect(
+            r.iotlbMisses > 0 && r.iotlbUpdates == r.iotlbMisses && r.missesRefused == 0 && r.updatesRefused == 0,
+            "misses \(r.iotlbMisses), updates \(r.iotlbUpdates), refused \(r.missesRefused)/\(r.updatesRefused)")
+        #expect(r.invalidationsRequested > 50, "only \(r.invalidationsRequested) invalidations in 10 s")
+        #expect(
+            r.invalidationsPosted > 20 && r.invalidationsAcked == r.invalidationsPosted,
+            "\(r.invalidationsAcked) of \(r.invalidationsPosted) invalidations acknowledged")
+        #expect(
+            r.hostChanges > 50 && r.uffdEvents >= r.hostChanges, "\(r.hostChanges) madvise, \(r.uffdEvents) events")
         #expect(r.backendEnded == nil && !r.fenced, "\(r.backendEnded ?? "")")
         #expect(s.service.statistics.devicesFenced == 0)
     }
@@ -68,7 +72,8 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         o.seconds = 2
         let options = o
         let r = try niceThread { try VhostSession.run(options) }
-        #expect(r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
+        #expect(
+            r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
         #expect(r.iotlbMisses == 0 && r.mappedBytes == 16 << 20)
     }
 
@@ -86,7 +91,8 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         o.seconds = 2
         let options = o
         let r = try niceThread { try VhostSession.run(options) }
-        #expect(r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
+        #expect(
+            r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
         #expect(r.iotlbMisses == 0 && r.mappedBytes == 0)
     }
 
@@ -107,12 +113,14 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         o.addressSpaceName = "vm-vhost"
         let (options, path) = (o, s.path)
         let r = try niceThread { try VhostSession.runOnHost(options, servicePath: path) }
-        #expect(r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
-        #expect(r.hostChanges > 100 && r.addressSpace == "vm-vhost")
+        #expect(
+            r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
+        #expect(r.hostChanges > 20 && r.addressSpace == "vm-vhost")
         let record = try #require(s.waitFor { $0.hosts.first?.vhost.first?.ended != nil }.hosts.first?.vhost.first)
-        #expect(record.deviceID == 1 && record.iotlbMisses > 0 && record.missesRefused == 0 && record.updatesRefused == 0,
-                "\(record)")
-        #expect(record.invalidationsPosted > 10 && record.invalidationsAcked == record.invalidationsPosted, "\(record)")
+        #expect(
+            record.deviceID == 1 && record.iotlbMisses > 0 && record.missesRefused == 0 && record.updatesRefused == 0,
+            "\(record)")
+        #expect(record.invalidationsPosted > 5 && record.invalidationsAcked == record.invalidationsPosted, "\(record)")
         #expect(!record.fenced && record.ended?.contains("the host detached") == true, "\(record.ended ?? "")")
     }
 
@@ -134,16 +142,19 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         let done = DispatchSemaphore(value: 0)
         let (service, domain, options) = (s.service, s.domain, o)
         Thread.detachNewThread {
-            setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(iopf_gettid()), 10)
+            setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(iopf_gettid()), 19)
             result.withLock { $0 = Result { try VhostSession.run(options, service: service, domain: domain) } }
             done.signal()
         }
-        usleep(2_000_000)
+        // Killed once it is attached (the bystander's device is the first external device)
+        // and a second and a half into its traffic.
+        _ = s.waitFor { $0.externalDevices >= 2 }
+        usleep(1_500_000)
         pmd.kill()
         #expect(done.wait(timeout: .now() + 10) == .success, "the run did not notice its back-end was killed")
         let r = try #require(result.withLock { $0 }).get()
         #expect(r.backendEnded?.contains("gone") == true, "\(r.backendEnded ?? "nil")")
-        #expect(r.payloadErrors == 0 && r.packetsReceived > 0 && !r.fenced)
+        #expect(r.payloadErrors == 0 && !r.fenced, "\(r.firstPayloadError ?? "")")
         #expect(b.rate(over: 0.5) > 0, "the bystander is not served after the back-end was killed")
         #expect(b.integrityErrors.load(ordering: .relaxed) == 0, "\(b.lastError.withLock { $0 } ?? "")")
         #expect(s.service.statistics.stopped == nil)

@@ -28,9 +28,11 @@ struct Vhost: ParsableCommand {
     @Option(help: "fault, pinned or no-iommu.")
     var mode = "fault"
 
-    @Option(help: ArgumentHelp(
-        "Hand the driver's memory to the service at --service as host NAME (as a VMM does) and the back-end to it with VHOST, instead of serving it in this process.",
-        valueName: "name"))
+    @Option(
+        help: ArgumentHelp(
+            "Hand the driver's memory to the service at --service as host NAME (as a VMM does) "
+                + "and the back-end to it with VHOST, instead of serving it in this process.",
+            valueName: "name"))
     var addressSpace: String?
 
     @Option(help: "The service's socket (iopf serve --listen PATH), with --address-space.")
@@ -54,17 +56,26 @@ struct Vhost: ParsableCommand {
     @Option(help: "Milliseconds between invalidations of a random range of 1-16 pages of the working set (0: none).")
     var invalidateInterval = 0.0
 
-    @Option(help: "Milliseconds between madvise(MADV_DONTNEED) of a random range of 1-16 pages of the working set, seen through userfaultfd (fault mode; 0: none).")
+    @Option(
+        help: ArgumentHelp(
+            "Milliseconds between madvise(MADV_DONTNEED) of a random range of 1-16 pages of the working set, "
+                + "seen through userfaultfd (fault mode; 0: none).")
+    )
     var hostChurn = 0.0
 
-    @Option(name: [.customLong("packet-size"), .customLong("packets-size")],
-            help: "Ethernet frame bytes per packet (60-2000; the 12-byte virtio-net header comes on top).")
+    @Option(
+        name: [.customLong("packet-size"), .customLong("packets-size")],
+        help: "Ethernet frame bytes per packet (60-2000; the 12-byte virtio-net header comes on top).")
     var packetSize = 64
 
     @Option(help: "Pages a miss maps: the missed page and those after it (1-512).")
     var faultAround = 16
 
-    @Option(help: "Pages of the aligned block inside which an UPDATE names the whole mapped run around a miss (a power of two up to 262144).")
+    @Option(
+        help: ArgumentHelp(
+            "Pages of the aligned block inside which an UPDATE names the whole mapped run around a miss "
+                + "(a power of two up to 262144).")
+    )
     var updatePages = 512
 
     @Flag(help: "Print one JSON object at the end instead of a summary.")
@@ -73,33 +84,45 @@ struct Vhost: ParsableCommand {
     func validate() throws {
         if let addressSpace {
             guard AddressSpaceName.isValid(addressSpace) else {
-                throw ValidationError("--address-space must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(addressSpace)'")
+                throw ValidationError(
+                    "--address-space must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(addressSpace)'")
             }
             guard service != nil, mode == "fault", !compare, invalidateInterval == 0 else {
-                throw ValidationError("--address-space needs --service PATH and --mode fault, without --compare or "
-                    + "--invalidate-interval (a host's invalidations are its own memory changes: --host-churn)")
+                throw ValidationError(
+                    "--address-space needs --service PATH and --mode fault, without --compare or "
+                        + "--invalidate-interval (a host's invalidations are its own memory changes: --host-churn)")
             }
         } else if service != nil {
             throw ValidationError("--service is for --address-space")
         }
-        guard VhostMode(cliName: mode) != nil else { throw ValidationError("--mode '\(mode)' is not one of fault, pinned, no-iommu") }
+        guard VhostMode(cliName: mode) != nil else {
+            throw ValidationError("--mode '\(mode)' is not one of fault, pinned, no-iommu")
+        }
         guard let bytes = parseSize(memory), bytes >= 8 << 20, bytes % 4096 == 0 else {
             throw ValidationError("--memory '\(memory)' is not a size of at least 8M in whole pages")
         }
         if let workingSet {
             guard let w = parseSize(workingSet), w >= 8 << 20 else {
-                throw ValidationError("--working-set '\(workingSet)' is not a size of at least 8M (the rings take the first 2M)")
+                throw ValidationError(
+                    "--working-set '\(workingSet)' is not a size of at least 8M (the rings take the first 2M)")
             }
         }
-        guard seconds > 0 && seconds <= 86_400, warmup >= 0 else { throw ValidationError("--seconds must be positive, --warmup not negative") }
+        guard seconds > 0 && seconds <= 86_400, warmup >= 0 else {
+            throw ValidationError("--seconds must be positive, --warmup not negative")
+        }
         guard invalidateInterval >= 0, hostChurn >= 0 else {
             throw ValidationError("--invalidate-interval and --host-churn must not be negative")
         }
         guard hostChurn == 0 || (mode == "fault" && !compare) else {
-            throw ValidationError("--host-churn needs --mode fault without --compare: pinned memory cannot be given back")
+            throw ValidationError(
+                "--host-churn needs --mode fault without --compare: pinned memory cannot be given back")
         }
-        guard (60...2000).contains(packetSize) else { throw ValidationError("--packet-size must be 60...2000, got \(packetSize)") }
-        guard (1...(1 << 18)).contains(updatePages), updatePages & (updatePages - 1) == 0, (1...512).contains(faultAround) else {
+        guard (60...2000).contains(packetSize) else {
+            throw ValidationError("--packet-size must be 60...2000, got \(packetSize)")
+        }
+        guard (1...(1 << 18)).contains(updatePages), updatePages & (updatePages - 1) == 0,
+            (1...512).contains(faultAround)
+        else {
             throw ValidationError("--update-pages must be a power of two up to 262144 and --fault-around 1...512")
         }
     }
@@ -123,7 +146,9 @@ struct Vhost: ParsableCommand {
         do {
             if compare {
                 let r = try VhostSession.compare(o, logger: logger) { run in
-                    if !json { Output.progress("\(run.mode.cliName): \(String(format: "%.3f", run.mppsAfterWarmup)) Mpps") }
+                    if !json {
+                        Output.progress("\(run.mode.cliName): \(String(format: "%.3f", run.mppsAfterWarmup)) Mpps")
+                    }
                 }
                 if !json { Output.progress(nil) }
                 runs = r.runs
@@ -153,19 +178,28 @@ struct Vhost: ParsableCommand {
 
     static func summarize(_ r: VhostRunResult) {
         let f = { (v: Double) in String(format: "%.3f", v) }
-        print("iopf vhost \(r.mode.cliName): \(f(r.mpps)) Mpps (\(f(r.mppsAfterWarmup)) after warm-up) over \(f(r.seconds)) s; "
-            + "\(r.packetsReceived) of \(r.packetsSent) packets back, \(r.payloadErrors) payload errors")
+        print(
+            "iopf vhost \(r.mode.cliName): \(f(r.mpps)) Mpps (\(f(r.mppsAfterWarmup)) after warm-up) "
+                + "over \(f(r.seconds)) s; "
+                + "\(r.packetsReceived) of \(r.packetsSent) packets back, \(r.payloadErrors) payload errors")
         if let name = r.addressSpace {
-            print("  served by the service as host '\(name)': its IOTLB figures are in iopf serve --json, hosts[].vhost")
+            print(
+                "  served by the service as host '\(name)': its IOTLB figures are in iopf serve --json, hosts[].vhost")
             if r.hostChanges > 0 { print("  host changes: \(r.hostChanges) madvise") }
         } else if r.mode != .noIOMMU {
-            print("  IOTLB: \(r.iotlbMisses) misses (\(Int(r.missesPerSecond))/s), \(r.iotlbUpdates) updates of \(r.pagesUpdated) pages; "
-                + "miss to UPDATE acknowledged p50 \(r.missLatencyNs.p50 / 1000) µs, p99 \(r.missLatencyNs.p99 / 1000) µs, "
-                + "max \(r.missLatencyNs.max / 1000) µs; in the service p50 \(r.missServiceNs.p50 / 1000) µs, "
-                + "p99 \(r.missServiceNs.p99 / 1000) µs")
-            if r.hostChanges > 0 { print("  host changes: \(r.hostChanges) madvise, \(r.uffdEvents) userfaultfd events read") }
-            print("  invalidations: \(r.invalidationsRequested) asked, \(r.invalidationsPosted) reached the back-end "
-                + "(\(r.invalidatesSent) IOTLB INVALIDATEs), \(r.invalidationsAcked) acknowledged")
+            print(
+                "  IOTLB: \(r.iotlbMisses) misses (\(Int(r.missesPerSecond))/s), "
+                    + "\(r.iotlbUpdates) updates of \(r.pagesUpdated) pages; "
+                    + "miss to UPDATE acknowledged p50 \(r.missLatencyNs.p50 / 1000) µs, "
+                    + "p99 \(r.missLatencyNs.p99 / 1000) µs, "
+                    + "max \(r.missLatencyNs.max / 1000) µs; in the service p50 \(r.missServiceNs.p50 / 1000) µs, "
+                    + "p99 \(r.missServiceNs.p99 / 1000) µs")
+            if r.hostChanges > 0 {
+                print("  host changes: \(r.hostChanges) madvise, \(r.uffdEvents) userfaultfd events read")
+            }
+            print(
+                "  invalidations: \(r.invalidationsRequested) asked, \(r.invalidationsPosted) reached the back-end "
+                    + "(\(r.invalidatesSent) IOTLB INVALIDATEs), \(r.invalidationsAcked) acknowledged")
         }
         print("  mapped \(r.mappedBytes >> 20) MiB, resident \(r.residentBytes >> 20) MiB")
         if let why = r.firstPayloadError { print("  ! first payload error: \(why)") }
