@@ -397,21 +397,23 @@ extension EventLoop {
             else { return }
             b.stats.entriesMerged += 1
         }
+        guard sendUpdate(b, run, .update(missAt: at)) else { return }
+        b.serviceTimes.append(UInt64((ContinuousClock.now - at).nanoseconds))
+        b.install(run.range)
+        b.stats.iotlbUpdates += 1
+        b.stats.pagesUpdated += run.range.count >> 12
+        if m.needsReply { replyToBackend(b, failed: false) }
+    }
+
+    /// Sends an UPDATE naming `run` (its IOVAs, user address and permission).
+    private func sendUpdate(_ b: VhostBackend, _ run: FaultEngine.MappedRun, _ owed: VhostBackend.Owed) -> Bool {
         let permission =
             (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
             | (run.prot.contains(.write) ? VhostUser.IOTLBMessage.write : 0)
         let update = VhostUser.IOTLBMessage(
             iova: run.range.lowerBound, size: UInt64(run.range.count),
             userAddress: b.userAddress(run), permission: permission, kind: .update)
-        guard
-            sendToVhost(
-                b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes), .update(missAt: at))
-        else { return }
-        b.serviceTimes.append(UInt64((ContinuousClock.now - at).nanoseconds))
-        b.install(run.range)
-        b.stats.iotlbUpdates += 1
-        b.stats.pagesUpdated += run.range.count >> 12
-        if m.needsReply { replyToBackend(b, failed: false) }
+        return sendToVhost(b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes), owed)
     }
 
     private func replyToBackend(_ b: VhostBackend, failed: Bool) {
@@ -544,17 +546,7 @@ extension EventLoop {
                     guard b.overlapping(edge..<(edge + 4096)).isEmpty,
                         let run = b.engine.mappedRun(domain: b.domain, around: edge, within: piece)
                     else { continue }
-                    let permission =
-                        (run.prot.contains(.read) ? VhostUser.IOTLBMessage.read : 0)
-                        | (run.prot.contains(.write) ? VhostUser.IOTLBMessage.write : 0)
-                    let update = VhostUser.IOTLBMessage(
-                        iova: run.range.lowerBound, size: UInt64(run.range.count),
-                        userAddress: b.userAddress(run), permission: permission, kind: .update)
-                    guard
-                        sendToVhost(
-                            b, VhostUser.message(.iotlbMessage, flags: .needsReply, payload: update.bytes),
-                            .restore)
-                    else { return }
+                    guard sendUpdate(b, run, .restore) else { return }
                     b.install(run.range)
                     b.stats.entriesRestored += 1
                 }

@@ -36,7 +36,8 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         let pmd = try TestPMD()
         defer { pmd.stop() }
         try pmd.waitListening()
-        let s = try ListeningService(hostEvents: true)
+        // A deadline that a testpmd at nice 19 on a loaded machine (sanitizers) still meets.
+        let s = try ListeningService(timeout: .seconds(5), hostEvents: true)
         var o = VhostOptions()
         o.backendPath = pmd.path
         o.memoryBytes = 32 << 20
@@ -60,20 +61,26 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         #expect(s.service.statistics.devicesFenced == 0)
     }
 
-    /// The pinned mode announces all memory up front: traffic flows without a single miss.
-    @Test(.enabled(if: TestPMD.installed)) func pinnedMemoryIsAnnouncedUpFrontAndNeverMisses() throws {
+    /// A 2-second run of `mode` over 16 MiB on a service of its own, against a fresh testpmd.
+    func shortRun(_ mode: VhostMode) throws -> VhostRunResult {
         let pmd = try TestPMD()
         defer { pmd.stop() }
         try pmd.waitListening()
         var o = VhostOptions()
         o.backendPath = pmd.path
-        o.mode = .pinned
+        o.mode = mode
         o.memoryBytes = 16 << 20
         o.seconds = 2
         let options = o
         let r = try niceThread { try VhostSession.run(options) }
         #expect(
             r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
+        return r
+    }
+
+    /// The pinned mode announces all memory up front: traffic flows without a single miss.
+    @Test(.enabled(if: TestPMD.installed)) func pinnedMemoryIsAnnouncedUpFrontAndNeverMisses() throws {
+        let r = try shortRun(.pinned)
         #expect(r.iotlbMisses == 0 && r.mappedBytes == 16 << 20)
     }
 
@@ -81,18 +88,7 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
     /// rings' user addresses and the buffers' guest addresses must both be right for a
     /// single packet to come back whole.
     @Test(.enabled(if: TestPMD.installed)) func withoutAnIOMMUTheMemoryTableAloneCarriesTheTraffic() throws {
-        let pmd = try TestPMD()
-        defer { pmd.stop() }
-        try pmd.waitListening()
-        var o = VhostOptions()
-        o.backendPath = pmd.path
-        o.mode = .noIOMMU
-        o.memoryBytes = 16 << 20
-        o.seconds = 2
-        let options = o
-        let r = try niceThread { try VhostSession.run(options) }
-        #expect(
-            r.payloadErrors == 0 && r.packetsReceived > 1000, "\(r.packetsReceived) back, \(r.firstPayloadError ?? "")")
+        let r = try shortRun(.noIOMMU)
         #expect(r.iotlbMisses == 0 && r.mappedBytes == 0)
     }
 
@@ -104,7 +100,7 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         let pmd = try TestPMD()
         defer { pmd.stop() }
         try pmd.waitListening()
-        let s = try ListeningService()
+        let s = try ListeningService(timeout: .seconds(5))
         var o = VhostOptions()
         o.backendPath = pmd.path
         o.memoryBytes = 32 << 20
@@ -153,8 +149,10 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         pmd.kill()
         #expect(done.wait(timeout: .now() + 10) == .success, "the run did not notice its back-end was killed")
         let r = try #require(result.withLock { $0 }).get()
-        #expect(r.backendEnded?.contains("gone") == true, "\(r.backendEnded ?? "nil")")
-        #expect(r.payloadErrors == 0 && !r.fenced, "\(r.firstPayloadError ?? "")")
+        // Gone, or fenced when an INVALIDATE was out as it died (a starved testpmd may not
+        // have acknowledged it by the deadline): either way the run saw it and ended.
+        #expect(r.backendEnded?.contains("gone") == true || r.fenced, "\(r.backendEnded ?? "nil")")
+        #expect(r.payloadErrors == 0, "\(r.firstPayloadError ?? "")")
         #expect(b.rate(over: 0.5) > 0, "the bystander is not served after the back-end was killed")
         #expect(b.integrityErrors.load(ordering: .relaxed) == 0, "\(b.lastError.withLock { $0 } ?? "")")
         #expect(s.service.statistics.stopped == nil)
