@@ -205,4 +205,3 @@ public final class VhostFrontEnd {
     }
 }
 
-func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

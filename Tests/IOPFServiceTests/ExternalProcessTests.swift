@@ -135,7 +135,8 @@ final class Child {
         var batched = 0
         for _ in 0..<3 where batched == 0 {
             let s = try ListeningSession(seconds: 0, faultAround: .off)
-            let c = try Child("iopf-device-example", [s.path, "--pages", "800", "--device-id", "5", "--outstanding", "16"])
+            let c = try Child(
+                "iopf-device-example", [s.path, "--pages", "800", "--device-id", "5", "--outstanding", "16"])
             let (status, json) = c.finish()
             #expect(status == 0, "the C device exited \(status): \(json)")
             #expect(json["pagesWritten"] as? Int == 800 && json["integrityErrors"] as? Int == 0)
