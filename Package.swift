@@ -11,7 +11,6 @@ let package = Package(
         .library(name: "IOPFCore", targets: ["IOPFCore"]),
         .library(name: "IOPFService", targets: ["IOPFService"]),
         .library(name: "IOPFDevice", targets: ["IOPFDevice"]),
-        .library(name: "IOPFSimulation", targets: ["IOPFSimulation"]),
         .library(name: "IOPFVhost", targets: ["IOPFVhost"]),
         .library(name: "CIOPFClient", targets: ["CIOPFClient"]),
         .executable(name: "iopf", targets: ["iopf"]),
@@ -76,6 +75,9 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        // The bodies of the libFuzzer targets (Tools/fuzz.sh), apart from the service so that
+        // ordinary builds of it carry none of them; the test suite replays their corpora.
+        .target(name: "IOPFFuzzing", dependencies: ["IOPFService", "IOPFCore", "IOPFSystem", "IOPFWire", "CIOPFShim"]),
         // The C client library: header + source, libc only, for device emulators in C.
         .target(name: "CIOPFClient"),
         .executableTarget(name: "iopf-device-example", dependencies: ["CIOPFClient"], path: "Tools/iopf-device-example"),
@@ -103,18 +105,36 @@ let package = Package(
             ],
             path: "Tools/iopf-microbench"
         ),
-        .testTarget(
-            name: "IOPFCoreTests",
-            dependencies: [
-                "IOPFCore",
-                .product(name: "BitCollections", package: "swift-collections"),
-            ]
+        // Tests, one target per module, plus end-to-end runs across processes. What several
+        // share (services, peers, hosts, the child-process harness) is IOPFTestSupport.
+        .target(
+            name: "IOPFTestSupport",
+            dependencies: ["IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem", "IOPFCore", "IOPFWire", "CIOPFShim"],
+            path: "Tests/IOPFTestSupport"
         ),
         .testTarget(name: "IOPFWireTests", dependencies: ["IOPFWire"]),
         .testTarget(
+            name: "IOPFCoreTests",
+            dependencies: ["IOPFCore", .product(name: "BitCollections", package: "swift-collections")]
+        ),
+        .testTarget(name: "IOPFSystemTests", dependencies: ["IOPFSystem", "CIOPFShim"]),
+        .testTarget(name: "IOPFDeviceTests", dependencies: ["IOPFDevice", "IOPFCore", "IOPFSystem", "IOPFWire", "CIOPFShim"]),
+        .testTarget(
             name: "IOPFServiceTests",
             dependencies: [
-                "IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem", "IOPFCore", "CIOPFShim", "IOPFVhost",
+                "IOPFTestSupport", "IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem", "IOPFCore", "CIOPFShim",
+            ]
+        ),
+        .testTarget(name: "IOPFSimulationTests", dependencies: ["IOPFSimulation", "IOPFService", "IOPFCore"]),
+        .testTarget(
+            name: "IOPFVhostTests",
+            dependencies: ["IOPFTestSupport", "IOPFVhost", "IOPFService", "IOPFSystem", "IOPFCore", "IOPFDevice"]
+        ),
+        .testTarget(
+            name: "EndToEndTests",
+            dependencies: [
+                "IOPFTestSupport", "IOPFFuzzing", "IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem",
+                "IOPFCore", "IOPFWire",
             ]
         ),
     ]
@@ -125,7 +145,7 @@ let package = Package(
 if Context.environment["IOPF_FUZZ"] == "1" {
     package.products.append(.executable(name: "iopf-fuzz", targets: ["iopf-fuzz"]))
     package.targets.append(.executableTarget(
-        name: "iopf-fuzz", dependencies: ["IOPFService"], path: "Tools/iopf-fuzz",
+        name: "iopf-fuzz", dependencies: ["IOPFFuzzing"], path: "Tools/iopf-fuzz",
         swiftSettings: [.unsafeFlags(["-parse-as-library"])]
     ))
 }

@@ -17,7 +17,7 @@ import IOPFSystem
 import IOPFWire
 
 /// Why a transport gave up on its device.
-enum TransportFault: Error {
+package enum TransportFault: Error {
     /// The device closed its end (EOF, the closed flag, a failed operation).
     case closed(String)
     /// The device broke the channel's rules; `kind` names it for the statistics.
@@ -67,8 +67,8 @@ let maxResponseBacklog = 4 * SharedQueue.capacity
 /// sleepers. Each device has eventfds of its own; the doorbell is read through io_uring,
 /// and through a poll instead once a read fails with EAGAIN (the device can set
 /// O_NONBLOCK: an eventfd's flags are shared across processes), so the loop never spins.
-final class SharedRingTransport: FaultTransport {
-    let queue: SharedQueue
+package final class SharedRingTransport: FaultTransport {
+    package let queue: SharedQueue
     let doorbell: CInt
     let wake: CInt
     private let doorbellBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
@@ -82,7 +82,7 @@ final class SharedRingTransport: FaultTransport {
     var isShared: Bool { true }
 
     /// Creates the channel; returns the transport and the device's ends (its own descriptors).
-    static func make() throws(SystemCallError) -> (SharedRingTransport, DeviceChannelEnds) {
+    package static func make() throws(SystemCallError) -> (SharedRingTransport, DeviceChannelEnds) {
         let queue = try SharedQueue.create()
         var fds: [CInt] = []
         do {
@@ -159,7 +159,7 @@ final class SharedRingTransport: FaultTransport {
         if c.token.kind == .wake { wakeInFlight = false } else { doorbellArmed = nil }
     }
 
-    func poll(limit: Int, records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault) -> Int {
+    package func poll(limit: Int, records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault) -> Int {
         let tail = queue.load(.requestTail)
         let available = tail &- requestHead
         guard available != 0 else {

@@ -31,13 +31,13 @@ public struct UserfaultfdError: Error, Sendable, CustomStringConvertible {
     public var description: String
 }
 
-final class UserfaultfdSource: @unchecked Sendable {
+package final class UserfaultfdSource: @unchecked Sendable {
     static let wanted: [(UInt64, String)] = [
         (UInt64(UFFD_FEATURE_EVENT_REMOVE), "EVENT_REMOVE"),
         (UInt64(UFFD_FEATURE_EVENT_UNMAP), "EVENT_UNMAP"),
         (UInt64(UFFD_FEATURE_EVENT_REMAP), "EVENT_REMAP"),
     ]
-    static let messageBytes = MemoryLayout<uffd_msg>.size
+    package static let messageBytes = MemoryLayout<uffd_msg>.size
 
     let fd: CInt
     private let closed = Atomic<Bool>(false)
@@ -124,7 +124,7 @@ final class UserfaultfdSource: @unchecked Sendable {
 }
 
 /// One host event, decoded from a `struct uffd_msg`.
-enum HostEvent: Equatable {
+package enum HostEvent: Equatable {
     case remove(Range<UInt64>)
     case unmap(Range<UInt64>)
     case remap(from: UInt64, to: UInt64, length: UInt64)
@@ -137,7 +137,7 @@ enum HostEvent: Equatable {
     /// The host range this event takes away, and whether its memory is gone (UNMAP and
     /// REMAP: faults there are INVALID until the host address is updated) rather than
     /// only dropped (REMOVE). Nil for events that invalidate nothing.
-    var invalidation: (range: Range<UInt64>, gone: Bool)? {
+    package var invalidation: (range: Range<UInt64>, gone: Bool)? {
         switch self {
         case .remove(let r): (r, false)
         case .unmap(let r): (r, true)
@@ -147,7 +147,7 @@ enum HostEvent: Equatable {
     }
 
     /// Decodes a copy of one message; never traps, whatever the bytes.
-    init(_ bytes: UnsafeRawBufferPointer) {
+    package init(_ bytes: UnsafeRawBufferPointer) {
         let msg = bytes.loadUnaligned(as: uffd_msg.self)
         switch Int32(msg.event) {
         case Int32(UFFD_EVENT_REMOVE), Int32(UFFD_EVENT_UNMAP):

@@ -9,42 +9,42 @@ import IOPFCore
 import IOPFService
 import Logging
 
-public struct BenchRow: Codable, Sendable {
-    public var sizeBytes: UInt64
-    public var touchFraction: Double
-    public var mode: String
+package struct BenchRow: Codable, Sendable {
+    package var sizeBytes: UInt64
+    package var touchFraction: Double
+    package var mode: String
     /// Until every mapping call returned.
-    public var mapSeconds: Double
+    package var mapSeconds: Double
     /// From the first mapping call to the first completed device DMA.
-    public var firstDmaSeconds: Double
+    package var firstDmaSeconds: Double
     /// From the end of mapping until the devices had touched the fraction of pages.
-    public var touchSeconds: Double
-    public var residentBytes: UInt64
-    public var lockedBytes: UInt64
+    package var touchSeconds: Double
+    package var residentBytes: UInt64
+    package var lockedBytes: UInt64
     /// Aggregate device DMA over the touched pages, whole 4 KiB pages per access.
-    public var dmaGBps: Double
-    public var faultLatencyNs: LatencySummary
+    package var dmaGBps: Double
+    package var faultLatencyNs: LatencySummary
     /// The floor measured right after this run at the same size: mlock seconds per GiB for
     /// pinned rows, MADV_POPULATE_WRITE ns per page for fault rows.
-    public var adjacentFloor = 0.0
+    package var adjacentFloor = 0.0
     /// This run against `adjacentFloor`: pinned map time per GiB over the mlock floor, or
     /// fault first-touch throughput over the populate floor's.
-    public var ratioToFloor = 0.0
+    package var ratioToFloor = 0.0
     /// Over the repeated runs of this row: each run's `ratioToFloor` and `mapSeconds`,
     /// smallest, median and largest (the row holds the medians).
-    public var ratioSpread = Spread()
-    public var mapSecondsSpread = Spread()
+    package var ratioSpread = Spread()
+    package var mapSecondsSpread = Spread()
 }
 
 /// The smallest, median and largest of a row's runs.
-public struct Spread: Codable, Sendable, Equatable {
-    public var min = 0.0
-    public var median = 0.0
-    public var max = 0.0
+package struct Spread: Codable, Sendable, Equatable {
+    package var min = 0.0
+    package var median = 0.0
+    package var max = 0.0
 
-    public init() {}
+    package init() {}
 
-    public init(_ values: [Double]) {
+    package init(_ values: [Double]) {
         guard !values.isEmpty else { return }
         let sorted = values.sorted()
         (min, median, max) = (sorted[0], sorted[sorted.count / 2], sorted[sorted.count - 1])
@@ -52,19 +52,19 @@ public struct Spread: Codable, Sendable, Equatable {
 }
 
 /// A bench run that went wrong in a way its numbers cannot show.
-public struct BenchError: Error, CustomStringConvertible {
-    public let description: String
+package struct BenchError: Error, CustomStringConvertible {
+    package let description: String
     init(_ description: String) { self.description = description }
 }
 
-public enum BenchSession {
-    public static let devices = 2
+package enum BenchSession {
+    package static let devices = 2
 
     /// Measures one (size, touch, mode) run on fresh memory.
     /// Measures the run, then its floor on fresh memory of the same size: mlock of the whole
     /// size for pinned, one MADV_POPULATE_WRITE per page over the touched pages for fault.
     /// After, not before: the run meets the colder memory, so the ratio errs against iopf.
-    public static func measureWithFloor(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
+    package static func measureWithFloor(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
                                         logger: Logger = Logger(label: "iopf.bench")) throws -> BenchRow {
         var row = try measure(size: size, touch: touch, mode: mode, dmaSeconds: dmaSeconds, logger: logger)
         let floor = mode == .pinned
@@ -77,7 +77,7 @@ public enum BenchSession {
         return row
     }
 
-    public static func measure(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
+    package static func measure(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
                                logger: Logger = Logger(label: "iopf.bench")) throws -> BenchRow {
         let slice = (size / UInt64(devices)) & ~((2 << 20) - 1)
         precondition(slice > 0, "bench size \(size) is below 2 MiB per device")
@@ -162,7 +162,7 @@ public enum BenchSession {
     }
 
     /// The median of each measure over runs of the same (size, touch, mode).
-    public static func median(_ runs: [BenchRow]) -> BenchRow {
+    package static func median(_ runs: [BenchRow]) -> BenchRow {
         func mid<T: Comparable>(_ values: [T]) -> T { values.sorted()[values.count / 2] }
         var row = runs[0]
         row.mapSeconds = mid(runs.map(\.mapSeconds))

@@ -19,28 +19,28 @@ import IOPFCore
 import Synchronization
 
 /// JSON `dirty` of `iopf serve --dirty-log` and `iopf bench --scenario dirty-log`.
-public struct DirtySummary: Sendable, Codable, Equatable {
+package struct DirtySummary: Sendable, Codable, Equatable {
     /// Reads of the dirty log judged.
-    public var rounds = 0
+    package var rounds = 0
     /// Pages the log reported, and pages devices really wrote, summed over rounds.
-    public var reported = 0
-    public var written = 0
+    package var reported = 0
+    package var written = 0
     /// Pages written but not reported (must be 0), and reported but not written.
-    public var missed = 0
-    public var extra = 0
+    package var missed = 0
+    package var extra = 0
     /// Pages handed in too late to judge (a device stalled for many rounds).
-    public var unchecked = 0
+    package var unchecked = 0
     /// The first missed pages, by IOVA and round, to reproduce.
-    public var firstMissed: [String]?
+    package var firstMissed: [String]?
     /// How long each read of the log took (readAndClearDirty: report, write-protect, sync).
-    public var readNs = LatencySummary()
+    package var readNs = LatencySummary()
 
-    public init() {}
+    package init() {}
 }
 
-public final class DirtyLedger: @unchecked Sendable {
-    public let iovaBase: UInt64
-    public let pages: Int
+package final class DirtyLedger: @unchecked Sendable {
+    package let iovaBase: UInt64
+    package let pages: Int
     static let maxLag: UInt64 = 64
     private let epochCounter = Atomic<UInt64>(0)
     private let state: Lock<State>
@@ -56,22 +56,22 @@ public final class DirtyLedger: @unchecked Sendable {
         var summary = DirtySummary()
     }
 
-    public init(iovaBase: UInt64, pages: Int) {
+    package init(iovaBase: UInt64, pages: Int) {
         self.iovaBase = iovaBase
         self.pages = pages
         state = Lock(State())
     }
 
     /// The round writes now belong to; 0 before tracking started.
-    @inline(__always) public var epoch: UInt64 { epochCounter.load(ordering: .acquiring) }
+    @inline(__always) package var epoch: UInt64 { epochCounter.load(ordering: .acquiring) }
 
     /// Tracking is on: writes from now on are recorded.
-    public func trackingStarted() {
+    package func trackingStarted() {
         epochCounter.store(1, ordering: .releasing)
     }
 
     /// A device joins; returns its token for `handIn` and `retire`.
-    public func register() -> Int {
+    package func register() -> Int {
         state.withLock { s in
             defer { s.nextWriter += 1 }
             s.writers[s.nextWriter] = max(epoch, 1)
@@ -81,7 +81,7 @@ public final class DirtyLedger: @unchecked Sendable {
 
     /// A device's pages written in `epoch` (bits over the ledger's range); it has now
     /// handed in every epoch below `through`.
-    public func handIn(_ writer: Int, epoch e: UInt64, pages written: PageBitmap, through: UInt64) {
+    package func handIn(_ writer: Int, epoch e: UInt64, pages written: PageBitmap, through: UInt64) {
         state.withLock { s in
             if e >= 1 {
                 if e < s.judged {
@@ -96,7 +96,7 @@ public final class DirtyLedger: @unchecked Sendable {
     }
 
     /// A device is done (after its last `handIn`).
-    public func retire(_ writer: Int) {
+    package func retire(_ writer: Int) {
         state.withLock { s in
             s.writers[writer] = nil
             judge(&s, force: false)
@@ -104,7 +104,7 @@ public final class DirtyLedger: @unchecked Sendable {
     }
 
     /// The log read for the current round; the epoch moves on.
-    public func roundRead(_ reported: PageBitmap) {
+    package func roundRead(_ reported: PageBitmap) {
         state.withLock { s in
             let e = epoch
             s.reported[e, default: PageBitmap(count: pages)].formUnion(reported)
@@ -115,7 +115,7 @@ public final class DirtyLedger: @unchecked Sendable {
 
     /// Pages reported outside a round's read (an unmap that read the log), bit k for the
     /// page at `iova + k * 4 KiB`: they count for the current round.
-    public func alsoReported(iova: UInt64, _ reported: PageBitmap) {
+    package func alsoReported(iova: UInt64, _ reported: PageBitmap) {
         state.withLock { s in
             let e = epoch
             guard e >= 1, iova >= iovaBase else { return }
@@ -132,14 +132,14 @@ public final class DirtyLedger: @unchecked Sendable {
 
     /// Judges every round read so far (devices retired, the last round read) and returns
     /// the summary.
-    public func finish() -> DirtySummary {
+    package func finish() -> DirtySummary {
         state.withLock { s in
             judge(&s, force: true)
             return s.summary
         }
     }
 
-    public var summary: DirtySummary { state.withLock { $0.summary } }
+    package var summary: DirtySummary { state.withLock { $0.summary } }
 
     /// Judges round e once round e+1 was read (or at the end) and every device handed e in.
     private func judge(_ s: inout State, force: Bool) {
@@ -222,23 +222,23 @@ struct DirtyWriter {
 }
 
 /// One row of `iopf bench --scenario dirty-log`.
-public struct DirtyLogRow: Codable, Sendable {
-    public var sizeBytes: UInt64
-    public var mode: String
-    public var rounds: Int
-    public var written: Int
-    public var reported: Int
-    public var missed: Int
-    public var extra: Int
+package struct DirtyLogRow: Codable, Sendable {
+    package var sizeBytes: UInt64
+    package var mode: String
+    package var rounds: Int
+    package var written: Int
+    package var reported: Int
+    package var missed: Int
+    package var extra: Int
     /// Pages reported per page really written (1 is exact; pinned memory reports all).
-    public var reportedPerWritten: Double
+    package var reportedPerWritten: Double
     /// Pages written per round, as a share of the memory.
-    public var writtenSharePerRound: Double
-    public var readNs: LatencySummary
-    public var dmaErrors: Int
-    public var problems: [String]
+    package var writtenSharePerRound: Double
+    package var readNs: LatencySummary
+    package var dmaErrors: Int
+    package var problems: [String]
 
-    public init(size: UInt64, result r: ServeResult) {
+    package init(size: UInt64, result r: ServeResult) {
         let d = r.dirty ?? DirtySummary()
         sizeBytes = size
         mode = r.mode

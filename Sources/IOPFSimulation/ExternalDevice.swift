@@ -10,64 +10,64 @@ import IOPFCore
 import IOPFDevice
 import Synchronization
 
-public struct ExternalDeviceOptions: Sendable {
-    public var path: String
-    public var deviceID: UInt32 = 1
-    public var pasid: UInt32?
-    public var workload = Workload.random
+package struct ExternalDeviceOptions: Sendable {
+    package var path: String
+    package var deviceID: UInt32 = 1
+    package var pasid: UInt32?
+    package var workload = Workload.random
     /// Seconds to run (0: until `shouldStop`).
-    public var seconds = 3.0
-    public var ignoreInvalidations = false
-    public var stream = false
+    package var seconds = 3.0
+    package var ignoreInvalidations = false
+    package var stream = false
     /// Page requests asked for at ATTACH; nil: enough for `outstanding` bursts (at least 32).
-    public var credit: UInt32?
+    package var credit: UInt32?
     /// Page request groups kept in flight (`--outstanding`), within the credit granted.
-    public var outstanding = 1
-    public var seed: UInt64 = 1
-    public var spinNanoseconds: Int64 = 200_000
+    package var outstanding = 1
+    package var seed: UInt64 = 1
+    package var spinNanoseconds: Int64 = 200_000
     /// The host changes this memory (stress): data checks accept zeroed pages.
-    public var hostMayChangeMemory = false
-    public var burst = 4
-    public var iotlbEntries = 64
+    package var hostMayChangeMemory = false
+    package var burst = 4
+    package var iotlbEntries = 64
     /// Attach to this host's address space (`iopf host --name`) instead of the service's memory.
-    public var addressSpace: String?
-    public init(path: String) { self.path = path }
+    package var addressSpace: String?
+    package init(path: String) { self.path = path }
 }
 
 /// What `iopf device --json` prints; the keys are the README's.
-public struct ExternalDeviceResult: Codable, Sendable {
-    public var deviceID: UInt32 = 0
-    public var channel = ""
-    public var windowBytes: UInt64 = 0
-    public var dmaOps = 0
-    public var dmaErrors = 0
-    public var faults = 0
-    public var groups = 0
-    public var integrityErrors = 0
-    public var invalidationsAcked = 0
+package struct ExternalDeviceResult: Codable, Sendable {
+    package var deviceID: UInt32 = 0
+    package var channel = ""
+    package var windowBytes: UInt64 = 0
+    package var dmaOps = 0
+    package var dmaErrors = 0
+    package var faults = 0
+    package var groups = 0
+    package var integrityErrors = 0
+    package var invalidationsAcked = 0
     /// Pages named by the INVALIDATEs received (a range counts every page it touches).
-    public var pagesInvalidated = 0
+    package var pagesInvalidated = 0
     /// Groups answered SUCCESS and INVALID, and responses no group was waiting for.
-    public var success = 0
-    public var invalid = 0
-    public var unexpectedResponses = 0
-    public var translations = 0
-    public var staleReplies = 0
+    package var success = 0
+    package var invalid = 0
+    package var unexpectedResponses = 0
+    package var translations = 0
+    package var staleReplies = 0
     /// From connect to the ATTACH reply mapped.
-    public var attachMicroseconds = 0.0
+    package var attachMicroseconds = 0.0
     /// The service closed the connection (fenced or stopped) before the device detached.
-    public var disconnected = false
+    package var disconnected = false
     /// Why, when the service said (e.g. the host of its address space went away).
-    public var detachReason: String?
-    public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
+    package var detachReason: String?
+    package var faultLatencyNs = LatencySummary(Histogram<UInt64>())
     /// Request to the service's answer, as hardware would see it (shared ring only).
-    public var answerLatencyNs: LatencySummary?
-    public var elapsedSeconds = 0.0
-    public var problems: [String] = []
+    package var answerLatencyNs: LatencySummary?
+    package var elapsedSeconds = 0.0
+    package var problems: [String] = []
 }
 
-public enum ExternalDeviceSession {
-    public static func run(_ o: ExternalDeviceOptions, shouldStop: @escaping () -> Bool = { false }) throws
+package enum ExternalDeviceSession {
+    package static func run(_ o: ExternalDeviceOptions, shouldStop: @escaping () -> Bool = { false }) throws
         -> ExternalDeviceResult
     {
         let started = ContinuousClock.now

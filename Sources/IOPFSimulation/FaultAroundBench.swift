@@ -15,41 +15,41 @@ import IOPFCore
 import IOPFService
 import Logging
 
-public struct FaultAroundRow: Codable, Sendable {
-    public var sizeBytes: UInt64
+package struct FaultAroundRow: Codable, Sendable {
+    package var sizeBytes: UInt64
     /// "sequential" or "random".
-    public var pattern: String
+    package var pattern: String
     /// Touches as a fraction of the pages (random touches may repeat a page).
-    public var touchFraction: Double
+    package var touchFraction: Double
     /// The policy: "off", "adaptive" or a page count.
-    public var faultAround: String
+    package var faultAround: String
     /// Memory backed by 2 MiB transparent huge pages, blocks mapped on faults (`--huge-pages`).
-    public var hugePages = false
+    package var hugePages = false
     /// 2 MiB blocks mapped on faults with one entry each.
-    public var blockMappings = 0
-    public var groups = 0
+    package var blockMappings = 0
+    package var groups = 0
     /// Page requests the device sent, and pages mapped ahead of them.
-    public var faults = 0
-    public var prefetchedPages = 0
-    public var touchSeconds = 0.0
+    package var faults = 0
+    package var prefetchedPages = 0
+    package var touchSeconds = 0.0
     /// Bytes touched (first touch) per second.
-    public var touchGBps = 0.0
+    package var touchGBps = 0.0
     /// One MADV_POPULATE_WRITE over the same size of fresh memory, right after the run
     /// (sequential rows only; 0 otherwise).
-    public var populateGBps = 0.0
-    public var residentBytes: UInt64 = 0
-    public var faultLatencyNs = LatencySummary()
+    package var populateGBps = 0.0
+    package var residentBytes: UInt64 = 0
+    package var faultLatencyNs = LatencySummary()
     /// Sequential rows: the engine's invalidation of one 4 KiB page inside each of 64
     /// blocks spread over the memory (what an MMU notifier for a 4 KiB madvise runs),
     /// and the pages each really unmapped (512 where a 2 MiB block stood).
-    public var invalidate4KNs = LatencySummary()
-    public var pagesUnmappedPer4K = 0.0
-    public var problems: [String] = []
+    package var invalidate4KNs = LatencySummary()
+    package var pagesUnmappedPer4K = 0.0
+    package var problems: [String] = []
 }
 
-public enum FaultAroundBench {
+package enum FaultAroundBench {
     /// Runs one device over `size` of fresh memory under `policy`.
-    public static func measure(size: UInt64, pattern: Workload, touch: Double, policy: FaultAroundPolicy,
+    package static func measure(size: UInt64, pattern: Workload, touch: Double, policy: FaultAroundPolicy,
                                hugePages: Bool = false,
                                logger: Logger = Logger(label: "iopf.bench")) throws -> FaultAroundRow {
         precondition(pattern == .sequential || pattern == .random, "fault-around bench patterns are sequential and random")
@@ -132,7 +132,7 @@ public enum FaultAroundBench {
     }
 
     /// The median of each measure over runs of the same (size, pattern, policy).
-    public static func median(_ runs: [FaultAroundRow]) -> FaultAroundRow {
+    package static func median(_ runs: [FaultAroundRow]) -> FaultAroundRow {
         func mid<T: Comparable>(_ values: [T]) -> T { values.sorted()[values.count / 2] }
         var row = runs.sorted { $0.touchSeconds < $1.touchSeconds }[runs.count / 2]
         row.groups = mid(runs.map(\.groups))

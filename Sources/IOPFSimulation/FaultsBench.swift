@@ -18,31 +18,31 @@ import IOPFService
 import IOPFWire
 import Logging
 
-public struct FaultsRow: Codable, Sendable {
-    public var outstanding: Int
-    public var seconds = 0.0
-    public var faults = 0
-    public var faultsPerSecond = 0.0
+package struct FaultsRow: Codable, Sendable {
+    package var outstanding: Int
+    package var seconds = 0.0
+    package var faults = 0
+    package var faultsPerSecond = 0.0
     /// Device-observed, from sending a group to taking its answer.
-    public var faultLatencyNs = LatencySummary()
+    package var faultLatencyNs = LatencySummary()
     /// The service loop's turns during the run: faults per turn is the batch it found.
-    public var loopTurns = 0
+    package var loopTurns = 0
     /// Invalidations the device ran to make its pages fault again.
-    public var invalidations = 0
-    public var problems: [String] = []
+    package var invalidations = 0
+    package var problems: [String] = []
 
-    public init(outstanding: Int) { self.outstanding = outstanding }
+    package init(outstanding: Int) { self.outstanding = outstanding }
 }
 
-public enum FaultsBench {
+package enum FaultsBench {
     /// The memory the device walks by default: 64 MiB, resident. A quarter of it is
     /// invalidated at a time, just before it is faulted again.
-    public static let pages = 16384
+    package static let pages = 16384
     /// The most groups in flight: PRI's 9-bit group index gives 512; half keeps indices
     /// of groups still in flight unique with room to spare.
-    public static let maxOutstanding = 256
+    package static let maxOutstanding = 256
 
-    public static func measure(outstanding: Int, seconds: Double, pages: Int = pages,
+    package static func measure(outstanding: Int, seconds: Double, pages: Int = pages,
                                logger: Logger = Logger(label: "iopf.bench")) throws -> FaultsRow {
         precondition((1...maxOutstanding).contains(outstanding), "outstanding must be 1...\(maxOutstanding)")
         precondition(pages >= 4 * maxOutstanding && pages % 4 == 0,

@@ -8,16 +8,16 @@ import Glibc
 import IOPFService
 import IOPFSystem
 
-public struct Floors: Codable, Sendable {
+package struct Floors: Codable, Sendable {
     /// With a handler thread sleeping in read(2), the usual way to serve userfaultfd.
-    public var uffdRoundTripNs: Double
+    package var uffdRoundTripNs: Double
     /// With a handler thread busy-polling a non-blocking userfaultfd: no wake-up on the
     /// handler's side, the strictest floor.
-    public var uffdRoundTripPolledNs: Double
-    public var populateNsPerPage: Double
-    public var mlockSecondsPerGiB: Double
+    package var uffdRoundTripPolledNs: Double
+    package var populateNsPerPage: Double
+    package var mlockSecondsPerGiB: Double
 
-    public static func measure(pages: Int = 16384, mlockBytes: UInt64 = 256 << 20) throws -> Floors {
+    package static func measure(pages: Int = 16384, mlockBytes: UInt64 = 256 << 20) throws -> Floors {
         Floors(uffdRoundTripNs: try userfaultfdRoundTrip(pages: pages, polled: false),
                uffdRoundTripPolledNs: try userfaultfdRoundTrip(pages: pages, polled: true),
                populateNsPerPage: try populatePerPage(pages: pages),
@@ -26,7 +26,7 @@ public struct Floors: Codable, Sendable {
 
     /// Mean time for a thread to touch a missing page of a userfaultfd-registered range and
     /// continue after a handler thread resolved it with UFFDIO_ZEROPAGE.
-    public static func userfaultfdRoundTrip(pages: Int, polled: Bool) throws -> Double {
+    package static func userfaultfdRoundTrip(pages: Int, polled: Bool) throws -> Double {
         let region = try HostRegion(length: UInt64(pages) << 12)
         let uffd = try syscall("userfaultfd") { iopf_userfaultfd(O_CLOEXEC | (polled ? O_NONBLOCK : 0)) }
         defer { Sys.close(uffd) }
@@ -56,7 +56,7 @@ public struct Floors: Codable, Sendable {
     }
 
     /// Mean time of MADV_POPULATE_WRITE on one fresh page, one call per page.
-    public static func populatePerPage(pages: Int) throws -> Double {
+    package static func populatePerPage(pages: Int) throws -> Double {
         let region = try HostRegion(length: UInt64(pages) << 12)
         let start = ContinuousClock.now
         for p in 0..<pages {
@@ -69,7 +69,7 @@ public struct Floors: Codable, Sendable {
 
     /// Seconds for one MADV_POPULATE_WRITE call over `bytes` of fresh memory: the
     /// yardstick for first-touch throughput (the kernel's own fault-around, in one call).
-    public static func populateOnce(bytes: UInt64) throws -> Double {
+    package static func populateOnce(bytes: UInt64) throws -> Double {
         let region = try HostRegion(length: bytes)
         let start = ContinuousClock.now
         _ = try syscall("madvise(MADV_POPULATE_WRITE)") {
@@ -79,7 +79,7 @@ public struct Floors: Codable, Sendable {
     }
 
     /// Seconds per GiB to mlock fresh anonymous memory (faulting and locking it).
-    public static func mlockPerGiB(bytes: UInt64) throws -> Double {
+    package static func mlockPerGiB(bytes: UInt64) throws -> Double {
         let region = try HostRegion(length: bytes)
         let pointer = UnsafeMutableRawPointer(bitPattern: UInt(region.base))
         let start = ContinuousClock.now
@@ -92,7 +92,7 @@ public struct Floors: Codable, Sendable {
     /// Touches and frees `bytes` of fresh memory once. On a virtual machine the first use
     /// of guest memory also pays the hypervisor's fault; warming makes every later run, and
     /// the floors, see memory in the same state, whichever mode ran before.
-    public static func warmUp(bytes: UInt64) throws {
+    package static func warmUp(bytes: UInt64) throws {
         let region = try HostRegion(length: bytes & ~0xFFF)
         let chunk = 256 << 20
         var offset: UInt64 = 0
@@ -106,7 +106,7 @@ public struct Floors: Codable, Sendable {
     }
 
     /// MemAvailable from /proc/meminfo, in bytes.
-    public static func availableMemory() -> UInt64 {
+    package static func availableMemory() -> UInt64 {
         let info = (Sys.readText("/proc/meminfo")) ?? ""
         let line = info.split(separator: "\n").first { $0.hasPrefix("MemAvailable:") }
         return line.flatMap(ServeSession.procBytes) ?? 0

@@ -8,25 +8,25 @@
 import Foundation
 import IOPFCore
 
-public struct HostChurnRow: Codable, Sendable, Equatable {
-    public var mappings = 0
+package struct HostChurnRow: Codable, Sendable, Equatable {
+    package var mappings = 0
     /// DMA_MAP of one more mapping.
-    public var mapNs = 0.0
+    package var mapNs = 0.0
     /// A REMOVE of one page that is mapped (the page is faulted in again, untimed).
-    public var pageEventNs = 0.0
+    package var pageEventNs = 0.0
     /// A REMOVE of one page that no mapping has mapped: what a madvise loop costs.
-    public var emptyEventNs = 0.0
+    package var emptyEventNs = 0.0
     /// A REMOVE of the whole memory with every page mapped, per mapping.
-    public var wholeEventNsPerMapping = 0.0
+    package var wholeEventNsPerMapping = 0.0
     /// DMA_UNMAP of one mapping among N.
-    public var unmapNs = 0.0
+    package var unmapNs = 0.0
     /// The host's teardown (every mapping removed at once), per mapping.
-    public var teardownNsPerMapping = 0.0
+    package var teardownNsPerMapping = 0.0
 }
 
-public enum HostChurnBench {
+package enum HostChurnBench {
     /// Runs the measurements for `mappings` one-page mappings, `events` timed events each.
-    public static func measure(mappings n: Int, events: Int = 20_000, seed: UInt64 = 1) throws -> HostChurnRow {
+    package static func measure(mappings n: Int, events: Int = 20_000, seed: UInt64 = 1) throws -> HostChurnRow {
         var configuration = EngineConfiguration()
         configuration.pageSizes = [.size4K]
         let engine = FaultEngine(memory: SimulatedHostMemory(), configuration: configuration)

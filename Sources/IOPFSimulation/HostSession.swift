@@ -29,51 +29,51 @@ import IOPFCore
 import IOPFDevice
 import IOPFSystem
 
-public struct HostOptions: Sendable {
-    public var path: String
-    public var name: String
-    public var memoryBytes: UInt64 = 64 << 20
-    public var mappings = 4
+package struct HostOptions: Sendable {
+    package var path: String
+    package var name: String
+    package var memoryBytes: UInt64 = 64 << 20
+    package var mappings = 4
     /// Milliseconds between changes (0: none).
-    public var churnMilliseconds = 0.0
+    package var churnMilliseconds = 0.0
     /// Seconds to run (0: until `shouldStop`).
-    public var seconds = 0.0
-    public var seed: UInt64 = 1
+    package var seconds = 0.0
+    package var seed: UInt64 = 1
     /// Uids besides this process's own whose devices may attach (HOST's allowed uids).
-    public var allowedUIDs: [UInt32] = []
-    public init(path: String, name: String) {
+    package var allowedUIDs: [UInt32] = []
+    package init(path: String, name: String) {
         self.path = path
         self.name = name
     }
 }
 
 /// What `iopf host --json` prints; the keys are the README's.
-public struct HostResult: Codable, Sendable {
-    public var name = ""
-    public var memoryBytes: UInt64 = 0
-    public var mappings = 0
-    public var hostChanges = 0
-    public var changesByKind: [String: Int] = [:]
+package struct HostResult: Codable, Sendable {
+    package var name = ""
+    package var memoryBytes: UInt64 = 0
+    package var mappings = 0
+    package var hostChanges = 0
+    package var changesByKind: [String: Int] = [:]
     /// Host addresses re-declared (DMA_MAP with VADDR).
-    public var addressUpdates = 0
+    package var addressUpdates = 0
     /// From just before each change (the madvise, mmap or mremap call) to the reply of the
     /// SYNC after it: the last device acknowledgement.
-    public var invalidationLatencyNs = LatencySummary(Histogram<UInt64>())
-    public var elapsedSeconds = 0.0
-    public var problems: [String] = []
+    package var invalidationLatencyNs = LatencySummary(Histogram<UInt64>())
+    package var elapsedSeconds = 0.0
+    package var problems: [String] = []
 }
 
 /// Where a host puts things; shared with devices that check page tags.
-public enum HostLayout {
-    public static let iovaBase: UInt64 = 1 << 40
-    public static let tagMagic: UInt64 = 0x5A5A_0000_0000_0000
-    public static func tag(iova: UInt64) -> UInt64 { iova ^ tagMagic }
+package enum HostLayout {
+    package static let iovaBase: UInt64 = 1 << 40
+    package static let tagMagic: UInt64 = 0x5A5A_0000_0000_0000
+    package static func tag(iova: UInt64) -> UInt64 { iova ^ tagMagic }
 }
 
-public enum HostSession {
+package enum HostSession {
     enum Change: String, CaseIterable { case dontneed, remove, fixed, remap, move }
 
-    public static func run(_ o: HostOptions, shouldStop: @escaping () -> Bool = { false }) throws -> HostResult {
+    package static func run(_ o: HostOptions, shouldStop: @escaping () -> Bool = { false }) throws -> HostResult {
         guard o.mappings >= 1, o.memoryBytes % (UInt64(o.mappings) << 12) == 0 else {
             throw SystemCallError("--memory must be a multiple of --mappings × 4 KiB", .invalidArgument)
         }

@@ -11,12 +11,12 @@ import IOPFSystem
 import Logging
 
 /// A domain's in-process sync target: every attached in-process device's IOTLB.
-public final class DomainIOTLBs: IOTLBInvalidator, Sendable {
+package final class DomainIOTLBs: IOTLBInvalidator, Sendable {
     private let devices = Lock<[DeviceIOTLB]>([])
-    public init() {}
-    public func add(_ iotlb: DeviceIOTLB) { devices.withLock { $0.append(iotlb) } }
-    public func remove(_ iotlb: DeviceIOTLB) { devices.withLock { $0.removeAll { $0 === iotlb } } }
-    public func invalidate(_ ranges: [IOVARange]) {
+    package init() {}
+    package func add(_ iotlb: DeviceIOTLB) { devices.withLock { $0.append(iotlb) } }
+    package func remove(_ iotlb: DeviceIOTLB) { devices.withLock { $0.removeAll { $0 === iotlb } } }
+    package func invalidate(_ ranges: [IOVARange]) {
         for d in devices.withLock({ $0 }) { d.invalidate(ranges) }
     }
 }

@@ -21,7 +21,7 @@ import Logging
 
 /// Fault-driven (nothing pinned, pages mapped on demand) or pinned (VFIO type1: all
 /// memory pinned, locked and mapped before the devices start).
-public enum MemoryMode: String, Sendable, CaseIterable, Codable {
+package enum MemoryMode: String, Sendable, CaseIterable, Codable {
     case fault, pinned
 }
 
@@ -29,7 +29,7 @@ extension EngineConfiguration {
     /// The engine for `mode` in this process: faults map single pages (and 2 MiB blocks
     /// where huge pages back them, with `hugePages`), pinning maps whole runs with blocks;
     /// locked memory follows this process's RLIMIT_MEMLOCK and CAP_IPC_LOCK.
-    public static func forThisProcess(mode: MemoryMode, hugePages: Bool = false) -> EngineConfiguration {
+    package static func forThisProcess(mode: MemoryMode, hugePages: Bool = false) -> EngineConfiguration {
         var config = EngineConfiguration()
         config.pageSizes = mode == .pinned ? Set(PageSize.allCases) : hugePages ? [.size4K, .size2M] : [.size4K]
         config.blocksOnFault = mode == .fault && hugePages
@@ -40,75 +40,75 @@ extension EngineConfiguration {
     }
 }
 
-public struct ServeOptions: Sendable {
-    public var mode = MemoryMode.fault
-    public var devices = 4
-    public var memoryBytes: UInt64 = 256 << 20
-    public var seconds = 3.0
-    public var workload = Workload.random
+package struct ServeOptions: Sendable {
+    package var mode = MemoryMode.fault
+    package var devices = 4
+    package var memoryBytes: UInt64 = 256 << 20
+    package var seconds = 3.0
+    package var workload = Workload.random
     /// Seconds between invalidations (0: none).
-    public var invalidateInterval = 0.005
+    package var invalidateInterval = 0.005
     /// Largest invalidation, in pages.
-    public var invalidateMaxPages = 512
-    public var domains = 1
-    public var seed: UInt64 = 1
-    public var transport = ChannelTransport.shared
-    public var spinNanoseconds: Int64 = 200_000
+    package var invalidateMaxPages = 512
+    package var domains = 1
+    package var seed: UInt64 = 1
+    package var transport = ChannelTransport.shared
+    package var spinNanoseconds: Int64 = 200_000
     /// Page request groups each in-process device keeps in flight (`--outstanding`); its
     /// credit is raised to cover them.
-    public var outstanding = 1
+    package var outstanding = 1
     /// DMA bursts each in-process device starts per second, at most (`--device-rate`);
     /// nil: as fast as its thread runs. Hardware devices do not take the host's CPUs; a
     /// paced device leaves them to the service, so the latency measured is the service's.
-    public var deviceRate: Double? = 100_000
+    package var deviceRate: Double? = 100_000
     /// In-process devices run at idle priority (`--device-priority idle`): the service
     /// thread always gets a CPU when it wants one.
-    public var idleDevices = true
+    package var idleDevices = true
     /// Threads the in-process devices share (`--device-threads N`): each runs its devices
     /// a step at a time and polls their answers, so that a device waiting for an answer
     /// neither stops the others nor waits for a CPU once it comes. nil (`each`, the
     /// default): a thread per device. Devices with a dirty-log quota always get their own.
-    public var deviceThreads: Int?
+    package var deviceThreads: Int?
     /// Seconds between invariant checks while devices run (`--check-interval`; 0: only
     /// at the end). A check walks every I/O page table on the service thread, holding the
     /// engine's lock: about 0.5 µs per mapped page, during which no fault is served.
-    public var checkInterval = 0.0
+    package var checkInterval = 0.0
     /// Mapping ahead of sequential faults (`--fault-around`).
-    public var faultAround = FaultAroundPolicy.adaptive
+    package var faultAround = FaultAroundPolicy.adaptive
     /// Back the devices' memory with 2 MiB transparent huge pages and map a whole block
     /// on a fault where one backs it (`--huge-pages`); each device's share is rounded
     /// down to whole 2 MiB blocks.
-    public var hugePages = false
+    package var hugePages = false
     /// The CPU the service thread runs on alone, the in-process devices on the others, as
     /// an IOMMU's fault handling does not compete with the devices it serves; nil: no
     /// placement (`--service-cpu`).
-    public var serviceCPU: Int?
-    public var gatherPolicy = GatherPolicy.defaultRangeList
+    package var serviceCPU: Int?
+    package var gatherPolicy = GatherPolicy.defaultRangeList
     /// Stop each device after this many DMA operations instead of after `seconds`.
-    public var operationsPerDevice: Int?
+    package var operationsPerDevice: Int?
     /// Seconds between host changes to the devices' memory: madvise(MADV_DONTNEED),
     /// mmap(MAP_FIXED) over a range, or mremap of a range (0: none).
-    public var hostChurnInterval = 0.0
+    package var hostChurnInterval = 0.0
     /// Largest host change, in pages.
-    public var hostChurnMaxPages = 64
+    package var hostChurnMaxPages = 64
     /// Accept devices in other processes on this AF_UNIX socket.
-    public var listenPath: String?
-    public var socketMode: mode_t = 0o600
+    package var listenPath: String?
+    package var socketMode: mode_t = 0o600
     /// Memory (and DMA window) each external device gets.
-    public var deviceMemoryBytes: UInt64 = 64 << 20
-    public var invalidateTimeout: Duration = .seconds(1)
+    package var deviceMemoryBytes: UInt64 = 64 << 20
+    package var invalidateTimeout: Duration = .seconds(1)
     /// Trust between tenants: the limits a peer, a uid and a host live within (`serve` flags;
     /// ServiceConfiguration documents each).
-    public var tenantLimits = TenantLimits()
+    package var tenantLimits = TenantLimits()
     /// Seconds between reads of the dirty log over the in-process devices' memory (nil:
     /// no dirty tracking). `--dirty-log MS`.
-    public var dirtyLogInterval: Double?
+    package var dirtyLogInterval: Double?
     /// With `dirtyLogInterval`: the share of the in-process memory the devices write per
     /// round, at most (random pages; then they wait for the next round). Nil: no limit.
-    public var dirtyShare: Double?
-    public static let iovaBase: UInt64 = 1 << 32
-    public static let externalIOVABase: UInt64 = 1 << 44
-    public init() {}
+    package var dirtyShare: Double?
+    package static let iovaBase: UInt64 = 1 << 32
+    package static let externalIOVABase: UInt64 = 1 << 44
+    package init() {}
 }
 
 extension Histogram where Count == UInt64 {
@@ -118,16 +118,16 @@ extension Histogram where Count == UInt64 {
     }
 }
 
-public struct LatencySummary: Codable, Sendable, Equatable {
-    public var p50: UInt64 = 0
-    public var p90: UInt64 = 0
-    public var p99: UInt64 = 0
-    public var p999: UInt64 = 0
-    public var max: UInt64 = 0
+package struct LatencySummary: Codable, Sendable, Equatable {
+    package var p50: UInt64 = 0
+    package var p90: UInt64 = 0
+    package var p99: UInt64 = 0
+    package var p999: UInt64 = 0
+    package var max: UInt64 = 0
 
-    public init() {}
+    package init() {}
 
-    public init(_ h: Histogram<UInt64>) {
+    package init(_ h: Histogram<UInt64>) {
         guard h.totalCount > 0 else { return }
         p50 = h.valueAtPercentile(50)
         p90 = h.valueAtPercentile(90)
@@ -138,89 +138,89 @@ public struct LatencySummary: Codable, Sendable, Equatable {
 }
 
 /// What `iopf serve --json` prints; the keys are the README's.
-public struct ServeResult: Codable, Sendable {
-    public struct Responses: Codable, Sendable, Equatable {
-        public var success = 0
-        public var invalid = 0
+package struct ServeResult: Codable, Sendable {
+    package struct Responses: Codable, Sendable, Equatable {
+        package var success = 0
+        package var invalid = 0
     }
 
-    public var mode = "fault"
-    public var devices = 0
-    public var domains = 0
-    public var transport = ""
-    public var dmaOps = 0
-    public var dmaErrors = 0
-    public var faults = 0
-    public var groups = 0
-    public var responses = Responses()
-    public var invalidations = 0
-    public var pagesUnmapped = 0
-    public var iotlbSyncs = 0
-    public var retries = 0
-    public var integrityErrors = 0
-    public var violations = 0
+    package var mode = "fault"
+    package var devices = 0
+    package var domains = 0
+    package var transport = ""
+    package var dmaOps = 0
+    package var dmaErrors = 0
+    package var faults = 0
+    package var groups = 0
+    package var responses = Responses()
+    package var invalidations = 0
+    package var pagesUnmapped = 0
+    package var iotlbSyncs = 0
+    package var retries = 0
+    package var integrityErrors = 0
+    package var violations = 0
     /// Host events read from the userfaultfd, and how many of them there were per kind.
-    public var uffdEvents = 0
-    public var uffdEventKinds = [String: Int]()
+    package var uffdEvents = 0
+    package var uffdEventKinds = [String: Int]()
     /// `uffdEvents` split by source: "own" (this process's memory) and each host's name.
-    public var uffdEventsBySource = [String: Int]()
+    package var uffdEventsBySource = [String: Int]()
     /// Hosts in other processes that handed over their address space during the run.
-    public var hosts: [HostRecord] = []
+    package var hosts: [HostRecord] = []
     /// Why the service stopped granting, if it did (absent from the JSON while it serves).
-    public var stopped: String?
+    package var stopped: String?
     /// Times the io_uring completion queue was found overflowed (nothing is lost).
-    public var completionOverflows = 0
+    package var completionOverflows = 0
     /// Pages mapped ahead of faults (`--fault-around`); included in the pages mapped.
-    public var prefetchedPages = 0
+    package var prefetchedPages = 0
     /// Groups handled together with other groups of their device in one loop turn: only
     /// devices with several groups in flight (`--outstanding`) have any.
-    public var batchedGroups = 0
+    package var batchedGroups = 0
     /// Threads the in-process devices ran on (`--device-threads`; as many as devices when
     /// each had its own).
-    public var deviceThreads = 0
+    package var deviceThreads = 0
     /// 2 MiB blocks mapped on faults with one entry each (`--huge-pages`).
-    public var blockMappings = 0
+    package var blockMappings = 0
     /// Host changes made by `--host-churn`.
-    public var hostChanges = 0
+    package var hostChanges = 0
     /// Device accesses through a translation after its host event was read but before
     /// its sync (see HostChangeWindow).
-    public var lateAccesses = 0
+    package var lateAccesses = 0
     /// Faults answered INVALID because the host had unmapped or moved the memory.
-    public var hostGoneFaults = 0
-    public var residentBytes: UInt64 = 0
+    package var hostGoneFaults = 0
+    package var residentBytes: UInt64 = 0
     /// Of the devices' memory (the in-process region and external devices' windows), at
     /// the end of the run; a pinned run checks that all of it is unlocked after unmap.
-    public var lockedBytes: UInt64 = 0
+    package var lockedBytes: UInt64 = 0
     /// Device-observed: from sending a group to the device taking its answer, which
     /// includes the simulated device's thread waiting for a CPU to look.
-    public var faultLatencyNs = LatencySummary(Histogram<UInt64>())
+    package var faultLatencyNs = LatencySummary(Histogram<UInt64>())
     /// From sending a group to the service publishing its answer, as a hardware device
     /// would see it (shared rings only: their "answered at" stamp; absent otherwise).
-    public var answerLatencyNs: LatencySummary?
-    public var elapsedSeconds = 0.0
+    package var answerLatencyNs: LatencySummary?
+    package var elapsedSeconds = 0.0
     /// Devices in other processes: attached, fenced, and the peers' protocol errors.
-    public var externalDevices = 0
-    public var devicesFenced = 0
-    public var protocolErrors = 0
-    public var protocolErrorKinds = [String: Int]()
-    public var peersDisconnected = 0
+    package var externalDevices = 0
+    package var devicesFenced = 0
+    package var protocolErrors = 0
+    package var protocolErrorKinds = [String: Int]()
+    package var peersDisconnected = 0
     /// Connections refused or cut before they were served, by why; host requests refused
     /// for a budget.
-    public var refusedConnections = [String: Int]()
-    public var hostBudgetsExceeded = 0
+    package var refusedConnections = [String: Int]()
+    package var hostBudgetsExceeded = 0
     /// With `--dirty-log`: reads of the log against what the devices really wrote.
-    public var dirty: DirtySummary?
+    package var dirty: DirtySummary?
     /// The first problems seen, enough to reproduce (empty on a clean run).
-    public var problems: [String] = []
+    package var problems: [String] = []
 }
 
-public struct ServeProgress: Sendable {
-    public var elapsed: Double
-    public var faults: Int
-    public var groups: Int
-    public var invalidations: Int
-    public var violations: Int
-    public var externalDevices: Int
+package struct ServeProgress: Sendable {
+    package var elapsed: Double
+    package var faults: Int
+    package var groups: Int
+    package var invalidations: Int
+    package var violations: Int
+    package var externalDevices: Int
 }
 
 /// Gives each external device a DMA window of fresh shared memory, mapped at attach and
@@ -276,10 +276,10 @@ final class ServeProvisioner: DeviceProvisioner, @unchecked Sendable {
     var regions: [HostRegion] { state.withLock { Array($0.live.values) } }
 }
 
-public enum ServeSession {
+package enum ServeSession {
     /// Runs the demo and returns its summary. `progress` is called about twice a second.
     /// With `seconds` 0 it runs until `shouldStop` says so (SIGINT/SIGTERM in the CLI).
-    public static func run(_ o: ServeOptions, logger: Logger = Logger(label: "iopf"),
+    package static func run(_ o: ServeOptions, logger: Logger = Logger(label: "iopf"),
                            shouldStop: @escaping () -> Bool = { false },
                            progress: (ServeProgress) -> Void = { _ in }) throws -> ServeResult {
         precondition(o.devices >= 0 && o.domains > 0, "devices must not be negative; at least one domain")

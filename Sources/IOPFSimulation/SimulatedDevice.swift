@@ -24,76 +24,76 @@ import IOPFService
 import IOPFSystem
 import Synchronization
 
-public enum Workload: String, Sendable, CaseIterable {
+package enum Workload: String, Sendable, CaseIterable {
     case sequential, random, zipf
 }
 
 /// Where a device's translations come from.
-public enum Translator: @unchecked Sendable {
+package enum Translator: @unchecked Sendable {
     /// Walk the service's page table (in-process devices; IOTLB syncs are synchronous).
     case pageTable(IOPageTable)
     /// TRANSLATE requests over the device socket (devices in other processes).
     case remote(DeviceClient)
 }
 
-public struct DeviceConfiguration: Sendable {
-    public var deviceID: UInt32
+package struct DeviceConfiguration: Sendable {
+    package var deviceID: UInt32
     /// A CPU this device's thread keeps off (the service thread's, `ServiceConfiguration.loopCPU`).
-    public var avoidCPU: Int?
-    public var pasid: UInt32?
-    public var iovaBase: UInt64
-    public var pages: Int
+    package var avoidCPU: Int?
+    package var pasid: UInt32?
+    package var iovaBase: UInt64
+    package var pages: Int
     /// Host address behind `iovaBase`, for the host change window (nil: not known, as for
     /// a device in another process). DMA never uses it.
-    public var hostBase: UInt64?
+    package var hostBase: UInt64?
     /// Physical address behind `iovaBase`, when the device knows its layout: walks are
     /// checked against it, and host memory is verified at the end.
-    public var physBase: UInt64?
-    public var workload = Workload.random
-    public var iotlbEntries = 64
+    package var physBase: UInt64?
+    package var workload = Workload.random
+    package var iotlbEntries = 64
     /// Pages per DMA burst, at most (exactly, with `fixedBurst`).
-    public var burst = 4
-    public var fixedBurst = false
+    package var burst = 4
+    package var fixedBurst = false
     /// Bursts that may wait on page requests at once (PRI lets a device keep requests
     /// outstanding up to its credit); 1: each burst waits for its answer.
-    public var outstanding = 1
+    package var outstanding = 1
     /// Page requests the service granted this device (ATTACH credit): the pages of the
     /// waiting bursts plus the next burst stay within it.
-    public var credit = 32
+    package var credit = 32
     /// Starts at most this many bursts per second, sleeping when ahead (a device whose
     /// DMA engine has a rate, as hardware does); nil: as fast as the CPU allows.
-    public var burstsPerSecond: Double?
+    package var burstsPerSecond: Double?
     /// Runs the device's thread at idle priority (SCHED_IDLE), so that it never takes a
     /// CPU the service wants, as a hardware device does not; its waits for answers then
     /// spin without yielding.
-    public var idlePriority = false
+    package var idlePriority = false
     /// Bytes each access moves: 8 (a tagged word) up to 4096 (the whole page, for
     /// throughput); the first 8 bytes always carry the checked tag.
-    public var bytesPerAccess = 8
+    package var bytesPerAccess = 8
     /// The memory is a host's (`iopf host`): every page carries its IOVA's tag in its last
     /// 8 bytes (HostSession.swift), checked on every access; 0 (a freed page) passes.
-    public var checkHostTags = false
-    public var writePercent = 50
-    public var seed: UInt64 = 1
+    package var checkHostTags = false
+    package var writePercent = 50
+    package var seed: UInt64 = 1
     /// How long the device busy-polls for an answer before sleeping.
-    public var spinNanoseconds: Int64 = 200_000
+    package var spinNanoseconds: Int64 = 200_000
     /// The host may drop or move pages under the device (see `DeviceIOTLB`).
-    public var hostMayChangeMemory = false
+    package var hostMayChangeMemory = false
     /// Stop after this many operations (nil: until stopped).
-    public var operationLimit: Int?
+    package var operationLimit: Int?
     /// Where the device records the pages it writes, per round of the dirty log.
-    public var dirtyLedger: DirtyLedger?
+    package var dirtyLedger: DirtyLedger?
     /// With a ledger: write at most this many pages per round of the dirty log, then
     /// wait for the next round (a device dirtying a set share of memory per round).
-    public var writesPerRound: Int?
+    package var writesPerRound: Int?
 
     /// The credit a device asks for to keep `outstanding` bursts of up to `burst` pages
     /// waiting: the default 32, or more, up to what a shared ring holds (256).
-    public static func credit(outstanding: Int, burst: Int) -> Int {
+    package static func credit(outstanding: Int, burst: Int) -> Int {
         min(max(32, outstanding * burst), SharedRingLayout.entries)
     }
 
-    public init(deviceID: UInt32, iovaBase: UInt64, pages: Int, hostBase: UInt64? = nil, physBase: UInt64? = nil) {
+    package init(deviceID: UInt32, iovaBase: UInt64, pages: Int, hostBase: UInt64? = nil, physBase: UInt64? = nil) {
         self.deviceID = deviceID
         self.iovaBase = iovaBase
         self.pages = pages
@@ -102,46 +102,46 @@ public struct DeviceConfiguration: Sendable {
     }
 }
 
-public struct DeviceReport: Sendable {
-    public var deviceID: UInt32
-    public var dmaOps = 0
-    public var dmaErrors = 0
-    public var faults = 0
-    public var groups = 0
-    public var success = 0
-    public var invalid = 0
+package struct DeviceReport: Sendable {
+    package var deviceID: UInt32
+    package var dmaOps = 0
+    package var dmaErrors = 0
+    package var faults = 0
+    package var groups = 0
+    package var success = 0
+    package var invalid = 0
     /// Reads that did not return what this device last wrote there.
-    public var integrityErrors = 0
+    package var integrityErrors = 0
     /// Walks that returned another page than the one the device's mapping holds.
-    public var wrongTranslations = 0
+    package var wrongTranslations = 0
     /// Uses of an IOTLB entry after a sync covering it (see TranslationAudit).
-    public var staleTranslations = 0
+    package var staleTranslations = 0
     /// Translations checked (each walk and each audited use).
-    public var checks = 0
+    package var checks = 0
     /// Responses for a cookie this device was not waiting for, or a closed channel mid-wait.
-    public var protocolErrors = 0
+    package var protocolErrors = 0
     /// TRANSLATE round trips (remote devices), and replies dropped as older than an
     /// INVALIDATE already processed.
-    public var translations = 0
-    public var staleReplies = 0
+    package var translations = 0
+    package var staleReplies = 0
     /// DMA through a translation that named no memory this device was given.
-    public var outsideMemory = 0
-    public var firstProblems: [String] = []
+    package var outsideMemory = 0
+    package var firstProblems: [String] = []
     /// When the first DMA operation completed without error.
-    public var firstCompletion: ContinuousClock.Instant?
-    public var bytesMoved = 0
+    package var firstCompletion: ContinuousClock.Instant?
+    package var bytesMoved = 0
     /// From sending a group to taking its answer: includes what this device's thread
     /// took to look (a CPU it had to wait for), which a hardware device does not have.
-    public var latency = Histogram<UInt64>.nanoseconds()
+    package var latency = Histogram<UInt64>.nanoseconds()
     /// From sending a group to the service publishing its answer (the shared ring's
     /// "answered at" stamp): the latency as a hardware device would see it. Empty on a
     /// stream channel, which carries no stamp.
-    public var answerLatency = Histogram<UInt64>.nanoseconds()
+    package var answerLatency = Histogram<UInt64>.nanoseconds()
 }
 
-public final class SimulatedDevice: @unchecked Sendable {
-    public let configuration: DeviceConfiguration
-    public let iotlb: DeviceIOTLB
+package final class SimulatedDevice: @unchecked Sendable {
+    package let configuration: DeviceConfiguration
+    package let iotlb: DeviceIOTLB
     let channel: DeviceChannel
     let memory: DeviceMemory
     let translator: Translator
@@ -162,7 +162,7 @@ public final class SimulatedDevice: @unchecked Sendable {
     private var stalled: [Burst] = []
     private var stalledPages = 0
 
-    public init(configuration: DeviceConfiguration, channel: DeviceChannel, memory: DeviceMemory, translator: Translator,
+    package init(configuration: DeviceConfiguration, channel: DeviceChannel, memory: DeviceMemory, translator: Translator,
                 window: HostChangeWindow? = nil, audit: TranslationAudit? = nil) {
         self.audit = audit
         precondition(configuration.pages > 0 && configuration.burst > 0, "a device needs pages and a burst of at least 1")
@@ -183,7 +183,7 @@ public final class SimulatedDevice: @unchecked Sendable {
     }
 
     /// Runs the workload on a thread of its own.
-    public func start() {
+    package func start() {
         let thread = Thread { [self] in
             if let cpu = configuration.avoidCPU { try? Sys.setCPUAffinity(cpu, only: false) }
             if configuration.idlePriority, (try? Sys.setIdlePriority()) != nil { channel.yields = false }
@@ -194,14 +194,14 @@ public final class SimulatedDevice: @unchecked Sendable {
         thread.start()
     }
 
-    public func stop() { stopFlag.store(true, ordering: .relaxed) }
+    package func stop() { stopFlag.store(true, ordering: .relaxed) }
 
     /// True once the workload has ended (operation limit reached or stopped).
-    public var isFinished: Bool { finished.load(ordering: .acquiring) }
+    package var isFinished: Bool { finished.load(ordering: .acquiring) }
 
     /// Stops the workload, waits for it to end, closes the fault channel (the service sees
     /// the device go) and returns the device's report.
-    public func finish() -> DeviceReport {
+    package func finish() -> DeviceReport {
         let r = stopWorkload()
         channel.close()
         return r
@@ -209,7 +209,7 @@ public final class SimulatedDevice: @unchecked Sendable {
 
     /// Stops the workload and waits for it to end, leaving the channel open (a device in
     /// another process detaches first).
-    public func stopWorkload() -> DeviceReport {
+    package func stopWorkload() -> DeviceReport {
         stop()
         done.wait()
         done.signal()
@@ -297,7 +297,7 @@ public final class SimulatedDevice: @unchecked Sendable {
     /// each other). Sleeps only when every device is paced ahead of its schedule.
     /// Devices with a dirty-log quota (`writesPerRound`) wait for rounds: give them a thread
     /// each (`start`).
-    public static func startShared(_ devices: [SimulatedDevice], idlePriority: Bool, avoidCPU: Int?, name: String) {
+    package static func startShared(_ devices: [SimulatedDevice], idlePriority: Bool, avoidCPU: Int?, name: String) {
         precondition(devices.allSatisfy { $0.configuration.writesPerRound == nil },
                      "a device waiting for dirty-log rounds needs its own thread")
         let thread = Thread {
@@ -613,7 +613,7 @@ public final class SimulatedDevice: @unchecked Sendable {
     /// After the run: every page's first 8 bytes in host memory hold what this device last
     /// wrote (DMA landed where the translations said), read through the device's own
     /// mapping at the physical address its layout names. Returns the mismatches.
-    public func verifyHostMemory() -> [String] {
+    package func verifyHostMemory() -> [String] {
         guard let physBase = configuration.physBase else { return [] }
         var out: [String] = []
         let shadow = iotlb.state.withLock { $0.shadow }

@@ -13,85 +13,85 @@ import Glibc
 import IOPFDevice
 import Logging
 
-public struct StressOptions: Sendable {
-    public var seed: UInt64 = 1
+package struct StressOptions: Sendable {
+    package var seed: UInt64 = 1
     /// Stop after this many seconds, or after `operations` storm operations, whichever first.
-    public var seconds = 10.0
-    public var operations: Int?
-    public var devices = 4
-    public var mappingsPerDevice = 2
-    public var domains = 2
-    public var hostChurn = true
+    package var seconds = 10.0
+    package var operations: Int?
+    package var devices = 4
+    package var mappingsPerDevice = 2
+    package var domains = 2
+    package var hostChurn = true
     /// Run the devices as `iopf device` processes: `deviceCommand` is the `iopf` executable
     /// followed by `device`.
-    public var external = false
-    public var deviceCommand: [String] = []
-    @_spi(FaultInjection) public var injected: InjectedBugs = []
+    package var external = false
+    package var deviceCommand: [String] = []
+    package var injected: InjectedBugs = []
     /// Mapping ahead of sequential faults (`--fault-around`).
-    public var faultAround = FaultAroundPolicy.adaptive
+    package var faultAround = FaultAroundPolicy.adaptive
     /// Page request groups each device keeps in flight (`--outstanding`).
-    public var outstanding = 1
+    package var outstanding = 1
     /// Memory backed by 2 MiB transparent huge pages, whole blocks mapped on faults
     /// (`--huge-pages`); tracked mappings (`dirtyLogInterval`) still take single pages.
-    public var hugePages = false
+    package var hugePages = false
     /// Take the service's footprint every this many seconds (soak runs); nil: never.
-    public var sampleEvery: Double?
+    package var sampleEvery: Double?
     /// Seconds between reads of the dirty log, with the in-process devices' writes held
     /// against it ("a dirty write lost"); nil: no dirty tracking. Ignored with `external`.
-    public var dirtyLogInterval: Double? = 0.01
-    public static let mappingBytes: UInt64 = 2 << 20
-    public static let iovaBase: UInt64 = 1 << 40
-    public init() {}
+    package var dirtyLogInterval: Double? = 0.01
+    package static let mappingBytes: UInt64 = 2 << 20
+    package static let iovaBase: UInt64 = 1 << 40
+    package init() {}
 }
 
-public struct StressResult: Codable, Sendable {
-    public var seed: UInt64 = 0
-    public var seconds = 0.0
-    public var injected: [String] = []
+package struct StressResult: Codable, Sendable {
+    package var seed: UInt64 = 0
+    package var seconds = 0.0
+    package var injected: [String] = []
     /// "in-process" or "external".
-    public var devices = "in-process"
-    public var faults = 0
-    public var groups = 0
-    public var invalidations = 0
-    public var uffdEvents = 0
+    package var devices = "in-process"
+    package var faults = 0
+    package var groups = 0
+    package var invalidations = 0
+    package var uffdEvents = 0
     /// Changes made by the `iopf host` of an `--external` run.
-    public var hostChanges = 0
-    public var retries = 0
+    package var hostChanges = 0
+    package var retries = 0
     /// Pages mapped ahead of faults (`--fault-around`).
-    public var prefetchedPages = 0
+    package var prefetchedPages = 0
     /// 2 MiB blocks mapped on faults (`--huge-pages`).
-    public var blockMappings = 0
-    public var iotlbSyncs = 0
+    package var blockMappings = 0
+    package var iotlbSyncs = 0
     /// Engine invariant checks run, plus translations checked by devices.
-    public var checks = 0
-    public var violations = 0
-    public var violationKinds: [String: Int] = [:]
-    public var lateAccesses = 0
+    package var checks = 0
+    package var violations = 0
+    package var violationKinds: [String: Int] = [:]
+    package var lateAccesses = 0
     /// The dirty log held against the devices' writes (absent without dirty tracking).
-    public var dirty: DirtySummary?
-    public var dmaOps = 0
-    public var dmaErrors = 0
-    public var stormOperations: [String: Int] = [:]
+    package var dirty: DirtySummary?
+    package var dmaOps = 0
+    package var dmaErrors = 0
+    package var stormOperations: [String: Int] = [:]
     /// The first violation, with the seed and what was happening.
-    public var firstViolation: String?
+    package var firstViolation: String?
 }
 
 /// The service's footprint at one moment of a stress run.
-public struct StressSample: Sendable, Codable {
-    public var elapsed: Double
-    public var faults: Int
-    public var footprint: ServiceFootprint
+package struct StressSample: Sendable, Codable {
+    package var elapsed: Double
+    package var faults: Int
+    package var footprint: ServiceFootprint
 }
 
-public struct StressProgress: Sendable {
-    public var elapsed: Double
-    public var faults: Int
-    public var invalidations: Int
-    public var violations: Int
+package struct StressProgress: Sendable {
+    package var elapsed: Double
+    package var faults: Int
+    package var invalidations: Int
+    package var violations: Int
 }
 
-public enum StressSession {
-    public static func run(_ o: StressOptions, logger: Logger = Logger(label: "iopf.stress"),
+package enum StressSession {
+    package static func run(_ o: StressOptions, logger: Logger = Logger(label: "iopf.stress"),
                            progress: (StressProgress) -> Void = { _ in },
                            sample: (StressSample) -> Void = { _ in }) throws -> StressResult {
         precondition(o.devices > 0 && o.mappingsPerDevice > 0 && o.domains > 0, "stress needs devices, mappings and domains")

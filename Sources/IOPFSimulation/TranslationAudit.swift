@@ -9,7 +9,7 @@
 import IOPFCore
 import Synchronization
 
-public final class TranslationAudit: IOTLBSyncObserver, @unchecked Sendable {
+package final class TranslationAudit: IOTLBSyncObserver, @unchecked Sendable {
     let iovaBase: UInt64
     let pages: Int
     private let epoch = Atomic<UInt64>(1)
@@ -17,7 +17,7 @@ public final class TranslationAudit: IOTLBSyncObserver, @unchecked Sendable {
     /// thread, read by devices.
     private let lastSync: UnsafeMutablePointer<Atomic<UInt64>>
 
-    public init(iovaBase: UInt64, pages: Int) {
+    package init(iovaBase: UInt64, pages: Int) {
         self.iovaBase = iovaBase
         self.pages = pages
         lastSync = .allocate(capacity: pages)
@@ -35,11 +35,11 @@ public final class TranslationAudit: IOTLBSyncObserver, @unchecked Sendable {
     /// The epoch of the sync under way: taken before the drop, stamped after it.
     private let pending = Atomic<UInt64>(0)
 
-    public func willSync() {
+    package func willSync() {
         pending.store(epoch.add(1, ordering: .acquiringAndReleasing).newValue, ordering: .relaxed)
     }
 
-    public func synced(_ ranges: [IOVARange]) {
+    package func synced(_ ranges: [IOVARange]) {
         let stamp = pending.load(ordering: .relaxed)
         let end = iovaBase + UInt64(pages) << 12
         for r in ranges where r.last >= iovaBase && r.start < end {

@@ -4,6 +4,7 @@
 
 import CIOPFShim  // brings <sys/eventfd.h>
 import Glibc
+import Synchronization
 import SystemPackage
 
 /// A failed system call: which one, and the errno it returned.
@@ -123,10 +124,20 @@ public enum Sys {
         return String(decoding: bytes, as: UTF8.self)
     }
 
+    /// Closes `fd`. Linux closes it even when close returns EINTR, so it is never retried.
+    /// EBADF means a descriptor closed twice or never opened, a bug that could close
+    /// someone else's descriptor: it is counted (`badCloses`) and reported on stderr.
+    @inline(never)
     package static func close(_ fd: CInt) {
-        // Linux closes the fd even when close returns EINTR: never retry.
-        _ = Glibc.close(fd)
+        guard Glibc.close(fd) != 0, Glibc.errno == EBADF else { return }
+        badCloseCount.add(1, ordering: .relaxed)
+        let text = "iopf: close(\(fd)): EBADF (closed twice, or never opened)\n"
+        _ = text.withCString { Glibc.write(2, $0, strlen($0)) }
     }
+
+    /// Closes that failed with EBADF in this process (see `close`).
+    package static var badCloses: Int { badCloseCount.load(ordering: .relaxed) }
+    private static let badCloseCount = Atomic<Int>(0)
 
     @inline(never)
     package static func eventfd(initial: UInt32 = 0, flags: CInt = CInt(EFD_CLOEXEC | EFD_NONBLOCK)) throws(SystemCallError) -> CInt {

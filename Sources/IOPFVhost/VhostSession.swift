@@ -21,98 +21,98 @@ import IOPFSystem
 import IOPFWire
 import Logging
 
-public enum VhostMode: String, Sendable, CaseIterable, Codable {
+package enum VhostMode: String, Sendable, CaseIterable, Codable {
     case fault, pinned, noIOMMU
 }
 
-public struct VhostOptions: Sendable {
-    public var backendPath = ""
-    public var mode = VhostMode.fault
-    public var memoryBytes: UInt64 = 256 << 20
+package struct VhostOptions: Sendable {
+    package var backendPath = ""
+    package var mode = VhostMode.fault
+    package var memoryBytes: UInt64 = 256 << 20
     /// The part of the memory packet buffers come from (the rest is never touched: what
     /// pinning costs for memory a device never uses).
-    public var workingSetBytes: UInt64 = .max
-    public var seconds = 10.0
+    package var workingSetBytes: UInt64 = .max
+    package var seconds = 10.0
     /// Seconds counted as warm-up (the first pass over the memory): `mppsAfterWarmup`
     /// counts what came after.
-    public var warmupSeconds = 1.0
+    package var warmupSeconds = 1.0
     /// Seconds between invalidations of a random range of the working set (0: none).
-    public var invalidateInterval = 0.0
+    package var invalidateInterval = 0.0
     /// Seconds between host changes: `madvise(MADV_DONTNEED)` of a random range of 1-16
     /// pages of the working set, seen by the service through userfaultfd (fault mode).
-    public var hostChurnInterval = 0.0
-    public var invalidateMaxPages = 16
+    package var hostChurnInterval = 0.0
+    package var invalidateMaxPages = 16
     /// Ethernet frame bytes (the 12-byte virtio_net_hdr comes on top).
-    public var frameBytes = 64
-    public var queueSize = 256
+    package var frameBytes = 64
+    package var queueSize = 256
     /// Pages a miss maps (the missed one and those after it, fault-around), and the
     /// aligned block (pages, a power of two) inside which an UPDATE names the whole mapped run.
-    public var faultAroundPages = 16
-    public var maxUpdatePages = 512
-    public var burst = 32
+    package var faultAroundPages = 16
+    package var maxUpdatePages = 512
+    package var burst = 32
     /// The nice value the driver's thread runs at during the traffic (never lowered).
-    public var driverNice: Int32 = 5
+    package var driverNice: Int32 = 5
     /// The host name the memory is handed over under (`runOnHost`).
-    public var addressSpaceName = "vhost"
-    public static let iovaBase: UInt64 = 1 << 32
-    public init() {}
+    package var addressSpaceName = "vhost"
+    package static let iovaBase: UInt64 = 1 << 32
+    package init() {}
 }
 
 /// What one run measured; the JSON keys are the README's.
-public struct VhostRunResult: Codable, Sendable, Equatable {
-    public var mode: VhostMode
+package struct VhostRunResult: Codable, Sendable, Equatable {
+    package var mode: VhostMode
     /// The host name the back-end was served under by another process's service (whose
     /// statistics, `hosts[].vhost`, hold the IOTLB figures); nil when served here.
-    public var addressSpace: String?
-    public var seconds = 0.0
-    public var packetsSent = 0
-    public var packetsReceived = 0
-    public var payloadErrors = 0
-    public var firstPayloadError: String?
-    public var mpps = 0.0
-    public var mppsAfterWarmup = 0.0
-    public var iotlbMisses = 0
-    public var missesPerSecond = 0.0
-    public var missesRefused = 0
-    public var iotlbUpdates = 0
-    public var pagesUpdated = 0
-    public var updatesRefused = 0
+    package var addressSpace: String?
+    package var seconds = 0.0
+    package var packetsSent = 0
+    package var packetsReceived = 0
+    package var payloadErrors = 0
+    package var firstPayloadError: String?
+    package var mpps = 0.0
+    package var mppsAfterWarmup = 0.0
+    package var iotlbMisses = 0
+    package var missesPerSecond = 0.0
+    package var missesRefused = 0
+    package var iotlbUpdates = 0
+    package var pagesUpdated = 0
+    package var updatesRefused = 0
     /// UPDATEs that first dropped the back-end's smaller entries inside their run, and
     /// the entries it held at the end as far as the service knows.
-    public var entriesMerged = 0
-    public var entriesRestored = 0
-    public var iotlbEntries = 0
+    package var entriesMerged = 0
+    package var entriesRestored = 0
+    package var iotlbEntries = 0
     /// From the service reading a miss to the back-end's REPLY_ACK of its UPDATE, and to
     /// the UPDATE being sent (the service's own part).
-    public var missLatencyNs = LatencySummary()
-    public var missServiceNs = LatencySummary()
+    package var missLatencyNs = LatencySummary()
+    package var missServiceNs = LatencySummary()
     /// Invalidations asked of the service, iopf invalidations that reached the back-end,
     /// and those it acknowledged (every IOTLB INVALIDATE of one answered).
-    public var invalidationsRequested = 0
+    package var invalidationsRequested = 0
     /// madvise calls made (`hostChurnInterval`), and userfaultfd events the service read.
-    public var hostChanges = 0
-    public var uffdEvents = 0
-    public var invalidatesSent = 0
-    public var invalidationsPosted = 0
-    public var invalidationsAcked = 0
+    package var hostChanges = 0
+    package var uffdEvents = 0
+    package var invalidatesSent = 0
+    package var invalidationsPosted = 0
+    package var invalidationsAcked = 0
     /// Pages the I/O page table maps at the end, and the driver memory resident.
-    public var mappedBytes: UInt64 = 0
-    public var residentBytes: UInt64 = 0
+    package var mappedBytes: UInt64 = 0
+    package var residentBytes: UInt64 = 0
     /// Why the service stopped serving the back-end before the end (gone, fenced).
-    public var backendEnded: String?
-    public var fenced = false
+    package var backendEnded: String?
+    package var fenced = false
 }
 
-public struct VhostCompareResult: Codable, Sendable, Equatable {
-    public var runs: [VhostRunResult]
+package struct VhostCompareResult: Codable, Sendable, Equatable {
+    package var runs: [VhostRunResult]
     /// Throughput after warm-up, fault-driven over pinned and pinned over no IOMMU.
-    public var faultToPinned: Double?
-    public var pinnedToNoIOMMU: Double?
+    package var faultToPinned: Double?
+    package var pinnedToNoIOMMU: Double?
 }
 
-public enum VhostSession {
+package enum VhostSession {
     /// Runs `o.mode` against the back-end at `o.backendPath` on a service of its own.
-    public static func run(_ o: VhostOptions, logger: Logger = Logger(label: "iopf.vhost")) throws -> VhostRunResult {
+    package static func run(_ o: VhostOptions, logger: Logger = Logger(label: "iopf.vhost")) throws -> VhostRunResult {
         var config = ServiceConfiguration()
         config.hostEvents = o.mode == .fault
         let engine = FaultEngine(
@@ -126,7 +126,7 @@ public enum VhostSession {
     }
 
     /// Every mode in turn, no IOMMU first, against the same back-end.
-    public static func compare(
+    package static func compare(
         _ o: VhostOptions, logger: Logger = Logger(label: "iopf.vhost"),
         progress: (VhostRunResult) -> Void = { _ in }
     ) throws -> VhostCompareResult {
@@ -152,7 +152,7 @@ public enum VhostSession {
     /// Runs `o.mode` with its driver memory mapped in `domain` of a running `service`
     /// (whose engine must be of the mode: pinned for pinned and noIOMMU). `stop` ends the
     /// traffic early (tests).
-    public static func run(
+    package static func run(
         _ o: VhostOptions, service: FaultService, domain: DomainID,
         stop: @escaping @Sendable () -> Bool = { false }
     ) throws -> VhostRunResult {
@@ -196,7 +196,7 @@ public enum VhostSession {
     /// here, this process's userfaultfd, one DMA mapping; the back-end is handed over with
     /// VHOST. The memory table gives this process's own addresses as user addresses, as
     /// QEMU does. What the service did is in its statistics (`hosts[].vhost`), not here.
-    public static func runOnHost(
+    package static func runOnHost(
         _ o: VhostOptions, servicePath path: String,
         stop: @escaping @Sendable () -> Bool = { false }
     ) throws -> VhostRunResult {

@@ -6,7 +6,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite struct ModelTests {
+@Suite(.timeLimit(.minutes(2))) struct ModelTests {
     struct ModelMapping {
         var iova: UInt64
         var vaddr: UInt64

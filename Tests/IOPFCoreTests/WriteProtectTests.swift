@@ -5,7 +5,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite struct WriteProtectTests {
+@Suite(.timeLimit(.minutes(2))) struct WriteProtectTests {
     @Test func writableLeavesInTheRangeLoseWriteWithOneSync() throws {
         let t = IOPageTable()
         let inv = RecordingInvalidator()

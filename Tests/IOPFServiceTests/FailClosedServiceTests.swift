@@ -9,6 +9,7 @@ import Foundation
 import Glibc
 import SystemPackage
 import Testing
+import IOPFTestSupport
 @testable import IOPFCore
 @testable import IOPFDevice
 @testable import IOPFService

@@ -4,6 +4,7 @@
 
 import Foundation
 import Testing
+import IOPFTestSupport
 @testable import IOPFCore
 @testable import IOPFService
 @testable import IOPFDevice
@@ -57,6 +58,10 @@ final class Harness {
     }
 
     /// Waits up to 5 s for the service's statistics to satisfy `condition`.
+    /// Waits up to 5 s for the service's statistics to satisfy `condition`; whether they did.
+    func waitUntil(_ condition: (ServiceStatistics) -> Bool) -> Bool { condition(waitFor(condition)) }
+
+    /// Waits up to 5 s for the statistics to satisfy `condition`; the last statistics seen.
     func waitFor(_ condition: (ServiceStatistics) -> Bool) -> ServiceStatistics {
         let deadline = ContinuousClock.now + .seconds(5)
         while !condition(service.statistics) && ContinuousClock.now < deadline { usleep(1000) }
@@ -64,7 +69,7 @@ final class Harness {
     }
 }
 
-@Suite(.serialized) struct FaultChannelTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct FaultChannelTests {
     @Test(arguments: [ChannelTransport.socket, .pipe])
     func recordsSplitAcrossReadsAreReassembled(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
@@ -95,7 +100,7 @@ final class Harness {
         channel.wantsAnswerStamps = true
         let sent = Sys.monotonicNanoseconds()
         try channel.send([h.request(page: 3, cookie: 7)])
-        _ = h.waitFor { $0.groups >= 2 }  // published after the turn's answers went out
+        #expect(h.waitUntil { $0.groups >= 2 })  // published after the turn's answers went out
         usleep(50_000)
         let looked = Sys.monotonicNanoseconds()
         let got = try h.responses(channel, count: 1)
@@ -131,7 +136,7 @@ final class Harness {
         let leaving = try h.attach(deviceID: 1, domain: h.domain)
         let staying = try h.attach(deviceID: 2, domain: h.domain)
         try leaving.send([h.request(page: 1, cookie: 1, group: 1, last: false), h.request(page: 2, cookie: 2, group: 2, last: false)])
-        _ = h.waitFor { $0.records == 2 }
+        #expect(h.waitUntil { $0.records == 2 })
         leaving.close()
         let s = h.waitFor { $0.devicesClosed == 1 }
         #expect(s.abandonedGroups == 2 && s.invalid == 2)
@@ -176,7 +181,7 @@ final class Harness {
         let h = try Harness(transport: transport)
         let channel = try h.attach(deviceID: 1, domain: h.domain)
         try channel.send([h.request(page: 0, cookie: 21, group: 3, last: false)])
-        _ = h.waitFor { $0.records == 1 }
+        #expect(h.waitUntil { $0.records == 1 })
         h.service.stop()
         #expect(try h.responses(channel, count: 1) == [PageResponse(cookie: 21, code: .invalid)])
         #expect(try channel.receive(spinNanoseconds: 0, timeoutMs: 1000) == nil)  // then EOF

@@ -6,6 +6,7 @@ import CIOPFShim
 import Foundation
 import Glibc
 import Testing
+import IOPFTestSupport
 @testable import IOPFCore
 @testable import IOPFService
 @testable import IOPFDevice
@@ -60,7 +61,7 @@ final class EventHarness {
     func marked(_ page: Int) -> Bool { engine.isMarkedMapped(iova: Self.iova + UInt64(page) << 12) }
 }
 
-@Suite(.serialized) struct HostEventTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct HostEventTests {
     /// Shared memory is taken back with MADV_REMOVE (it frees the pages); MADV_DONTNEED
     /// raises the same REMOVE event but leaves the shared pages' contents alone.
     @Test(arguments: [MADV_REMOVE, MADV_DONTNEED])
@@ -205,9 +206,17 @@ final class EventHarness {
         #expect(!service.hostEventsEnabled && service.hostEventsUnavailable != nil)
         try service.start()
         defer { service.stop() }
+        let domain = try service.createDomain(local: DomainIOTLBs())
         let region = try HostRegion(length: 1 << 20)
         try service.map(iova: 0, vaddr: region.base, size: region.length, prot: .read)
+        // madvise returns (nothing watches the range), and a fault there is still served:
+        // mapped, answered SUCCESS, and translated to the region's page.
         #expect(madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base)), 4096, MADV_DONTNEED) == 0)
+        let channel = try DeviceChannel(service.attach(deviceID: 1, pasid: nil, domain: domain, credit: 8))
+        try channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: 4096, cookie: 3)])
+        #expect(try channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 3, code: .success)])
+        #expect(engine.isMarkedMapped(iova: 4096))
+        #expect(engine.pageTable(domain).translate(4096)?.phys == region.phys! + 4096)
     }
 
     @Test func lateAccessesAreCountedOnlyInsideAnEventWindow() {

@@ -6,11 +6,12 @@
 import CIOPFShim
 import Glibc
 import Testing
+import IOPFTestSupport
 import IOPFCore
 @testable import IOPFService
 @testable import IOPFSystem
 
-@Suite struct HostPageProbeTests {
+@Suite(.timeLimit(.minutes(5))) struct HostPageProbeTests {
     /// Touching and asking the kernel (`touchingPages: false`) agree.
     @Test(arguments: [true, false]) func touchingConfirmsTheSamePageAndChangesNoByte(touchingPages: Bool) throws {
         let region = try HostRegion(length: 8 << 12)

@@ -6,6 +6,7 @@
 import Foundation
 import Glibc
 import Testing
+import IOPFTestSupport
 @testable import CIOPFShim
 @testable import IOPFCore
 @testable import IOPFDevice
@@ -13,60 +14,7 @@ import Testing
 @testable import IOPFSystem
 @testable import IOPFWire
 
-/// Memfd memory of this process, mapped shared, with a userfaultfd: what a host hands over.
-final class TestHostMemory: @unchecked Sendable {
-    let memfd: CInt
-    let base: UInt64
-    let size: UInt64
-    var uffd: CInt
-
-    init(size: UInt64 = 1 << 20, sealed: Bool = true) throws {
-        self.size = size
-        memfd = iopf_memfd_create_sealable("iopf-test-host")
-        #expect(ftruncate(memfd, off_t(size)) == 0)
-        if sealed { #expect(iopf_seal_size(memfd) == 0) }
-        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)!
-        base = UInt64(UInt(bitPattern: p))
-        uffd = try HostClient.makeUserfaultfd()
-    }
-
-    deinit {
-        munmap(UnsafeMutableRawPointer(bitPattern: UInt(base)), Int(size))
-        Sys.close(memfd)
-        if uffd >= 0 { Sys.close(uffd) }
-    }
-
-    var region: HostRegionEntry { HostRegionEntry(hostAddress: base, size: size, fdOffset: 0, fdIndex: 0) }
-    func pointer(_ offset: UInt64) -> UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: UInt(base + offset))! }
-
-    /// Connects, declares `name` and maps the whole memory at `iova`.
-    func attach(_ path: String, name: String, iova: UInt64) throws -> HostClient {
-        let client = try HostClient(connectingTo: path)
-        try client.declare(name: name, regions: [region], userfaultfd: uffd, memfds: [memfd])
-        try client.map(iova: iova, hostAddress: base, size: size, prot: [.read, .write])
-        return client
-    }
-}
-
-/// Faults `iova` in over the device's channel; the response code.
-func fault(_ a: DeviceAttachment, device: UInt32, iova: UInt64, cookie: UInt32) throws -> ResponseCode? {
-    try a.channel.send([PageRequest(flags: [.lastPage], deviceID: device, groupIndex: cookie & 0x1FF, perm: [.read, .write],
-                                    addr: iova, cookie: cookie)])
-    return try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000)?.first?.code
-}
-
-func refusal(_ body: () throws -> Void) -> (errno: UInt32, text: String)? {
-    do {
-        try body()
-        return nil
-    } catch DeviceClientError.refused(_, let errno, let text) {
-        return (errno, text)
-    } catch {
-        return (0, "\(error)")
-    }
-}
-
-@Suite(.serialized) struct HostTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct HostTests {
     static let iova: UInt64 = 1 << 40
 
     @Test func aDeviceReachesTheHostsMemoryAndTheHostsChangesBecomeInvalidations() throws {
@@ -186,9 +134,9 @@ func refusal(_ body: () throws -> Void) -> (errno: UInt32, text: String)? {
             // One REMOVE event from this host's memory, counted under its name.
             let before = s.service.statistics.uffdEvents
             #expect(madvise(m.pointer(0), 4096, MADV_DONTNEED) == 0)
-            _ = s.waitFor { $0.uffdEvents > before }
+            #expect(s.waitUntil { $0.uffdEvents > before })
             host.close()
-            _ = s.waitFor { $0.hostsEnded == i + 1 }
+            #expect(s.waitUntil { $0.hostsEnded == i + 1 })
         }
         let stats = s.service.statistics
         #expect(stats.hostsEnded == rounds)

@@ -10,6 +10,7 @@ import IOPFCore
 import IOPFDevice
 import Synchronization
 import Testing
+import IOPFTestSupport
 
 @testable import IOPFService
 @testable import IOPFSystem

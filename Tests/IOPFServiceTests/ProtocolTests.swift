@@ -6,103 +6,15 @@
 import Foundation
 import Glibc
 import Testing
+import IOPFTestSupport
 @testable import IOPFCore
 @testable import IOPFDevice
 @testable import IOPFService
 @testable import IOPFSimulation
 @testable import IOPFSystem
 
-/// A service listening on a fresh socket, giving each device 1 MiB of its own memory.
-final class ListeningService {
-    let engine: FaultEngine
-    let service: FaultService
-    let provisioner: ServeProvisioner
-    let path: String
-    let domain: DomainID
-    /// Clients the tests discard with `_` stay connected until the service stops.
-    private let attached = Lock<[(DeviceClient, DeviceAttachment)]>([])
 
-    init(timeout: Duration = .seconds(1), hostEvents: Bool = false, socketMode: mode_t = 0o600,
-         configure: (inout ServiceConfiguration) -> Void = { _ in }) throws {
-        engine = FaultEngine(memory: ProcessMemory())
-        var config = ServiceConfiguration()
-        config.spinNanoseconds = 20_000
-        config.invalidateTimeout = timeout
-        config.hostEvents = hostEvents
-        configure(&config)
-        service = try FaultService(engine: engine, configuration: config)
-        domain = try service.createDomain(local: DomainIOTLBs())
-        try service.start()
-        provisioner = ServeProvisioner(domains: [domain], bytes: 1 << 20, mode: .fault)
-        provisioner.service = service
-        path = "/tmp/iopf-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-        try service.listen(path: path, mode: socketMode, provisioner: provisioner)
-    }
-
-    deinit { service.stop() }
-
-    /// Waits up to 5 s for the statistics to satisfy `condition`.
-    func waitFor(_ condition: (ServiceStatistics) -> Bool) -> ServiceStatistics {
-        let deadline = ContinuousClock.now + .seconds(5)
-        while !condition(service.statistics) && ContinuousClock.now < deadline { usleep(1000) }
-        return service.statistics
-    }
-
-    /// A connected client that said HELLO and attached as `deviceID`, kept alive until the
-    /// service stops unless `keep` is false.
-    func device(_ deviceID: UInt32 = 1, stream: Bool = false, keep: Bool = true) throws -> (DeviceClient, DeviceAttachment) {
-        let client = try DeviceClient(connectingTo: path)
-        let pair = (client, try client.attach(Attach(deviceID: deviceID, credit: 32, wantsStream: stream)))
-        if keep { attached.withLock { $0.append(pair) } }
-        return pair
-    }
-
-    /// The host address behind a device's window.
-    func host(of window: DMAWindow) -> UInt64 { engine.mappingInfo(iova: window.iova)!.vaddr }
-}
-
-/// A peer that speaks raw bytes.
-final class RawPeer: @unchecked Sendable {  // used by one thread at a time
-    let fd: CInt
-    private var buffer = [UInt8](repeating: 0, count: 1 << 16)
-
-    init(_ path: String) throws { fd = try Sys.connectUnix(path: path) }
-    init(fd: CInt) { self.fd = fd }
-    deinit { Sys.close(fd) }
-
-    func send(_ bytes: [UInt8], fds: [CInt] = []) throws { try Sys.send(fd, bytes, fds: fds, nonBlocking: false) }
-
-    /// The next message, nil when the service closed the socket or nothing came in 5 s.
-    func receive() throws -> (header: MessageHeader, payload: [UInt8], fds: [CInt])? {
-        guard try Sys.pollReadable(fd, timeoutMs: 5000) else { return nil }
-        let got = try buffer.withUnsafeMutableBytes { try Sys.receive(fd, into: $0, maxFDs: 16, nonBlocking: false) }
-        guard got.count > 0 else { return nil }
-        let bytes = Array(buffer[..<got.count])
-        let header = try bytes.withUnsafeBytes { try MessageHeader(message: $0) }
-        return (header, Array(bytes[MessageHeader.byteCount...]), got.fds)
-    }
-
-    /// True once the service has closed the connection.
-    func isClosed() throws -> Bool {
-        guard try Sys.pollReadable(fd, timeoutMs: 5000) else { return false }
-        let got = try buffer.withUnsafeMutableBytes { try Sys.receive(fd, into: $0, maxFDs: 16, nonBlocking: true) }
-        return got.count == 0
-    }
-
-    func hello() throws {
-        try send(Hello().message(id: 1))
-        let r = try receive()
-        #expect(r?.header.isReply == true && r?.header.isError == false)
-    }
-}
-
-/// Held by a test that counts this process's descriptors, and by one that holds hundreds
-/// for a while (suites run side by side).
-let descriptorCounting = DispatchSemaphore(value: 1)
-
-func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1 }
-
-@Suite(.serialized) struct ProtocolTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct ProtocolTests {
     @Test func aDeviceAttachesFaultsTranslatesAndWritesTheHostsMemory() throws {
         let s = try ListeningService()
         let (client, a) = try s.device(7)
@@ -394,7 +306,7 @@ func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/
             client.close()
         }
         for k in 0..<50 { try cycle(k) }  // warm up allocations and caches
-        _ = s.waitFor { $0.devicesClosed == 50 }
+        #expect(s.waitUntil { $0.devicesClosed == 50 })
         let fds = openFDs()
         // Other suites run beside this one and allocate meanwhile, so one batch's growth in
         // resident memory can be theirs. A leak grows every batch; their allocations do not
@@ -430,15 +342,4 @@ func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/
         let footprint = try s.service.footprint().wait()
         #expect(footprint.peers == 0 && footprint.devices == 0, "\(footprint)")
     }
-}
-
-/// Lines in /proc/self/maps: a connection whose ring stayed mapped adds one.
-func mappingCount() -> Int {
-    (Sys.readText("/proc/self/maps") ?? "").utf8.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
-}
-
-func residentKiB() -> Int {
-    let status = (Sys.readText("/proc/self/status")) ?? ""
-    let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
-    return Int(line.split(whereSeparator: \.isWhitespace).dropFirst().first ?? "") ?? 0
 }

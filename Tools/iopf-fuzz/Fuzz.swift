@@ -3,7 +3,7 @@
 // the package), with -sanitize=fuzzer,address: libFuzzer brings main().
 
 import Glibc
-import IOPFService
+import IOPFFuzzing
 
 nonisolated(unsafe) let target: String = {
     guard let name = getenv("IOPF_FUZZ_TARGET").map({ String(cString: $0) }), FuzzTargets.names.contains(name) else {

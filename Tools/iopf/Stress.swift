@@ -4,7 +4,7 @@
 import ArgumentParser
 import Foundation
 @_spi(FaultInjection) import IOPFCore
-@_spi(FaultInjection) import IOPFSimulation
+import IOPFSimulation
 @_spi(FaultInjection) import IOPFService
 import Logging
 

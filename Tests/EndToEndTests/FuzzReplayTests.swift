@@ -5,9 +5,10 @@
 
 import Foundation
 import Testing
-@testable import IOPFService
+import IOPFTestSupport
+import IOPFFuzzing
 
-@Suite struct FuzzReplayTests {
+@Suite(.timeLimit(.minutes(5))) struct FuzzReplayTests {
     static let corpus = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .appendingPathComponent("../../Tools/fuzz/corpus").standardized
 

@@ -4,13 +4,14 @@
 
 import Foundation
 import Testing
+import IOPFTestSupport
 @testable import IOPFCore
 @testable import IOPFService
 @testable import IOPFDevice
 @testable import IOPFSimulation
 @testable import IOPFSystem
 
-@Suite(.serialized) struct EndToEndTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct EndToEndTests {
     /// Sequential DMA with adaptive fault-around: the data checks pass, pages mapped
     /// ahead are counted, and the devices need several times fewer groups than with
     /// single pages, in the same workload. Invalidations keep running in between.
@@ -249,7 +250,7 @@ import Testing
     }
 }
 
-@Suite(.serialized) struct PinnedModeTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct PinnedModeTests {
     @Test func servePinnedLocksEverythingAndTakesNoFaults() throws {
         var o = ServeOptions()
         o.mode = .pinned

@@ -6,9 +6,9 @@ import Glibc
 import Testing
 @_spi(FaultInjection) @testable import IOPFCore
 @_spi(FaultInjection) @testable import IOPFService
-@_spi(FaultInjection) @testable import IOPFSimulation
+@testable import IOPFSimulation
 
-@Suite(.serialized) struct StressTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct StressTests {
     static func run(_ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false, seed: UInt64 = 11,
                     outstanding: Int = 1) throws -> StressResult {
         var o = StressOptions()

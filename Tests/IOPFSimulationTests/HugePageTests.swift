@@ -8,9 +8,9 @@ import Glibc
 import Testing
 @_spi(FaultInjection) @testable import IOPFCore
 @testable import IOPFService
-@_spi(FaultInjection) @testable import IOPFSimulation
+@testable import IOPFSimulation
 
-@Suite(.serialized) struct HugePageTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct HugePageTests {
     /// Populates one page in the middle of each region's first block, then asks.
     @Test func theProbeTellsAHugePageFromSmallOnes() throws {
         _ = try HugePages.enableForShmem()

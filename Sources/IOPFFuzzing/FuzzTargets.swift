@@ -8,13 +8,14 @@ import IOPFCore
 import IOPFSystem
 import IOPFWire
 import CIOPFShim
+import IOPFService
 import Glibc
 
-public enum FuzzTargets {
-    public static let names = ["fault-record", "group-assembly", "message", "uffd-events", "shared-ring"]
+package enum FuzzTargets {
+    package static let names = ["fault-record", "group-assembly", "message", "uffd-events", "shared-ring"]
 
     /// Runs target `name` on `data`. False when `name` is unknown.
-    public static func run(_ name: String, _ data: UnsafeRawBufferPointer) -> Bool {
+    package static func run(_ name: String, _ data: UnsafeRawBufferPointer) -> Bool {
         switch name {
         case "fault-record": faultRecord(data)
         case "group-assembly": groupAssembly(data)
@@ -29,7 +30,7 @@ public enum FuzzTargets {
     /// Seed inputs for `name`: valid encodings of what the target reads, so that the
     /// fuzzer starts past the first checks. Written to Tools/fuzz/corpus by the test
     /// suite when IOPF_WRITE_FUZZ_SEEDS=1, and compared with what is checked in.
-    public static func seeds(_ name: String) -> [[UInt8]] {
+    package static func seeds(_ name: String) -> [[UInt8]] {
         let record = { (page: UInt64, last: Bool, group: UInt32, cookie: UInt32) in
             PageRequest(flags: last ? [.lastPage] : [], deviceID: 1, groupIndex: group, perm: [.read, .write],
                         addr: page << 12, cookie: cookie).bytes

@@ -9,6 +9,7 @@ import Foundation
 import Glibc
 import IOPFCore
 import Testing
+import IOPFTestSupport
 
 @testable import IOPFService
 @testable import IOPFSystem
@@ -144,7 +145,7 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
         }
         // Killed once it is attached (the bystander's device is the first external device)
         // and a second and a half into its traffic.
-        _ = s.waitFor { $0.externalDevices >= 2 }
+        #expect(s.waitUntil { $0.externalDevices >= 2 })
         usleep(1_500_000)
         pmd.kill()
         #expect(done.wait(timeout: .now() + 10) == .success, "the run did not notice its back-end was killed")

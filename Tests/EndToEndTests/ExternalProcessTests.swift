@@ -7,95 +7,13 @@ import Glibc
 import IOPFCore
 import Synchronization
 import Testing
+import IOPFTestSupport
 @testable import IOPFService
 @testable import IOPFSimulation
 @testable import IOPFDevice
 @testable import IOPFWire
 
-/// A service session on its own thread, listening on a fresh socket.
-final class ListeningSession: @unchecked Sendable {
-    let path = "/tmp/iopf-xproc-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-    private let done = DispatchSemaphore(value: 0)
-    private var outcome: Result<ServeResult, Error>?  // written before `done` is signalled
-    private let stopRequested = Atomic<Bool>(false)
-    /// External devices attached so far, as the session's progress reports them.
-    let attached = Atomic<Int>(0)
-
-    /// Runs for `seconds`, or with 0 until `result()` is asked for.
-    init(seconds: Double, invalidateTimeout: Duration = .seconds(1), faultAround: FaultAroundPolicy = .adaptive) throws {
-        var o = ServeOptions()
-        o.faultAround = faultAround
-        o.devices = 0
-        o.listenPath = path
-        o.seconds = seconds
-        o.invalidateInterval = 0.002
-        o.invalidateMaxPages = 32
-        o.deviceMemoryBytes = 8 << 20
-        o.spinNanoseconds = 20_000
-        o.invalidateTimeout = invalidateTimeout
-        Thread.detachNewThread { [self, o] in
-            outcome = Result {
-                try ServeSession.run(o, shouldStop: { self.stopRequested.load(ordering: .relaxed) }) { p in
-                    self.attached.store(p.externalDevices, ordering: .relaxed)
-                }
-            }
-            done.signal()
-        }
-        // Ready once the socket accepts.
-        let deadline = ContinuousClock.now + .seconds(10)
-        while ContinuousClock.now < deadline {
-            if let fd = try? Sys.connectUnix(path: path) {
-                Sys.close(fd)
-                return
-            }
-            usleep(5000)
-        }
-        throw ServiceError.invalidRequest("the service never listened on \(path)")
-    }
-
-    /// Waits (up to 20 s, for slow sanitizer runs) until `count` devices have attached.
-    func waitForAttached(_ count: Int) -> Bool {
-        let deadline = ContinuousClock.now + .seconds(20)
-        while attached.load(ordering: .relaxed) < count && ContinuousClock.now < deadline { usleep(10_000) }
-        return attached.load(ordering: .relaxed) >= count
-    }
-
-    func result() throws -> ServeResult {
-        stopRequested.store(true, ordering: .relaxed)
-        done.wait()
-        return try outcome!.get()
-    }
-}
-
-/// A child process with its standard output captured.
-final class Child {
-    let process = Process()
-    private let out = Pipe()
-
-    /// `executable` is one built beside the tests, or with `absolute` a path.
-    init(_ executable: String, _ arguments: [String], absolute: Bool = false) throws {
-        let dir = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
-            .deletingLastPathComponent()
-        let url = absolute ? URL(fileURLWithPath: executable) : dir.appendingPathComponent(executable)
-        guard FileManager.default.isExecutableFile(atPath: url.path) else {
-            throw ServiceError.invalidRequest("\(url.path) is missing: build the package's executables first")
-        }
-        process.executableURL = url
-        process.arguments = arguments
-        process.standardOutput = out
-        try process.run()
-    }
-
-    /// Waits for the exit; returns the status and the output (one JSON object) parsed.
-    func finish() -> (status: Int32, json: [String: Any]) {
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        let json = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] ?? [:]
-        return (process.terminationStatus, json)
-    }
-}
-
-@Suite(.serialized) struct ExternalProcessTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct ExternalProcessTests {
     func device(_ s: ListeningSession, id: Int, channel: String = "shared", seconds: Double = 2,
                 extra: [String] = []) throws -> Child {
         try Child("iopf", ["device", "--connect", s.path, "--device-id", "\(id)", "--channel", channel,
@@ -194,7 +112,7 @@ final class Child {
 
 /// Hosts in their own processes: `iopf host` with churn, `iopf device --address-space`
 /// processes, the service in this one.
-@Suite(.serialized) struct HostProcessTests {
+@Suite(.serialized, .timeLimit(.minutes(5))) struct HostProcessTests {
     func host(_ s: ListeningSession, name: String, churn: Double = 3) throws -> Child {
         let child = try Child("iopf", ["host", "--connect", s.path, "--name", name, "--memory", "16M", "--churn", "\(churn)",
                                        "--seconds", "0", "--json"])
