@@ -330,7 +330,7 @@ final class EventLoop {
             case .unknownDevice: stats.unknownDevice += 1
             case .creditExceeded: stats.creditExceeded += 1
             }
-            if d.peer != nil { stats.protocolError(refusal == .malformed ? "badRecord" : refusal.rawValue) }
+            if d.peer != nil { stats.protocolError(refusal == .malformed ? .badRecord : ProtocolErrorKind(rawValue: refusal.rawValue)!) }
         } else {
             stats.records += 1
         }

@@ -121,11 +121,11 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var devicesFenced = 0
     /// Protocol errors by peers, in all and by kind.
     public var protocolErrors = 0
-    public var protocolErrorKinds: [String: Int] = [:]
+    public var protocolErrorKinds: [ProtocolErrorKind: Int] = [:]
     public var peersConnected = 0
     /// Connections the service refused or cut before they were served, by why:
     /// tooManyPeers, tooManyPeersForUID, greetingTimeout.
-    public var refusedConnections: [String: Int] = [:]
+    public var refusedConnections: [ProtocolErrorKind: Int] = [:]
     /// Requests of hosts refused for a budget: memfd bytes, mapped bytes, hosts per uid.
     public var hostBudgetsExceeded = 0
     /// Peers the service disconnected (protocol errors, fencing), as opposed to clean closes.
@@ -178,7 +178,7 @@ public struct ServiceStatistics: Sendable, Equatable {
     /// nil while it serves. Once set, every request is answered INVALID.
     public var stopped: String?
 
-    mutating func protocolError(_ kind: String) {
+    mutating func protocolError(_ kind: ProtocolErrorKind) {
         protocolErrors += 1
         protocolErrorKinds[kind, default: 0] += 1
     }

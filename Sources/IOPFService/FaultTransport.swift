@@ -21,7 +21,7 @@ package enum TransportFault: Error {
     /// The device closed its end (EOF, the closed flag, a failed operation).
     case closed(String)
     /// The device broke the channel's rules; `kind` names it for the statistics.
-    case misbehaved(kind: String, String)
+    case misbehaved(kind: ProtocolErrorKind, String)
 }
 
 /// Names the ring operations of one attached device.
@@ -167,7 +167,7 @@ package final class SharedRingTransport: FaultTransport {
             return 0
         }
         guard available <= UInt32(SharedQueue.capacity) else {
-            throw .misbehaved(kind: "ringOverrun", "request tail \(tail) is \(available) records ahead of head \(requestHead), more than the ring holds")
+            throw .misbehaved(kind: .ringOverrun, "request tail \(tail) is \(available) records ahead of head \(requestHead), more than the ring holds")
         }
         let n = min(Int(available), limit)
         for _ in 0..<n {
@@ -182,7 +182,7 @@ package final class SharedRingTransport: FaultTransport {
         guard !responses.isEmpty else { return }
         let unread = responseTail &- queue.load(.responseHead)
         guard unread <= UInt32(SharedQueue.capacity) else {
-            throw .misbehaved(kind: "ringOverrun", "response head is \(unread) behind the tail, more than the ring holds")
+            throw .misbehaved(kind: .ringOverrun, "response head is \(unread) behind the tail, more than the ring holds")
         }
         let n = min(responses.count, SharedQueue.capacity - Int(unread))
         for r in responses.prefix(n) {
@@ -191,7 +191,7 @@ package final class SharedRingTransport: FaultTransport {
         }
         responses.removeFirst(n)
         guard responses.count <= maxResponseBacklog else {
-            throw .misbehaved(kind: "responseBacklog", "\(responses.count) responses waiting: the device does not consume its response ring")
+            throw .misbehaved(kind: .responseBacklog, "\(responses.count) responses waiting: the device does not consume its response ring")
         }
         if n > 0 {
             if queue.stampsWanted { queue.answeredAt = Sys.monotonicNanoseconds() }
@@ -356,7 +356,7 @@ final class StreamTransport: FaultTransport {
     func send(_ responses: inout [PageResponse], _ ring: Ring, _ token: TokenSource) throws(TransportFault) {
         guard writing == 0, !responses.isEmpty else {
             guard responses.count <= maxResponseBacklog else {
-                throw .misbehaved(kind: "responseBacklog", "\(responses.count) responses waiting: the device does not read its channel")
+                throw .misbehaved(kind: .responseBacklog, "\(responses.count) responses waiting: the device does not read its channel")
             }
             return
         }

@@ -41,11 +41,11 @@ extension EventLoop {
         if let own = admitted.first(where: { $0.uid == p.uid }) { return .success(own) }
         if admitted.count == 1 { return .success(admitted[0]) }
         if admitted.isEmpty {
-            return .failure(HostRefusal(WireErrno.noEntry, "unknownAddressSpace",
+            return .failure(HostRefusal(WireErrno.noEntry, .unknownAddressSpace,
                                         "no address space named '\(name)' that uid \(p.uid) may attach to"))
         }
         return .failure(HostRefusal(
-            WireErrno.notUnique, "ambiguousAddressSpace",
+            WireErrno.notUnique, .ambiguousAddressSpace,
             "\(admitted.count) hosts of other uids named '\(name)' admit uid \(p.uid): none is chosen"))
     }
 }
@@ -80,27 +80,27 @@ extension EventLoop {
         // it may attach to (`addressSpace(named:for:)`). Only the same uid collides.
         if let other = hosts.first(where: { $0?.name == name && $0?.uid == p.uid }) ?? nil {
             return refuse(HostRefusal(
-                WireErrno.exists, "nameTaken",
+                WireErrno.exists, .nameTaken,
                 "an address space named '\(name)' is attached already for uid \(p.uid) (pid \(other.pid))"))
         }
         let live = hosts.compactMap { $0 }
         guard live.count < maxHosts else {
             stats.hostBudgetsExceeded += 1
-            return refuse(HostRefusal(WireErrno.noSpace, "tooManyHosts", "the service serves \(maxHosts) hosts at most"))
+            return refuse(HostRefusal(WireErrno.noSpace, .tooManyHosts, "the service serves \(maxHosts) hosts at most"))
         }
         guard live.count(where: { $0.uid == p.uid }) < config.maxHostsPerUID else {
             stats.hostBudgetsExceeded += 1
             return refuse(HostRefusal(
-                WireErrno.noSpace, "tooManyHosts",
+                WireErrno.noSpace, .tooManyHosts,
                 "uid \(p.uid) has \(config.maxHostsPerUID) hosts attached already (--max-hosts-per-uid)"))
         }
         guard owned.count == 1 + declaration.memfdCount else {
-            return refuse(HostRefusal(WireErrno.badFD, "badRegionTable",
+            return refuse(HostRefusal(WireErrno.badFD, .badRegionTable,
                                       "HOST carries \(owned.count) descriptors; its region table needs 1 userfaultfd and \(declaration.memfdCount) memfds"))
         }
         let used = Set(declaration.regions.map(\.fdIndex))
         if let unused = (0..<UInt32(declaration.memfdCount)).first(where: { !used.contains($0) }) {
-            return refuse(HostRefusal(WireErrno.invalid, "badRegionTable", "memfd \(unused) is not used by any region"))
+            return refuse(HostRefusal(WireErrno.invalid, .badRegionTable, "memfd \(unused) is not used by any region"))
         }
         let inUse = live.reduce(UInt64(0)) { $0 + $1.memory.bytes }
         let left = config.maxTotalHostMemoryBytes - min(inUse, config.maxTotalHostMemoryBytes)
@@ -115,7 +115,7 @@ extension EventLoop {
         do { memory = try RemoteHostMemory(adopting: owned, budget: budget, probes: probes) } catch {
             owned = []
             uffd.release(scratch: uffdBuffer)
-            if error.kind == "hostMemoryBudget" { stats.hostBudgetsExceeded += 1 }
+            if error.kind == .hostMemoryBudget { stats.hostBudgetsExceeded += 1 }
             return refuse(error)
         }
         owned = []
@@ -126,18 +126,18 @@ extension EventLoop {
         }
         for (i, r) in declaration.regions.enumerated() {
             guard r.pageSize == 4096 else {
-                return fail(HostRefusal(WireErrno.notSupported, "badRegionTable", "region \(i): page size \(r.pageSize) is not supported (4 KiB pages only)"))
+                return fail(HostRefusal(WireErrno.notSupported, .badRegionTable, "region \(i): page size \(r.pageSize) is not supported (4 KiB pages only)"))
             }
             let m = memory.memfds[Int(r.fdIndex)]
             guard r.fdOffset + r.size <= m.size else {
-                return fail(HostRefusal(WireErrno.invalid, "badRegionTable",
+                return fail(HostRefusal(WireErrno.invalid, .badRegionTable,
                                         "region \(i): offset \(hex(r.fdOffset)) + size \(hex(r.size)) exceeds memfd \(r.fdIndex)'s size \(hex(m.size)): the region table does not match the memfds"))
             }
         }
         // Register first, then check: a change after the check raises an event.
         for (i, r) in declaration.regions.enumerated() {
             do { try uffd.register(r.hostRange) } catch {
-                return fail(HostRefusal(WireErrno.invalid, "cannotWatch", "region \(i): \(error)"))
+                return fail(HostRefusal(WireErrno.invalid, .cannotWatch, "region \(i): \(error)"))
             }
         }
         var pieces: [RemoteHostMemory.Binding] = []
@@ -149,7 +149,7 @@ extension EventLoop {
                 let expected = RemoteHostMemory.Binding(host: r.hostRange, memfd: Int(r.fdIndex), offset: r.fdOffset)
                 guard found == [expected] else {
                     let f = found.first!
-                    return fail(HostRefusal(WireErrno.fault, "notHostMemory",
+                    return fail(HostRefusal(WireErrno.fault, .notHostMemory,
                                             "region \(i): \(hex(r.hostAddress)) is mapped from memfd \(f.memfd) at offset \(hex(f.offset)), not memfd \(r.fdIndex) at \(hex(r.fdOffset)) as declared"))
                 }
                 pieces.append(expected)
@@ -159,7 +159,7 @@ extension EventLoop {
         let engine = FaultEngine(memory: memory, configuration: service.configuration.hostEngine)
         let domain: DomainID
         do { domain = try engine.createDomain(invalidator: nil, observer: service.configuration.hostSyncObserver.flatMap { $0.name == name ? $0.observer : nil }) } catch {
-            return fail(HostRefusal(WireErrno.noSpace, "noMemory", "cannot create the address space's I/O page table: \(error)"))
+            return fail(HostRefusal(WireErrno.noSpace, .noMemory, "cannot create the address space's I/O page table: \(error)"))
         }
         nextSpaceID += 1
         let id = nextSpaceID
@@ -192,20 +192,20 @@ extension EventLoop {
 
     func hostMap(_ p: Peer, _ header: MessageHeader, _ request: DMAMapRequest) {
         guard let s = p.space else { return }
-        func refuse(_ errno: UInt32, _ kind: String, _ text: String) {
+        func refuse(_ errno: UInt32, _ kind: ProtocolErrorKind, _ text: String) {
             stats.protocolError(kind)
             reply(p, Wire.errorReply(command: .dmaMap, id: header.id, errno: errno, text: text))
         }
         if request.updatesHostAddress {
             guard let m = s.engine.mappingInfo(iova: request.iova), m.iova == request.iova, m.size == request.size else {
-                return refuse(WireErrno.noEntry, "noSuchMapping", DMAMapError.noSuchMapping(iova: request.iova, size: request.size).description)
+                return refuse(WireErrno.noEntry, .noSuchMapping, DMAMapError.noSuchMapping(iova: request.iova, size: request.size).description)
             }
             do { try DMAMappingTable.validate(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: m.prot) } catch {
-                return refuse(WireErrno.invalid, "badMapping", error.description)
+                return refuse(WireErrno.invalid, .badMapping, error.description)
             }
             let range = request.hostAddress..<(request.hostAddress + request.size)
             do { try s.uffd.register(range) } catch {
-                return refuse(WireErrno.fault, "cannotWatch", error.description)
+                return refuse(WireErrno.fault, .cannotWatch, error.description)
             }
             let found: [RemoteHostMemory.Binding]
             do {
@@ -215,7 +215,7 @@ extension EventLoop {
             }
             s.memory.bind(found)
             do { try s.engine.updateHostAddress(iova: request.iova, size: request.size, vaddr: request.hostAddress) } catch {
-                return refuse(WireErrno.invalid, "badMapping", "\(error)")
+                return refuse(WireErrno.invalid, .badMapping, "\(error)")
             }
             stats.host(s.id) { $0.addressUpdates += 1 }
             noteTrackedRanges(s)
@@ -226,17 +226,17 @@ extension EventLoop {
         if request.flags & DMAMapRequest.read != 0 { prot.insert(.read) }
         if request.flags & DMAMapRequest.write != 0 { prot.insert(.write) }
         do { try DMAMappingTable.validate(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot) } catch {
-            return refuse(WireErrno.invalid, "badMapping", error.description)
+            return refuse(WireErrno.invalid, .badMapping, error.description)
         }
         guard s.memory.covers(request.hostAddress..<(request.hostAddress + request.size)) else {
-            return refuse(WireErrno.fault, "notHostMemory",
+            return refuse(WireErrno.fault, .notHostMemory,
                           "DMA map: host range [\(hex(request.hostAddress)), +\(hex(request.size))) is not the host's memory now (outside its regions, or unmapped or moved since: re-declare it with VADDR)")
         }
         let (mapped, overflow) = s.mappedBytes.addingReportingOverflow(request.size)
         guard !overflow, mapped <= service.configuration.maxHostMappedBytes else {
             stats.hostBudgetsExceeded += 1
             let limit = service.configuration.maxHostMappedBytes
-            return refuse(WireErrno.noSpace, "hostMappedBudget",
+            return refuse(WireErrno.noSpace, .hostMappedBudget,
                           "DMA map: \(hex(request.size)) more bytes would pass this host's budget of \(hex(limit)) "
                               + "mapped bytes (--max-host-mapped); \(hex(s.mappedBytes)) are mapped")
         }
@@ -246,7 +246,7 @@ extension EventLoop {
             case .entryLimit: WireErrno.noSpace
             default: WireErrno.invalid
             }
-            return refuse(errno, "badMapping", error.description)
+            return refuse(errno, .badMapping, error.description)
         }
         s.mappedBytes = mapped
         stats.host(s.id) { $0.mappings += 1 }
@@ -257,7 +257,7 @@ extension EventLoop {
         guard let s = p.space else { return }
         let removed: [Range<UInt64>]
         do { removed = try s.engine.removeMappings(iova: request.iova, size: request.size) } catch {
-            stats.protocolError("badMapping")
+            stats.protocolError(.badMapping)
             reply(p, Wire.errorReply(command: .dmaUnmap, id: header.id, errno: WireErrno.invalid, text: "\(error)"))
             return
         }
@@ -271,20 +271,20 @@ extension EventLoop {
     /// on a refusal): they must be an AF_UNIX stream socket and an AF_UNIX seqpacket socket,
     /// at most `maxVhostPerHost` back-ends per host at once.
     func hostVhost(_ p: Peer, _ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: [CInt]) {
-        func refuse(_ errno: UInt32, _ kind: String, _ text: String) {
+        func refuse(_ errno: UInt32, _ kind: ProtocolErrorKind, _ text: String) {
             for fd in fds { Sys.close(fd) }
             stats.protocolError(kind)
             reply(p, Wire.errorReply(command: .vhost, id: header.id, errno: errno, text: text))
         }
         guard let s = p.space else {
-            return refuse(WireErrno.protocolError, "badState", "VHOST needs an address space (HOST first)")
+            return refuse(WireErrno.protocolError, .badState, "VHOST needs an address space (HOST first)")
         }
         let request: VhostAttachRequest
         do { request = try VhostAttachRequest(payload: payload) } catch {
             return refuse(error.errno, error.kind, error.description)
         }
         guard fds.count == 2 else {
-            return refuse(WireErrno.badFD, "badVhostSockets",
+            return refuse(WireErrno.badFD, .badVhostSockets,
                           "VHOST carries 2 descriptors (the vhost-user socket, the back-end channel), got \(fds.count)")
         }
         let stream = Sys.socketKind(fds[0])
@@ -292,12 +292,12 @@ extension EventLoop {
         guard stream?.domain == AF_UNIX, stream?.type == CInt(SOCK_STREAM.rawValue), seqpacket?.domain == AF_UNIX,
               seqpacket?.type == CInt(SOCK_SEQPACKET.rawValue)
         else {
-            return refuse(WireErrno.badFD, "badVhostSockets",
+            return refuse(WireErrno.badFD, .badVhostSockets,
                           "VHOST's descriptors must be an AF_UNIX SOCK_STREAM socket "
                               + "and an AF_UNIX SOCK_SEQPACKET socket")
         }
         guard vhosts.count(where: { $0?.space === s }) < maxVhostPerHost else {
-            return refuse(WireErrno.noSpace, "tooManyVhostBackends",
+            return refuse(WireErrno.noSpace, .tooManyVhostBackends,
                           "host '\(s.name)' already has \(maxVhostPerHost) vhost-user back-ends")
         }
         let handle = VhostDevice(deviceID: request.deviceID)

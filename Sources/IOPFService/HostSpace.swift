@@ -37,10 +37,10 @@ import IOPFWire
 /// for the statistics, and a sentence for the host's operator.
 struct HostRefusal: Error, CustomStringConvertible {
     var errno: UInt32
-    var kind: String
+    var kind: ProtocolErrorKind
     var description: String
 
-    init(_ errno: UInt32, _ kind: String, _ description: String) {
+    init(_ errno: UInt32, _ kind: ProtocolErrorKind, _ description: String) {
         self.errno = errno
         self.kind = kind
         self.description = description
@@ -60,7 +60,7 @@ final class HostUserfaultfd {
         do throws(HostRefusal) {
             let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "?"
             guard link == "anon_inode:[userfaultfd]" else {
-                throw HostRefusal(WireErrno.badFD, "badUserfaultfd", "the first descriptor of HOST must be a userfaultfd, got \(link)")
+                throw HostRefusal(WireErrno.badFD, .badUserfaultfd, "the first descriptor of HOST must be a userfaultfd, got \(link)")
             }
             let info = (Sys.readText("/proc/self/fdinfo/\(fd)")) ?? ""
             // "API:\t<api>:<features>:<ioctls>", all hex.
@@ -68,15 +68,15 @@ final class HostUserfaultfd {
             guard let api, api.count == 3,
                   let features = UInt64(api[1].trimmingCharacters(in: .whitespaces), radix: 16)
             else {
-                throw HostRefusal(WireErrno.badFD, "badUserfaultfd", "cannot read the userfaultfd's features from /proc/self/fdinfo")
+                throw HostRefusal(WireErrno.badFD, .badUserfaultfd, "cannot read the userfaultfd's features from /proc/self/fdinfo")
             }
             let missing = UserfaultfdSource.wanted.filter { features & $0.0 == 0 }.map(\.1)
             guard missing.isEmpty else {
-                throw HostRefusal(WireErrno.invalid, "badUserfaultfd",
+                throw HostRefusal(WireErrno.invalid, .badUserfaultfd,
                                   "the userfaultfd lacks \(missing.joined(separator: ", ")): pass UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP to UFFDIO_API before sending it")
             }
             guard features & UInt64(UFFD_FEATURE_EVENT_FORK) == 0 else {
-                throw HostRefusal(WireErrno.invalid, "badUserfaultfd",
+                throw HostRefusal(WireErrno.invalid, .badUserfaultfd,
                                   "the userfaultfd has EVENT_FORK: its events would hand the service descriptors; negotiate without it")
             }
         } catch {
@@ -169,48 +169,48 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
             for (k, fd) in fds.enumerated() {
                 var st = stat()
                 guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
-                    throw HostRefusal(WireErrno.badFD, "badMemfd", "descriptor \(k + 1) (memfd \(k)) is not a regular file")
+                    throw HostRefusal(WireErrno.badFD, .badMemfd, "descriptor \(k + 1) (memfd \(k)) is not a regular file")
                 }
                 let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? ""
                 guard link.hasPrefix("/memfd:") else {
-                    throw HostRefusal(WireErrno.badFD, "badMemfd", "memfd \(k) is not a memfd (\(link))")
+                    throw HostRefusal(WireErrno.badFD, .badMemfd, "memfd \(k) is not a memfd (\(link))")
                 }
                 guard st.st_blksize == 4096 else {
                     throw HostRefusal(
-                        WireErrno.invalid, "badMemfd",
+                        WireErrno.invalid, .badMemfd,
                         "memfd \(k) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
                 }
                 let seals = iopf_seals(fd)
                 guard seals >= 0, seals & Self.requiredSeals == Self.requiredSeals else {
                     throw HostRefusal(
-                        WireErrno.notPermitted, "badMemfd",
+                        WireErrno.notPermitted, .badMemfd,
                         "memfd \(k) is not sealed with F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL "
                             + "(seals \(hex(UInt64(max(seals, 0))))): without them a device handed the memfd "
                             + "could shrink, grow or seal its host's memory")
                 }
                 guard seals & (Self.sealWrite | Self.sealFutureWrite) == 0 else {
-                    throw HostRefusal(WireErrno.notPermitted, "badMemfd",
+                    throw HostRefusal(WireErrno.notPermitted, .badMemfd,
                                       "memfd \(k) is sealed against writing: devices could not DMA to it")
                 }
                 let size = UInt64(max(st.st_size, 0))
                 let (sum, overflow) = total.addingReportingOverflow(size)
                 guard !overflow, sum <= budget else {
                     throw HostRefusal(
-                        WireErrno.noSpace, "hostMemoryBudget",
+                        WireErrno.noSpace, .hostMemoryBudget,
                         "the memfds hold more than this host's budget of \(hex(budget)) bytes (--max-host-memory): "
                             + "memfd \(k) has \(hex(size))")
                 }
                 total = sum
                 let span = max(size, 4096)
                 guard let phys = PhysicalSpace.shared.reserve(size: span) else {
-                    throw HostRefusal(WireErrno.noSpace, "hostMemoryBudget",
+                    throw HostRefusal(WireErrno.noSpace, .hostMemoryBudget,
                                       "no physical range of \(hex(span)) bytes is left for memfd \(k)")
                 }
                 let mapped = mmap(nil, Int(span), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
                 guard let mapped, mapped != MAP_FAILED else {
                     let e = Glibc.errno
                     PhysicalSpace.shared.release(phys, size: span)
-                    throw HostRefusal(WireErrno.noSpace, "badMemfd",
+                    throw HostRefusal(WireErrno.noSpace, .badMemfd,
                                       "cannot map memfd \(k) (\(hex(size)) bytes) into the service: errno \(e)")
                 }
                 let dev = UInt64(st.st_dev)
@@ -313,7 +313,7 @@ enum HostMaps {
 
     static func read(pid: Int32) throws(HostRefusal) -> [Line] {
         guard pid > 0, let text = Sys.readText("/proc/\(pid)/maps") else {
-            throw HostRefusal(WireErrno.notPermitted, "unverifiable", "cannot read /proc/\(pid)/maps to check the host's memory")
+            throw HostRefusal(WireErrno.notPermitted, .unverifiable, "cannot read /proc/\(pid)/maps to check the host's memory")
         }
         return text.split(separator: "\n").compactMap(parse)
     }
@@ -340,7 +340,7 @@ enum HostMaps {
     {
         let fd = pid > 0 ? open("/proc/\(pid)/maps", O_RDONLY | O_CLOEXEC) : -1
         guard fd >= 0 else {
-            return .failure(HostRefusal(WireErrno.notPermitted, "unverifiable", "cannot open /proc/\(pid)/maps to check the host's memory"))
+            return .failure(HostRefusal(WireErrno.notPermitted, .unverifiable, "cannot open /proc/\(pid)/maps to check the host's memory"))
         }
         defer { Sys.close(fd) }
         var lines: [Line] = []
@@ -366,7 +366,7 @@ enum HostMaps {
         var pieces: [RemoteHostMemory.Binding] = []
         var cursor = range.lowerBound
         func notHost(_ why: String) -> Result<[RemoteHostMemory.Binding], HostRefusal> {
-            .failure(HostRefusal(WireErrno.fault, "notHostMemory", "[\(hex(range.lowerBound)), \(hex(range.upperBound))) is not the host's memory: \(why)"))
+            .failure(HostRefusal(WireErrno.fault, .notHostMemory, "[\(hex(range.lowerBound)), \(hex(range.upperBound))) is not the host's memory: \(why)"))
         }
         while cursor < range.upperBound {
             guard let l = lines.first(where: { $0.range.contains(cursor) }) else { return notHost("\(hex(cursor)) is not mapped") }

@@ -77,12 +77,12 @@ extension EventLoop {
             }
             guard let fd else { break }
             let live = peers.compactMap { $0 }
-            var refusal: String?
+            var refusal: ProtocolErrorKind?
             if live.count >= service.configuration.maxPeers {
-                refusal = "tooManyPeers"
+                refusal = .tooManyPeers
             } else if let uid = Sys.peerCredentials(fd)?.uid,
                       live.count(where: { $0.uid == uid }) >= service.configuration.maxPeersPerUID {
-                refusal = "tooManyPeersForUID"
+                refusal = .tooManyPeersForUID
             }
             if let refusal {
                 stats.protocolError(refusal)
@@ -154,8 +154,8 @@ extension EventLoop {
     func sweepSilentPeers(now: ContinuousClock.Instant) {
         let limit = service.configuration.greetingTimeout
         for case let p? in peers where p.state == .greeting && now - p.connectedAt > limit {
-            stats.protocolError("greetingTimeout")
-            stats.refusedConnections["greetingTimeout", default: 0] += 1
+            stats.protocolError(.greetingTimeout)
+            stats.refusedConnections[.greetingTimeout, default: 0] += 1
             closePeer(p, reason: "no HELLO within \(limit)", disconnected: true)
         }
     }
@@ -185,7 +185,7 @@ extension EventLoop {
             var fds = got.fds
             defer { for fd in fds { Sys.close(fd) } }
             if got.truncated || got.count > WireLimits.maxMessageBytes {
-                refuse(p, message, kind: "tooLarge", errno: WireErrno.messageSize,
+                refuse(p, message, kind: .tooLarge, errno: WireErrno.messageSize,
                        "message larger than \(WireLimits.maxMessageBytes) bytes or with more than \(WireLimits.maxFDs) descriptors")
                 continue
             }
@@ -213,11 +213,11 @@ extension EventLoop {
                 continue
             }
             if fdsSent {
-                refuse(p, message, kind: "unexpectedFDs", errno: WireErrno.invalid, "\(header.command) carries no descriptors")
+                refuse(p, message, kind: .unexpectedFDs, errno: WireErrno.invalid, "\(header.command) carries no descriptors")
                 continue
             }
             if header.isReply || header.command == .invalidate {
-                refuse(p, message, kind: "badState", errno: WireErrno.protocolError,
+                refuse(p, message, kind: .badState, errno: WireErrno.protocolError,
                        "\(header.command) \(header.isReply ? "reply" : "request") is not allowed on the control socket")
                 continue
             }
@@ -232,14 +232,14 @@ extension EventLoop {
             case (.hello, .greeting):
                 let hello = try Hello(payload: payload)
                 guard hello.major == WireVersion.major else {
-                    stats.protocolError("badVersion")
+                    stats.protocolError(.badVersion)
                     reply(p, Wire.errorReply(command: .hello, id: header.id, errno: WireErrno.notSupported,
                                              text: "protocol major \(hello.major) is not supported; this service speaks \(WireVersion.major).\(WireVersion.minor)"))
                     closePeer(p, reason: "asked for protocol major \(hello.major)", disconnected: true)
                     return
                 }
                 if hello.role == .host && hello.minor < 1 {
-                    stats.protocolError("badVersion")
+                    stats.protocolError(.badVersion)
                     reply(p, Wire.errorReply(command: .hello, id: header.id, errno: WireErrno.notSupported,
                                              text: "the host role needs protocol 1.1 or later; HELLO proposed 1.\(hello.minor)"))
                     return
@@ -274,7 +274,7 @@ extension EventLoop {
                 case (_, .device): "TRANSLATE or DETACH"
                 case (_, .host): "DMA_MAP, DMA_UNMAP, SYNC, VHOST or DETACH"
                 }
-                stats.protocolError("badState")
+                stats.protocolError(.badState)
                 reply(p, Wire.errorReply(command: header.command, id: header.id, errno: WireErrno.protocolError,
                                          text: "\(header.command) is not allowed now: expected \(expected)"))
             }
@@ -285,7 +285,7 @@ extension EventLoop {
     }
 
     /// An error reply to a message whose header may not have decoded.
-    private func refuse(_ p: Peer, _ message: UnsafeRawBufferPointer, kind: String, errno: UInt32, _ text: String) {
+    private func refuse(_ p: Peer, _ message: UnsafeRawBufferPointer, kind: ProtocolErrorKind, errno: UInt32, _ text: String) {
         stats.protocolError(kind)
         let (id, rawCommand) = peekMessageID(message) ?? (0, 0)
         // The reply names the command as received when it is one; unknown ones answer as HELLO.
@@ -299,7 +299,7 @@ extension EventLoop {
         do {
             try Sys.send(p.control, bytes, fds: fds, nonBlocking: true)
         } catch {
-            if error.errno == .wouldBlock { stats.protocolError("slowReader") }
+            if error.errno == .wouldBlock { stats.protocolError(.slowReader) }
             closePeer(p, reason: "cannot send to it: \(error)", disconnected: true)
         }
     }
@@ -309,7 +309,7 @@ extension EventLoop {
         // Device ids are unique per address space: two hosts' devices may share one.
         var space: HostSpace?
         if request.addressSpaceName != nil && p.minor < 1 {
-            stats.protocolError("badState")
+            stats.protocolError(.badState)
             let why = "ATTACH to a named address space needs protocol 1.1; HELLO negotiated 1.\(p.minor)"
             reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.protocolError, text: why))
             return
@@ -469,13 +469,13 @@ extension EventLoop {
                 return
             }
             for fd in got.fds { Sys.close(fd) }
-            if !got.fds.isEmpty { stats.protocolError("unexpectedFDs") }
+            if !got.fds.isEmpty { stats.protocolError(.unexpectedFDs) }
             let message = UnsafeRawBufferPointer(rebasing: messageBuffer[..<got.count])
             guard !got.truncated, let header = try? MessageHeader(message: message), header.command == .invalidate,
                 header.isReply, !header.isError,
                 let ack = try? InvalidateAck(payload: UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...]))
             else {
-                stats.protocolError("badAck")
+                stats.protocolError(.badAck)
                 closePeer(p, reason: "sent something other than an INVALIDATE acknowledgement on its invalidation socket",
                           disconnected: true)
                 return
@@ -483,7 +483,7 @@ extension EventLoop {
             if fences.acknowledge(device: d.generation, sequence: ack.sequence) {
                 stats.invalidationsAcked += 1
             } else {
-                stats.protocolError("unknownAck")
+                stats.protocolError(.unknownAck)
             }
         }
         armInvalidation(p)
@@ -507,7 +507,7 @@ extension EventLoop {
                     closePeer(p, reason: "device \(d.deviceID) went away (INVALIDATE \(message.sequence): \(error))",
                               disconnected: false)
                 } catch {
-                    stats.protocolError(error.errno == .wouldBlock ? "slowReader" : "invalidationSocket")
+                    stats.protocolError(error.errno == .wouldBlock ? .slowReader : .invalidationSocket)
                     stats.devicesFenced += 1
                     closePeer(p, reason: "device \(d.deviceID) fenced: cannot send INVALIDATE \(message.sequence): \(error)",
                               disconnected: true)
@@ -517,7 +517,7 @@ extension EventLoop {
         guard !vhostByGeneration.isEmpty || (!byGeneration.isEmpty && !peers.isEmpty) else { return }
         for generation in fences.overdue(at: .now) {
             if let b = vhostByGeneration[generation] {
-                stats.protocolError("invalidateTimeout")
+                stats.protocolError(.invalidateTimeout)
                 closeVhost(b, reason: "fenced: no acknowledgement within \(service.configuration.invalidateTimeout)",
                            fenced: true)
                 continue
@@ -526,7 +526,7 @@ extension EventLoop {
                 fences.remove(device: generation)
                 continue
             }
-            stats.protocolError("invalidateTimeout")
+            stats.protocolError(.invalidateTimeout)
             stats.devicesFenced += 1
             closePeer(p, reason: "device \(d.deviceID) fenced: no acknowledgement within \(service.configuration.invalidateTimeout)",
                       disconnected: true)

@@ -294,7 +294,7 @@ extension EventLoop {
     }
 
     /// A back-end that broke the protocol: fenced alone.
-    private func fenceVhost(_ b: VhostBackend, _ kind: String, _ why: String) {
+    private func fenceVhost(_ b: VhostBackend, _ kind: ProtocolErrorKind, _ why: String) {
         stats.protocolError(kind)
         closeVhost(b, reason: "fenced: \(why)", fenced: true)
     }
@@ -321,7 +321,7 @@ extension EventLoop {
             for fd in got.fds { Sys.close(fd) }
             guard got.fds.isEmpty, !got.truncated else {
                 fenceVhost(
-                    b, "badVhostMessage",
+                    b, .badVhostMessage,
                     got.truncated
                         ? "a back-end message longer than any it may send"
                         : "descriptors with a back-end message")
@@ -332,7 +332,7 @@ extension EventLoop {
                 message = try VhostUser.BackendMessage(
                     bytes: UnsafeRawBufferPointer(rebasing: messageBuffer[..<got.count]))
             } catch {
-                fenceVhost(b, "badVhostMessage", "its back-end message is not an IOTLB MISS: \(error)")
+                fenceVhost(b, .badVhostMessage, "its back-end message is not an IOTLB MISS: \(error)")
                 return
             }
             serveMiss(b, message)
@@ -348,7 +348,7 @@ extension EventLoop {
         let page = m.iotlb.iova & ~0xFFF
         guard m.iotlb.kind == .miss else {
             // ACCESS_FAIL: the back-end reports a translation it could not use; nothing to serve.
-            stats.protocolError("vhostAccessFail")
+            stats.protocolError(.vhostAccessFail)
             if m.needsReply { replyToBackend(b, failed: false) }
             return
         }
@@ -420,7 +420,7 @@ extension EventLoop {
         do {
             try Sys.send(b.channel, VhostUser.backendAck(.iotlbMessage, failed: failed), nonBlocking: true)
         } catch {
-            fenceVhost(b, "slowReader", "cannot answer its back-end request: \(error)")
+            fenceVhost(b, .slowReader, "cannot answer its back-end request: \(error)")
         }
     }
 
@@ -434,7 +434,7 @@ extension EventLoop {
             return false
         } catch {
             // A full socket (or a short write, which leaves the stream cut mid-message).
-            fenceVhost(b, "slowReader", "cannot send to it: \(error)")
+            fenceVhost(b, .slowReader, "cannot send to it: \(error)")
             return false
         }
         b.owed.append(owed)
@@ -465,14 +465,14 @@ extension EventLoop {
             guard b.inboxCount == VhostBackend.replyBytes else { continue }
             b.inboxCount = 0
             guard b.owedHead < b.owed.count else {
-                fenceVhost(b, "badVhostReply", "it replied when nothing was owed")
+                fenceVhost(b, .badVhostReply, "it replied when nothing was owed")
                 return
             }
             let result: UInt64
             do {
                 result = try b.inbox.withUnsafeBytes { try VhostUser.decodeU64Reply(to: .iotlbMessage, $0) }
             } catch {
-                fenceVhost(b, "badVhostReply", "its reply is not the REPLY_ACK owed: \(error)")
+                fenceVhost(b, .badVhostReply, "its reply is not the REPLY_ACK owed: \(error)")
                 return
             }
             let owed = b.owed[b.owedHead]

@@ -202,11 +202,11 @@ package struct ServeResult: Codable, Sendable {
     package var externalDevices = 0
     package var devicesFenced = 0
     package var protocolErrors = 0
-    package var protocolErrorKinds = [String: Int]()
+    package var protocolErrorKinds = [ProtocolErrorKind: Int]()
     package var peersDisconnected = 0
     /// Connections refused or cut before they were served, by why; host requests refused
     /// for a budget.
-    package var refusedConnections = [String: Int]()
+    package var refusedConnections = [ProtocolErrorKind: Int]()
     package var hostBudgetsExceeded = 0
     /// With `--dirty-log`: reads of the log against what the devices really wrote.
     package var dirty: DirtySummary?

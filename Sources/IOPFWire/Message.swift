@@ -75,12 +75,12 @@ public enum WireError: Error, Sendable, Equatable, CustomStringConvertible {
     case reservedNonZero(field: String)
     case unaligned(field: String, value: UInt64)
 
-    public var kind: String {
+    public var kind: ProtocolErrorKind {
         switch self {
-        case .truncated, .tooLarge, .sizeMismatch, .unknownFlags, .badType: "badHeader"
-        case .unknownCommand: "unknownCommand"
-        case .payloadSize: "badSize"
-        case .outOfRange, .reservedNonZero, .unaligned: "badField"
+        case .truncated, .tooLarge, .sizeMismatch, .unknownFlags, .badType: .badHeader
+        case .unknownCommand: .unknownCommand
+        case .payloadSize: .badSize
+        case .outOfRange, .reservedNonZero, .unaligned: .badField
         }
     }
 

@@ -105,7 +105,7 @@ import IOPFTestSupport
         #expect(goodStatus == 0 && goodJSON["disconnected"] as? Bool == false, "\(goodJSON)")
         #expect((goodJSON["invalidationsAcked"] as? Int ?? 0) > 0 && goodJSON["integrityErrors"] as? Int == 0)
         let r = try s.result()
-        #expect(r.devicesFenced == 1 && r.protocolErrorKinds["invalidateTimeout"] == 1, "\(r.protocolErrorKinds)")
+        #expect(r.devicesFenced == 1 && r.protocolErrorKinds[.invalidateTimeout] == 1, "\(r.protocolErrorKinds)")
         #expect(r.violations == 0)
     }
 }

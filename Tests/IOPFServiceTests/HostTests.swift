@@ -201,6 +201,6 @@ import IOPFTestSupport
         let a = try client.attach(Attach(deviceID: 9, addressSpaceName: "vm"))
         #expect(try fault(a, device: 9, iova: Self.iova, cookie: 1) == .success)
         let kinds = s.service.statistics.protocolErrorKinds
-        #expect(kinds["badUserfaultfd"] == 2 && kinds["notHostMemory"] == 4 && kinds["badMemfd"] == 1, "\(kinds)")
+        #expect(kinds[.badUserfaultfd] == 2 && kinds[.notHostMemory] == 4 && kinds[.badMemfd] == 1, "\(kinds)")
     }
 }

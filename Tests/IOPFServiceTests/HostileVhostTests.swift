@@ -180,7 +180,7 @@ final class FakeBackend {
             }
             #expect(s.service.statistics.devicesFenced == before + 1, "\(what)")
         }
-        #expect(s.service.statistics.protocolErrorKinds["badVhostMessage", default: 0] >= 4)
+        #expect(s.service.statistics.protocolErrorKinds[.badVhostMessage, default: 0] >= 4)
     }
 
     /// An INVALIDATE never acknowledged: the invalidation completes at the deadline, the
@@ -284,8 +284,8 @@ final class FakeBackend {
                 #expect(why?.contains("already has 4") == true, "\(why ?? "")")
             }
         }
-        let kinds = s.waitFor { $0.protocolErrorKinds["tooManyVhostBackends", default: 0] == 1 }.protocolErrorKinds
-        #expect(kinds["badVhostSockets", default: 0] == 2 && kinds["tooManyVhostBackends", default: 0] == 1, "\(kinds)")
+        let kinds = s.waitFor { $0.protocolErrorKinds[.tooManyVhostBackends, default: 0] == 1 }.protocolErrorKinds
+        #expect(kinds[.badVhostSockets, default: 0] == 2 && kinds[.tooManyVhostBackends, default: 0] == 1, "\(kinds)")
         #expect(s.waitFor { $0.hosts.first?.vhost.count == 4 }.hosts.first?.vhost.count == 4)
         try host.detach()
         let ended = s.waitFor { $0.hosts.first?.vhost.allSatisfy { $0.ended != nil } == true }

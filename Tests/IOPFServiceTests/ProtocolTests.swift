@@ -72,7 +72,7 @@ import IOPFTestSupport
         _ = try s.service.invalidate(hostAddress: s.host(of: ga.windows[0]), length: 4096).wait()
         let waited = ContinuousClock.now - start
         let stats = s.waitFor { $0.devicesFenced == 1 }
-        #expect(stats.devicesFenced == 1 && stats.protocolErrorKinds["invalidateTimeout"] == 1)
+        #expect(stats.devicesFenced == 1 && stats.protocolErrorKinds[.invalidateTimeout] == 1)
         #expect(waited < .seconds(2), "the sync waited \(waited) for a 200 ms deadline")
         // The fenced device is disconnected; the other still faults.
         #expect(throws: DeviceClientError.self) { try bad.translate(iova: ba.windows[0].iova, pages: 1) }
@@ -113,10 +113,10 @@ import IOPFTestSupport
         #expect(try old.receive()?.header.error == WireErrno.notSupported)
         #expect(try old.isClosed())
         let stats = s.waitFor { $0.peersDisconnected == 2 }
-        #expect(stats.protocolErrorKinds["unknownCommand"] == 1 && stats.protocolErrorKinds["badSize"] == 1)
-        #expect(stats.protocolErrorKinds["badState"] == 1 && stats.protocolErrorKinds["unexpectedFDs"] == 1)
-        #expect(stats.protocolErrorKinds["tooLarge"] == 1 && stats.protocolErrorKinds["badHeader"] == 1)
-        #expect(stats.protocolErrorKinds["badVersion"] == 1 && stats.peersDisconnected == 2)
+        #expect(stats.protocolErrorKinds[.unknownCommand] == 1 && stats.protocolErrorKinds[.badSize] == 1)
+        #expect(stats.protocolErrorKinds[.badState] == 1 && stats.protocolErrorKinds[.unexpectedFDs] == 1)
+        #expect(stats.protocolErrorKinds[.tooLarge] == 1 && stats.protocolErrorKinds[.badHeader] == 1)
+        #expect(stats.protocolErrorKinds[.badVersion] == 1 && stats.peersDisconnected == 2)
         // And the service still serves.
         let (client, a) = try s.device(9)
         #expect(try client.translate(iova: a.windows[0].iova, pages: 4).entries.count == 4)
@@ -127,10 +127,10 @@ import IOPFTestSupport
         let (client, _) = try s.device(1)
         let invalidation = RawPeer(fd: try Sys.dup(client.invalidationFD))
         try invalidation.send(InvalidateAck(sequence: 99).message(id: 1, flags: .reply))
-        #expect(s.waitFor { $0.protocolErrorKinds["unknownAck"] == 1 }.protocolErrorKinds["unknownAck"] == 1)
+        #expect(s.waitFor { $0.protocolErrorKinds[.unknownAck] == 1 }.protocolErrorKinds[.unknownAck] == 1)
         try invalidation.send(Hello().message(id: 2))  // not an acknowledgement at all
         let stats = s.waitFor { $0.peersDisconnected == 1 }
-        #expect(stats.protocolErrorKinds["badAck"] == 1 && stats.peersDisconnected == 1)
+        #expect(stats.protocolErrorKinds[.badAck] == 1 && stats.peersDisconnected == 1)
     }
 
     // MARK: The shared ring
@@ -156,7 +156,7 @@ import IOPFTestSupport
         q.storeSequential(.requestTail, 100_000)
         FaultService.ring(doorbell)
         let stats = s.waitFor { $0.devicesFenced == 1 }
-        #expect(stats.protocolErrorKinds["ringOverrun"] == 1 && stats.records == 0)
+        #expect(stats.protocolErrorKinds[.ringOverrun] == 1 && stats.records == 0)
         try other.channel.send([PageRequest(flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read], addr: other.windows[0].iova, cookie: 3)])
         #expect(try other.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 3, code: .success)])
     }
@@ -194,8 +194,8 @@ import IOPFTestSupport
         raw.withUnsafeBytes { q.requestSlot(1).copyMemory(from: $0) }
         q.storeSequential(.requestTail, 2)
         FaultService.ring(doorbell)
-        let stats = s.waitFor { $0.protocolErrorKinds["badRecord"] == 1 }
-        #expect(stats.protocolErrorKinds["unknownDevice"] == 1 && stats.protocolErrorKinds["badRecord"] == 1)
+        let stats = s.waitFor { $0.protocolErrorKinds[.badRecord] == 1 }
+        #expect(stats.protocolErrorKinds[.unknownDevice] == 1 && stats.protocolErrorKinds[.badRecord] == 1)
         #expect(stats.devicesFenced == 0)
     }
 
@@ -210,7 +210,7 @@ import IOPFTestSupport
         })
         try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: iova, cookie: 11)])
         #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 11, code: .invalid)])
-        #expect(s.waitFor { $0.protocolErrorKinds["creditExceeded"] == 1 }.protocolErrorKinds["creditExceeded"] == 1)
+        #expect(s.waitFor { $0.protocolErrorKinds[.creditExceeded] == 1 }.protocolErrorKinds[.creditExceeded] == 1)
         // The device dies with group 1 open: it is answered INVALID (to nobody) and its credit freed.
         client.close()
         withExtendedLifetime(a) {}
@@ -274,7 +274,7 @@ import IOPFTestSupport
             FaultService.ring(doorbell)
         }
         let stats = s.waitFor { $0.devicesFenced == 1 }
-        #expect(stats.protocolErrorKinds["responseBacklog"] == 1)
+        #expect(stats.protocolErrorKinds[.responseBacklog] == 1)
     }
 
     @Test func aNonBlockingDoorbellOrAForgedHeadDoesNotMakeTheLoopSpin() throws {

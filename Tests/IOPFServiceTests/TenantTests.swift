@@ -220,7 +220,7 @@ import IOPFTestSupport
             ])
             let (status, _) = stranger.finish()
             #expect(status != 0)
-            #expect(s.service.statistics.protocolErrorKinds["unknownAddressSpace", default: 0] >= 1)
+            #expect(s.service.statistics.protocolErrorKinds[.unknownAddressSpace, default: 0] >= 1)
             squatter.process.terminate()  // it detaches on SIGTERM
             _ = squatter.finish()
             try client.detach()
@@ -271,8 +271,8 @@ import IOPFTestSupport
         let client = try DeviceClient(connectingTo: s.path)
         _ = try client.attach(Attach(deviceID: 3))
         // Every silent connection the service took was cut at its deadline.
-        let cut = s.waitFor { $0.refusedConnections["greetingTimeout", default: 0] >= 100 }
-        #expect(cut.refusedConnections["greetingTimeout", default: 0] >= 100, "\(cut.refusedConnections)")
+        let cut = s.waitFor { $0.refusedConnections[.greetingTimeout, default: 0] >= 100 }
+        #expect(cut.refusedConnections[.greetingTimeout, default: 0] >= 100, "\(cut.refusedConnections)")
         for fd in silent { Sys.close(fd) }
         // The bystander is one host of this uid: two more, then refused.
         let memories = try (0..<3).map { _ in try TestHostMemory() }
@@ -292,8 +292,8 @@ import IOPFTestSupport
         var mine: [CInt] = []
         for _ in 0..<6 { if let fd = try? Sys.connectUnix(path: s.path) { mine.append(fd) } }
         defer { for fd in mine { Sys.close(fd) } }
-        let stats = s.waitFor { $0.refusedConnections["tooManyPeersForUID", default: 0] >= 2 }
-        #expect(stats.refusedConnections["tooManyPeersForUID"] == 2, "\(stats.refusedConnections)")
+        let stats = s.waitFor { $0.refusedConnections[.tooManyPeersForUID, default: 0] >= 2 }
+        #expect(stats.refusedConnections[.tooManyPeersForUID] == 2, "\(stats.refusedConnections)")
         if Self.canRunAsNobody {
             let other = try childAsNobody(["device", "--connect", s.path, "--duration", "0.5", "--json"])
             let (status, json) = other.finish()
@@ -428,6 +428,6 @@ import IOPFTestSupport
         for c in children { _ = c.finish() }
         usleep(300_000)
         let r = try s.result()
-        #expect(r.devicesFenced == 0 && r.protocolErrorKinds["invalidationSocket"] == nil, "\(r.protocolErrorKinds)")
+        #expect(r.devicesFenced == 0 && r.protocolErrorKinds[.invalidationSocket] == nil, "\(r.protocolErrorKinds)")
     }
 }

@@ -56,7 +56,7 @@ import Testing
             m[20] |= 4  // ADDRESS_SPACE
             m += Array(bad.utf8)
             m[4] = UInt8(m.count)
-            #expect(error(Attach.self, m)?.kind == "badField", "name '\(bad)'")
+            #expect(error(Attach.self, m)?.kind == .badField, "name '\(bad)'")
             #expect(error(HostDeclaration.self, HostDeclaration(name: bad, regions: [region]).message(id: 1))?.kind != nil)
         }
         var unaligned = region
@@ -64,19 +64,19 @@ import Testing
         #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [unaligned]).message(id: 1)) == .unaligned(field: "HOST region 0 fd offset", value: 100))
         var huge = region
         huge.size = UInt64.max - 0xFFF
-        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [huge]).message(id: 1))?.kind == "badField")
+        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [huge]).message(id: 1))?.kind == .badField)
         var page = region
         page.pageSize = 3000
-        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [page]).message(id: 1))?.kind == "badField")
+        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [page]).message(id: 1))?.kind == .badField)
         let overlap = HostRegionEntry(hostAddress: 0x12000, size: 0x4000, fdOffset: 0x4000, fdIndex: 0)
         #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [region, overlap]).message(id: 1))?.description.contains("must not overlap") == true)
-        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: []).message(id: 1))?.kind == "badField")
+        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: []).message(id: 1))?.kind == .badField)
         var padded = HostDeclaration(name: "h", regions: [region]).message(id: 1)
         padded[16 + 16 + 3] = 1  // a non-zero byte in the name's padding
         #expect(error(HostDeclaration.self, padded) == .reservedNonZero(field: "HOST name padding"))
-        #expect(error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 8).message(id: 1))?.kind == "badField")
-        #expect(error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 5).message(id: 1))?.kind == "badField")
-        #expect(error(DMAUnmapRequest.self, Array(DMAUnmapRequest(iova: 0, size: 4096).message(id: 1).dropLast()))?.kind == "badSize")
+        #expect(error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 8).message(id: 1))?.kind == .badField)
+        #expect(error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 5).message(id: 1))?.kind == .badField)
+        #expect(error(DMAUnmapRequest.self, Array(DMAUnmapRequest(iova: 0, size: 4096).message(id: 1).dropLast()))?.kind == .badSize)
     }
 
     /// The worked example of the protocol document, byte for byte.
@@ -119,13 +119,13 @@ import Testing
         #expect(headerError(Array(m.prefix(15))) == .truncated(have: 15, need: 16))
         #expect(headerError(m + [0]) == .sizeMismatch(header: 28, received: 29))
         m[8] = 2  // type 2
-        #expect(headerError(m)?.kind == "badHeader")
+        #expect(headerError(m)?.kind == .badHeader)
         m[8] = 0x40  // unknown flag bit 6
         #expect(headerError(m) == .unknownFlags(0x40))
         m[8] = 0
         m[2] = 99
         #expect(headerError(m) == .unknownCommand(99))
-        #expect(headerError(m)?.kind == "unknownCommand")
+        #expect(headerError(m)?.kind == .unknownCommand)
         #expect(headerError([UInt8](repeating: 0, count: WireLimits.maxMessageBytes + 1)) == .tooLarge(WireLimits.maxMessageBytes + 1))
     }
 
@@ -137,29 +137,29 @@ import Testing
     }
 
     @Test func payloadsRefuseBadSizesCountsAndFields() {
-        #expect(payloadError(Hello.self, [UInt8](repeating: 0, count: 11))?.kind == "badSize")
-        #expect(payloadError(Hello.self, [1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0])?.kind == "badField")  // role 9
+        #expect(payloadError(Hello.self, [UInt8](repeating: 0, count: 11))?.kind == .badSize)
+        #expect(payloadError(Hello.self, [1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0])?.kind == .badField)  // role 9
         var attach = Attach(deviceID: 1, credit: 0).message(id: 1)
         #expect(payloadError(Attach.self, Array(attach[16...])) == .outOfRange(field: "ATTACH.credit", value: 0, allowed: "1...256"))
         attach = Attach(deviceID: 1, credit: 4).message(id: 1)
         attach[16 + 8] = 5  // a PASID without PASID_VALID
-        #expect(payloadError(Attach.self, Array(attach[16...]))?.kind == "badField")
-        #expect(payloadError(Translate.self, Array(Translate(iova: 0x1001, pages: 1).message(id: 1)[16...]))?.kind == "badField")
-        #expect(payloadError(Translate.self, Array(Translate(iova: 0x1000, pages: 513).message(id: 1)[16...]))?.kind == "badField")
+        #expect(payloadError(Attach.self, Array(attach[16...]))?.kind == .badField)
+        #expect(payloadError(Translate.self, Array(Translate(iova: 0x1001, pages: 1).message(id: 1)[16...]))?.kind == .badField)
+        #expect(payloadError(Translate.self, Array(Translate(iova: 0x1000, pages: 513).message(id: 1)[16...]))?.kind == .badField)
         #expect(payloadError(Translate.self, Array(Translate(iova: UInt64.max & ~0xFFF, pages: 2).message(id: 1)[16...])) != nil)
         // A count that claims more ranges than the payload holds.
         var inv = Array(Invalidate(sequence: 1, pasid: nil, ranges: [(0, 0xfff)]).message(id: 1)[16...])
         inv[16] = 2
-        #expect(payloadError(Invalidate.self, inv)?.kind == "badSize")
+        #expect(payloadError(Invalidate.self, inv)?.kind == .badSize)
         inv[16] = 0
-        #expect(payloadError(Invalidate.self, inv)?.kind == "badField")
+        #expect(payloadError(Invalidate.self, inv)?.kind == .badField)
         let backwards = Array(Invalidate(sequence: 1, pasid: nil, ranges: [(0x2000, 0x1000)]).message(id: 1)[16...])
-        #expect(payloadError(Invalidate.self, backwards)?.kind == "badField")
+        #expect(payloadError(Invalidate.self, backwards)?.kind == .badField)
         var reply = Array(TranslateReply(sequence: 1, entries: [0x1004]).message(id: 1)[16...])
-        #expect(payloadError(TranslateReply.self, reply)?.kind == "badField")  // bit 2 set
+        #expect(payloadError(TranslateReply.self, reply)?.kind == .badField)  // bit 2 set
         reply = Array(AttachReply(credit: 1, channel: .stream, invalidateTimeoutMs: 1, ringEntries: 0, windows: [],
                                   regions: [MemoryRegionInfo(phys: 0x1000, size: 0x1000)]).message(id: 1)[16...])
         reply.removeLast()
-        #expect(payloadError(AttachReply.self, reply)?.kind == "badSize")
+        #expect(payloadError(AttachReply.self, reply)?.kind == .badSize)
     }
 }

@@ -8,6 +8,15 @@ import IOPFSimulation
 import IOPFService
 import Logging
 
+/// What `iopf bench` measures.
+enum BenchScenario: String, CaseIterable, ExpressibleByArgument {
+    case pinnedVsFault = "pinned-vs-fault"
+    case faultAround = "fault-around"
+    case dirtyLog = "dirty-log"
+    case faults
+    case hostChurn = "host-churn"
+}
+
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure pinned and fault-driven memory side by side: start-up, density, throughput.",
@@ -25,7 +34,7 @@ struct Bench: ParsableCommand {
         fault against pinned), faults (resident-page faults through one service thread, --outstanding groups in \
         flight), or host-churn (what a host with --mappings one-page mappings costs per event, unmap and teardown).
         """, valueName: "scenario"))
-    var scenario = "pinned-vs-fault"
+    var scenario: BenchScenario = .pinnedVsFault
 
     @Option(help: "host-churn: one-page mappings of the host, comma-separated counts (k = 1024).")
     var mappings = "1k,16k,64k"
@@ -87,10 +96,6 @@ struct Bench: ParsableCommand {
         guard !t.isEmpty, t.count == parsedTouch.count, parsedTouch.allSatisfy({ $0 > 0 && $0 <= 1 }) else {
             throw ValidationError("--touch '\(touch)' must be fractions in (0, 1], e.g. 0.1,1.0")
         }
-        guard ["pinned-vs-fault", "fault-around", "dirty-log", "faults", "host-churn"].contains(scenario) else {
-            throw ValidationError(
-                "--scenario must be pinned-vs-fault, fault-around, dirty-log, faults or host-churn, got '\(scenario)'")
-        }
         guard let counts = parsedMappings, counts.allSatisfy({ (1...65535).contains($0) }) else {
             throw ValidationError("--mappings must be counts 1...65535 (k = 1024), comma-separated, got '\(mappings)'")
         }
@@ -104,7 +109,7 @@ struct Bench: ParsableCommand {
         guard let policy = FaultAroundPolicy(faultAround), policy != .off else {
             throw ValidationError("--fault-around must be adaptive or a page count 1...512, got '\(faultAround)'")
         }
-        guard !hugePages || scenario == "fault-around" else {
+        guard !hugePages || scenario == .faultAround else {
             throw ValidationError("--huge-pages is for --scenario fault-around (and iopf serve and stress)")
         }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1, got \(`repeat`)") }
@@ -119,15 +124,18 @@ struct Bench: ParsableCommand {
         logger.logLevel = .error
         let say = Output.progress
         // The faults scenario walks 64 MiB of resident memory: nothing to warm.
-        if warmUp && scenario != "faults" && scenario != "host-churn" {
+        if warmUp && scenario != .faults && scenario != .hostChurn {
             let bytes = min(2 * (parsedSizes.max() ?? 0), Floors.availableMemory() / 4 * 3)
             say("warming \(human(bytes)) of memory…")
             try Floors.warmUp(bytes: bytes)
         }
-        if scenario == "faults" { return try runFaults(logger: logger) }
-        if scenario == "host-churn" { return try runHostChurn() }
-        if scenario == "fault-around" { return try runFaultAround(logger: logger) }
-        if scenario == "dirty-log" { return try runDirtyLog(logger: logger) }
+        switch scenario {
+        case .faults: return try runFaults(logger: logger)
+        case .hostChurn: return try runHostChurn()
+        case .faultAround: return try runFaultAround(logger: logger)
+        case .dirtyLog: return try runDirtyLog(logger: logger)
+        case .pinnedVsFault: break
+        }
         say("measuring floors…")
         let floors = try Floors.measure()
         var rows: [BenchRow] = []

@@ -251,7 +251,7 @@ struct Serve: ParsableCommand {
             row("faults on gone memory", "\(r.hostGoneFaults) answered INVALID")
         }
         if listen != nil {
-            let kinds = r.protocolErrorKinds.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")
+            let kinds = r.protocolErrorKinds.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.value) \($0.key.rawValue)" }.joined(separator: ", ")
             row("external devices", "\(r.externalDevices) attached, \(r.devicesFenced) fenced, \(r.peersDisconnected) disconnected")
             row("protocol errors", "\(r.protocolErrors)" + (kinds.isEmpty ? "" : " (\(kinds))"))
             for h in r.hosts {
