@@ -24,6 +24,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
+        // `swift package generate-documentation`: the DocC catalogs of the public modules.
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
     targets: [
         // Pure Swift, no dependencies: fault records and the device protocol's messages,
@@ -80,7 +82,8 @@ let package = Package(
         .target(name: "IOPFFuzzing", dependencies: ["IOPFService", "IOPFCore", "IOPFSystem", "IOPFWire", "CIOPFShim"]),
         // The C client library: header + source, libc only, for device emulators in C.
         .target(name: "CIOPFClient"),
-        .executableTarget(name: "iopf-device-example", dependencies: ["CIOPFClient"], path: "Tools/iopf-device-example"),
+        .executableTarget(
+            name: "iopf-device-example", dependencies: ["CIOPFClient"], path: "Tools/iopf-device-example"),
         .executableTarget(
             name: "iopf",
             dependencies: [
@@ -109,7 +112,9 @@ let package = Package(
         // share (services, peers, hosts, the child-process harness) is IOPFTestSupport.
         .target(
             name: "IOPFTestSupport",
-            dependencies: ["IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem", "IOPFCore", "IOPFWire", "CIOPFShim"],
+            dependencies: [
+                "IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem", "IOPFCore", "IOPFWire", "CIOPFShim",
+            ],
             path: "Tests/IOPFTestSupport"
         ),
         .testTarget(name: "IOPFWireTests", dependencies: ["IOPFWire"]),
@@ -118,7 +123,8 @@ let package = Package(
             dependencies: ["IOPFCore", .product(name: "BitCollections", package: "swift-collections")]
         ),
         .testTarget(name: "IOPFSystemTests", dependencies: ["IOPFSystem", "CIOPFShim"]),
-        .testTarget(name: "IOPFDeviceTests", dependencies: ["IOPFDevice", "IOPFCore", "IOPFSystem", "IOPFWire", "CIOPFShim"]),
+        .testTarget(
+            name: "IOPFDeviceTests", dependencies: ["IOPFDevice", "IOPFCore", "IOPFSystem", "IOPFWire", "CIOPFShim"]),
         .testTarget(
             name: "IOPFServiceTests",
             dependencies: [
@@ -144,8 +150,9 @@ let package = Package(
 // main() of its own (libFuzzer's), so ordinary builds must not link it.
 if Context.environment["IOPF_FUZZ"] == "1" {
     package.products.append(.executable(name: "iopf-fuzz", targets: ["iopf-fuzz"]))
-    package.targets.append(.executableTarget(
-        name: "iopf-fuzz", dependencies: ["IOPFFuzzing"], path: "Tools/iopf-fuzz",
-        swiftSettings: [.unsafeFlags(["-parse-as-library"])]
-    ))
+    package.targets.append(
+        .executableTarget(
+            name: "iopf-fuzz", dependencies: ["IOPFFuzzing"], path: "Tools/iopf-fuzz",
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]
+        ))
 }

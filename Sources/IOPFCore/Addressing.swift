@@ -87,7 +87,6 @@ public struct IOVARange: Sendable, Hashable, CustomStringConvertible {
     return overflow ? nil : last
 }
 
-
 /// Human-readable byte count, for error messages.
 func byteCount(_ bytes: UInt64) -> String {
     let units: [(UInt64, String)] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]

@@ -92,11 +92,20 @@ public enum DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
         case .entryLimit(let limit):
             "DMA map: the table already holds its limit of \(limit) mappings (dma_entry_limit)"
         case .partialUnmap(let iova, let size, let m, let mIOVA, let mSize):
-            "DMA unmap: [\(hex(iova)), +\(hex(size))) cuts \(m) at [\(hex(mIOVA)), +\(hex(mSize))); unmap whole mappings only (nothing was unmapped)"
+            """
+            DMA unmap: [\(hex(iova)), +\(hex(size))) cuts \(m) at [\(hex(mIOVA)), +\(hex(mSize))); unmap whole \
+            mappings only (nothing was unmapped)
+            """
         case .noSuchMapping(let iova, let size):
-            "DMA update: no mapping is exactly [\(hex(iova)), +\(hex(size))); a host address is updated for one whole mapping"
+            """
+            DMA update: no mapping is exactly [\(hex(iova)), +\(hex(size))); a host address is updated for one \
+            whole mapping
+            """
         case .busy(let iova, let size, let m):
-            "DMA unmap: \(m) at [\(hex(iova)), +\(hex(size))) is still being pinned and mapped; try again once its map returned (nothing was unmapped)"
+            """
+            DMA unmap: \(m) at [\(hex(iova)), +\(hex(size))) is still being pinned and mapped; try again once its \
+            map returned (nothing was unmapped)
+            """
         }
     }
 }
@@ -134,14 +143,20 @@ public struct DMAMappingTable: Sendable {
         guard isPageAligned(size) else { throw .unaligned(what: "size", value: size) }
         guard isPageAligned(iova) else { throw .unaligned(what: "iova", value: iova) }
         guard isPageAligned(vaddr) else { throw .unaligned(what: "vaddr", value: vaddr) }
-        guard let last = lastAddress(start: iova, size: size) else { throw .overflow(what: "iova", start: iova, size: size) }
-        guard lastAddress(start: vaddr, size: size) != nil else { throw .overflow(what: "vaddr", start: vaddr, size: size) }
+        guard let last = lastAddress(start: iova, size: size) else {
+            throw .overflow(what: "iova", start: iova, size: size)
+        }
+        guard lastAddress(start: vaddr, size: size) != nil else {
+            throw .overflow(what: "vaddr", start: vaddr, size: size)
+        }
         guard last < IOPageTable.iovaLimit else { throw .outOfIOVASpace(iova: iova, size: size) }
         guard !prot.isEmpty else { throw .noPermission(iova: iova) }
     }
 
     /// Adds a mapping after full validation.
-    public mutating func insert(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError) -> DMAMapping {
+    public mutating func insert(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws(DMAMapError)
+        -> DMAMapping
+    {
         try Self.validate(iova: iova, vaddr: vaddr, size: size, prot: prot)
         guard count < entryLimit else { throw .entryLimit(limit: entryLimit) }
         var existing: DMAMapping?
@@ -162,7 +177,9 @@ public struct DMAMappingTable: Sendable {
         guard size > 0 else { throw .zeroSize(iova: iova) }
         guard isPageAligned(iova) else { throw .unaligned(what: "iova", value: iova) }
         guard isPageAligned(size) else { throw .unaligned(what: "size", value: size) }
-        guard let last = lastAddress(start: iova, size: size) else { throw .overflow(what: "iova", start: iova, size: size) }
+        guard let last = lastAddress(start: iova, size: size) else {
+            throw .overflow(what: "iova", start: iova, size: size)
+        }
         var span: [DMAMapping] = []
         iovaIndex.forEach(overlapping: iova, last &+ 1 == 0 ? .max : last + 1) { span.append($0) }
         // Only the first and last mapping of the span can stick out of it.
@@ -231,8 +248,10 @@ public struct DMAMappingTable: Sendable {
 
     /// Calls `body` for each mapping whose host range overlaps `[start, end)`, by host address.
     /// With `activeOnly`, only those with pages mapped by the fault path.
-    public func forEachMapping(overlappingHost start: UInt64, end: UInt64, activeOnly: Bool = false,
-                               _ body: (DMAMapping) throws -> Void) rethrows {
+    public func forEachMapping(
+        overlappingHost start: UInt64, end: UInt64, activeOnly: Bool = false,
+        _ body: (DMAMapping) throws -> Void
+    ) rethrows {
         guard start < end else { return }
         // Not `(activeOnly ? active : byHost)`: that copies the index (three retains) per event.
         if activeOnly {
@@ -243,7 +262,9 @@ public struct DMAMappingTable: Sendable {
     }
 
     /// Calls `body` for each mapping whose IOVA range overlaps `[first, last]`, by IOVA.
-    public func forEachMapping(overlappingIOVA first: UInt64, last: UInt64, _ body: (DMAMapping) throws -> Void) rethrows {
+    public func forEachMapping(overlappingIOVA first: UInt64, last: UInt64, _ body: (DMAMapping) throws -> Void)
+        rethrows
+    {
         guard first <= last else { return }
         try iovaIndex.forEach(overlapping: first, last &+ 1 == 0 ? .max : last + 1, body)
     }

@@ -100,7 +100,8 @@ public struct FaultAroundState: Sendable {
         for i in 0..<4 {
             var s = self[i]
             if low <= s.next && high >= s.from {
-                s.window = s.window == 0 ? FaultAroundPolicy.initialPages : min(s.window * 2, FaultAroundPolicy.maxPages)
+                s.window =
+                    s.window == 0 ? FaultAroundPolicy.initialPages : min(s.window * 2, FaultAroundPolicy.maxPages)
                 s.lastUse = clock
                 self[i] = s
                 current = i

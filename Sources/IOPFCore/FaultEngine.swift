@@ -126,7 +126,9 @@ public struct FatalInvalidationError: Error, Sendable, Equatable, CustomStringCo
     public var iova: UInt64?
     public var reason: String
     public var description: String {
-        guard let domain, let iova else { return "fatal: \(reason); fault service is stopped (every request is answered INVALID)" }
+        guard let domain, let iova else {
+            return "fatal: \(reason); fault service is stopped (every request is answered INVALID)"
+        }
         return "fatal: \(domain) could not unmap iova \(hex(iova)) during an invalidation (\(reason)); "
             + "a device would keep access to memory the host took back, so fault service is stopped"
     }
@@ -157,11 +159,13 @@ public final class FaultEngine: Sendable {
     }
 
     public init(memory: any HostMemory, configuration: EngineConfiguration = EngineConfiguration()) {
-        precondition(!configuration.blocksOnFault || configuration.pageSizes.contains(.size2M),
-                     "blocks on fault need 2 MiB pages in the page tables")
+        precondition(
+            !configuration.blocksOnFault || configuration.pageSizes.contains(.size2M),
+            "blocks on fault need 2 MiB pages in the page tables")
         self.memory = memory
         self.configuration = configuration
-        lockedMemory = LockedMemoryAccount(limitBytes: configuration.lockedMemoryLimit, bypassesLimit: configuration.bypassesLockedMemoryLimit)
+        lockedMemory = LockedMemoryAccount(
+            limitBytes: configuration.lockedMemoryLimit, bypassesLimit: configuration.bypassesLockedMemoryLimit)
         state = Lock(State(mappings: DMAMappingTable(entryLimit: configuration.entryLimit)))
     }
 
@@ -169,7 +173,9 @@ public final class FaultEngine: Sendable {
 
     /// Adds an I/O page table. Pages already faulted in are replayed into it, so that a
     /// set bit keeps meaning "mapped in every domain".
-    public func createDomain(invalidator: (any IOTLBInvalidator)? = nil, observer: (any IOTLBSyncObserver)? = nil) throws(IOPageTableError) -> DomainID {
+    public func createDomain(invalidator: (any IOTLBInvalidator)? = nil, observer: (any IOTLBSyncObserver)? = nil)
+        throws(IOPageTableError) -> DomainID
+    {
         let table = IOPageTable(pageSizes: configuration.pageSizes, invalidator: invalidator)
         table.bugs = configuration.injectedBugs
         table.observer = observer
@@ -298,7 +304,9 @@ public final class FaultEngine: Sendable {
     public func uncoveredHostRanges(_ range: Range<UInt64>) -> [Range<UInt64>] {
         state.withLock { s in
             var covered: [Range<UInt64>] = []
-            s.mappings.forEachMapping(overlappingHost: range.lowerBound, end: range.upperBound) { covered.append($0.vaddr..<$0.vaddrEnd) }
+            s.mappings.forEachMapping(overlappingHost: range.lowerBound, end: range.upperBound) {
+                covered.append($0.vaddr..<$0.vaddrEnd)
+            }
             covered.sort { $0.lowerBound < $1.lowerBound }
             var out: [Range<UInt64>] = []
             var cursor = range.lowerBound
@@ -378,8 +386,9 @@ public final class FaultEngine: Sendable {
                     for (i, d) in s.domains.enumerated() {
                         do {
                             // While tracked, pages come in read-only: a write faults and is logged.
-                            try d.map(iova: m.iova(page: p), phys: physical[p - first], size: bytes,
-                                      prot: m.dirty == nil ? m.prot : m.prot.subtracting(.write))
+                            try d.map(
+                                iova: m.iova(page: p), phys: physical[p - first], size: bytes,
+                                prot: m.dirty == nil ? m.prot : m.prot.subtracting(.write))
                         } catch {
                             for u in 0..<i {
                                 _ = s.domains[u].unmap(iova: m.iova(page: p), size: bytes, gather: &s.gathers[u])
@@ -412,7 +421,9 @@ public final class FaultEngine: Sendable {
     /// having no host memory: later faults there are answered INVALID until the mapping's
     /// host address is updated.
     @discardableResult
-    public func invalidate(hostAddress start: UInt64, length: UInt64, hostGone: Bool = false) throws(FatalInvalidationError) -> InvalidationOutcome {
+    public func invalidate(hostAddress start: UInt64, length: UInt64, hostGone: Bool = false)
+        throws(FatalInvalidationError) -> InvalidationOutcome
+    {
         guard length > 0 else { return InvalidationOutcome() }
         let first = start & ~pageMask
         let (sum, overflow) = start.addingReportingOverflow(length)
@@ -485,7 +496,9 @@ public final class FaultEngine: Sendable {
     /// stop early (a block entered in its middle, or a hole); the range widens to whole
     /// blocks and every domain is brought to the same extent, so bitmap and tables stay in
     /// step (seed 003: continue from `iova + unmapped`, never from `iova + requested`).
-    private func unmapRun(of m: DMAMapping, _ run: Range<Int>, _ s: inout State) throws(FatalInvalidationError) -> Range<Int> {
+    private func unmapRun(of m: DMAMapping, _ run: Range<Int>, _ s: inout State) throws(FatalInvalidationError)
+        -> Range<Int>
+    {
         var (lo, hi) = (run.lowerBound, run.upperBound)
         var widened = true
         while widened {
@@ -511,8 +524,10 @@ public final class FaultEngine: Sendable {
                         continue
                     }
                     let blockIOVA = iova & ~(t.pageSize.bytes - 1)
-                    guard t.pageSize != .size4K, blockIOVA >= m.iova, blockIOVA + t.pageSize.bytes - 1 <= m.iovaLast else {
-                        let reason = t.pageSize == .size4K
+                    guard t.pageSize != .size4K, blockIOVA >= m.iova, blockIOVA + t.pageSize.bytes - 1 <= m.iovaLast
+                    else {
+                        let reason =
+                            t.pageSize == .size4K
                             ? "the page table kept a present 4 KiB leaf"
                             : "a \(t.pageSize) block crosses the bounds of \(m.id)"
                         throw FatalInvalidationError(domain: DomainID(rawValue: d), iova: iova, reason: reason)
@@ -586,7 +601,7 @@ public final class FaultEngine: Sendable {
             let a = m.iova + UInt64(first) << 12
             let last = m.iova + UInt64(end - 1) << 12
             guard end > p, let xa = table.translate(a), let xl = table.translate(last), xa.prot == x.prot,
-                  xl.prot == x.prot, xl.phys &- xa.phys == last - a, x.phys &- xa.phys == page - a
+                xl.prot == x.prot, xl.phys &- xa.phys == last - a, x.phys &- xa.phys == page - a
             else { return single }
             return MappedRun(range: a..<(last + 4096), phys: xa.phys & ~0xFFF, host: host(a), prot: x.prot)
         }
@@ -707,7 +722,9 @@ public final class FaultHandler {
         var pos = iova
         var mapped = 0
         while pos < end {
-            if pos & (hugeBlockBytes - 1) == 0 && end - pos >= hugeBlockBytes, let n = mapBlockAhead(at: pos, write: write) {
+            if pos & (hugeBlockBytes - 1) == 0 && end - pos >= hugeBlockBytes,
+                let n = mapBlockAhead(at: pos, write: write)
+            {
                 mapped += n
                 pos += hugeBlockBytes
                 continue
@@ -735,8 +752,9 @@ public final class FaultHandler {
             guard let candidate else { return nil }
             physical.removeAll(keepingCapacity: true)
             do {
-                try engine.memory.resolve(address: candidate.host, pageCount: hugeBlockPages, write: write,
-                                          physical: &physical)
+                try engine.memory.resolve(
+                    address: candidate.host, pageCount: hugeBlockPages, write: write,
+                    physical: &physical)
             } catch {
                 return nil  // the pages' own resolve says which one
             }
@@ -778,8 +796,10 @@ public final class FaultHandler {
                     let index = m.pageIndex(iova: page)
                     if let gone = m.hostGone, gone.test(index) { stopped = true; break }
                     if !m.iopfMapped.test(index) {
-                        work.append(Work(iova: page, host: m.hostAddress(page: index), write: write, mapping: m,
-                                         outcome: nil, ahead: true))
+                        work.append(
+                            Work(
+                                iova: page, host: m.hostAddress(page: index), write: write, mapping: m,
+                                outcome: nil, ahead: true))
                     }
                     page += pageBytes
                 }
@@ -805,8 +825,9 @@ public final class FaultHandler {
             block = nil
             let seq = engine.state.withLock { s -> UInt64? in
                 guard s.failure == nil, let m = s.mappings.mapping(containing: iova), !m.pinned else { return nil }
-                lookAround(Work(iova: iova & ~(pageBytes - 1), host: 0, write: write, mapping: m, outcome: nil), in: m,
-                           pages: pages)
+                lookAround(
+                    Work(iova: iova & ~(pageBytes - 1), host: 0, write: write, mapping: m, outcome: nil), in: m,
+                    pages: pages)
                 return engine.sequence.load(ordering: .relaxed)
             }
             guard let seq, !work.isEmpty else { return 0 }
@@ -837,12 +858,15 @@ public final class FaultHandler {
                 var w = Work(iova: iova, host: 0, write: r.wantsWrite, mapping: nil, outcome: nil)
                 if failed {
                     w.outcome = .engineFailed
-                } else if let m = s.mappings.mapping(containing: iova), !m.pinned || m.iopfMapped.test(m.pageIndex(iova: iova)) {
+                } else if let m = s.mappings.mapping(containing: iova),
+                    !m.pinned || m.iopfMapped.test(m.pageIndex(iova: iova))
+                {
                     let wants: Protection = r.wantsWrite ? .write : .read
                     // EXEC needs READ (a DMA mapping has no separate execute right); PRIV
                     // asks for a supervisor address space, which iopf never serves.
                     if !m.prot.contains(wants) || (r.perm.contains(.read) && !m.prot.contains(.read))
-                        || (r.perm.contains(.exec) && !m.prot.contains(.read)) || r.perm.contains(.priv) {
+                        || (r.perm.contains(.exec) && !m.prot.contains(.read)) || r.perm.contains(.priv)
+                    {
                         w.outcome = .permissionDenied
                     } else if let gone = m.hostGone, gone.test(m.pageIndex(iova: iova)) {
                         w.outcome = .hostGone
@@ -916,13 +940,19 @@ public final class FaultHandler {
         var iova = start
         while iova < end {
             let index = m.pageIndex(iova: iova)
-            if !m.iopfMapped.test(index), !(m.hostGone?.test(index) ?? false), !work[..<demandCount].contains(where: { $0.iova == iova }) {
-                work.append(Work(iova: iova, host: m.hostAddress(page: index), write: last.write, mapping: m, outcome: nil,
-                                 ahead: true, residentOnly: true))
+            if !m.iopfMapped.test(index), !(m.hostGone?.test(index) ?? false),
+                !work[..<demandCount].contains(where: { $0.iova == iova })
+            {
+                work.append(
+                    Work(
+                        iova: iova, host: m.hostAddress(page: index), write: last.write, mapping: m, outcome: nil,
+                        ahead: true, residentOnly: true))
             }
             iova += pageBytes
         }
-        if work.count > first { cluster = (m.hostAddress(page: m.pageIndex(iova: start)), Int((end - start + 1) >> pageShift)) }
+        if work.count > first {
+            cluster = (m.hostAddress(page: m.pageIndex(iova: start)), Int((end - start + 1) >> pageShift))
+        }
     }
 
     /// Phase 2, without the lock: resolve host pages, one call per contiguous run.
@@ -963,7 +993,8 @@ public final class FaultHandler {
             { end += 1 }
             let base = physical.count
             do {
-                try engine.memory.resolve(address: work[i].host, pageCount: end - i, write: work[i].write, physical: &physical)
+                try engine.memory.resolve(
+                    address: work[i].host, pageCount: end - i, write: work[i].write, physical: &physical)
                 for k in i..<end { physicalIndex.append(base + k - i) }
             } catch {
                 physical.removeSubrange(base...)
@@ -971,7 +1002,9 @@ public final class FaultHandler {
                 var demandEnd = i
                 while demandEnd < end && !work[demandEnd].ahead { demandEnd += 1 }
                 if demandEnd < end && demandEnd > i,
-                    (try? engine.memory.resolve(address: work[i].host, pageCount: demandEnd - i, write: work[i].write, physical: &physical)) != nil
+                    (try? engine.memory.resolve(
+                        address: work[i].host, pageCount: demandEnd - i, write: work[i].write, physical: &physical))
+                        != nil
                 {
                     for k in i..<demandEnd { physicalIndex.append(base + k - i) }
                 } else {
@@ -998,7 +1031,9 @@ public final class FaultHandler {
     /// `outcomes`, one per group (one for pages ahead only, from `mapAhead`).
     private func install(seq: UInt64) -> Bool {
         engine.state.withLock { s in
-            guard engine.sequence.load(ordering: .relaxed) == seq || engine.configuration.injectedBugs.contains(.noRetry) else {
+            guard
+                engine.sequence.load(ordering: .relaxed) == seq || engine.configuration.injectedBugs.contains(.noRetry)
+            else {
                 s.stats.retries += 1
                 return false
             }
@@ -1026,10 +1061,12 @@ public final class FaultHandler {
                     continue
                 }
                 if result == .mapped, let m = work[k].mapping {
-                    result = work[k].restore
+                    result =
+                        work[k].restore
                         ? s.restoreWrite(iova: work[k].iova, mapping: m)
-                        : s.mapFaultedPage(iova: work[k].iova, phys: physical[physicalIndex[k]], mapping: m,
-                                           writeRequest: work[k].write && !work[k].ahead)
+                        : s.mapFaultedPage(
+                            iova: work[k].iova, phys: physical[physicalIndex[k]], mapping: m,
+                            writeRequest: work[k].write && !work[k].ahead)
                 }
                 if work[k].ahead {
                     if result == .mapped {
@@ -1068,8 +1105,10 @@ extension FaultEngine.State {
     /// domains already mapped so that the bit keeps meaning "mapped everywhere".
     /// While dirty tracking, a write request's page becomes dirty and writable; other
     /// pages are mapped read-only unless already dirty (`installProtection`).
-    mutating func mapFaultedPage(iova: UInt64, phys: UInt64, mapping m: DMAMapping,
-                                 writeRequest: Bool) -> RequestOutcome {
+    mutating func mapFaultedPage(
+        iova: UInt64, phys: UInt64, mapping m: DMAMapping,
+        writeRequest: Bool
+    ) -> RequestOutcome {
         let index = m.pageIndex(iova: iova)
         // A duplicate within the group, or another thread, may have mapped it meanwhile.
         if m.iopfMapped.test(index) { return .spurious }

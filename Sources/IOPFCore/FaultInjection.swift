@@ -27,7 +27,10 @@ public struct InjectedBugs: OptionSet, Sendable, Hashable {
         ("no-retry", .noRetry, "skip the sequence retry: a fault racing an invalidation installs a stale translation"),
         ("early-free", .earlyFree, "free page-table pages before the IOTLB sync"),
         ("double-answer", .doubleAnswer, "answer every page request group twice"),
-        ("lose-dirty", .loseDirty, "forget a page's dirty bit when it is unmapped: a write before an invalidation is lost"),
+        (
+            "lose-dirty", .loseDirty,
+            "forget a page's dirty bit when it is unmapped: a write before an invalidation is lost"
+        ),
     ]
 
     public init?(name: String) {

@@ -69,8 +69,9 @@ public struct GroupAssembler: Sendable {
             // Cookie 0 is malformed too, and answered with cookie 0: a device that sent
             // one must not wait forever for its answer.
             let cookie = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 36, as: UInt32.self))
-            return fail(group: Int(group & PageRequest.maxGroupIndex), cookie: cookie, .malformed,
-                        last: flags & PageRequest.Flags.lastPage.rawValue != 0)
+            return fail(
+                group: Int(group & PageRequest.maxGroupIndex), cookie: cookie, .malformed,
+                last: flags & PageRequest.Flags.lastPage.rawValue != 0)
         }
         records += 1
         let g = Int(request.groupIndex)

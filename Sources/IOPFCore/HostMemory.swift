@@ -5,7 +5,6 @@
 // Addresses are host virtual addresses, page aligned; runs are `[address, address +
 // pageCount * 4 KiB)`.
 
-
 public struct HostMemoryError: Error, Sendable, Equatable, CustomStringConvertible {
     public var address: UInt64
     public var reason: String
@@ -167,14 +166,17 @@ public final class SimulatedHostMemory: HostMemory {
         state.withLock { s in
             for i in 0..<pageCount {
                 let page = address + UInt64(i) << pageShift
-                guard let n = s.pinned[page] else { preconditionFailure("unpin of page \(hex(page)), which is not pinned") }
+                guard let n = s.pinned[page] else {
+                    preconditionFailure("unpin of page \(hex(page)), which is not pinned")
+                }
                 s.pinned[page] = n == 1 ? nil : n - 1
             }
         }
     }
     public var resolveCalls: Int { state.withLock { $0.resolveCalls } }
 
-    public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
+    public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError)
+    {
         let end = address + UInt64(pageCount) << pageShift
         let (hook, bad) = state.withLock { s in
             s.resolveCalls += 1

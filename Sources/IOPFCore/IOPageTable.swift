@@ -167,7 +167,9 @@ public final class IOPageTable: @unchecked Sendable {
     /// Unaligned or zero `iova`/`size` unmaps nothing. Removed leaves and emptied table pages
     /// go on `gather`; the caller syncs (as `iommu_unmap_fast`).
     public func unmap(iova: UInt64, size: UInt64, gather: inout IOTLBGather) -> UInt64 {
-        guard !testsOnly_refuseUnmap, size > 0, isPageAligned(iova), isPageAligned(size), iova < Self.iovaLimit else { return 0 }
+        guard !testsOnly_refuseUnmap, size > 0, isPageAligned(iova), isPageAligned(size), iova < Self.iovaLimit else {
+            return 0
+        }
         let end = min(iova.addingReportingOverflow(size).overflow ? Self.iovaLimit : iova + size, Self.iovaLimit)
         let reached = unmap(page: root, level: 0, from: iova, end: end, gather: &gather).reached
         return reached - iova
@@ -203,7 +205,8 @@ public final class IOPageTable: @unchecked Sendable {
             } else {
                 let child = PTE.child(e)
                 let entryEnd = (pos & ~(entrySize - 1)) + entrySize
-                let (reached, stopped) = unmap(page: child, level: level + 1, from: pos, end: min(end, entryEnd), gather: &gather)
+                let (reached, stopped) = unmap(
+                    page: child, level: level + 1, from: pos, end: min(end, entryEnd), gather: &gather)
                 if pool.isEmpty(child) {
                     pool.store(page, i, 0)
                     pool.unlinked(child)
@@ -251,11 +254,14 @@ public final class IOPageTable: @unchecked Sendable {
     /// the bytes of the leaves changed. Writer side only; walkers see either entry.
     public func writeProtect(iova: UInt64, size: UInt64, gather: inout IOTLBGather) -> UInt64 {
         guard size > 0, let last = lastAddress(start: iova, size: size), iova < Self.iovaLimit else { return 0 }
-        return writeProtect(page: root, level: 0, base: 0, first: iova, last: min(last, Self.iovaLimit - 1), gather: &gather)
+        return writeProtect(
+            page: root, level: 0, base: 0, first: iova, last: min(last, Self.iovaLimit - 1), gather: &gather)
     }
 
-    private func writeProtect(page: TablePageID, level: Int, base: UInt64, first: UInt64, last: UInt64,
-                              gather: inout IOTLBGather) -> UInt64 {
+    private func writeProtect(
+        page: TablePageID, level: Int, base: UInt64, first: UInt64, last: UInt64,
+        gather: inout IOTLBGather
+    ) -> UInt64 {
         let shift = Self.shift(level: level)
         let span: UInt64 = 1 << shift
         let lo = first > base ? Int((first - base) >> shift) : 0
@@ -274,7 +280,8 @@ public final class IOPageTable: @unchecked Sendable {
                 gather.add(range, pageSize: span)
                 changed += span
             } else {
-                changed += writeProtect(page: PTE.child(e), level: level + 1, base: entryIOVA, first: first, last: last, gather: &gather)
+                changed += writeProtect(
+                    page: PTE.child(e), level: level + 1, base: entryIOVA, first: first, last: last, gather: &gather)
             }
         }
         return changed
@@ -354,7 +361,9 @@ public final class IOPageTable: @unchecked Sendable {
         try forEachLeaf(page: root, level: 0, base: 0, body)
     }
 
-    private func forEachLeaf(page: TablePageID, level: Int, base: UInt64, _ body: (UInt64, Translation) throws -> Void) rethrows {
+    private func forEachLeaf(page: TablePageID, level: Int, base: UInt64, _ body: (UInt64, Translation) throws -> Void)
+        rethrows
+    {
         let shift = Self.shift(level: level)
         for i in 0..<TablePagePool.entriesPerPage {
             let e = pool.load(page, i)

@@ -41,8 +41,9 @@ extension FaultEngine {
             let bits = s.mappings.byIOVA.reduce(0) { $0 + $1.iopfMapped.population }
             // A REMOVE visits only active mappings: one with pages mapped must be among them.
             for m in s.mappings.byIOVA where !m.pinned && !m.iopfMapped.isEmpty && !m.isActive {
-                report(.bitWithoutLeaf,
-                       "\(m.id) has \(m.iopfMapped.population) pages mapped but is not in the active index")
+                report(
+                    .bitWithoutLeaf,
+                    "\(m.id) has \(m.iopfMapped.population) pages mapped but is not in the active index")
             }
             for (d, table) in s.domains.enumerated() {
                 var leafPages = 0
@@ -50,32 +51,60 @@ extension FaultEngine {
                     let pages = Int(t.pageSize.bytes >> pageShift)
                     leafPages += pages
                     guard let m = s.mappings.mapping(containing: iova), iova + t.pageSize.bytes - 1 <= m.iovaLast else {
-                        report(.leafOutsideMapping, "domain#\(d) has a \(t.pageSize) leaf at \(hex(iova)) outside every live mapping")
+                        report(
+                            .leafOutsideMapping,
+                            "domain#\(d) has a \(t.pageSize) leaf at \(hex(iova)) outside every live mapping")
                         return
                     }
-                    if let gone = m.hostGone, gone.population(in: m.pageIndex(iova: iova)..<(m.pageIndex(iova: iova) + pages)) > 0 {
-                        report(.leafOnGoneMemory, "domain#\(d) maps iova \(hex(iova)) of \(m.id), whose host memory is gone")
+                    if let gone = m.hostGone,
+                        gone.population(in: m.pageIndex(iova: iova)..<(m.pageIndex(iova: iova) + pages)) > 0
+                    {
+                        report(
+                            .leafOnGoneMemory,
+                            "domain#\(d) maps iova \(hex(iova)) of \(m.id), whose host memory is gone")
                     }
                     let first = m.pageIndex(iova: iova)
                     if let dirty = m.dirty, m.prot.contains(.write) {
                         if t.prot != m.prot && t.prot != m.prot.subtracting(.write) {
-                            report(.wrongPermission,
-                                   "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot) (dirty-tracked)")
+                            report(
+                                .wrongPermission,
+                                """
+                                domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot) \
+                                (dirty-tracked)
+                                """
+                            )
                         } else if t.prot.contains(.write) && dirty.population(in: first..<(first + pages)) != pages {
-                            report(.writableButClean, "domain#\(d) leaf at \(hex(iova)) is writable but \(m.id) logs it clean: "
-                                + "a write there would be lost")
+                            report(
+                                .writableButClean,
+                                "domain#\(d) leaf at \(hex(iova)) is writable but \(m.id) logs it clean: "
+                                    + "a write there would be lost")
                         }
                     } else if t.prot != m.prot {
-                        report(.wrongPermission, "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot)")
+                        report(
+                            .wrongPermission, "domain#\(d) leaf at \(hex(iova)) is \(t.prot), \(m.id) grants \(m.prot)")
                     }
                     let set = m.iopfMapped.population(in: first..<(first + pages))
                     if set != pages {
-                        report(.leafWithoutBit, "domain#\(d) leaf at \(hex(iova)) (\(t.pageSize)): \(pages - set) of its pages have no bit in \(m.id)")
+                        report(
+                            .leafWithoutBit,
+                            """
+                            domain#\(d) leaf at \(hex(iova)) (\(t.pageSize)): \(pages - set) of its pages have no \
+                            bit in \(m.id)
+                            """
+                        )
                     }
                     for k in 0..<pages {
                         let host = m.hostAddress(page: first + k)
-                        if let expected = memory.currentPhysical(of: host), expected != t.phys + UInt64(k) << pageShift {
-                            report(.wrongPhysical, "domain#\(d) maps iova \(hex(m.iova(page: first + k))) to \(hex(t.phys + UInt64(k) << pageShift)), host page \(hex(host)) is at \(hex(expected))")
+                        if let expected = memory.currentPhysical(of: host), expected != t.phys + UInt64(k) << pageShift
+                        {
+                            report(
+                                .wrongPhysical,
+                                """
+                                domain#\(d) maps iova \(hex(m.iova(page: first + k))) to \
+                                \(hex(t.phys + UInt64(k) << pageShift)), host page \(hex(host)) is at \
+                                \(hex(expected))
+                                """
+                            )
                             break
                         }
                     }
@@ -84,11 +113,25 @@ extension FaultEngine {
                     report(.bitWithoutLeaf, "domain#\(d) maps \(leafPages) pages but \(bits) bits are set")
                 }
                 if table.pool.freedBeforeSync > 0 {
-                    report(.tablePageFreedBeforeSync, "domain#\(d): \(table.pool.freedBeforeSync) table pages returned to the pool before their gather was synced")
+                    report(
+                        .tablePageFreedBeforeSync,
+                        """
+                        domain#\(d): \(table.pool.freedBeforeSync) table pages returned to the pool before their \
+                        gather was synced
+                        """
+                    )
                 }
                 let reachable = table.reachableTablePages
-                if table.tablePageAllocations != table.tablePageFrees + table.liveTablePages || reachable != table.liveTablePages {
-                    report(.tablePageLeak, "domain#\(d): \(table.tablePageAllocations) table pages allocated, \(table.tablePageFrees) freed, \(table.liveTablePages) live, \(reachable) reachable")
+                if table.tablePageAllocations != table.tablePageFrees + table.liveTablePages
+                    || reachable != table.liveTablePages
+                {
+                    report(
+                        .tablePageLeak,
+                        """
+                        domain#\(d): \(table.tablePageAllocations) table pages allocated, \(table.tablePageFrees) \
+                        freed, \(table.liveTablePages) live, \(reachable) reachable
+                        """
+                    )
                 }
             }
             return out

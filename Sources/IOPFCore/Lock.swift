@@ -35,7 +35,9 @@ public final class Lock<Value>: @unchecked Sendable {
 
     /// Runs `body` with the value while holding the lock. Not reentrant.
     @inlinable @inline(__always)
-    public func withLock<Result, E: Error>(_ body: (inout sending Value) throws(E) -> sending Result) throws(E) -> sending Result {
+    public func withLock<Result, E: Error>(_ body: (inout sending Value) throws(E) -> sending Result) throws(E)
+        -> sending Result
+    {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body(&value.pointee)

@@ -197,8 +197,9 @@ public struct PageBitmap: Sendable {
     /// The last clear bit in `from..<to`, or `from - 1` when there is none (a run of set
     /// bits ending at `to` reaches back to the result + 1).
     public func findPreviousClear(from: Int, to: Int) -> Int {
-        precondition(from >= 0 && from <= to && to <= count,
-                     "findPrevious in \(from)..<\(to) is outside the bitmap of \(count) pages")
+        precondition(
+            from >= 0 && from <= to && to <= count,
+            "findPrevious in \(from)..<\(to) is outside the bitmap of \(count) pages")
         var hi = to
         while hi > from {
             let w = (hi - 1) &>> 6

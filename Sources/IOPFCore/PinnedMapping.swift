@@ -25,7 +25,9 @@ extension FaultEngine {
     /// Maps `[iova, iova + size)` to host memory at `vaddr`, pinned and fully mapped
     /// before it returns. Throws with the reason on any failure, leaving nothing behind.
     @discardableResult
-    public func mapPinned(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws -> (MappingID, PinStatistics) {
+    public func mapPinned(iova: UInt64, vaddr: UInt64, size: UInt64, prot: Protection) throws -> (
+        MappingID, PinStatistics
+    ) {
         // Inserted as `populating`: until this call returns, unmap and update refuse it
         // (busy), so nothing can remove it while its pages are pinned outside the lock.
         let m = try state.withLock { s throws in
@@ -63,7 +65,8 @@ extension FaultEngine {
                 lockedMemory.uncharge(pages: refund)
                 stats.chargedPages -= refund
                 for (k, page) in pages.enumerated() {
-                    if let r = run, r.chargeable == page.chargeable, r.phys + UInt64(r.count) << pageShift == page.phys {
+                    if let r = run, r.chargeable == page.chargeable, r.phys + UInt64(r.count) << pageShift == page.phys
+                    {
                         run!.count += 1
                         continue
                     }
@@ -89,8 +92,9 @@ extension FaultEngine {
                 return true
             }
             guard unwound else {
-                throw PinError(iova: iova, size: size, pinnedBeforeFailure: pinned,
-                               underlying: "\(error), and undoing it failed: \(failure.map { "\($0)" } ?? "")", released: false)
+                throw PinError(
+                    iova: iova, size: size, pinnedBeforeFailure: pinned,
+                    underlying: "\(error), and undoing it failed: \(failure.map { "\($0)" } ?? "")", released: false)
             }
             if pinned > 0 { memory.unpin(address: vaddr, pageCount: pinned) }
             lockedMemory.uncharge(pages: stats.chargedPages)
@@ -106,7 +110,9 @@ extension FaultEngine {
     }
 
     /// Maps one physically contiguous run into every domain and marks it mapped.
-    private func mapPinnedRun(_ m: DMAMapping, _ first: Int, _ phys: UInt64, _ count: Int, _ stats: inout PinStatistics) throws {
+    private func mapPinnedRun(_ m: DMAMapping, _ first: Int, _ phys: UInt64, _ count: Int, _ stats: inout PinStatistics)
+        throws
+    {
         try state.withLock { s throws in
             let iova = m.iova(page: first)
             let bytes = UInt64(count) << pageShift
@@ -140,7 +146,8 @@ public struct PinError: Error, Sendable, CustomStringConvertible {
     public var released = true
     public var description: String {
         "pinned map of [\(hex(iova)), +\(hex(size))) failed after pinning \(pinnedBeforeFailure) pages: \(underlying); "
-            + (released ? "everything this call pinned, charged and mapped was released"
+            + (released
+                ? "everything this call pinned, charged and mapped was released"
                 : "its pages stay pinned and charged because a device may still reach them")
     }
 }

@@ -9,7 +9,8 @@ import IOPFWire
 final class ControlConnection {
     let control: CInt
     private var nextID: UInt16 = 0
-    private let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes, alignment: 8)
+    private let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(
+        byteCount: WireLimits.maxMessageBytes, alignment: 8)
     private(set) var granted: HelloReply?
     private var closed = false
 
@@ -67,7 +68,9 @@ final class ControlConnection {
         }
         if header.isError {
             for fd in got.fds { Sys.close(fd) }
-            let text = bytes.withUnsafeBytes { Wire.errorText(UnsafeRawBufferPointer(rebasing: $0[MessageHeader.byteCount...])) }
+            let text = bytes.withUnsafeBytes {
+                Wire.errorText(UnsafeRawBufferPointer(rebasing: $0[MessageHeader.byteCount...]))
+            }
             throw .refused(command, errno: header.error, text: text)
         }
         return (bytes, got.fds)

@@ -107,19 +107,22 @@ public final class DeviceClient: @unchecked Sendable {
         }
         guard fds.count == reply.fdCount else {
             for fd in fds { Sys.close(fd) }
-            throw .protocolViolation("ATTACH reply carried \(fds.count) descriptors, its payload names \(reply.fdCount)")
+            throw .protocolViolation(
+                "ATTACH reply carried \(fds.count) descriptors, its payload names \(reply.fdCount)")
         }
         invalidation = fds[0]
         let channelFDs = Array(fds[1..<(1 + reply.channel.fdCount)])
         let regionFDs = Array(fds[(1 + reply.channel.fdCount)...])
         do {
-            let ends: DeviceChannelEnds = reply.channel == .sharedRing
+            let ends: DeviceChannelEnds =
+                reply.channel == .sharedRing
                 ? .shared(queue: channelFDs[0], doorbell: channelFDs[1], wake: channelFDs[2])
                 : .stream(read: channelFDs[0], write: channelFDs[0])
             let channel = try DeviceChannel(ends)
             let memory = try DeviceMemory(Array(zip(reply.regions, regionFDs)))
-            return DeviceAttachment(credit: Int(reply.credit), windows: reply.windows, memory: memory, channel: channel,
-                              invalidateTimeoutMs: reply.invalidateTimeoutMs)
+            return DeviceAttachment(
+                credit: Int(reply.credit), windows: reply.windows, memory: memory, channel: channel,
+                invalidateTimeoutMs: reply.invalidateTimeoutMs)
         } catch {
             throw .system(error)
         }
@@ -127,8 +130,9 @@ public final class DeviceClient: @unchecked Sendable {
 
     /// Asks for the translations of `pages` pages from `iova`.
     public func translate(iova: UInt64, pages: Int) throws(DeviceClientError) -> TranslateReply {
-        let (bytes, _) = try connection.request(Translate(iova: iova, pages: UInt32(pages)).message(id: connection.takeID()),
-                                                expecting: .translate)
+        let (bytes, _) = try connection.request(
+            Translate(iova: iova, pages: UInt32(pages)).message(id: connection.takeID()),
+            expecting: .translate)
         let reply: TranslateReply
         do { reply = try TranslateReply(message: bytes) } catch { throw .protocolViolation("\(error)") }
         guard reply.entries.count == pages else {
@@ -151,7 +155,9 @@ public final class DeviceClient: @unchecked Sendable {
                 invalidationsDone.signal()
             }
             while true {
-                guard let got = try? Sys.receive(fd, into: buffer, maxFDs: 0, nonBlocking: false), got.count > 0 else { return }
+                guard let got = try? Sys.receive(fd, into: buffer, maxFDs: 0, nonBlocking: false), got.count > 0 else {
+                    return
+                }
                 let message = UnsafeRawBufferPointer(rebasing: buffer[..<got.count])
                 let payload = UnsafeRawBufferPointer(rebasing: message[min(MessageHeader.byteCount, message.count)...])
                 guard let header = try? MessageHeader(message: message), !header.isReply else { return }

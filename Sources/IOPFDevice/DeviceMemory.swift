@@ -17,7 +17,8 @@ final class MappedRegion: @unchecked Sendable {
     /// Maps `info.size` bytes of `fd` (which must be at least that large); the fd is not kept.
     init(_ info: MemoryRegionInfo, fd: CInt) throws(SystemCallError) {
         guard try Sys.fileSize(fd) >= info.size else {
-            throw SystemCallError("region at \(hex(info.phys)): its memfd is smaller than \(info.size) bytes", .invalidArgument)
+            throw SystemCallError(
+                "region at \(hex(info.phys)): its memfd is smaller than \(info.size) bytes", .invalidArgument)
         }
         let p = mmap(nil, Int(info.size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         guard let p, p != MAP_FAILED else { throw SystemCallError("mmap(region)", .init(rawValue: Glibc.errno)) }

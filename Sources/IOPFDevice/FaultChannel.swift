@@ -105,7 +105,9 @@ public final class DeviceChannel: @unchecked Sendable {
                     if q.load(.serviceClosed) != 0 { throw SystemCallError("send", .brokenPipe) }
                     let now = ContinuousClock.now
                     if deadline == nil { deadline = now + .seconds(5) }
-                    if now > deadline! { throw SystemCallError("send: the request ring stayed full for 5 s", .timedOut) }
+                    if now > deadline! {
+                        throw SystemCallError("send: the request ring stayed full for 5 s", .timedOut)
+                    }
                     sched_yield()
                 }
                 r.encode(into: q.requestSlot(requestTail))
@@ -167,7 +169,9 @@ public final class DeviceChannel: @unchecked Sendable {
         return out
     }
 
-    private func receiveShared(_ q: SharedQueue, wake: CInt, spinNanoseconds: Int64, timeoutMs: CInt) throws -> [PageResponse]? {
+    private func receiveShared(_ q: SharedQueue, wake: CInt, spinNanoseconds: Int64, timeoutMs: CInt) throws
+        -> [PageResponse]?
+    {
         let spinStart = ContinuousClock.now
         let spinUntil = spinStart + .nanoseconds(spinNanoseconds)
         var slept = false
@@ -197,14 +201,16 @@ public final class DeviceChannel: @unchecked Sendable {
         }
     }
 
-    private func receiveStream(_ readFD: CInt, spinNanoseconds: Int64, timeoutMs: CInt, waits: Bool = true) throws -> [PageResponse]? {
+    private func receiveStream(_ readFD: CInt, spinNanoseconds: Int64, timeoutMs: CInt, waits: Bool = true) throws
+        -> [PageResponse]?
+    {
         let spinUntil = ContinuousClock.now + .nanoseconds(spinNanoseconds)
         var slept = false
         while true {
             let n = try receiveBuffer.withUnsafeMutableBytes { (b) throws(SystemCallError) -> Int in
                 do throws(SystemCallError) {
                     return try Sys.read(readFD, UnsafeMutableRawBufferPointer(rebasing: b[received...]))
-                } catch where error.errno == .wouldBlock {
+                } catch  where error.errno == .wouldBlock {
                     return -1
                 }
             }
@@ -218,7 +224,9 @@ public final class DeviceChannel: @unchecked Sendable {
                 try receiveBuffer.withUnsafeBytes { b in
                     for i in 0..<whole {
                         let start = i * PageResponse.byteCount
-                        out.append(try PageResponse(bytes: UnsafeRawBufferPointer(rebasing: b[start..<(start + PageResponse.byteCount)])))
+                        out.append(
+                            try PageResponse(
+                                bytes: UnsafeRawBufferPointer(rebasing: b[start..<(start + PageResponse.byteCount)])))
                     }
                 }
                 let used = whole * PageResponse.byteCount

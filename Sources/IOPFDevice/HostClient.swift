@@ -49,33 +49,39 @@ public final class HostClient: @unchecked Sendable {
     /// HOST: hands over the address space. `memfds[k]` backs the regions whose `fdIndex`
     /// is k. The service keeps its own copies of the descriptors.
     /// Devices of this process's uid may attach to it, and of each uid in `allowedUIDs`.
-    public func declare(name: String, regions: [HostRegionEntry], userfaultfd: CInt, memfds: [CInt],
-                        allowedUIDs: [UInt32] = []) throws(DeviceClientError) {
+    public func declare(
+        name: String, regions: [HostRegionEntry], userfaultfd: CInt, memfds: [CInt],
+        allowedUIDs: [UInt32] = []
+    ) throws(DeviceClientError) {
         let declaration = HostDeclaration(name: name, regions: regions, allowedUIDs: allowedUIDs)
-        _ = try connection.request(declaration.message(id: connection.takeID()),
-                                   fds: [userfaultfd] + memfds, expecting: .host)
+        _ = try connection.request(
+            declaration.message(id: connection.takeID()),
+            fds: [userfaultfd] + memfds, expecting: .host)
     }
 
     /// DMA_MAP: `[iova, iova + size)` → host addresses from `hostAddress`.
     public func map(iova: UInt64, hostAddress: UInt64, size: UInt64, prot: Protection) throws(DeviceClientError) {
         let flags = (prot.contains(.read) ? DMAMapRequest.read : 0) | (prot.contains(.write) ? DMAMapRequest.write : 0)
-        _ = try connection.request(DMAMapRequest(iova: iova, hostAddress: hostAddress, size: size, flags: flags)
-            .message(id: connection.takeID()), expecting: .dmaMap)
+        _ = try connection.request(
+            DMAMapRequest(iova: iova, hostAddress: hostAddress, size: size, flags: flags)
+                .message(id: connection.takeID()), expecting: .dmaMap)
     }
 
     /// DMA_MAP with VADDR: the mapping `[iova, iova + size)` now lives at `hostAddress`.
     /// Returns once every device dropped translations to the old addresses.
     public func updateHostAddress(iova: UInt64, size: UInt64, hostAddress: UInt64) throws(DeviceClientError) {
-        _ = try connection.request(DMAMapRequest(iova: iova, hostAddress: hostAddress, size: size, flags: DMAMapRequest.vaddr)
-            .message(id: connection.takeID()), expecting: .dmaMap)
+        _ = try connection.request(
+            DMAMapRequest(iova: iova, hostAddress: hostAddress, size: size, flags: DMAMapRequest.vaddr)
+                .message(id: connection.takeID()), expecting: .dmaMap)
     }
 
     /// DMA_UNMAP: removes the whole mappings inside the range; returns the bytes unmapped,
     /// once every device dropped their translations.
     @discardableResult
     public func unmap(iova: UInt64, size: UInt64) throws(DeviceClientError) -> UInt64 {
-        let (bytes, _) = try connection.request(DMAUnmapRequest(iova: iova, size: size).message(id: connection.takeID()),
-                                                expecting: .dmaUnmap)
+        let (bytes, _) = try connection.request(
+            DMAUnmapRequest(iova: iova, size: size).message(id: connection.takeID()),
+            expecting: .dmaUnmap)
         do { return try DMAUnmapReply(message: bytes).bytes } catch { throw .protocolViolation("\(error)") }
     }
 

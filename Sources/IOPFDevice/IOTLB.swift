@@ -70,4 +70,3 @@ public final class DeviceIOTLB: Sendable {
 
     public var cachedCount: Int { state.withLock { $0.slots.reduce(0) { $1.page == .max ? $0 : $0 + 1 } } }
 }
-

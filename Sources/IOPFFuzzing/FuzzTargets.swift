@@ -32,8 +32,10 @@ package enum FuzzTargets {
     /// suite when IOPF_WRITE_FUZZ_SEEDS=1, and compared with what is checked in.
     package static func seeds(_ name: String) -> [[UInt8]] {
         let record = { (page: UInt64, last: Bool, group: UInt32, cookie: UInt32) in
-            PageRequest(flags: last ? [.lastPage] : [], deviceID: 1, groupIndex: group, perm: [.read, .write],
-                        addr: page << 12, cookie: cookie).bytes
+            PageRequest(
+                flags: last ? [.lastPage] : [], deviceID: 1, groupIndex: group, perm: [.read, .write],
+                addr: page << 12, cookie: cookie
+            ).bytes
         }
         func payload<P: WirePayload>(_ p: P, tag: UInt8) -> [UInt8] {
             var w = WireWriter()
@@ -46,20 +48,32 @@ package enum FuzzTargets {
             response.withUnsafeMutableBytes { PageResponse(cookie: 7, code: .invalid).encode(into: $0) }
             return [record(1, true, 0, 1), record(0x12345, false, 511, 9) + record(0x12346, true, 511, 9), response]
         case "group-assembly":
-            return [[3, 0] + record(1, false, 4, 2) + record(2, true, 4, 2),
-                    [0, 0] + record(1, true, 1, 1) + record(1, true, 1, 1) + record(5, false, 2, 3)]
+            return [
+                [3, 0] + record(1, false, 4, 2) + record(2, true, 4, 2),
+                [0, 0] + record(1, true, 1, 1) + record(1, true, 1, 1) + record(5, false, 2, 3),
+            ]
         case "message":
             var seeds = [Hello().message(id: 1), Attach(deviceID: 3, pasid: 5, addressSpaceName: "vm0").message(id: 2)]
-            seeds += [payload(Hello(role: .host), tag: 0), payload(Attach(deviceID: 1, credit: 8), tag: 2),
-                      payload(Translate(iova: 1 << 30, pages: 4), tag: 4),
-                      payload(Invalidate(sequence: 1, pasid: nil, ranges: [(1 << 30, (1 << 30) + 4095)]), tag: 6),
-                      payload(HostDeclaration(name: "vm0", regions: [HostRegionEntry(hostAddress: 0x7f00_0000_0000, size: 1 << 21,
-                                                                                       fdOffset: 0, fdIndex: 0)]), tag: 8),
-                      payload(DMAMapRequest(iova: 1 << 30, hostAddress: 0x7f00_0000_0000, size: 1 << 21, flags: 3), tag: 9),
-                      payload(DMAUnmapRequest(iova: 1 << 30, size: 1 << 21), tag: 10)]
+            seeds += [
+                payload(Hello(role: .host), tag: 0), payload(Attach(deviceID: 1, credit: 8), tag: 2),
+                payload(Translate(iova: 1 << 30, pages: 4), tag: 4),
+                payload(Invalidate(sequence: 1, pasid: nil, ranges: [(1 << 30, (1 << 30) + 4095)]), tag: 6),
+                payload(
+                    HostDeclaration(
+                        name: "vm0",
+                        regions: [
+                            HostRegionEntry(
+                                hostAddress: 0x7f00_0000_0000, size: 1 << 21,
+                                fdOffset: 0, fdIndex: 0)
+                        ]), tag: 8),
+                payload(DMAMapRequest(iova: 1 << 30, hostAddress: 0x7f00_0000_0000, size: 1 << 21, flags: 3), tag: 9),
+                payload(DMAUnmapRequest(iova: 1 << 30, size: 1 << 21), tag: 10),
+            ]
             let miss = VhostUser.IOTLBMessage(iova: 1 << 30, size: 0, userAddress: 0, permission: 3, kind: .miss)
-            seeds += [VhostUser.message(1, flags: .needsReply, payload: miss.bytes),
-                      VhostUser.message(.getFeatures, flags: .reply, payload: VhostUser.u64(1 << 33))]
+            seeds += [
+                VhostUser.message(1, flags: .needsReply, payload: miss.bytes),
+                VhostUser.message(.getFeatures, flags: .reply, payload: VhostUser.u64(1 << 33)),
+            ]
             return seeds
         case "uffd-events":
             func msg(_ event: Int32, _ a: UInt64, _ b: UInt64, _ c: UInt64, move: Bool) -> [UInt8] {
@@ -74,12 +88,16 @@ package enum FuzzTargets {
                 return m
             }
             let host: UInt64 = 0x7000_0000_0000
-            return [msg(Int32(UFFD_EVENT_REMOVE), host, host + 0x4000, 0, move: false),
-                    msg(Int32(UFFD_EVENT_UNMAP), host + 0x2000, host + 0x30000, 0, move: true)
-                        + msg(Int32(UFFD_EVENT_REMAP), host, host + 0x100_0000, 0x8000, move: false)]
+            return [
+                msg(Int32(UFFD_EVENT_REMOVE), host, host + 0x4000, 0, move: false),
+                msg(Int32(UFFD_EVENT_UNMAP), host + 0x2000, host + 0x30000, 0, move: true)
+                    + msg(Int32(UFFD_EVENT_REMAP), host, host + 0x100_0000, 0x8000, move: false),
+            ]
         case "shared-ring":
-            return [[2, 0, 0, 0, 0, 7, 0, 0] + record(1, false, 3, 4) + record(2, true, 3, 4),
-                    [1, 0, 0, 0, 1, 0, 0, 0] + record(9, true, 0, 1)]
+            return [
+                [2, 0, 0, 0, 0, 7, 0, 0] + record(1, false, 3, 4) + record(2, true, 3, 4),
+                [1, 0, 0, 0, 1, 0, 0, 0] + record(9, true, 0, 1),
+            ]
         default:
             return []
         }
@@ -120,7 +138,9 @@ package enum FuzzTargets {
         var open: [PageRequestGroup] = []
         while at + PageRequest.byteCount <= data.count {
             if let g = a.add(UnsafeRawBufferPointer(rebasing: data[at..<(at + PageRequest.byteCount)])) {
-                check(g.counted == g.requests.count && g.requests.count <= credit, "a group of \(g.requests.count) requests, credit \(credit)")
+                check(
+                    g.counted == g.requests.count && g.requests.count <= credit,
+                    "a group of \(g.requests.count) requests, credit \(credit)")
                 open.append(g)
                 // Answer some groups at once, keep others outstanding.
                 if data[at] & 1 == 0 { a.answered(open.removeFirst()) }
@@ -147,7 +167,9 @@ package enum FuzzTargets {
             guard let p = try? P(payload: payload) else { return }
             var w = WireWriter()
             p.encode(into: &w)
-            check((try? P(payload: w.bytes.withUnsafeBytes { UnsafeRawBufferPointer($0) })) == p, "\(P.self) does not round-trip")
+            check(
+                (try? P(payload: w.bytes.withUnsafeBytes { UnsafeRawBufferPointer($0) })) == p,
+                "\(P.self) does not round-trip")
         }
         switch data[0] % 13 {
         case 0: roundTrip(Hello.self)
@@ -173,14 +195,17 @@ package enum FuzzTargets {
             check(h.size <= VhostUser.maxPayloadBytes, "a vhost-user header decoded with a size past the limit")
         }
         if let v = try? VhostUser.decodeU64Reply(to: .getFeatures, data), let h = try? VhostUser.Header(bytes: data) {
-            check(Array(data) == VhostUser.message(.getFeatures, flags: h.flags, payload: VhostUser.u64(v)),
-                  "a u64 reply does not round-trip")
+            check(
+                Array(data) == VhostUser.message(.getFeatures, flags: h.flags, payload: VhostUser.u64(v)),
+                "a u64 reply does not round-trip")
         }
         if let m = try? VhostUser.BackendMessage(bytes: data) {
-            let again = VhostUser.message(VhostUser.BackendRequest.iotlbMessage.rawValue,
-                                          flags: m.needsReply ? .needsReply : [], payload: m.iotlb.bytes)
-            check((try? again.withUnsafeBytes { try VhostUser.BackendMessage(bytes: $0) }) == m,
-                  "a back-end IOTLB message does not round-trip")
+            let again = VhostUser.message(
+                VhostUser.BackendRequest.iotlbMessage.rawValue,
+                flags: m.needsReply ? .needsReply : [], payload: m.iotlb.bytes)
+            check(
+                (try? again.withUnsafeBytes { try VhostUser.BackendMessage(bytes: $0) }) == m,
+                "a back-end IOTLB message does not round-trip")
         }
     }
 
@@ -195,8 +220,11 @@ package enum FuzzTargets {
         check(engine.mappedPageCount == 0, "pages still marked after unmapping the only mapping")
         _ = try? engine.map(iova: 1 << 30, vaddr: host, size: 64 << 12, prot: .readWrite)
         for p in stride(from: 0, to: 64, by: 3) {
-            _ = handler.handle([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 0, perm: [.read],
-                                            addr: (1 << 30) + UInt64(p) << 12, cookie: 1)])
+            _ = handler.handle([
+                PageRequest(
+                    flags: [.lastPage], deviceID: 1, groupIndex: 0, perm: [.read],
+                    addr: (1 << 30) + UInt64(p) << 12, cookie: 1)
+            ])
         }
         let size = UserfaultfdSource.messageBytes
         var at = 0
@@ -211,7 +239,8 @@ package enum FuzzTargets {
             }
             let event = bytes.withUnsafeBytes { HostEvent($0) }
             if let (range, gone) = event.invalidation, range.lowerBound < range.upperBound {
-                _ = try? engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
+                _ = try? engine.invalidate(
+                    hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
             }
             at += size
         }

@@ -42,8 +42,11 @@ final class AttachedDevice {
     let engine: FaultEngine
     let handler: FaultHandler
 
-    init(token: TokenSource, deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int,
-         transport: any FaultTransport, windows: [DMAWindow] = [], space: HostSpace?, engine: FaultEngine, handler: FaultHandler) {
+    init(
+        token: TokenSource, deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int,
+        transport: any FaultTransport, windows: [DMAWindow] = [], space: HostSpace?, engine: FaultEngine,
+        handler: FaultHandler
+    ) {
         self.token = token
         self.space = space
         self.engine = engine
@@ -139,7 +142,8 @@ final class EventLoop {
     /// Over huge pages a full window (512 pages) sends this many blocks to the background.
     static let blocksPerFullWindow = 8
     /// Room for 16 userfaultfd messages per read.
-    let uffdBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 16 * UserfaultfdSource.messageBytes, alignment: 8)
+    let uffdBuffer = UnsafeMutableRawBufferPointer.allocate(
+        byteCount: 16 * UserfaultfdSource.messageBytes, alignment: 8)
 
     init(service: FaultService) throws {
         self.service = service
@@ -254,7 +258,8 @@ final class EventLoop {
     /// userfaultfd pitfall of a fault read before the event that logically precedes it).
     /// Handled completions become no-ops.
     private func takeHostEvents() {
-        for i in completions.indices where completions[i].token.kind == .hostEvent || completions[i].token.kind == .hostSpaceEvent {
+        for i in completions.indices
+        where completions[i].token.kind == .hostEvent || completions[i].token.kind == .hostSpaceEvent {
             let c = completions[i]
             completions[i].token.kind = .cancel
             if c.token.kind == .hostEvent { readHostEvents() } else { hostSpaceEvents(c) }
@@ -281,7 +286,9 @@ final class EventLoop {
             try ring.prepareRead(fd: service.doorbell, into: commandBuffer, token: RingToken(kind: .commands))
             for command in service.takeCommands() { try perform(command) }
         case .deviceRead, .deviceWrite, .doorbellRead, .doorbellPoll, .wake:
-            guard c.token.slot < devices.count, let d = devices[c.token.slot], d.generation == c.token.generation else { return }
+            guard c.token.slot < devices.count, let d = devices[c.token.slot], d.generation == c.token.generation else {
+                return
+            }
             if d.closing {
                 d.transport.dropped(c)
                 finishClosing(d)
@@ -330,7 +337,9 @@ final class EventLoop {
             case .unknownDevice: stats.unknownDevice += 1
             case .creditExceeded: stats.creditExceeded += 1
             }
-            if d.peer != nil { stats.protocolError(refusal == .malformed ? .badRecord : ProtocolErrorKind(rawValue: refusal.rawValue)!) }
+            if d.peer != nil {
+                stats.protocolError(refusal == .malformed ? .badRecord : ProtocolErrorKind(rawValue: refusal.rawValue)!)
+            }
         } else {
             stats.records += 1
         }
@@ -344,9 +353,11 @@ final class EventLoop {
             return
         }
         let last = group.requests[group.requests.count - 1].page
-        let window = d.faultAround.window(from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
+        let window = d.faultAround.window(
+            from: group.requests[0].page, to: last, policy: service.configuration.faultAround)
         let ahead = d.aheadInWindow(last, window)
-        let neighbours = ahead == 0 && d.windows.isEmpty
+        let neighbours =
+            ahead == 0 && d.windows.isEmpty
             ? d.faultAround.neighbours(policy: service.configuration.faultAround) : 0
         if ahead == 0 && !d.engine.configuration.blocksOnFault {
             // Nothing to map before the answer: handled with the turn's other such groups;
@@ -362,14 +373,16 @@ final class EventLoop {
         }
         handleBatch(d)  // earlier groups first
         let adaptive = service.configuration.faultAround == .adaptive
-        let outcome = d.handler.handle(group.requests, ahead: adaptive ? min(ahead, Self.syncPages) : ahead,
-                                       neighbours: neighbours)
+        let outcome = d.handler.handle(
+            group.requests, ahead: adaptive ? min(ahead, Self.syncPages) : ahead,
+            neighbours: neighbours)
         stats.prefetchedPages += outcome.prefetched
         let mappedAhead = max(ahead > 0 ? outcome.prefetched : 0, outcome.blockTail)
         var planned = mappedAhead
         if ahead > 0 && outcome.code == .success && adaptive {
-            planned = mapInBackground(d, after: last, window: ahead, mappedAhead: mappedAhead,
-                                      write: group.requests[group.requests.count - 1].wantsWrite)
+            planned = mapInBackground(
+                d, after: last, window: ahead, mappedAhead: mappedAhead,
+                write: group.requests[group.requests.count - 1].wantsWrite)
         }
         d.faultAround.record(iova: last, mappedAhead: planned)
         if neighbours > 0 { d.faultAround.recordNeighbours(mapped: outcome.prefetched) }
@@ -422,8 +435,10 @@ final class EventLoop {
     /// `blocksPerFullWindow` of them each once the window is full: a device outruns the
     /// population of a huge page, so only a wider synchronous part saves faults. Returns
     /// the pages the stream has ahead of `last`, mapped or being mapped.
-    private func mapInBackground(_ d: AttachedDevice, after last: UInt64, window: Int, mappedAhead: Int,
-                                 write: Bool) -> Int {
+    private func mapInBackground(
+        _ d: AttachedDevice, after last: UInt64, window: Int, mappedAhead: Int,
+        write: Bool
+    ) -> Int {
         d.prefetch = nil
         let blocks = d.engine.configuration.blocksOnFault
         func blockEnd(_ iova: UInt64) -> UInt64 { (iova + hugeBlockBytes - 1) & ~(hugeBlockBytes - 1) }
@@ -435,7 +450,8 @@ final class EventLoop {
         syncEnd = first + UInt64(d.aheadInWindow(last, Int((syncEnd - first) >> pageShift))) << pageShift
         let from = first + UInt64(mappedAhead) << pageShift
         if from < syncEnd {
-            let (mapped, stopped) = d.handler.mapAhead(from: from, pages: Int((syncEnd - from) >> pageShift), write: write)
+            let (mapped, stopped) = d.handler.mapAhead(
+                from: from, pages: Int((syncEnd - from) >> pageShift), write: write)
             stats.prefetchedPages += mapped
             if stopped { return Int((syncEnd - first) >> pageShift) }
         }
@@ -458,7 +474,8 @@ final class EventLoop {
             if !d.neighbourJobs.isEmpty {
                 if !d.closing {
                     for job in d.neighbourJobs {
-                        let mapped = d.handler.mapResidentAround(job.iova, pages: FaultAroundPolicy.neighbourPages, write: job.write)
+                        let mapped = d.handler.mapResidentAround(
+                            job.iova, pages: FaultAroundPolicy.neighbourPages, write: job.write)
                         stats.prefetchedPages += mapped
                         d.faultAround.recordNeighbours(mapped: mapped)
                     }
@@ -524,12 +541,15 @@ final class EventLoop {
 
     // MARK: Devices
 
-    func addDevice(deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int, transport: any FaultTransport,
-                   windows: [DMAWindow] = [], space: HostSpace? = nil) throws -> AttachedDevice {
+    func addDevice(
+        deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int, transport: any FaultTransport,
+        windows: [DMAWindow] = [], space: HostSpace? = nil
+    ) throws -> AttachedDevice {
         let slot = devices.firstIndex { $0 == nil } ?? devices.count
-        let d = AttachedDevice(token: TokenSource(slot: slot, generation: nextGeneration()), deviceID: deviceID, pasid: pasid,
-                               domain: domain, credit: credit, transport: transport, windows: windows, space: space,
-                               engine: space?.engine ?? engine, handler: space?.handler ?? handler)
+        let d = AttachedDevice(
+            token: TokenSource(slot: slot, generation: nextGeneration()), deviceID: deviceID, pasid: pasid,
+            domain: domain, credit: credit, transport: transport, windows: windows, space: space,
+            engine: space?.engine ?? engine, handler: space?.handler ?? handler)
         if slot == devices.count { devices.append(d) } else { devices[slot] = d }
         byGeneration[d.generation] = d
         if !transport.isShared { streamDevices += 1 }
@@ -579,7 +599,8 @@ final class EventLoop {
             }
             ticket.complete(.success(()))
         case .attach(let a):
-            _ = try addDevice(deviceID: a.deviceID, pasid: a.pasid, domain: a.domain, credit: a.credit, transport: a.transport)
+            _ = try addDevice(
+                deviceID: a.deviceID, pasid: a.pasid, domain: a.domain, credit: a.credit, transport: a.transport)
         case .listen(let fd, let path, let provisioner):
             if let old = listener { Sys.close(old.fd) }
             listener = (fd, path, provisioner)
@@ -599,7 +620,8 @@ final class EventLoop {
             }
         case .check(let ticket):
             service.publish(stats)
-            ticket.complete(.success(engine.checkInvariants() + hosts.compactMap { $0?.engine.checkInvariants() }.flatMap { $0 }))
+            ticket.complete(
+                .success(engine.checkInvariants() + hosts.compactMap { $0?.engine.checkInvariants() }.flatMap { $0 }))
         case .footprint(let ticket):
             var f = ServiceFootprint()
             let engines = [engine] + hosts.compactMap { $0?.engine }
@@ -659,7 +681,9 @@ final class EventLoop {
                 if bytes == 0 { break }
                 for i in 0..<(bytes / UserfaultfdSource.messageBytes) {
                     let at = i * UserfaultfdSource.messageBytes
-                    handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])))
+                    handle(
+                        HostEvent(
+                            UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])))
                 }
             }
             try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent))
@@ -694,12 +718,17 @@ final class EventLoop {
         if case .remap(let from, let to, let length) = event {
             PhysicalSpace.shared.moved(from: from, to: to, length: length)
             service.logger.info(
-                "host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID until its mapping's host address is updated")
+                """
+                host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID \
+                until its mapping's host address is updated
+                """
+            )
         }
         stats.count(event, source: "own")
         service.window.beginEvent(range)
         do {
-            _ = try engine.invalidate(hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
+            _ = try engine.invalidate(
+                hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
         } catch {
             stopGranting(error.description)  // the engine stopped itself; say so
         }
@@ -732,7 +761,9 @@ final class EventLoop {
             }
         }
         // Devices first, so that a host's teardown does not tell them their host went away.
-        for case let p? in peers where p.role == .device { closePeer(p, reason: "the service stopped", disconnected: false) }
+        for case let p? in peers where p.role == .device {
+            closePeer(p, reason: "the service stopped", disconnected: false)
+        }
         for case let p? in peers { closePeer(p, reason: "the service stopped", disconnected: false) }
         for case let d? in devices { detach(d, reason: "closed: the service stopped") }
         for case let b? in vhosts { closeVhost(b, reason: "closed: the service stopped", fenced: false) }

@@ -157,7 +157,9 @@ public struct ServiceStatistics: Sendable, Equatable {
         hostsEnded += 1
         while hosts.lazy.filter({ $0.ended != nil }).count > Self.keptEndedHosts {
             let gone = hosts.remove(at: hosts.firstIndex { $0.ended != nil }!)
-            if !hosts.contains(where: { $0.name == gone.name }), let n = uffdEventsBySource.removeValue(forKey: gone.name) {
+            if !hosts.contains(where: { $0.name == gone.name }),
+                let n = uffdEventsBySource.removeValue(forKey: gone.name)
+            {
                 uffdEventsBySource["ended hosts", default: 0] += n
             }
         }
@@ -204,8 +206,11 @@ public struct ServiceFootprint: Sendable, Equatable, Codable {
     public mutating func measureProcess() {
         let status = Sys.readText("/proc/self/status") ?? ""
         let rss = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") }
-        rssBytes = (rss.flatMap { UInt64($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") } ?? 0) << 10
-        fds = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 1) - 1  // less the one reading it
+        rssBytes =
+            (rss.flatMap { UInt64($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") }
+                ?? 0) << 10
+        // Less the one reading the directory.
+        fds = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 1) - 1
     }
 }
 
@@ -370,8 +375,10 @@ public final class FaultService: Sendable {
     /// The loop thread's id, for telling whether a caller is on it.
     let loopThread = Atomic<Int32>(0)
 
-    public init(engine: FaultEngine, configuration: ServiceConfiguration = ServiceConfiguration(),
-                logger: Logger = Logger(label: "iopf.service")) throws(ServiceError) {
+    public init(
+        engine: FaultEngine, configuration: ServiceConfiguration = ServiceConfiguration(),
+        logger: Logger = Logger(label: "iopf.service")
+    ) throws(ServiceError) {
         self.engine = engine
         self.configuration = configuration
         self.logger = logger
@@ -411,9 +418,10 @@ public final class FaultService: Sendable {
         throws(IOPageTableError) -> DomainID
     {
         let domain = try engine.createDomain(invalidator: nil, observer: observer)
-        engine.setInvalidator(DomainSync(domain: SyncDomain(space: 0, domain: domain), local: local, fences: fences) { [weak self] in
-            self?.isOnLoopThread ?? false
-        }, for: domain)
+        engine.setInvalidator(
+            DomainSync(domain: SyncDomain(space: 0, domain: domain), local: local, fences: fences) { [weak self] in
+                self?.isOnLoopThread ?? false
+            }, for: domain)
         return domain
     }
 
@@ -521,12 +529,14 @@ public final class FaultService: Sendable {
         }
         let made: (any FaultTransport, DeviceChannelEnds)
         do {
-            made = configuration.transport == .shared
+            made =
+                configuration.transport == .shared
                 ? try SharedRingTransport.make() : try StreamTransport.make(configuration.transport)
         } catch {
             throw .system(error)
         }
-        let attachment = InProcessAttachment(deviceID: deviceID, pasid: pasid, domain: domain, credit: credit, transport: made.0)
+        let attachment = InProcessAttachment(
+            deviceID: deviceID, pasid: pasid, domain: domain, credit: credit, transport: made.0)
         do {
             try send(.attach(attachment))
         } catch {
@@ -560,24 +570,29 @@ public final class FaultService: Sendable {
     /// invalidations reach it as IOTLB INVALIDATEs. Takes both descriptors (closed on a
     /// throw too). The memory table must give each region's physical base as its user
     /// address (VhostBackend.swift).
-    public func attachVhost(main: CInt, channel: CInt, domain: DomainID, deviceID: UInt32, runPages: Int = 512,
-                            faultAroundPages: Int = 16) throws(ServiceError) -> VhostDevice
-    {
+    public func attachVhost(
+        main: CInt, channel: CInt, domain: DomainID, deviceID: UInt32, runPages: Int = 512,
+        faultAroundPages: Int = 16
+    ) throws(ServiceError) -> VhostDevice {
         guard (1...(1 << 18)).contains(runPages), runPages & (runPages - 1) == 0,
-              (1...512).contains(faultAroundPages)
+            (1...512).contains(faultAroundPages)
         else {
             Sys.close(main)
             Sys.close(channel)
-            throw .invalidRequest("pages per UPDATE block must be a power of two up to 262144 "
-                + "and pages per miss 1...512, "
-                + "got \(runPages) and \(faultAroundPages)")
+            throw .invalidRequest(
+                "pages per UPDATE block must be a power of two up to 262144 "
+                    + "and pages per miss 1...512, "
+                    + "got \(runPages) and \(faultAroundPages)")
         }
         // The descriptors stay blocking (their file may be shared with the front-end, which
         // waits for replies): the loop asks MSG_DONTWAIT of every call.
         let handle = VhostDevice(deviceID: deviceID)
         do {
-            try send(.attachVhost(VhostAttachment(handle: handle, main: main, channel: channel, domain: domain,
-                                                  runPages: runPages, faultAroundPages: faultAroundPages)))
+            try send(
+                .attachVhost(
+                    VhostAttachment(
+                        handle: handle, main: main, channel: channel, domain: domain,
+                        runPages: runPages, faultAroundPages: faultAroundPages)))
         } catch {
             Sys.close(main)
             Sys.close(channel)
@@ -682,7 +697,11 @@ public final class FaultService: Sendable {
 
     func publish(_ stats: ServiceStatistics) { published.withLock { $0 = stats } }
 
-    func takeCommands() -> [Command] { commands.withLock { c in defer { c.queue.removeAll() }; return c.queue } }
+    func takeCommands() -> [Command] {
+        commands.withLock { c in
+            defer { c.queue.removeAll() }; return c.queue
+        }
+    }
 
     /// Stops taking commands and returns those still queued (for the loop's shutdown).
     func closeCommands() -> [Command] {

@@ -28,15 +28,18 @@ package enum TransportFault: Error {
 struct TokenSource {
     var slot: Int
     var generation: UInt32
-    func callAsFunction(_ kind: RingToken.Kind) -> RingToken { RingToken(kind: kind, slot: slot, generation: generation) }
+    func callAsFunction(_ kind: RingToken.Kind) -> RingToken {
+        RingToken(kind: kind, slot: slot, generation: generation)
+    }
 }
 
 protocol FaultTransport: AnyObject {
     /// Submits the operations that wait for the device.
     func arm(_ ring: Ring, _ token: TokenSource) throws(RingError)
     /// One of this transport's completions; records it received go to `body`.
-    func completed(_ c: Completion, _ ring: Ring, _ token: TokenSource,
-                   records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault)
+    func completed(
+        _ c: Completion, _ ring: Ring, _ token: TokenSource,
+        records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault)
     /// A completion that arrived after `cancel`: only accounted for.
     func dropped(_ c: Completion)
     /// Records published in shared memory since the last call, at most `limit`.
@@ -89,7 +92,8 @@ package final class SharedRingTransport: FaultTransport {
             // Blocking on purpose: io_uring reads wait on a blocking eventfd.
             fds.append(try Sys.eventfd(flags: CInt(EFD_CLOEXEC)))
             fds.append(try Sys.eventfd(flags: CInt(EFD_CLOEXEC | EFD_NONBLOCK)))
-            let ends = DeviceChannelEnds.shared(queue: try Sys.dup(queue.fd), doorbell: try Sys.dup(fds[0]), wake: try Sys.dup(fds[1]))
+            let ends = DeviceChannelEnds.shared(
+                queue: try Sys.dup(queue.fd), doorbell: try Sys.dup(fds[0]), wake: try Sys.dup(fds[1]))
             return (SharedRingTransport(queue: queue, doorbell: fds[0], wake: fds[1]), ends)
         } catch {
             for fd in fds { Sys.close(fd) }
@@ -124,8 +128,10 @@ package final class SharedRingTransport: FaultTransport {
         inFlight += 1
     }
 
-    func completed(_ c: Completion, _ ring: Ring, _ token: TokenSource,
-                   records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault) {
+    func completed(
+        _ c: Completion, _ ring: Ring, _ token: TokenSource,
+        records body: (UnsafeRawBufferPointer) -> Void
+    ) throws(TransportFault) {
         inFlight -= 1
         switch c.token.kind {
         case .doorbellRead, .doorbellPoll:
@@ -136,7 +142,8 @@ package final class SharedRingTransport: FaultTransport {
             }
             do {
                 // A read that met a non-blocking eventfd waits in a poll next, then reads.
-                try armDoorbell(c.token.kind == .doorbellRead && c.result == -EAGAIN ? .doorbellPoll : .doorbellRead, ring, token)
+                try armDoorbell(
+                    c.token.kind == .doorbellRead && c.result == -EAGAIN ? .doorbellPoll : .doorbellRead, ring, token)
             } catch {
                 throw .closed("cannot re-arm the doorbell: \(error)")
             }
@@ -167,7 +174,9 @@ package final class SharedRingTransport: FaultTransport {
             return 0
         }
         guard available <= UInt32(SharedQueue.capacity) else {
-            throw .misbehaved(kind: .ringOverrun, "request tail \(tail) is \(available) records ahead of head \(requestHead), more than the ring holds")
+            throw .misbehaved(
+                kind: .ringOverrun,
+                "request tail \(tail) is \(available) records ahead of head \(requestHead), more than the ring holds")
         }
         let n = min(Int(available), limit)
         for _ in 0..<n {
@@ -182,7 +191,8 @@ package final class SharedRingTransport: FaultTransport {
         guard !responses.isEmpty else { return }
         let unread = responseTail &- queue.load(.responseHead)
         guard unread <= UInt32(SharedQueue.capacity) else {
-            throw .misbehaved(kind: .ringOverrun, "response head is \(unread) behind the tail, more than the ring holds")
+            throw .misbehaved(
+                kind: .ringOverrun, "response head is \(unread) behind the tail, more than the ring holds")
         }
         let n = min(responses.count, SharedQueue.capacity - Int(unread))
         for r in responses.prefix(n) {
@@ -191,7 +201,9 @@ package final class SharedRingTransport: FaultTransport {
         }
         responses.removeFirst(n)
         guard responses.count <= maxResponseBacklog else {
-            throw .misbehaved(kind: .responseBacklog, "\(responses.count) responses waiting: the device does not consume its response ring")
+            throw .misbehaved(
+                kind: .responseBacklog,
+                "\(responses.count) responses waiting: the device does not consume its response ring")
         }
         if n > 0 {
             if queue.stampsWanted { queue.answeredAt = Sys.monotonicNanoseconds() }
@@ -279,7 +291,10 @@ final class StreamTransport: FaultTransport {
                 Sys.close(requests.write)
                 throw error
             }
-            return (StreamTransport(read: requests.read, write: responses.write), .stream(read: responses.read, write: requests.write))
+            return (
+                StreamTransport(read: requests.read, write: responses.write),
+                .stream(read: responses.read, write: requests.write)
+            )
         case .shared:
             preconditionFailure("a shared channel is not a stream")
         }
@@ -307,19 +322,24 @@ final class StreamTransport: FaultTransport {
     }
 
     private func armWrite(_ ring: Ring, _ token: TokenSource) throws(RingError) {
-        try ring.prepareWrite(fd: writeFD, from: UnsafeRawBufferPointer(rebasing: writeBuffer[written..<writing]),
-                              token: token(.deviceWrite))
+        try ring.prepareWrite(
+            fd: writeFD, from: UnsafeRawBufferPointer(rebasing: writeBuffer[written..<writing]),
+            token: token(.deviceWrite))
         inFlight += 1
     }
 
-    func completed(_ c: Completion, _ ring: Ring, _ token: TokenSource,
-                   records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault) {
+    func completed(
+        _ c: Completion, _ ring: Ring, _ token: TokenSource,
+        records body: (UnsafeRawBufferPointer) -> Void
+    ) throws(TransportFault) {
         inFlight -= 1
         switch c.token.kind {
         case .deviceRead:
             readArmed = false
             if c.result == -ECANCELED { return }
-            guard c.result > 0 else { throw .closed(c.result == 0 ? "closed its channel" : "read failed: errno \(-c.result)") }
+            guard c.result > 0 else {
+                throw .closed(c.result == 0 ? "closed its channel" : "read failed: errno \(-c.result)")
+            }
             let total = leftover + Int(c.result)
             var offset = 0
             while total - offset >= PageRequest.byteCount {
@@ -356,14 +376,17 @@ final class StreamTransport: FaultTransport {
     func send(_ responses: inout [PageResponse], _ ring: Ring, _ token: TokenSource) throws(TransportFault) {
         guard writing == 0, !responses.isEmpty else {
             guard responses.count <= maxResponseBacklog else {
-                throw .misbehaved(kind: .responseBacklog, "\(responses.count) responses waiting: the device does not read its channel")
+                throw .misbehaved(
+                    kind: .responseBacklog, "\(responses.count) responses waiting: the device does not read its channel"
+                )
             }
             return
         }
         let n = min(responses.count, Self.writeCapacity / PageResponse.byteCount)
         for i in 0..<n {
             let at = i * PageResponse.byteCount
-            responses[i].encode(into: UnsafeMutableRawBufferPointer(rebasing: writeBuffer[at..<(at + PageResponse.byteCount)]))
+            responses[i].encode(
+                into: UnsafeMutableRawBufferPointer(rebasing: writeBuffer[at..<(at + PageResponse.byteCount)]))
         }
         responses.removeFirst(n)
         writing = n * PageResponse.byteCount

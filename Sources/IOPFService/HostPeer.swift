@@ -41,12 +41,15 @@ extension EventLoop {
         if let own = admitted.first(where: { $0.uid == p.uid }) { return .success(own) }
         if admitted.count == 1 { return .success(admitted[0]) }
         if admitted.isEmpty {
-            return .failure(HostRefusal(WireErrno.noEntry, .unknownAddressSpace,
-                                        "no address space named '\(name)' that uid \(p.uid) may attach to"))
+            return .failure(
+                HostRefusal(
+                    WireErrno.noEntry, .unknownAddressSpace,
+                    "no address space named '\(name)' that uid \(p.uid) may attach to"))
         }
-        return .failure(HostRefusal(
-            WireErrno.notUnique, .ambiguousAddressSpace,
-            "\(admitted.count) hosts of other uids named '\(name)' admit uid \(p.uid): none is chosen"))
+        return .failure(
+            HostRefusal(
+                WireErrno.notUnique, .ambiguousAddressSpace,
+                "\(admitted.count) hosts of other uids named '\(name)' admit uid \(p.uid): none is chosen"))
     }
 }
 /// What a host's events may cost per wake-up, in mappings visited plus pages unmapped, so
@@ -79,9 +82,10 @@ extension EventLoop {
         // Names belong to uids: two users may each have a 'vm1', and a device finds the one
         // it may attach to (`addressSpace(named:for:)`). Only the same uid collides.
         if let other = hosts.first(where: { $0?.name == name && $0?.uid == p.uid }) ?? nil {
-            return refuse(HostRefusal(
-                WireErrno.exists, .nameTaken,
-                "an address space named '\(name)' is attached already for uid \(p.uid) (pid \(other.pid))"))
+            return refuse(
+                HostRefusal(
+                    WireErrno.exists, .nameTaken,
+                    "an address space named '\(name)' is attached already for uid \(p.uid) (pid \(other.pid))"))
         }
         let live = hosts.compactMap { $0 }
         guard live.count < maxHosts else {
@@ -90,13 +94,20 @@ extension EventLoop {
         }
         guard live.count(where: { $0.uid == p.uid }) < config.maxHostsPerUID else {
             stats.hostBudgetsExceeded += 1
-            return refuse(HostRefusal(
-                WireErrno.noSpace, .tooManyHosts,
-                "uid \(p.uid) has \(config.maxHostsPerUID) hosts attached already (--max-hosts-per-uid)"))
+            return refuse(
+                HostRefusal(
+                    WireErrno.noSpace, .tooManyHosts,
+                    "uid \(p.uid) has \(config.maxHostsPerUID) hosts attached already (--max-hosts-per-uid)"))
         }
         guard owned.count == 1 + declaration.memfdCount else {
-            return refuse(HostRefusal(WireErrno.badFD, .badRegionTable,
-                                      "HOST carries \(owned.count) descriptors; its region table needs 1 userfaultfd and \(declaration.memfdCount) memfds"))
+            return refuse(
+                HostRefusal(
+                    WireErrno.badFD, .badRegionTable,
+                    """
+                    HOST carries \(owned.count) descriptors; its region table needs 1 userfaultfd and \
+                    \(declaration.memfdCount) memfds
+                    """
+                ))
         }
         let used = Set(declaration.regions.map(\.fdIndex))
         if let unused = (0..<UInt32(declaration.memfdCount)).first(where: { !used.contains($0) }) {
@@ -126,12 +137,21 @@ extension EventLoop {
         }
         for (i, r) in declaration.regions.enumerated() {
             guard r.pageSize == 4096 else {
-                return fail(HostRefusal(WireErrno.notSupported, .badRegionTable, "region \(i): page size \(r.pageSize) is not supported (4 KiB pages only)"))
+                return fail(
+                    HostRefusal(
+                        WireErrno.notSupported, .badRegionTable,
+                        "region \(i): page size \(r.pageSize) is not supported (4 KiB pages only)"))
             }
             let m = memory.memfds[Int(r.fdIndex)]
             guard r.fdOffset + r.size <= m.size else {
-                return fail(HostRefusal(WireErrno.invalid, .badRegionTable,
-                                        "region \(i): offset \(hex(r.fdOffset)) + size \(hex(r.size)) exceeds memfd \(r.fdIndex)'s size \(hex(m.size)): the region table does not match the memfds"))
+                return fail(
+                    HostRefusal(
+                        WireErrno.invalid, .badRegionTable,
+                        """
+                        region \(i): offset \(hex(r.fdOffset)) + size \(hex(r.size)) exceeds memfd \(r.fdIndex)'s \
+                        size \(hex(m.size)): the region table does not match the memfds
+                        """
+                    ))
             }
         }
         // Register first, then check: a change after the check raises an event.
@@ -149,8 +169,14 @@ extension EventLoop {
                 let expected = RemoteHostMemory.Binding(host: r.hostRange, memfd: Int(r.fdIndex), offset: r.fdOffset)
                 guard found == [expected] else {
                     let f = found.first!
-                    return fail(HostRefusal(WireErrno.fault, .notHostMemory,
-                                            "region \(i): \(hex(r.hostAddress)) is mapped from memfd \(f.memfd) at offset \(hex(f.offset)), not memfd \(r.fdIndex) at \(hex(r.fdOffset)) as declared"))
+                    return fail(
+                        HostRefusal(
+                            WireErrno.fault, .notHostMemory,
+                            """
+                            region \(i): \(hex(r.hostAddress)) is mapped from memfd \(f.memfd) at offset \
+                            \(hex(f.offset)), not memfd \(r.fdIndex) at \(hex(r.fdOffset)) as declared
+                            """
+                        ))
                 }
                 pieces.append(expected)
             }
@@ -158,30 +184,44 @@ extension EventLoop {
         memory.bind(pieces)
         let engine = FaultEngine(memory: memory, configuration: service.configuration.hostEngine)
         let domain: DomainID
-        do { domain = try engine.createDomain(invalidator: nil, observer: service.configuration.hostSyncObserver.flatMap { $0.name == name ? $0.observer : nil }) } catch {
-            return fail(HostRefusal(WireErrno.noSpace, .noMemory, "cannot create the address space's I/O page table: \(error)"))
+        do {
+            domain = try engine.createDomain(
+                invalidator: nil,
+                observer: service.configuration.hostSyncObserver.flatMap { $0.name == name ? $0.observer : nil })
+        } catch {
+            return fail(
+                HostRefusal(WireErrno.noSpace, .noMemory, "cannot create the address space's I/O page table: \(error)"))
         }
         nextSpaceID += 1
         let id = nextSpaceID
-        engine.setInvalidator(DomainSync(domain: SyncDomain(space: id, domain: domain), local: nil, fences: fences) { true }, for: domain)
+        engine.setInvalidator(
+            DomainSync(domain: SyncDomain(space: id, domain: domain), local: nil, fences: fences) { true }, for: domain)
         let index = hosts.firstIndex { $0 == nil } ?? hosts.count
         let memoryBytes = declaration.regions.reduce(0) { $0 + $1.size }
-        stats.hosts.append(HostRecord(id: id, name: name, pid: p.pid, regions: declaration.regions.count, memoryBytes: memoryBytes))
-        let space = HostSpace(id: id, index: index, name: name, engine: engine, domain: domain, memory: memory,
-                              uffd: uffd, peer: p, allowedUIDs: declaration.allowedUIDs)
+        stats.hosts.append(
+            HostRecord(id: id, name: name, pid: p.pid, regions: declaration.regions.count, memoryBytes: memoryBytes))
+        let space = HostSpace(
+            id: id, index: index, name: name, engine: engine, domain: domain, memory: memory,
+            uffd: uffd, peer: p, allowedUIDs: declaration.allowedUIDs)
         if index == hosts.count { hosts.append(space) } else { hosts[index] = space }
         p.space = space
         p.state = .attached
         noteTrackedRanges(space)
         armHostEvents(space)
         reply(p, Wire.message(command: .host, id: header.id, flags: .reply))
-        service.logger.info("host '\(name)' attached from \(p.name): \(declaration.regions.count) regions, \(memory.memfds.count) memfds, \(memoryBytes >> 20) MiB")
+        service.logger.info(
+            """
+            host '\(name)' attached from \(p.name): \(declaration.regions.count) regions, \(memory.memfds.count) \
+            memfds, \(memoryBytes >> 20) MiB
+            """
+        )
     }
 
     private func armHostEvents(_ s: HostSpace) {
         guard !s.closed, !s.uffdArmed else { return }
         do {
-            try ring.preparePollIn(fd: s.uffd.fd, token: RingToken(kind: .hostSpaceEvent, slot: s.index, generation: s.id))
+            try ring.preparePollIn(
+                fd: s.uffd.fd, token: RingToken(kind: .hostSpaceEvent, slot: s.index, generation: s.id))
             s.uffdArmed = true
         } catch {
             closePeer(s.peer, reason: "cannot poll its userfaultfd: \(error)", disconnected: true)
@@ -197,10 +237,16 @@ extension EventLoop {
             reply(p, Wire.errorReply(command: .dmaMap, id: header.id, errno: errno, text: text))
         }
         if request.updatesHostAddress {
-            guard let m = s.engine.mappingInfo(iova: request.iova), m.iova == request.iova, m.size == request.size else {
-                return refuse(WireErrno.noEntry, .noSuchMapping, DMAMapError.noSuchMapping(iova: request.iova, size: request.size).description)
+            guard let m = s.engine.mappingInfo(iova: request.iova), m.iova == request.iova, m.size == request.size
+            else {
+                return refuse(
+                    WireErrno.noEntry, .noSuchMapping,
+                    DMAMapError.noSuchMapping(iova: request.iova, size: request.size).description)
             }
-            do { try DMAMappingTable.validate(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: m.prot) } catch {
+            do {
+                try DMAMappingTable.validate(
+                    iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: m.prot)
+            } catch {
                 return refuse(WireErrno.invalid, .badMapping, error.description)
             }
             let range = request.hostAddress..<(request.hostAddress + request.size)
@@ -214,38 +260,51 @@ extension EventLoop {
                 return refuse(error.errno, error.kind, error.description)
             }
             s.memory.bind(found)
-            do { try s.engine.updateHostAddress(iova: request.iova, size: request.size, vaddr: request.hostAddress) } catch {
+            do {
+                try s.engine.updateHostAddress(iova: request.iova, size: request.size, vaddr: request.hostAddress)
+            } catch {
                 return refuse(WireErrno.invalid, .badMapping, "\(error)")
             }
             stats.host(s.id) { $0.addressUpdates += 1 }
             noteTrackedRanges(s)
-            afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply)) }
+            afterExternalDevices(space: s.id) { [self] in
+                reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply))
+            }
             return
         }
         var prot: Protection = []
         if request.flags & DMAMapRequest.read != 0 { prot.insert(.read) }
         if request.flags & DMAMapRequest.write != 0 { prot.insert(.write) }
-        do { try DMAMappingTable.validate(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot) } catch {
+        do {
+            try DMAMappingTable.validate(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot)
+        } catch {
             return refuse(WireErrno.invalid, .badMapping, error.description)
         }
         guard s.memory.covers(request.hostAddress..<(request.hostAddress + request.size)) else {
-            return refuse(WireErrno.fault, .notHostMemory,
-                          "DMA map: host range [\(hex(request.hostAddress)), +\(hex(request.size))) is not the host's memory now (outside its regions, or unmapped or moved since: re-declare it with VADDR)")
+            return refuse(
+                WireErrno.fault, .notHostMemory,
+                """
+                DMA map: host range [\(hex(request.hostAddress)), +\(hex(request.size))) is not the host's memory \
+                now (outside its regions, or unmapped or moved since: re-declare it with VADDR)
+                """
+            )
         }
         let (mapped, overflow) = s.mappedBytes.addingReportingOverflow(request.size)
         guard !overflow, mapped <= service.configuration.maxHostMappedBytes else {
             stats.hostBudgetsExceeded += 1
             let limit = service.configuration.maxHostMappedBytes
-            return refuse(WireErrno.noSpace, .hostMappedBudget,
-                          "DMA map: \(hex(request.size)) more bytes would pass this host's budget of \(hex(limit)) "
-                              + "mapped bytes (--max-host-mapped); \(hex(s.mappedBytes)) are mapped")
+            return refuse(
+                WireErrno.noSpace, .hostMappedBudget,
+                "DMA map: \(hex(request.size)) more bytes would pass this host's budget of \(hex(limit)) "
+                    + "mapped bytes (--max-host-mapped); \(hex(s.mappedBytes)) are mapped")
         }
         do { try s.engine.map(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot) } catch {
-            let errno = switch error {
-            case .overlap: WireErrno.exists
-            case .entryLimit: WireErrno.noSpace
-            default: WireErrno.invalid
-            }
+            let errno =
+                switch error {
+                case .overlap: WireErrno.exists
+                case .entryLimit: WireErrno.noSpace
+                default: WireErrno.invalid
+                }
             return refuse(errno, .badMapping, error.description)
         }
         s.mappedBytes = mapped
@@ -264,7 +323,9 @@ extension EventLoop {
         stats.host(s.id) { $0.unmaps += removed.count }
         let bytes = removed.reduce(0) { $0 + UInt64($1.count) }
         s.mappedBytes -= bytes
-        afterExternalDevices(space: s.id) { [self] in reply(p, DMAUnmapReply(bytes: bytes).message(id: header.id, flags: .reply)) }
+        afterExternalDevices(space: s.id) { [self] in
+            reply(p, DMAUnmapReply(bytes: bytes).message(id: header.id, flags: .reply))
+        }
     }
 
     /// VHOST: serve a vhost-user back-end in the host's address space. Takes `fds` (closed
@@ -284,32 +345,39 @@ extension EventLoop {
             return refuse(error.errno, error.kind, error.description)
         }
         guard fds.count == 2 else {
-            return refuse(WireErrno.badFD, .badVhostSockets,
-                          "VHOST carries 2 descriptors (the vhost-user socket, the back-end channel), got \(fds.count)")
+            return refuse(
+                WireErrno.badFD, .badVhostSockets,
+                "VHOST carries 2 descriptors (the vhost-user socket, the back-end channel), got \(fds.count)")
         }
         let stream = Sys.socketKind(fds[0])
         let seqpacket = Sys.socketKind(fds[1])
         guard stream?.domain == AF_UNIX, stream?.type == CInt(SOCK_STREAM.rawValue), seqpacket?.domain == AF_UNIX,
-              seqpacket?.type == CInt(SOCK_SEQPACKET.rawValue)
+            seqpacket?.type == CInt(SOCK_SEQPACKET.rawValue)
         else {
-            return refuse(WireErrno.badFD, .badVhostSockets,
-                          "VHOST's descriptors must be an AF_UNIX SOCK_STREAM socket "
-                              + "and an AF_UNIX SOCK_SEQPACKET socket")
+            return refuse(
+                WireErrno.badFD, .badVhostSockets,
+                "VHOST's descriptors must be an AF_UNIX SOCK_STREAM socket "
+                    + "and an AF_UNIX SOCK_SEQPACKET socket")
         }
         guard vhosts.count(where: { $0?.space === s }) < maxVhostPerHost else {
-            return refuse(WireErrno.noSpace, .tooManyVhostBackends,
-                          "host '\(s.name)' already has \(maxVhostPerHost) vhost-user back-ends")
+            return refuse(
+                WireErrno.noSpace, .tooManyVhostBackends,
+                "host '\(s.name)' already has \(maxVhostPerHost) vhost-user back-ends")
         }
         let handle = VhostDevice(deviceID: request.deviceID)
-        addVhost(FaultService.VhostAttachment(handle: handle, main: fds[0], channel: fds[1], domain: s.domain,
-                                              runPages: Int(request.blockPages),
-                                              faultAroundPages: Int(request.faultAroundPages)), space: s)
+        addVhost(
+            FaultService.VhostAttachment(
+                handle: handle, main: fds[0], channel: fds[1], domain: s.domain,
+                runPages: Int(request.blockPages),
+                faultAroundPages: Int(request.faultAroundPages)), space: s)
         reply(p, Wire.message(command: .vhost, id: header.id, flags: .reply))
     }
 
     func hostSync(_ p: Peer, _ header: MessageHeader) {
         guard let s = p.space else { return }
-        afterExternalDevices(space: s.id) { [self] in reply(p, Wire.message(command: .sync, id: header.id, flags: .reply)) }
+        afterExternalDevices(space: s.id) { [self] in
+            reply(p, Wire.message(command: .sync, id: header.id, flags: .reply))
+        }
     }
 
     /// Publishes how many host ranges the service keeps for `s` (pruned as it moves memory).
@@ -322,7 +390,9 @@ extension EventLoop {
 
     /// The host's uffd is readable: every queued event becomes an invalidation in its space.
     func hostSpaceEvents(_ c: Completion) {
-        guard c.token.slot < hosts.count, let s = hosts[c.token.slot], s.id == c.token.generation, !s.closed else { return }
+        guard c.token.slot < hosts.count, let s = hosts[c.token.slot], s.id == c.token.generation, !s.closed else {
+            return
+        }
         s.uffdArmed = false
         if c.result < 0 || c.result & Int32(POLLERR | POLLHUP | POLLNVAL) != 0 {
             closePeer(s.peer, reason: "its userfaultfd failed (poll result \(c.result))", disconnected: true)
@@ -355,7 +425,8 @@ extension EventLoop {
             } else if case .other(let kind) = event {
                 // Only the host's own registrations (MISSING, say) make other kinds; they
                 // concern its threads, not the devices' translations.
-                service.logger.warning("host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
+                service.logger.warning(
+                    "host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
             }
             return 1
         }

@@ -35,10 +35,14 @@ public final class HostRegion: @unchecked Sendable {
     /// Maps `length` bytes at an address aligned to `alignment` (a power of two, at least
     /// 4 KiB), e.g. 2 MiB so that the I/O page table can use blocks. With `hugePages` the
     /// memory asks for 2 MiB pages (MADV_HUGEPAGE; see HugePages.enableForShmem).
-    public init(length: UInt64, alignment: UInt64 = 4096, shared: Bool = true,
-                hugePages: Bool = false) throws(SystemCallError) {
+    public init(
+        length: UInt64, alignment: UInt64 = 4096, shared: Bool = true,
+        hugePages: Bool = false
+    ) throws(SystemCallError) {
         precondition(length > 0 && length & 0xFFF == 0, "region length \(length) must be a positive multiple of 4 KiB")
-        precondition(alignment >= 4096 && alignment & (alignment - 1) == 0, "alignment \(alignment) must be a power of two >= 4 KiB")
+        precondition(
+            alignment >= 4096 && alignment & (alignment - 1) == 0,
+            "alignment \(alignment) must be a power of two >= 4 KiB")
         var fd: CInt = -1
         if shared {
             fd = try syscall("memfd_create") { iopf_memfd_create_sealable("iopf-host-memory") }
@@ -60,9 +64,11 @@ public final class HostRegion: @unchecked Sendable {
         let raw = UInt64(UInt(bitPattern: p))
         base = (raw + extra) & ~(alignment - 1)
         let at = UnsafeMutableRawPointer(bitPattern: UInt(base))
-        let placed = shared
+        let placed =
+            shared
             ? mmap(at, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0)
-            : mmap(at, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
+            : mmap(
+                at, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0)
         guard placed == at else {
             let e = Glibc.errno
             munmap(p, Int(length + extra))
@@ -213,8 +219,11 @@ public final class PhysicalSpace: Sendable {
                 from + length <= source.host.upperBound
             else { return }
             let target = to..<(to + length)
-            s.entries.removeAll { $0.alias && target.contains($0.host.lowerBound) && $0.host.upperBound <= target.upperBound }
-            s.entries.insert(Entry(host: target, phys: source.phys + (from - source.host.lowerBound), alias: true), at: 0)
+            s.entries.removeAll {
+                $0.alias && target.contains($0.host.lowerBound) && $0.host.upperBound <= target.upperBound
+            }
+            s.entries.insert(
+                Entry(host: target, phys: source.phys + (from - source.host.lowerBound), alias: true), at: 0)
         }
     }
 
@@ -245,7 +254,8 @@ public enum LockedMemoryLimits {
         let bytes = getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 ? UInt64(limit.rlim_cur) : 0
         // CapEff is a hex mask; CAP_IPC_LOCK is bit 14.
         let status = (Sys.readText("/proc/self/status")) ?? ""
-        let capEff = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
+        let capEff =
+            status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
             .flatMap { UInt64($0.split(separator: "\t").last ?? "", radix: 16) } ?? 0
         return (bytes, capEff & (1 << 14) != 0)
     }
@@ -299,12 +309,14 @@ public final class ProcessMemory: HostMemory {
                     if planted != 0 || iopf_mlock(UnsafeRawPointer(bitPattern: UInt(start)), n << 12) != 0 {
                         let e = planted != 0 ? planted : Glibc.errno
                         undo()
-                        let why = switch e {
-                        case ENOMEM: "mlock: over RLIMIT_MEMLOCK without CAP_IPC_LOCK, or part of the range is not mapped"
-                        case EAGAIN: "mlock: some pages could not be locked"
-                        case EPERM: "mlock: not permitted (no CAP_IPC_LOCK and RLIMIT_MEMLOCK is 0)"
-                        default: "mlock: errno \(e)"
-                        }
+                        let why =
+                            switch e {
+                            case ENOMEM:
+                                "mlock: over RLIMIT_MEMLOCK without CAP_IPC_LOCK, or part of the range is not mapped"
+                            case EAGAIN: "mlock: some pages could not be locked"
+                            case EPERM: "mlock: not permitted (no CAP_IPC_LOCK and RLIMIT_MEMLOCK is 0)"
+                            default: "mlock: errno \(e)"
+                            }
                         throw HostMemoryError(address: start, reason: why)
                     }
                     locked.append(start..<(start + UInt64(n) << 12))
@@ -312,7 +324,8 @@ public final class ProcessMemory: HostMemory {
                 // Device memory stands for itself; normal memory must be in a shared region.
                 guard let phys = isDevice ? start : PhysicalSpace.shared.physicalRun(of: start, pages: n) else {
                     undo()
-                    throw HostMemoryError(address: start, reason: "not inside a shared host region (no physical address)")
+                    throw HostMemoryError(
+                        address: start, reason: "not inside a shared host region (no physical address)")
                 }
                 for k in 0..<n { pages.append(PinnedPage(phys: phys + UInt64(k) << 12, chargeable: !isDevice)) }
             }
@@ -338,7 +351,9 @@ public final class ProcessMemory: HostMemory {
 
     /// Splits `pageCount` pages from `address` into maximal runs of one kind (device
     /// memory or not): (start, pages, isDevice).
-    private func forEachRun<E: Error>(address: UInt64, pageCount: Int, _ body: (UInt64, Int, Bool) throws(E) -> Void) throws(E) {
+    private func forEachRun<E: Error>(address: UInt64, pageCount: Int, _ body: (UInt64, Int, Bool) throws(E) -> Void)
+        throws(E)
+    {
         let device = deviceMemory.withLock { $0 }
         let isDevice = { (page: Int) in device.contains { $0.contains(address + UInt64(page) << 12) } }
         var i = 0
@@ -352,7 +367,8 @@ public final class ProcessMemory: HostMemory {
     }
 
     /// Confirms the pages exist (`confirm`) and gives their physical addresses.
-    public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
+    public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError)
+    {
         try Self.confirm(address: address, pageCount: pageCount, write: write, probes: probes, planted: planted)
         guard let phys = PhysicalSpace.shared.physicalRun(of: address, pages: pageCount) else {
             throw HostMemoryError(address: address, reason: "not inside a shared host region (no physical address)")
@@ -366,13 +382,16 @@ public final class ProcessMemory: HostMemory {
     /// faster than one touch each; so does a probe that raised a signal, for the errno.
     /// Neither takes a lock another process can hold (no inode lock, unlike fallocate):
     /// hosts' memfds mapped into the service are confirmed this way too.
-    static func confirm(address: UInt64, pageCount: Int, write: Bool, probes: Bool,
-                        planted: PlantedFailures?) throws(HostMemoryError) {
+    static func confirm(
+        address: UInt64, pageCount: Int, write: Bool, probes: Bool,
+        planted: PlantedFailures?
+    ) throws(HostMemoryError) {
         var injected = planted?.take(.madvise) ?? 0
         var rest = (address: address, pages: pageCount)
         if probes && injected == 0 {
-            let touched = iopf_probe_pages(UnsafeRawPointer(bitPattern: UInt(address)), pageCount, write ? 1 : 0,
-                                           pageCount > 1 ? Self.faultNanoseconds : 0)
+            let touched = iopf_probe_pages(
+                UnsafeRawPointer(bitPattern: UInt(address)), pageCount, write ? 1 : 0,
+                pageCount > 1 ? Self.faultNanoseconds : 0)
             if touched > 0 { rest = (address + UInt64(touched) << 12, pageCount - touched) }
         }
         let advice = write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ
@@ -387,16 +406,18 @@ public final class ProcessMemory: HostMemory {
                 injected = planted?.take(.madvise) ?? 0
                 continue
             }
-            let what = switch e {
-            case EFAULT: "populating failed (not mapped, or a fault the kernel could not serve)"
-            case ENOMEM: "not mapped, or out of memory"
-            case EINVAL: "not populatable (VM_PFNMAP/IO)"
-            case EHWPOISON: "hardware-poisoned page"
-            case EINTR, EAGAIN: "interrupted or busy \(tries) times (errno \(e))"
-            default: "errno \(e)"
-            }
-            throw HostMemoryError(address: rest.address,
-                                  reason: "MADV_POPULATE_\(write ? "WRITE" : "READ") of \(rest.pages) pages: \(what)")
+            let what =
+                switch e {
+                case EFAULT: "populating failed (not mapped, or a fault the kernel could not serve)"
+                case ENOMEM: "not mapped, or out of memory"
+                case EINVAL: "not populatable (VM_PFNMAP/IO)"
+                case EHWPOISON: "hardware-poisoned page"
+                case EINTR, EAGAIN: "interrupted or busy \(tries) times (errno \(e))"
+                default: "errno \(e)"
+                }
+            throw HostMemoryError(
+                address: rest.address,
+                reason: "MADV_POPULATE_\(write ? "WRITE" : "READ") of \(rest.pages) pages: \(what)")
         }
     }
 

@@ -60,24 +60,36 @@ final class HostUserfaultfd {
         do throws(HostRefusal) {
             let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? "?"
             guard link == "anon_inode:[userfaultfd]" else {
-                throw HostRefusal(WireErrno.badFD, .badUserfaultfd, "the first descriptor of HOST must be a userfaultfd, got \(link)")
+                throw HostRefusal(
+                    WireErrno.badFD, .badUserfaultfd, "the first descriptor of HOST must be a userfaultfd, got \(link)")
             }
             let info = (Sys.readText("/proc/self/fdinfo/\(fd)")) ?? ""
             // "API:\t<api>:<features>:<ioctls>", all hex.
             let api = info.split(separator: "\n").first { $0.hasPrefix("API:") }?.dropFirst(4).split(separator: ":")
             guard let api, api.count == 3,
-                  let features = UInt64(api[1].trimmingCharacters(in: .whitespaces), radix: 16)
+                let features = UInt64(api[1].trimmingCharacters(in: .whitespaces), radix: 16)
             else {
-                throw HostRefusal(WireErrno.badFD, .badUserfaultfd, "cannot read the userfaultfd's features from /proc/self/fdinfo")
+                throw HostRefusal(
+                    WireErrno.badFD, .badUserfaultfd, "cannot read the userfaultfd's features from /proc/self/fdinfo")
             }
             let missing = UserfaultfdSource.wanted.filter { features & $0.0 == 0 }.map(\.1)
             guard missing.isEmpty else {
-                throw HostRefusal(WireErrno.invalid, .badUserfaultfd,
-                                  "the userfaultfd lacks \(missing.joined(separator: ", ")): pass UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP to UFFDIO_API before sending it")
+                throw HostRefusal(
+                    WireErrno.invalid, .badUserfaultfd,
+                    """
+                    the userfaultfd lacks \(missing.joined(separator: ", ")): pass UFFD_FEATURE_EVENT_REMOVE | \
+                    EVENT_UNMAP | EVENT_REMAP to UFFDIO_API before sending it
+                    """
+                )
             }
             guard features & UInt64(UFFD_FEATURE_EVENT_FORK) == 0 else {
-                throw HostRefusal(WireErrno.invalid, .badUserfaultfd,
-                                  "the userfaultfd has EVENT_FORK: its events would hand the service descriptors; negotiate without it")
+                throw HostRefusal(
+                    WireErrno.invalid, .badUserfaultfd,
+                    """
+                    the userfaultfd has EVENT_FORK: its events would hand the service descriptors; negotiate \
+                    without it
+                    """
+                )
             }
         } catch {
             Sys.close(fd)
@@ -169,7 +181,8 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
             for (k, fd) in fds.enumerated() {
                 var st = stat()
                 guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
-                    throw HostRefusal(WireErrno.badFD, .badMemfd, "descriptor \(k + 1) (memfd \(k)) is not a regular file")
+                    throw HostRefusal(
+                        WireErrno.badFD, .badMemfd, "descriptor \(k + 1) (memfd \(k)) is not a regular file")
                 }
                 let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? ""
                 guard link.hasPrefix("/memfd:") else {
@@ -189,8 +202,9 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
                             + "could shrink, grow or seal its host's memory")
                 }
                 guard seals & (Self.sealWrite | Self.sealFutureWrite) == 0 else {
-                    throw HostRefusal(WireErrno.notPermitted, .badMemfd,
-                                      "memfd \(k) is sealed against writing: devices could not DMA to it")
+                    throw HostRefusal(
+                        WireErrno.notPermitted, .badMemfd,
+                        "memfd \(k) is sealed against writing: devices could not DMA to it")
                 }
                 let size = UInt64(max(st.st_size, 0))
                 let (sum, overflow) = total.addingReportingOverflow(size)
@@ -203,20 +217,26 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
                 total = sum
                 let span = max(size, 4096)
                 guard let phys = PhysicalSpace.shared.reserve(size: span) else {
-                    throw HostRefusal(WireErrno.noSpace, .hostMemoryBudget,
-                                      "no physical range of \(hex(span)) bytes is left for memfd \(k)")
+                    throw HostRefusal(
+                        WireErrno.noSpace, .hostMemoryBudget,
+                        "no physical range of \(hex(span)) bytes is left for memfd \(k)")
                 }
                 let mapped = mmap(nil, Int(span), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
                 guard let mapped, mapped != MAP_FAILED else {
                     let e = Glibc.errno
                     PhysicalSpace.shared.release(phys, size: span)
-                    throw HostRefusal(WireErrno.noSpace, .badMemfd,
-                                      "cannot map memfd \(k) (\(hex(size)) bytes) into the service: errno \(e)")
+                    throw HostRefusal(
+                        WireErrno.noSpace, .badMemfd,
+                        "cannot map memfd \(k) (\(hex(size)) bytes) into the service: errno \(e)")
                 }
                 let dev = UInt64(st.st_dev)
-                checked.append(Memfd(fd: fd, size: size, phys: phys, base: UInt64(UInt(bitPattern: mapped)),
-                                     device: (UInt32((dev >> 8) & 0xFFF | (dev >> 32) & ~0xFFF), UInt32(dev & 0xFF | (dev >> 12) & ~0xFF)),
-                                     inode: UInt64(st.st_ino)))
+                checked.append(
+                    Memfd(
+                        fd: fd, size: size, phys: phys, base: UInt64(UInt(bitPattern: mapped)),
+                        device: (
+                            UInt32((dev >> 8) & 0xFFF | (dev >> 32) & ~0xFFF), UInt32(dev & 0xFF | (dev >> 12) & ~0xFF)
+                        ),
+                        inode: UInt64(st.st_ino)))
             }
         } catch {
             Self.unmap(checked)
@@ -278,14 +298,17 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
     /// call on the host's file, whose inode lock the host can hold as long as it likes.
     func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError) {
         guard let (m, offset) = locate(address, pages: pageCount) else {
-            throw HostMemoryError(address: address, reason: "not the host's memory now (unmapped, moved, or outside its regions)")
+            throw HostMemoryError(
+                address: address, reason: "not the host's memory now (unmapped, moved, or outside its regions)")
         }
         do {
-            try ProcessMemory.confirm(address: m.base + offset, pageCount: pageCount, write: write, probes: probes,
-                                      planted: nil)
+            try ProcessMemory.confirm(
+                address: m.base + offset, pageCount: pageCount, write: write, probes: probes,
+                planted: nil)
         } catch {
-            throw HostMemoryError(address: address,
-                                  reason: "the host's memfd at offset \(hex(offset)): \(error.reason)")
+            throw HostMemoryError(
+                address: address,
+                reason: "the host's memfd at offset \(hex(offset)): \(error.reason)")
         }
         for i in 0..<pageCount { physical.append(m.phys + offset + UInt64(i) << 12) }
     }
@@ -313,7 +336,8 @@ enum HostMaps {
 
     static func read(pid: Int32) throws(HostRefusal) -> [Line] {
         guard pid > 0, let text = Sys.readText("/proc/\(pid)/maps") else {
-            throw HostRefusal(WireErrno.notPermitted, .unverifiable, "cannot read /proc/\(pid)/maps to check the host's memory")
+            throw HostRefusal(
+                WireErrno.notPermitted, .unverifiable, "cannot read /proc/\(pid)/maps to check the host's memory")
         }
         return text.split(separator: "\n").compactMap(parse)
     }
@@ -324,11 +348,14 @@ enum HostMaps {
         guard f.count >= 5 else { return nil }
         let bounds = f[0].split(separator: "-")
         let dev = f[3].split(separator: ":")
-        guard bounds.count == 2, dev.count == 2, let lo = UInt64(bounds[0], radix: 16), let hi = UInt64(bounds[1], radix: 16),
-              lo < hi, let offset = UInt64(f[2], radix: 16), let major = UInt32(dev[0], radix: 16),
-              let minor = UInt32(dev[1], radix: 16), let inode = UInt64(f[4])
+        guard bounds.count == 2, dev.count == 2, let lo = UInt64(bounds[0], radix: 16),
+            let hi = UInt64(bounds[1], radix: 16),
+            lo < hi, let offset = UInt64(f[2], radix: 16), let major = UInt32(dev[0], radix: 16),
+            let minor = UInt32(dev[1], radix: 16), let inode = UInt64(f[4])
         else { return nil }
-        return Line(range: lo..<hi, shared: f[1].count == 4 && f[1].last == "s", offset: offset, device: (major, minor), inode: inode)
+        return Line(
+            range: lo..<hi, shared: f[1].count == 4 && f[1].last == "s", offset: offset, device: (major, minor),
+            inode: inode)
     }
 
     /// How `range` is backed in process `pid`. Asked VMA by VMA with PROCMAP_QUERY (Linux
@@ -340,7 +367,9 @@ enum HostMaps {
     {
         let fd = pid > 0 ? open("/proc/\(pid)/maps", O_RDONLY | O_CLOEXEC) : -1
         guard fd >= 0 else {
-            return .failure(HostRefusal(WireErrno.notPermitted, .unverifiable, "cannot open /proc/\(pid)/maps to check the host's memory"))
+            return .failure(
+                HostRefusal(
+                    WireErrno.notPermitted, .unverifiable, "cannot open /proc/\(pid)/maps to check the host's memory"))
         }
         defer { Sys.close(fd) }
         var lines: [Line] = []
@@ -349,10 +378,14 @@ enum HostMaps {
             var vma = iopf_vma()
             if iopf_procmap_query(fd, cursor, &vma) != 0 {
                 if Glibc.errno == ENOENT { break }  // not mapped: `backing(of:in:)` says so
-                do { return backing(of: range, in: try read(pid: pid), memfds: memfds) } catch { return .failure(error) }
+                do { return backing(of: range, in: try read(pid: pid), memfds: memfds) } catch {
+                    return .failure(error)
+                }
             }
-            lines.append(Line(range: vma.start..<vma.end, shared: vma.shared != 0, offset: vma.offset,
-                              device: (vma.dev_major, vma.dev_minor), inode: vma.inode))
+            lines.append(
+                Line(
+                    range: vma.start..<vma.end, shared: vma.shared != 0, offset: vma.offset,
+                    device: (vma.dev_major, vma.dev_minor), inode: vma.inode))
             cursor = vma.end
         }
         return backing(of: range, in: lines, memfds: memfds)
@@ -366,19 +399,27 @@ enum HostMaps {
         var pieces: [RemoteHostMemory.Binding] = []
         var cursor = range.lowerBound
         func notHost(_ why: String) -> Result<[RemoteHostMemory.Binding], HostRefusal> {
-            .failure(HostRefusal(WireErrno.fault, .notHostMemory, "[\(hex(range.lowerBound)), \(hex(range.upperBound))) is not the host's memory: \(why)"))
+            .failure(
+                HostRefusal(
+                    WireErrno.fault, .notHostMemory,
+                    "[\(hex(range.lowerBound)), \(hex(range.upperBound))) is not the host's memory: \(why)"))
         }
         while cursor < range.upperBound {
-            guard let l = lines.first(where: { $0.range.contains(cursor) }) else { return notHost("\(hex(cursor)) is not mapped") }
+            guard let l = lines.first(where: { $0.range.contains(cursor) }) else {
+                return notHost("\(hex(cursor)) is not mapped")
+            }
             guard let k = memfds.firstIndex(where: { $0.inode == l.inode && $0.device == l.device }) else {
                 return notHost("\(hex(cursor)) is mapped from inode \(l.inode), none of the memfds sent")
             }
             guard l.shared else { return notHost("\(hex(cursor)) is a private mapping of memfd \(k)") }
             let end = min(l.range.upperBound, range.upperBound)
             let offset = l.offset + (cursor - l.range.lowerBound)
-            guard offset + (end - cursor) <= memfds[k].size else { return notHost("\(hex(cursor)) maps memfd \(k) beyond its size") }
+            guard offset + (end - cursor) <= memfds[k].size else {
+                return notHost("\(hex(cursor)) maps memfd \(k) beyond its size")
+            }
             if var last = pieces.last, last.memfd == k, last.host.upperBound == cursor,
-               last.offset + UInt64(last.host.count) == offset {
+                last.offset + UInt64(last.host.count) == offset
+            {
                 last.host = last.host.lowerBound..<end
                 pieces[pieces.count - 1] = last
             } else {
@@ -413,8 +454,10 @@ final class HostSpace {
     var uffdArmed = false
     var closed = false
 
-    init(id: UInt32, index: Int, name: String, engine: FaultEngine, domain: DomainID, memory: RemoteHostMemory,
-         uffd: HostUserfaultfd, peer: Peer, allowedUIDs: [UInt32]) {
+    init(
+        id: UInt32, index: Int, name: String, engine: FaultEngine, domain: DomainID, memory: RemoteHostMemory,
+        uffd: HostUserfaultfd, peer: Peer, allowedUIDs: [UInt32]
+    ) {
         self.id = id
         self.index = index
         self.name = name

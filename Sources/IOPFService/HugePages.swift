@@ -38,16 +38,18 @@ public enum HugePages {
     public static func enableForShmem() throws(Unavailable) -> String? {
         let allowing: Set<String> = ["always", "within_size", "advise", "force"]
         guard let perSize = selected(sizeKnob) else {
-            throw Unavailable(description: "--huge-pages: this kernel has no \(sizeKnob) "
-                              + "(transparent huge pages for shmem, Linux 6.11+)")
+            throw Unavailable(
+                description: "--huge-pages: this kernel has no \(sizeKnob) "
+                    + "(transparent huge pages for shmem, Linux 6.11+)")
         }
         let effective = perSize == "inherit" ? selected(topKnob) ?? "never" : perSize
         if allowing.contains(effective) { return nil }
         do {
             try "advise".write(toFile: sizeKnob, atomically: false, encoding: .utf8)
         } catch {
-            throw Unavailable(description: "--huge-pages: shmem huge pages are '\(effective)' and \(sizeKnob) "
-                              + "could not be set to advise (\(error.localizedDescription)); run as root or set it yourself")
+            throw Unavailable(
+                description: "--huge-pages: shmem huge pages are '\(effective)' and \(sizeKnob) "
+                    + "could not be set to advise (\(error.localizedDescription)); run as root or set it yourself")
         }
         guard selected(sizeKnob) == "advise" else {
             throw Unavailable(description: "--huge-pages: wrote advise to \(sizeKnob) but it did not take")

@@ -88,8 +88,13 @@ final class InvalidationFences: @unchecked Sendable {
                     let chunk = ranges[from..<min(from + WireLimits.maxInvalidateRanges, ranges.count)]
                     t.posted += 1
                     t.deadlines.append((t.posted, deadline))
-                    s.outbox.append((device, Invalidate(sequence: t.posted, pasid: t.pasid,
-                                                        ranges: chunk.map { ($0.start, $0.last) })))
+                    s.outbox.append(
+                        (
+                            device,
+                            Invalidate(
+                                sequence: t.posted, pasid: t.pasid,
+                                ranges: chunk.map { ($0.start, $0.last) })
+                        ))
                     from += chunk.count
                     any = true
                 }
@@ -105,7 +110,9 @@ final class InvalidationFences: @unchecked Sendable {
     /// Messages the loop must send now.
     func takeOutbox() -> [(device: UInt32, message: Invalidate)] {
         pending.store(false, ordering: .relaxed)
-        return state.withLock { s in defer { s.outbox.removeAll() }; return s.outbox }
+        return state.withLock { s in
+            defer { s.outbox.removeAll() }; return s.outbox
+        }
     }
 
     /// The last sequence posted to `device` (0 before any), read before a TRANSLATE walk.
@@ -117,9 +124,11 @@ final class InvalidationFences: @unchecked Sendable {
     /// given) that still owes an acknowledgement.
     func fenceAll(space: UInt32? = nil) -> Fence {
         state.withLock { s in
-            Fence(sequences: s.targets.compactMap { t in
-                t.value.posted > t.value.acked && (space == nil || t.value.domain.space == space) ? (t.key, t.value.posted) : nil
-            })
+            Fence(
+                sequences: s.targets.compactMap { t in
+                    t.value.posted > t.value.acked && (space == nil || t.value.domain.space == space)
+                        ? (t.key, t.value.posted) : nil
+                })
         }
     }
 
@@ -146,7 +155,9 @@ final class InvalidationFences: @unchecked Sendable {
 
     /// Devices whose oldest unacknowledged INVALIDATE is past its deadline.
     func overdue(at now: ContinuousClock.Instant) -> [UInt32] {
-        state.withLock { s in s.targets.compactMap { ($0.value.deadlines.first?.deadline).map { d in d <= now } == true ? $0.key : nil } }
+        state.withLock { s in
+            s.targets.compactMap { ($0.value.deadlines.first?.deadline).map { d in d <= now } == true ? $0.key : nil }
+        }
     }
 
     /// The nearest deadline, to bound the loop's sleep.
@@ -180,8 +191,10 @@ final class DomainSync: IOTLBInvalidator, @unchecked Sendable {
     let fences: InvalidationFences
     let isLoopThread: @Sendable () -> Bool
 
-    init(domain: SyncDomain, local: (any IOTLBInvalidator)?, fences: InvalidationFences,
-         isLoopThread: @escaping @Sendable () -> Bool) {
+    init(
+        domain: SyncDomain, local: (any IOTLBInvalidator)?, fences: InvalidationFences,
+        isLoopThread: @escaping @Sendable () -> Bool
+    ) {
         self.domain = domain
         self.local = local
         self.fences = fences

@@ -81,7 +81,8 @@ extension EventLoop {
             if live.count >= service.configuration.maxPeers {
                 refusal = .tooManyPeers
             } else if let uid = Sys.peerCredentials(fd)?.uid,
-                      live.count(where: { $0.uid == uid }) >= service.configuration.maxPeersPerUID {
+                live.count(where: { $0.uid == uid }) >= service.configuration.maxPeersPerUID
+            {
                 refusal = .tooManyPeersForUID
             }
             if let refusal {
@@ -105,7 +106,8 @@ extension EventLoop {
     func armControl(_ p: Peer) {
         guard p.state != .closed, !p.controlArmed else { return }
         do {
-            try ring.preparePollIn(fd: p.control, token: RingToken(kind: .peerControl, slot: p.index, generation: p.generation))
+            try ring.preparePollIn(
+                fd: p.control, token: RingToken(kind: .peerControl, slot: p.index, generation: p.generation))
             p.controlArmed = true
         } catch {
             closePeer(p, reason: "cannot poll its socket: \(error)", disconnected: true)
@@ -115,7 +117,8 @@ extension EventLoop {
     private func armInvalidation(_ p: Peer) {
         guard p.state == .attached, !p.invalidationArmed else { return }
         do {
-            try ring.preparePollIn(fd: p.invalidation, token: RingToken(kind: .peerInvalidation, slot: p.index, generation: p.generation))
+            try ring.preparePollIn(
+                fd: p.invalidation, token: RingToken(kind: .peerInvalidation, slot: p.index, generation: p.generation))
             p.invalidationArmed = true
         } catch {
             closePeer(p, reason: "cannot poll its invalidation socket: \(error)", disconnected: true)
@@ -137,7 +140,9 @@ extension EventLoop {
             l.provisioner.release(provision)
             p.provision = nil
         }
-        if p.controlArmed { try? ring.prepareCancel(RingToken(kind: .peerControl, slot: p.index, generation: p.generation)) }
+        if p.controlArmed {
+            try? ring.prepareCancel(RingToken(kind: .peerControl, slot: p.index, generation: p.generation))
+        }
         if p.invalidationArmed {
             try? ring.prepareCancel(RingToken(kind: .peerInvalidation, slot: p.index, generation: p.generation))
         }
@@ -169,7 +174,7 @@ extension EventLoop {
             let got: Sys.Received
             do {
                 got = try Sys.receive(p.control, into: messageBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: true)
-            } catch where error.errno == .wouldBlock {
+            } catch  where error.errno == .wouldBlock {
                 break
             } catch {
                 closePeer(p, reason: "receive failed: \(error)", disconnected: false)
@@ -185,8 +190,13 @@ extension EventLoop {
             var fds = got.fds
             defer { for fd in fds { Sys.close(fd) } }
             if got.truncated || got.count > WireLimits.maxMessageBytes {
-                refuse(p, message, kind: .tooLarge, errno: WireErrno.messageSize,
-                       "message larger than \(WireLimits.maxMessageBytes) bytes or with more than \(WireLimits.maxFDs) descriptors")
+                refuse(
+                    p, message, kind: .tooLarge, errno: WireErrno.messageSize,
+                    """
+                    message larger than \(WireLimits.maxMessageBytes) bytes or with more than \(WireLimits.maxFDs) \
+                    descriptors
+                    """
+                )
                 continue
             }
             let header: MessageHeader
@@ -213,12 +223,15 @@ extension EventLoop {
                 continue
             }
             if fdsSent {
-                refuse(p, message, kind: .unexpectedFDs, errno: WireErrno.invalid, "\(header.command) carries no descriptors")
+                refuse(
+                    p, message, kind: .unexpectedFDs, errno: WireErrno.invalid,
+                    "\(header.command) carries no descriptors")
                 continue
             }
             if header.isReply || header.command == .invalidate {
-                refuse(p, message, kind: .badState, errno: WireErrno.protocolError,
-                       "\(header.command) \(header.isReply ? "reply" : "request") is not allowed on the control socket")
+                refuse(
+                    p, message, kind: .badState, errno: WireErrno.protocolError,
+                    "\(header.command) \(header.isReply ? "reply" : "request") is not allowed on the control socket")
                 continue
             }
             handleRequest(p, header, payload)
@@ -233,21 +246,33 @@ extension EventLoop {
                 let hello = try Hello(payload: payload)
                 guard hello.major == WireVersion.major else {
                     stats.protocolError(.badVersion)
-                    reply(p, Wire.errorReply(command: .hello, id: header.id, errno: WireErrno.notSupported,
-                                             text: "protocol major \(hello.major) is not supported; this service speaks \(WireVersion.major).\(WireVersion.minor)"))
+                    reply(
+                        p,
+                        Wire.errorReply(
+                            command: .hello, id: header.id, errno: WireErrno.notSupported,
+                            text:
+                                """
+                                protocol major \(hello.major) is not supported; this service speaks \
+                                \(WireVersion.major).\(WireVersion.minor)
+                                """
+                        ))
                     closePeer(p, reason: "asked for protocol major \(hello.major)", disconnected: true)
                     return
                 }
                 if hello.role == .host && hello.minor < 1 {
                     stats.protocolError(.badVersion)
-                    reply(p, Wire.errorReply(command: .hello, id: header.id, errno: WireErrno.notSupported,
-                                             text: "the host role needs protocol 1.1 or later; HELLO proposed 1.\(hello.minor)"))
+                    reply(
+                        p,
+                        Wire.errorReply(
+                            command: .hello, id: header.id, errno: WireErrno.notSupported,
+                            text: "the host role needs protocol 1.1 or later; HELLO proposed 1.\(hello.minor)"))
                     return
                 }
                 p.role = hello.role
                 p.state = .ready
-                let granted = HelloReply(major: WireVersion.major, minor: min(hello.minor, WireVersion.minor),
-                                         capabilities: hello.capabilities.intersection(.all))
+                let granted = HelloReply(
+                    major: WireVersion.major, minor: min(hello.minor, WireVersion.minor),
+                    capabilities: hello.capabilities.intersection(.all))
                 p.minor = granted.minor
                 reply(p, granted.message(id: header.id, flags: .reply))
             case (.attach, .ready) where p.role == .device:
@@ -267,25 +292,32 @@ extension EventLoop {
                 reply(p, Wire.message(command: .detach, id: header.id, flags: .reply))
                 closePeer(p, reason: "detached", disconnected: false)
             default:
-                let expected = switch (p.state, p.role) {
-                case (.greeting, _): "HELLO"
-                case (.ready, .device): "ATTACH or DETACH"
-                case (.ready, .host): "HOST or DETACH"
-                case (_, .device): "TRANSLATE or DETACH"
-                case (_, .host): "DMA_MAP, DMA_UNMAP, SYNC, VHOST or DETACH"
-                }
+                let expected =
+                    switch (p.state, p.role) {
+                    case (.greeting, _): "HELLO"
+                    case (.ready, .device): "ATTACH or DETACH"
+                    case (.ready, .host): "HOST or DETACH"
+                    case (_, .device): "TRANSLATE or DETACH"
+                    case (_, .host): "DMA_MAP, DMA_UNMAP, SYNC, VHOST or DETACH"
+                    }
                 stats.protocolError(.badState)
-                reply(p, Wire.errorReply(command: header.command, id: header.id, errno: WireErrno.protocolError,
-                                         text: "\(header.command) is not allowed now: expected \(expected)"))
+                reply(
+                    p,
+                    Wire.errorReply(
+                        command: header.command, id: header.id, errno: WireErrno.protocolError,
+                        text: "\(header.command) is not allowed now: expected \(expected)"))
             }
         } catch {
             stats.protocolError(error.kind)
-            reply(p, Wire.errorReply(command: header.command, id: header.id, errno: error.errno, text: error.description))
+            reply(
+                p, Wire.errorReply(command: header.command, id: header.id, errno: error.errno, text: error.description))
         }
     }
 
     /// An error reply to a message whose header may not have decoded.
-    private func refuse(_ p: Peer, _ message: UnsafeRawBufferPointer, kind: ProtocolErrorKind, errno: UInt32, _ text: String) {
+    private func refuse(
+        _ p: Peer, _ message: UnsafeRawBufferPointer, kind: ProtocolErrorKind, errno: UInt32, _ text: String
+    ) {
         stats.protocolError(kind)
         let (id, rawCommand) = peekMessageID(message) ?? (0, 0)
         // The reply names the command as received when it is one; unknown ones answer as HELLO.
@@ -319,20 +351,30 @@ extension EventLoop {
             case .success(let s): space = s
             case .failure(let refusal):
                 stats.protocolError(refusal.kind)
-                reply(p, Wire.errorReply(command: .attach, id: header.id, errno: refusal.errno,
-                                         text: refusal.description))
+                reply(
+                    p,
+                    Wire.errorReply(
+                        command: .attach, id: header.id, errno: refusal.errno,
+                        text: refusal.description))
                 return
             }
         }
-        if byGeneration.values.contains(where: { $0.deviceID == request.deviceID && $0.pasid == request.pasid && $0.space === space }) {
-            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: WireErrno.exists,
-                                     text: "device \(request.deviceID) is already attached"))
+        if byGeneration.values.contains(where: {
+            $0.deviceID == request.deviceID && $0.pasid == request.pasid && $0.space === space
+        }) {
+            reply(
+                p,
+                Wire.errorReply(
+                    command: .attach, id: header.id, errno: WireErrno.exists,
+                    text: "device \(request.deviceID) is already attached"))
             return
         }
         let provision: DeviceProvision
         if let space {
             let windows = space.engine.mappingList.prefix(WireLimits.maxWindows).map {
-                DMAWindow(iova: $0.iova, size: $0.size, prot: ($0.prot.contains(.read) ? 1 : 0) | ($0.prot.contains(.write) ? 2 : 0))
+                DMAWindow(
+                    iova: $0.iova, size: $0.size,
+                    prot: ($0.prot.contains(.read) ? 1 : 0) | ($0.prot.contains(.write) ? 2 : 0))
             }
             provision = DeviceProvision(domain: space.domain, windows: Array(windows), regions: [])
         } else {
@@ -352,28 +394,34 @@ extension EventLoop {
         } catch {
             if let made { made.0.close(); made.1.close() }
             release()
-            reply(p, Wire.errorReply(command: .attach, id: header.id, errno: UInt32(error.errno.rawValue), text: "\(error)"))
+            reply(
+                p,
+                Wire.errorReply(command: .attach, id: header.id, errno: UInt32(error.errno.rawValue), text: "\(error)"))
             return
         }
         let (transport, ends) = made!
         let (serviceEnd, deviceEnd) = invalidationPair!
         let regions = space?.memory.deviceRegions ?? provision.regions.compactMap { r in r.info.map { ($0, r.fd) } }
-        let answer = AttachReply(credit: request.credit, channel: request.wantsStream ? .stream : .sharedRing,
-                                 invalidateTimeoutMs: UInt32(service.configuration.invalidateTimeout.milliseconds),
-                                 ringEntries: request.wantsStream ? 0 : UInt32(SharedQueue.capacity),
-                                 windows: provision.windows, regions: regions.map(\.0))
+        let answer = AttachReply(
+            credit: request.credit, channel: request.wantsStream ? .stream : .sharedRing,
+            invalidateTimeoutMs: UInt32(service.configuration.invalidateTimeout.milliseconds),
+            ringEntries: request.wantsStream ? 0 : UInt32(SharedQueue.capacity),
+            windows: provision.windows, regions: regions.map(\.0))
         p.invalidation = serviceEnd
         if space == nil { p.provision = provision }
         do {
             // A host's devices may fault anywhere in its space: its mappings change after they attach.
-            let d = try addDevice(deviceID: request.deviceID, pasid: request.pasid, domain: provision.domain,
-                                  credit: Int(request.credit), transport: transport, windows: space == nil ? provision.windows : [],
-                                  space: space)
+            let d = try addDevice(
+                deviceID: request.deviceID, pasid: request.pasid, domain: provision.domain,
+                credit: Int(request.credit), transport: transport, windows: space == nil ? provision.windows : [],
+                space: space)
             d.peer = p
             p.device = d
             space?.devices.append(d)
             p.state = .attached
-            fences.add(device: d.generation, domain: SyncDomain(space: d.space?.id ?? 0, domain: d.domain), pasid: request.pasid)
+            fences.add(
+                device: d.generation, domain: SyncDomain(space: d.space?.id ?? 0, domain: d.domain),
+                pasid: request.pasid)
         } catch {
             transport.close()
             ends.close()
@@ -389,7 +437,13 @@ extension EventLoop {
         stats.externalDevices += 1
         armInvalidation(p)
         if let space { stats.host(space.id) { $0.devices += 1 } }
-        service.logger.info("device \(d.deviceID) attached from \(p.name)\(space.map { " to host \($0.name)" } ?? ""): \(provision.windows.count) windows, \(regions.count) regions, \(request.wantsStream ? "stream" : "shared ring") channel, credit \(request.credit)")
+        service.logger.info(
+            """
+            device \(d.deviceID) attached from \(p.name)\(space.map { " to host \($0.name)" } ?? ""): \
+            \(provision.windows.count) windows, \(regions.count) regions, \
+            \(request.wantsStream ? "stream" : "shared ring") channel, credit \(request.credit)
+            """
+        )
     }
 
     /// Starts a TRANSLATE: walked at once as far as this turn's budget goes, the rest by
@@ -439,8 +493,9 @@ extension EventLoop {
                 t.entries.append(0)
                 continue
             }
-            t.entries.append(x.phys & ~0xFFF | (x.prot.contains(.read) ? TranslateReply.read : 0)
-                | (x.prot.contains(.write) ? TranslateReply.write : 0))
+            t.entries.append(
+                x.phys & ~0xFFF | (x.prot.contains(.read) ? TranslateReply.read : 0)
+                    | (x.prot.contains(.write) ? TranslateReply.write : 0))
         }
         guard t.entries.count == Int(t.request.pages) else {
             p.translating = t
@@ -458,7 +513,7 @@ extension EventLoop {
             let got: Sys.Received
             do {
                 got = try Sys.receive(p.invalidation, into: messageBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: true)
-            } catch where error.errno == .wouldBlock {
+            } catch  where error.errno == .wouldBlock {
                 break
             } catch {
                 closePeer(p, reason: "receive on the invalidation socket failed: \(error)", disconnected: false)
@@ -473,11 +528,13 @@ extension EventLoop {
             let message = UnsafeRawBufferPointer(rebasing: messageBuffer[..<got.count])
             guard !got.truncated, let header = try? MessageHeader(message: message), header.command == .invalidate,
                 header.isReply, !header.isError,
-                let ack = try? InvalidateAck(payload: UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...]))
+                let ack = try? InvalidateAck(
+                    payload: UnsafeRawBufferPointer(rebasing: message[MessageHeader.byteCount...]))
             else {
                 stats.protocolError(.badAck)
-                closePeer(p, reason: "sent something other than an INVALIDATE acknowledgement on its invalidation socket",
-                          disconnected: true)
+                closePeer(
+                    p, reason: "sent something other than an INVALIDATE acknowledgement on its invalidation socket",
+                    disconnected: true)
                 return
             }
             if fences.acknowledge(device: d.generation, sequence: ack.sequence) {
@@ -500,17 +557,21 @@ extension EventLoop {
                 }
                 guard let d = byGeneration[generation], let p = d.peer, p.state == .attached else { continue }
                 do {
-                    try Sys.send(p.invalidation, message.message(id: UInt16(truncatingIfNeeded: message.sequence)), nonBlocking: true)
+                    try Sys.send(
+                        p.invalidation, message.message(id: UInt16(truncatingIfNeeded: message.sequence)),
+                        nonBlocking: true)
                     stats.invalidationsSent += 1
-                } catch where error.errno == .brokenPipe || error.errno == .connectionReset {
+                } catch  where error.errno == .brokenPipe || error.errno == .connectionReset {
                     // The device closed its end (it exited, or was killed): a departure, not misbehaviour.
-                    closePeer(p, reason: "device \(d.deviceID) went away (INVALIDATE \(message.sequence): \(error))",
-                              disconnected: false)
+                    closePeer(
+                        p, reason: "device \(d.deviceID) went away (INVALIDATE \(message.sequence): \(error))",
+                        disconnected: false)
                 } catch {
                     stats.protocolError(error.errno == .wouldBlock ? .slowReader : .invalidationSocket)
                     stats.devicesFenced += 1
-                    closePeer(p, reason: "device \(d.deviceID) fenced: cannot send INVALIDATE \(message.sequence): \(error)",
-                              disconnected: true)
+                    closePeer(
+                        p, reason: "device \(d.deviceID) fenced: cannot send INVALIDATE \(message.sequence): \(error)",
+                        disconnected: true)
                 }
             }
         }
@@ -518,8 +579,9 @@ extension EventLoop {
         for generation in fences.overdue(at: .now) {
             if let b = vhostByGeneration[generation] {
                 stats.protocolError(.invalidateTimeout)
-                closeVhost(b, reason: "fenced: no acknowledgement within \(service.configuration.invalidateTimeout)",
-                           fenced: true)
+                closeVhost(
+                    b, reason: "fenced: no acknowledgement within \(service.configuration.invalidateTimeout)",
+                    fenced: true)
                 continue
             }
             guard let d = byGeneration[generation], let p = d.peer else {
@@ -528,8 +590,11 @@ extension EventLoop {
             }
             stats.protocolError(.invalidateTimeout)
             stats.devicesFenced += 1
-            closePeer(p, reason: "device \(d.deviceID) fenced: no acknowledgement within \(service.configuration.invalidateTimeout)",
-                      disconnected: true)
+            closePeer(
+                p,
+                reason:
+                    "device \(d.deviceID) fenced: no acknowledgement within \(service.configuration.invalidateTimeout)",
+                disconnected: true)
         }
     }
 }

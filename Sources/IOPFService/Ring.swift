@@ -120,7 +120,8 @@ final class Ring {
             take(into: &backlog)
             if let s = io_uring_get_sqe(&ring) { return s }
             guard ContinuousClock.now < deadline else {
-                throw RingError(operation: "get_sqe (the submission queue stayed full for \(Self.busyLimit))", errno: .resourceBusy)
+                throw RingError(
+                    operation: "get_sqe (the submission queue stayed full for \(Self.busyLimit))", errno: .resourceBusy)
             }
             usleep(pause)
             pause = min(pause * 2, 1000)
@@ -181,7 +182,8 @@ final class Ring {
     func submitAndWait(timeoutNanoseconds: Int64) throws(RingError) {
         checkThread()
         if let e = planted?.take(.submit), e != 0 { return try check(-e, "submit_and_wait_timeout") }
-        var ts = __kernel_timespec(tv_sec: timeoutNanoseconds / 1_000_000_000, tv_nsec: timeoutNanoseconds % 1_000_000_000)
+        var ts = __kernel_timespec(
+            tv_sec: timeoutNanoseconds / 1_000_000_000, tv_nsec: timeoutNanoseconds % 1_000_000_000)
         var cqe: UnsafeMutablePointer<io_uring_cqe>?
         let r = io_uring_submit_and_wait_timeout(&ring, &cqe, 1, &ts, nil)
         try check(r == -ETIME ? 0 : r, "submit_and_wait_timeout")
@@ -194,8 +196,9 @@ final class Ring {
             let now = ContinuousClock.now
             guard let since = refusedSince else { return refusedSince = now }
             guard now - since < Self.busyLimit else {
-                throw RingError(operation: "\(operation) (the kernel refused every submit for \(Self.busyLimit))",
-                                errno: Errno(rawValue: -r))
+                throw RingError(
+                    operation: "\(operation) (the kernel refused every submit for \(Self.busyLimit))",
+                    errno: Errno(rawValue: -r))
             }
         } else if r != -EINTR {
             throw RingError(operation: operation, errno: Errno(rawValue: -r))

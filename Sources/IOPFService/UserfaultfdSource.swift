@@ -48,9 +48,10 @@ package final class UserfaultfdSource: @unchecked Sendable {
         let fd = iopf_userfaultfd(O_CLOEXEC | O_NONBLOCK)
         guard fd >= 0 else {
             let e = Glibc.errno
-            throw UserfaultfdError(description: "userfaultfd(2) failed: errno \(e)"
-                + (e == EPERM ? " (unprivileged userfaultfd is disabled: vm.unprivileged_userfaultfd=0)" : "")
-                + (e == ENOSYS ? " (the kernel lacks CONFIG_USERFAULTFD)" : ""))
+            throw UserfaultfdError(
+                description: "userfaultfd(2) failed: errno \(e)"
+                    + (e == EPERM ? " (unprivileged userfaultfd is disabled: vm.unprivileged_userfaultfd=0)" : "")
+                    + (e == ENOSYS ? " (the kernel lacks CONFIG_USERFAULTFD)" : ""))
         }
         let wanted = Self.wanted.reduce(UInt64(0)) { $0 | $1.0 }
         var granted: UInt64 = 0
@@ -58,7 +59,9 @@ package final class UserfaultfdSource: @unchecked Sendable {
         if iopf_uffd_api(fd, wanted, &granted, &ioctls) != 0 || granted & wanted != wanted {
             let refused = Self.wanted.filter { granted & $0.0 == 0 }.map(\.1)
             Sys.close(fd)
-            throw UserfaultfdError(description: "UFFDIO_API refused " + (refused.isEmpty ? "the handshake" : refused.joined(separator: ", ")))
+            throw UserfaultfdError(
+                description: "UFFDIO_API refused "
+                    + (refused.isEmpty ? "the handshake" : refused.joined(separator: ", ")))
         }
         self.fd = fd
     }
@@ -82,15 +85,22 @@ package final class UserfaultfdSource: @unchecked Sendable {
     static func register(_ fd: CInt, start: UInt64, length: UInt64) throws(UserfaultfdError) {
         if iopf_uffd_register(fd, start, length, UInt64(UFFDIO_REGISTER_MODE_WP)) != 0 {
             let e = Glibc.errno
-            let why = switch e {
-            case EINVAL: "the range is not anonymous private or shmem memory (file mappings and VM_PFNMAP cannot be registered)"
-            case ENOMEM: "part of the range is not mapped"
-            case EBUSY: "the range is registered with another userfaultfd"
-            case EPERM: "write-protect mode is not permitted here"
-            case ESRCH: "the process that owns the memory has exited"
-            default: "errno \(e)"
-            }
-            throw UserfaultfdError(description: "cannot watch host range [0x\(String(start, radix: 16)), +0x\(String(length, radix: 16))): \(why)")
+            let why =
+                switch e {
+                case EINVAL:
+                    """
+                    the range is not anonymous private or shmem memory (file mappings and VM_PFNMAP cannot be \
+                    registered)
+                    """
+                case ENOMEM: "part of the range is not mapped"
+                case EBUSY: "the range is registered with another userfaultfd"
+                case EPERM: "write-protect mode is not permitted here"
+                case ESRCH: "the process that owns the memory has exited"
+                default: "errno \(e)"
+                }
+            throw UserfaultfdError(
+                description:
+                    "cannot watch host range [0x\(String(start, radix: 16)), +0x\(String(length, radix: 16))): \(why)")
         }
     }
 
@@ -112,7 +122,7 @@ package final class UserfaultfdSource: @unchecked Sendable {
         }
         do {
             return try Sys.read(fd, buffer)
-        } catch where error.errno == .wouldBlock {
+        } catch  where error.errno == .wouldBlock {
             return 0
         }
     }
@@ -153,14 +163,16 @@ package enum HostEvent: Equatable {
         case Int32(UFFD_EVENT_REMOVE), Int32(UFFD_EVENT_UNMAP):
             let (start, end) = (msg.arg.remove.start, msg.arg.remove.end)
             guard start <= end else {
-                self = .malformed("event \(msg.event) range [0x\(String(start, radix: 16)), 0x\(String(end, radix: 16))) is inverted")
+                self = .malformed(
+                    "event \(msg.event) range [0x\(String(start, radix: 16)), 0x\(String(end, radix: 16))) is inverted")
                 return
             }
             self = Int32(msg.event) == Int32(UFFD_EVENT_REMOVE) ? .remove(start..<end) : .unmap(start..<end)
         case Int32(UFFD_EVENT_REMAP):
             let (from, length) = (msg.arg.remap.from, msg.arg.remap.len)
             guard !from.addingReportingOverflow(length).overflow else {
-                self = .malformed("REMAP of 0x\(String(length, radix: 16)) bytes from 0x\(String(from, radix: 16)) overflows")
+                self = .malformed(
+                    "REMAP of 0x\(String(length, radix: 16)) bytes from 0x\(String(from, radix: 16)) overflows")
                 return
             }
             self = .remap(from: from, to: msg.arg.remap.to, length: length)

@@ -64,21 +64,27 @@ package enum BenchSession {
     /// Measures the run, then its floor on fresh memory of the same size: mlock of the whole
     /// size for pinned, one MADV_POPULATE_WRITE per page over the touched pages for fault.
     /// After, not before: the run meets the colder memory, so the ratio errs against iopf.
-    package static func measureWithFloor(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
-                                        logger: Logger = Logger(label: "iopf.bench")) throws -> BenchRow {
+    package static func measureWithFloor(
+        size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
+        logger: Logger = Logger(label: "iopf.bench")
+    ) throws -> BenchRow {
         var row = try measure(size: size, touch: touch, mode: mode, dmaSeconds: dmaSeconds, logger: logger)
-        let floor = mode == .pinned
+        let floor =
+            mode == .pinned
             ? try Floors.mlockPerGiB(bytes: row.sizeBytes)
             : try Floors.populatePerPage(pages: max(1, Int(Double(row.sizeBytes >> 12) * touch)))
         row.adjacentFloor = floor
         let gib = Double(row.sizeBytes) / Double(1 << 30)
         let touchedPages = Double(row.sizeBytes >> 12) * touch
-        row.ratioToFloor = mode == .pinned ? row.mapSeconds / gib / floor : floor / (row.touchSeconds * 1e9 / touchedPages)
+        row.ratioToFloor =
+            mode == .pinned ? row.mapSeconds / gib / floor : floor / (row.touchSeconds * 1e9 / touchedPages)
         return row
     }
 
-    package static func measure(size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
-                               logger: Logger = Logger(label: "iopf.bench")) throws -> BenchRow {
+    package static func measure(
+        size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
+        logger: Logger = Logger(label: "iopf.bench")
+    ) throws -> BenchRow {
         let slice = (size / UInt64(devices)) & ~((2 << 20) - 1)
         precondition(slice > 0, "bench size \(size) is below 2 MiB per device")
         let region = try HostRegion(length: slice * UInt64(devices), alignment: 2 << 20)
@@ -103,8 +109,9 @@ package enum BenchSession {
         let touchPages = max(1, Int(Double(slice >> 12) * touch))
         func devicesFor(phase: Int, _ shape: (inout DeviceConfiguration) -> Void) throws -> [SimulatedDevice] {
             try (0..<devices).map { d in
-                var dc = DeviceConfiguration(deviceID: UInt32(phase * 100 + d + 1), iovaBase: iova(d), pages: touchPages,
-                                             hostBase: host(d), physBase: region.phys! + UInt64(d) * slice)
+                var dc = DeviceConfiguration(
+                    deviceID: UInt32(phase * 100 + d + 1), iovaBase: iova(d), pages: touchPages,
+                    hostBase: host(d), physBase: region.phys! + UInt64(d) * slice)
                 shape(&dc)
                 return try rig.device(dc, domain: 0, regions: [region])
             }
@@ -151,7 +158,8 @@ package enum BenchSession {
         if !problems.isEmpty { logger.warning("bench run had problems: \(problems.prefix(3))") }
         return BenchRow(
             sizeBytes: slice * UInt64(devices), touchFraction: touch, mode: mode.rawValue,
-            mapSeconds: seconds(mapped - start), firstDmaSeconds: seconds(firstDMA - start), touchSeconds: seconds(touched - mapped),
+            mapSeconds: seconds(mapped - start), firstDmaSeconds: seconds(firstDMA - start),
+            touchSeconds: seconds(touched - mapped),
             residentBytes: resident, lockedBytes: locked,
             dmaGBps: Double(moverReports.reduce(0) { $0 + $1.bytesMoved }) / dmaElapsed / 1e9,
             faultLatencyNs: LatencySummary(latency))
@@ -175,7 +183,8 @@ package enum BenchSession {
         row.ratioToFloor = mid(runs.map(\.ratioToFloor))
         row.ratioSpread = Spread(runs.map(\.ratioToFloor))
         row.mapSecondsSpread = Spread(runs.map(\.mapSeconds))
-        row.faultLatencyNs = runs.sorted { $0.faultLatencyNs.p50 < $1.faultLatencyNs.p50 }[runs.count / 2].faultLatencyNs
+        row.faultLatencyNs =
+            runs.sorted { $0.faultLatencyNs.p50 < $1.faultLatencyNs.p50 }[runs.count / 2].faultLatencyNs
         return row
     }
 }

@@ -73,8 +73,12 @@ package enum ExternalDeviceSession {
         let started = ContinuousClock.now
         let client = try DeviceClient(connectingTo: o.path)
         defer { client.close() }
-        let attachment = try client.attach(Attach(deviceID: o.deviceID, pasid: o.pasid, credit: o.credit ?? UInt32(DeviceConfiguration.credit(outstanding: o.outstanding, burst: o.burst)), wantsStream: o.stream,
-                                                  addressSpaceName: o.addressSpace))
+        let attachment = try client.attach(
+            Attach(
+                deviceID: o.deviceID, pasid: o.pasid,
+                credit: o.credit ?? UInt32(DeviceConfiguration.credit(outstanding: o.outstanding, burst: o.burst)),
+                wantsStream: o.stream,
+                addressSpaceName: o.addressSpace))
         let attached = ContinuousClock.now
         guard !attachment.windows.isEmpty else {
             throw DeviceClientError.protocolViolation("ATTACH gave no DMA window")
@@ -92,19 +96,23 @@ package enum ExternalDeviceSession {
         dc.credit = attachment.credit
         dc.outstanding = o.outstanding
         dc.iotlbEntries = o.iotlbEntries
-        let device = SimulatedDevice(configuration: dc, channel: attachment.channel, memory: attachment.memory,
-                                     translator: .remote(client))
+        let device = SimulatedDevice(
+            configuration: dc, channel: attachment.channel, memory: attachment.memory,
+            translator: .remote(client))
         let ignore = o.ignoreInvalidations
         let pagesInvalidated = PageCounter()
         client.serveInvalidations { [iotlb = device.iotlb] inv in
             guard !ignore else { return false }
             iotlb.invalidate(inv.ranges.map { IOVARange(start: $0.start, last: $0.last) }, sequence: inv.sequence)
-            pagesInvalidated.count.add(inv.ranges.reduce(0) { $0 + IOVARange(start: $1.start, last: $1.last).pagesTouched },
-                                 ordering: .relaxed)
+            pagesInvalidated.count.add(
+                inv.ranges.reduce(0) { $0 + IOVARange(start: $1.start, last: $1.last).pagesTouched },
+                ordering: .relaxed)
             return true
         }
         device.start()
-        while !device.isFinished && !shouldStop() && (o.seconds == 0 || (ContinuousClock.now - attached) < .seconds(o.seconds)) {
+        while !device.isFinished && !shouldStop()
+            && (o.seconds == 0 || (ContinuousClock.now - attached) < .seconds(o.seconds))
+        {
             usleep(10_000)
         }
         let finishedEarly = device.isFinished

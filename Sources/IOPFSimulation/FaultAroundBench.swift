@@ -49,25 +49,30 @@ package struct FaultAroundRow: Codable, Sendable {
 
 package enum FaultAroundBench {
     /// Runs one device over `size` of fresh memory under `policy`.
-    package static func measure(size: UInt64, pattern: Workload, touch: Double, policy: FaultAroundPolicy,
-                               hugePages: Bool = false,
-                               logger: Logger = Logger(label: "iopf.bench")) throws -> FaultAroundRow {
-        precondition(pattern == .sequential || pattern == .random, "fault-around bench patterns are sequential and random")
+    package static func measure(
+        size: UInt64, pattern: Workload, touch: Double, policy: FaultAroundPolicy,
+        hugePages: Bool = false,
+        logger: Logger = Logger(label: "iopf.bench")
+    ) throws -> FaultAroundRow {
+        precondition(
+            pattern == .sequential || pattern == .random, "fault-around bench patterns are sequential and random")
         let size = size & ~((2 << 20) - 1)
         precondition(size > 0, "bench size below 2 MiB")
         if hugePages, let notice = try HugePages.enableForShmem() { logger.warning("\(notice)") }
         let region = try HostRegion(length: size, alignment: 2 << 20, hugePages: hugePages)
         var serviceConfig = ServiceConfiguration()
         serviceConfig.faultAround = policy
-        let rig = try Rig(engine: .forThisProcess(mode: .fault, hugePages: hugePages), service: serviceConfig, domains: 1,
-                          logger: logger)
+        let rig = try Rig(
+            engine: .forThisProcess(mode: .fault, hugePages: hugePages), service: serviceConfig, domains: 1,
+            logger: logger)
         let service = rig.service
         defer { service.stop() }
         let iova = ServeOptions.iovaBase
         try service.map(iova: iova, vaddr: region.base, size: size, prot: .readWrite)
 
         let pages = Int(size >> 12)
-        var dc = DeviceConfiguration(deviceID: 1, iovaBase: iova, pages: pages, hostBase: region.base, physBase: region.phys!)
+        var dc = DeviceConfiguration(
+            deviceID: 1, iovaBase: iova, pages: pages, hostBase: region.base, physBase: region.phys!)
         dc.writePercent = 100
         dc.workload = pattern
         if pattern == .sequential {
@@ -91,7 +96,8 @@ package enum FaultAroundBench {
         try service.barrier().wait()
         let after = service.statistics
 
-        var row = FaultAroundRow(sizeBytes: size, pattern: pattern.rawValue, touchFraction: touch, faultAround: policy.description)
+        var row = FaultAroundRow(
+            sizeBytes: size, pattern: pattern.rawValue, touchFraction: touch, faultAround: policy.description)
         row.hugePages = hugePages
         row.blockMappings = rig.engine.statistics.blockMappings
         row.groups = after.groups - before.groups

@@ -42,11 +42,14 @@ package enum FaultsBench {
     /// of groups still in flight unique with room to spare.
     package static let maxOutstanding = 256
 
-    package static func measure(outstanding: Int, seconds: Double, pages: Int = pages,
-                               logger: Logger = Logger(label: "iopf.bench")) throws -> FaultsRow {
+    package static func measure(
+        outstanding: Int, seconds: Double, pages: Int = pages,
+        logger: Logger = Logger(label: "iopf.bench")
+    ) throws -> FaultsRow {
         precondition((1...maxOutstanding).contains(outstanding), "outstanding must be 1...\(maxOutstanding)")
-        precondition(pages >= 4 * maxOutstanding && pages % 4 == 0,
-                     "pages must be a multiple of 4 and at least \(4 * maxOutstanding)")
+        precondition(
+            pages >= 4 * maxOutstanding && pages % 4 == 0,
+            "pages must be a multiple of 4 and at least \(4 * maxOutstanding)")
         let chunk = pages / 4
         let region = try HostRegion(length: UInt64(pages) << 12, alignment: 2 << 20)
         var physical: [UInt64] = []
@@ -79,12 +82,15 @@ package enum FaultsBench {
             while Int(sent &- answered) + records.count < outstanding && now < deadline {
                 if next % chunk == 0 && sent >= UInt32(pages) {
                     // This chunk was faulted a cycle ago and answered: make it fault again.
-                    _ = try rig.engine.invalidate(hostAddress: region.base + UInt64(next) << 12, length: UInt64(chunk) << 12)
+                    _ = try rig.engine.invalidate(
+                        hostAddress: region.base + UInt64(next) << 12, length: UInt64(chunk) << 12)
                     row.invalidations += 1
                 }
                 let cookie = sent &+ UInt32(records.count) &+ 1
-                records.append(PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: cookie & PageRequest.maxGroupIndex,
-                                           perm: [.read, .write], addr: iova + UInt64(next) << 12, cookie: cookie))
+                records.append(
+                    PageRequest(
+                        flags: [.lastPage], deviceID: 1, groupIndex: cookie & PageRequest.maxGroupIndex,
+                        perm: [.read, .write], addr: iova + UInt64(next) << 12, cookie: cookie))
                 next = (next + 1) % pages
             }
             if !records.isEmpty {

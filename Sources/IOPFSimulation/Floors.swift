@@ -18,10 +18,11 @@ package struct Floors: Codable, Sendable {
     package var mlockSecondsPerGiB: Double
 
     package static func measure(pages: Int = 16384, mlockBytes: UInt64 = 256 << 20) throws -> Floors {
-        Floors(uffdRoundTripNs: try userfaultfdRoundTrip(pages: pages, polled: false),
-               uffdRoundTripPolledNs: try userfaultfdRoundTrip(pages: pages, polled: true),
-               populateNsPerPage: try populatePerPage(pages: pages),
-               mlockSecondsPerGiB: try mlockPerGiB(bytes: mlockBytes))
+        Floors(
+            uffdRoundTripNs: try userfaultfdRoundTrip(pages: pages, polled: false),
+            uffdRoundTripPolledNs: try userfaultfdRoundTrip(pages: pages, polled: true),
+            populateNsPerPage: try populatePerPage(pages: pages),
+            mlockSecondsPerGiB: try mlockPerGiB(bytes: mlockBytes))
     }
 
     /// Mean time for a thread to touch a missing page of a userfaultfd-registered range and
@@ -33,7 +34,9 @@ package struct Floors: Codable, Sendable {
         var features: UInt64 = 0
         var ioctls: UInt64 = 0
         _ = try syscall("UFFDIO_API") { iopf_uffd_api(uffd, 0, &features, &ioctls) }
-        _ = try syscall("UFFDIO_REGISTER") { iopf_uffd_register(uffd, region.base, region.length, iopf_uffd_mode_missing()) }
+        _ = try syscall("UFFDIO_REGISTER") {
+            iopf_uffd_register(uffd, region.base, region.length, iopf_uffd_mode_missing())
+        }
         let handler = Thread {
             var msg = uffd_msg()
             while true {
@@ -61,7 +64,8 @@ package struct Floors: Codable, Sendable {
         let start = ContinuousClock.now
         for p in 0..<pages {
             _ = try syscall("madvise(MADV_POPULATE_WRITE)") {
-                madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base) + UInt(p) << 12), 4096, MADV_POPULATE_WRITE)
+                madvise(
+                    UnsafeMutableRawPointer(bitPattern: UInt(region.base) + UInt(p) << 12), 4096, MADV_POPULATE_WRITE)
             }
         }
         return nanoseconds(ContinuousClock.now - start) / Double(pages)

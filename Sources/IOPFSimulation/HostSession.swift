@@ -89,7 +89,8 @@ package enum HostSession {
         guard let reserve, reserve != MAP_FAILED else { throw SystemCallError("mmap", .init(rawValue: errno)) }
         defer { munmap(reserve, Int(2 * o.memoryBytes)) }
         let base = UInt64(UInt(bitPattern: reserve))
-        guard mmap(reserve, Int(o.memoryBytes), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, memfd, 0) == reserve else {
+        guard mmap(reserve, Int(o.memoryBytes), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, memfd, 0) == reserve
+        else {
             throw SystemCallError("mmap(MAP_FIXED) of the memfd", .init(rawValue: errno))
         }
         writeTags(base: base, pages: Int(o.memoryBytes >> 12))
@@ -101,16 +102,19 @@ package enum HostSession {
         defer { client.close() }
         let uffd = try HostClient.makeUserfaultfd()
         do {
-            try client.declare(name: o.name, regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
-                               userfaultfd: uffd, memfds: [memfd], allowedUIDs: o.allowedUIDs)
+            try client.declare(
+                name: o.name,
+                regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
+                userfaultfd: uffd, memfds: [memfd], allowedUIDs: o.allowedUIDs)
         } catch {
             Sys.close(uffd)
             throw error
         }
         Sys.close(uffd)  // the service's copy is the only one now: it unregisters everything when it lets go
         for k in 0..<o.mappings {
-            try client.map(iova: HostLayout.iovaBase + UInt64(k) * slice, hostAddress: base + UInt64(k) * slice, size: slice,
-                           prot: [.read, .write])
+            try client.map(
+                iova: HostLayout.iovaBase + UInt64(k) * slice, hostAddress: base + UInt64(k) * slice, size: slice,
+                prot: [.read, .write])
         }
 
         var result = HostResult()
@@ -171,12 +175,15 @@ package enum HostSession {
             try client.sync()
             latency.record(UInt64(max(0, (ContinuousClock.now - t0).nanoseconds)))
             if let address = redeclare {
-                try client.updateHostAddress(iova: HostLayout.iovaBase + UInt64(k) * slice, size: slice, hostAddress: address)
+                try client.updateHostAddress(
+                    iova: HostLayout.iovaBase + UInt64(k) * slice, size: slice, hostAddress: address)
                 result.addressUpdates += 1
                 if change == .move {
                     // The old home becomes a reservation again (UNMAP, which touches no mapping now).
-                    guard mmap(UnsafeMutableRawPointer(bitPattern: UInt(here)), Int(slice), PROT_NONE,
-                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) != MAP_FAILED
+                    guard
+                        mmap(
+                            UnsafeMutableRawPointer(bitPattern: UInt(here)), Int(slice), PROT_NONE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) != MAP_FAILED
                     else { throw SystemCallError("mmap(PROT_NONE)", .init(rawValue: errno)) }
                     moved[k].toggle()
                     try client.sync()
@@ -212,7 +219,9 @@ package enum HostSession {
             let vma = HostChurn.mapping(containing: cursor) ?? cursor..<(from + size)
             let length = min(vma.upperBound, from + size) - cursor
             let target = UnsafeMutableRawPointer(bitPattern: UInt(to + (cursor - from)))
-            guard iopf_mremap_dontunmap(UnsafeMutableRawPointer(bitPattern: UInt(cursor)), Int(length), target) == target else {
+            guard
+                iopf_mremap_dontunmap(UnsafeMutableRawPointer(bitPattern: UInt(cursor)), Int(length), target) == target
+            else {
                 throw SystemCallError("mremap(MREMAP_DONTUNMAP) of a mapping", .init(rawValue: errno))
             }
             cursor += length

@@ -31,8 +31,10 @@ final class Rig {
     /// Starts a service over a new engine; stop it with `service.stop()`. Each domain's
     /// syncs are reported to its observer; in-process devices check themselves against it
     /// when it is a `TranslationAudit`.
-    init(engine config: EngineConfiguration, service serviceConfig: ServiceConfiguration, domains count: Int,
-         observers: [(any IOTLBSyncObserver)?]? = nil, logger: Logger) throws {
+    init(
+        engine config: EngineConfiguration, service serviceConfig: ServiceConfiguration, domains count: Int,
+        observers: [(any IOTLBSyncObserver)?]? = nil, logger: Logger
+    ) throws {
         engine = FaultEngine(memory: ProcessMemory(), configuration: config)
         service = try FaultService(engine: engine, configuration: serviceConfig, logger: logger)
         fanouts = (0..<count).map { _ in DomainIOTLBs() }
@@ -46,11 +48,13 @@ final class Rig {
     /// Attaches an in-process device to domain `domainIndex` and builds it over `regions`.
     func device(_ dc: DeviceConfiguration, domain domainIndex: Int, regions: [HostRegion]) throws -> SimulatedDevice {
         let domain = domains[domainIndex]
-        let channel = try DeviceChannel(try service.attach(deviceID: dc.deviceID, pasid: dc.pasid, domain: domain, credit: dc.credit))
+        let channel = try DeviceChannel(
+            try service.attach(deviceID: dc.deviceID, pasid: dc.pasid, domain: domain, credit: dc.credit))
         let memory = try DeviceMemory(try regions.map { ($0.info!, try Sys.dup($0.fd)) })
-        let device = SimulatedDevice(configuration: dc, channel: channel, memory: memory,
-                                     translator: .pageTable(engine.pageTable(domain)), window: service.window,
-                                     audit: audits[domainIndex])
+        let device = SimulatedDevice(
+            configuration: dc, channel: channel, memory: memory,
+            translator: .pageTable(engine.pageTable(domain)), window: service.window,
+            audit: audits[domainIndex])
         fanouts[domainIndex].add(device.iotlb)
         return device
     }

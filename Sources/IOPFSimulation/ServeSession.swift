@@ -256,8 +256,9 @@ final class ServeProvisioner: DeviceProvisioner, @unchecked Sendable {
             case .pinned: try service.mapPinned(iova: iova, vaddr: region.base, size: bytes, prot: .readWrite)
             }
             state.withLock { $0.live[k] = region }
-            return DeviceProvision(domain: domains[k % domains.count], windows: [DMAWindow(iova: iova, size: bytes, prot: 3)],
-                                   regions: [region], token: k)
+            return DeviceProvision(
+                domain: domains[k % domains.count], windows: [DMAWindow(iova: iova, size: bytes, prot: 3)],
+                regions: [region], token: k)
         } catch {
             state.withLock { $0.free.append(k) }
             throw .invalidRequest("cannot give device \(deviceID) \(bytes >> 20) MiB of memory: \(error)")
@@ -279,9 +280,11 @@ final class ServeProvisioner: DeviceProvisioner, @unchecked Sendable {
 package enum ServeSession {
     /// Runs the demo and returns its summary. `progress` is called about twice a second.
     /// With `seconds` 0 it runs until `shouldStop` says so (SIGINT/SIGTERM in the CLI).
-    package static func run(_ o: ServeOptions, logger: Logger = Logger(label: "iopf"),
-                           shouldStop: @escaping () -> Bool = { false },
-                           progress: (ServeProgress) -> Void = { _ in }) throws -> ServeResult {
+    package static func run(
+        _ o: ServeOptions, logger: Logger = Logger(label: "iopf"),
+        shouldStop: @escaping () -> Bool = { false },
+        progress: (ServeProgress) -> Void = { _ in }
+    ) throws -> ServeResult {
         precondition(o.devices >= 0 && o.domains > 0, "devices must not be negative; at least one domain")
         precondition(o.devices > 0 || o.listenPath != nil, "no devices: at least one in-process device or --listen")
         var slicePages = o.devices > 0 ? Int(o.memoryBytes >> 12) / o.devices : 0
@@ -294,7 +297,8 @@ package enum ServeSession {
             throw ServiceError.invalidRequest("--memory is too small for \(o.devices) devices\(unit)")
         }
         let slice = UInt64(slicePages) << 12
-        let region = o.devices > 0
+        let region =
+            o.devices > 0
             ? try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20, hugePages: o.hugePages) : nil
 
         var config = EngineConfiguration.forThisProcess(mode: o.mode, hugePages: o.hugePages)
@@ -321,8 +325,9 @@ package enum ServeSession {
             case .fault: try service.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
             case .pinned: try service.mapPinned(iova: iova, vaddr: host, size: slice, prot: .readWrite)
             }
-            var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host,
-                                         physBase: region!.phys! + UInt64(d) * slice)
+            var dc = DeviceConfiguration(
+                deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host,
+                physBase: region!.phys! + UInt64(d) * slice)
             dc.workload = o.workload
             dc.avoidCPU = o.serviceCPU
             dc.seed = o.seed &+ UInt64(d) &* 7919
@@ -343,8 +348,9 @@ package enum ServeSession {
             try engine.startDirtyTracking(iova: ServeOptions.iovaBase, size: loggedBytes)
             ledger!.trackingStarted()
         }
-        let provisioner = ServeProvisioner(domains: rig.domains, bytes: o.deviceMemoryBytes, mode: o.mode,
-                                           hugePages: o.hugePages)
+        let provisioner = ServeProvisioner(
+            domains: rig.domains, bytes: o.deviceMemoryBytes, mode: o.mode,
+            hugePages: o.hugePages)
         provisioner.service = service
         if let path = o.listenPath {
             try service.listen(path: path, mode: o.socketMode, provisioner: provisioner)
@@ -359,9 +365,10 @@ package enum ServeSession {
             let threads = min(n, devices.count)
             result.deviceThreads = threads
             for t in 0..<threads {
-                SimulatedDevice.startShared(stride(from: t, to: devices.count, by: threads).map { devices[$0] },
-                                            idlePriority: o.idleDevices, avoidCPU: o.serviceCPU,
-                                            name: "iopf-devices-\(t)")
+                SimulatedDevice.startShared(
+                    stride(from: t, to: devices.count, by: threads).map { devices[$0] },
+                    idlePriority: o.idleDevices, avoidCPU: o.serviceCPU,
+                    name: "iopf-devices-\(t)")
             }
         } else {
             devices.forEach { $0.start() }
@@ -376,8 +383,11 @@ package enum ServeSession {
         var nextChurn = 0.0
         var nextDirtyRead = o.dirtyLogInterval ?? .infinity
         var readTimes = Histogram<UInt64>.nanoseconds()
-        var churn = o.hostChurnInterval > 0 && service.hostEventsEnabled && region != nil
-            ? try HostChurn(service: service, region: region!, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages, seed: o.seed)
+        var churn =
+            o.hostChurnInterval > 0 && service.hostEventsEnabled && region != nil
+            ? try HostChurn(
+                service: service, region: region!, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages,
+                seed: o.seed)
             : nil
         if o.hostChurnInterval > 0 && !service.hostEventsEnabled {
             problems.append("--host-churn needs host events, which are off: \(service.hostEventsUnavailable ?? "")")
@@ -398,7 +408,8 @@ package enum ServeSession {
                     let first = Int(rng.next() % UInt64(target.length >> 12))
                     let length = UInt64(min(pages, Int(target.length >> 12) - first)) << 12
                     do {
-                        _ = try service.invalidate(hostAddress: target.base + UInt64(first) << 12, length: length).wait()
+                        _ = try service.invalidate(hostAddress: target.base + UInt64(first) << 12, length: length)
+                            .wait()
                     } catch {
                         problems.append("invalidation failed: \(error)")
                         break
@@ -432,17 +443,22 @@ package enum ServeSession {
             }
             if now >= nextProgress {
                 let s = service.statistics
-                progress(ServeProgress(elapsed: now, faults: s.records, groups: s.groups, invalidations: s.invalidationRequests,
-                                       violations: violations.count, externalDevices: s.externalDevices))
+                progress(
+                    ServeProgress(
+                        elapsed: now, faults: s.records, groups: s.groups, invalidations: s.invalidationRequests,
+                        violations: violations.count, externalDevices: s.externalDevices))
                 nextProgress = now + 0.5
             }
-            let nap = min(o.invalidateInterval > 0 ? o.invalidateInterval / 2 : 0.01, 0.025,
-                          (o.dirtyLogInterval ?? 1) / 4)
+            let nap = min(
+                o.invalidateInterval > 0 ? o.invalidateInterval / 2 : 0.01, 0.025,
+                (o.dirtyLogInterval ?? 1) / 4)
             usleep(UInt32(nap * 1e6))
         }
         let reports = devices.map { $0.finish() }
         if let ledger {  // the last round: every write has landed
-            if let bits = try? engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes) { ledger.roundRead(bits) }
+            if let bits = try? engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes) {
+                ledger.roundRead(bits)
+            }
             result.dirty = ledger.finish()
             result.dirty!.readNs = LatencySummary(readTimes)
             if result.dirty!.missed > 0 { problems += result.dirty!.firstMissed ?? [] }
@@ -503,15 +519,23 @@ package enum ServeSession {
         let protocolErrors = reports.reduce(0) { $0 + $1.protocolErrors }
         var accounting: [String] = []
         if s.externalDevices == 0 && (sent != answered || answered != s.groups - s.abandonedGroups) {
-            accounting.append("groups sent \(sent), answered to devices \(answered), answered by the service \(s.groups - s.abandonedGroups)")
+            accounting.append(
+                """
+                groups sent \(sent), answered to devices \(answered), answered by the service \
+                \(s.groups - s.abandonedGroups)
+                """
+            )
         }
-        result.violations = violations.count + protocolErrors + accounting.count + deviceViolations
+        result.violations =
+            violations.count + protocolErrors + accounting.count + deviceViolations
             + (result.dirty?.missed ?? 0)
         problems += violations.prefix(5).map(\.description) + accounting
         result.residentBytes = (try? region?.residentBytes() ?? 0) ?? 0
         result.lockedBytes = ([region].compactMap { $0 } + provisioner.regions).reduce(0) { $0 + $1.lockedBytes() }
         if o.mode == .pinned {
-            for d in 0..<o.devices { _ = try? service.unmap(iova: ServeOptions.iovaBase + UInt64(d) * slice, size: slice) }
+            for d in 0..<o.devices {
+                _ = try? service.unmap(iova: ServeOptions.iovaBase + UInt64(d) * slice, size: slice)
+            }
             if let stillLocked = region?.lockedBytes(), stillLocked > 0 {
                 problems.append("\(stillLocked) bytes of the devices' memory stayed locked after unmap")
             }
@@ -549,8 +573,11 @@ struct HostChurn {
     var rng: Xoshiro
     var changes = 0
 
-    init(service: FaultService, region: HostRegion, slice: UInt64, devices: [SimulatedDevice], maxPages: Int, seed: UInt64,
-         iovaBase: UInt64 = ServeOptions.iovaBase) throws {
+    init(
+        service: FaultService, region: HostRegion, slice: UInt64, devices: [SimulatedDevice], maxPages: Int,
+        seed: UInt64,
+        iovaBase: UInt64 = ServeOptions.iovaBase
+    ) throws {
         self.service = service
         self.region = region
         mappingBytes = slice
@@ -581,7 +608,9 @@ struct HostChurn {
         case 0:
             _ = try syscall("madvise(MADV_REMOVE)") { madvise(pointer, Int(length), MADV_REMOVE) }
         case 1:
-            let p = mmap(pointer, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, region.fd, off_t(start - region.base))
+            let p = mmap(
+                pointer, Int(length), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, region.fd,
+                off_t(start - region.base))
             guard p == pointer else { throw SystemCallError("mmap(MAP_FIXED)", .init(rawValue: errno)) }
         default:
             let target = UnsafeMutableRawPointer(bitPattern: UInt(scratch.base))
@@ -602,7 +631,9 @@ struct HostChurn {
         guard let maps = Sys.readText("/proc/self/maps") else { return nil }
         for line in maps.split(separator: "\n") {
             let bounds = line.prefix { $0 != " " }.split(separator: "-")
-            guard bounds.count == 2, let lo = UInt64(bounds[0], radix: 16), let hi = UInt64(bounds[1], radix: 16) else { continue }
+            guard bounds.count == 2, let lo = UInt64(bounds[0], radix: 16), let hi = UInt64(bounds[1], radix: 16) else {
+                continue
+            }
             if lo <= address && address < hi { return lo..<hi }
         }
         return nil

@@ -162,19 +162,24 @@ package final class SimulatedDevice: @unchecked Sendable {
     private var stalled: [Burst] = []
     private var stalledPages = 0
 
-    package init(configuration: DeviceConfiguration, channel: DeviceChannel, memory: DeviceMemory, translator: Translator,
-                window: HostChangeWindow? = nil, audit: TranslationAudit? = nil) {
+    package init(
+        configuration: DeviceConfiguration, channel: DeviceChannel, memory: DeviceMemory, translator: Translator,
+        window: HostChangeWindow? = nil, audit: TranslationAudit? = nil
+    ) {
         self.audit = audit
-        precondition(configuration.pages > 0 && configuration.burst > 0, "a device needs pages and a burst of at least 1")
-        precondition(configuration.outstanding >= 1 && configuration.burst <= configuration.credit,
-                     "a device needs at least one burst in flight and a burst within its credit")
+        precondition(
+            configuration.pages > 0 && configuration.burst > 0, "a device needs pages and a burst of at least 1")
+        precondition(
+            configuration.outstanding >= 1 && configuration.burst <= configuration.credit,
+            "a device needs at least one burst in flight and a burst within its credit")
         self.configuration = configuration
         self.channel = channel
         self.memory = memory
         self.translator = translator
         self.window = window
-        iotlb = DeviceIOTLB(entries: configuration.iotlbEntries, iovaBase: configuration.iovaBase,
-                            pages: configuration.pages, forgetOnInvalidate: configuration.hostMayChangeMemory)
+        iotlb = DeviceIOTLB(
+            entries: configuration.iotlbEntries, iovaBase: configuration.iovaBase,
+            pages: configuration.pages, forgetOnInvalidate: configuration.hostMayChangeMemory)
         report = DeviceReport(deviceID: configuration.deviceID)
         rng = Xoshiro(seed: configuration.seed)
         zipf = configuration.workload == .zipf ? ZipfSampler(count: configuration.pages, exponent: 1.1) : nil
@@ -255,10 +260,12 @@ package final class SimulatedDevice: @unchecked Sendable {
     /// their bursts), then starts a burst if one may start and is due.
     func step() -> Step {
         if !answered.isEmpty || !stalled.isEmpty, !takeAnswers(wait: false) { return finishWorkload() }
-        let stopping = stopFlag.load(ordering: .relaxed)
+        let stopping =
+            stopFlag.load(ordering: .relaxed)
             || configuration.operationLimit.map { report.dmaOps >= $0 } ?? false
         guard !stopping else { return stalled.isEmpty ? finishWorkload() : .waiting }
-        let mayStart = stalled.count < configuration.outstanding
+        let mayStart =
+            stalled.count < configuration.outstanding
             && stalledPages + configuration.burst <= configuration.credit
         guard mayStart else { return .waiting }
         if let rate = configuration.burstsPerSecond {
@@ -298,8 +305,9 @@ package final class SimulatedDevice: @unchecked Sendable {
     /// Devices with a dirty-log quota (`writesPerRound`) wait for rounds: give them a thread
     /// each (`start`).
     package static func startShared(_ devices: [SimulatedDevice], idlePriority: Bool, avoidCPU: Int?, name: String) {
-        precondition(devices.allSatisfy { $0.configuration.writesPerRound == nil },
-                     "a device waiting for dirty-log rounds needs its own thread")
+        precondition(
+            devices.allSatisfy { $0.configuration.writesPerRound == nil },
+            "a device waiting for dirty-log rounds needs its own thread")
         let thread = Thread {
             if let cpu = avoidCPU { try? Sys.setCPUAffinity(cpu, only: false) }
             let idle = idlePriority && (try? Sys.setIdlePriority()) != nil
@@ -350,8 +358,11 @@ package final class SimulatedDevice: @unchecked Sendable {
     private func collectAnswers(wait: Bool) -> Bool {
         let responses: [PageResponse]
         do {
-            guard let r = wait ? try channel.receive(spinNanoseconds: configuration.spinNanoseconds)
-                               : try channel.poll() else { return false }
+            guard
+                let r = wait
+                    ? try channel.receive(spinNanoseconds: configuration.spinNanoseconds)
+                    : try channel.poll()
+            else { return false }
             responses = r
         } catch {
             if !stopFlag.load(ordering: .relaxed) { problem("channel failed: \(error)") }
@@ -484,7 +495,12 @@ package final class SimulatedDevice: @unchecked Sendable {
                     report.checks += 1
                     if audit.isStale(iova: iova, filled: s.slots[i].filled) {
                         report.staleTranslations += 1
-                        problem("used the translation of iova \(hex(iova)) filled at epoch \(s.slots[i].filled) after a sync covered it")
+                        problem(
+                            """
+                            used the translation of iova \(hex(iova)) filled at epoch \(s.slots[i].filled) after a \
+                            sync covered it
+                            """
+                        )
                         s.slots[i] = DeviceIOTLB.Entry()
                     }
                 }
@@ -535,27 +551,40 @@ package final class SimulatedDevice: @unchecked Sendable {
                     report.checks += 1
                     if tag != 0 && tag != HostLayout.tag(iova: iova) {
                         report.wrongTranslations += 1
-                        problem("iova \(hex(iova)) translates to \(hex(entry.phys)), a page tagged for iova \(hex(tag ^ HostLayout.tagMagic))")
+                        problem(
+                            """
+                            iova \(hex(iova)) translates to \(hex(entry.phys)), a page tagged for iova \
+                            \(hex(tag ^ HostLayout.tagMagic))
+                            """
+                        )
                         s.slots[i] = DeviceIOTLB.Entry()
                         return .denied
                     }
                 }
-                if let window, let hostBase = configuration.hostBase, window.mustSkip(hostBase + UInt64(p) << 12) { return .done }
+                if let window, let hostBase = configuration.hostBase, window.mustSkip(hostBase + UInt64(p) << 12) {
+                    return .done
+                }
                 let bytes = configuration.bytesPerAccess
                 if write {
                     dirtyWriter?.willWrite(page: p)  // before the store: see DirtyLedger
                     version &+= 1
                     let value = UInt64(configuration.deviceID) << 56 | UInt64(p) << 24 | (version & 0xFF_FFFF)
-                    guard memory.store(entry.phys, value), bytes <= 8 || memory.fill(entry.phys + 8, byteCount: bytes - 8, value) else {
+                    guard memory.store(entry.phys, value),
+                        bytes <= 8 || memory.fill(entry.phys + 8, byteCount: bytes - 8, value)
+                    else {
                         return outside(iova, entry.phys)
                     }
                     s.shadow[p] = value
                 } else {
-                    if bytes > 8 && memory.touch(entry.phys + 8, byteCount: bytes - 8) == nil { return outside(iova, entry.phys) }
+                    if bytes > 8 && memory.touch(entry.phys + 8, byteCount: bytes - 8) == nil {
+                        return outside(iova, entry.phys)
+                    }
                     guard let value = memory.load(entry.phys) else { return outside(iova, entry.phys) }
                     // A host in another process may free a page at any time (MADV_REMOVE races
                     // with the device's writes: the uffd window), so zero is no evidence there.
-                    if value != s.shadow[p] && s.shadow[p] != DeviceIOTLB.unknown && !(configuration.checkHostTags && value == 0) {
+                    if value != s.shadow[p] && s.shadow[p] != DeviceIOTLB.unknown
+                        && !(configuration.checkHostTags && value == 0)
+                    {
                         report.integrityErrors += 1
                         problem("read of iova \(hex(iova)) gave \(hex(value)), expected \(hex(s.shadow[p]))")
                     }
@@ -592,8 +621,9 @@ package final class SimulatedDevice: @unchecked Sendable {
         var flags: PageRequest.Flags = configuration.pasid == nil ? [] : [.pasidValid]
         let records = pages.enumerated().map { k, p in
             if k == pages.count - 1 { flags.insert(.lastPage) }
-            return PageRequest(flags: flags, deviceID: configuration.deviceID, pasid: configuration.pasid ?? 0,
-                               groupIndex: groupIndex, perm: perm, addr: configuration.iovaBase + UInt64(p) << 12, cookie: cookie)
+            return PageRequest(
+                flags: flags, deviceID: configuration.deviceID, pasid: configuration.pasid ?? 0,
+                groupIndex: groupIndex, perm: perm, addr: configuration.iovaBase + UInt64(p) << 12, cookie: cookie)
         }
         report.faults += records.count
         report.groups += 1
@@ -621,7 +651,12 @@ package final class SimulatedDevice: @unchecked Sendable {
             let phys = physBase + UInt64(p) << 12
             let value = memory.load(phys)
             if value != shadow[p] && out.count < 5 {
-                out.append("device \(configuration.deviceID): page at \(hex(phys)) holds \(value.map(hex) ?? "nothing"), device wrote \(hex(shadow[p]))")
+                out.append(
+                    """
+                    device \(configuration.deviceID): page at \(hex(phys)) holds \(value.map(hex) ?? "nothing"), \
+                    device wrote \(hex(shadow[p]))
+                    """
+                )
             }
         }
         return out

@@ -71,10 +71,15 @@ final class ExternalFleet {
     /// Starts `count` devices with `command` (the `iopf` executable, then `device`), each
     /// with `extra` arguments.
     convenience init(command: [String], socket: String, count: Int, seed: UInt64, extra: [String] = []) throws {
-        try self.init(command: command, arguments: (0..<count).map { d in
-            ["--connect", socket, "--device-id", "\(d + 1)", "--duration", "0", "--seed", "\(seed &+ UInt64(d) &* 104_729)",
-             "--burst", "8", "--iotlb-entries", "32", "--host-may-change-memory", "--json"] + extra
-        })
+        try self.init(
+            command: command,
+            arguments: (0..<count).map { d in
+                [
+                    "--connect", socket, "--device-id", "\(d + 1)", "--duration", "0", "--seed",
+                    "\(seed &+ UInt64(d) &* 104_729)",
+                    "--burst", "8", "--iotlb-entries", "32", "--host-may-change-memory", "--json",
+                ] + extra
+            })
     }
 
     /// Starts one process per argument list: `command` (the `iopf` executable and its

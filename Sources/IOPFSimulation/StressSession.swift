@@ -91,18 +91,24 @@ package struct StressProgress: Sendable {
 }
 
 package enum StressSession {
-    package static func run(_ o: StressOptions, logger: Logger = Logger(label: "iopf.stress"),
-                           progress: (StressProgress) -> Void = { _ in },
-                           sample: (StressSample) -> Void = { _ in }) throws -> StressResult {
-        precondition(o.devices > 0 && o.mappingsPerDevice > 0 && o.domains > 0, "stress needs devices, mappings and domains")
+    package static func run(
+        _ o: StressOptions, logger: Logger = Logger(label: "iopf.stress"),
+        progress: (StressProgress) -> Void = { _ in },
+        sample: (StressSample) -> Void = { _ in }
+    ) throws -> StressResult {
+        precondition(
+            o.devices > 0 && o.mappingsPerDevice > 0 && o.domains > 0, "stress needs devices, mappings and domains")
         let slice = StressOptions.mappingBytes * UInt64(o.mappingsPerDevice)
         if o.hugePages, let notice = try HugePages.enableForShmem() { logger.warning("\(notice)") }
-        let region = try HostRegion(length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes,
-                                    hugePages: o.hugePages)
+        let region = try HostRegion(
+            length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes,
+            hugePages: o.hugePages)
         var config = EngineConfiguration()
         config.blocksOnFault = o.hugePages
         config.injectedBugs = o.injected
-        let audits = (0..<o.domains).map { _ in TranslationAudit(iovaBase: StressOptions.iovaBase, pages: Int(slice >> 12) * o.devices) }
+        let audits = (0..<o.domains).map { _ in
+            TranslationAudit(iovaBase: StressOptions.iovaBase, pages: Int(slice >> 12) * o.devices)
+        }
         let tallies = (0..<o.domains).map { _ in SyncTally() }
         var serviceConfig = ServiceConfiguration()
         serviceConfig.spinNanoseconds = 50_000
@@ -116,7 +122,8 @@ package enum StressSession {
             serviceConfig.hostSyncObserver = (StressSession.hostName, hostTally)
         }
         let observers: [any IOTLBSyncObserver] = o.external ? tallies : audits
-        let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, observers: observers, logger: logger)
+        let rig = try Rig(
+            engine: config, service: serviceConfig, domains: o.domains, observers: observers, logger: logger)
         let (engine, service) = (rig.engine, rig.service)
         defer { service.stop() }
 
@@ -124,7 +131,8 @@ package enum StressSession {
         var mappings: [Mapping] = []
         var devices: [SimulatedDevice] = []
         let totalPages = Int(slice >> 12) * o.devices
-        let ledger = o.dirtyLogInterval != nil && !o.external
+        let ledger =
+            o.dirtyLogInterval != nil && !o.external
             ? DirtyLedger(iovaBase: StressOptions.iovaBase, pages: totalPages) : nil
         /// One read of the dirty log over every device's memory, handed to the ledger.
         func readDirtyLog(_ ledger: DirtyLedger) throws {
@@ -134,13 +142,16 @@ package enum StressSession {
             let iova = StressOptions.iovaBase + UInt64(d) * slice
             let host = region.base + UInt64(d) * slice
             for k in 0..<o.mappingsPerDevice {
-                let m = Mapping(iova: iova + UInt64(k) * StressOptions.mappingBytes, host: host + UInt64(k) * StressOptions.mappingBytes)
+                let m = Mapping(
+                    iova: iova + UInt64(k) * StressOptions.mappingBytes,
+                    host: host + UInt64(k) * StressOptions.mappingBytes)
                 try service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
                 mappings.append(m)
             }
             guard !o.external else { continue }
-            var dc = DeviceConfiguration(deviceID: UInt32(d + 1), iovaBase: iova, pages: Int(slice >> 12), hostBase: host,
-                                         physBase: region.phys! + UInt64(d) * slice)
+            var dc = DeviceConfiguration(
+                deviceID: UInt32(d + 1), iovaBase: iova, pages: Int(slice >> 12), hostBase: host,
+                physBase: region.phys! + UInt64(d) * slice)
             dc.seed = o.seed &+ UInt64(d) &* 104_729
             dc.burst = 8
             dc.outstanding = o.outstanding
@@ -184,9 +195,11 @@ package enum StressSession {
         }
         devices.forEach { $0.start() }
         var rng = Xoshiro(seed: o.seed ^ 0x57_0235)
-        var churn = o.hostChurn && service.hostEventsEnabled
-            ? try HostChurn(service: service, region: region, slice: StressOptions.mappingBytes, devices: devices, maxPages: 64,
-                            seed: o.seed, iovaBase: StressOptions.iovaBase)
+        var churn =
+            o.hostChurn && service.hostEventsEnabled
+            ? try HostChurn(
+                service: service, region: region, slice: StressOptions.mappingBytes, devices: devices, maxPages: 64,
+                seed: o.seed, iovaBase: StressOptions.iovaBase)
             : nil
         var counts: [String: Int] = [:]
         var nextProgress = 0.5
@@ -262,28 +275,40 @@ package enum StressSession {
             }
             if now >= nextProgress {
                 let s = service.statistics
-                progress(StressProgress(elapsed: now, faults: s.records, invalidations: engine.statistics.invalidations,
-                                        violations: kinds.values.reduce(0, +)))
+                progress(
+                    StressProgress(
+                        elapsed: now, faults: s.records, invalidations: engine.statistics.invalidations,
+                        violations: kinds.values.reduce(0, +)))
                 nextProgress = now + 0.5
             }
             if now >= nextSample, let every = o.sampleEvery {
                 doing = "taking a footprint"
-                sample(StressSample(elapsed: now, faults: service.statistics.records, footprint: try service.footprint().wait()))
+                sample(
+                    StressSample(
+                        elapsed: now, faults: service.statistics.records, footprint: try service.footprint().wait()))
                 nextSample += every
             }
         }
         doing = "the final checks"
         if let fleet {
-            try collect(fleet, tallies: tallies, service: service, seed: o.seed, into: &result, kinds: &kinds, first: &first)
+            try collect(
+                fleet, tallies: tallies, service: service, seed: o.seed, into: &result, kinds: &kinds, first: &first)
         }
         if let hosted {
-            try collect(hosted.devices, tallies: [hostTally], service: service, seed: o.seed, into: &result, kinds: &kinds,
-                        first: &first, label: "host device")
+            try collect(
+                hosted.devices, tallies: [hostTally], service: service, seed: o.seed, into: &result, kinds: &kinds,
+                first: &first, label: "host device")
             let host = hosted.host.stop(as: HostResult.self)[0]
             result.hostChanges = host?.hostChanges ?? 0
             if host == nil || !(host?.problems.isEmpty ?? false) || host!.hostChanges == 0 {
                 kinds["hostFailed", default: 0] += 1
-                if first == nil { first = "seed \(o.seed): the iopf host process failed: \(host?.problems.first ?? "it died or made no change")" }
+                if first == nil {
+                    first =
+                        """
+                        seed \(o.seed): the iopf host process failed: \
+                        \(host?.problems.first ?? "it died or made no change")
+                        """
+                }
             }
         }
         devices.forEach { $0.stop() }
@@ -304,7 +329,8 @@ package enum StressSession {
             if dirty.missed > 0 {
                 kinds["dirtyWriteLost", default: 0] += dirty.missed
                 if first == nil {
-                    first = "seed \(o.seed): \(dirty.missed) pages written but never reported by the dirty log, "
+                    first =
+                        "seed \(o.seed): \(dirty.missed) pages written but never reported by the dirty log, "
                         + "e.g. \(dirty.firstMissed?.first ?? "")"
                 }
             }
@@ -317,8 +343,10 @@ package enum StressSession {
             result.dmaOps += r.dmaOps
             result.dmaErrors += r.dmaErrors
             result.checks += r.checks
-            for (k, n) in [("staleTranslation", r.staleTranslations), ("wrongTranslation", r.wrongTranslations),
-                           ("wrongData", r.integrityErrors), ("groupNotAnsweredOnce", r.protocolErrors)] where n > 0 {
+            for (k, n) in [
+                ("staleTranslation", r.staleTranslations), ("wrongTranslation", r.wrongTranslations),
+                ("wrongData", r.integrityErrors), ("groupNotAnsweredOnce", r.protocolErrors),
+            ] where n > 0 {
                 kinds[k, default: 0] += n
             }
             if first == nil, let p = r.firstProblems.first { first = "seed \(o.seed), device side: \(p)" }
@@ -364,14 +392,19 @@ package enum StressSession {
         let path = "/tmp/iopf-stress-\(getpid()).sock"
         let provisioner = StressProvisioner(domains: rig.domains, region: region, slice: slice, devices: o.devices)
         try rig.service.listen(path: path, provisioner: provisioner)
-        let fleet = try ExternalFleet(command: o.deviceCommand, socket: path, count: o.devices, seed: o.seed,
-                                      extra: ["--outstanding", "\(o.outstanding)"])
+        let fleet = try ExternalFleet(
+            command: o.deviceCommand, socket: path, count: o.devices, seed: o.seed,
+            extra: ["--outstanding", "\(o.outstanding)"])
         let deadline = ContinuousClock.now + .seconds(30)
         while rig.service.statistics.externalDevices < o.devices {
             guard ContinuousClock.now < deadline, fleet.members.allSatisfy({ $0.process.isRunning }) else {
                 fleet.kill()
                 throw ServiceError.invalidRequest(
-                    "only \(rig.service.statistics.externalDevices) of \(o.devices) device processes attached (\(o.deviceCommand.joined(separator: " ")))")
+                    """
+                    only \(rig.service.statistics.externalDevices) of \(o.devices) device processes attached \
+                    (\(o.deviceCommand.joined(separator: " ")))
+                    """
+                )
             }
             usleep(2000)
         }
@@ -380,14 +413,21 @@ package enum StressSession {
 
     /// Starts an `iopf host` with churn on the stress service's socket and two
     /// `iopf device --address-space` processes on it; returns once all are attached.
-    static func startHost(_ o: StressOptions, service: FaultService) throws -> (host: ExternalFleet, devices: ExternalFleet) {
+    static func startHost(_ o: StressOptions, service: FaultService) throws -> (
+        host: ExternalFleet, devices: ExternalFleet
+    ) {
         let path = "/tmp/iopf-stress-\(getpid()).sock"
         let name = hostName
         let hostCommand = [o.deviceCommand.first ?? "", "host"]
-        let host = try ExternalFleet(command: hostCommand, arguments: [[
-            "--connect", path, "--name", name, "--memory", "16M", "--mappings", "2", "--churn", "2", "--seconds", "0",
-            "--seed", "\(o.seed)", "--json",
-        ]])
+        let host = try ExternalFleet(
+            command: hostCommand,
+            arguments: [
+                [
+                    "--connect", path, "--name", name, "--memory", "16M", "--mappings", "2", "--churn", "2",
+                    "--seconds", "0",
+                    "--seed", "\(o.seed)", "--json",
+                ]
+            ])
         func attached(_ devices: Int) -> Bool {
             service.statistics.hosts.contains { $0.name == name && $0.ended == nil && $0.devices >= devices }
         }
@@ -399,8 +439,9 @@ package enum StressSession {
             }
             usleep(2000)
         }
-        let devices = try ExternalFleet(command: o.deviceCommand, socket: path, count: 2, seed: o.seed ^ 0x4057,
-                                        extra: ["--address-space", name])
+        let devices = try ExternalFleet(
+            command: o.deviceCommand, socket: path, count: 2, seed: o.seed ^ 0x4057,
+            extra: ["--address-space", name])
         while !attached(2) {
             guard ContinuousClock.now < deadline, devices.members.allSatisfy({ $0.process.isRunning }) else {
                 devices.kill()
@@ -414,9 +455,11 @@ package enum StressSession {
 
     /// Makes sure every INVALIDATE posted so far was acknowledged, stops the devices and
     /// checks what they report.
-    static func collect(_ fleet: ExternalFleet, tallies: [SyncTally], service: FaultService, seed: UInt64,
-                        into result: inout StressResult, kinds: inout [String: Int], first: inout String?,
-                        label: String = "device") throws {
+    static func collect(
+        _ fleet: ExternalFleet, tallies: [SyncTally], service: FaultService, seed: UInt64,
+        into result: inout StressResult, kinds: inout [String: Int], first: inout String?,
+        label: String = "device"
+    ) throws {
         // A barrier completes once every device acknowledged every INVALIDATE posted so far.
         try service.barrier().wait()
         let synced = tallies.map(\.count)
@@ -429,8 +472,11 @@ package enum StressSession {
             result.dmaOps += r.dmaOps
             result.dmaErrors += r.dmaErrors
             result.checks += r.translations
-            for (k, n) in [("wrongData", r.integrityErrors), ("groupNotAnsweredOnce", r.unexpectedResponses + abs(r.groups - r.success - r.invalid)),
-                           ("deviceDisconnected", r.disconnected ? 1 : 0)] where n > 0 {
+            for (k, n) in [
+                ("wrongData", r.integrityErrors),
+                ("groupNotAnsweredOnce", r.unexpectedResponses + abs(r.groups - r.success - r.invalid)),
+                ("deviceDisconnected", r.disconnected ? 1 : 0),
+            ] where n > 0 {
                 kinds[k, default: 0] += n
                 if first == nil { first = "seed \(seed), \(label) \(d + 1): \(r.problems.first ?? k)" }
             }
@@ -438,7 +484,11 @@ package enum StressSession {
             if r.pagesInvalidated < owed {
                 kinds["invalidationNotDelivered", default: 0] += 1
                 if first == nil {
-                    first = "seed \(seed): \(label) \(d + 1) was told of \(r.pagesInvalidated) invalidated pages, its domain synced \(owed)"
+                    first =
+                        """
+                        seed \(seed): \(label) \(d + 1) was told of \(r.pagesInvalidated) invalidated pages, its \
+                        domain synced \(owed)
+                        """
                 }
             }
         }

@@ -35,7 +35,9 @@ package final class SharedQueue: @unchecked Sendable {
     /// Maps an existing queue's memfd after checking that its size is sealed and large
     /// enough; the fd stays owned by the caller.
     package init(fd: CInt) throws(SystemCallError) {
-        guard iopf_size_is_sealed(fd) == 1 else { throw SystemCallError("fault queue memfd is not size-sealed", .invalidArgument) }
+        guard iopf_size_is_sealed(fd) == 1 else {
+            throw SystemCallError("fault queue memfd is not size-sealed", .invalidArgument)
+        }
         guard try Sys.fileSize(fd) >= UInt64(Self.byteCount) else {
             throw SystemCallError("fault queue memfd is smaller than \(Self.byteCount) bytes", .invalidArgument)
         }

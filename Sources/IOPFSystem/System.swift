@@ -140,14 +140,18 @@ public enum Sys {
     private static let badCloseCount = Atomic<Int>(0)
 
     @inline(never)
-    package static func eventfd(initial: UInt32 = 0, flags: CInt = CInt(EFD_CLOEXEC | EFD_NONBLOCK)) throws(SystemCallError) -> CInt {
+    package static func eventfd(initial: UInt32 = 0, flags: CInt = CInt(EFD_CLOEXEC | EFD_NONBLOCK))
+        throws(SystemCallError) -> CInt
+    {
         try syscall("eventfd") { CIOPFShim.eventfd(initial, flags) }
     }
 
     @inline(never)
     package static func socketpair() throws(SystemCallError) -> (CInt, CInt) {
         var fds: [CInt] = [-1, -1]
-        _ = try syscall("socketpair") { Glibc.socketpair(AF_UNIX, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds) }
+        _ = try syscall("socketpair") {
+            Glibc.socketpair(AF_UNIX, CInt(SOCK_STREAM.rawValue) | CInt(SOCK_CLOEXEC.rawValue), 0, &fds)
+        }
         return (fds[0], fds[1])
     }
 
@@ -188,7 +192,8 @@ public enum Sys {
     /// Sends one message with `fds` attached (never raises SIGPIPE). Non-blocking sends
     /// fail with EAGAIN when the peer's buffer is full.
     @inline(never)
-    package static func send(_ fd: CInt, _ bytes: [UInt8], fds: [CInt] = [], nonBlocking: Bool) throws(SystemCallError) {
+    package static func send(_ fd: CInt, _ bytes: [UInt8], fds: [CInt] = [], nonBlocking: Bool) throws(SystemCallError)
+    {
         let n = try syscall("sendmsg") {
             bytes.withUnsafeBytes { b in
                 fds.withUnsafeBufferPointer { f in
@@ -209,15 +214,18 @@ public enum Sys {
 
     /// Receives one message into `buffer`; `count` 0 means end of stream.
     @inline(never)
-    package static func receive(_ fd: CInt, into buffer: UnsafeMutableRawBufferPointer, maxFDs: Int,
-                                nonBlocking: Bool) throws(SystemCallError) -> Received {
+    package static func receive(
+        _ fd: CInt, into buffer: UnsafeMutableRawBufferPointer, maxFDs: Int,
+        nonBlocking: Bool
+    ) throws(SystemCallError) -> Received {
         var fds = [CInt](repeating: -1, count: max(maxFDs, 1))
         var nfds: CInt = 0
         var truncated: CInt = 0
         let n = try syscall("recvmsg") {
             fds.withUnsafeMutableBufferPointer { f in
-                iopf_recv_with_fds(fd, buffer.baseAddress, buffer.count, f.baseAddress, CInt(maxFDs), &nfds, &truncated,
-                                   nonBlocking ? 1 : 0)
+                iopf_recv_with_fds(
+                    fd, buffer.baseAddress, buffer.count, f.baseAddress, CInt(maxFDs), &nfds, &truncated,
+                    nonBlocking ? 1 : 0)
             }
         }
         return Received(count: n, fds: Array(fds.prefix(Int(nfds))), truncated: truncated != 0)
@@ -228,17 +236,22 @@ public enum Sys {
     package static func listenUnix(path: String, mode: mode_t, backlog: CInt = 64) throws(SystemCallError) -> CInt {
         var st = stat()
         if lstat(path, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFSOCK else { throw SystemCallError("listen: \(path) exists and is not a socket", .fileExists) }
+            guard st.st_mode & S_IFMT == S_IFSOCK else {
+                throw SystemCallError("listen: \(path) exists and is not a socket", .fileExists)
+            }
             unlink(path)
         }
         let fd = try syscall("socket(AF_UNIX, SOCK_SEQPACKET)") {
-            Glibc.socket(AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue) | CInt(SOCK_NONBLOCK.rawValue), 0)
+            Glibc.socket(
+                AF_UNIX, CInt(SOCK_SEQPACKET.rawValue) | CInt(SOCK_CLOEXEC.rawValue) | CInt(SOCK_NONBLOCK.rawValue), 0)
         }
         do {
             var addr = try unixAddress(path)
             _ = try syscall("bind(\(path))") {
                 withUnsafePointer(to: &addr) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                    }
                 }
             }
             _ = try syscall("chmod(\(path))") { chmod(path, mode) }
@@ -272,7 +285,9 @@ public enum Sys {
             var addr = try unixAddress(path)
             _ = try syscall("connect(\(path))") {
                 withUnsafePointer(to: &addr) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                    }
                 }
             }
             return fd
@@ -286,7 +301,7 @@ public enum Sys {
     package static func accept(_ fd: CInt) throws(SystemCallError) -> CInt? {
         do {
             return try syscall("accept4") { iopf_accept(fd) }
-        } catch where error.errno == .wouldBlock || error.errno == Errno(rawValue: ECONNABORTED) {
+        } catch  where error.errno == .wouldBlock || error.errno == Errno(rawValue: ECONNABORTED) {
             return nil
         }
     }
@@ -310,7 +325,9 @@ public enum Sys {
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
         guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
-            throw SystemCallError("socket path '\(path)' is longer than \(MemoryLayout.size(ofValue: addr.sun_path) - 1) bytes", .fileNameTooLong)
+            throw SystemCallError(
+                "socket path '\(path)' is longer than \(MemoryLayout.size(ofValue: addr.sun_path) - 1) bytes",
+                .fileNameTooLong)
         }
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             for (i, b) in bytes.enumerated() { p[i] = b }

@@ -204,4 +204,3 @@ public final class VhostFrontEnd {
         return UInt32(truncatingIfNeeded: state >> 32)
     }
 }
-

@@ -76,7 +76,9 @@ public struct PageRequest: Sendable, Hashable {
     /// Decodes and validates one record from exactly 40 bytes.
     public init(bytes: UnsafeRawBufferPointer) throws(FaultRecordError) {
         guard bytes.count == Self.byteCount else { throw .wrongSize(bytes.count, expected: Self.byteCount) }
-        func u32(_ offset: Int) -> UInt32 { UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: UInt32.self)) }
+        func u32(_ offset: Int) -> UInt32 {
+            UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
+        }
         let rawFlags = u32(0)
         let rawPerm = u32(16)
         let reserved = u32(20)
@@ -100,7 +102,8 @@ public struct PageRequest: Sendable, Hashable {
 
     /// Encodes into exactly 40 bytes.
     public func encode(into bytes: UnsafeMutableRawBufferPointer) {
-        precondition(bytes.count == Self.byteCount, "a page request is \(Self.byteCount) bytes, buffer has \(bytes.count)")
+        precondition(
+            bytes.count == Self.byteCount, "a page request is \(Self.byteCount) bytes, buffer has \(bytes.count)")
         bytes.storeBytes(of: flags.rawValue.littleEndian, toByteOffset: 0, as: UInt32.self)
         bytes.storeBytes(of: deviceID.littleEndian, toByteOffset: 4, as: UInt32.self)
         bytes.storeBytes(of: pasid.littleEndian, toByteOffset: 8, as: UInt32.self)
@@ -184,7 +187,8 @@ public struct PageResponse: Sendable, Hashable {
     }
 
     public func encode(into bytes: UnsafeMutableRawBufferPointer) {
-        precondition(bytes.count == Self.byteCount, "a page response is \(Self.byteCount) bytes, buffer has \(bytes.count)")
+        precondition(
+            bytes.count == Self.byteCount, "a page response is \(Self.byteCount) bytes, buffer has \(bytes.count)")
         bytes.storeBytes(of: cookie.littleEndian, toByteOffset: 0, as: UInt32.self)
         bytes.storeBytes(of: code.rawValue.littleEndian, toByteOffset: 4, as: UInt32.self)
     }

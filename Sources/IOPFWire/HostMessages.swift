@@ -14,7 +14,8 @@ public enum AddressSpaceName {
     }
 
     static func isAllowed(_ b: UInt8) -> Bool {
-        (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2E || b == 0x5F || b == 0x2D
+        (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x2E || b == 0x5F
+            || b == 0x2D
     }
 
     static func decode(_ bytes: UnsafeRawBufferPointer, field: String) throws(WireError) -> String {
@@ -84,20 +85,23 @@ public struct HostDeclaration: WirePayload {
         let allowedCount = Int(r.u32())
         guard r.u32() == 0 else { throw .reservedNonZero(field: "HOST reserved") }
         guard allowedCount <= Self.maxAllowedUIDs else {
-            throw .outOfRange(field: "HOST allowed uids", value: UInt64(allowedCount),
-                              allowed: "0...\(Self.maxAllowedUIDs)")
+            throw .outOfRange(
+                field: "HOST allowed uids", value: UInt64(allowedCount),
+                allowed: "0...\(Self.maxAllowedUIDs)")
         }
         guard (1...Self.maxRegions).contains(count) else {
             throw .outOfRange(field: "HOST.regions", value: UInt64(count), allowed: "1...\(Self.maxRegions)")
         }
         guard (1...AddressSpaceName.maxBytes).contains(nameLength) else {
-            throw .outOfRange(field: "HOST name length", value: UInt64(nameLength), allowed: "1...\(AddressSpaceName.maxBytes)")
+            throw .outOfRange(
+                field: "HOST name length", value: UInt64(nameLength), allowed: "1...\(AddressSpaceName.maxBytes)")
         }
         let namePadded = Self.padded(nameLength)
         let regionsAt = 16 + namePadded
         let allowedAt = regionsAt + Self.regionBytes * count
         try Wire.expectSize(.host, p, allowedAt + Self.padded(4 * allowedCount))
-        name = try AddressSpaceName.decode(UnsafeRawBufferPointer(rebasing: p[16..<(16 + nameLength)]), field: "HOST name")
+        name = try AddressSpaceName.decode(
+            UnsafeRawBufferPointer(rebasing: p[16..<(16 + nameLength)]), field: "HOST name")
         guard p[(16 + nameLength)..<(16 + namePadded)].allSatisfy({ $0 == 0 }) else {
             throw .reservedNonZero(field: "HOST name padding")
         }
@@ -107,23 +111,30 @@ public struct HostDeclaration: WirePayload {
         r = WireReader(UnsafeRawBufferPointer(rebasing: p[regionsAt...]))
         regions = []
         for i in 0..<count {
-            let e = HostRegionEntry(hostAddress: r.u64(), size: r.u64(), fdOffset: r.u64(), pageSize: r.u32(), fdIndex: r.u32())
+            let e = HostRegionEntry(
+                hostAddress: r.u64(), size: r.u64(), fdOffset: r.u64(), pageSize: r.u32(), fdIndex: r.u32())
             let field = "HOST region \(i)"
             guard e.size > 0 else { throw .outOfRange(field: "\(field) size", value: 0, allowed: "> 0") }
-            for (what, v) in [("address", e.hostAddress), ("size", e.size), ("fd offset", e.fdOffset)] where v & 0xFFF != 0 {
+            for (what, v) in [("address", e.hostAddress), ("size", e.size), ("fd offset", e.fdOffset)]
+            where v & 0xFFF != 0 {
                 throw .unaligned(field: "\(field) \(what)", value: v)
             }
             guard e.hostAddress <= UInt64.max - e.size, e.fdOffset <= UInt64.max - e.size else {
-                throw .outOfRange(field: "\(field)", value: e.hostAddress, allowed: "address + size and offset + size must not overflow")
+                throw .outOfRange(
+                    field: "\(field)", value: e.hostAddress,
+                    allowed: "address + size and offset + size must not overflow")
             }
             guard e.pageSize >= 4096, e.pageSize & (e.pageSize - 1) == 0 else {
-                throw .outOfRange(field: "\(field) page size", value: UInt64(e.pageSize), allowed: "a power of two >= 4096")
+                throw .outOfRange(
+                    field: "\(field) page size", value: UInt64(e.pageSize), allowed: "a power of two >= 4096")
             }
             guard e.fdIndex < WireLimits.maxFDs - 1 else {
-                throw .outOfRange(field: "\(field) fd index", value: UInt64(e.fdIndex), allowed: "0..<\(WireLimits.maxFDs - 1)")
+                throw .outOfRange(
+                    field: "\(field) fd index", value: UInt64(e.fdIndex), allowed: "0..<\(WireLimits.maxFDs - 1)")
             }
             if let j = regions.firstIndex(where: { $0.hostRange.overlaps(e.hostRange) }) {
-                throw .outOfRange(field: "\(field)", value: e.hostAddress, allowed: "regions must not overlap (region \(j) does)")
+                throw .outOfRange(
+                    field: "\(field)", value: e.hostAddress, allowed: "regions must not overlap (region \(j) does)")
             }
             regions.append(e)
         }
@@ -185,7 +196,8 @@ public struct DMAMapRequest: WirePayload {
             throw .outOfRange(field: "DMA_MAP.flags", value: UInt64(flags), allowed: "bits 0-2")
         }
         if flags & Self.vaddr != 0 && flags != Self.vaddr {
-            throw .outOfRange(field: "DMA_MAP.flags", value: UInt64(flags), allowed: "VADDR alone: the permission is the mapping's")
+            throw .outOfRange(
+                field: "DMA_MAP.flags", value: UInt64(flags), allowed: "VADDR alone: the permission is the mapping's")
         }
     }
 
@@ -284,7 +296,8 @@ public struct VhostAttachRequest: WirePayload, Equatable {
 /// text), then closes the connection.
 public enum DetachNotice {
     public static func message(reason: String) -> [UInt8] {
-        Wire.message(command: .detach, id: 0, flags: .noReply, error: WireErrno.noDevice,
-                     payload: Array(reason.utf8.prefix(WireLimits.maxErrorText)))
+        Wire.message(
+            command: .detach, id: 0, flags: .noReply, error: WireErrno.noDevice,
+            payload: Array(reason.utf8.prefix(WireLimits.maxErrorText)))
     }
 }

@@ -229,8 +229,10 @@ extension WirePayload {
 
 public enum Wire {
     /// Header plus payload.
-    public static func message(command: Command, id: UInt16, flags: MessageHeader.Flags = [], error: UInt32 = 0,
-                               payload: [UInt8] = []) -> [UInt8] {
+    public static func message(
+        command: Command, id: UInt16, flags: MessageHeader.Flags = [], error: UInt32 = 0,
+        payload: [UInt8] = []
+    ) -> [UInt8] {
         var w = WireWriter()
         let size = UInt32(MessageHeader.byteCount + payload.count)
         MessageHeader(id: id, command: command, size: size, flags: flags, error: error).encode(into: &w)
@@ -240,8 +242,9 @@ public enum Wire {
 
     /// An error reply to request `id`, with a short explanation (UTF-8, truncated to the limit).
     public static func errorReply(command: Command, id: UInt16, errno: UInt32, text: String) -> [UInt8] {
-        message(command: command, id: id, flags: [.reply, .error], error: errno,
-                payload: Array(text.utf8.prefix(WireLimits.maxErrorText)))
+        message(
+            command: command, id: id, flags: [.reply, .error], error: errno,
+            payload: Array(text.utf8.prefix(WireLimits.maxErrorText)))
     }
 
     /// The text of an error reply's payload (lossy UTF-8).
@@ -282,8 +285,10 @@ public struct Hello: WirePayload {
     public var capabilities: Capabilities
     public var role: PeerRole
 
-    public init(major: UInt16 = WireVersion.major, minor: UInt16 = WireVersion.minor,
-                capabilities: Capabilities = .all, role: PeerRole = .device) {
+    public init(
+        major: UInt16 = WireVersion.major, minor: UInt16 = WireVersion.minor,
+        capabilities: Capabilities = .all, role: PeerRole = .device
+    ) {
         self.major = major
         self.minor = minor
         self.capabilities = capabilities
@@ -321,8 +326,10 @@ public struct HelloReply: WirePayload {
     public var maxMessageBytes: UInt32
     public var maxFDs: UInt32
 
-    public init(major: UInt16, minor: UInt16, capabilities: Capabilities,
-                maxMessageBytes: UInt32 = UInt32(WireLimits.maxMessageBytes), maxFDs: UInt32 = UInt32(WireLimits.maxFDs)) {
+    public init(
+        major: UInt16, minor: UInt16, capabilities: Capabilities,
+        maxMessageBytes: UInt32 = UInt32(WireLimits.maxMessageBytes), maxFDs: UInt32 = UInt32(WireLimits.maxFDs)
+    ) {
         self.major = major
         self.minor = minor
         self.capabilities = capabilities
@@ -333,8 +340,9 @@ public struct HelloReply: WirePayload {
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
         try Wire.expectSize(.hello, p, 16)
         var r = WireReader(p)
-        self.init(major: r.u16(), minor: r.u16(), capabilities: Capabilities(rawValue: r.u32()),
-                  maxMessageBytes: r.u32(), maxFDs: r.u32())
+        self.init(
+            major: r.u16(), minor: r.u16(), capabilities: Capabilities(rawValue: r.u32()),
+            maxMessageBytes: r.u32(), maxFDs: r.u32())
     }
 
     public func encode(into w: inout WireWriter) {
@@ -363,8 +371,10 @@ public struct Attach: WirePayload {
     /// A host's address space (HOST); nil: the service's own memory.
     public var addressSpaceName: String?
 
-    public init(deviceID: UInt32, pasid: UInt32? = nil, credit: UInt32 = 32, wantsStream: Bool = false,
-                addressSpaceName: String? = nil) {
+    public init(
+        deviceID: UInt32, pasid: UInt32? = nil, credit: UInt32 = 32, wantsStream: Bool = false,
+        addressSpaceName: String? = nil
+    ) {
         self.deviceID = deviceID
         self.pasid = pasid
         self.credit = credit
@@ -383,21 +393,29 @@ public struct Attach: WirePayload {
             throw .outOfRange(field: "ATTACH.flags", value: UInt64(flags), allowed: "bits 0-2")
         }
         if flags & Self.addressSpace != 0 {
-            addressSpaceName = try AddressSpaceName.decode(UnsafeRawBufferPointer(rebasing: p[16...]), field: "ATTACH name")
+            addressSpaceName = try AddressSpaceName.decode(
+                UnsafeRawBufferPointer(rebasing: p[16...]), field: "ATTACH name")
         } else {
             try Wire.expectSize(.attach, p, 16)
         }
-        guard flags & Self.pasidValid != 0 || rawPASID == 0 else { throw .reservedNonZero(field: "ATTACH.pasid without PASID_VALID") }
-        guard rawPASID < 1 << 20 else { throw .outOfRange(field: "ATTACH.pasid", value: UInt64(rawPASID), allowed: "0..<2^20") }
-        guard credit >= 1 && credit <= 256 else { throw .outOfRange(field: "ATTACH.credit", value: UInt64(credit), allowed: "1...256") }
+        guard flags & Self.pasidValid != 0 || rawPASID == 0 else {
+            throw .reservedNonZero(field: "ATTACH.pasid without PASID_VALID")
+        }
+        guard rawPASID < 1 << 20 else {
+            throw .outOfRange(field: "ATTACH.pasid", value: UInt64(rawPASID), allowed: "0..<2^20")
+        }
+        guard credit >= 1 && credit <= 256 else {
+            throw .outOfRange(field: "ATTACH.credit", value: UInt64(credit), allowed: "1...256")
+        }
         pasid = flags & Self.pasidValid != 0 ? rawPASID : nil
         wantsStream = flags & Self.streamChannel != 0
     }
 
     public func encode(into w: inout WireWriter) {
         w.u32(deviceID)
-        w.u32((pasid == nil ? 0 : Self.pasidValid) | (wantsStream ? Self.streamChannel : 0)
-            | (addressSpaceName == nil ? 0 : Self.addressSpace))
+        w.u32(
+            (pasid == nil ? 0 : Self.pasidValid) | (wantsStream ? Self.streamChannel : 0)
+                | (addressSpaceName == nil ? 0 : Self.addressSpace))
         w.u32(pasid ?? 0)
         w.u32(credit)
         if let addressSpaceName { w.bytes += Array(addressSpaceName.utf8) }
@@ -453,8 +471,10 @@ public struct AttachReply: WirePayload {
     public var windows: [DMAWindow]
     public var regions: [MemoryRegionInfo]
 
-    public init(credit: UInt32, channel: ChannelKind, invalidateTimeoutMs: UInt32, ringEntries: UInt32,
-                windows: [DMAWindow], regions: [MemoryRegionInfo]) {
+    public init(
+        credit: UInt32, channel: ChannelKind, invalidateTimeoutMs: UInt32, ringEntries: UInt32,
+        windows: [DMAWindow], regions: [MemoryRegionInfo]
+    ) {
         self.credit = credit
         self.channel = channel
         self.invalidateTimeoutMs = invalidateTimeoutMs
@@ -480,8 +500,9 @@ public struct AttachReply: WirePayload {
         }
         self.channel = channel
         guard windowCount <= WireLimits.maxWindows, regionCount <= WireLimits.maxRegions else {
-            throw .outOfRange(field: "ATTACH windows/regions", value: UInt64(max(windowCount, regionCount)),
-                              allowed: "at most \(WireLimits.maxWindows)")
+            throw .outOfRange(
+                field: "ATTACH windows/regions", value: UInt64(max(windowCount, regionCount)),
+                allowed: "at most \(WireLimits.maxWindows)")
         }
         try Wire.expectSize(.attach, p, 24 + 24 * windowCount + 16 * regionCount)
         windows = []
@@ -489,12 +510,16 @@ public struct AttachReply: WirePayload {
         for _ in 0..<windowCount {
             let w = DMAWindow(iova: r.u64(), size: r.u64(), prot: r.u32())
             _ = r.u32()
-            guard w.iova & 0xFFF == 0, w.size & 0xFFF == 0, w.size > 0 else { throw .unaligned(field: "window", value: w.iova | w.size) }
+            guard w.iova & 0xFFF == 0, w.size & 0xFFF == 0, w.size > 0 else {
+                throw .unaligned(field: "window", value: w.iova | w.size)
+            }
             windows.append(w)
         }
         for _ in 0..<regionCount {
             let m = MemoryRegionInfo(phys: r.u64(), size: r.u64())
-            guard m.phys & 0xFFF == 0, m.size & 0xFFF == 0, m.size > 0 else { throw .unaligned(field: "region", value: m.phys | m.size) }
+            guard m.phys & 0xFFF == 0, m.size & 0xFFF == 0, m.size > 0 else {
+                throw .unaligned(field: "region", value: m.phys | m.size)
+            }
             regions.append(m)
         }
     }
@@ -539,7 +564,8 @@ public struct Translate: WirePayload {
         guard r.u32() == 0 else { throw .reservedNonZero(field: "TRANSLATE reserved") }
         guard iova & 0xFFF == 0 else { throw .unaligned(field: "TRANSLATE.iova", value: iova) }
         guard pages >= 1 && pages <= WireLimits.maxTranslatePages else {
-            throw .outOfRange(field: "TRANSLATE.pages", value: UInt64(pages), allowed: "1...\(WireLimits.maxTranslatePages)")
+            throw .outOfRange(
+                field: "TRANSLATE.pages", value: UInt64(pages), allowed: "1...\(WireLimits.maxTranslatePages)")
         }
         guard iova <= UInt64.max - UInt64(pages) << 12 else {
             throw .outOfRange(field: "TRANSLATE.iova", value: iova, allowed: "iova + pages * 4096 must not overflow")
@@ -576,7 +602,8 @@ public struct TranslateReply: WirePayload {
         let count = r.u32()
         guard r.u32() == 0 else { throw .reservedNonZero(field: "TRANSLATE reply reserved") }
         guard count >= 1 && count <= WireLimits.maxTranslatePages else {
-            throw .outOfRange(field: "TRANSLATE reply count", value: UInt64(count), allowed: "1...\(WireLimits.maxTranslatePages)")
+            throw .outOfRange(
+                field: "TRANSLATE reply count", value: UInt64(count), allowed: "1...\(WireLimits.maxTranslatePages)")
         }
         try Wire.expectSize(.translate, p, 16 + 8 * Int(count))
         entries = (0..<Int(count)).map { _ in r.u64() }
@@ -628,16 +655,21 @@ public struct Invalidate: WirePayload {
         let flags = r.u32()
         let count = Int(r.u32())
         guard r.u32() == 0 else { throw .reservedNonZero(field: "INVALIDATE reserved") }
-        guard flags & ~1 == 0 else { throw .outOfRange(field: "INVALIDATE.flags", value: UInt64(flags), allowed: "bit 0") }
+        guard flags & ~1 == 0 else {
+            throw .outOfRange(field: "INVALIDATE.flags", value: UInt64(flags), allowed: "bit 0")
+        }
         pasid = flags & 1 != 0 ? rawPASID : nil
         guard count >= 1 && count <= WireLimits.maxInvalidateRanges else {
-            throw .outOfRange(field: "INVALIDATE.count", value: UInt64(count), allowed: "1...\(WireLimits.maxInvalidateRanges)")
+            throw .outOfRange(
+                field: "INVALIDATE.count", value: UInt64(count), allowed: "1...\(WireLimits.maxInvalidateRanges)")
         }
         try Wire.expectSize(.invalidate, p, 24 + 16 * count)
         ranges = []
         for _ in 0..<count {
             let (start, last) = (r.u64(), r.u64())
-            guard start <= last else { throw .outOfRange(field: "INVALIDATE range", value: start, allowed: "start <= last") }
+            guard start <= last else {
+                throw .outOfRange(field: "INVALIDATE range", value: start, allowed: "start <= last")
+            }
             ranges.append((start, last))
         }
     }

@@ -43,7 +43,7 @@ public enum SharedRingLayout {
     /// The header's UInt32 fields, each on its own 64-byte cache line.
     public enum Field: Int, CaseIterable, Sendable {
         case requestHead = 0, requestTail, responseHead, responseTail, deviceWaiting, serviceWaiting, deviceClosed,
-             serviceClosed
+            serviceClosed
         public var offset: Int { rawValue * 64 }
     }
 }

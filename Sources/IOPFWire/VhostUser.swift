@@ -275,8 +275,9 @@ public enum VhostUser {
         /// from a back-end, with a permission of 1, 2 or 3.
         public init(backendPayload p: UnsafeRawBufferPointer) throws(DecodeError) {
             guard p.count == Self.byteCount else {
-                throw .payloadSize(request: BackendRequest.iotlbMessage.rawValue, got: p.count,
-                                   expected: Self.byteCount)
+                throw .payloadSize(
+                    request: BackendRequest.iotlbMessage.rawValue, got: p.count,
+                    expected: Self.byteCount)
             }
             var r = WireReader(p)
             iova = r.u64()

@@ -35,7 +35,8 @@ import IOPFTestSupport
         let around = try run(.adaptive)
         #expect(single.prefetchedPages == 0)
         #expect(around.prefetchedPages > 0)
-        #expect(around.groups * 4 < single.groups, "groups: \(around.groups) with fault-around, \(single.groups) without")
+        #expect(
+            around.groups * 4 < single.groups, "groups: \(around.groups) with fault-around, \(single.groups) without")
     }
 
     /// `--dirty-log`: devices doing real DMA, invalidations and host changes in between;
@@ -100,7 +101,9 @@ import IOPFTestSupport
         (4, Workload.zipf, ChannelTransport.shared, 2),
         (2, Workload.random, ChannelTransport.shared, 1),
     ])
-    func devicesFaultAndDMAWithInvalidationsInBetween(devices: Int, workload: Workload, transport: ChannelTransport, domains: Int) throws {
+    func devicesFaultAndDMAWithInvalidationsInBetween(
+        devices: Int, workload: Workload, transport: ChannelTransport, domains: Int
+    ) throws {
         var o = ServeOptions()
         o.devices = devices
         o.memoryBytes = 16 << 20
@@ -127,8 +130,9 @@ import IOPFTestSupport
         // device-observed one when the device looked: never earlier.
         if transport == .shared {
             let a = try #require(r.answerLatencyNs, "a shared ring gives the answer latency")
-            #expect(a.p50 > 0 && a.p50 <= r.faultLatencyNs.p50 && a.max <= r.faultLatencyNs.max,
-                    "\(a) against \(r.faultLatencyNs)")
+            #expect(
+                a.p50 > 0 && a.p50 <= r.faultLatencyNs.p50 && a.max <= r.faultLatencyNs.max,
+                "\(a) against \(r.faultLatencyNs)")
         } else {
             #expect(r.answerLatencyNs == nil, "a stream carries no stamp")
         }
@@ -142,8 +146,11 @@ import IOPFTestSupport
         o.spinNanoseconds = 20_000
         let r = try ServeSession.run(o)
         let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(r)) as! [String: Any]
-        for key in ["mode", "devices", "dmaOps", "dmaErrors", "faults", "groups", "responses", "invalidations", "pagesUnmapped",
-                    "iotlbSyncs", "integrityErrors", "violations", "residentBytes", "lockedBytes", "faultLatencyNs", "elapsedSeconds", "completionOverflows"] {
+        for key in [
+            "mode", "devices", "dmaOps", "dmaErrors", "faults", "groups", "responses", "invalidations", "pagesUnmapped",
+            "iotlbSyncs", "integrityErrors", "violations", "residentBytes", "lockedBytes", "faultLatencyNs",
+            "elapsedSeconds", "completionOverflows",
+        ] {
             #expect(json[key] != nil, "missing key \(key)")
         }
         #expect(json["stopped"] == nil, "a healthy run has no stopped key")
@@ -231,11 +238,13 @@ import IOPFTestSupport
         let table = engine.pageTable(domain)
         // Pages 0 and 1 both translate to host page 0.
         for p in 0..<2 { try table.mapPage(iova: iova + UInt64(p) << 12, phys: region.phys!, prot: .readWrite) }
-        var dc = DeviceConfiguration(deviceID: 1, iovaBase: iova, pages: 2, hostBase: region.base, physBase: region.phys!)
+        var dc = DeviceConfiguration(
+            deviceID: 1, iovaBase: iova, pages: 2, hostBase: region.base, physBase: region.phys!)
         dc.operationLimit = 500
         dc.burst = 1
-        let device = SimulatedDevice(configuration: dc, channel: try DeviceChannel(service.attach(deviceID: 1, domain: domain)),
-                                     memory: try DeviceMemory([(region.info!, try Sys.dup(region.fd))]), translator: .pageTable(table))
+        let device = SimulatedDevice(
+            configuration: dc, channel: try DeviceChannel(service.attach(deviceID: 1, domain: domain)),
+            memory: try DeviceMemory([(region.info!, try Sys.dup(region.fd))]), translator: .pageTable(table))
         fanout.add(device.iotlb)
         device.start()
         while !device.isFinished { usleep(1000) }
@@ -331,7 +340,9 @@ import IOPFTestSupport
         #expect(one.problems.isEmpty && many.problems.isEmpty, "\(one.problems + many.problems)")
         #expect(one.faults > 20 && one.faultLatencyNs.p50 > 0)
         #expect(many.faults > 1024 && many.invalidations > 0, "\(many.faults) faults")
-        #expect(Double(many.faults) / Double(max(many.loopTurns, 1)) > 1.5, "\(many.faults) faults in \(many.loopTurns) turns")
+        #expect(
+            Double(many.faults) / Double(max(many.loopTurns, 1)) > 1.5,
+            "\(many.faults) faults in \(many.loopTurns) turns")
         let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(many)) as! [String: Any]
         #expect(Set(json.keys).isSuperset(of: ["faultsPerSecond", "faultLatencyNs", "outstanding"]))
     }
@@ -341,12 +352,14 @@ import IOPFTestSupport
         let around = try FaultAroundBench.measure(size: 16 << 20, pattern: .sequential, touch: 1, policy: .adaptive)
         #expect(single.problems.isEmpty && around.problems.isEmpty, "\(single.problems + around.problems)")
         #expect(single.groups == 4096 / 32 && single.prefetchedPages == 0)
-        #expect(around.groups * 4 < single.groups, "\(around.groups) groups with fault-around, \(single.groups) without")
+        #expect(
+            around.groups * 4 < single.groups, "\(around.groups) groups with fault-around, \(single.groups) without")
         #expect(around.residentBytes == 16 << 20 && single.residentBytes == 16 << 20)
         #expect(around.populateGBps > 0 && around.touchGBps > 0)
         let random = try FaultAroundBench.measure(size: 16 << 20, pattern: .random, touch: 0.1, policy: .adaptive)
         #expect(random.problems.isEmpty)
-        #expect(random.prefetchedPages < random.faults / 10, "random touches mapped \(random.prefetchedPages) pages ahead")
+        #expect(
+            random.prefetchedPages < random.faults / 10, "random touches mapped \(random.prefetchedPages) pages ahead")
         #expect(random.residentBytes <= UInt64(random.faults + random.prefetchedPages) << 12)
     }
 }

@@ -14,10 +14,16 @@ import IOPFTestSupport
 @testable import IOPFWire
 
 @Suite(.serialized, .timeLimit(.minutes(5))) struct ExternalProcessTests {
-    func device(_ s: ListeningSession, id: Int, channel: String = "shared", seconds: Double = 2,
-                extra: [String] = []) throws -> Child {
-        try Child("iopf", ["device", "--connect", s.path, "--device-id", "\(id)", "--channel", channel,
-                           "--duration", "\(seconds)", "--seed", "\(id)", "--json"] + extra)
+    func device(
+        _ s: ListeningSession, id: Int, channel: String = "shared", seconds: Double = 2,
+        extra: [String] = []
+    ) throws -> Child {
+        try Child(
+            "iopf",
+            [
+                "device", "--connect", s.path, "--device-id", "\(id)", "--channel", channel,
+                "--duration", "\(seconds)", "--seed", "\(id)", "--json",
+            ] + extra)
     }
 
     @Test func swiftAndCDevicesInTheirOwnProcessesDMAThroughInvalidations() throws {
@@ -114,8 +120,12 @@ import IOPFTestSupport
 /// processes, the service in this one.
 @Suite(.serialized, .timeLimit(.minutes(5))) struct HostProcessTests {
     func host(_ s: ListeningSession, name: String, churn: Double = 3) throws -> Child {
-        let child = try Child("iopf", ["host", "--connect", s.path, "--name", name, "--memory", "16M", "--churn", "\(churn)",
-                                       "--seconds", "0", "--json"])
+        let child = try Child(
+            "iopf",
+            [
+                "host", "--connect", s.path, "--name", name, "--memory", "16M", "--churn", "\(churn)",
+                "--seconds", "0", "--json",
+            ])
         // Ready once a device can attach to its name.
         let deadline = ContinuousClock.now + .seconds(20)
         while ContinuousClock.now < deadline {
@@ -132,14 +142,20 @@ import IOPFTestSupport
     }
 
     func device(_ s: ListeningSession, id: Int, space: String, seconds: Double) throws -> Child {
-        try Child("iopf", ["device", "--connect", s.path, "--address-space", space, "--device-id", "\(id)",
-                           "--duration", "\(seconds)", "--seed", "\(id)", "--json"])
+        try Child(
+            "iopf",
+            [
+                "device", "--connect", s.path, "--address-space", space, "--device-id", "\(id)",
+                "--duration", "\(seconds)", "--seed", "\(id)", "--json",
+            ])
     }
 
     @Test func aHostAndTwoDevicesInTheirOwnProcesses() throws {
         let s = try ListeningSession(seconds: 0)
         let h = try host(s, name: "vm-a")
-        let devices = try [device(s, id: 1, space: "vm-a", seconds: 2.5), device(s, id: 2, space: "vm-a", seconds: 2.5)]
+        let devices = try [
+            device(s, id: 1, space: "vm-a", seconds: 2.5), device(s, id: 2, space: "vm-a", seconds: 2.5),
+        ]
         for (k, d) in devices.enumerated() {
             let (status, json) = d.finish()
             #expect(status == 0, "device \(k + 1) exited \(status): \(json)")

@@ -22,7 +22,9 @@ import IOPFFuzzing
             for (i, s) in seeds.enumerated() { try Data(s).write(to: dir.appendingPathComponent("seed-\(i)")) }
         }
         let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted()
-        #expect(files.count >= seeds.count, "the corpus of \(target) lacks its seeds: IOPF_WRITE_FUZZ_SEEDS=1 swift test --filter FuzzReplay")
+        #expect(
+            files.count >= seeds.count,
+            "the corpus of \(target) lacks its seeds: IOPF_WRITE_FUZZ_SEEDS=1 swift test --filter FuzzReplay")
         var inputs: [[UInt8]] = try files.map { [UInt8](try Data(contentsOf: dir.appendingPathComponent($0))) }
         // Seeded mutations: flips, truncations, splices.
         var state: UInt64 = 0x9E37_79B9_7F4A_7C15

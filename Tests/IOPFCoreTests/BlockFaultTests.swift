@@ -15,8 +15,9 @@ import Testing
     let invalidator = RecordingInvalidator()
 
     func request(_ page: Int, write: Bool = false) -> PageRequest {
-        PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 3, perm: write ? [.read, .write] : [.read],
-                    addr: Self.iova + UInt64(page) << 12, cookie: 1)
+        PageRequest(
+            flags: [.lastPage], deviceID: 1, groupIndex: 3, perm: write ? [.read, .write] : [.read],
+            addr: Self.iova + UInt64(page) << 12, cookie: 1)
     }
 
     /// An engine mapping `blocks` 2 MiB blocks of huge host memory at `host`.

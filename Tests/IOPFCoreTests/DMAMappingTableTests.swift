@@ -7,9 +7,15 @@ import Testing
     @Test func validatesLikeType1() {
         var t = DMAMappingTable()
         #expect(throws: DMAMapError.zeroSize(iova: 0)) { try t.insert(iova: 0, vaddr: 0, size: 0, prot: .read) }
-        #expect(throws: DMAMapError.unaligned(what: "size", value: 100)) { try t.insert(iova: 0, vaddr: 0, size: 100, prot: .read) }
-        #expect(throws: DMAMapError.unaligned(what: "iova", value: 0x10)) { try t.insert(iova: 0x10, vaddr: 0, size: 4096, prot: .read) }
-        #expect(throws: DMAMapError.unaligned(what: "vaddr", value: 0x10)) { try t.insert(iova: 0, vaddr: 0x10, size: 4096, prot: .read) }
+        #expect(throws: DMAMapError.unaligned(what: "size", value: 100)) {
+            try t.insert(iova: 0, vaddr: 0, size: 100, prot: .read)
+        }
+        #expect(throws: DMAMapError.unaligned(what: "iova", value: 0x10)) {
+            try t.insert(iova: 0x10, vaddr: 0, size: 4096, prot: .read)
+        }
+        #expect(throws: DMAMapError.unaligned(what: "vaddr", value: 0x10)) {
+            try t.insert(iova: 0, vaddr: 0x10, size: 4096, prot: .read)
+        }
         #expect(throws: DMAMapError.overflow(what: "iova", start: UInt64.max - 4095, size: 8192)) {
             try t.insert(iova: UInt64.max - 4095, vaddr: 0, size: 8192, prot: .read)
         }
@@ -21,7 +27,8 @@ import Testing
         }
         #expect(throws: DMAMapError.noPermission(iova: 0)) { try t.insert(iova: 0, vaddr: 0, size: 4096, prot: []) }
         #expect(t.count == 0)
-        let messages = [DMAMapError.zeroSize(iova: 0), .unaligned(what: "iova", value: 1), .entryLimit(limit: 3)].map(\.description)
+        let messages = [DMAMapError.zeroSize(iova: 0), .unaligned(what: "iova", value: 1), .entryLimit(limit: 3)].map(
+            \.description)
         #expect(messages[0].contains("size is zero"))
         #expect(messages[1].contains("iova 0x1 is not a multiple of 4 KiB"))
         #expect(messages[2].contains("limit of 3"))
@@ -30,14 +37,19 @@ import Testing
     @Test func refusesOverlapAndHonoursEntryLimit() throws {
         var t = DMAMappingTable(entryLimit: 3)
         let a = try t.insert(iova: 0x10000, vaddr: 0x7000_0000, size: 0x4000, prot: .read)
-        #expect(throws: DMAMapError.overlap(iova: 0x13000, size: 0x2000, existing: a.id, existingIOVA: 0x10000, existingSize: 0x4000)) {
+        #expect(
+            throws: DMAMapError.overlap(
+                iova: 0x13000, size: 0x2000, existing: a.id, existingIOVA: 0x10000, existingSize: 0x4000)
+        ) {
             try t.insert(iova: 0x13000, vaddr: 0, size: 0x2000, prot: .read)
         }
         #expect(throws: DMAMapError.self) { try t.insert(iova: 0xF000, vaddr: 0, size: 0x2000, prot: .read) }
         // Adjacent on both sides is fine.
         _ = try t.insert(iova: 0xF000, vaddr: 0, size: 0x1000, prot: .read)
         _ = try t.insert(iova: 0x14000, vaddr: 0, size: 0x1000, prot: .read)
-        #expect(throws: DMAMapError.entryLimit(limit: 3)) { try t.insert(iova: 0x100000, vaddr: 0, size: 0x1000, prot: .read) }
+        #expect(throws: DMAMapError.entryLimit(limit: 3)) {
+            try t.insert(iova: 0x100000, vaddr: 0, size: 0x1000, prot: .read)
+        }
         #expect(t.count == 3)
     }
 
@@ -130,10 +142,16 @@ import Testing
         var t = DMAMappingTable()
         let a = try t.insert(iova: 0x10000, vaddr: 0, size: 0x4000, prot: .read)
         let b = try t.insert(iova: 0x20000, vaddr: 0, size: 0x4000, prot: .read)
-        #expect(throws: DMAMapError.partialUnmap(iova: 0x11000, size: 0x20000, mapping: a.id, mappingIOVA: 0x10000, mappingSize: 0x4000)) {
+        #expect(
+            throws: DMAMapError.partialUnmap(
+                iova: 0x11000, size: 0x20000, mapping: a.id, mappingIOVA: 0x10000, mappingSize: 0x4000)
+        ) {
             _ = try t.mappings(coveringWhole: 0x11000, size: 0x20000)
         }
-        #expect(throws: DMAMapError.partialUnmap(iova: 0x10000, size: 0x11000, mapping: b.id, mappingIOVA: 0x20000, mappingSize: 0x4000)) {
+        #expect(
+            throws: DMAMapError.partialUnmap(
+                iova: 0x10000, size: 0x11000, mapping: b.id, mappingIOVA: 0x20000, mappingSize: 0x4000)
+        ) {
             _ = try t.mappings(coveringWhole: 0x10000, size: 0x11000)
         }
         #expect(try t.mappings(coveringWhole: 0, size: 0x100000).map(\.id) == [a.id, b.id])

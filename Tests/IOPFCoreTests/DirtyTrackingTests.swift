@@ -31,8 +31,9 @@ import Testing
                     return
                 }
                 faults += 1
-                let r = PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: write ? [.read, .write] : [.read],
-                                    addr: iova, cookie: 1)
+                let r = PageRequest(
+                    flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: write ? [.read, .write] : [.read],
+                    addr: iova, cookie: 1)
                 #expect(handler.handle([r]).code == .success)
             }
             Issue.record("iova \(hex(iova)) still not \(write ? "writable" : "readable") after two faults")
@@ -73,7 +74,9 @@ import Testing
 
     /// Random writes, reads, invalidations and log reads: each read reports exactly the
     /// pages written since the one before (4 KiB leaves), whatever was invalidated between.
-    func runModel(seed: UInt64, bugs: InjectedBugs = []) throws -> (rounds: Int, mismatches: Int, firstMismatch: String?) {
+    func runModel(seed: UInt64, bugs: InjectedBugs = []) throws -> (
+        rounds: Int, mismatches: Int, firstMismatch: String?
+    ) {
         let pages = 256
         let e = try engine(pages: pages, bugs: bugs)
         let device = Device(e)
@@ -98,7 +101,11 @@ import Testing
                 if reported != device.written {
                     mismatches += 1
                     if first == nil {
-                        first = "step \(step): missed \(device.written.subtracting(reported).map(hex)), extra \(reported.subtracting(device.written).map(hex))"
+                        first =
+                            """
+                            step \(step): missed \(device.written.subtracting(reported).map(hex)), extra \
+                            \(reported.subtracting(device.written).map(hex))
+                            """
                     }
                 }
                 device.written = []
@@ -131,7 +138,8 @@ import Testing
         #expect(try e.startDirtyTracking(iova: Self.iova, size: 16 << 12) == 1)
         #expect(inv.syncs.count == 1 && inv.syncs[0] == [IOVARange(start: Self.iova, last: Self.iova + 8 << 12 - 1)])
         #expect((0..<8).allSatisfy { device.table.translate(Self.iova + UInt64($0) << 12)?.prot == .read })
-        #expect(try e.readAndClearDirty(iova: Self.iova, size: 16 << 12).isEmpty, "nothing written since tracking started")
+        #expect(
+            try e.readAndClearDirty(iova: Self.iova, size: 16 << 12).isEmpty, "nothing written since tracking started")
         // The first write faults once, restores write without resolving again, and is logged.
         let faults = device.faults
         device.access(Self.iova + 3 << 12, write: true)
@@ -191,7 +199,9 @@ import Testing
         let device = Device(e)
         device.access(Self.iova + 700 << 12, write: true)  // inside the second block
         let bits = try e.readAndClearDirty(iova: Self.iova, size: 4 * MiB)
-        #expect(bits.population == 512 && bits.population(in: 512..<1024) == 512, "a block is one leaf: all of it is reported")
+        #expect(
+            bits.population == 512 && bits.population(in: 512..<1024) == 512,
+            "a block is one leaf: all of it is reported")
         device.access(Self.iova + 700 << 12, write: true)
         #expect(device.faults == 2, "protected whole again after the read")
     }

@@ -52,7 +52,9 @@ import Testing
         }
         #expect(first.syncs.count == syncsBefore + 1)
         #expect(e.failure != nil)
-        #expect(e.mappingInfo(iova: Self.iova)?.vaddr == Self.host, "the host address changed although the old translations stayed")
+        #expect(
+            e.mappingInfo(iova: Self.iova)?.vaddr == Self.host,
+            "the host address changed although the old translations stayed")
     }
 
     @Test func aPinnedUnwindThatCannotUnmapKeepsThePagesPinned() throws {
@@ -69,7 +71,9 @@ import Testing
         #expect(error?.description.contains("stay pinned") == true)
         #expect(memory.pinnedPageCount > 0, "pages were unpinned while a device could still reach them")
         // The first batch stays pinned (one of its pages is device memory, never charged).
-        #expect(memory.pinnedPageCount == 512 && e.lockedMemory.lockedPages == 511, "pinned pages must stay charged, and only those")
+        #expect(
+            memory.pinnedPageCount == 512 && e.lockedMemory.lockedPages == 511,
+            "pinned pages must stay charged, and only those")
         #expect(e.failure != nil)
     }
 
@@ -107,7 +111,9 @@ import Testing
         _ = try e.createDomain(invalidator: RecordingInvalidator())
         let chargedAtPin = Lock<[Int]>([])
         memory.setBeforePin { _, n in chargedAtPin.withLock { $0.append(e.lockedMemory.lockedPages) } }
-        #expect(throws: PinError.self) { try e.mapPinned(iova: Self.iova, vaddr: Self.host, size: 4 * MiB, prot: .read) }
+        #expect(throws: PinError.self) {
+            try e.mapPinned(iova: Self.iova, vaddr: Self.host, size: 4 * MiB, prot: .read)
+        }
         // The first batch was charged before its pin; the second was refused before any
         // of its pages were pinned, so pin was called once.
         #expect(chargedAtPin.withLock { $0 } == [512])
@@ -163,7 +169,9 @@ import Testing
         var r = request(Self.iova)
         r.flags = [.lastPage, .pasidValid]
         r.pasid = 1 << 20
-        #expect(throws: FaultRecordError.pasidOutOfRange(1 << 20)) { try r.bytes.withUnsafeBytes { try PageRequest(bytes: $0) } }
+        #expect(throws: FaultRecordError.pasidOutOfRange(1 << 20)) {
+            try r.bytes.withUnsafeBytes { try PageRequest(bytes: $0) }
+        }
         r.pasid = (1 << 20) - 1
         #expect(try r.bytes.withUnsafeBytes { try PageRequest(bytes: $0) }.pasid == (1 << 20) - 1)
     }

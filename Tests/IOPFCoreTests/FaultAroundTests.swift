@@ -11,8 +11,9 @@ import Testing
     let memory = SimulatedHostMemory()
 
     func request(_ page: Int, write: Bool = false) -> PageRequest {
-        PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 3, perm: write ? [.read, .write] : [.read],
-                    addr: Self.iova + UInt64(page) << 12, cookie: 1)
+        PageRequest(
+            flags: [.lastPage], deviceID: 1, groupIndex: 3, perm: write ? [.read, .write] : [.read],
+            addr: Self.iova + UInt64(page) << 12, cookie: 1)
     }
 
     func engine(pages: Int = 64) throws -> FaultEngine {
@@ -152,7 +153,8 @@ import Testing
         #expect(mapped(e, 0..<64) == Array(0...8))
         let t = e.pageTable(DomainID(rawValue: 0))
         for p in 0...8 {
-            #expect(t.translate(Self.iova + UInt64(p) << 12)?.phys == Self.host + UInt64(p) << 12 + memory.physicalOffset)
+            #expect(
+                t.translate(Self.iova + UInt64(p) << 12)?.phys == Self.host + UInt64(p) << 12 + memory.physicalOffset)
         }
         let s = e.statistics
         #expect(s.requests == 1 && s.mappedPages == 9 && s.prefetchedPages == 8)
@@ -277,7 +279,9 @@ import Testing
         // Block 16..<32: resident 16-19 and 30-31, plus the fault itself.
         #expect(mapped(e, 0..<64) == [16, 17, 18, 19, 22, 30, 31])
         #expect(out.prefetched == 6)
-        #expect(memory.resolvedPages - resolvedBefore == 1, "only the fault was resolved: resident pages are mapped as they are")
+        #expect(
+            memory.resolvedPages - resolvedBefore == 1,
+            "only the fault was resolved: resident pages are mapped as they are")
         // Pages ahead take precedence: with a window, neighbours are not looked at.
         #expect(h.handle([request(50)], ahead: 2, neighbours: 16).prefetched == 2)
         #expect(mapped(e, 48..<64) == [50, 51, 52])

@@ -10,11 +10,14 @@ import Testing
     let memory = SimulatedHostMemory()
 
     func request(_ addr: UInt64, write: Bool = false, last: Bool = true, cookie: UInt32 = 1) -> PageRequest {
-        PageRequest(flags: last ? [.lastPage] : [], deviceID: 1, groupIndex: 3, perm: write ? [.read, .write] : [.read],
-                    addr: addr, cookie: cookie)
+        PageRequest(
+            flags: last ? [.lastPage] : [], deviceID: 1, groupIndex: 3, perm: write ? [.read, .write] : [.read],
+            addr: addr, cookie: cookie)
     }
 
-    func engine(domains: Int = 1, policy: GatherPolicy = .defaultRangeList) throws -> (FaultEngine, [RecordingInvalidator]) {
+    func engine(domains: Int = 1, policy: GatherPolicy = .defaultRangeList) throws -> (
+        FaultEngine, [RecordingInvalidator]
+    ) {
         var config = EngineConfiguration()
         config.gatherPolicy = policy
         let e = FaultEngine(memory: memory, configuration: config)
@@ -30,8 +33,10 @@ import Testing
         let out = h.handle([request(0x103abc, write: true)])
         #expect(out == GroupOutcome(code: .success, mapped: 1, spurious: 0, retries: 0))
         for d in 0..<2 {
-            #expect(e.pageTable(DomainID(rawValue: d)).translate(0x103abc)
-                == Translation(phys: Self.host + 0x3abc + memory.physicalOffset, prot: .readWrite, pageSize: .size4K))
+            #expect(
+                e.pageTable(DomainID(rawValue: d)).translate(0x103abc)
+                    == Translation(
+                        phys: Self.host + 0x3abc + memory.physicalOffset, prot: .readWrite, pageSize: .size4K))
         }
         #expect(e.isMarkedMapped(iova: 0x103000))
         #expect(!e.isMarkedMapped(iova: 0x104000))
@@ -102,10 +107,12 @@ import Testing
         let h = e.makeFaultHandler()
         _ = h.handle([request(0x105000)])  // mapped already: spurious in the batch
         let calls = memory.resolveCalls
-        let requests = [request(0x100000, last: false), request(0x101000),  // group 0: pages 0, 1
-                        request(0x102000, write: true),  // group 1: page 2
-                        request(0x900000),  // group 2: no mapping
-                        request(0x103000), request(0x105000)]  // group 3: page 3, and 5 (spurious)
+        let requests = [
+            request(0x100000, last: false), request(0x101000),  // group 0: pages 0, 1
+            request(0x102000, write: true),  // group 1: page 2
+            request(0x900000),  // group 2: no mapping
+            request(0x103000), request(0x105000),
+        ]  // group 3: page 3, and 5 (spurious)
         var answers: [GroupOutcome] = []
         h.handle(batch: requests, ends: [2, 3, 4, 6]) { answers = Array($0) }
         #expect(answers.map(\.code) == [.success, .success, .invalid, .success])
@@ -170,10 +177,11 @@ import Testing
         #expect(out.pagesUnmapped == 100)
         for inv in invs {
             #expect(inv.syncs.count == 1)
-            #expect(inv.syncs[0] == [
-                IOVARange(start: 0x100000 + 50 * 4096, last: 0x100000 + 100 * 4096 - 1),
-                IOVARange(start: 0x100000 + 200 * 4096, last: 0x100000 + 250 * 4096 - 1),
-            ])
+            #expect(
+                inv.syncs[0] == [
+                    IOVARange(start: 0x100000 + 50 * 4096, last: 0x100000 + 100 * 4096 - 1),
+                    IOVARange(start: 0x100000 + 200 * 4096, last: 0x100000 + 250 * 4096 - 1),
+                ])
         }
         #expect(e.isMarkedMapped(iova: 0x100000 + 49 * 4096))
         #expect(!e.isMarkedMapped(iova: 0x100000 + 50 * 4096))
@@ -267,7 +275,9 @@ import Testing
         try e.updateHostAddress(iova: 0x100000, size: 16 * KiB, vaddr: Self.host + GiB)
         #expect(e.mappedPageCount == 0)
         _ = h.handle([request(0x101000)])
-        #expect(e.pageTable(DomainID(rawValue: 0)).translate(0x101000)?.phys == Self.host + GiB + 0x1000 + memory.physicalOffset)
+        #expect(
+            e.pageTable(DomainID(rawValue: 0)).translate(0x101000)?.phys == Self.host + GiB + 0x1000
+                + memory.physicalOffset)
         // The old host range no longer touches this mapping.
         #expect(try e.invalidate(hostAddress: Self.host, length: 16 * KiB).mappingsTouched == 0)
         #expect(e.checkInvariants().isEmpty)
@@ -306,7 +316,9 @@ import Testing
         let h = e.makeFaultHandler()
         _ = h.handle([request(0x100000)])
         e.pageTable(DomainID(rawValue: 0)).testsOnly_refuseUnmap = true
-        let error = #expect(throws: FatalInvalidationError.self) { try e.invalidate(hostAddress: Self.host, length: 4096) }
+        let error = #expect(throws: FatalInvalidationError.self) {
+            try e.invalidate(hostAddress: Self.host, length: 4096)
+        }
         #expect(error?.description.contains("would keep access") == true)
         #expect(e.failure != nil)
         #expect(h.handle([request(0x101000)]).code == .invalid)

@@ -6,8 +6,10 @@ import Testing
 
 @Suite(.timeLimit(.minutes(2))) struct GroupAssemblerTests {
     func record(page: UInt64, cookie: UInt32, group: UInt32 = 1, last: Bool = true, device: UInt32 = 1) -> [UInt8] {
-        PageRequest(flags: last ? [.lastPage] : [], deviceID: device, groupIndex: group, perm: [.read],
-                    addr: page << 12, cookie: cookie).bytes
+        PageRequest(
+            flags: last ? [.lastPage] : [], deviceID: device, groupIndex: group, perm: [.read],
+            addr: page << 12, cookie: cookie
+        ).bytes
     }
 
     func add(_ a: inout GroupAssembler, _ bytes: [UInt8]) -> PageRequestGroup? {
@@ -45,8 +47,9 @@ import Testing
         var bad = record(page: 1, cookie: 7, last: false)
         bad[20] = 1  // reserved
         #expect(add(&a, bad) == nil && a.lastRefusal == .malformed)
-        var ok = PageRequest(flags: [.pasidValid, .lastPage], deviceID: 1, pasid: 4, groupIndex: 1, perm: [.read],
-                             addr: 0x1000, cookie: 7)
+        var ok = PageRequest(
+            flags: [.pasidValid, .lastPage], deviceID: 1, pasid: 4, groupIndex: 1, perm: [.read],
+            addr: 0x1000, cookie: 7)
         #expect(ok.bytes.withUnsafeBytes { a.add($0) }?.failure == .malformed)  // its group already failed
         ok.cookie = 9
         ok.flags = [.pasidValid]
@@ -60,7 +63,9 @@ import Testing
 
     @Test func partialGroupsAreBoundedByTheGroupIndexAndAbandonedWithTheirCredit() {
         var a = GroupAssembler(deviceID: 1, pasid: nil, credit: 256)
-        for g in 0..<2000 { _ = add(&a, record(page: UInt64(g), cookie: UInt32(g + 1), group: UInt32(g % 512), last: false)) }
+        for g in 0..<2000 {
+            _ = add(&a, record(page: UInt64(g), cookie: UInt32(g + 1), group: UInt32(g % 512), last: false))
+        }
         #expect(a.partialGroups == 512)
         let abandoned = a.abandonAll()
         #expect(abandoned.count == 512 && a.partialGroups == 0 && a.outstanding == 0)

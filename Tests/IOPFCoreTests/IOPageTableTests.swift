@@ -11,7 +11,8 @@ import Testing
         try t.map(iova: 2 * MiB, phys: 6 * MiB, size: 2 * MiB, prot: .readWrite)
         try t.map(iova: GiB, phys: 3 * GiB, size: GiB, prot: .write)
         #expect(t.translate(0x1234) == Translation(phys: 0xA234, prot: .read, pageSize: .size4K))
-        #expect(t.translate(2 * MiB + 0x5678) == Translation(phys: 6 * MiB + 0x5678, prot: .readWrite, pageSize: .size2M))
+        #expect(
+            t.translate(2 * MiB + 0x5678) == Translation(phys: 6 * MiB + 0x5678, prot: .readWrite, pageSize: .size2M))
         #expect(t.translate(GiB + 12345) == Translation(phys: 3 * GiB + 12345, prot: .write, pageSize: .size1G))
         #expect(t.translate(0) == nil)
         #expect(t.translate(0x2000) == nil)
@@ -56,7 +57,9 @@ import Testing
         let u = IOPageTable()
         try u.map(iova: 2 * MiB, phys: 0x1000, size: 2 * MiB, prot: .read)
         var count = 0
-        u.forEachLeaf { _, tr in count += 1; #expect(tr.pageSize == .size4K) }
+        u.forEachLeaf { _, tr in
+            count += 1; #expect(tr.pageSize == .size4K)
+        }
         #expect(count == 512)
         // Page sizes can be restricted.
         let v = IOPageTable(pageSizes: [.size4K])

@@ -56,11 +56,14 @@ import Testing
                 let huge = rng.next() % 4 == 0
                 let size = huge ? 2 * MiB * (1 + rng.next() % 2) : 4 * KiB * (1 + rng.next() % 48)
                 // Huge mappings get their own region above the small ones so that they fit.
-                let iova = huge ? Self.iovaSpace + (rng.next() % 16) * 2 * MiB : (rng.next() % (Self.iovaSpace >> 12)) << 12
-                let vaddr = Self.hostBase + (huge ? (rng.next() % 4) * 2 * MiB : (rng.next() % (Self.hostSpace >> 12)) << 12)
+                let iova =
+                    huge ? Self.iovaSpace + (rng.next() % 16) * 2 * MiB : (rng.next() % (Self.iovaSpace >> 12)) << 12
+                let vaddr =
+                    Self.hostBase + (huge ? (rng.next() % 4) * 2 * MiB : (rng.next() % (Self.hostSpace >> 12)) << 12)
                 let prot: Protection = [.read, .write, .readWrite][Int(rng.next() % 3)]
                 let m = ModelMapping(iova: iova, vaddr: vaddr, size: size, prot: prot)
-                let fits = iova + size <= IOPageTable.iovaLimit
+                let fits =
+                    iova + size <= IOPageTable.iovaLimit
                     && !mappings.values.contains { $0.pages.overlaps(m.pages) }
                 do {
                     try engine.map(iova: iova, vaddr: vaddr, size: size, prot: prot)
@@ -80,19 +83,25 @@ import Testing
                     let p = m.pages.lowerBound + rng.next() % UInt64(m.pages.count + 2)
                     let write = rng.next() % 2 == 0
                     let owner = mapping(ofPage: p)
-                    let allowed = owner.map { $0.prot.contains(write ? .write : .read) && (write ? $0.prot.contains(.read) : true) } ?? false
+                    let allowed =
+                        owner.map {
+                            $0.prot.contains(write ? .write : .read) && (write ? $0.prot.contains(.read) : true)
+                        } ?? false
                     if !allowed { expected = .invalid }
                     if allowed { pages.append(p) }
                     lastGranted = allowed ? (p, owner!) : nil
-                    group.append(PageRequest(flags: k == 3 ? [.lastPage] : [], deviceID: 1, groupIndex: 0,
-                                             perm: write ? [.read, .write] : [.read], addr: p << 12 | (rng.next() & 0xfff), cookie: 1))
+                    group.append(
+                        PageRequest(
+                            flags: k == 3 ? [.lastPage] : [], deviceID: 1, groupIndex: 0,
+                            perm: write ? [.read, .write] : [.read], addr: p << 12 | (rng.next() & 0xfff), cookie: 1))
                 }
                 let out = handler.handle(group)
                 #expect(out.code == expected, "\(context): group answered \(out.code), model says \(expected)")
                 if blocks, let (p, owner) = lastGranted {
                     let block = (p & ~511)..<((p & ~511) + 512)
                     if owner.pages.lowerBound <= block.lowerBound, block.upperBound <= owner.pages.upperBound,
-                        case let host = owner.host(ofPage: block.lowerBound), host & (2 * MiB - 1) == 0, Self.hugeHost.contains(host), faulted.isDisjoint(with: block)
+                        case let host = owner.host(ofPage: block.lowerBound), host & (2 * MiB - 1) == 0,
+                        Self.hugeHost.contains(host), faulted.isDisjoint(with: block)
                     {
                         faulted.formUnion(block)
                         faultBlocks += 1
@@ -120,7 +129,8 @@ import Testing
                 let end = (start + length + 0xfff) & ~0xfff
                 var asked: Set<UInt64> = []
                 for m in mappings.values {
-                    for p in m.pages where faulted.contains(p) && m.host(ofPage: p) >= firstPage && m.host(ofPage: p) < end {
+                    for p in m.pages
+                    where faulted.contains(p) && m.host(ofPage: p) >= firstPage && m.host(ofPage: p) < end {
                         asked.insert(p)
                     }
                 }
@@ -135,13 +145,16 @@ import Testing
                 let actual = Set(remaining.filter { engine.isMarkedMapped(iova: $0 << 12) })
                 let askedBlocks = Set(asked.map { $0 >> 9 })
                 for extra in remaining.subtracting(actual) where !askedBlocks.contains(extra >> 9) {
-                    Issue.record("\(context): page \(hex(extra << 12)) was unmapped though not in the range or its block")
+                    Issue.record(
+                        "\(context): page \(hex(extra << 12)) was unmapped though not in the range or its block")
                 }
                 faulted = actual
             default:  // unmap a mapping, sometimes only a part (refused)
                 guard let m = pick(&rng) else { continue }
                 if m.size > 4096 && rng.next() % 4 == 0 {
-                    #expect(throws: DMAMapError.self, "\(context)") { try engine.unmap(iova: m.iova, size: m.size - 4096) }
+                    #expect(throws: DMAMapError.self, "\(context)") {
+                        try engine.unmap(iova: m.iova, size: m.size - 4096)
+                    }
                 } else {
                     #expect(try engine.unmap(iova: m.iova, size: m.size) == m.size)
                     mappings[m.iova] = nil
@@ -149,7 +162,9 @@ import Testing
                 }
             }
             // After every step: bits agree with the model, and every invariant holds.
-            #expect(engine.mappedPageCount == faulted.count, "\(context): \(engine.mappedPageCount) bits set, model has \(faulted.count)")
+            #expect(
+                engine.mappedPageCount == faulted.count,
+                "\(context): \(engine.mappedPageCount) bits set, model has \(faulted.count)")
             for p in faulted where !engine.isMarkedMapped(iova: p << 12) {
                 Issue.record("\(context): page \(hex(p << 12)) faulted in the model but not marked in the engine")
                 break
@@ -162,7 +177,9 @@ import Testing
         let stats = engine.statistics
         #expect(blocksSeen > 10, "the generator must produce 2 MiB blocks to exercise unmap of more than asked")
         #expect(stats.mappedPages > 500 && stats.pagesUnmapped > 100 && stats.iotlbSyncs > 100, "\(stats)")
-        #expect(stats.blockMappings == faultBlocks, "blocks mapped on faults: engine \(stats.blockMappings), model \(faultBlocks)")
+        #expect(
+            stats.blockMappings == faultBlocks,
+            "blocks mapped on faults: engine \(stats.blockMappings), model \(faultBlocks)")
         if blocks { #expect(faultBlocks > 10, "the generator must make faults that map blocks") }
     }
 }

@@ -21,7 +21,12 @@ import Testing
     static func assertSame(_ bitmap: PageBitmap, _ oracle: BitSet, _ comment: Comment? = nil) {
         #expect(bitmap.population == oracle.count, comment)
         for i in 0..<bitmap.count where bitmap.test(i) != oracle.contains(i) {
-            Issue.record("bit \(i) differs: bitmap \(bitmap.test(i)), oracle \(oracle.contains(i)) \(comment.map { "\($0)" } ?? "")")
+            Issue.record(
+                """
+                bit \(i) differs: bitmap \(bitmap.test(i)), oracle \(oracle.contains(i)) \
+                \(comment.map { "\($0)" } ?? "")
+                """
+            )
             return
         }
     }
@@ -57,8 +62,12 @@ import Testing
                 for to in from...max(from, count) where to <= count {
                     let set = oracle.first { $0 >= from && $0 < to } ?? to
                     let clear = (from..<to).first { !oracle.contains($0) } ?? to
-                    #expect(bitmap.findNextSet(from: from, to: to) == set, "findNextSet(from: \(from), to: \(to)) in \(count)")
-                    #expect(bitmap.findNextClear(from: from, to: to) == clear, "findNextClear(from: \(from), to: \(to)) in \(count)")
+                    #expect(
+                        bitmap.findNextSet(from: from, to: to) == set,
+                        "findNextSet(from: \(from), to: \(to)) in \(count)")
+                    #expect(
+                        bitmap.findNextClear(from: from, to: to) == clear,
+                        "findNextClear(from: \(from), to: \(to)) in \(count)")
                 }
             }
         }
@@ -72,8 +81,9 @@ import Testing
             for from in 0...count {
                 for to in from...count {
                     let clear = (from..<to).last { !oracle.contains($0) } ?? from - 1
-                    #expect(bitmap.findPreviousClear(from: from, to: to) == clear,
-                            "findPreviousClear(from: \(from), to: \(to)) in \(count)")
+                    #expect(
+                        bitmap.findPreviousClear(from: from, to: to) == clear,
+                        "findPreviousClear(from: \(from), to: \(to)) in \(count)")
                 }
             }
         }
@@ -152,7 +162,7 @@ import Testing
         #expect(bitmap.allocatedBytes == 0 && bitmap.isEmpty)
         #expect(bitmap.findNextSet(from: 0) == pages && bitmap.findNextClear(from: 12) == 12)
         bitmap.set(pages - 1)
-        bitmap.set(5 ..< 9)
+        bitmap.set(5..<9)
         #expect(bitmap.allocatedBytes == 2 * PageBitmap.chunkBits / 8)
         #expect(bitmap.findNextSet(from: 9) == pages - 1 && bitmap.population == 5)
         bitmap.clear(0..<pages)

@@ -38,7 +38,9 @@ import Testing
         let t = e.pageTable(DomainID(rawValue: 0))
         #expect(t.translate(1 << 30)?.pageSize == .size2M)
         #expect(t.translate((1 << 30) + 4 * MiB)?.pageSize == .size4K)
-        #expect(t.translate((1 << 30) + 4 * MiB + 4096)?.phys == Self.host + 4 * MiB + 4096 + SimulatedHostMemory().physicalOffset)
+        #expect(
+            t.translate((1 << 30) + 4 * MiB + 4096)?.phys == Self.host + 4 * MiB + 4096
+                + SimulatedHostMemory().physicalOffset)
     }
 
     @Test func deviceMemoryIsMappedButNeverCharged() throws {
@@ -66,9 +68,15 @@ import Testing
         #expect(s.chargedPages == pages / 2)
         let t = e.pageTable(DomainID(rawValue: 0))
         for p in 0..<pages {
-            let expected = p % 2 == 1 ? 0xE0_0000_0000 + UInt64(p) << 20 : Self.host + UInt64(p) << 12 + memory.physicalOffset
+            let expected =
+                p % 2 == 1 ? 0xE0_0000_0000 + UInt64(p) << 20 : Self.host + UInt64(p) << 12 + memory.physicalOffset
             guard t.translate((1 << 32) + UInt64(p) << 12)?.phys == expected else {
-                Issue.record("page \(p) translates to \(String(describing: t.translate((1 << 32) + UInt64(p) << 12))), expected \(expected)")
+                Issue.record(
+                    """
+                    page \(p) translates to \(String(describing: t.translate((1 << 32) + UInt64(p) << 12))), \
+                    expected \(expected)
+                    """
+                )
                 return
             }
         }
@@ -104,7 +112,9 @@ import Testing
         let results = await withTaskGroup(of: Bool.self) { group in
             for k in 0..<2 {
                 group.addTask {
-                    (try? e.mapPinned(iova: UInt64(k + 1) << 32, vaddr: Self.host + UInt64(k) << 30, size: 4 * MiB, prot: .read)) != nil
+                    (try? e.mapPinned(
+                        iova: UInt64(k + 1) << 32, vaddr: Self.host + UInt64(k) << 30, size: 4 * MiB, prot: .read))
+                        != nil
                 }
             }
             return await group.reduce(into: [Bool]()) { $0.append($1) }
@@ -119,7 +129,9 @@ import Testing
         try e.mapPinned(iova: 1 << 30, vaddr: Self.host, size: 64 * KiB, prot: .readWrite)
         #expect(try e.invalidate(hostAddress: Self.host, length: 64 * KiB).pagesUnmapped == 0)
         #expect(e.pageTable(DomainID(rawValue: 0)).translate(1 << 30) != nil)
-        let out = e.makeFaultHandler().handle([PageRequest(flags: .lastPage, deviceID: 1, groupIndex: 0, perm: .read, addr: 1 << 30, cookie: 1)])
+        let out = e.makeFaultHandler().handle([
+            PageRequest(flags: .lastPage, deviceID: 1, groupIndex: 0, perm: .read, addr: 1 << 30, cookie: 1)
+        ])
         #expect(out.code == .success && out.spurious == 1)
     }
 }

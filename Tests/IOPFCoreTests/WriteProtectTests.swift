@@ -20,7 +20,9 @@ import Testing
         #expect(inv.syncs == [[IOVARange(start: 0x10_1000, last: 0x10_3FFF)]])
         #expect(t.translate(0x10_0000)?.prot == .readWrite)
         for p: UInt64 in 1...3 {
-            #expect(t.translate(0x10_0000 + p * 4 * KiB) == Translation(phys: 0x8000_0000 + p * 4 * KiB, prot: .read, pageSize: .size4K))
+            #expect(
+                t.translate(0x10_0000 + p * 4 * KiB)
+                    == Translation(phys: 0x8000_0000 + p * 4 * KiB, prot: .read, pageSize: .size4K))
         }
         #expect(t.translate(0x10_4000)?.prot == .read)
         #expect(t.translate(0x20_0000)?.prot == .readWrite)

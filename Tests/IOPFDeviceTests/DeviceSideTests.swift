@@ -23,8 +23,10 @@ import CIOPFShim
     @Test func dmaReachesOnlyTheRegionsItWasGivenAtTheirBases() throws {
         let a = try memfd(size: 8192, value: 0x1111)
         let b = try memfd(size: 4096, value: 0x2222)
-        let memory = try DeviceMemory([(MemoryRegionInfo(phys: 1 << 30, size: 8192), a),
-                                       (MemoryRegionInfo(phys: 1 << 20, size: 4096), b)])
+        let memory = try DeviceMemory([
+            (MemoryRegionInfo(phys: 1 << 30, size: 8192), a),
+            (MemoryRegionInfo(phys: 1 << 20, size: 4096), b),
+        ])
         #expect(memory.load(1 << 30) == 0x1111 && memory.load(1 << 20) == 0x2222)
         #expect(memory.store((1 << 30) + 4096, 7) && memory.load((1 << 30) + 4096) == 7)
         // Outside every region, or straddling a region's end: refused.

@@ -80,7 +80,9 @@ import IOPFTestSupport
         try service.start()
         do {
             try service.map(iova: 1 << 30, vaddr: region.base, size: region.length, prot: .readWrite)
-            let channels = try (1...devices).map { id in try DeviceChannel(service.attach(deviceID: UInt32(id), domain: domain)) }
+            let channels = try (1...devices).map { id in
+                try DeviceChannel(service.attach(deviceID: UInt32(id), domain: domain))
+            }
             return (region, service, channels)
         } catch {
             service.stop()
@@ -96,17 +98,22 @@ import IOPFTestSupport
         _ = region
         for round in 0..<8 {
             for (k, c) in channels.enumerated() {
-                try c.send([PageRequest(flags: [.lastPage], deviceID: UInt32(k + 1), groupIndex: 1, perm: [.read],
-                                        addr: (1 << 30) + UInt64(round * 8 + k) << 12, cookie: UInt32(round + 1))])
+                try c.send([
+                    PageRequest(
+                        flags: [.lastPage], deviceID: UInt32(k + 1), groupIndex: 1, perm: [.read],
+                        addr: (1 << 30) + UInt64(round * 8 + k) << 12, cookie: UInt32(round + 1))
+                ])
             }
             for (k, c) in channels.enumerated() {
                 let answer = try c.receive(spinNanoseconds: 0, timeoutMs: 5000)
-                #expect(answer?.first?.code == .success, "device \(k + 1) round \(round): \(String(describing: answer))")
+                #expect(
+                    answer?.first?.code == .success, "device \(k + 1) round \(round): \(String(describing: answer))")
             }
         }
         #expect(service.engine.mappedPageCount == 64)
         try service.barrier().wait()
-        #expect(service.statistics.completionOverflows > 0, "the queue never overflowed: the test did not test anything")
+        #expect(
+            service.statistics.completionOverflows > 0, "the queue never overflowed: the test did not test anything")
     }
 
     @Test func aRefusedHostAddressUpdateLeavesNothingWatched() throws {
@@ -118,8 +125,9 @@ import IOPFTestSupport
             try h.service.updateHostAddress(iova: EventHarness.iova, size: 64 << 12, vaddr: other.base)
         }
         try #require(!Self.vmas(in: other.base..<(other.base + other.length)).isEmpty, "smaps was not read")
-        #expect(Self.vmas(in: other.base..<(other.base + other.length)).allSatisfy { !$0.registered },
-                "the refused update left its range registered")
+        #expect(
+            Self.vmas(in: other.base..<(other.base + other.length)).allSatisfy { !$0.registered },
+            "the refused update left its range registered")
         #expect(Self.vmas(in: h.region.base..<(h.region.base + 4096)).allSatisfy { $0.registered })
     }
 
@@ -224,8 +232,11 @@ import IOPFTestSupport
         _ = region
         func round(_ r: Int) throws -> [ResponseCode?] {
             for (k, c) in channels.enumerated() {
-                try c.send([PageRequest(flags: [.lastPage], deviceID: UInt32(k + 1), groupIndex: 1, perm: [.read],
-                                        addr: (1 << 30) + UInt64(r * 4 + k) << 12, cookie: UInt32(r + 1))])
+                try c.send([
+                    PageRequest(
+                        flags: [.lastPage], deviceID: UInt32(k + 1), groupIndex: 1, perm: [.read],
+                        addr: (1 << 30) + UInt64(r * 4 + k) << 12, cookie: UInt32(r + 1))
+                ])
             }
             return try channels.map { try $0.receive(spinNanoseconds: 0, timeoutMs: 5000)?.first?.code }
         }
@@ -240,7 +251,9 @@ import IOPFTestSupport
         _ = try? round(2)
         let deadline = ContinuousClock.now + .seconds(10)
         while service.statistics.stopped == nil && ContinuousClock.now < deadline { usleep(10_000) }
-        #expect(service.statistics.stopped?.contains("refused every submit") == true, "\(service.statistics.stopped ?? "nil")")
+        #expect(
+            service.statistics.stopped?.contains("refused every submit") == true,
+            "\(service.statistics.stopped ?? "nil")")
         let start = ContinuousClock.now
         #expect(throws: ServiceError.self) { try service.barrier().wait() }
         #expect(ContinuousClock.now - start < .seconds(1))
@@ -278,8 +291,11 @@ import IOPFTestSupport
         #expect(h.service.statistics.devicesClosed == 1)
         // The device learns it was let go: the ring says the service closed it.
         #expect(try h.channel.receive(spinNanoseconds: 0, timeoutMs: 1000) == nil)
-        try other.send([PageRequest(flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read],
-                                    addr: EventHarness.iova + (9 << 12), cookie: 77)])
+        try other.send([
+            PageRequest(
+                flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read],
+                addr: EventHarness.iova + (9 << 12), cookie: 77)
+        ])
         #expect(try other.receive(spinNanoseconds: 0, timeoutMs: 5000)?.first?.code == .success)
     }
 

@@ -38,12 +38,15 @@ final class Harness {
         try DeviceChannel(service.attach(deviceID: deviceID, pasid: pasid, domain: domain, credit: credit))
     }
 
-    func request(page: Int, cookie: UInt32, group: UInt32 = 1, last: Bool = true, device: UInt32 = 1,
-                 pasid: UInt32? = nil, write: Bool = false) -> PageRequest {
+    func request(
+        page: Int, cookie: UInt32, group: UInt32 = 1, last: Bool = true, device: UInt32 = 1,
+        pasid: UInt32? = nil, write: Bool = false
+    ) -> PageRequest {
         var flags: PageRequest.Flags = last ? [.lastPage] : []
         if pasid != nil { flags.insert(.pasidValid) }
-        return PageRequest(flags: flags, deviceID: device, pasid: pasid ?? 0, groupIndex: group,
-                           perm: write ? [.read, .write] : [.read], addr: Self.iova + UInt64(page) << 12, cookie: cookie)
+        return PageRequest(
+            flags: flags, deviceID: device, pasid: pasid ?? 0, groupIndex: group,
+            perm: write ? [.read, .write] : [.read], addr: Self.iova + UInt64(page) << 12, cookie: cookie)
     }
 
     /// Waits up to 5 s for `count` responses.
@@ -107,8 +110,9 @@ final class Harness {
         #expect(got.map(\.cookie) == [7] && got.first?.code == .success)
         if transport == .shared {
             let answered = Int64(channel.answeredAt) - Int64(sent)
-            #expect(channel.answeredAt >= sent && channel.answeredAt + 50_000_000 <= looked,
-                    "answered \(answered) ns after the request; looked \(looked - sent) ns after")
+            #expect(
+                channel.answeredAt >= sent && channel.answeredAt + 50_000_000 <= looked,
+                "answered \(answered) ns after the request; looked \(looked - sent) ns after")
         } else {
             #expect(channel.answeredAt == 0)
         }
@@ -118,7 +122,9 @@ final class Harness {
     func aGroupIsAnsweredOnlyWhenItsLastPageArrives(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)
         let channel = try h.attach(deviceID: 1, domain: h.domain)
-        try channel.send([h.request(page: 3, cookie: 9, group: 5, last: false), h.request(page: 4, cookie: 9, group: 5, last: false)])
+        try channel.send([
+            h.request(page: 3, cookie: 9, group: 5, last: false), h.request(page: 4, cookie: 9, group: 5, last: false),
+        ])
         // An interleaved group completes first; the open one stays unanswered.
         try channel.send([h.request(page: 8, cookie: 10, group: 6)])
         #expect(try h.responses(channel, count: 1) == [PageResponse(cookie: 10, code: .success)])
@@ -135,7 +141,9 @@ final class Harness {
         let h = try Harness(transport: transport)
         let leaving = try h.attach(deviceID: 1, domain: h.domain)
         let staying = try h.attach(deviceID: 2, domain: h.domain)
-        try leaving.send([h.request(page: 1, cookie: 1, group: 1, last: false), h.request(page: 2, cookie: 2, group: 2, last: false)])
+        try leaving.send([
+            h.request(page: 1, cookie: 1, group: 1, last: false), h.request(page: 2, cookie: 2, group: 2, last: false),
+        ])
         #expect(h.waitUntil { $0.records == 2 })
         leaving.close()
         let s = h.waitFor { $0.devicesClosed == 1 }
@@ -167,11 +175,12 @@ final class Harness {
         try channel.send([h.request(page: 0, cookie: 14)])  // no PASID on a PASID-only attachment
         try channel.send([h.request(page: 0, cookie: 15, pasid: 77)])  // fine
         let answers = try h.responses(channel, count: 5)
-        #expect(answers == [
-            PageResponse(cookie: 11, code: .invalid), PageResponse(cookie: 12, code: .invalid),
-            PageResponse(cookie: 13, code: .invalid), PageResponse(cookie: 14, code: .invalid),
-            PageResponse(cookie: 15, code: .success),
-        ])
+        #expect(
+            answers == [
+                PageResponse(cookie: 11, code: .invalid), PageResponse(cookie: 12, code: .invalid),
+                PageResponse(cookie: 13, code: .invalid), PageResponse(cookie: 14, code: .invalid),
+                PageResponse(cookie: 15, code: .success),
+            ])
         let s = h.service.statistics
         #expect(s.malformed == 1 && s.unknownDevice == 3 && s.success == 1)
     }

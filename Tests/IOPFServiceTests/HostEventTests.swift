@@ -43,10 +43,12 @@ final class EventHarness {
     /// Faults `pages` in one group and returns the answer.
     func fault(_ pages: [Int]) throws -> ResponseCode? {
         cookie += 1
-        try channel.send(pages.enumerated().map { k, p in
-            PageRequest(flags: k == pages.count - 1 ? [.lastPage] : [], deviceID: 1, groupIndex: 1, perm: [.read, .write],
-                        addr: Self.iova + UInt64(p) << 12, cookie: cookie)
-        })
+        try channel.send(
+            pages.enumerated().map { k, p in
+                PageRequest(
+                    flags: k == pages.count - 1 ? [.lastPage] : [], deviceID: 1, groupIndex: 1, perm: [.read, .write],
+                    addr: Self.iova + UInt64(p) << 12, cookie: cookie)
+            })
         // Answers to earlier groups may still be queued (a test that gave up waiting on
         // one): skip them until this group's answer, or nil if the channel closed.
         let deadline = ContinuousClock.now + .seconds(5)
@@ -80,7 +82,9 @@ final class EventHarness {
         // The device's next access faults again and gets the page back (zeroed when freed).
         #expect(try h.fault([3]) == .success)
         #expect(h.translated(3))
-        #expect(UnsafeRawPointer(bitPattern: UInt(h.address(2)))!.load(as: UInt64.self) == (advice == MADV_REMOVE ? 0 : 0xABCD))
+        #expect(
+            UnsafeRawPointer(bitPattern: UInt(h.address(2)))!.load(as: UInt64.self)
+                == (advice == MADV_REMOVE ? 0 : 0xABCD))
         #expect(try h.service.checkInvariants().wait().isEmpty)
     }
 
@@ -120,8 +124,9 @@ final class EventHarness {
         #expect(try h.fault([0, 1]) == .success)
         UnsafeMutableRawPointer(bitPattern: UInt(h.address(0)))!.storeBytes(of: 0x5151, as: UInt64.self)
         let target = try HostRegion(length: h.region.length)
-        let moved = iopf_mremap(UnsafeMutableRawPointer(bitPattern: UInt(h.region.base)), Int(h.region.length), Int(h.region.length),
-                                UnsafeMutableRawPointer(bitPattern: UInt(target.base)))
+        let moved = iopf_mremap(
+            UnsafeMutableRawPointer(bitPattern: UInt(h.region.base)), Int(h.region.length), Int(h.region.length),
+            UnsafeMutableRawPointer(bitPattern: UInt(target.base)))
         #expect(moved == UnsafeMutableRawPointer(bitPattern: UInt(target.base)))
         // The old range is free now; another test's thread may map it at once, so the
         // region must not unmap it at its end (found by a TSan run: a device's ring, mapped
@@ -147,7 +152,8 @@ final class EventHarness {
         let hostThread = Thread { [region = h.region] in
             for i in 0..<300 {
                 let p = (i * 37) % 250
-                _ = madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base) + UInt(p) << 12), 4 << 12, MADV_DONTNEED)
+                _ = madvise(
+                    UnsafeMutableRawPointer(bitPattern: UInt(region.base) + UInt(p) << 12), 4 << 12, MADV_DONTNEED)
             }
             done.signal()
         }
@@ -194,7 +200,9 @@ final class EventHarness {
         let hole = try HostRegion(length: 4096)
         let holeAddress = hole.base
         withExtendedLifetime(hole) {}
-        #expect(throws: UserfaultfdError.self) { try h.service.map(iova: 4 << 30, vaddr: holeAddress + (1 << 40), size: 4096, prot: .read) }
+        #expect(throws: UserfaultfdError.self) {
+            try h.service.map(iova: 4 << 30, vaddr: holeAddress + (1 << 40), size: 4096, prot: .read)
+        }
         #expect(h.engine.mappingCount == 1)
     }
 
@@ -213,7 +221,9 @@ final class EventHarness {
         // mapped, answered SUCCESS, and translated to the region's page.
         #expect(madvise(UnsafeMutableRawPointer(bitPattern: UInt(region.base)), 4096, MADV_DONTNEED) == 0)
         let channel = try DeviceChannel(service.attach(deviceID: 1, pasid: nil, domain: domain, credit: 8))
-        try channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: 4096, cookie: 3)])
+        try channel.send([
+            PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: 4096, cookie: 3)
+        ])
         #expect(try channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 3, code: .success)])
         #expect(engine.isMarkedMapped(iova: 4096))
         #expect(engine.pageTable(domain).translate(4096)?.phys == region.phys! + 4096)

@@ -16,8 +16,9 @@ import IOPFCore
     @Test(arguments: [true, false]) func touchingConfirmsTheSamePageAndChangesNoByte(touchingPages: Bool) throws {
         let region = try HostRegion(length: 8 << 12)
         let memory = ProcessMemory(touchingPages: touchingPages)
-        let bytes = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: UInt(region.base)),
-                                                  count: Int(region.length))
+        let bytes = UnsafeMutableRawBufferPointer(
+            start: UnsafeMutableRawPointer(bitPattern: UInt(region.base)),
+            count: Int(region.length))
         for i in 0..<bytes.count { bytes[i] = UInt8(truncatingIfNeeded: i &* 7 &+ 3) }
         // Out of this process's page table, still in the memfd: the touch faults it back.
         #expect(madvise(bytes.baseAddress, bytes.count, MADV_DONTNEED) == 0)
@@ -61,8 +62,9 @@ import IOPFCore
         #expect(iopf_probe_pages(p, 1, 0, 0) == -1)
         var physical: [UInt64] = []
         #expect {
-            try ProcessMemory().resolve(address: UInt64(UInt(bitPattern: p)), pageCount: 1, write: true,
-                                        physical: &physical)
+            try ProcessMemory().resolve(
+                address: UInt64(UInt(bitPattern: p)), pageCount: 1, write: true,
+                physical: &physical)
         } throws: { error in
             "\(error)".contains("MADV_POPULATE_WRITE of 1 pages")
         }
@@ -83,8 +85,9 @@ import IOPFCore
         #expect(iopf_probe_pages(p + 3 << 12, 1, 0, 0) == -1)
         var physical: [UInt64] = []
         #expect(throws: HostMemoryError.self) {
-            try ProcessMemory().resolve(address: UInt64(UInt(bitPattern: p)) + 2 << 12, pageCount: 1, write: false,
-                                        physical: &physical)
+            try ProcessMemory().resolve(
+                address: UInt64(UInt(bitPattern: p)) + 2 << 12, pageCount: 1, write: false,
+                physical: &physical)
         }
         // The thread goes on probing, and a later fault is caught again.
         for _ in 0..<1000 { #expect(iopf_probe_pages(p + 2 << 12, 1, 1, 0) == -1) }

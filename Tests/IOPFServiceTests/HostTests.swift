@@ -46,7 +46,8 @@ import IOPFTestSupport
         #expect(m.pointer(7 << 12).load(as: UInt64.self) == 0xC0FFEE)
         // mmap(MAP_FIXED) over the range: UNMAP, the range is gone (INVALID) until the host
         // re-declares it, which registers it again: a later madvise is seen.
-        #expect(mmap(m.pointer(0), Int(m.size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, m.memfd, 0) == m.pointer(0))
+        #expect(
+            mmap(m.pointer(0), Int(m.size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, m.memfd, 0) == m.pointer(0))
         try host.sync()
         #expect(try fault(a, device: 3, iova: iova, cookie: 3) == .invalid)
         try host.updateHostAddress(iova: Self.iova, size: m.size, hostAddress: m.base)
@@ -60,8 +61,11 @@ import IOPFTestSupport
         #expect(try host.unmap(iova: Self.iova, size: m.size) == m.size)
         #expect(try fault(a, device: 3, iova: iova, cookie: 5) == .invalid)
         let stats = s.service.statistics
-        #expect(stats.hosts.count == 1 && stats.hosts[0].devices == 1 && stats.hosts[0].addressUpdates == 1, "\(stats.hosts)")
-        #expect(stats.uffdRemove >= 2 && stats.uffdUnmap >= 1 && stats.protocolErrors == 0, "\(stats.protocolErrorKinds)")
+        #expect(
+            stats.hosts.count == 1 && stats.hosts[0].devices == 1 && stats.hosts[0].addressUpdates == 1,
+            "\(stats.hosts)")
+        #expect(
+            stats.uffdRemove >= 2 && stats.uffdUnmap >= 1 && stats.protocolErrors == 0, "\(stats.protocolErrorKinds)")
         #expect(try s.service.checkInvariants().wait().isEmpty)
         try client.detach()
         try host.detach()
@@ -106,7 +110,9 @@ import IOPFTestSupport
         // The notice is read by the device's invalidation thread, which may not have run yet.
         let deadline = ContinuousClock.now + .seconds(5)
         while client.detachedBecause == nil && ContinuousClock.now < deadline { usleep(1000) }
-        #expect(client.detachedBecause?.contains("its host 'vm-gone' went away") == true, "\(client.detachedBecause ?? "no notice")")
+        #expect(
+            client.detachedBecause?.contains("its host 'vm-gone' went away") == true,
+            "\(client.detachedBecause ?? "no notice")")
         #expect(throws: DeviceClientError.self) { _ = try client.translate(iova: Self.iova, pages: 1) }
         // The ranges are unregistered although the host still holds the uffd: its munmap
         // and madvise do not wait for a reader that is gone.
@@ -119,7 +125,9 @@ import IOPFTestSupport
         // The name is free again, and unknown names are refused.
         let again = try m.attach(s.path, name: "vm-gone", iova: Self.iova)
         let other = try DeviceClient(connectingTo: s.path)
-        #expect(refusal { _ = try other.attach(Attach(deviceID: 1, addressSpaceName: "vm-nope")) }?.errno == WireErrno.noEntry)
+        #expect(
+            refusal { _ = try other.attach(Attach(deviceID: 1, addressSpaceName: "vm-nope")) }?.errno
+                == WireErrno.noEntry)
         _ = again
     }
 
@@ -150,11 +158,15 @@ import IOPFTestSupport
     @Test func handOversThatAreWrongAreRefusedSayingWhy() throws {
         let s = try ListeningService()
         let m = try TestHostMemory()
-        func declare(_ name: String, regions: [HostRegionEntry]? = nil, uffd: CInt? = nil, memfds: [CInt]? = nil) -> (UInt32, String)? {
+        func declare(_ name: String, regions: [HostRegionEntry]? = nil, uffd: CInt? = nil, memfds: [CInt]? = nil) -> (
+            UInt32, String
+        )? {
             refusal {
                 let h = try HostClient(connectingTo: s.path)
                 defer { h.close() }
-                try h.declare(name: name, regions: regions ?? [m.region], userfaultfd: uffd ?? m.uffd, memfds: memfds ?? [m.memfd])
+                try h.declare(
+                    name: name, regions: regions ?? [m.region], userfaultfd: uffd ?? m.uffd, memfds: memfds ?? [m.memfd]
+                )
             }
         }
         // A uffd without the events.
@@ -162,11 +174,15 @@ import IOPFTestSupport
         var granted: UInt64 = 0, ioctls: UInt64 = 0
         #expect(iopf_uffd_api(bare, 0, &granted, &ioctls) == 0)
         let noEvents = declare("h1", uffd: bare)
-        #expect(noEvents?.1.contains("lacks EVENT_REMOVE, EVENT_UNMAP, EVENT_REMAP") == true, "\(String(describing: noEvents))")
+        #expect(
+            noEvents?.1.contains("lacks EVENT_REMOVE, EVENT_UNMAP, EVENT_REMAP") == true,
+            "\(String(describing: noEvents))")
         Sys.close(bare)
         // Something that is not a uffd.
         let notUffd = declare("h2", uffd: m.memfd)
-        #expect(notUffd?.0 == WireErrno.badFD && notUffd?.1.contains("must be a userfaultfd") == true, "\(String(describing: notUffd))")
+        #expect(
+            notUffd?.0 == WireErrno.badFD && notUffd?.1.contains("must be a userfaultfd") == true,
+            "\(String(describing: notUffd))")
         // A region table that does not match the memfd's size.
         var big = m.region
         big.size = m.size * 2
@@ -177,22 +193,37 @@ import IOPFTestSupport
         // A region that is not the host's memory: anonymous memory, and the memfd at the wrong offset.
         let anon = mmap(nil, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
         defer { munmap(anon, 1 << 20) }
-        let notMine = declare("h5", regions: [HostRegionEntry(hostAddress: UInt64(UInt(bitPattern: anon)), size: 1 << 20, fdOffset: 0, fdIndex: 0)])
-        #expect(notMine?.0 == WireErrno.fault && notMine?.1.contains("not the host's memory") == true, "\(String(describing: notMine))")
-        let shifted = declare("h6", regions: [HostRegionEntry(hostAddress: m.base, size: 4096, fdOffset: 8192, fdIndex: 0)])
+        let notMine = declare(
+            "h5",
+            regions: [
+                HostRegionEntry(hostAddress: UInt64(UInt(bitPattern: anon)), size: 1 << 20, fdOffset: 0, fdIndex: 0)
+            ])
+        #expect(
+            notMine?.0 == WireErrno.fault && notMine?.1.contains("not the host's memory") == true,
+            "\(String(describing: notMine))")
+        let shifted = declare(
+            "h6", regions: [HostRegionEntry(hostAddress: m.base, size: 4096, fdOffset: 8192, fdIndex: 0)])
         #expect(shifted?.1.contains("not memfd 0 at") == true, "\(String(describing: shifted))")
         // An unsealed memfd.
         let loose = try TestHostMemory(sealed: false)
-        #expect(declare("h7", regions: [loose.region], uffd: loose.uffd, memfds: [loose.memfd])?.1.contains("F_SEAL_SHRINK") == true)
+        #expect(
+            declare("h7", regions: [loose.region], uffd: loose.uffd, memfds: [loose.memfd])?.1.contains("F_SEAL_SHRINK")
+                == true)
         // Descriptors that do not match the table.
         #expect(declare("h8", memfds: [])?.0 == WireErrno.badFD)
         // A good host; then a second under its name, and mappings outside its memory.
         let host = try m.attach(s.path, name: "vm", iova: Self.iova)
         let twin = try TestHostMemory()
         #expect(refusal { _ = try twin.attach(s.path, name: "vm", iova: Self.iova) }?.errno == WireErrno.exists)
-        let outside = refusal { try host.map(iova: Self.iova << 1, hostAddress: m.base + m.size, size: 4096, prot: [.read]) }
-        #expect(outside?.errno == WireErrno.fault && outside?.text.contains("not the host's memory") == true, "\(String(describing: outside))")
-        #expect(refusal { try host.map(iova: Self.iova, hostAddress: m.base, size: 4096, prot: [.read]) }?.errno == WireErrno.exists)
+        let outside = refusal {
+            try host.map(iova: Self.iova << 1, hostAddress: m.base + m.size, size: 4096, prot: [.read])
+        }
+        #expect(
+            outside?.errno == WireErrno.fault && outside?.text.contains("not the host's memory") == true,
+            "\(String(describing: outside))")
+        #expect(
+            refusal { try host.map(iova: Self.iova, hostAddress: m.base, size: 4096, prot: [.read]) }?.errno
+                == WireErrno.exists)
         let moved = refusal { try host.updateHostAddress(iova: Self.iova, size: m.size, hostAddress: twin.base) }
         #expect(moved?.errno == WireErrno.fault, "VADDR onto another process's memfd: \(String(describing: moved))")
         #expect(refusal { try host.unmap(iova: Self.iova, size: 4096) }?.errno == WireErrno.invalid)  // cuts a mapping

@@ -13,15 +13,17 @@ import IOPFTestSupport
 @testable import IOPFSimulation
 @testable import IOPFSystem
 
-
 @Suite(.serialized, .timeLimit(.minutes(5))) struct ProtocolTests {
     @Test func aDeviceAttachesFaultsTranslatesAndWritesTheHostsMemory() throws {
         let s = try ListeningService()
         let (client, a) = try s.device(7)
-        #expect(a.windows.count == 1 && a.memory.regionInfo.count == 1 && a.credit == 32 && a.invalidateTimeoutMs == 1000)
+        #expect(
+            a.windows.count == 1 && a.memory.regionInfo.count == 1 && a.credit == 32 && a.invalidateTimeoutMs == 1000)
         let iova = a.windows[0].iova + 5 << 12
         #expect(try client.translate(iova: iova, pages: 1).entries == [0])  // not present yet
-        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 7, groupIndex: 1, perm: [.read, .write], addr: iova, cookie: 1)])
+        try a.channel.send([
+            PageRequest(flags: [.lastPage], deviceID: 7, groupIndex: 1, perm: [.read, .write], addr: iova, cookie: 1)
+        ])
         let responses = try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000)
         #expect(responses == [PageResponse(cookie: 1, code: .success)])
         let entry = try client.translate(iova: iova, pages: 1).entries[0]
@@ -29,7 +31,9 @@ import IOPFTestSupport
         // DMA through the translation into this process's mapping of the region lands in
         // the host's memory at the mapping's address.
         #expect(a.memory.store(entry & ~0xFFF, 0xFEED_F00D))
-        #expect(UnsafeRawPointer(bitPattern: UInt(s.host(of: a.windows[0]) + 5 << 12))!.load(as: UInt64.self) == 0xFEED_F00D)
+        #expect(
+            UnsafeRawPointer(bitPattern: UInt(s.host(of: a.windows[0]) + 5 << 12))!.load(as: UInt64.self) == 0xFEED_F00D
+        )
         // Outside its window a device translates nothing and faults in nothing.
         #expect(try client.translate(iova: a.windows[0].iova + a.windows[0].size, pages: 1).entries == [0])
         try client.detach()
@@ -42,7 +46,9 @@ import IOPFTestSupport
         let (client, a) = try s.device()
         client.serveInvalidations { _ in true }
         let window = a.windows[0]
-        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: window.iova, cookie: 1)])
+        try a.channel.send([
+            PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: window.iova, cookie: 1)
+        ])
         _ = try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000)
         let before = try client.translate(iova: window.iova, pages: 1)
         _ = try s.service.invalidate(hostAddress: s.host(of: window), length: 4096).wait()
@@ -64,7 +70,10 @@ import IOPFTestSupport
         bad.serveInvalidations { _ in false }
         // Both fault a page in, so that both hold translations to be invalidated.
         for (id, a) in [(UInt32(1), ga), (UInt32(2), ba)] {
-            try a.channel.send([PageRequest(flags: [.lastPage], deviceID: id, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 1)])
+            try a.channel.send([
+                PageRequest(
+                    flags: [.lastPage], deviceID: id, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 1)
+            ])
             _ = try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000)
         }
         let start = ContinuousClock.now
@@ -76,17 +85,25 @@ import IOPFTestSupport
         #expect(waited < .seconds(2), "the sync waited \(waited) for a 200 ms deadline")
         // The fenced device is disconnected; the other still faults.
         #expect(throws: DeviceClientError.self) { try bad.translate(iova: ba.windows[0].iova, pages: 1) }
-        try ga.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: ga.windows[0].iova + 4096, cookie: 2)])
-        #expect(try ga.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 2, code: .success)])
+        try ga.channel.send([
+            PageRequest(
+                flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: ga.windows[0].iova + 4096,
+                cookie: 2)
+        ])
+        #expect(
+            try ga.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 2, code: .success)])
     }
 
     @Test func protocolErrorsGetAnErrorReplyOrADisconnectAndAreCountedByKind() throws {
         let s = try ListeningService()
         // An unknown command: an error reply; the connection stays usable.
         let p = try RawPeer(s.path)
-        try p.send(Wire.message(command: .hello, id: 3, payload: []).enumerated().map { $0.offset == 2 ? 42 : $0.element })
+        try p.send(
+            Wire.message(command: .hello, id: 3, payload: []).enumerated().map { $0.offset == 2 ? 42 : $0.element })
         let unknown = try p.receive()
-        #expect(unknown?.header.isError == true && unknown?.header.error == WireErrno.notSupported && unknown?.header.id == 3)
+        #expect(
+            unknown?.header.isError == true && unknown?.header.error == WireErrno.notSupported
+                && unknown?.header.id == 3)
         // A payload of the wrong size: EINVAL, still connected.
         try p.send(Wire.message(command: .hello, id: 4, payload: [1, 2, 3]))
         #expect(try p.receive()?.header.error == WireErrno.invalid)
@@ -136,7 +153,9 @@ import IOPFTestSupport
     // MARK: The shared ring
 
     func ring(_ a: DeviceAttachment) -> (SharedQueue, doorbell: CInt) {
-        guard case .shared(let q, let doorbell, _) = a.channel.backing else { preconditionFailure("shared channel expected") }
+        guard case .shared(let q, let doorbell, _) = a.channel.backing else {
+            preconditionFailure("shared channel expected")
+        }
         return (q, doorbell)
     }
 
@@ -157,8 +176,12 @@ import IOPFTestSupport
         FaultService.ring(doorbell)
         let stats = s.waitFor { $0.devicesFenced == 1 }
         #expect(stats.protocolErrorKinds[.ringOverrun] == 1 && stats.records == 0)
-        try other.channel.send([PageRequest(flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read], addr: other.windows[0].iova, cookie: 3)])
-        #expect(try other.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 3, code: .success)])
+        try other.channel.send([
+            PageRequest(
+                flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read], addr: other.windows[0].iova, cookie: 3)
+        ])
+        #expect(
+            try other.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 3, code: .success)])
     }
 
     /// The "answered at" words are the device's to scribble on: any "stamps wanted" value
@@ -172,11 +195,15 @@ import IOPFTestSupport
         raw.storeBytes(of: 0xDEAD_BEEF, toByteOffset: SharedRingLayout.stampsWantedOffset, as: UInt32.self)
         raw.storeBytes(of: UInt64.max, toByteOffset: SharedRingLayout.answeredAtOffset, as: UInt64.self)
         let before = Sys.monotonicNanoseconds()
-        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read],
-                                        addr: a.windows[0].iova, cookie: 5)])
+        try a.channel.send([
+            PageRequest(
+                flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read],
+                addr: a.windows[0].iova, cookie: 5)
+        ])
         #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 5, code: .success)])
-        #expect(a.channel.answeredAt >= before && a.channel.answeredAt <= Sys.monotonicNanoseconds(),
-                "the service's stamp replaced the garbage: \(a.channel.answeredAt)")
+        #expect(
+            a.channel.answeredAt >= before && a.channel.answeredAt <= Sys.monotonicNanoseconds(),
+            "the service's stamp replaced the garbage: \(a.channel.answeredAt)")
         let stats = s.waitFor { $0.groups == 1 }
         #expect(stats.protocolErrors == 0 && stats.devicesFenced == 0)
     }
@@ -184,12 +211,15 @@ import IOPFTestSupport
     @Test func malformedRecordsAndCreditOverrunsAreAnsweredInvalidAndCounted() throws {
         let s = try ListeningService()
         let (_, a) = try s.device(1)
-        var bad = PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 4)
+        var bad = PageRequest(
+            flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 4)
         bad.deviceID = 5  // another device's id
         try a.channel.send([bad])
         #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 4, code: .invalid)])
         let (q, doorbell) = ring(a)
-        var raw = PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: a.windows[0].iova, cookie: 6).bytes
+        var raw = PageRequest(
+            flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: a.windows[0].iova, cookie: 6
+        ).bytes
         raw[20] = 7  // reserved field
         raw.withUnsafeBytes { q.requestSlot(1).copyMemory(from: $0) }
         q.storeSequential(.requestTail, 2)
@@ -205,11 +235,16 @@ import IOPFTestSupport
         let (client, a) = try s.device(1, stream: stream, keep: false)
         let iova = a.windows[0].iova
         // 32 requests of credit: one group of 32 partial pages, then a 33rd request in another group.
-        try a.channel.send((0..<32).map { k in
-            PageRequest(flags: [], deviceID: 1, groupIndex: 1, perm: [.read], addr: iova + UInt64(k) << 12, cookie: 10)
-        })
-        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: iova, cookie: 11)])
-        #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 11, code: .invalid)])
+        try a.channel.send(
+            (0..<32).map { k in
+                PageRequest(
+                    flags: [], deviceID: 1, groupIndex: 1, perm: [.read], addr: iova + UInt64(k) << 12, cookie: 10)
+            })
+        try a.channel.send([
+            PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 2, perm: [.read], addr: iova, cookie: 11)
+        ])
+        #expect(
+            try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 11, code: .invalid)])
         #expect(s.waitFor { $0.protocolErrorKinds[.creditExceeded] == 1 }.protocolErrorKinds[.creditExceeded] == 1)
         // The device dies with group 1 open: it is answered INVALID (to nobody) and its credit freed.
         client.close()
@@ -217,8 +252,11 @@ import IOPFTestSupport
         let stats = s.waitFor { $0.devicesClosed == 1 }
         #expect(stats.abandonedGroups == 1 && stats.devicesFenced == 0)
         let (_, b) = try s.device(1, stream: stream)
-        try b.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: iova, cookie: 12)])
-        #expect(try b.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 12, code: .success)])
+        try b.channel.send([
+            PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: iova, cookie: 12)
+        ])
+        #expect(
+            try b.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 12, code: .success)])
     }
 
     @Test func aStreamDeviceThatNeverReadsIsHeldBackAloneAndStopDoesNotBlock() throws {
@@ -233,8 +271,9 @@ import IOPFTestSupport
         var cookie: UInt32 = 1
         var blocked = false
         for _ in 0..<100_000 where !blocked {
-            let record = PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: cookie % 512, perm: [.read],
-                                     addr: a.windows[0].iova + UInt64(cookie % 256) << 12, cookie: cookie)
+            let record = PageRequest(
+                flags: [.lastPage], deviceID: 1, groupIndex: cookie % 512, perm: [.read],
+                addr: a.windows[0].iova + UInt64(cookie % 256) << 12, cookie: cookie)
             do {
                 try record.bytes.withUnsafeBytes { try Sys.writeAll(writeFD, $0) }
                 cookie += 1
@@ -248,8 +287,12 @@ import IOPFTestSupport
         usleep(300_000)
         #expect(s.service.statistics.records == held, "still taking requests from a device that reads nothing")
         // The other device does not notice.
-        try other.channel.send([PageRequest(flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read], addr: other.windows[0].iova, cookie: 9)])
-        #expect(try other.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 9, code: .success)])
+        try other.channel.send([
+            PageRequest(
+                flags: [.lastPage], deviceID: 2, groupIndex: 1, perm: [.read], addr: other.windows[0].iova, cookie: 9)
+        ])
+        #expect(
+            try other.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 9, code: .success)])
         let before = ContinuousClock.now
         s.service.stop()
         #expect(ContinuousClock.now - before < .seconds(2))
@@ -267,8 +310,10 @@ import IOPFTestSupport
                 usleep(100)
             }
             if s.service.statistics.devicesFenced > 0 { break }
-            PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: UInt32(k % 512), perm: [.read],
-                        addr: a.windows[0].iova + UInt64(k % 256) << 12, cookie: UInt32(k + 1)).encode(into: q.requestSlot(tail))
+            PageRequest(
+                flags: [.lastPage], deviceID: 1, groupIndex: UInt32(k % 512), perm: [.read],
+                addr: a.windows[0].iova + UInt64(k % 256) << 12, cookie: UInt32(k + 1)
+            ).encode(into: q.requestSlot(tail))
             tail &+= 1
             q.storeSequential(.requestTail, tail)
             FaultService.ring(doorbell)
@@ -291,7 +336,10 @@ import IOPFTestSupport
         #expect(turns < 50, "the loop turned \(turns) times in 0.5 s while idle")
         // And it still serves the device (once the device's own end sees the true head again).
         q.storeSequential(.requestHead, 0)
-        try a.channel.send([PageRequest(flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 8)])
+        try a.channel.send([
+            PageRequest(
+                flags: [.lastPage], deviceID: 1, groupIndex: 1, perm: [.read], addr: a.windows[0].iova, cookie: 8)
+        ])
         #expect(try a.channel.receive(spinNanoseconds: 0, timeoutMs: 5000) == [PageResponse(cookie: 8, code: .success)])
     }
 

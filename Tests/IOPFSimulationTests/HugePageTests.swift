@@ -57,7 +57,8 @@ import Testing
         #expect(r.problems.isEmpty, "\(r.problems)")
         #expect(r.dmaErrors == 0 && r.integrityErrors == 0 && r.violations == 0)
         #expect(r.blockMappings >= 8, "16 MiB is 8 blocks, each mapped at least once: \(r.blockMappings)")
-        #expect(r.invalidations > 0 && r.pagesUnmapped >= 512, "\(r.invalidations) invalidations, \(r.pagesUnmapped) pages")
+        #expect(
+            r.invalidations > 0 && r.pagesUnmapped >= 512, "\(r.invalidations) invalidations, \(r.pagesUnmapped) pages")
         let json = try JSONSerialization.jsonObject(with: JSONEncoder().encode(r)) as! [String: Any]
         #expect(json["blockMappings"] as? Int == r.blockMappings)
     }
@@ -66,15 +67,18 @@ import Testing
     /// invalidations inside blocks unmapping 512 pages each, against 4 KiB pages.
     @Test func benchRowsCompareBlocksWithPages() throws {
         let pages = try FaultAroundBench.measure(size: 16 << 20, pattern: .sequential, touch: 1, policy: .off)
-        let blocks = try FaultAroundBench.measure(size: 16 << 20, pattern: .sequential, touch: 1, policy: .off, hugePages: true)
+        let blocks = try FaultAroundBench.measure(
+            size: 16 << 20, pattern: .sequential, touch: 1, policy: .off, hugePages: true)
         #expect(pages.problems.isEmpty && blocks.problems.isEmpty, "\(pages.problems + blocks.problems)")
         #expect(pages.groups == 4096 / 32 && pages.blockMappings == 0 && pages.pagesUnmappedPer4K == 1)
-        #expect(blocks.groups == 8 && blocks.blockMappings == 8, "\(blocks.groups) groups, \(blocks.blockMappings) blocks")
+        #expect(
+            blocks.groups == 8 && blocks.blockMappings == 8, "\(blocks.groups) groups, \(blocks.blockMappings) blocks")
         #expect(blocks.pagesUnmappedPer4K == 512)
         #expect(blocks.residentBytes == 16 << 20)
         // With adaptive fault-around, blocks go ahead in the background: far fewer groups.
-        let around = try FaultAroundBench.measure(size: 64 << 20, pattern: .sequential, touch: 1, policy: .adaptive,
-                                                  hugePages: true)
+        let around = try FaultAroundBench.measure(
+            size: 64 << 20, pattern: .sequential, touch: 1, policy: .adaptive,
+            hugePages: true)
         #expect(around.problems.isEmpty, "\(around.problems)")
         #expect(around.blockMappings == 32 && around.groups <= 16, "\(around.groups) groups for 32 blocks")
         #expect(around.prefetchedPages >= 8 * 512 && around.residentBytes == 64 << 20)
@@ -90,7 +94,9 @@ import Testing
         o.dirtyLogInterval = nil
         let clean = try StressSession.run(o)
         #expect(clean.violations == 0, "\(clean.firstViolation ?? "")")
-        #expect(clean.blockMappings > 10 && clean.invalidations > 10, "\(clean.blockMappings) blocks, \(clean.invalidations) invalidations")
+        #expect(
+            clean.blockMappings > 10 && clean.invalidations > 10,
+            "\(clean.blockMappings) blocks, \(clean.invalidations) invalidations")
         o.injected = .clearRequested
         let planted = try StressSession.run(o)
         #expect(planted.violations > 0 && planted.blockMappings > 0)

@@ -9,8 +9,10 @@ import Testing
 @testable import IOPFSimulation
 
 @Suite(.serialized, .timeLimit(.minutes(5))) struct StressTests {
-    static func run(_ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false, seed: UInt64 = 11,
-                    outstanding: Int = 1) throws -> StressResult {
+    static func run(
+        _ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false, seed: UInt64 = 11,
+        outstanding: Int = 1
+    ) throws -> StressResult {
         var o = StressOptions()
         o.outstanding = outstanding
         o.seed = seed
@@ -36,7 +38,9 @@ import Testing
         #expect(r.faults > 1000 && r.invalidations > 100 && r.checks > 1000)
         #expect(r.stormOperations.count == 6, "every kind of storm operation ran: \(r.stormOperations)")
         // Dirty tracking is on by default: the log was read many times and lost nothing.
-        #expect(r.dirty != nil && r.dirty!.rounds > 20 && r.dirty!.written > 100 && r.dirty!.missed == 0, "\(String(describing: r.dirty))")
+        #expect(
+            r.dirty != nil && r.dirty!.rounds > 20 && r.dirty!.written > 100 && r.dirty!.missed == 0,
+            "\(String(describing: r.dirty))")
     }
 
     /// Devices with 8 groups in flight each: clean, and a skipped sync is still caught.
@@ -104,7 +108,9 @@ import Testing
             for seed in retrySeeds where kinds.isDisjoint(with: r.violationKinds.keys) {
                 r = try Self.run(InjectedBugs(name: name)!, seconds: seconds, external: true, seed: seed)
             }
-            #expect(!kinds.isDisjoint(with: r.violationKinds.keys), "\(name) with external devices was caught as \(r.violationKinds)")
+            #expect(
+                !kinds.isDisjoint(with: r.violationKinds.keys),
+                "\(name) with external devices was caught as \(r.violationKinds)")
         }
     }
 }

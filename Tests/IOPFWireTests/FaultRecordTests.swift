@@ -54,6 +54,8 @@ import Testing
         #expect(b == [9, 0, 0, 0, 1, 0, 0, 0])
         #expect(try b.withUnsafeBytes { try PageResponse(bytes: $0) } == PageResponse(cookie: 9, code: .invalid))
         b[4] = 2  // the removed FAILURE code
-        #expect(throws: FaultRecordError.unknownResponseCode(2)) { try b.withUnsafeBytes { try PageResponse(bytes: $0) } }
+        #expect(throws: FaultRecordError.unknownResponseCode(2)) {
+            try b.withUnsafeBytes { try PageResponse(bytes: $0) }
+        }
     }
 }

@@ -18,9 +18,10 @@ import Testing
         #expect(try roundTrip(reply) == reply)
         let attach = Attach(deviceID: 7, pasid: 3, credit: 64, wantsStream: true)
         #expect(try roundTrip(attach) == attach)
-        let attached = AttachReply(credit: 32, channel: .sharedRing, invalidateTimeoutMs: 1000, ringEntries: 256,
-                                   windows: [DMAWindow(iova: 1 << 44, size: 64 << 20, prot: 3)],
-                                   regions: [MemoryRegionInfo(phys: 1 << 30, size: 64 << 20)])
+        let attached = AttachReply(
+            credit: 32, channel: .sharedRing, invalidateTimeoutMs: 1000, ringEntries: 256,
+            windows: [DMAWindow(iova: 1 << 44, size: 64 << 20, prot: 3)],
+            regions: [MemoryRegionInfo(phys: 1 << 30, size: 64 << 20)])
         #expect(try roundTrip(attached) == attached)
         #expect(attached.fdCount == 1 + 3 + 1)
         #expect(try roundTrip(Translate(iova: 0x1000, pages: 512)) == Translate(iova: 0x1000, pages: 512))
@@ -31,10 +32,12 @@ import Testing
         #expect(try roundTrip(InvalidateAck(sequence: 12)) == InvalidateAck(sequence: 12))
         let named = Attach(deviceID: 2, credit: 8, addressSpaceName: "vm-1.a_b")
         #expect(try roundTrip(named) == named)
-        let host = HostDeclaration(name: "guest0", regions: [
-            HostRegionEntry(hostAddress: 0x7f00_0000_0000, size: 1 << 30, fdOffset: 0, fdIndex: 0),
-            HostRegionEntry(hostAddress: 0x7f10_0000_0000, size: 1 << 21, fdOffset: 1 << 21, fdIndex: 1),
-        ])
+        let host = HostDeclaration(
+            name: "guest0",
+            regions: [
+                HostRegionEntry(hostAddress: 0x7f00_0000_0000, size: 1 << 30, fdOffset: 0, fdIndex: 0),
+                HostRegionEntry(hostAddress: 0x7f10_0000_0000, size: 1 << 21, fdOffset: 1 << 21, fdIndex: 1),
+            ])
         #expect(try roundTrip(host) == host && host.memfdCount == 2)
         let map = DMAMapRequest(iova: 1 << 40, hostAddress: 0x7f00_0000_0000, size: 1 << 20, flags: DMAMapRequest.vaddr)
         #expect(try roundTrip(map) == map && map.updatesHostAddress)
@@ -57,54 +60,87 @@ import Testing
             m += Array(bad.utf8)
             m[4] = UInt8(m.count)
             #expect(error(Attach.self, m)?.kind == .badField, "name '\(bad)'")
-            #expect(error(HostDeclaration.self, HostDeclaration(name: bad, regions: [region]).message(id: 1))?.kind != nil)
+            #expect(
+                error(HostDeclaration.self, HostDeclaration(name: bad, regions: [region]).message(id: 1))?.kind != nil)
         }
         var unaligned = region
         unaligned.fdOffset = 100
-        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [unaligned]).message(id: 1)) == .unaligned(field: "HOST region 0 fd offset", value: 100))
+        #expect(
+            error(HostDeclaration.self, HostDeclaration(name: "h", regions: [unaligned]).message(id: 1))
+                == .unaligned(field: "HOST region 0 fd offset", value: 100))
         var huge = region
         huge.size = UInt64.max - 0xFFF
-        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [huge]).message(id: 1))?.kind == .badField)
+        #expect(
+            error(HostDeclaration.self, HostDeclaration(name: "h", regions: [huge]).message(id: 1))?.kind == .badField)
         var page = region
         page.pageSize = 3000
-        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [page]).message(id: 1))?.kind == .badField)
+        #expect(
+            error(HostDeclaration.self, HostDeclaration(name: "h", regions: [page]).message(id: 1))?.kind == .badField)
         let overlap = HostRegionEntry(hostAddress: 0x12000, size: 0x4000, fdOffset: 0x4000, fdIndex: 0)
-        #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: [region, overlap]).message(id: 1))?.description.contains("must not overlap") == true)
+        #expect(
+            error(HostDeclaration.self, HostDeclaration(name: "h", regions: [region, overlap]).message(id: 1))?
+                .description.contains("must not overlap") == true)
         #expect(error(HostDeclaration.self, HostDeclaration(name: "h", regions: []).message(id: 1))?.kind == .badField)
         var padded = HostDeclaration(name: "h", regions: [region]).message(id: 1)
         padded[16 + 16 + 3] = 1  // a non-zero byte in the name's padding
         #expect(error(HostDeclaration.self, padded) == .reservedNonZero(field: "HOST name padding"))
-        #expect(error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 8).message(id: 1))?.kind == .badField)
-        #expect(error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 5).message(id: 1))?.kind == .badField)
-        #expect(error(DMAUnmapRequest.self, Array(DMAUnmapRequest(iova: 0, size: 4096).message(id: 1).dropLast()))?.kind == .badSize)
+        #expect(
+            error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 8).message(id: 1))?.kind
+                == .badField)
+        #expect(
+            error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 5).message(id: 1))?.kind
+                == .badField)
+        #expect(
+            error(DMAUnmapRequest.self, Array(DMAUnmapRequest(iova: 0, size: 4096).message(id: 1).dropLast()))?.kind
+                == .badSize)
     }
 
     /// The worked example of the protocol document, byte for byte.
     @Test func theDocumentsWorkedExample() throws {
         let attach = Attach(deviceID: 7, pasid: nil, credit: 32, wantsStream: false).message(id: 2)
-        #expect(attach == [0x02, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                           0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00])
+        #expect(
+            attach == [
+                0x02, 0x00, 0x02, 0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x20, 0x00, 0x00, 0x00,
+            ])
         let hello = Hello(minor: 0).message(id: 1)
-        #expect(hello == [0x01, 0x00, 0x01, 0x00, 0x1C, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                          0x01, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
+        #expect(
+            hello == [
+                0x01, 0x00, 0x01, 0x00, 0x1C, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x01, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            ])
         let invalidate = Invalidate(sequence: 5, pasid: nil, ranges: [(0x1_0000_0000, 0x1_0000_0FFF)]).message(id: 5)
-        #expect(invalidate == [0x05, 0x00, 0x05, 0x00, 0x38, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                               0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                               0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                               0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0xFF, 0x0F, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00])
-        let host = HostDeclaration(name: "vm1", regions: [HostRegionEntry(hostAddress: 0x7f00_0000_0000, size: 64 << 20, fdOffset: 0, fdIndex: 0)])
-        #expect(host.message(id: 2) == [0x02, 0x00, 0x06, 0x00, 0x48, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                                        0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                                        0x76, 0x6D, 0x31, 0x00, 0x00, 0x00, 0x00, 0x00,
-                                        0x00, 0x00, 0x00, 0x00, 0x00, 0x7F, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00,
-                                        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
+        #expect(
+            invalidate == [
+                0x05, 0x00, 0x05, 0x00, 0x38, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0xFF, 0x0F, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
+            ])
+        let host = HostDeclaration(
+            name: "vm1",
+            regions: [HostRegionEntry(hostAddress: 0x7f00_0000_0000, size: 64 << 20, fdOffset: 0, fdIndex: 0)])
+        #expect(
+            host.message(id: 2) == [
+                0x02, 0x00, 0x06, 0x00, 0x48, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x01, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x76, 0x6D, 0x31, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x00, 0x00, 0x00, 0x00, 0x00, 0x7F, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00,
+                0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            ])
         let map = DMAMapRequest(iova: 1 << 40, hostAddress: 0x7f00_0000_0000, size: 16 << 20, flags: 3).message(id: 3)
-        #expect(map == [0x03, 0x00, 0x07, 0x00, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                        0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x7F, 0x00, 0x00,
-                        0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
+        #expect(
+            map == [
+                0x03, 0x00, 0x07, 0x00, 0x30, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x7F, 0x00, 0x00,
+                0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            ])
         let ack = InvalidateAck(sequence: 5).message(id: 5, flags: .reply)
-        #expect(ack == [0x05, 0x00, 0x05, 0x00, 0x18, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-                        0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00])
+        #expect(
+            ack == [
+                0x05, 0x00, 0x05, 0x00, 0x18, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x05, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+            ])
     }
 
     func headerError(_ bytes: [UInt8]) -> WireError? {
@@ -126,7 +162,9 @@ import Testing
         m[2] = 99
         #expect(headerError(m) == .unknownCommand(99))
         #expect(headerError(m)?.kind == .unknownCommand)
-        #expect(headerError([UInt8](repeating: 0, count: WireLimits.maxMessageBytes + 1)) == .tooLarge(WireLimits.maxMessageBytes + 1))
+        #expect(
+            headerError([UInt8](repeating: 0, count: WireLimits.maxMessageBytes + 1))
+                == .tooLarge(WireLimits.maxMessageBytes + 1))
     }
 
     func payloadError<P: WirePayload>(_: P.Type, _ payload: [UInt8]) -> WireError? {
@@ -140,13 +178,21 @@ import Testing
         #expect(payloadError(Hello.self, [UInt8](repeating: 0, count: 11))?.kind == .badSize)
         #expect(payloadError(Hello.self, [1, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0])?.kind == .badField)  // role 9
         var attach = Attach(deviceID: 1, credit: 0).message(id: 1)
-        #expect(payloadError(Attach.self, Array(attach[16...])) == .outOfRange(field: "ATTACH.credit", value: 0, allowed: "1...256"))
+        #expect(
+            payloadError(Attach.self, Array(attach[16...]))
+                == .outOfRange(field: "ATTACH.credit", value: 0, allowed: "1...256"))
         attach = Attach(deviceID: 1, credit: 4).message(id: 1)
         attach[16 + 8] = 5  // a PASID without PASID_VALID
         #expect(payloadError(Attach.self, Array(attach[16...]))?.kind == .badField)
-        #expect(payloadError(Translate.self, Array(Translate(iova: 0x1001, pages: 1).message(id: 1)[16...]))?.kind == .badField)
-        #expect(payloadError(Translate.self, Array(Translate(iova: 0x1000, pages: 513).message(id: 1)[16...]))?.kind == .badField)
-        #expect(payloadError(Translate.self, Array(Translate(iova: UInt64.max & ~0xFFF, pages: 2).message(id: 1)[16...])) != nil)
+        #expect(
+            payloadError(Translate.self, Array(Translate(iova: 0x1001, pages: 1).message(id: 1)[16...]))?.kind
+                == .badField)
+        #expect(
+            payloadError(Translate.self, Array(Translate(iova: 0x1000, pages: 513).message(id: 1)[16...]))?.kind
+                == .badField)
+        #expect(
+            payloadError(Translate.self, Array(Translate(iova: UInt64.max & ~0xFFF, pages: 2).message(id: 1)[16...]))
+                != nil)
         // A count that claims more ranges than the payload holds.
         var inv = Array(Invalidate(sequence: 1, pasid: nil, ranges: [(0, 0xfff)]).message(id: 1)[16...])
         inv[16] = 2
@@ -157,8 +203,11 @@ import Testing
         #expect(payloadError(Invalidate.self, backwards)?.kind == .badField)
         var reply = Array(TranslateReply(sequence: 1, entries: [0x1004]).message(id: 1)[16...])
         #expect(payloadError(TranslateReply.self, reply)?.kind == .badField)  // bit 2 set
-        reply = Array(AttachReply(credit: 1, channel: .stream, invalidateTimeoutMs: 1, ringEntries: 0, windows: [],
-                                  regions: [MemoryRegionInfo(phys: 0x1000, size: 0x1000)]).message(id: 1)[16...])
+        reply = Array(
+            AttachReply(
+                credit: 1, channel: .stream, invalidateTimeoutMs: 1, ringEntries: 0, windows: [],
+                regions: [MemoryRegionInfo(phys: 0x1000, size: 0x1000)]
+            ).message(id: 1)[16...])
         reply.removeLast()
         #expect(payloadError(AttachReply.self, reply)?.kind == .badSize)
     }

@@ -51,7 +51,13 @@ struct Microbench: ParsableCommand {
     @Option(help: ArgumentHelp("Also write the results as JSON to FILE (a baseline for --compare).", valueName: "FILE"))
     var save: String?
 
-    @Option(help: ArgumentHelp("Compare with a baseline written by --save: each result's time per unit against the baseline's, and its mallocs; exit 1 when one is slower than --tolerance allows or allocates more.", valueName: "FILE"))
+    @Option(
+        help: ArgumentHelp(
+            """
+            Compare with a baseline written by --save: each result's time per unit against the baseline's, and its \
+            mallocs; exit 1 when one is slower than --tolerance allows or allocates more.
+            """,
+            valueName: "FILE"))
     var compare: String?
 
     @Option(help: "With --compare: the slow-down accepted as noise, as a fraction (0.2: 20% slower).")
@@ -81,8 +87,10 @@ struct Microbench: ParsableCommand {
             print("iopf micro-benchmarks (median of \(`repeat`), sync cost \(syncCostNs) ns)")
             print(pad("name", 44) + pad("total", 12) + pad("per unit", 14) + pad("syncs", 9) + "mallocs")
             for r in results {
-                print(pad(r.name, 44) + pad(format(r.seconds), 12) + pad(String(format: "%.1f ns/\(r.unit)", r.nsPerUnit), 14)
-                    + pad(r.syncs.map(String.init) ?? "-", 9) + String(r.mallocs))
+                print(
+                    pad(r.name, 44) + pad(format(r.seconds), 12)
+                        + pad(String(format: "%.1f ns/\(r.unit)", r.nsPerUnit), 14)
+                        + pad(r.syncs.map(String.init) ?? "-", 9) + String(r.mallocs))
             }
         }
     }
@@ -105,7 +113,8 @@ struct Microbench: ParsableCommand {
             throw ValidationError("--compare: \(path) is not a baseline written by --save (\(error))")
         }
         if baseline.syncCostNs != syncCostNs {
-            print("note: the baseline was taken with --sync-cost-ns \(baseline.syncCostNs), this run with \(syncCostNs)")
+            print(
+                "note: the baseline was taken with --sync-cost-ns \(baseline.syncCostNs), this run with \(syncCostNs)")
         }
         let before = Dictionary(baseline.results.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         print("iopf micro-benchmarks against \(path) (median of \(`repeat`), tolerance \(Int(tolerance * 100))%)")
@@ -113,15 +122,19 @@ struct Microbench: ParsableCommand {
         var worse: [String] = []
         for r in results {
             guard let b = before[r.name] else {
-                print(pad(r.name, 44) + pad("-", 14) + pad(String(format: "%.1f ns", r.nsPerUnit), 14) + pad("-", 8) + "new")
+                print(
+                    pad(r.name, 44) + pad("-", 14) + pad(String(format: "%.1f ns", r.nsPerUnit), 14) + pad("-", 8)
+                        + "new")
                 continue
             }
             let ratio = r.nsPerUnit / max(b.nsPerUnit, 1e-9)
             var verdict = ratio > 1 + tolerance ? "SLOWER" : ratio < 1 / (1 + tolerance) ? "faster" : "same"
             if r.mallocs > b.mallocs { verdict += ", mallocs \(b.mallocs) -> \(r.mallocs)" }
             if ratio > 1 + tolerance || r.mallocs > b.mallocs { worse.append(r.name) }
-            print(pad(r.name, 44) + pad(String(format: "%.2f ns", b.nsPerUnit), 14) + pad(String(format: "%.2f ns", r.nsPerUnit), 14)
-                + pad(String(format: "%.2f", ratio), 8) + verdict)
+            print(
+                pad(r.name, 44) + pad(String(format: "%.2f ns", b.nsPerUnit), 14)
+                    + pad(String(format: "%.2f ns", r.nsPerUnit), 14)
+                    + pad(String(format: "%.2f", ratio), 8) + verdict)
         }
         for name in before.keys.sorted() where !results.contains(where: { $0.name == name }) {
             print(pad(name, 44) + "not run")
@@ -165,8 +178,11 @@ struct Microbench: ParsableCommand {
             }
         }
         precondition(runs > 0, "the bitmap scan found no runs")
-        return [Result(name: "bitmap-scan 1 GiB, runs of 1-64 pages", seconds: seconds, unit: "page", units: pages,
-                       nsPerUnit: seconds * 1e9 / Double(pages), syncs: nil, mallocs: mallocs)]
+        return [
+            Result(
+                name: "bitmap-scan 1 GiB, runs of 1-64 pages", seconds: seconds, unit: "page", units: pages,
+                nsPerUnit: seconds * 1e9 / Double(pages), syncs: nil, mallocs: mallocs)
+        ]
     }
 
     func fault() throws -> [Result] {
@@ -176,7 +192,9 @@ struct Microbench: ParsableCommand {
         _ = try engine.createDomain(invalidator: SpinInvalidator(costNs: syncCostNs))
         try engine.map(iova: 0, vaddr: host, size: UInt64(pages) << 12, prot: .readWrite)
         let handler = engine.makeFaultHandler()
-        var group = [PageRequest(flags: .lastPage, deviceID: 1, groupIndex: 0, perm: [.read, .write], addr: 0, cookie: 1)]
+        var group = [
+            PageRequest(flags: .lastPage, deviceID: 1, groupIndex: 0, perm: [.read, .write], addr: 0, cookie: 1)
+        ]
         var failures = 0
         func faultAll() {
             for p in 0..<pages {
@@ -194,8 +212,11 @@ struct Microbench: ParsableCommand {
         }
         precondition(failures == 0, "\(failures) faults were not answered SUCCESS")
         let (seconds, mallocs) = median(samples)
-        return [Result(name: "fault (resident page, 1-page group)", seconds: seconds, unit: "fault", units: pages,
-                       nsPerUnit: seconds * 1e9 / Double(pages), syncs: nil, mallocs: mallocs)]
+        return [
+            Result(
+                name: "fault (resident page, 1-page group)", seconds: seconds, unit: "fault", units: pages,
+                nsPerUnit: seconds * 1e9 / Double(pages), syncs: nil, mallocs: mallocs)
+        ]
     }
 
     func faults() throws -> [Result] {
@@ -214,14 +235,16 @@ struct Microbench: ParsableCommand {
                 }
                 rows.append((row, MallocInterposerSwift.getStatistics().mallocCount / max(row.faults, 1)))
             }
-            let key: (FaultsRow) -> Double = outstanding == 1
+            let key: (FaultsRow) -> Double =
+                outstanding == 1
                 ? { Double($0.faultLatencyNs.p50) } : { 1e9 / $0.faultsPerSecond }
             let median = rows.sorted { key($0.row) < key($1.row) }[rows.count / 2]
-            results.append(Result(
-                name: outstanding == 1
-                    ? "faults, 1 in flight: p50 round trip" : "faults, \(outstanding) in flight: time per fault",
-                seconds: median.row.seconds, unit: "fault", units: median.row.faults, nsPerUnit: key(median.row),
-                syncs: nil, mallocs: median.mallocs))
+            results.append(
+                Result(
+                    name: outstanding == 1
+                        ? "faults, 1 in flight: p50 round trip" : "faults, \(outstanding) in flight: time per fault",
+                    seconds: median.row.seconds, unit: "fault", units: median.row.faults, nsPerUnit: key(median.row),
+                    syncs: nil, mallocs: median.mallocs))
         }
         return results
     }
@@ -234,7 +257,9 @@ struct Microbench: ParsableCommand {
         for dense in [true, false] {
             let policies: [GatherPolicy?] = [.linux, .defaultRangeList, nil]  // nil: page by page
             for policy in policies {
-                let engine = FaultEngine(memory: SimulatedHostMemory(), configuration: configuration(pageSizes: [.size4K], policy: policy ?? .linux))
+                let engine = FaultEngine(
+                    memory: SimulatedHostMemory(),
+                    configuration: configuration(pageSizes: [.size4K], policy: policy ?? .linux))
                 _ = try engine.createDomain(invalidator: SpinInvalidator(costNs: syncCostNs))
                 try engine.map(iova: 0, vaddr: host, size: size, prot: .readWrite)
                 var samples: [(Double, Int)] = []
@@ -243,44 +268,59 @@ struct Microbench: ParsableCommand {
                     if dense {
                         try engine.premap(iova: 0, size: size, write: true)
                     } else {
-                        for p in stride(from: 0, to: pages, by: 2) { try engine.premap(iova: UInt64(p) << 12, size: 4096, write: true) }
+                        for p in stride(from: 0, to: pages, by: 2) {
+                            try engine.premap(iova: UInt64(p) << 12, size: 4096, write: true)
+                        }
                     }
                     let before = engine.statistics.iotlbSyncs
-                    samples.append(try measure(once: true) {
-                        if policy == nil {
-                            for p in 0..<pages { _ = try engine.invalidate(hostAddress: host + UInt64(p) << 12, length: 4096) }
-                        } else {
-                            _ = try engine.invalidate(hostAddress: host, length: size)
-                        }
-                    })
+                    samples.append(
+                        try measure(once: true) {
+                            if policy == nil {
+                                for p in 0..<pages {
+                                    _ = try engine.invalidate(hostAddress: host + UInt64(p) << 12, length: 4096)
+                                }
+                            } else {
+                                _ = try engine.invalidate(hostAddress: host, length: size)
+                            }
+                        })
                     syncs = engine.statistics.iotlbSyncs - before
                     precondition(engine.mappedPageCount == 0, "pages left mapped after invalidating everything")
                     if run == 0 { samples.removeAll() }
                 }
                 let (seconds, mallocs) = median(samples)
                 let label = policy.map { "one invalidation, \($0)" } ?? "page by page, sync each"
-                results.append(Result(name: "invalidate 1 GiB \(dense ? "dense" : "sparse"): \(label)", seconds: seconds,
-                                      unit: "page", units: pages, nsPerUnit: seconds * 1e9 / Double(pages), syncs: syncs, mallocs: mallocs))
+                results.append(
+                    Result(
+                        name: "invalidate 1 GiB \(dense ? "dense" : "sparse"): \(label)", seconds: seconds,
+                        unit: "page", units: pages, nsPerUnit: seconds * 1e9 / Double(pages), syncs: syncs,
+                        mallocs: mallocs))
             }
         }
         for blocks in [false, true] {
-            let engine = FaultEngine(memory: SimulatedHostMemory(),
-                                     configuration: configuration(pageSizes: blocks ? [.size4K, .size2M] : [.size4K]))
+            let engine = FaultEngine(
+                memory: SimulatedHostMemory(),
+                configuration: configuration(pageSizes: blocks ? [.size4K, .size2M] : [.size4K]))
             _ = try engine.createDomain(invalidator: SpinInvalidator(costNs: syncCostNs))
             try engine.map(iova: 0, vaddr: host, size: size, prot: .readWrite)
             let count = pages / 512
             var samples: [(Double, Int)] = []
             for run in 0...`repeat` {
                 try engine.premap(iova: 0, size: size, write: true)
-                samples.append(try measure(once: true) {
-                    for b in 0..<count { _ = try engine.invalidate(hostAddress: host + UInt64(b) << 21 + 5 << 12, length: 4096) }
-                })
+                samples.append(
+                    try measure(once: true) {
+                        for b in 0..<count {
+                            _ = try engine.invalidate(hostAddress: host + UInt64(b) << 21 + 5 << 12, length: 4096)
+                        }
+                    })
                 if run == 0 { samples.removeAll() }
                 _ = try engine.invalidate(hostAddress: host, length: size)
             }
             let (seconds, mallocs) = median(samples)
-            results.append(Result(name: "invalidate 4 KiB inside \(blocks ? "a 2 MiB block" : "4 KiB pages")", seconds: seconds,
-                                  unit: "call", units: count, nsPerUnit: seconds * 1e9 / Double(count), syncs: count, mallocs: mallocs))
+            results.append(
+                Result(
+                    name: "invalidate 4 KiB inside \(blocks ? "a 2 MiB block" : "4 KiB pages")", seconds: seconds,
+                    unit: "call", units: count, nsPerUnit: seconds * 1e9 / Double(count), syncs: count, mallocs: mallocs
+                ))
         }
         return results
     }
@@ -304,8 +344,11 @@ struct Microbench: ParsableCommand {
             try body()
             let elapsed = ContinuousClock.now - start
             MallocInterposerSwift.unhook()
-            samples.append((Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18,
-                            MallocInterposerSwift.getStatistics().mallocCount))
+            samples.append(
+                (
+                    Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18,
+                    MallocInterposerSwift.getStatistics().mallocCount
+                ))
         }
         return median(samples)
     }
@@ -316,10 +359,14 @@ struct Microbench: ParsableCommand {
     }
 
     func format(_ seconds: Double) -> String {
-        seconds >= 1 ? String(format: "%.2f s", seconds) : seconds >= 1e-3 ? String(format: "%.2f ms", seconds * 1e3) : String(format: "%.1f µs", seconds * 1e6)
+        seconds >= 1
+            ? String(format: "%.2f s", seconds)
+            : seconds >= 1e-3 ? String(format: "%.2f ms", seconds * 1e3) : String(format: "%.1f µs", seconds * 1e6)
     }
 
-    func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
+    func pad(_ s: String, _ width: Int) -> String {
+        s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count)
+    }
 }
 
 /// SplitMix64: a fixed sequence per seed.

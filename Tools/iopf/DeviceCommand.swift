@@ -20,7 +20,10 @@ struct Device: ParsableCommand {
     @Option(help: "The service's socket (iopf serve --listen PATH).")
     var connect: String
 
-    @Option(help: "Attach to the address space of the host with this name (iopf host --name) instead of the service's memory.")
+    @Option(
+        help:
+            "Attach to the address space of the host with this name (iopf host --name) instead of the service's memory."
+    )
     var addressSpace: String?
 
     @Option(help: "Device id (unique among the devices of one address space).")
@@ -60,17 +63,28 @@ struct Device: ParsableCommand {
 
     func validate() throws {
         guard Workload(rawValue: workload) != nil else {
-            throw ValidationError("--workload '\(workload)' is not one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
+            throw ValidationError(
+                "--workload '\(workload)' is not one of \(Workload.allCases.map(\.rawValue).joined(separator: ", "))")
         }
-        guard channel == "shared" || channel == "stream" else { throw ValidationError("--channel must be shared or stream, got '\(channel)'") }
-        guard duration >= 0 && duration <= 86_400 else { throw ValidationError("--duration must be in [0, 86400] seconds, got \(duration)") }
+        guard channel == "shared" || channel == "stream" else {
+            throw ValidationError("--channel must be shared or stream, got '\(channel)'")
+        }
+        guard duration >= 0 && duration <= 86_400 else {
+            throw ValidationError("--duration must be in [0, 86400] seconds, got \(duration)")
+        }
         guard pasid.map({ $0 < 1 << 20 }) ?? true else { throw ValidationError("--pasid must be below 2^20") }
-        guard spinMicroseconds >= 0 && spinMicroseconds <= 1_000_000 else { throw ValidationError("--spin-microseconds must be in [0, 1000000]") }
+        guard spinMicroseconds >= 0 && spinMicroseconds <= 1_000_000 else {
+            throw ValidationError("--spin-microseconds must be in [0, 1000000]")
+        }
         if let addressSpace, !AddressSpaceName.isValid(addressSpace) {
             throw ValidationError("--address-space must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(addressSpace)'")
         }
-        guard (1...64).contains(outstanding) else { throw ValidationError("--outstanding must be 1...64, got \(outstanding)") }
-        guard (1...64).contains(burst), (1...4096).contains(iotlbEntries) else { throw ValidationError("--burst 1...64, --iotlb-entries 1...4096") }
+        guard (1...64).contains(outstanding) else {
+            throw ValidationError("--outstanding must be 1...64, got \(outstanding)")
+        }
+        guard (1...64).contains(burst), (1...4096).contains(iotlbEntries) else {
+            throw ValidationError("--burst 1...64, --iotlb-entries 1...4096")
+        }
     }
 
     func run() throws {
@@ -99,15 +113,42 @@ struct Device: ParsableCommand {
         if json {
             try Output.printJSON(r)
         } else {
-            print("iopf device \(r.deviceID) (\(r.channel) channel, \(r.windowBytes >> 20) MiB window): \(String(format: "%.2f", r.elapsedSeconds)) s, attached in \(String(format: "%.0f", r.attachMicroseconds)) µs")
-            print("  DMA operations \(r.dmaOps) (\(r.dmaErrors) errors), faults \(r.faults) in \(r.groups) groups, \(r.translations) translations")
-            print("  fault latency p50 \(r.faultLatencyNs.p50 / 1000) µs, p99 \(r.faultLatencyNs.p99 / 1000) µs; invalidations acknowledged \(r.invalidationsAcked)")
-            print("  integrity errors \(r.integrityErrors)\(r.disconnected ? "; the service disconnected this device" : "")")
+            print(
+                """
+                iopf device \(r.deviceID) (\(r.channel) channel, \(r.windowBytes >> 20) MiB window): \
+                \(String(format: "%.2f", r.elapsedSeconds)) s, attached in \
+                \(String(format: "%.0f", r.attachMicroseconds)) µs
+                """
+            )
+            print(
+                """
+                  DMA operations \(r.dmaOps) (\(r.dmaErrors) errors), faults \(r.faults) in \(r.groups) groups, \
+                \(r.translations) translations
+                """
+            )
+            print(
+                """
+                  fault latency p50 \(r.faultLatencyNs.p50 / 1000) µs, p99 \(r.faultLatencyNs.p99 / 1000) µs; \
+                invalidations acknowledged \(r.invalidationsAcked)
+                """
+            )
+            print(
+                """
+                  integrity errors \
+                \(r.integrityErrors)\(r.disconnected ? "; the service disconnected this device" : "")
+                """
+            )
             for p in r.problems { print("  ! \(p)") }
         }
         if r.integrityErrors > 0 { throw ExitCode(1) }
         if r.disconnected {
-            FileHandle.standardError.write(Data("iopf device: the service disconnected device \(r.deviceID): \(r.detachReason ?? r.problems.last ?? "connection closed")\n".utf8))
+            FileHandle.standardError.write(
+                Data(
+                    """
+                    iopf device: the service disconnected device \(r.deviceID): \
+                    \(r.detachReason ?? r.problems.last ?? "connection closed")\n
+                    """
+                    .utf8))
             throw ExitCode(3)
         }
     }

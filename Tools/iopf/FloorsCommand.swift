@@ -20,8 +20,11 @@ struct FloorsCommand: ParsableCommand {
         if json {
             try Output.printJSON(f)
         } else {
-            print(String(format: "userfaultfd fault round trip   %8.0f ns (handler sleeping in read)", f.uffdRoundTripNs))
-            print(String(format: "userfaultfd fault round trip   %8.0f ns (handler busy-polling)", f.uffdRoundTripPolledNs))
+            print(
+                String(format: "userfaultfd fault round trip   %8.0f ns (handler sleeping in read)", f.uffdRoundTripNs))
+            print(
+                String(
+                    format: "userfaultfd fault round trip   %8.0f ns (handler busy-polling)", f.uffdRoundTripPolledNs))
             print(String(format: "MADV_POPULATE_WRITE per page   %8.0f ns", f.populateNsPerPage))
             print(String(format: "mlock of fresh memory          %8.3f s/GiB", f.mlockSecondsPerGiB))
         }

@@ -41,8 +41,10 @@ struct Host: ParsableCommand {
     @Option(help: "Seed for the changes.")
     var seed: UInt64 = 1
 
-    @Option(name: .customLong("allow-uid"),
-            help: ArgumentHelp("A uid, besides this process's own, whose devices may attach to this address space "
+    @Option(
+        name: .customLong("allow-uid"),
+        help: ArgumentHelp(
+            "A uid, besides this process's own, whose devices may attach to this address space "
                 + "(repeatable, up to 16).", valueName: "uid"))
     var allowedUIDs: [UInt32] = []
 
@@ -50,14 +52,22 @@ struct Host: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard AddressSpaceName.isValid(name) else { throw ValidationError("--name must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(name)'") }
-        guard let bytes = parseSize(memory), bytes > 0 else { throw ValidationError("--memory '\(memory)' is not a size like 64M") }
+        guard AddressSpaceName.isValid(name) else {
+            throw ValidationError("--name must be 1-64 characters of A-Z a-z 0-9 . _ -, got '\(name)'")
+        }
+        guard let bytes = parseSize(memory), bytes > 0 else {
+            throw ValidationError("--memory '\(memory)' is not a size like 64M")
+        }
         guard (1...64).contains(mappings) else { throw ValidationError("--mappings must be 1...64, got \(mappings)") }
-        guard bytes % (UInt64(mappings) << 12) == 0 else { throw ValidationError("--memory must be a multiple of --mappings × 4 KiB") }
+        guard bytes % (UInt64(mappings) << 12) == 0 else {
+            throw ValidationError("--memory must be a multiple of --mappings × 4 KiB")
+        }
         guard allowedUIDs.count <= HostDeclaration.maxAllowedUIDs else {
             throw ValidationError("--allow-uid at most \(HostDeclaration.maxAllowedUIDs) times")
         }
-        guard churn >= 0, seconds >= 0 && seconds <= 86_400 else { throw ValidationError("--churn and --seconds must not be negative") }
+        guard churn >= 0, seconds >= 0 && seconds <= 86_400 else {
+            throw ValidationError("--churn and --seconds must not be negative")
+        }
     }
 
     func run() throws {
@@ -80,9 +90,21 @@ struct Host: ParsableCommand {
             try Output.printJSON(r)
         } else {
             let l = r.invalidationLatencyNs
-            print("iopf host '\(r.name)': \(r.memoryBytes >> 20) MiB in \(r.mappings) mappings, \(String(format: "%.2f", r.elapsedSeconds)) s")
-            print("  host changes \(r.hostChanges) \(r.changesByKind.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }.joined(separator: ", ")); address updates \(r.addressUpdates)")
-            print("  change to last device acknowledgement: p50 \(l.p50 / 1000) µs, p99 \(l.p99 / 1000) µs, max \(l.max / 1000) µs")
+            print(
+                """
+                iopf host '\(r.name)': \(r.memoryBytes >> 20) MiB in \(r.mappings) mappings, \
+                \(String(format: "%.2f", r.elapsedSeconds)) s
+                """
+            )
+            let kinds = r.changesByKind.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }
+            print(
+                "  host changes \(r.hostChanges) \(kinds.joined(separator: ", ")); address updates \(r.addressUpdates)")
+            print(
+                """
+                  change to last device acknowledgement: p50 \(l.p50 / 1000) µs, p99 \(l.p99 / 1000) µs, max \
+                \(l.max / 1000) µs
+                """
+            )
             for p in r.problems { print("  ! \(p)") }
         }
     }

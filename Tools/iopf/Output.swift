@@ -50,8 +50,9 @@ struct JSONLinesLogHandler: LogHandler {
 
     func log(event: LogEvent) {
         let all = metadata.merging(event.metadata ?? [:]) { $1 }
-        let entry = Line(time: ISO8601DateFormatter().string(from: Date()), level: event.level.rawValue, label: label,
-                         message: event.message.description, metadata: all.isEmpty ? nil : all.mapValues { "\($0)" })
+        let entry = Line(
+            time: ISO8601DateFormatter().string(from: Date()), level: event.level.rawValue, label: label,
+            message: event.message.description, metadata: all.isEmpty ? nil : all.mapValues { "\($0)" })
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         guard let data = try? encoder.encode(entry) else { return }
