@@ -17,8 +17,19 @@ if out.returncode != 0:
 folder = [l.split("Files written to ", 1)[1].strip() for l in out.stdout.splitlines() if "Files written to" in l][0]
 missing, total = {}, {}
 seen = set()
-for path in sorted(glob.glob(os.path.join(folder, "*.symbols.json"))):
-    graph = json.load(open(path))
+graphs = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(folder, "*.symbols.json")))]
+documented = {s["identifier"]["precise"] for g in graphs for s in g.get("symbols", []) if s.get("docComment")}
+# A member that implements a protocol requirement shows the requirement's documentation
+# (DocC's inherited docs): it counts as documented when the requirement is, or when the
+# protocol is another package's (Codable, CustomStringConvertible, Error...).
+ours = {s["identifier"]["precise"] for g in graphs for s in g.get("symbols", [])}
+inherits = set()
+for g in graphs:
+    for r in g.get("relationships", []):
+        origin = r.get("sourceOrigin", {}).get("identifier")
+        if origin and (origin in documented or origin not in ours):
+            inherits.add(r["source"])
+for graph in graphs:
     for s in graph.get("symbols", []):
         loc = s.get("location", {}).get("uri", "")
         if "/Sources/" not in loc or s.get("accessLevel") not in ("public", "open"):
@@ -29,7 +40,7 @@ for path in sorted(glob.glob(os.path.join(folder, "*.symbols.json"))):
         seen.add(key)
         module = loc.split("/Sources/", 1)[1].split("/", 1)[0]
         total[module] = total.get(module, 0) + 1
-        if not s.get("docComment"):
+        if not s.get("docComment") and key not in inherits:
             line = s["location"]["position"]["line"] + 1
             name = ".".join(s.get("pathComponents", [s["names"]["title"]]))
             missing.setdefault(module, []).append(f"{loc.split('/Sources/', 1)[1]}:{line}: {name}")

@@ -12,10 +12,14 @@
 
 /// The page sizes an I/O page table can map: 4 KiB leaves and 2 MiB / 1 GiB blocks.
 public enum PageSize: UInt64, Sendable, CaseIterable, CustomStringConvertible {
+    /// A 4 KiB page: the I/O page table's smallest leaf.
     case size4K = 0x1000
+    /// A 2 MiB block: a level-2 leaf.
     case size2M = 0x20_0000
+    /// A 1 GiB block: a level-3 leaf.
     case size1G = 0x4000_0000
 
+    /// The size in bytes.
     public var bytes: UInt64 { rawValue }
     public var description: String {
         switch self {
@@ -26,7 +30,9 @@ public enum PageSize: UInt64, Sendable, CaseIterable, CustomStringConvertible {
     }
 }
 
+/// log2 of the base page size: IOVAs and host addresses are shifted by it to page numbers.
 public let pageShift: UInt64 = 12
+/// The base page size, 4 KiB.
 public let pageBytes: UInt64 = 1 << pageShift
 let pageMask: UInt64 = pageBytes - 1
 /// A 2 MiB block: the huge page a fault may map with one entry.
@@ -41,8 +47,11 @@ public struct Protection: OptionSet, Sendable, Hashable, CustomStringConvertible
     public let rawValue: UInt8
     public init(rawValue: UInt8) { self.rawValue = rawValue }
 
+    /// The device may read.
     public static let read = Protection(rawValue: 1 << 0)
+    /// The device may write.
     public static let write = Protection(rawValue: 1 << 1)
+    /// The device may read and write.
     public static let readWrite: Protection = [.read, .write]
 
     public var description: String {
@@ -52,9 +61,12 @@ public struct Protection: OptionSet, Sendable, Hashable, CustomStringConvertible
 
 /// An inclusive IOVA range `[start, last]`, the shape the IOTLB gather works in.
 public struct IOVARange: Sendable, Hashable, CustomStringConvertible {
+    /// The first IOVA of the range.
     public var start: UInt64
+    /// The last IOVA of the range (inclusive, so a range can end at the top of the space).
     public var last: UInt64
 
+    /// The range `[start, last]`; `last` must not be below `start`.
     public init(start: UInt64, last: UInt64) {
         precondition(start <= last, "IOVARange start \(start) is above last \(last)")
         self.start = start
@@ -67,6 +79,7 @@ public struct IOVARange: Sendable, Hashable, CustomStringConvertible {
     /// 4 KiB pages the range touches, partial ones included.
     public var pagesTouched: Int { Int(last >> 12 - start >> 12) + 1 }
 
+    /// Whether the two ranges share at least one IOVA.
     public func overlaps(_ other: IOVARange) -> Bool { start <= other.last && other.start <= last }
 
     /// Overlapping or directly adjacent, so that one range can cover both.
@@ -99,6 +112,8 @@ func byteCount(_ bytes: UInt64) -> String {
 extension Duration {
     /// Whole nanoseconds (durations here are far below 292 years).
     public var nanoseconds: Int64 { components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000 }
+    /// The duration in whole milliseconds, rounded down.
     public var milliseconds: Int64 { nanoseconds / 1_000_000 }
+    /// The duration in seconds, with its fraction.
     public var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

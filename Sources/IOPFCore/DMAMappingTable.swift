@@ -8,16 +8,22 @@
 // their sizes: a host with 65535 mappings pays per event, unmap and teardown about what a
 // host with a few pays.
 
+/// Names one DMA mapping for as long as it exists; never reused within an engine.
 public struct MappingID: Hashable, Sendable, CustomStringConvertible {
+    /// The number behind the identifier.
     public let rawValue: UInt64
     public var description: String { "mapping#\(rawValue)" }
 }
 
 /// One DMA mapping. Mutable state is changed only under the engine's update lock.
 public final class DMAMapping: @unchecked Sendable {
+    /// The mapping's identifier.
     public let id: MappingID
+    /// The first IOVA the mapping covers.
     public let iova: UInt64
+    /// The mapping's size in bytes, a multiple of the page size.
     public let size: UInt64
+    /// What devices may do through the mapping.
     public let prot: Protection
     /// Host virtual address of the first byte.
     @exclusivity(unchecked) public internal(set) var vaddr: UInt64
@@ -53,26 +59,41 @@ public final class DMAMapping: @unchecked Sendable {
         iopfMapped = PageBitmap(count: Int(size >> pageShift))
     }
 
+    /// The number of pages the mapping covers (one bit each in its bitmap).
     public var pageCount: Int { iopfMapped.count }
+    /// The last IOVA the mapping covers (inclusive).
     public var iovaLast: UInt64 { iova + size - 1 }
+    /// The host address just past the mapping's memory.
     public var vaddrEnd: UInt64 { vaddr + size }
 
+    /// Whether `address` lies inside the mapping's IOVA range.
     @inline(__always) public func contains(iova address: UInt64) -> Bool { address >= iova && address <= iovaLast }
     @inline(__always) func pageIndex(iova address: UInt64) -> Int { Int((address - iova) >> pageShift) }
     @inline(__always) func iova(page: Int) -> UInt64 { iova + UInt64(page) << pageShift }
     @inline(__always) func hostAddress(page: Int) -> UInt64 { vaddr + UInt64(page) << pageShift }
 }
 
+/// Why a map or unmap request was refused, as VFIO type1 refuses it.
 public enum DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The request has size zero.
     case zeroSize(iova: UInt64)
+    /// An address or size is not page aligned.
     case unaligned(what: String, value: UInt64)
+    /// The range wraps around the end of the address space.
     case overflow(what: String, start: UInt64, size: UInt64)
+    /// The range lies outside the I/O page table's IOVA space.
     case outOfIOVASpace(iova: UInt64, size: UInt64)
+    /// The mapping grants neither read nor write.
     case noPermission(iova: UInt64)
+    /// The range overlaps an existing mapping.
     case overlap(iova: UInt64, size: UInt64, existing: MappingID, existingIOVA: UInt64, existingSize: UInt64)
+    /// The table holds as many mappings as it may (VFIO's `dma_entry_limit`).
     case entryLimit(limit: Int)
+    /// An unmap that would cut a mapping in two: mappings are removed whole.
     case partialUnmap(iova: UInt64, size: UInt64, mapping: MappingID, mappingIOVA: UInt64, mappingSize: UInt64)
+    /// No mapping lies in the range.
     case noSuchMapping(iova: UInt64, size: UInt64)
+    /// The mapping is being filled by a pinned map and cannot be removed yet.
     case busy(iova: UInt64, size: UInt64, mapping: MappingID)
 
     public var description: String {
@@ -110,9 +131,12 @@ public enum DMAMapError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// The DMA mappings of an engine, ordered by IOVA, as VFIO type1 keeps its `vfio_dma` tree.
 public struct DMAMappingTable: Sendable {
+    /// VFIO type1's default limit on the number of mappings.
     public static let defaultEntryLimit = 65535
 
+    /// The most mappings the table holds.
     public let entryLimit: Int
     /// By IOVA; IOVA ranges never overlap.
     private var iovaIndex = MappingIndex(.iova)
@@ -122,11 +146,13 @@ public struct DMAMappingTable: Sendable {
     private var active = MappingIndex(.host)
     private var nextID: UInt64 = 1
 
+    /// An empty table that holds at most `entryLimit` mappings.
     public init(entryLimit: Int = Self.defaultEntryLimit) {
         precondition(entryLimit > 0, "entry limit \(entryLimit) must be positive")
         self.entryLimit = entryLimit
     }
 
+    /// The number of mappings.
     public var count: Int { iovaIndex.count }
 
     /// Every mapping, by IOVA (built on each call: for inspection, not for the fault path).

@@ -19,8 +19,11 @@
 // Ranges are `[iova, iova + size)`, page-aligned; bit k of a returned bitmap is the page
 // at `iova + k * 4 KiB`. Tracking covers whole mappings: any mapping the range touches.
 
+/// A dirty-tracking request on a range that is not tracked, or not wholly inside mappings.
 public struct DirtyTrackingError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The first IOVA of the refused range.
     public var iova: UInt64
+    /// The size of the refused range in bytes.
     public var size: UInt64
     public var description: String {
         "dirty tracking range [\(hex(iova)), +\(hex(size))) must be page-aligned, non-empty "

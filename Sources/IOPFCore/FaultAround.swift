@@ -11,8 +11,11 @@
 
 /// How far ahead of a fault to map: `--fault-around off|adaptive|N`.
 public enum FaultAroundPolicy: Sendable, Equatable, CustomStringConvertible {
+    /// Map only the faulting page.
     case off
+    /// Map ahead of sequential faults, growing the window while the guesses are used.
     case adaptive
+    /// Map this many pages around every fault (1...512).
     case fixed(Int)
 
     /// The largest window, in pages (one 2 MiB block of 4 KiB pages).
@@ -65,6 +68,7 @@ public struct FaultAroundState: Sendable {
     /// The stream the last `window(for:)` chose.
     private var current = 0
 
+    /// A state with no history: the next fault starts the adaptive window small.
     public init() {}
 
     private subscript(i: Int) -> Stream {

@@ -15,19 +15,24 @@
 
 import Synchronization
 
+/// Names one I/O address space (an IOMMU domain) of an engine.
 public struct DomainID: Hashable, Sendable, CustomStringConvertible {
+    /// The domain's index in the engine, from 0.
     public let rawValue: Int
     public var description: String { "domain#\(rawValue)" }
 }
 
+/// How an engine maps and unmaps: gather policy, page sizes, fault-around, locked memory.
 public struct EngineConfiguration: Sendable {
     /// VFIO type1's `dma_entry_limit`.
     public var entryLimit = DMAMappingTable.defaultEntryLimit
+    /// How unmapped ranges are batched before an IOTLB sync.
     public var gatherPolicy = GatherPolicy.defaultRangeList
     /// Page sizes the domains' page tables may use.
     public var pageSizes = Set(PageSize.allCases)
     /// RLIMIT_MEMLOCK for the pinned path, and whether CAP_IPC_LOCK lifts it.
     public var lockedMemoryLimit: UInt64 = .max
+    /// Pins without checking `RLIMIT_MEMLOCK` (a process with CAP_IPC_LOCK).
     public var bypassesLockedMemoryLimit = true
     /// Whether a fault maps the whole aligned 2 MiB block around it with one entry when
     /// one huge page backs the block (`HostMemory.hugeBlock`) and the mapping holds all of
@@ -35,6 +40,8 @@ public struct EngineConfiguration: Sendable {
     public var blocksOnFault = false
     /// Bugs planted for `iopf stress` and tests; none otherwise.
     @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
+    /// The defaults: VFIO's entry limit, range-list gathering, every page size, no locked-memory limit, no blocks on
+    /// fault.
     public init() {}
 }
 
@@ -60,13 +67,17 @@ public enum RequestOutcome: Sendable, Hashable {
     /// A write to a page mapped read-only by dirty tracking: now dirty and writable.
     case writeRestored
 
+    /// Whether the page is usable by the device afterwards.
     public var succeeded: Bool { self == .mapped || self == .spurious || self == .writeRestored }
 }
 
+/// What handling one page-request group did.
 public struct GroupOutcome: Sendable, Equatable {
     /// SUCCESS only if every request of the group succeeded.
     public var code: ResponseCode
+    /// Pages newly mapped for the group (faulting pages and pages mapped around them).
     public var mapped = 0
+    /// Requests for pages that were already mapped.
     public var spurious = 0
     /// Pages mapped ahead of the group's last request (fault-around).
     public var prefetched = 0
@@ -79,39 +90,58 @@ public struct GroupOutcome: Sendable, Equatable {
     public var retries = 0
 }
 
+/// What one invalidation did.
 public struct InvalidationOutcome: Sendable, Equatable {
+    /// Mappings that overlapped the invalidated range.
     public var mappingsTouched = 0
     /// Pages whose bits were cleared because they were really unmapped in every domain;
     /// more than asked when a block was removed whole.
     public var pagesUnmapped = 0
 }
 
+/// Counters of everything the engine has done since it was created.
 public struct EngineStatistics: Sendable, Equatable {
+    /// Page-request groups handled.
     public var groups = 0
+    /// Page requests handled, in all groups.
     public var requests = 0
+    /// Groups answered SUCCESS.
     public var successGroups = 0
+    /// Groups answered INVALID.
     public var invalidGroups = 0
+    /// Pages mapped on faults.
     public var mappedPages = 0
     /// Pages mapped ahead of faults (fault-around), included in `mappedPages`.
     public var prefetchedPages = 0
     /// 2 MiB blocks mapped on faults with one entry each; their pages are in `mappedPages`.
     public var blockMappings = 0
+    /// Requests for pages already mapped.
     public var spurious = 0
+    /// Faults resolved again because an invalidation ran while they resolved host pages.
     public var retries = 0
+    /// Requests outside every mapping.
     public var noMapping = 0
+    /// Requests for an access the mapping does not grant.
     public var permissionDenied = 0
+    /// Requests whose host page could not be resolved.
     public var resolveFailures = 0
+    /// Requests the page table refused to map.
     public var mapFailures = 0
+    /// Requests on host memory that was unmapped or moved.
     public var hostGoneFaults = 0
+    /// Calls that mapped a pinned run.
     public var pinnedMapCalls = 0
     /// Dirty tracking: write faults that restored write access, and dirty-log reads.
     public var writeRestores = 0
+    /// Reads of the dirty log.
     public var dirtyReads = 0
     /// Invalidations of host ranges, DMA unmaps and host-address updates.
     public var invalidations = 0
+    /// Pages unmapped by invalidations and unmaps.
     public var pagesUnmapped = 0
     /// IOTLB syncs over all domains, and the ranges they carried.
     public var iotlbSyncs = 0
+    /// Ranges handed to IOTLB syncs.
     public var syncedRanges = 0
 }
 
@@ -123,7 +153,9 @@ public struct FatalInvalidationError: Error, Sendable, Equatable, CustomStringCo
     /// The domain and IOVA of the unmap that failed; nil when the engine was stopped for
     /// another reason (`stopGranting`).
     public var domain: DomainID?
+    /// The IOVA of the unmap that failed.
     public var iova: UInt64?
+    /// What went wrong, in words.
     public var reason: String
     public var description: String {
         guard let domain, let iova else {
@@ -134,8 +166,11 @@ public struct FatalInvalidationError: Error, Sendable, Equatable, CustomStringCo
     }
 }
 
+/// Serves page faults and invalidations for DMA mappings over host memory, across domains.
 public final class FaultEngine: Sendable {
+    /// The host memory the engine resolves pages in.
     public let memory: any HostMemory
+    /// The configuration the engine was created with.
     public let configuration: EngineConfiguration
     /// Locked memory charged by pinned mappings.
     public let lockedMemory: LockedMemoryAccount
@@ -158,6 +193,7 @@ public final class FaultEngine: Sendable {
         var emptied: [DMAMapping] = []
     }
 
+    /// An engine with no domains and no mappings over `memory`.
     public init(memory: any HostMemory, configuration: EngineConfiguration = EngineConfiguration()) {
         precondition(
             !configuration.blocksOnFault || configuration.pageSizes.contains(.size2M),
@@ -202,6 +238,7 @@ public final class FaultEngine: Sendable {
         state.withLock { $0.domains[domain.rawValue] }
     }
 
+    /// Sets (or, with nil, removes) the IOTLB invalidator that `domain`'s syncs call.
     public func setInvalidator(_ invalidator: (any IOTLBInvalidator)?, for domain: DomainID) {
         state.withLock { $0.domains[domain.rawValue].invalidator = invalidator }
     }
@@ -339,6 +376,7 @@ public final class FaultEngine: Sendable {
         }
     }
 
+    /// The number of DMA mappings.
     public var mappingCount: Int { state.withLock { $0.mappings.count } }
 
     /// Every mapping's range, host address and permission, by IOVA.
@@ -546,6 +584,7 @@ public final class FaultEngine: Sendable {
 
     // MARK: Inspection
 
+    /// A snapshot of the engine's counters.
     public var statistics: EngineStatistics {
         state.withLock { s in
             var stats = s.stats
@@ -572,9 +611,13 @@ public final class FaultEngine: Sendable {
     /// A run of mapped pages: its IOVAs, and the physical and host addresses of its first
     /// page (both consecutive over the run).
     public struct MappedRun: Sendable, Equatable {
+        /// The run's IOVAs.
         public var range: Range<UInt64>
+        /// The physical address of the run's first page.
         public var phys: UInt64
+        /// The host address of the run's first page.
         public var host: UInt64
+        /// What the run's mapping grants.
         public var prot: Protection
     }
 
@@ -621,6 +664,7 @@ public final class FaultEngine: Sendable {
 /// Handles page request groups for one thread, reusing its scratch buffers so that the
 /// steady state allocates nothing. Not thread-safe; make one per thread.
 public final class FaultHandler {
+    /// The engine whose faults this handler serves.
     public let engine: FaultEngine
 
     private struct Work {

@@ -21,15 +21,21 @@ public enum GroupFailure: String, Sendable, CaseIterable {
 
 /// A complete group, ready to be handled (or answered INVALID when `failure` is set).
 public struct PageRequestGroup: Sendable {
+    /// The group's cookie, echoed in its response.
     public var cookie: UInt32
+    /// The group's requests, in the order they arrived.
     public var requests: [PageRequest]
     /// Requests counted against the credit; released by `GroupAssembler.answered`.
     public var counted: Int
+    /// Why the group is to be answered INVALID without being handled; nil for a good group.
     public var failure: GroupFailure?
 }
 
+/// Assembles one device's page-request records into groups, checking each record and the device's credit.
 public struct GroupAssembler: Sendable {
+    /// The device id records must carry.
     public let deviceID: UInt32
+    /// The PASID records must carry, or nil for none.
     public let pasid: UInt32?
     /// The device's PRI outstanding page request allocation.
     public let credit: Int
@@ -40,10 +46,12 @@ public struct GroupAssembler: Sendable {
     /// Well-formed records accepted.
     public private(set) var records = 0
     private var partial: [PageRequestGroup?]
+    /// Groups started and not yet complete.
     public private(set) var partialGroups = 0
     /// Why the last record given to `add` was refused; nil when it was accepted.
     public private(set) var lastRefusal: GroupFailure?
 
+    /// An assembler for `deviceID` (and `pasid`) with `credit` requests outstanding at most.
     public init(deviceID: UInt32, pasid: UInt32?, credit: Int) {
         precondition(credit > 0, "a device's credit must be at least 1")
         self.deviceID = deviceID

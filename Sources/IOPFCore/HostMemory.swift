@@ -5,9 +5,13 @@
 // Addresses are host virtual addresses, page aligned; runs are `[address, address +
 // pageCount * 4 KiB)`.
 
+/// A host page that could not be resolved: where, and what the kernel said.
 public struct HostMemoryError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The host address that failed.
     public var address: UInt64
+    /// Why, in words.
     public var reason: String
+    /// An error for `address` with `reason`.
     public init(address: UInt64, reason: String) {
         self.address = address
         self.reason = reason
@@ -15,6 +19,7 @@ public struct HostMemoryError: Error, Sendable, Equatable, CustomStringConvertib
     public var description: String { "host memory at \(hex(address)): \(reason)" }
 }
 
+/// The host memory an engine maps: resolves host pages to physical addresses, pins and unpins them.
 public protocol HostMemory: AnyObject, Sendable {
     /// Makes a run of pages resident for the access (faulting them in for write when
     /// `write`), then appends the physical address of each page to `physical`, in order.
@@ -60,9 +65,11 @@ extension HostMemory {
 
 /// One pinned page: where it is, and whether it counts against locked memory.
 public struct PinnedPage: Sendable, Hashable {
+    /// The page's physical address.
     public var phys: UInt64
     /// False for memory without page backing (device memory, VM_PFNMAP): never charged.
     public var chargeable: Bool
+    /// A pinned page at `phys`, charged to locked memory when `chargeable`.
     public init(phys: UInt64, chargeable: Bool) {
         self.phys = phys
         self.chargeable = chargeable
@@ -74,6 +81,7 @@ public struct PinnedPage: Sendable, Hashable {
 /// Resolving always succeeds except in ranges marked unresolvable; `beforeResolve` lets a
 /// test act in the window between resolve and install (e.g. run an invalidation).
 public final class SimulatedHostMemory: HostMemory {
+    /// What is added to a host address to make its physical address.
     public let physicalOffset: UInt64
     private let state = Lock(State())
 
@@ -113,6 +121,7 @@ public final class SimulatedHostMemory: HostMemory {
         }
     }
 
+    /// Simulated memory whose physical addresses are host addresses plus `physicalOffset`.
     public init(physicalOffset: UInt64 = 0x10_0000_0000) {
         precondition(isPageAligned(physicalOffset), "physical offset must be page aligned")
         self.physicalOffset = physicalOffset
@@ -133,6 +142,7 @@ public final class SimulatedHostMemory: HostMemory {
         state.withLock { $0.unresolvable.append(range) }
     }
 
+    /// Pages resolved so far.
     public var resolvedPages: Int { state.withLock { $0.resolvedPages } }
 
     /// Makes `range` device memory (no page backing) whose pages sit at `phys` onwards.
@@ -173,6 +183,7 @@ public final class SimulatedHostMemory: HostMemory {
             }
         }
     }
+    /// Calls to resolve so far.
     public var resolveCalls: Int { state.withLock { $0.resolveCalls } }
 
     public func resolve(address: UInt64, pageCount: Int, write: Bool, physical: inout [UInt64]) throws(HostMemoryError)

@@ -17,16 +17,23 @@
 public struct Translation: Sendable, Hashable {
     /// Physical address of the byte at the translated IOVA.
     public var phys: UInt64
+    /// What the leaf grants.
     public var prot: Protection
     /// Size of the leaf that holds it.
     public var pageSize: PageSize
 }
 
+/// Why the page table refused a map or unmap.
 public enum IOPageTableError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// An address or size not aligned to the page size asked for.
     case unaligned(iova: UInt64, phys: UInt64, size: UInt64)
+    /// The range lies outside the table's IOVA space.
     case outOfRange(iova: UInt64, size: UInt64)
+    /// A leaf is present at `at` already.
     case overlap(iova: UInt64, size: UInt64, at: UInt64)
+    /// A mapping that grants neither read nor write.
     case noPermission(iova: UInt64)
+    /// The pool has no free table page left.
     case outOfTablePages
 
     public var description: String {
@@ -45,8 +52,11 @@ public enum IOPageTableError: Error, Sendable, Equatable, CustomStringConvertibl
     }
 }
 
+/// A 4-level I/O page table with 4 KiB, 2 MiB and 1 GiB leaves, as an IOMMU walks it.
 public final class IOPageTable: @unchecked Sendable {
+    /// Bits of IOVA the table translates.
     public static let iovaBits: UInt64 = 48
+    /// The first IOVA past the table's space.
     public static let iovaLimit: UInt64 = 1 << iovaBits
 
     let pool = TablePagePool()
@@ -65,8 +75,10 @@ public final class IOPageTable: @unchecked Sendable {
 
     /// Syncs that flushed something, and how many ranges they carried in total.
     @exclusivity(unchecked) public private(set) var syncCount = 0
+    /// Ranges handed to IOTLB syncs.
     @exclusivity(unchecked) public private(set) var syncedRanges = 0
 
+    /// An empty table that maps leaves of `pageSizes` and syncs through `invalidator`.
     public init(pageSizes: Set<PageSize> = Set(PageSize.allCases), invalidator: (any IOTLBInvalidator)? = nil) {
         precondition(pageSizes.contains(.size4K), "an I/O page table must support 4 KiB pages")
         self.pageSizes = pageSizes.sorted { $0.bytes > $1.bytes }
@@ -76,7 +88,9 @@ public final class IOPageTable: @unchecked Sendable {
 
     /// Table pages allocated, freed, and live (allocated - freed), root included.
     public var tablePageAllocations: Int { pool.allocations }
+    /// Table pages returned to the pool after their sync.
     public var tablePageFrees: Int { pool.frees }
+    /// Table pages in use now.
     public var liveTablePages: Int { pool.livePages }
 
     @inline(__always) static func shift(level: Int) -> UInt64 { 39 - 9 * UInt64(level) }

@@ -10,6 +10,7 @@
 /// (like an ATS invalidation completion). It is called on the engine's thread with the
 /// update lock held, so it must not call back into the engine.
 public protocol IOTLBInvalidator: AnyObject {
+    /// Drops cached translations of `ranges` from every device of the domain; returns when none is in use.
     func invalidate(_ ranges: [IOVARange])
 }
 
@@ -18,11 +19,14 @@ public protocol IOTLBInvalidator: AnyObject {
 /// which translations no device may use any more. Called with the engine's update lock
 /// held.
 public protocol IOTLBSyncObserver: AnyObject, Sendable {
+    /// Called before a sync starts.
     func willSync()
+    /// Called after a sync of `ranges` completed.
     func synced(_ ranges: [IOVARange])
 }
 
 extension IOTLBSyncObserver {
+    /// Does nothing.
     public func willSync() {}
 }
 
@@ -35,6 +39,7 @@ public enum GatherPolicy: Sendable, Hashable, CustomStringConvertible {
     /// a further disjoint range would not fit.
     case rangeList(maxRanges: Int)
 
+    /// A range list of up to 64 ranges, then one sync.
     public static let defaultRangeList = GatherPolicy.rangeList(maxRanges: 64)
 
     public var description: String {
@@ -45,7 +50,9 @@ public enum GatherPolicy: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// Unmapped ranges and freed table pages, held until one IOTLB sync covers them all.
 public struct IOTLBGather {
+    /// How ranges are merged and when the gather must sync.
     public let policy: GatherPolicy
     /// Pending ranges: sorted by start, disjoint and non-adjacent.
     public private(set) var ranges: [IOVARange] = []
@@ -54,6 +61,7 @@ public struct IOTLBGather {
     /// Table pages unlinked from the table but not yet returned to the pool.
     var freedPages: [TablePageID] = []
 
+    /// An empty gather following `policy`.
     public init(policy: GatherPolicy = .defaultRangeList) {
         if case .rangeList(let n) = policy {
             precondition(n >= 1, "a range-list gather needs room for at least one range, got \(n)")
@@ -61,6 +69,7 @@ public struct IOTLBGather {
         self.policy = policy
     }
 
+    /// Whether nothing waits for a sync.
     public var isEmpty: Bool { ranges.isEmpty && freedPages.isEmpty }
 
     /// Whether the pending contents must be synced before `range` (unmapped with leaves of

@@ -12,20 +12,33 @@
 // - while a mapping is dirty-tracked, its leaves are writable only where every page is
 //   dirty (a writable leaf over a clean page lets a write go unlogged).
 
+/// One broken invariant between the page tables, the bitmaps and the pool.
 public struct InvariantViolation: Sendable, Hashable, CustomStringConvertible {
+    /// Which invariant broke.
     public enum Kind: String, Sendable, Hashable, CaseIterable {
+        /// A leaf maps an IOVA outside every mapping.
         case leafOutsideMapping
+        /// A leaf is present while its page's bit is clear.
         case leafWithoutBit
+        /// A bit is set while a domain has no leaf for the page.
         case bitWithoutLeaf
+        /// A leaf points at another physical page than the host page's.
         case wrongPhysical
+        /// A leaf grants more than its mapping does.
         case wrongPermission
+        /// A table page is neither in use nor free.
         case tablePageLeak
+        /// A table page was freed before the sync that covers its last unmap.
         case tablePageFreedBeforeSync
+        /// A leaf maps host memory that was unmapped or moved.
         case leafOnGoneMemory
+        /// A writable leaf on a page the dirty log does not have dirty.
         case writableButClean
     }
 
+    /// Which invariant broke.
     public var kind: Kind
+    /// Where, and what was found.
     public var detail: String
     public var description: String { "\(kind.rawValue): \(detail)" }
 }

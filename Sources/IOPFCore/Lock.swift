@@ -13,10 +13,12 @@
 
 import Glibc
 
+/// A value behind a pthread mutex, which ThreadSanitizer sees (it does not see `Synchronization.Mutex` on Linux).
 public final class Lock<Value>: @unchecked Sendable {
     @usableFromInline let mutex: UnsafeMutablePointer<pthread_mutex_t>
     @usableFromInline let value: UnsafeMutablePointer<Value>
 
+    /// A lock holding `initialValue`.
     public init(_ initialValue: consuming sending Value) {
         mutex = .allocate(capacity: 1)
         mutex.initialize(to: pthread_mutex_t())

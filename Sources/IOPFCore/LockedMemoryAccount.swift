@@ -7,9 +7,13 @@
 
 import Synchronization
 
+/// A pin refused because it would lock more memory than the limit allows.
 public struct LockedMemoryError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// Pages the refused pin asked for.
     public var requestedPages: Int
+    /// Pages locked when it asked.
     public var lockedPages: Int
+    /// The limit, in pages.
     public var limitPages: Int
 
     public var description: String {
@@ -20,6 +24,7 @@ public struct LockedMemoryError: Error, Sendable, Equatable, CustomStringConvert
     }
 }
 
+/// Locked memory charged by pins, against `RLIMIT_MEMLOCK`, as VFIO's `locked_vm` accounting does.
 public final class LockedMemoryAccount: Sendable {
     /// The limit in pages; ignored when `bypassesLimit`.
     public let limitPages: Int
@@ -27,12 +32,15 @@ public final class LockedMemoryAccount: Sendable {
     public let bypassesLimit: Bool
     private let locked = Atomic<Int>(0)
 
+    /// An account with `limitBytes`, not enforced when `bypassesLimit` (CAP_IPC_LOCK).
     public init(limitBytes: UInt64, bypassesLimit: Bool) {
         limitPages = Int(clamping: limitBytes >> pageShift)
         self.bypassesLimit = bypassesLimit
     }
 
+    /// Pages charged now.
     public var lockedPages: Int { locked.load(ordering: .relaxed) }
+    /// Bytes charged now.
     public var lockedBytes: UInt64 { UInt64(lockedPages) << pageShift }
 
     /// Charges `pages`, or throws and charges nothing. Concurrent callers never exceed

@@ -17,6 +17,7 @@
 // removal. This bitmap is fixed-size with word storage and a `find_next_bit`-style API, the
 // shape the invalidation walk needs; `BitSet` serves as the oracle in the tests.
 
+/// One bit per page of a mapping, set while the page is mapped in every domain.
 public struct PageBitmap: Sendable {
     /// Number of bits (pages).
     public let count: Int
@@ -36,6 +37,7 @@ public struct PageBitmap: Sendable {
     public static let chunkBits = 1 << chunkShift
     @usableFromInline static let chunkWords = chunkBits >> 6
 
+    /// A bitmap of `count` clear bits.
     public init(count: Int) {
         precondition(count >= 0, "PageBitmap count \(count) is negative")
         self.count = count
@@ -73,6 +75,7 @@ public struct PageBitmap: Sendable {
         return start < 0 ? 0 : words[Int(start) + w & (Self.chunkWords - 1)]
     }
 
+    /// Whether bit `i` is set.
     @inlinable
     public func test(_ i: Int) -> Bool {
         checkIndex(i)
@@ -80,6 +83,7 @@ public struct PageBitmap: Sendable {
         return start >= 0 && words[Int(start) + (i &>> 6) & (Self.chunkWords - 1)] & (1 &<< UInt64(i & 63)) != 0
     }
 
+    /// Sets bit `i`.
     public mutating func set(_ i: Int) {
         checkIndex(i)
         let w = chunkStart(allocating: i &>> Self.chunkShift) + (i &>> 6) & (Self.chunkWords - 1)
@@ -90,6 +94,7 @@ public struct PageBitmap: Sendable {
         }
     }
 
+    /// Clears bit `i`.
     public mutating func clear(_ i: Int) {
         checkIndex(i)
         let start = directory[i &>> Self.chunkShift]
@@ -144,6 +149,7 @@ public struct PageBitmap: Sendable {
         return total
     }
 
+    /// Whether no bit is set.
     public var isEmpty: Bool { population == 0 }
 
     /// Sets every bit set in `other` (same count).

@@ -13,12 +13,16 @@
 // run being built is flushed whenever the kind changes.
 
 extension FaultEngine {
+    /// Pages pinned per `mlock` call, as VFIO pins in batches.
     public static let pinBatchPages = 512
 
+    /// What pinned maps did.
     public struct PinStatistics: Sendable, Equatable {
         /// Map calls made for pinned runs.
         public var mapCalls = 0
+        /// Pages pinned.
         public var pinnedPages = 0
+        /// Pages charged to locked memory (pinned pages without page backing are not).
         public var chargedPages = 0
     }
 
@@ -136,10 +140,15 @@ extension FaultEngine {
     public var lockedBytes: UInt64 { lockedMemory.lockedBytes }
 }
 
+/// A pinned map that failed; everything it did was undone.
 public struct PinError: Error, Sendable, CustomStringConvertible {
+    /// The first IOVA of the refused map.
     public var iova: UInt64
+    /// The size of the refused map in bytes.
     public var size: UInt64
+    /// Pages pinned (and then unpinned) before the failure.
     public var pinnedBeforeFailure: Int
+    /// What failed, in words.
     public var underlying: String
     /// False only when undoing failed too (the engine stopped): then the pages stay pinned
     /// and charged, because a translation to them may remain.
@@ -160,10 +169,13 @@ public struct PinCounts: Sendable {
     /// (512-page batches) cost no boundary between them.
     private var delta: [UInt64: Int] = [:]
 
+    /// No page pinned.
     public init() {}
 
+    /// Whether no page is pinned.
     public var isEmpty: Bool { delta.isEmpty }
 
+    /// Counts one more pin of every page in `r`.
     public mutating func add(_ r: Range<UInt64>) {
         guard !r.isEmpty else { return }
         bump(r.lowerBound, 1)

@@ -21,7 +21,9 @@ import IOPFCore
 import IOPFWire
 import Synchronization
 
+/// Why a device or host client call failed.
 public enum DeviceClientError: Error, Sendable, CustomStringConvertible {
+    /// A system call failed (connecting, sending, receiving, mapping).
     case system(SystemCallError)
     /// The service answered with an error reply.
     case refused(Command, errno: UInt32, text: String)
@@ -42,13 +44,19 @@ public enum DeviceClientError: Error, Sendable, CustomStringConvertible {
 
 /// What ATTACH gave the device.
 public struct DeviceAttachment: @unchecked Sendable {
+    /// Requests the device may have outstanding (its PRI credit).
     public var credit: Int
+    /// The IOVA ranges the device may fault in and DMA to.
     public var windows: [DMAWindow]
+    /// The regions the device's translations point into, mapped in this process.
     public var memory: DeviceMemory
+    /// The fault channel: page requests out, responses in.
     public var channel: DeviceChannel
+    /// How long the device has to acknowledge an INVALIDATE before it is fenced.
     public var invalidateTimeoutMs: UInt32
 }
 
+/// A device's connection to the service: HELLO, ATTACH, TRANSLATE, DETACH, and the invalidations it must acknowledge.
 public final class DeviceClient: @unchecked Sendable {
     private let connection: ControlConnection
     private var invalidation: CInt = -1
@@ -60,6 +68,7 @@ public final class DeviceClient: @unchecked Sendable {
     private let detachNotice = Lock<String?>(nil)
     /// INVALIDATEs acknowledged so far.
     public let invalidationsAcked = Atomic<Int>(0)
+    /// The service's HELLO reply: its version, capabilities and limits; nil before HELLO.
     public var granted: HelloReply? { connection.granted }
 
     /// Why the service detached this device, when it said so (a DETACH notice: e.g. the

@@ -42,6 +42,7 @@ public final class DeviceMemory: @unchecked Sendable {
         self.regions = mapped.sorted { $0.phys < $1.phys }
     }
 
+    /// The regions mapped, by physical base and size, in order of base.
     public var regionInfo: [MemoryRegionInfo] { regions.map { MemoryRegionInfo(phys: $0.phys, size: $0.size) } }
 
     /// This process's address of `count` bytes at `phys`; nil when they are not inside one region.

@@ -15,6 +15,8 @@ import IOPFCore
 import IOPFSystem
 import IOPFWire
 
+/// A host's connection to the service: it hands over its memory and userfaultfd, maps IOVAs onto it, and attaches
+/// vhost-user back-ends.
 public final class HostClient: @unchecked Sendable {
     private let connection: ControlConnection
 
@@ -25,6 +27,7 @@ public final class HostClient: @unchecked Sendable {
         try self.init(socket: fd)
     }
 
+    /// A host client on a connected socket (which it owns from now on); says HELLO as a host.
     public init(socket: CInt) throws(DeviceClientError) {
         connection = try ControlConnection(socket: socket, role: .host)
     }
@@ -107,5 +110,6 @@ public final class HostClient: @unchecked Sendable {
         _ = try connection.request(Empty().message(id: connection.takeID()), expecting: .detach)
     }
 
+    /// Closes the connection: the service tears the host's address space down and detaches its devices.
     public func close() { connection.close() }
 }

@@ -39,6 +39,8 @@ public final class DeviceIOTLB: Sendable {
     /// makes the pages' contents unknown until the device writes them again.
     let forgetOnInvalidate: Bool
 
+    /// An empty IOTLB of `entries` slots for a window of `pages` pages at `iovaBase`; with `forgetOnInvalidate`,
+    /// invalidated pages' contents become unknown.
     public init(entries: Int, iovaBase: UInt64, pages: Int, forgetOnInvalidate: Bool) {
         precondition(entries > 0, "an IOTLB needs at least one entry")
         self.iovaBase = iovaBase
@@ -68,5 +70,6 @@ public final class DeviceIOTLB: Sendable {
     /// before the call (e.g. a range entered into the host change window).
     public func barrier() { state.withLock { _ in } }
 
+    /// Translations cached now.
     public var cachedCount: Int { state.withLock { $0.slots.reduce(0) { $1.page == .max ? $0 : $0 + 1 } } }
 }

@@ -15,11 +15,13 @@ import Logging
 import Synchronization
 @_spi(FaultInjection) import IOPFCore
 
+/// How a fault service runs: its channels, loop, host events, deadlines and tenant limits.
 public struct ServiceConfiguration: Sendable {
     /// The fault channel of in-process devices (external devices choose in ATTACH).
     public var transport = ChannelTransport.shared
     /// How long the loop busy-polls after activity before sleeping.
     public var spinNanoseconds: Int64 = 200_000
+    /// Submission queue entries of the loop's io_uring.
     public var ringEntries: UInt32 = 256
     /// Watch the mappings' host memory through userfaultfd (falls back to API-only
     /// invalidation, with a warning, when the kernel refuses).
@@ -62,18 +64,26 @@ public struct ServiceConfiguration: Sendable {
     public var hostSyncObserver: (name: String, observer: any IOTLBSyncObserver)?
     /// Bugs planted for `iopf stress` and tests (the service plants double-answer).
     @_spi(FaultInjection) public var injectedBugs: InjectedBugs = []
+    /// The defaults `iopf serve` starts with.
     public init() {}
 }
 
 /// The tenant limits of `ServiceConfiguration` as `serve` sets them from its flags.
 public struct TenantLimits: Sendable, Equatable {
+    /// Peers one uid may have connected at once.
     public var maxPeersPerUID = ServiceConfiguration().maxPeersPerUID
+    /// How long a new connection has to say HELLO.
     public var greetingTimeout = ServiceConfiguration().greetingTimeout
+    /// Hosts one uid may have attached at once.
     public var maxHostsPerUID = ServiceConfiguration().maxHostsPerUID
+    /// Memory one host may hand over, in bytes.
     public var maxHostMemoryBytes = ServiceConfiguration().maxHostMemoryBytes
+    /// IOVA space one host may map, in bytes.
     public var maxHostMappedBytes = ServiceConfiguration().maxHostMappedBytes
+    /// The limits of a default `ServiceConfiguration`.
     public init() {}
 
+    /// Sets these limits in `c`.
     public func apply(to c: inout ServiceConfiguration) {
         c.maxPeersPerUID = maxPeersPerUID
         c.greetingTimeout = greetingTimeout
@@ -83,13 +93,17 @@ public struct TenantLimits: Sendable, Equatable {
     }
 }
 
+/// Counters of everything the service has done, published by the loop thread.
 public struct ServiceStatistics: Sendable, Equatable {
     /// Well-formed page requests received.
     public var records = 0
+    /// Page-request groups answered.
     public var groups = 0
     /// Pages mapped ahead of faults (fault-around).
     public var prefetchedPages = 0
+    /// Groups answered SUCCESS.
     public var success = 0
+    /// Groups answered INVALID.
     public var invalid = 0
     /// Records refused by the wire-format checks.
     public var malformed = 0
@@ -99,21 +113,28 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var creditExceeded = 0
     /// Incomplete groups answered INVALID because their device went away or the service stopped.
     public var abandonedGroups = 0
+    /// Devices whose channel closed or that were detached.
     public var devicesClosed = 0
+    /// Invalidations asked for (by the API, host events and peers).
     public var invalidationRequests = 0
     /// Host events read from the userfaultfd, by kind.
     public var uffdEvents = 0
+    /// `madvise` events (REMOVE).
     public var uffdRemove = 0
+    /// `munmap` events (UNMAP).
     public var uffdUnmap = 0
+    /// `mremap` events (REMAP).
     public var uffdRemap = 0
     /// Times the io_uring completion queue was found overflowed (completions the kernel
     /// held back and delivered later; none lost).
     public var completionOverflows = 0
     /// Command doorbell rings that failed; their commands were taken by the loop's sweep.
     public var doorbellWriteFailures = 0
+    /// Turns of the event loop.
     public var loopTurns = 0
     /// Groups handled together with others of their device in one engine call.
     public var batchedGroups = 0
+    /// io_uring completions handled.
     public var completions = 0
     /// Devices attached over the socket, in all.
     public var externalDevices = 0
@@ -121,7 +142,9 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var devicesFenced = 0
     /// Protocol errors by peers, in all and by kind.
     public var protocolErrors = 0
+    /// Protocol errors by kind.
     public var protocolErrorKinds: [ProtocolErrorKind: Int] = [:]
+    /// Peers that connected, in all.
     public var peersConnected = 0
     /// Connections the service refused or cut before they were served, by why:
     /// tooManyPeers, tooManyPeersForUID, greetingTimeout.
@@ -132,6 +155,7 @@ public struct ServiceStatistics: Sendable, Equatable {
     public var peersDisconnected = 0
     /// INVALIDATE messages sent to external devices, and acknowledgements received.
     public var invalidationsSent = 0
+    /// INVALIDATE messages acknowledged.
     public var invalidationsAcked = 0
     /// Host events by where they came from: "own" (this process's memory), each host's
     /// name while a record of it is kept (hosts that came back under the same name add
@@ -190,16 +214,22 @@ public struct ServiceStatistics: Sendable, Equatable {
 public struct ServiceFootprint: Sendable, Equatable, Codable {
     /// This process's resident set (VmRSS) and open descriptors.
     public var rssBytes: UInt64 = 0
+    /// Open descriptors of this process.
     public var fds = 0
     /// I/O page-table pages live over every engine (the service's and each host's).
     public var tablePages = 0
     /// Faulted pages marked mapped, and DMA mappings, over every engine.
     public var mappedPages = 0
+    /// DMA mappings over every engine.
     public var mappings = 0
+    /// Devices attached now.
     public var devices = 0
+    /// Peers connected now.
     public var peers = 0
+    /// Hosts attached now.
     public var hosts = 0
 
+    /// All zero.
     public init() {}
 
     /// Fills `rssBytes` and `fds` from /proc/self.
@@ -218,16 +248,23 @@ public struct ServiceFootprint: Sendable, Equatable, Codable {
 public struct HostRecord: Sendable, Equatable, Codable {
     /// The service's number for this attachment (unique while the service runs).
     public var id: UInt32
+    /// The name of its address space, which its devices attach to.
     public var name: String
+    /// Its process id, from `SO_PEERCRED`.
     public var pid: Int32
+    /// Memory regions it declared.
     public var regions: Int
+    /// Bytes of memory it handed over.
     public var memoryBytes: UInt64
     /// DMA mappings added (DMA_MAP), host addresses updated (DMA_MAP with VADDR), unmaps.
     public var mappings = 0
+    /// DMA_MAP requests that updated a mapping's host address.
     public var addressUpdates = 0
+    /// DMA_UNMAP requests served.
     public var unmaps = 0
     /// Devices that attached to its address space, in all.
     public var devices = 0
+    /// Host events read from its userfaultfd.
     public var uffdEvents = 0
     /// Host ranges the service keeps for it (bound memfd pieces and registered ranges):
     /// pruned as the host moves or unmaps memory, so it stays near its live mappings.
@@ -238,6 +275,7 @@ public struct HostRecord: Sendable, Equatable, Codable {
     /// Why its address space was torn down; nil while it is attached.
     public var ended: String?
 
+    /// A record of a host that just attached.
     public init(id: UInt32, name: String, pid: Int32, regions: Int, memoryBytes: UInt64) {
         self.id = id
         self.name = name
@@ -296,11 +334,15 @@ public final class Ticket<Value: Sendable>: Sendable {
 
 /// What an external device may reach, decided by the embedder when it attaches.
 public struct DeviceProvision: Sendable {
+    /// The domain the device's windows are mapped in.
     public var domain: DomainID
+    /// The IOVA ranges the device may reach.
     public var windows: [DMAWindow]
+    /// The memory its translations point into, handed to the device as memfds.
     public var regions: [HostRegion]
     /// The embedder's own handle, given back in `release`.
     public var token: Int
+    /// A provision of `windows` in `domain` over `regions`, with the embedder's `token`.
     public init(domain: DomainID, windows: [DMAWindow], regions: [HostRegion], token: Int = 0) {
         self.domain = domain
         self.windows = windows
@@ -312,12 +354,18 @@ public struct DeviceProvision: Sendable {
 /// Decides what each external device gets. Called on the service thread: keep it short,
 /// and never unmap memory that is still watched by the userfaultfd there.
 public protocol DeviceProvisioner: AnyObject, Sendable {
+    /// What the device attaching as `deviceID` (and `pasid`) may reach; throw to refuse it.
     func provision(deviceID: UInt32, pasid: UInt32?) throws(ServiceError) -> DeviceProvision
+    /// Takes back what `provision` gave, once the device has detached.
     func release(_ provision: DeviceProvision)
 }
 
+/// The fault service: an io_uring event loop in front of a `FaultEngine`, serving devices and hosts in this process and
+/// in others.
 public final class FaultService: Sendable {
+    /// The engine of the service's own memory.
     public let engine: FaultEngine
+    /// The configuration the service was created with.
     public let configuration: ServiceConfiguration
     let logger: Logger
 
@@ -360,6 +408,7 @@ public final class FaultService: Sendable {
     let uffd: UserfaultfdSource?
     /// Why host events are off, when they are.
     public let hostEventsUnavailable: String?
+    /// Host changes in flight, which in-process devices check before using a translation.
     public let window = HostChangeWindow()
     /// Fault injection: submit results, wake-write completions and doorbell rings.
     let planted = PlantedFailures()
@@ -375,6 +424,7 @@ public final class FaultService: Sendable {
     /// The loop thread's id, for telling whether a caller is on it.
     let loopThread = Atomic<Int32>(0)
 
+    /// A service in front of `engine`, not yet started; opens its io_uring and, with host events, its userfaultfd.
     public init(
         engine: FaultEngine, configuration: ServiceConfiguration = ServiceConfiguration(),
         logger: Logger = Logger(label: "iopf.service")
@@ -406,6 +456,7 @@ public final class FaultService: Sendable {
         Sys.close(doorbell)
     }
 
+    /// Whether the service's own memory is watched through userfaultfd.
     public var hostEventsEnabled: Bool { uffd != nil }
 
     var isOnLoopThread: Bool { loopThread.load(ordering: .relaxed) == iopf_gettid() }
@@ -689,6 +740,7 @@ public final class FaultService: Sendable {
         return ticket
     }
 
+    /// The statistics the loop published last.
     public var statistics: ServiceStatistics {
         var s = published.withLock { $0 }
         s.doorbellWriteFailures = doorbellWriteFailures.load(ordering: .relaxed)

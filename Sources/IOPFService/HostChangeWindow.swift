@@ -19,6 +19,8 @@
 import IOPFCore
 import Synchronization
 
+/// Host ranges being changed and not yet synced: a simulated device skips its access there, and counts one that came
+/// too late.
 public final class HostChangeWindow: Sendable {
     private struct State {
         var changing: [Range<UInt64>] = []
@@ -30,6 +32,7 @@ public final class HostChangeWindow: Sendable {
     private let active = Atomic<Int>(0)
     private let late = Atomic<Int>(0)
 
+    /// A window with nothing in flux.
     public init() {}
 
     /// Accesses that used a translation after its event was read but before its sync.

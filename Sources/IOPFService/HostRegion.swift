@@ -20,7 +20,9 @@ import Synchronization
 /// process maps to reach the same pages. `shared: false` gives plain anonymous private
 /// memory instead (no fd, no physical address), for floors that need it.
 public final class HostRegion: @unchecked Sendable {
+    /// The region's address in this process.
     public let base: UInt64
+    /// The region's length in bytes.
     public let length: UInt64
     /// The sealed memfd behind the region; -1 for anonymous memory.
     public let fd: CInt
@@ -101,6 +103,7 @@ public final class HostRegion: @unchecked Sendable {
     /// is free again and may be mapped by another thread, so deinit must not unmap it.
     public func movedAway() { ownsRange.store(false, ordering: .releasing) }
 
+    /// The address just past the region.
     public var end: UInt64 { base + length }
 
     /// The region as a device sees it: where it is in the physical address space.
@@ -136,6 +139,7 @@ public final class HostRegion: @unchecked Sendable {
 /// registered there before. A host that maps other memory over a region's range is not
 /// followed: DMA through a translation still reaches the region's pages.
 public final class PhysicalSpace: Sendable {
+    /// The physical space of this process's regions.
     public static let shared = PhysicalSpace()
 
     private struct Entry {
@@ -249,6 +253,7 @@ public final class PhysicalSpace: Sendable {
 
 /// RLIMIT_MEMLOCK and CAP_IPC_LOCK of this process, for the pinned path's accounting.
 public enum LockedMemoryLimits {
+    /// This process's `RLIMIT_MEMLOCK` in bytes, and whether it has CAP_IPC_LOCK.
     public static func current() -> (limitBytes: UInt64, capIPCLock: Bool) {
         var limit = rlimit()
         let bytes = getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 ? UInt64(limit.rlim_cur) : 0
@@ -288,6 +293,7 @@ public final class ProcessMemory: HostMemory {
         probes = touchingPages && iopf_probe_install() == 0
     }
 
+    /// Marks `range` as device memory: pinned without locking or charging it.
     public func markDeviceMemory(_ range: Range<UInt64>) {
         deviceMemory.withLock { $0.append(range) }
     }

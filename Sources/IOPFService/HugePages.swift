@@ -13,6 +13,7 @@ import Foundation
 import Glibc
 import IOPFSystem
 
+/// Transparent huge pages for shared memory: reading and setting the kernel's knobs.
 public enum HugePages {
     static let sizeKnob = "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled"
     static let topKnob = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"

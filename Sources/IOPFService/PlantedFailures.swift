@@ -8,6 +8,7 @@ import Synchronization
 /// Failures planted at the service's system-call sites. With nothing planted a site
 /// pays one acquiring atomic load per call.
 public final class PlantedFailures: Sendable {
+    /// Where a failure can be planted.
     public enum Site: Int, Sendable, CaseIterable {
         /// `io_uring_submit` in the event loop (the result becomes `-errno`).
         case submit
@@ -24,8 +25,10 @@ public final class PlantedFailures: Sendable {
     private let planted = Lock<[[Int32]]>(Array(repeating: [], count: Site.allCases.count))
     private let count = Atomic<Int>(0)
 
+    /// Nothing planted.
     public init() {}
 
+    /// Makes the next calls at `site` fail with `errnos`, one call each, in order.
     public func plant(_ site: Site, _ errnos: [Int32]) {
         planted.withLock { $0[site.rawValue] += errnos }
         count.add(errnos.count, ordering: .releasing)

@@ -12,8 +12,11 @@ import IOPFSystem
 import Synchronization
 import SystemPackage
 
+/// An io_uring call that failed.
 public struct RingError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// Which call.
     public var operation: String
+    /// The errno it returned.
     public var errno: Errno
     public var description: String { "io_uring \(operation): \(errno) (errno \(errno.rawValue))" }
 }

@@ -27,6 +27,7 @@ import Logging
 import IOPFCore
 import Synchronization
 
+/// Why the userfaultfd could not be opened, negotiated or registered.
 public struct UserfaultfdError: Error, Sendable, CustomStringConvertible {
     public var description: String
 }

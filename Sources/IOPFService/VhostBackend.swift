@@ -33,11 +33,13 @@ import IOPFWire
 
 /// What a vhost-user back-end's front-end asked of the service, and what the back-end did.
 public struct VhostStatistics: Sendable, Equatable, Codable {
+    /// The device id the back-end was attached as.
     public var deviceID: UInt32 = 0
     /// IOTLB MISS messages received and served with an UPDATE.
     public var iotlbMisses = 0
     /// Misses the engine refused (outside every mapping, or no memory there): no UPDATE.
     public var missesRefused = 0
+    /// IOTLB UPDATE messages sent.
     public var iotlbUpdates = 0
     /// Pages named by UPDATEs (fault-around makes it more than the misses).
     public var pagesUpdated = 0
@@ -54,11 +56,15 @@ public struct VhostStatistics: Sendable, Equatable, Codable {
     /// IOTLB INVALIDATE messages sent, and iopf invalidations (one or more ranges each)
     /// whose every INVALIDATE the back-end acknowledged.
     public var invalidatesSent = 0
+    /// iopf invalidations that reached the back-end.
     public var invalidationsPosted = 0
+    /// Of those, the ones whose every INVALIDATE was acknowledged.
     public var invalidationsAcked = 0
     /// Why the service stopped serving it (fenced, gone, detached); nil while attached.
     public var ended: String?
+    /// Whether it was fenced for breaking the protocol.
     public var fenced = false
+    /// All zero.
     public init() {}
 }
 
@@ -66,6 +72,7 @@ public struct VhostStatistics: Sendable, Equatable, Codable {
 /// by the loop: from reading a MISS to the back-end's REPLY_ACK of its UPDATE (what the
 /// device waits, with its own handling), and to sending the UPDATE (the service's part).
 public final class VhostDevice: Sendable {
+    /// The device id the back-end was attached as.
     public let deviceID: UInt32
     /// A pthread lock (`Lock`), which ThreadSanitizer sees, unlike `Mutex` on Linux.
     let shared = Lock<(stats: VhostStatistics, latencies: [UInt64], serviceTimes: [UInt64], dropped: Int)>(
@@ -78,6 +85,7 @@ public final class VhostDevice: Sendable {
         shared.withLock { $0.stats.deviceID = deviceID }
     }
 
+    /// The statistics the loop published last.
     public var statistics: VhostStatistics { shared.withLock { $0.stats } }
 
     /// The miss latencies and service times (ns) published since the last call, and how

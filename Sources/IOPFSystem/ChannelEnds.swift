@@ -7,6 +7,7 @@ import Glibc
 /// README "Fault channel"): shared rings in a memfd with eventfd doorbells rung only for
 /// sleepers (the default), a socketpair, or a pipe each way.
 public enum ChannelTransport: String, Sendable, CaseIterable {
+    /// A shared ring with two eventfds; a stream socket pair; a pair of pipes.
     case shared, socket, pipe
 }
 

@@ -9,8 +9,11 @@ import SystemPackage
 
 /// A failed system call: which one, and the errno it returned.
 public struct SystemCallError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// Which call failed.
     public var call: String
+    /// The errno it returned.
     public var errno: Errno
+    /// An error for `call` with `errno`.
     public init(_ call: String, _ errno: Errno) {
         self.call = call
         self.errno = errno
@@ -30,6 +33,7 @@ package func syscall<T: FixedWidthInteger>(_ call: String, _ body: () -> T) thro
     }
 }
 
+/// One small wrapper per system call, each throwing a `SystemCallError` that names the call.
 public enum Sys {
     /// Online CPUs.
     public static var onlineCPUs: Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
@@ -47,6 +51,7 @@ public enum Sys {
 
     /// One mapping of this process, as /proc/self/smaps describes it.
     public struct Mapping: Sendable {
+        /// The mapping's addresses.
         public var range: Range<UInt64>
         /// Its `VmFlags` mnemonics: `lo` locked (VM_LOCKED), `um`/`uw` registered with a
         /// userfaultfd, …

@@ -14,29 +14,45 @@ import Glibc
 import IOPFSystem
 import IOPFWire
 
+/// A vhost-user exchange that failed or a reply that was wrong, described for the operator.
 public struct VhostError: Error, Sendable, CustomStringConvertible {
     public var description: String
+    /// An error with `description`.
     public init(_ description: String) { self.description = description }
 }
 
 /// One vring as the driver laid it out: IOVAs of its three parts, its size, its eventfds.
 public struct VringSetup: Sendable {
+    /// The vring's index (0 receive, 1 transmit for virtio-net).
     public var index: UInt32
+    /// Descriptors in the ring.
     public var size: UInt32
+    /// IOVA of the descriptor table.
     public var descriptors: UInt64
+    /// IOVA of the available ring.
     public var available: UInt64
+    /// IOVA of the used ring.
     public var used: UInt64
+    /// The eventfd the driver kicks the back-end with.
     public var kick: CInt
+    /// The eventfd the back-end signals used buffers on.
     public var call: CInt
 }
 
+/// The front-end side of one vhost-user connection: negotiates, sets the memory table and vrings, and opens the
+/// back-end's request channel.
 public final class VhostFrontEnd {
+    /// The connected vhost-user socket, owned by the front-end.
     public let fd: CInt
+    /// How long a reply may take before the exchange fails.
     public static let replyTimeout = Duration.seconds(5)
     /// What the back-end offered and what was agreed.
     public private(set) var offeredFeatures: UInt64 = 0
+    /// Protocol features the back-end offered.
     public private(set) var offeredProtocolFeatures: UInt64 = 0
+    /// Features agreed with the back-end.
     public private(set) var features: UInt64 = 0
+    /// Protocol features agreed with the back-end.
     public private(set) var protocolFeatures: UInt64 = 0
 
     /// Connects to a back-end listening at `path` (DPDK's `iface=PATH,client=0`).
@@ -51,6 +67,7 @@ public final class VhostFrontEnd {
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
+    /// Closes the socket; the back-end sees the front-end go.
     public func close() { Sys.close(fd) }
 
     // MARK: Messages
@@ -157,6 +174,7 @@ public final class VhostFrontEnd {
         return mine
     }
 
+    /// SET_MEM_TABLE with one memfd per region, waiting for the REPLY_ACK when agreed.
     public func setMemoryTable(_ table: VhostUser.MemoryTable, fds: [CInt]) throws {
         try acknowledged(.setMemTable, payload: table.bytes, fds: fds)
     }

@@ -129,11 +129,15 @@ final class SplitRing {
 
 /// What the driver saw.
 public struct DriverCounts: Sendable, Equatable, Codable {
+    /// Packets put on the transmit ring.
     public var packetsSent = 0
+    /// Packets taken back from the receive ring.
     public var packetsReceived = 0
+    /// Received packets whose payload differed from what was sent.
     public var payloadErrors = 0
     /// The first payload error, described.
     public var firstPayloadError: String?
+    /// All zero.
     public init() {}
 }
 

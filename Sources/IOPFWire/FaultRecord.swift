@@ -21,39 +21,59 @@
 
 /// One page request: `struct iommu_hwpt_pgfault`.
 public struct PageRequest: Sendable, Hashable {
+    /// The record's size: iommufd's `struct iommu_hwpt_pgfault`.
     public static let byteCount = 40
     /// PCIe PRI page request group index is 9 bits.
     public static let maxGroupIndex: UInt32 = 511
     /// PCIe PASIDs are 20 bits.
     public static let maxPASID: UInt32 = (1 << 20) - 1
 
+    /// `IOMMU_PGFAULT_FLAGS_*`.
     public struct Flags: OptionSet, Sendable, Hashable {
         public let rawValue: UInt32
         public init(rawValue: UInt32) { self.rawValue = rawValue }
+        /// The record carries a PASID.
         public static let pasidValid = Flags(rawValue: 1 << 0)
+        /// The last request of its group: the group is complete.
         public static let lastPage = Flags(rawValue: 1 << 1)
+        /// Every flag this version knows; a record with others is refused.
         public static let known: Flags = [.pasidValid, .lastPage]
     }
 
+    /// `IOMMU_PGFAULT_PERM_*`: the access the device asks for.
     public struct Permission: OptionSet, Sendable, Hashable {
         public let rawValue: UInt32
         public init(rawValue: UInt32) { self.rawValue = rawValue }
+        /// Read access.
         public static let read = Permission(rawValue: 1 << 0)
+        /// Write access.
         public static let write = Permission(rawValue: 1 << 1)
+        /// Execute access.
         public static let exec = Permission(rawValue: 1 << 2)
+        /// Privileged access.
         public static let priv = Permission(rawValue: 1 << 3)
+        /// Every permission this version knows.
         public static let known: Permission = [.read, .write, .exec, .priv]
     }
 
+    /// The record's flags.
     public var flags: Flags
+    /// The device that faulted.
     public var deviceID: UInt32
+    /// The PASID, meaningful with `pasidValid`.
     public var pasid: UInt32
+    /// The page request group index (PRGI, 9 bits).
     public var groupIndex: UInt32
+    /// The access asked for.
     public var perm: Permission
+    /// The faulting IOVA.
     public var addr: UInt64
+    /// The access length in bytes, 0 when unknown.
     public var length: UInt32
+    /// The group's cookie, which its response echoes; never 0.
     public var cookie: UInt32
 
+    /// A page request with these fields.
     public init(
         flags: Flags, deviceID: UInt32, pasid: UInt32 = 0, groupIndex: UInt32, perm: Permission,
         addr: UInt64, length: UInt32 = 0, cookie: UInt32
@@ -68,9 +88,11 @@ public struct PageRequest: Sendable, Hashable {
         self.cookie = cookie
     }
 
+    /// Whether the record ends its group.
     public var isLastPage: Bool { flags.contains(.lastPage) }
     /// The faulting page (the handler aligns the address down).
     public var page: UInt64 { addr & ~0xFFF }
+    /// Whether the device asks to write.
     public var wantsWrite: Bool { perm.contains(.write) }
 
     /// Decodes and validates one record from exactly 40 bytes.
@@ -115,6 +137,7 @@ public struct PageRequest: Sendable, Hashable {
         bytes.storeBytes(of: cookie.littleEndian, toByteOffset: 36, as: UInt32.self)
     }
 
+    /// The record's 40 bytes, as the kernel lays them out.
     public var bytes: [UInt8] {
         var out = [UInt8](repeating: 0, count: Self.byteCount)
         out.withUnsafeMutableBytes { encode(into: $0) }
@@ -122,16 +145,27 @@ public struct PageRequest: Sendable, Hashable {
     }
 }
 
+/// What is wrong with a fault record or a response, naming the field.
 public enum FaultRecordError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The record is not 40 (or 8) bytes.
     case wrongSize(Int, expected: Int)
+    /// Flags this version does not know.
     case unknownFlags(UInt32)
+    /// Permission bits this version does not know.
     case unknownPermission(UInt32)
+    /// A reserved field is not zero.
     case reservedNonZero(UInt32)
+    /// A group index past the 9 bits PRI allows.
     case groupIndexOutOfRange(UInt32)
+    /// A request for neither read nor write.
     case noAccess(UInt32)
+    /// A cookie of 0, which no group may use.
     case zeroCookie
+    /// A PASID without `pasidValid`.
     case pasidWithoutFlag(UInt32)
+    /// A PASID past 20 bits.
     case pasidOutOfRange(UInt32)
+    /// A response code other than SUCCESS or INVALID.
     case unknownResponseCode(UInt32)
 
     public var description: String {
@@ -163,21 +197,28 @@ public enum FaultRecordError: Error, Sendable, Equatable, CustomStringConvertibl
 /// The answer to a page request group. There is no FAILURE: a PCIe Response Failure
 /// disables PRI for the whole function, so the final uAPI removed it.
 public enum ResponseCode: UInt32, Sendable, Hashable {
+    /// The pages are mapped: the device may retry its access.
     case success = 0
+    /// The request was refused: the device must not retry.
     case invalid = 1
 }
 
 /// `struct iommu_hwpt_page_response`.
 public struct PageResponse: Sendable, Hashable {
+    /// The response's size: iommufd's `struct iommu_hwpt_page_response`.
     public static let byteCount = 8
+    /// The cookie of the group answered.
     public var cookie: UInt32
+    /// How the group was answered.
     public var code: ResponseCode
 
+    /// A response to the group `cookie` with `code`.
     public init(cookie: UInt32, code: ResponseCode) {
         self.cookie = cookie
         self.code = code
     }
 
+    /// Decodes and checks 8 bytes.
     public init(bytes: UnsafeRawBufferPointer) throws(FaultRecordError) {
         guard bytes.count == Self.byteCount else { throw .wrongSize(bytes.count, expected: Self.byteCount) }
         cookie = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
@@ -186,6 +227,7 @@ public struct PageResponse: Sendable, Hashable {
         self.code = code
     }
 
+    /// Writes the response's 8 bytes into `bytes`.
     public func encode(into bytes: UnsafeMutableRawBufferPointer) {
         precondition(
             bytes.count == Self.byteCount, "a page response is \(Self.byteCount) bytes, buffer has \(bytes.count)")

@@ -6,8 +6,10 @@
 /// The name of a host's address space: 1...64 bytes of `[A-Za-z0-9._-]`, so it can be
 /// printed, used as a JSON key and typed on a command line as it is.
 public enum AddressSpaceName {
+    /// The longest name, in UTF-8 bytes.
     public static let maxBytes = 64
 
+    /// Whether `name` may name an address space: 1...64 bytes of printable ASCII.
     public static func isValid(_ name: String) -> Bool {
         let bytes = Array(name.utf8)
         return (1...maxBytes).contains(bytes.count) && bytes.allSatisfy(isAllowed)
@@ -30,12 +32,18 @@ public enum AddressSpaceName {
 /// One piece of the host's memory: `size` bytes at host virtual address `hostAddress`,
 /// mapped shared from memfd number `fdIndex` (0: the first memfd sent) at `fdOffset`.
 public struct HostRegionEntry: Sendable, Equatable {
+    /// Where the region is mapped in the host's process.
     public var hostAddress: UInt64
+    /// The region's size in bytes.
     public var size: UInt64
+    /// Where the region starts in its memfd.
     public var fdOffset: UInt64
+    /// The page size backing it (4 KiB, or a huge page size for hugetlbfs).
     public var pageSize: UInt32
+    /// Which of the message's descriptors is its memfd.
     public var fdIndex: UInt32
 
+    /// A region entry with these fields.
     public init(hostAddress: UInt64, size: UInt64, fdOffset: UInt64, pageSize: UInt32 = 4096, fdIndex: UInt32) {
         self.hostAddress = hostAddress
         self.size = size
@@ -44,6 +52,7 @@ public struct HostRegionEntry: Sendable, Equatable {
         self.fdIndex = fdIndex
     }
 
+    /// The host addresses the region covers.
     public var hostRange: Range<UInt64> { hostAddress..<(hostAddress + size) }
 }
 
@@ -57,15 +66,21 @@ public struct HostRegionEntry: Sendable, Equatable {
 /// list existed sends a count of 0 (the field was reserved): its own uid only.
 public struct HostDeclaration: WirePayload {
     public static let command = Command.host
+    /// The most regions one HOST declares.
     public static let maxRegions = 64
+    /// Bytes of one region entry.
     public static let regionBytes = 32
+    /// The most uids a host may admit besides its own.
     public static let maxAllowedUIDs = 16
 
+    /// The address space's name, which devices attach to.
     public var name: String
+    /// The regions of memory handed over, one memfd each.
     public var regions: [HostRegionEntry]
     /// Further uids whose peers may attach devices (the host's own uid always may).
     public var allowedUIDs: [UInt32]
 
+    /// A declaration of `name` over `regions`, admitting devices of `allowedUIDs` besides the host's uid.
     public init(name: String, regions: [HostRegionEntry], allowedUIDs: [UInt32] = []) {
         self.name = name
         self.regions = regions
@@ -166,15 +181,23 @@ public struct HostDeclaration: WirePayload {
 /// every device dropped translations to the old host addresses.
 public struct DMAMapRequest: WirePayload {
     public static let command = Command.dmaMap
+    /// DMA_MAP flag: devices may read.
     public static let read: UInt32 = 1 << 0
+    /// DMA_MAP flag: devices may write.
     public static let write: UInt32 = 1 << 1
+    /// DMA_MAP flag: update the host address of an existing mapping (VFIO's `VFIO_DMA_MAP_FLAG_VADDR`).
     public static let vaddr: UInt32 = 1 << 2
 
+    /// The first IOVA to map.
     public var iova: UInt64
+    /// The host address the IOVA maps to, inside a declared region.
     public var hostAddress: UInt64
+    /// The size in bytes, page aligned.
     public var size: UInt64
+    /// `read`, `write` and `vaddr` bits.
     public var flags: UInt32
 
+    /// A DMA_MAP of `size` bytes at `iova` onto `hostAddress`.
     public init(iova: UInt64, hostAddress: UInt64, size: UInt64, flags: UInt32) {
         self.iova = iova
         self.hostAddress = hostAddress
@@ -182,6 +205,7 @@ public struct DMAMapRequest: WirePayload {
         self.flags = flags
     }
 
+    /// Whether the request updates an existing mapping's host address.
     public var updatesHostAddress: Bool { flags & Self.vaddr != 0 }
 
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
@@ -213,9 +237,12 @@ public struct DMAMapRequest: WirePayload {
 /// DMA_UNMAP request: 16 bytes. Removes the whole mappings inside `[iova, iova + size)`.
 public struct DMAUnmapRequest: WirePayload {
     public static let command = Command.dmaUnmap
+    /// The first IOVA to unmap.
     public var iova: UInt64
+    /// The size in bytes; mappings inside are removed whole.
     public var size: UInt64
 
+    /// A DMA_UNMAP of `size` bytes at `iova`.
     public init(iova: UInt64, size: UInt64) {
         self.iova = iova
         self.size = size
@@ -238,7 +265,9 @@ public struct DMAUnmapRequest: WirePayload {
 /// once every device dropped the translations.
 public struct DMAUnmapReply: WirePayload {
     public static let command = Command.dmaUnmap
+    /// Bytes unmapped.
     public var bytes: UInt64
+    /// A reply of `bytes` unmapped.
     public init(bytes: UInt64) { self.bytes = bytes }
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
         try Wire.expectSize(.dmaUnmap, p, 8)
@@ -256,12 +285,18 @@ public struct DMAUnmapReply: WirePayload {
 /// stays in (a power of two, 1-262144), the pages a miss maps (1-512), 4 reserved.
 public struct VhostAttachRequest: WirePayload, Equatable {
     public static let command = Command.vhost
+    /// The largest block of pages an UPDATE may cover.
     public static let maxBlockPages: UInt32 = 1 << 18
+    /// The most pages mapped around a miss.
     public static let maxFaultAroundPages: UInt32 = 512
+    /// The device id the back-end is served as.
     public var deviceID: UInt32
+    /// Pages of the aligned block an UPDATE may cover around a miss.
     public var blockPages: UInt32
+    /// Pages mapped around each miss.
     public var faultAroundPages: UInt32
 
+    /// A VHOST request for back-end `deviceID`.
     public init(deviceID: UInt32, blockPages: UInt32 = 512, faultAroundPages: UInt32 = 16) {
         self.deviceID = deviceID
         self.blockPages = blockPages
@@ -295,6 +330,7 @@ public struct VhostAttachRequest: WirePayload, Equatable {
 /// being detached and why (a DETACH request with NO_REPLY, `error` ENODEV, the reason as
 /// text), then closes the connection.
 public enum DetachNotice {
+    /// The DETACH notice with `reason`, as the service sends it on an invalidation socket.
     public static func message(reason: String) -> [UInt8] {
         Wire.message(
             command: .detach, id: 0, flags: .noReply, error: WireErrno.noDevice,

@@ -11,6 +11,7 @@
 
 /// Protocol version spoken by this build.
 public enum WireVersion {
+    /// The major version: a peer with another is refused.
     public static let major: UInt16 = 1
     /// 1.1 adds the host role (HOST, DMA_MAP, DMA_UNMAP, SYNC), ATTACH by address-space
     /// name, and the service's DETACH notice on the invalidation socket.
@@ -29,21 +30,33 @@ public enum WireLimits {
     public static let maxInvalidateRanges = 256
     /// DMA windows and memory regions one ATTACH reply carries.
     public static let maxWindows = 64
+    /// The most memory regions one ATTACH reply carries.
     public static let maxRegions = 64
     /// Bytes of text an error reply carries at most.
     public static let maxErrorText = 512
 }
 
+/// The protocol's commands.
 public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
+    /// HELLO: versions, capabilities, role.
     case hello = 1
+    /// ATTACH: a device asks for windows, memory and a fault channel.
     case attach = 2
+    /// TRANSLATE: IOVAs to physical addresses (ATS-like).
     case translate = 3
+    /// DETACH: a device leaves, or the service tells it it was detached.
     case detach = 4
+    /// INVALIDATE: ranges a device must drop and acknowledge.
     case invalidate = 5
+    /// HOST: a host hands over its memory and userfaultfd.
     case host = 6
+    /// DMA_MAP: a host maps IOVAs onto its memory.
     case dmaMap = 7
+    /// DMA_UNMAP: a host removes mappings.
     case dmaUnmap = 8
+    /// SYNC: a host waits until its earlier changes reached every device.
     case sync = 9
+    /// VHOST: a host hands over a vhost-user back-end's sockets.
     case vhost = 10
 
     public var description: String {
@@ -64,17 +77,28 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
 
 /// What a malformed message did wrong. `kind` is the stable name the service counts it by.
 public enum WireError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// Fewer bytes than a header or payload needs.
     case truncated(have: Int, need: Int)
+    /// More bytes than a message may have.
     case tooLarge(Int)
+    /// The header's size is not what was received.
     case sizeMismatch(header: UInt32, received: Int)
+    /// Header flags this version does not know.
     case unknownFlags(UInt32)
+    /// A message type other than request or reply.
     case badType(UInt32)
+    /// A command this version does not know.
     case unknownCommand(UInt16)
+    /// A payload of the wrong size for its command.
     case payloadSize(Command, got: Int, expected: Int)
+    /// A field outside the values allowed.
     case outOfRange(field: String, value: UInt64, allowed: String)
+    /// A reserved field that is not zero.
     case reservedNonZero(field: String)
+    /// A field that must be page aligned and is not.
     case unaligned(field: String, value: UInt64)
 
+    /// The stable name the service counts this error by.
     public var kind: ProtocolErrorKind {
         switch self {
         case .truncated, .tooLarge, .sizeMismatch, .unknownFlags, .badType: .badHeader
@@ -111,46 +135,68 @@ public enum WireError: Error, Sendable, Equatable, CustomStringConvertible {
 
 /// The Linux errno values error replies use (the wire carries numbers, not names).
 public enum WireErrno {
+    /// EPERM.
     public static let notPermitted: UInt32 = 1  // EPERM
+    /// ENOENT.
     public static let noEntry: UInt32 = 2  // ENOENT
+    /// EBADF.
     public static let badFD: UInt32 = 9  // EBADF
+    /// EFAULT.
     public static let fault: UInt32 = 14  // EFAULT
+    /// EBUSY.
     public static let busy: UInt32 = 16  // EBUSY
+    /// EEXIST.
     public static let exists: UInt32 = 17  // EEXIST
+    /// ENODEV.
     public static let noDevice: UInt32 = 19  // ENODEV
+    /// EINVAL.
     public static let invalid: UInt32 = 22  // EINVAL
+    /// ENOSPC.
     public static let noSpace: UInt32 = 28  // ENOSPC
+    /// ENOTUNIQ.
     public static let notUnique: UInt32 = 76  // ENOTUNIQ
+    /// EPROTO.
     public static let protocolError: UInt32 = 71  // EPROTO
+    /// EMSGSIZE.
     public static let messageSize: UInt32 = 90  // EMSGSIZE
+    /// EOPNOTSUPP.
     public static let notSupported: UInt32 = 95  // EOPNOTSUPP
+    /// ETIMEDOUT.
     public static let timedOut: UInt32 = 110  // ETIMEDOUT
 }
 
 // MARK: - Header
 
+/// The 16-byte header every protocol message starts with (after vfio-user's).
 public struct MessageHeader: Sendable, Equatable {
+    /// The header's size.
     public static let byteCount = 16
 
+    /// The header's type and flag bits.
     public struct Flags: OptionSet, Sendable, Equatable {
         public let rawValue: UInt32
         public init(rawValue: UInt32) { self.rawValue = rawValue }
         /// Bits 0–3 are the type: 0 request, 1 reply.
         public static let reply = Flags(rawValue: 1)
+        /// The sender wants no reply.
         public static let noReply = Flags(rawValue: 1 << 4)
+        /// The reply reports an error (its `error` field holds the errno).
         public static let error = Flags(rawValue: 1 << 5)
         static let known: UInt32 = 0xF | 1 << 4 | 1 << 5
     }
 
     /// Chosen by the sender of a request; a reply carries the request's id.
     public var id: UInt16
+    /// The command.
     public var command: Command
     /// The whole message, header included.
     public var size: UInt32
+    /// Type and flags.
     public var flags: Flags
     /// An errno, in error replies; 0 otherwise.
     public var error: UInt32
 
+    /// A header with these fields.
     public init(id: UInt16, command: Command, size: UInt32, flags: Flags = [], error: UInt32 = 0) {
         self.id = id
         self.command = command
@@ -159,7 +205,9 @@ public struct MessageHeader: Sendable, Equatable {
         self.error = error
     }
 
+    /// Whether the message is a reply.
     public var isReply: Bool { flags.contains(.reply) }
+    /// Whether the message is an error reply.
     public var isError: Bool { flags.contains(.error) }
 
     /// Decodes the header of a whole received message and checks it against its length.
@@ -201,8 +249,11 @@ public func peekMessageID(_ bytes: UnsafeRawBufferPointer) -> (id: UInt16, comma
 
 /// A payload with a fixed layout for one command.
 public protocol WirePayload: Sendable, Equatable {
+    /// The command whose payload this is.
     static var command: Command { get }
+    /// Decodes and checks a payload (the message without its header).
     init(payload: UnsafeRawBufferPointer) throws(WireError)
+    /// Appends the payload's bytes to `w`.
     func encode(into w: inout WireWriter)
 }
 
@@ -214,6 +265,7 @@ extension WirePayload {
         return Wire.message(command: Self.command, id: id, flags: flags, payload: body.bytes)
     }
 
+    /// Decodes and checks a whole message's payload (the header is skipped, not checked).
     public init(message bytes: [UInt8]) throws(WireError) {
         try self.init(payload: bytes, from: MessageHeader.byteCount)
     }
@@ -227,6 +279,7 @@ extension WirePayload {
     }
 }
 
+/// Building whole messages and error replies.
 public enum Wire {
     /// Header plus payload.
     public static func message(
@@ -252,6 +305,7 @@ public enum Wire {
         String(decoding: payload.prefix(WireLimits.maxErrorText), as: UTF8.self)
     }
 
+    /// Throws `payloadSize` unless the payload is exactly `n` bytes.
     public static func expectSize(_ c: Command, _ p: UnsafeRawBufferPointer, _ n: Int) throws(WireError) {
         guard p.count == n else { throw .payloadSize(c, got: p.count, expected: n) }
     }
@@ -267,24 +321,32 @@ public struct Capabilities: OptionSet, Sendable, Equatable {
     public static let streamChannel = Capabilities(rawValue: 1 << 1)
     /// TRANSLATE requests (ATS-like).
     public static let translate = Capabilities(rawValue: 1 << 2)
+    /// Every capability.
     public static let all: Capabilities = [.sharedRing, .streamChannel, .translate]
 }
 
 /// The role a peer takes on the socket: a device (1.0), or a host that hands over its
 /// address space (1.1).
 public enum PeerRole: UInt32, Sendable {
+    /// A device: attaches and faults.
     case device = 0
+    /// A host: hands over its address space (protocol 1.1).
     case host = 1
 }
 
 /// HELLO request: 12 bytes.
 public struct Hello: WirePayload {
     public static let command = Command.hello
+    /// The sender's major version.
     public var major: UInt16
+    /// The sender's minor version.
     public var minor: UInt16
+    /// What the sender can do.
     public var capabilities: Capabilities
+    /// The role the sender takes.
     public var role: PeerRole
 
+    /// A HELLO of this build's version with every capability, as `role`.
     public init(
         major: UInt16 = WireVersion.major, minor: UInt16 = WireVersion.minor,
         capabilities: Capabilities = .all, role: PeerRole = .device
@@ -320,12 +382,18 @@ public struct Hello: WirePayload {
 /// the capabilities a subset of those proposed.
 public struct HelloReply: WirePayload {
     public static let command = Command.hello
+    /// The service's major version.
     public var major: UInt16
+    /// The service's minor version.
     public var minor: UInt16
+    /// What both sides can do.
     public var capabilities: Capabilities
+    /// The largest message the service accepts.
     public var maxMessageBytes: UInt32
+    /// The most descriptors one message may carry.
     public var maxFDs: UInt32
 
+    /// A HELLO reply with these limits.
     public init(
         major: UInt16, minor: UInt16, capabilities: Capabilities,
         maxMessageBytes: UInt32 = UInt32(WireLimits.maxMessageBytes), maxFDs: UInt32 = UInt32(WireLimits.maxFDs)
@@ -358,19 +426,25 @@ public struct HelloReply: WirePayload {
 /// address space (1...64 bytes, see `AddressSpaceName`).
 public struct Attach: WirePayload {
     public static let command = Command.attach
+    /// ATTACH flag: `pasid` is valid.
     public static let pasidValid: UInt32 = 1 << 0
     /// Ask for records on a stream socket instead of the shared ring pair.
     public static let streamChannel: UInt32 = 1 << 1
     /// The payload ends with the name of the host address space to attach to.
     public static let addressSpace: UInt32 = 1 << 2
 
+    /// The device's id, unique among live attachments.
     public var deviceID: UInt32
+    /// The PASID the device's requests carry, if any.
     public var pasid: UInt32?
+    /// Requests the device will have outstanding at most.
     public var credit: UInt32
+    /// Whether it asks for a stream channel instead of the shared ring.
     public var wantsStream: Bool
     /// A host's address space (HOST); nil: the service's own memory.
     public var addressSpaceName: String?
 
+    /// An ATTACH as `deviceID` with `credit`, to the service's memory or to `addressSpaceName`.
     public init(
         deviceID: UInt32, pasid: UInt32? = nil, credit: UInt32 = 32, wantsStream: Bool = false,
         addressSpaceName: String? = nil
@@ -424,10 +498,13 @@ public struct Attach: WirePayload {
 
 /// A range of IOVA the device may use, with the permission the mapping grants.
 public struct DMAWindow: Sendable, Equatable {
+    /// The window's first IOVA.
     public var iova: UInt64
+    /// The window's size in bytes.
     public var size: UInt64
     /// Bit 0 READ, bit 1 WRITE.
     public var prot: UInt32
+    /// A window of `size` bytes at `iova` with `prot`.
     public init(iova: UInt64, size: UInt64, prot: UInt32) {
         self.iova = iova
         self.size = size
@@ -438,8 +515,11 @@ public struct DMAWindow: Sendable, Equatable {
 /// A piece of host memory at `phys` in the service's physical address space, backed by
 /// the fd sent at the same position (offset 0 of the fd is `phys`).
 public struct MemoryRegionInfo: Sendable, Equatable {
+    /// The region's base in the service's physical address space.
     public var phys: UInt64
+    /// The region's size in bytes.
     public var size: UInt64
+    /// A region of `size` bytes at `phys`.
     public init(phys: UInt64, size: UInt64) {
         self.phys = phys
         self.size = size
@@ -454,6 +534,7 @@ public enum ChannelKind: UInt32, Sendable {
     /// fds: one SOCK_STREAM socket; 40-byte records in, 8-byte responses out.
     case stream = 1
 
+    /// Descriptors the channel comes with.
     public var fdCount: Int { self == .sharedRing ? 3 : 1 }
 }
 
@@ -462,15 +543,20 @@ public enum ChannelKind: UInt32, Sendable {
 /// then one per region.
 public struct AttachReply: WirePayload {
     public static let command = Command.attach
+    /// Requests the device may have outstanding, as granted.
     public var credit: UInt32
+    /// The fault channel granted.
     public var channel: ChannelKind
     /// Deadline for acknowledging an INVALIDATE, in milliseconds.
     public var invalidateTimeoutMs: UInt32
     /// Entries in each shared ring (0 for a stream channel).
     public var ringEntries: UInt32
+    /// The IOVA windows the device may reach.
     public var windows: [DMAWindow]
+    /// The memory regions, one descriptor each.
     public var regions: [MemoryRegionInfo]
 
+    /// An ATTACH reply with these fields.
     public init(
         credit: UInt32, channel: ChannelKind, invalidateTimeoutMs: UInt32, ringEntries: UInt32,
         windows: [DMAWindow], regions: [MemoryRegionInfo]
@@ -483,6 +569,7 @@ public struct AttachReply: WirePayload {
         self.regions = regions
     }
 
+    /// Descriptors the reply carries.
     public var fdCount: Int { 1 + channel.fdCount + regions.count }
 
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
@@ -548,9 +635,12 @@ public struct AttachReply: WirePayload {
 /// TRANSLATE request: 16 bytes, `pages` 4 KiB pages from `iova`.
 public struct Translate: WirePayload {
     public static let command = Command.translate
+    /// The first IOVA to translate.
     public var iova: UInt64
+    /// Pages to translate, 1...512.
     public var pages: UInt32
 
+    /// A TRANSLATE of `pages` pages from `iova`.
     public init(iova: UInt64, pages: UInt32) {
         self.iova = iova
         self.pages = pages
@@ -583,13 +673,17 @@ public struct Translate: WirePayload {
 /// with bit 0 READ and bit 1 WRITE, or 0 when not present.
 public struct TranslateReply: WirePayload {
     public static let command = Command.translate
+    /// Entry bit: readable.
     public static let read: UInt64 = 1
+    /// Entry bit: writable.
     public static let write: UInt64 = 2
     /// The last INVALIDATE sequence the service had sent this device before it walked the
     /// table. A device that has already processed a later INVALIDATE must drop the reply.
     public var sequence: UInt64
+    /// One entry per page: physical address with the R and W bits, 0 when not mapped.
     public var entries: [UInt64]
 
+    /// A reply of `entries` as of invalidation `sequence`.
     public init(sequence: UInt64, entries: [UInt64]) {
         self.sequence = sequence
         self.entries = entries
@@ -623,6 +717,7 @@ public struct TranslateReply: WirePayload {
 /// An empty payload (DETACH request and reply).
 public struct Empty: WirePayload {
     public static let command = Command.detach
+    /// DETACH has no payload.
     public init() {}
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) { try Wire.expectSize(.detach, p, 0) }
     public func encode(into w: inout WireWriter) {}
@@ -634,9 +729,12 @@ public struct Invalidate: WirePayload {
     public static let command = Command.invalidate
     /// Per device, starting at 1, one higher each time.
     public var sequence: UInt64
+    /// The PASID the ranges belong to, if any.
     public var pasid: UInt32?
+    /// The ranges to drop, `last` inclusive.
     public var ranges: [(start: UInt64, last: UInt64)]
 
+    /// An INVALIDATE of `ranges`, numbered `sequence`.
     public init(sequence: UInt64, pasid: UInt32?, ranges: [(start: UInt64, last: UInt64)]) {
         self.sequence = sequence
         self.pasid = pasid
@@ -690,7 +788,9 @@ public struct Invalidate: WirePayload {
 /// INVALIDATE reply (the acknowledgement): 8 bytes, the sequence acknowledged.
 public struct InvalidateAck: WirePayload {
     public static let command = Command.invalidate
+    /// The sequence of the INVALIDATE acknowledged.
     public var sequence: UInt64
+    /// An acknowledgement of `sequence`.
     public init(sequence: UInt64) { self.sequence = sequence }
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
         try Wire.expectSize(.invalidate, p, 8)
@@ -706,10 +806,14 @@ public struct InvalidateAck: WirePayload {
 public struct WireReader {
     let bytes: UnsafeRawBufferPointer
     var offset = 0
+    /// A reader at the start of `bytes`.
     public init(_ bytes: UnsafeRawBufferPointer) { self.bytes = bytes }
 
+    /// Reads a little-endian 16-bit value.
     public mutating func u16() -> UInt16 { read(UInt16.self) }
+    /// Reads a little-endian 32-bit value.
     public mutating func u32() -> UInt32 { read(UInt32.self) }
+    /// Reads a little-endian 64-bit value.
     public mutating func u64() -> UInt64 { read(UInt64.self) }
 
     private mutating func read<T: FixedWidthInteger>(_: T.Type) -> T {
@@ -722,10 +826,15 @@ public struct WireReader {
 
 /// Appends little-endian fields.
 public struct WireWriter {
+    /// The bytes written so far.
     public var bytes: [UInt8] = []
+    /// An empty writer.
     public init() {}
+    /// Appends a little-endian 16-bit value.
     public mutating func u16(_ v: UInt16) { append(v) }
+    /// Appends a little-endian 32-bit value.
     public mutating func u32(_ v: UInt32) { append(v) }
+    /// Appends a little-endian 64-bit value.
     public mutating func u64(_ v: UInt64) { append(v) }
     private mutating func append<T: FixedWidthInteger>(_ v: T) {
         withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }

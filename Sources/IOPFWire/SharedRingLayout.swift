@@ -26,11 +26,17 @@
 // re-checks the ring (both sequentially consistent), so a producer that saw the flag clear
 // had published before the re-check: no wake-up is lost.
 
+/// The layout of the shared ring pair: a header page of indices and flags, then the request and response slots.
 public enum SharedRingLayout {
+    /// Slots in each ring.
     public static let entries = 256
+    /// The header page's size.
     public static let headerBytes = 4096
+    /// Where the request slots start.
     public static let requestSlotsOffset = headerBytes
+    /// Where the response slots start.
     public static let responseSlotsOffset = headerBytes + entries * PageRequest.byteCount
+    /// The size of the whole mapping.
     public static let byteCount = responseSlotsOffset + entries * PageResponse.byteCount
 
     /// The service's "answered at" stamp (UInt64, CLOCK_MONOTONIC ns), on the response
@@ -42,8 +48,10 @@ public enum SharedRingLayout {
 
     /// The header's UInt32 fields, each on its own 64-byte cache line.
     public enum Field: Int, CaseIterable, Sendable {
+        /// The indices and flags, one 64-byte cache line each.
         case requestHead = 0, requestTail, responseHead, responseTail, deviceWaiting, serviceWaiting, deviceClosed,
             serviceClosed
+        /// The field's offset in the header page.
         public var offset: Int { rawValue * 64 }
     }
 }
