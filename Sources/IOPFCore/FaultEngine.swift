@@ -100,7 +100,10 @@ public struct InvalidationOutcome: Sendable, Equatable {
 }
 
 /// Counters of everything the engine has done since it was created.
-public struct EngineStatistics: Sendable, Equatable {
+public struct EngineStatistics: Sendable, Equatable, Codable {
+    /// All zero.
+    public init() {}
+
     /// Page-request groups handled.
     public var groups = 0
     /// Page requests handled, in all groups.

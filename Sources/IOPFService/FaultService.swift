@@ -94,7 +94,10 @@ public struct TenantLimits: Sendable, Equatable {
 }
 
 /// Counters of everything the service has done, published by the loop thread.
-public struct ServiceStatistics: Sendable, Equatable {
+public struct ServiceStatistics: Sendable, Equatable, Codable {
+    /// All zero.
+    public init() {}
+
     /// Well-formed page requests received.
     public var records = 0
     /// Page-request groups answered.

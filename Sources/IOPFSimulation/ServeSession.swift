@@ -137,56 +137,24 @@ package struct LatencySummary: Codable, Sendable, Equatable {
     }
 }
 
-/// What `iopf serve --json` prints; the keys are the README's.
-package struct ServeResult: Codable, Sendable {
-    package struct Responses: Codable, Sendable, Equatable {
-        package var success = 0
-        package var invalid = 0
-    }
-
+/// What a serve run itself saw: its shape, the devices' DMA and latencies, the checks.
+package struct ServeRun: Codable, Sendable {
     package var mode = "fault"
     package var devices = 0
     package var domains = 0
     package var transport = ""
     package var dmaOps = 0
     package var dmaErrors = 0
-    package var faults = 0
-    package var groups = 0
-    package var responses = Responses()
-    package var invalidations = 0
-    package var pagesUnmapped = 0
-    package var iotlbSyncs = 0
-    package var retries = 0
     package var integrityErrors = 0
     package var violations = 0
-    /// Host events read from the userfaultfd, and how many of them there were per kind.
-    package var uffdEvents = 0
-    package var uffdEventKinds = [String: Int]()
-    /// `uffdEvents` split by source: "own" (this process's memory) and each host's name.
-    package var uffdEventsBySource = [String: Int]()
-    /// Hosts in other processes that handed over their address space during the run.
-    package var hosts: [HostRecord] = []
-    /// Why the service stopped granting, if it did (absent from the JSON while it serves).
-    package var stopped: String?
-    /// Times the io_uring completion queue was found overflowed (nothing is lost).
-    package var completionOverflows = 0
-    /// Pages mapped ahead of faults (`--fault-around`); included in the pages mapped.
-    package var prefetchedPages = 0
-    /// Groups handled together with other groups of their device in one loop turn: only
-    /// devices with several groups in flight (`--outstanding`) have any.
-    package var batchedGroups = 0
     /// Threads the in-process devices ran on (`--device-threads`; as many as devices when
     /// each had its own).
     package var deviceThreads = 0
-    /// 2 MiB blocks mapped on faults with one entry each (`--huge-pages`).
-    package var blockMappings = 0
     /// Host changes made by `--host-churn`.
     package var hostChanges = 0
     /// Device accesses through a translation after its host event was read but before
     /// its sync (see HostChangeWindow).
     package var lateAccesses = 0
-    /// Faults answered INVALID because the host had unmapped or moved the memory.
-    package var hostGoneFaults = 0
     package var residentBytes: UInt64 = 0
     /// Of the devices' memory (the in-process region and external devices' windows), at
     /// the end of the run; a pinned run checks that all of it is unlocked after unmap.
@@ -198,20 +166,59 @@ package struct ServeResult: Codable, Sendable {
     /// would see it (shared rings only: their "answered at" stamp; absent otherwise).
     package var answerLatencyNs: LatencySummary?
     package var elapsedSeconds = 0.0
-    /// Devices in other processes: attached, fenced, and the peers' protocol errors.
-    package var externalDevices = 0
-    package var devicesFenced = 0
-    package var protocolErrors = 0
-    package var protocolErrorKinds = [ProtocolErrorKind: Int]()
-    package var peersDisconnected = 0
-    /// Connections refused or cut before they were served, by why; host requests refused
-    /// for a budget.
-    package var refusedConnections = [ProtocolErrorKind: Int]()
-    package var hostBudgetsExceeded = 0
     /// With `--dirty-log`: reads of the log against what the devices really wrote.
     package var dirty: DirtySummary?
     /// The first problems seen, enough to reproduce (empty on a clean run).
     package var problems: [String] = []
+}
+
+/// What `iopf serve --json` prints: the run's own figures and, embedded whole, the
+/// service's and the engine's statistics at its end. The JSON is one flat object (the
+/// keys scripts use: `faults`, `groups`, `protocolErrorKinds`, `hosts`, ...); in Swift the
+/// statistics' fields read through as if they were the result's own.
+@dynamicMemberLookup
+package struct ServeResult: Encodable, Sendable {
+    package struct Responses: Codable, Sendable, Equatable {
+        package var success = 0
+        package var invalid = 0
+    }
+
+    package var run = ServeRun()
+    package var service = ServiceStatistics()
+    package var engine = EngineStatistics()
+
+    package subscript<T>(dynamicMember path: WritableKeyPath<ServeRun, T>) -> T {
+        get { run[keyPath: path] }
+        set { run[keyPath: path] = newValue }
+    }
+    package subscript<T>(dynamicMember path: KeyPath<ServiceStatistics, T>) -> T { service[keyPath: path] }
+    package subscript<T>(dynamicMember path: KeyPath<EngineStatistics, T>) -> T { engine[keyPath: path] }
+
+    /// Page requests served (the service's well-formed records).
+    package var faults: Int { service.records }
+    /// Groups answered, as the service counts them.
+    package var groups: Int { service.groups }
+    /// Pages mapped ahead of faults (`--fault-around`), as the service counts them.
+    package var prefetchedPages: Int { service.prefetchedPages }
+    package var responses: Responses { Responses(success: service.success, invalid: service.invalid) }
+    /// Host events by kind.
+    package var uffdEventKinds: [String: Int] {
+        ["remove": service.uffdRemove, "unmap": service.uffdUnmap, "remap": service.uffdRemap]
+    }
+
+    private enum Derived: String, CodingKey { case faults, responses, uffdEventKinds }
+
+    /// One object: the engine's statistics, then the service's (which win where both have
+    /// a key), then the run's, then the derived keys.
+    package func encode(to encoder: any Encoder) throws {
+        try engine.encode(to: encoder)
+        try service.encode(to: encoder)
+        try run.encode(to: encoder)
+        var c = encoder.container(keyedBy: Derived.self)
+        try c.encode(faults, forKey: .faults)
+        try c.encode(responses, forKey: .responses)
+        try c.encode(uffdEventKinds, forKey: .uffdEventKinds)
+    }
 }
 
 package struct ServeProgress: Sendable {
@@ -287,6 +294,49 @@ package enum ServeSession {
     ) throws -> ServeResult {
         precondition(o.devices >= 0 && o.domains > 0, "devices must not be negative; at least one domain")
         precondition(o.devices > 0 || o.listenPath != nil, "no devices: at least one in-process device or --listen")
+        let setup = try ServeSetup(o, logger: logger)
+        defer { setup.service.stop() }
+        var result = ServeResult()
+        result.deviceThreads = setup.startDevices()
+        var loop = try ServeLoop(setup)
+        loop.run(shouldStop: shouldStop, progress: progress)
+        setup.summarize(loop, into: &result)
+        return result
+    }
+
+    /// The value of a /proc "Name:<whitespace>N kB" line, in bytes. The padding after the
+    /// colon is tabs and spaces, or just a tab once N has 8 digits.
+    static func procBytes(_ line: Substring) -> UInt64? {
+        line.split(whereSeparator: \.isWhitespace).dropFirst().first.flatMap { UInt64($0) }.map { $0 * 1024 }
+    }
+}
+
+/// Changes the devices' host memory the way a VMM or guest would, so that real
+/// userfaultfd events flow: MADV_REMOVE (REMOVE: the shared pages are freed),
+/// mmap(MAP_FIXED) of the same memfd range over itself (UNMAP), mremap with
+/// MREMAP_DONTUNMAP (REMAP). The ranges always stay mapped to the same memfd pages, so a
+/// device that still holds a translation touches memory of the region rather than a hole. After an UNMAP or
+/// REMAP the mapping's host address is re-declared (VFIO_DMA_MAP_FLAG_VADDR), as a VMM
+/// does after replacing guest memory; faults in between are answered INVALID.
+/// A serve run's first phase: the memory, the service, the in-process devices (mapped,
+/// not started) and the listener.
+struct ServeSetup {
+    let options: ServeOptions
+    let slicePages: Int
+    let slice: UInt64
+    let region: HostRegion?
+    let rig: Rig
+    let devices: [SimulatedDevice]
+    let ledger: DirtyLedger?
+    let provisioner: ServeProvisioner
+
+    var engine: FaultEngine { rig.engine }
+    var service: FaultService { rig.service }
+    /// The in-process devices' memory, which the dirty log covers.
+    var loggedBytes: UInt64 { slice * UInt64(options.devices) }
+
+    init(_ o: ServeOptions, logger: Logger) throws {
+        options = o
         var slicePages = o.devices > 0 ? Int(o.memoryBytes >> 12) / o.devices : 0
         if o.hugePages {
             slicePages &= ~(hugeBlockPages - 1)
@@ -296,8 +346,9 @@ package enum ServeSession {
             let unit = o.hugePages ? " of 2 MiB blocks" : ""
             throw ServiceError.invalidRequest("--memory is too small for \(o.devices) devices\(unit)")
         }
-        let slice = UInt64(slicePages) << 12
-        let region =
+        self.slicePages = slicePages
+        slice = UInt64(slicePages) << 12
+        region =
             o.devices > 0
             ? try HostRegion(length: slice * UInt64(o.devices), alignment: 2 << 20, hugePages: o.hugePages) : nil
 
@@ -311,19 +362,41 @@ package enum ServeSession {
         serviceConfig.hostEvents = o.mode == .fault
         serviceConfig.invalidateTimeout = o.invalidateTimeout
         o.tenantLimits.apply(to: &serviceConfig)
-        let rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, logger: logger)
-        let (engine, service) = (rig.engine, rig.service)
-        defer { service.stop() }
+        rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, logger: logger)
+        let service = rig.service
+        do {
+            ledger =
+                o.dirtyLogInterval != nil && o.devices > 0
+                ? DirtyLedger(iovaBase: ServeOptions.iovaBase, pages: slicePages * o.devices) : nil
+            devices = try Self.makeDevices(o, rig: rig, region: region, slicePages: slicePages, ledger: ledger)
+            if ledger != nil {
+                try rig.engine.startDirtyTracking(iova: ServeOptions.iovaBase, size: slice * UInt64(o.devices))
+                ledger!.trackingStarted()
+            }
+            provisioner = ServeProvisioner(
+                domains: rig.domains, bytes: o.deviceMemoryBytes, mode: o.mode, hugePages: o.hugePages)
+            provisioner.service = service
+            if let path = o.listenPath {
+                try service.listen(path: path, mode: o.socketMode, provisioner: provisioner)
+            }
+        } catch {
+            service.stop()
+            throw error
+        }
+    }
 
-        let logged = o.dirtyLogInterval != nil && o.devices > 0
-        let ledger = logged ? DirtyLedger(iovaBase: ServeOptions.iovaBase, pages: slicePages * o.devices) : nil
+    /// One device per slice of the region, mapped (fault-driven or pinned) at its IOVA.
+    private static func makeDevices(
+        _ o: ServeOptions, rig: Rig, region: HostRegion?, slicePages: Int, ledger: DirtyLedger?
+    ) throws -> [SimulatedDevice] {
+        let slice = UInt64(slicePages) << 12
         var devices: [SimulatedDevice] = []
         for d in 0..<o.devices {
             let iova = ServeOptions.iovaBase + UInt64(d) * slice
             let host = region!.base + UInt64(d) * slice
             switch o.mode {
-            case .fault: try service.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
-            case .pinned: try service.mapPinned(iova: iova, vaddr: host, size: slice, prot: .readWrite)
+            case .fault: try rig.service.map(iova: iova, vaddr: host, size: slice, prot: .readWrite)
+            case .pinned: try rig.service.mapPinned(iova: iova, vaddr: host, size: slice, prot: .readWrite)
             }
             var dc = DeviceConfiguration(
                 deviceID: UInt32(d + 1), iovaBase: iova, pages: slicePages, hostBase: host,
@@ -343,127 +416,41 @@ package enum ServeSession {
             if o.dirtyShare != nil { dc.writePercent = 100 }
             devices.append(try rig.device(dc, domain: d % o.domains, regions: [region!]))
         }
-        let loggedBytes = slice * UInt64(o.devices)
-        if ledger != nil {
-            try engine.startDirtyTracking(iova: ServeOptions.iovaBase, size: loggedBytes)
-            ledger!.trackingStarted()
-        }
-        let provisioner = ServeProvisioner(
-            domains: rig.domains, bytes: o.deviceMemoryBytes, mode: o.mode,
-            hugePages: o.hugePages)
-        provisioner.service = service
-        if let path = o.listenPath {
-            try service.listen(path: path, mode: o.socketMode, provisioner: provisioner)
-        }
+        return devices
+    }
 
-        let start = ContinuousClock.now
-        let elapsed = { () -> Double in
-            (ContinuousClock.now - start).seconds
-        }
-        var result = ServeResult()
-        if let n = o.deviceThreads, devices.allSatisfy({ $0.configuration.writesPerRound == nil }) {
-            let threads = min(n, devices.count)
-            result.deviceThreads = threads
-            for t in 0..<threads {
-                SimulatedDevice.startShared(
-                    stride(from: t, to: devices.count, by: threads).map { devices[$0] },
-                    idlePriority: o.idleDevices, avoidCPU: o.serviceCPU,
-                    name: "iopf-devices-\(t)")
-            }
-        } else {
+    /// Starts the devices, on shared threads with `--device-threads`; the threads used.
+    func startDevices() -> Int {
+        let o = options
+        guard let n = o.deviceThreads, devices.allSatisfy({ $0.configuration.writesPerRound == nil }) else {
             devices.forEach { $0.start() }
-            result.deviceThreads = devices.count
+            return devices.count
         }
-        var rng = Xoshiro(seed: o.seed ^ 0x5EED)
-        var violations: [InvariantViolation] = []
-        var problems: [String] = []
-        var nextInvalidate = 0.0
-        var nextProgress = 0.5
-        var nextCheck = o.checkInterval > 0 ? o.checkInterval : .infinity
-        var nextChurn = 0.0
-        var nextDirtyRead = o.dirtyLogInterval ?? .infinity
-        var readTimes = Histogram<UInt64>.nanoseconds()
-        var churn =
-            o.hostChurnInterval > 0 && service.hostEventsEnabled && region != nil
-            ? try HostChurn(
-                service: service, region: region!, slice: slice, devices: devices, maxPages: o.hostChurnMaxPages,
-                seed: o.seed)
-            : nil
-        if o.hostChurnInterval > 0 && !service.hostEventsEnabled {
-            problems.append("--host-churn needs host events, which are off: \(service.hostEventsUnavailable ?? "")")
+        let threads = min(n, devices.count)
+        for t in 0..<threads {
+            SimulatedDevice.startShared(
+                stride(from: t, to: devices.count, by: threads).map { devices[$0] },
+                idlePriority: o.idleDevices, avoidCPU: o.serviceCPU, name: "iopf-devices-\(t)")
         }
-        let limited = o.operationsPerDevice != nil && o.devices > 0
-        func running() -> Bool {
-            if shouldStop() { return false }
-            if limited { return !devices.allSatisfy { $0.isFinished } }
-            return o.seconds == 0 || elapsed() < o.seconds
-        }
-        while running() {
-            let now = elapsed()
-            if o.invalidateInterval > 0 && now >= nextInvalidate {
-                // Any page of the in-process region or of an external device's window.
-                let targets = (region.map { [$0] } ?? []) + provisioner.regions
-                if let target = targets.isEmpty ? nil : targets[Int(rng.next() % UInt64(targets.count))] {
-                    let pages = 1 + Int(rng.next() % UInt64(o.invalidateMaxPages))
-                    let first = Int(rng.next() % UInt64(target.length >> 12))
-                    let length = UInt64(min(pages, Int(target.length >> 12) - first)) << 12
-                    do {
-                        _ = try service.invalidate(hostAddress: target.base + UInt64(first) << 12, length: length)
-                            .wait()
-                    } catch {
-                        problems.append("invalidation failed: \(error)")
-                        break
-                    }
-                }
-                nextInvalidate = now + o.invalidateInterval
-            }
-            if churn != nil && now >= nextChurn {
-                do {
-                    try churn!.step()
-                } catch {
-                    problems.append("host change failed: \(error)")
-                    churn = nil
-                }
-                nextChurn = now + o.hostChurnInterval
-            }
-            if let ledger, now >= nextDirtyRead {
-                do {
-                    let t0 = ContinuousClock.now
-                    let bits = try engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes)
-                    readTimes.record(UInt64(max(0, (ContinuousClock.now - t0).nanoseconds)))
-                    ledger.roundRead(bits)
-                } catch {
-                    problems.append("reading the dirty log failed: \(error)")
-                }
-                nextDirtyRead = now + o.dirtyLogInterval!
-            }
-            if now >= nextCheck {
-                violations += (try? service.checkInvariants().wait()) ?? []
-                nextCheck = now + o.checkInterval
-            }
-            if now >= nextProgress {
-                let s = service.statistics
-                progress(
-                    ServeProgress(
-                        elapsed: now, faults: s.records, groups: s.groups, invalidations: s.invalidationRequests,
-                        violations: violations.count, externalDevices: s.externalDevices))
-                nextProgress = now + 0.5
-            }
-            let nap = min(
-                o.invalidateInterval > 0 ? o.invalidateInterval / 2 : 0.01, 0.025,
-                (o.dirtyLogInterval ?? 1) / 4)
-            usleep(UInt32(nap * 1e6))
-        }
+        return threads
+    }
+
+    /// The last phase: stops the devices and the service and fills `result` from their
+    /// reports, the statistics, the checks and the memory's state.
+    func summarize(_ loop: ServeLoop, into result: inout ServeResult) {
+        let o = options
+        var problems = loop.problems
+        var violations = loop.violations
         let reports = devices.map { $0.finish() }
         if let ledger {  // the last round: every write has landed
             if let bits = try? engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: loggedBytes) {
                 ledger.roundRead(bits)
             }
             result.dirty = ledger.finish()
-            result.dirty!.readNs = LatencySummary(readTimes)
+            result.dirty!.readNs = LatencySummary(loop.readTimes)
             if result.dirty!.missed > 0 { problems += result.dirty!.firstMissed ?? [] }
         }
-        let seconds = elapsed()
+        let seconds = loop.elapsed()
         violations += (try? service.checkInvariants().wait()) ?? []
         service.stop()
 
@@ -483,52 +470,30 @@ package enum ServeSession {
             latency.add(r.latency)
             answerLatency.add(r.answerLatency)
         }
-        for d in devices { let bad = d.verifyHostMemory(); result.integrityErrors += bad.count; problems += bad }
-        let s = service.statistics
-        let e = engine.statistics
-        result.faults = s.records
-        result.groups = s.groups
-        result.responses = .init(success: s.success, invalid: s.invalid)
-        result.invalidations = e.invalidations
-        result.pagesUnmapped = e.pagesUnmapped
-        result.iotlbSyncs = e.iotlbSyncs
-        result.retries = e.retries
-        result.uffdEvents = s.uffdEvents
-        result.uffdEventKinds = ["remove": s.uffdRemove, "unmap": s.uffdUnmap, "remap": s.uffdRemap]
-        result.uffdEventsBySource = s.uffdEventsBySource.merging(["own": 0]) { a, _ in a }
-        result.hosts = s.hosts
-        result.stopped = s.stopped
-        result.completionOverflows = s.completionOverflows
-        result.prefetchedPages = s.prefetchedPages
-        result.batchedGroups = s.batchedGroups
-        result.blockMappings = e.blockMappings
-        result.hostChanges = churn?.changes ?? 0
+        for d in devices {
+            let bad = d.verifyHostMemory()
+            result.integrityErrors += bad.count
+            problems += bad
+        }
+        result.service = service.statistics
+        result.service.uffdEventsBySource["own", default: 0] += 0
+        result.engine = engine.statistics
+        result.hostChanges = loop.churn?.changes ?? 0
         result.lateAccesses = service.window.lateAccesses
-        result.hostGoneFaults = e.hostGoneFaults
-        result.externalDevices = s.externalDevices
-        result.devicesFenced = s.devicesFenced
-        result.protocolErrors = s.protocolErrors
-        result.protocolErrorKinds = s.protocolErrorKinds
-        result.peersDisconnected = s.peersDisconnected
-        result.refusedConnections = s.refusedConnections
-        result.hostBudgetsExceeded = s.hostBudgetsExceeded
         // Every group answered exactly once: what devices sent, got, and the service answered
         // agree (checked when every device is in this process).
+        let s = result.service
         let sent = reports.reduce(0) { $0 + $1.groups }
         let answered = reports.reduce(0) { $0 + $1.success + $1.invalid }
         let protocolErrors = reports.reduce(0) { $0 + $1.protocolErrors }
         var accounting: [String] = []
         if s.externalDevices == 0 && (sent != answered || answered != s.groups - s.abandonedGroups) {
             accounting.append(
-                """
-                groups sent \(sent), answered to devices \(answered), answered by the service \
-                \(s.groups - s.abandonedGroups)
-                """
-            )
+                "groups sent \(sent), answered to devices \(answered), "
+                    + "answered by the service \(s.groups - s.abandonedGroups)")
         }
         result.violations =
-            violations.count + protocolErrors + accounting.count + deviceViolations
-            + (result.dirty?.missed ?? 0)
+            violations.count + protocolErrors + accounting.count + deviceViolations + (result.dirty?.missed ?? 0)
         problems += violations.prefix(5).map(\.description) + accounting
         result.residentBytes = (try? region?.residentBytes() ?? 0) ?? 0
         result.lockedBytes = ([region].compactMap { $0 } + provisioner.regions).reduce(0) { $0 + $1.lockedBytes() }
@@ -544,23 +509,114 @@ package enum ServeSession {
         if answerLatency.totalCount > 0 { result.answerLatencyNs = LatencySummary(answerLatency) }
         result.elapsedSeconds = seconds
         result.problems = Array(problems.prefix(10))
-        return result
-    }
-
-    /// The value of a /proc "Name:<whitespace>N kB" line, in bytes. The padding after the
-    /// colon is tabs and spaces, or just a tab once N has 8 digits.
-    static func procBytes(_ line: Substring) -> UInt64? {
-        line.split(whereSeparator: \.isWhitespace).dropFirst().first.flatMap { UInt64($0) }.map { $0 * 1024 }
     }
 }
 
-/// Changes the devices' host memory the way a VMM or guest would, so that real
-/// userfaultfd events flow: MADV_REMOVE (REMOVE: the shared pages are freed),
-/// mmap(MAP_FIXED) of the same memfd range over itself (UNMAP), mremap with
-/// MREMAP_DONTUNMAP (REMAP). The ranges always stay mapped to the same memfd pages, so a
-/// device that still holds a translation touches memory of the region rather than a hole. After an UNMAP or
-/// REMAP the mapping's host address is re-declared (VFIO_DMA_MAP_FLAG_VADDR), as a VMM
-/// does after replacing guest memory; faults in between are answered INVALID.
+/// A serve run's middle phase: until the run ends, the periodic work (invalidations, host
+/// churn, dirty-log reads, invariant checks, progress), each on its own schedule.
+struct ServeLoop {
+    let setup: ServeSetup
+    let start = ContinuousClock.now
+    var rng: Xoshiro
+    var violations: [InvariantViolation] = []
+    var problems: [String] = []
+    var readTimes = Histogram<UInt64>.nanoseconds()
+    var churn: HostChurn?
+    private var nextInvalidate = 0.0
+    private var nextProgress = 0.5
+    private var nextCheck: Double
+    private var nextChurn = 0.0
+    private var nextDirtyRead: Double
+
+    init(_ setup: ServeSetup) throws {
+        let o = setup.options
+        self.setup = setup
+        rng = Xoshiro(seed: o.seed ^ 0x5EED)
+        nextCheck = o.checkInterval > 0 ? o.checkInterval : .infinity
+        nextDirtyRead = o.dirtyLogInterval ?? .infinity
+        let service = setup.service
+        if o.hostChurnInterval > 0 && service.hostEventsEnabled, let region = setup.region {
+            churn = try HostChurn(
+                service: service, region: region, slice: setup.slice, devices: setup.devices,
+                maxPages: o.hostChurnMaxPages, seed: o.seed)
+        }
+        if o.hostChurnInterval > 0 && !service.hostEventsEnabled {
+            problems.append("--host-churn needs host events, which are off: \(service.hostEventsUnavailable ?? "")")
+        }
+    }
+
+    /// Seconds since the run started.
+    func elapsed() -> Double { (ContinuousClock.now - start).seconds }
+
+    /// Whether the run goes on: not asked to stop, devices with work left, time left.
+    func running(_ shouldStop: () -> Bool) -> Bool {
+        let o = setup.options
+        if shouldStop() { return false }
+        if o.operationsPerDevice != nil && o.devices > 0 { return !setup.devices.allSatisfy { $0.isFinished } }
+        return o.seconds == 0 || elapsed() < o.seconds
+    }
+
+    mutating func run(shouldStop: () -> Bool, progress: (ServeProgress) -> Void) {
+        let o = setup.options
+        while running(shouldStop) {
+            let now = elapsed()
+            if o.invalidateInterval > 0 && now >= nextInvalidate {
+                invalidateSomewhere()
+                nextInvalidate = now + o.invalidateInterval
+            }
+            if churn != nil && now >= nextChurn {
+                do { try churn!.step() } catch {
+                    problems.append("host change failed: \(error)")
+                    churn = nil
+                }
+                nextChurn = now + o.hostChurnInterval
+            }
+            if let ledger = setup.ledger, now >= nextDirtyRead {
+                do {
+                    let t0 = ContinuousClock.now
+                    let bits = try setup.engine.readAndClearDirty(iova: ServeOptions.iovaBase, size: setup.loggedBytes)
+                    readTimes.record(UInt64(max(0, (ContinuousClock.now - t0).nanoseconds)))
+                    ledger.roundRead(bits)
+                } catch {
+                    problems.append("reading the dirty log failed: \(error)")
+                }
+                nextDirtyRead = now + o.dirtyLogInterval!
+            }
+            if now >= nextCheck {
+                violations += (try? setup.service.checkInvariants().wait()) ?? []
+                nextCheck = now + o.checkInterval
+            }
+            if now >= nextProgress {
+                let s = setup.service.statistics
+                progress(
+                    ServeProgress(
+                        elapsed: now, faults: s.records, groups: s.groups, invalidations: s.invalidationRequests,
+                        violations: violations.count, externalDevices: s.externalDevices))
+                nextProgress = now + 0.5
+            }
+            let nap = min(
+                o.invalidateInterval > 0 ? o.invalidateInterval / 2 : 0.01, 0.025, (o.dirtyLogInterval ?? 1) / 4)
+            usleep(UInt32(nap * 1e6))
+        }
+    }
+
+    /// Invalidates a random range of the in-process region or of an external device's window.
+    private mutating func invalidateSomewhere() {
+        let o = setup.options
+        let targets = (setup.region.map { [$0] } ?? []) + setup.provisioner.regions
+        guard !targets.isEmpty else { return }
+        let target = targets[Int(rng.next() % UInt64(targets.count))]
+        let pages = 1 + Int(rng.next() % UInt64(o.invalidateMaxPages))
+        let first = Int(rng.next() % UInt64(target.length >> 12))
+        let length = UInt64(min(pages, Int(target.length >> 12) - first)) << 12
+        do {
+            _ = try setup.service.invalidate(hostAddress: target.base + UInt64(first) << 12, length: length).wait()
+        } catch {
+            problems.append("invalidation failed: \(error)")
+        }
+    }
+}
+
 struct HostChurn {
     let service: FaultService
     let region: HostRegion

@@ -59,7 +59,8 @@ package struct VhostOptions: Sendable {
 }
 
 /// What one run measured; the JSON keys are the README's.
-package struct VhostRunResult: Codable, Sendable, Equatable {
+/// What the run itself saw: the driver's packets, throughput, latencies, host changes.
+package struct VhostRun: Codable, Sendable, Equatable {
     package var mode: VhostMode
     /// The host name the back-end was served under by another process's service (whose
     /// statistics, `hosts[].vhost`, hold the IOTLB figures); nil when served here.
@@ -71,39 +72,55 @@ package struct VhostRunResult: Codable, Sendable, Equatable {
     package var firstPayloadError: String?
     package var mpps = 0.0
     package var mppsAfterWarmup = 0.0
-    package var iotlbMisses = 0
     package var missesPerSecond = 0.0
-    package var missesRefused = 0
-    package var iotlbUpdates = 0
-    package var pagesUpdated = 0
-    package var updatesRefused = 0
-    /// UPDATEs that first dropped the back-end's smaller entries inside their run, and
-    /// the entries it held at the end as far as the service knows.
-    package var entriesMerged = 0
-    package var entriesRestored = 0
-    package var iotlbEntries = 0
     /// From the service reading a miss to the back-end's REPLY_ACK of its UPDATE, and to
     /// the UPDATE being sent (the service's own part).
     package var missLatencyNs = LatencySummary()
     package var missServiceNs = LatencySummary()
-    /// Invalidations asked of the service, iopf invalidations that reached the back-end,
-    /// and those it acknowledged (every IOTLB INVALIDATE of one answered).
+    /// Invalidations asked of the service.
     package var invalidationsRequested = 0
     /// madvise calls made (`hostChurnInterval`), and userfaultfd events the service read.
     package var hostChanges = 0
     package var uffdEvents = 0
-    package var invalidatesSent = 0
-    package var invalidationsPosted = 0
-    package var invalidationsAcked = 0
     /// Pages the I/O page table maps at the end, and the driver memory resident.
     package var mappedBytes: UInt64 = 0
     package var residentBytes: UInt64 = 0
     /// Why the service stopped serving the back-end before the end (gone, fenced).
     package var backendEnded: String?
-    package var fenced = false
 }
 
-package struct VhostCompareResult: Codable, Sendable, Equatable {
+/// What `iopf vhost --json` prints for one run: the run's own figures and, embedded
+/// whole, the back-end's `VhostStatistics` as the service kept them. One flat JSON object
+/// (`iotlbMisses`, `entriesMerged`, `invalidationsAcked`, ...); in Swift the statistics'
+/// fields read through as the result's own.
+@dynamicMemberLookup
+package struct VhostRunResult: Encodable, Sendable, Equatable {
+    package var run: VhostRun
+    package var backend = VhostStatistics()
+
+    package init(mode: VhostMode) { run = VhostRun(mode: mode) }
+
+    package subscript<T>(dynamicMember path: WritableKeyPath<VhostRun, T>) -> T {
+        get { run[keyPath: path] }
+        set { run[keyPath: path] = newValue }
+    }
+    package subscript<T>(dynamicMember path: KeyPath<VhostStatistics, T>) -> T { backend[keyPath: path] }
+
+    /// Entries the back-end held at the end, as far as the service knows.
+    package var iotlbEntries: Int { backend.entries }
+
+    private enum Derived: String, CodingKey { case iotlbEntries }
+
+    /// One object: the back-end's statistics, then the run's, then the derived keys.
+    package func encode(to encoder: any Encoder) throws {
+        try backend.encode(to: encoder)
+        try run.encode(to: encoder)
+        var c = encoder.container(keyedBy: Derived.self)
+        try c.encode(iotlbEntries, forKey: .iotlbEntries)
+    }
+}
+
+package struct VhostCompareResult: Encodable, Sendable, Equatable {
     package var runs: [VhostRunResult]
     /// Throughput after warm-up, fault-driven over pinned and pinned over no IOMMU.
     package var faultToPinned: Double?
@@ -402,20 +419,8 @@ package enum VhostSession {
         if handedOver { plumbing.detach(device) }
         if let device {
             takeLatencies()
-            let s = device.statistics
-            result.iotlbMisses = s.iotlbMisses
-            result.missesRefused = s.missesRefused
-            result.iotlbUpdates = s.iotlbUpdates
-            result.pagesUpdated = s.pagesUpdated
-            result.updatesRefused = s.updatesRefused
-            result.entriesMerged = s.entriesMerged
-            result.entriesRestored = s.entriesRestored
-            result.iotlbEntries = s.entries
-            result.invalidatesSent = s.invalidatesSent
-            result.invalidationsAcked = s.invalidationsAcked
-            result.invalidationsPosted = s.invalidationsPosted
-            if let ended = s.ended, ended != "detached" { result.backendEnded = ended }
-            result.fenced = s.fenced
+            result.backend = device.statistics
+            if let ended = result.backend.ended, ended != "detached" { result.backendEnded = ended }
         }
         if result.backendEnded == nil {
             // Stop the rings as QEMU does, so the back-end tears the device down cleanly.
