@@ -44,24 +44,15 @@ package struct StressOptions: Sendable {
     package init() {}
 }
 
-package struct StressResult: Codable, Sendable {
+/// What the stress run itself found: its storm, the checks and what broke them.
+package struct StressRun: Codable, Sendable {
     package var seed: UInt64 = 0
     package var seconds = 0.0
     package var injected: [String] = []
     /// "in-process" or "external".
     package var devices = "in-process"
-    package var faults = 0
-    package var groups = 0
-    package var invalidations = 0
-    package var uffdEvents = 0
     /// Changes made by the `iopf host` of an `--external` run.
     package var hostChanges = 0
-    package var retries = 0
-    /// Pages mapped ahead of faults (`--fault-around`).
-    package var prefetchedPages = 0
-    /// 2 MiB blocks mapped on faults (`--huge-pages`).
-    package var blockMappings = 0
-    package var iotlbSyncs = 0
     /// Engine invariant checks run, plus translations checked by devices.
     package var checks = 0
     package var violations = 0
@@ -74,6 +65,40 @@ package struct StressResult: Codable, Sendable {
     package var stormOperations: [String: Int] = [:]
     /// The first violation, with the seed and what was happening.
     package var firstViolation: String?
+}
+
+/// What `iopf stress --json` prints: the run's findings and, embedded whole, the
+/// service's and the engine's statistics at its end, as one flat object (as `serve`).
+@dynamicMemberLookup
+package struct StressResult: Encodable, Sendable {
+    package var run = StressRun()
+    package var service = ServiceStatistics()
+    package var engine = EngineStatistics()
+
+    package subscript<T>(dynamicMember path: WritableKeyPath<StressRun, T>) -> T {
+        get { run[keyPath: path] }
+        set { run[keyPath: path] = newValue }
+    }
+    package subscript<T>(dynamicMember path: KeyPath<ServiceStatistics, T>) -> T { service[keyPath: path] }
+    package subscript<T>(dynamicMember path: KeyPath<EngineStatistics, T>) -> T { engine[keyPath: path] }
+
+    /// Page requests served.
+    package var faults: Int { service.records }
+    /// Groups answered, as the service counts them.
+    package var groups: Int { service.groups }
+    /// Pages mapped ahead of faults (`--fault-around`), as the service counts them.
+    package var prefetchedPages: Int { service.prefetchedPages }
+
+    private enum Derived: String, CodingKey { case faults }
+
+    /// One object: the engine's statistics, then the service's, then the run's, then `faults`.
+    package func encode(to encoder: any Encoder) throws {
+        try engine.encode(to: encoder)
+        try service.encode(to: encoder)
+        try run.encode(to: encoder)
+        var c = encoder.container(keyedBy: Derived.self)
+        try c.encode(faults, forKey: .faults)
+    }
 }
 
 /// The service's footprint at one moment of a stress run.
@@ -98,289 +123,86 @@ package enum StressSession {
     ) throws -> StressResult {
         precondition(
             o.devices > 0 && o.mappingsPerDevice > 0 && o.domains > 0, "stress needs devices, mappings and domains")
-        let slice = StressOptions.mappingBytes * UInt64(o.mappingsPerDevice)
-        if o.hugePages, let notice = try HugePages.enableForShmem() { logger.warning("\(notice)") }
-        let region = try HostRegion(
-            length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes,
-            hugePages: o.hugePages)
-        var config = EngineConfiguration()
-        config.blocksOnFault = o.hugePages
-        config.injectedBugs = o.injected
-        let audits = (0..<o.domains).map { _ in
-            TranslationAudit(iovaBase: StressOptions.iovaBase, pages: Int(slice >> 12) * o.devices)
-        }
-        let tallies = (0..<o.domains).map { _ in SyncTally() }
-        var serviceConfig = ServiceConfiguration()
-        serviceConfig.spinNanoseconds = 50_000
-        serviceConfig.hostEvents = o.hostChurn
-        serviceConfig.faultAround = o.faultAround
-        serviceConfig.injectedBugs = o.injected
-        serviceConfig.invalidateTimeout = .seconds(2)
-        let hostTally = SyncTally()
-        if o.external {
-            serviceConfig.hostEngine.injectedBugs = o.injected
-            serviceConfig.hostSyncObserver = (StressSession.hostName, hostTally)
-        }
-        let observers: [any IOTLBSyncObserver] = o.external ? tallies : audits
-        let rig = try Rig(
-            engine: config, service: serviceConfig, domains: o.domains, observers: observers, logger: logger)
-        let (engine, service) = (rig.engine, rig.service)
+        let setup = try StressSetup(o, logger: logger)
+        let service = setup.rig.service
         defer { service.stop() }
-
-        struct Mapping { var iova: UInt64; var host: UInt64 }
-        var mappings: [Mapping] = []
-        var devices: [SimulatedDevice] = []
-        let totalPages = Int(slice >> 12) * o.devices
-        let ledger =
-            o.dirtyLogInterval != nil && !o.external
-            ? DirtyLedger(iovaBase: StressOptions.iovaBase, pages: totalPages) : nil
-        /// One read of the dirty log over every device's memory, handed to the ledger.
-        func readDirtyLog(_ ledger: DirtyLedger) throws {
-            ledger.roundRead(try engine.readAndClearDirty(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12))
-        }
-        for d in 0..<o.devices {
-            let iova = StressOptions.iovaBase + UInt64(d) * slice
-            let host = region.base + UInt64(d) * slice
-            for k in 0..<o.mappingsPerDevice {
-                let m = Mapping(
-                    iova: iova + UInt64(k) * StressOptions.mappingBytes,
-                    host: host + UInt64(k) * StressOptions.mappingBytes)
-                try service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
-                mappings.append(m)
-            }
-            guard !o.external else { continue }
-            var dc = DeviceConfiguration(
-                deviceID: UInt32(d + 1), iovaBase: iova, pages: Int(slice >> 12), hostBase: host,
-                physBase: region.phys! + UInt64(d) * slice)
-            dc.seed = o.seed &+ UInt64(d) &* 104_729
-            dc.burst = 8
-            dc.outstanding = o.outstanding
-            dc.credit = DeviceConfiguration.credit(outstanding: o.outstanding, burst: dc.burst)
-            dc.iotlbEntries = 32
-            dc.spinNanoseconds = 50_000
-            dc.hostMayChangeMemory = true
-            dc.dirtyLedger = ledger
-            devices.append(try rig.device(dc, domain: d % o.domains, regions: [region]))
-        }
-        if let ledger {
-            try engine.startDirtyTracking(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12)
-            ledger.trackingStarted()
-        }
-
-        let fleet = o.external ? try startFleet(o, rig: rig, region: region, slice: slice) : nil
+        let fleet = o.external ? try startFleet(o, rig: setup.rig, region: setup.region, slice: setup.slice) : nil
         let hosted = o.external ? try startHost(o, service: service) : nil
-        defer { hosted?.host.kill(); hosted?.devices.kill() }
-        tallies.forEach { $0.reset() }  // count from here, when every device is attached
-        hostTally.reset()
+        defer {
+            hosted?.host.kill()
+            hosted?.devices.kill()
+        }
+        setup.tallies.forEach { $0.reset() }  // count from here, when every device is attached
+        setup.hostTally.reset()
 
         var result = StressResult()
         result.seed = o.seed
         result.devices = o.external ? "external" : "in-process"
         result.injected = InjectedBugs.names.filter { o.injected.contains($0.1) }.map(\.0)
-        var kinds: [String: Int] = [:]
-        var first: String?
-        var engineChecks = 0
-        var doing = "starting"
-        func record(_ violations: [InvariantViolation]) {
-            engineChecks += 1
-            for v in violations {
-                kinds[v.kind.rawValue, default: 0] += 1
-                if first == nil { first = "seed \(o.seed), while \(doing): \(v)" }
-            }
-        }
-
+        var findings = StressFindings(seed: o.seed)
         let start = ContinuousClock.now
-        let elapsed = { () -> Double in
-            (ContinuousClock.now - start).seconds
-        }
-        devices.forEach { $0.start() }
-        var rng = Xoshiro(seed: o.seed ^ 0x57_0235)
-        var churn =
-            o.hostChurn && service.hostEventsEnabled
-            ? try HostChurn(
-                service: service, region: region, slice: StressOptions.mappingBytes, devices: devices, maxPages: 64,
-                seed: o.seed, iovaBase: StressOptions.iovaBase)
-            : nil
-        var counts: [String: Int] = [:]
+        let elapsed = { (ContinuousClock.now - start).seconds }
+        setup.devices.forEach { $0.start() }
+        var storm = try StressStorm(setup, logger: logger)
         var nextProgress = 0.5
         var nextSample = o.sampleEvery ?? .infinity
         var nextCheck = 0.05
         var nextDirtyRead = o.dirtyLogInterval ?? .infinity
-        var operations = 0
-        let total = region.length
-        while elapsed() < o.seconds && operations < (o.operations ?? .max) {
-            operations += 1
-            do {
-                let roll = rng.next() % 100
-                let m = mappings[Int(rng.next() % UInt64(mappings.count))]
-                switch roll {
-                case 0..<45:  // an invalidation storm through the loop: any size, unaligned edges, across mappings
-                    doing = "a service invalidation"
-                    let (s, len) = randomRange(&rng, base: region.base, total: total)
-                    _ = try service.invalidate(hostAddress: s, length: len).wait()
-                    counts["serviceInvalidate", default: 0] += 1
-                case 45..<75:  // from this thread, as an MMU notifier runs in the thread changing memory
-                    doing = "a direct invalidation"
-                    let (s, len) = randomRange(&rng, base: region.base, total: total)
-                    try engine.invalidate(hostAddress: s, length: len)
-                    counts["directInvalidate", default: 0] += 1
-                case 75..<85:  // take memory away under running faults, check, give it back
-                    doing = "a take-away of \(hex(m.host))"
-                    try engine.invalidate(hostAddress: m.host, length: StressOptions.mappingBytes, hostGone: true)
-                    usleep(50)
-                    record(engine.checkInvariants())
-                    try service.updateHostAddress(iova: m.iova, size: StressOptions.mappingBytes, vaddr: m.host)
-                    counts["takeAway", default: 0] += 1
-                case 85..<92:  // pre-map a whole mapping: 2 MiB blocks that later invalidations cut into
-                    doing = "a pre-map of \(hex(m.iova))"
-                    try engine.invalidate(hostAddress: m.host, length: StressOptions.mappingBytes)
-                    do {
-                        try engine.premap(iova: m.iova, size: StressOptions.mappingBytes, write: true)
-                    } catch let error as HostMemoryError {
-                        logger.debug("pre-map: \(error)")  // the host may be changing it: fine
-                    }
-                    counts["premap", default: 0] += 1
-                case 92..<96:  // remove a mapping and create it again; faults in between are INVALID
-                    doing = "re-creating the mapping at \(hex(m.iova))"
-                    if let ledger {  // read what was written there with the removal, as a VMM must
-                        let written = try service.unmapReadingDirty(iova: m.iova, size: StressOptions.mappingBytes)
-                        ledger.alsoReported(iova: m.iova, written)
-                    } else {
-                        try service.unmap(iova: m.iova, size: StressOptions.mappingBytes)
-                    }
-                    try service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
-                    counts["remap", default: 0] += 1
-                default:  // real host events
-                    if churn != nil {
-                        doing = "a host change"
-                        try churn!.step()
-                        counts["hostChange", default: 0] += 1
-                    }
-                }
-            } catch {
-                // A correct engine never fails these: an error is itself a broken invariant.
-                kinds["stormOperationFailed", default: 0] += 1
-                if first == nil { first = "seed \(o.seed), while \(doing): \(error)" }
-            }
+        while elapsed() < o.seconds && storm.operations < (o.operations ?? .max) {
+            storm.step(&findings)
             let now = elapsed()
-            if let ledger, now >= nextDirtyRead {
-                doing = "a read of the dirty log"
-                try readDirtyLog(ledger)
+            if let ledger = setup.ledger, now >= nextDirtyRead {
+                findings.doing = "a read of the dirty log"
+                try setup.readDirtyLog(ledger)
                 nextDirtyRead = now + o.dirtyLogInterval!
             }
             if now >= nextCheck {
-                doing = "a periodic check"
-                record(try service.checkInvariants().wait())
+                findings.doing = "a periodic check"
+                findings.record(try service.checkInvariants().wait())
                 nextCheck = now + 0.05
             }
             if now >= nextProgress {
-                let s = service.statistics
                 progress(
                     StressProgress(
-                        elapsed: now, faults: s.records, invalidations: engine.statistics.invalidations,
-                        violations: kinds.values.reduce(0, +)))
+                        elapsed: now, faults: service.statistics.records,
+                        invalidations: setup.rig.engine.statistics.invalidations, violations: findings.count))
                 nextProgress = now + 0.5
             }
             if now >= nextSample, let every = o.sampleEvery {
-                doing = "taking a footprint"
+                findings.doing = "taking a footprint"
                 sample(
                     StressSample(
                         elapsed: now, faults: service.statistics.records, footprint: try service.footprint().wait()))
                 nextSample += every
             }
         }
-        doing = "the final checks"
+        findings.doing = "the final checks"
         if let fleet {
-            try collect(
-                fleet, tallies: tallies, service: service, seed: o.seed, into: &result, kinds: &kinds, first: &first)
+            try collect(fleet, tallies: setup.tallies, service: service, into: &result, findings: &findings)
         }
         if let hosted {
             try collect(
-                hosted.devices, tallies: [hostTally], service: service, seed: o.seed, into: &result, kinds: &kinds,
-                first: &first, label: "host device")
+                hosted.devices, tallies: [setup.hostTally], service: service, into: &result, findings: &findings,
+                label: "host device")
             let host = hosted.host.stop(as: HostResult.self)[0]
             result.hostChanges = host?.hostChanges ?? 0
             if host == nil || !(host?.problems.isEmpty ?? false) || host!.hostChanges == 0 {
-                kinds["hostFailed", default: 0] += 1
-                if first == nil {
-                    first =
-                        """
-                        seed \(o.seed): the iopf host process failed: \
-                        \(host?.problems.first ?? "it died or made no change")
-                        """
-                }
+                findings.note(
+                    "hostFailed",
+                    "the iopf host process failed: \(host?.problems.first ?? "it died or made no change")")
             }
         }
-        devices.forEach { $0.stop() }
-        // No device may be left waiting: each must come back within a few seconds.
-        let deadline = ContinuousClock.now + .seconds(10)
-        while !devices.allSatisfy({ $0.isFinished }) && ContinuousClock.now < deadline { usleep(1000) }
-        let stuck = devices.filter { !$0.isFinished }.count
-        if stuck > 0 {
-            kinds["deviceLeftWaiting", default: 0] += stuck
-            if first == nil { first = "seed \(o.seed): \(stuck) devices still waiting for an answer after the run" }
-        }
-        let reports = stuck == 0 ? devices.map { $0.finish() } : []
-        record(try service.checkInvariants().wait())
-        if let ledger, stuck == 0 {  // the last round: every write has landed
-            try readDirtyLog(ledger)
-            let dirty = ledger.finish()
-            result.dirty = dirty
-            if dirty.missed > 0 {
-                kinds["dirtyWriteLost", default: 0] += dirty.missed
-                if first == nil {
-                    first =
-                        "seed \(o.seed): \(dirty.missed) pages written but never reported by the dirty log, "
-                        + "e.g. \(dirty.firstMissed?.first ?? "")"
-                }
-            }
-        }
-        let seconds = elapsed()
+        try setup.finish(into: &result, findings: &findings)
+        result.seconds = elapsed()
         service.stop()
-        _ = churn
-
-        for r in reports {
-            result.dmaOps += r.dmaOps
-            result.dmaErrors += r.dmaErrors
-            result.checks += r.checks
-            for (k, n) in [
-                ("staleTranslation", r.staleTranslations), ("wrongTranslation", r.wrongTranslations),
-                ("wrongData", r.integrityErrors), ("groupNotAnsweredOnce", r.protocolErrors),
-            ] where n > 0 {
-                kinds[k, default: 0] += n
-            }
-            if first == nil, let p = r.firstProblems.first { first = "seed \(o.seed), device side: \(p)" }
-        }
-        let sent = reports.reduce(0) { $0 + $1.groups }
-        let answered = reports.reduce(0) { $0 + $1.success + $1.invalid }
-        if sent != answered {
-            kinds["groupNotAnsweredOnce", default: 0] += abs(sent - answered)
-            if first == nil { first = "seed \(o.seed): devices sent \(sent) groups and got \(answered) answers" }
-        }
-        // This engine's own account: the process's VmLck also counts other users (tests
-        // running beside this one).
-        let locked = engine.lockedBytes
-        if locked != 0 {
-            kinds["lockedMemoryLeft", default: 0] += 1
-            if first == nil { first = "seed \(o.seed): \(locked) bytes still locked after the run" }
-        }
-        let s = service.statistics
-        let e = engine.statistics
-        result.seconds = seconds
-        result.faults = s.records
-        result.groups = s.groups
-        result.invalidations = e.invalidations
-        result.uffdEvents = s.uffdEvents
-        result.retries = e.retries
-        result.prefetchedPages = s.prefetchedPages
-        result.blockMappings = e.blockMappings
-        result.iotlbSyncs = e.iotlbSyncs
-        result.checks += engineChecks
-        result.violationKinds = kinds
-        result.violations = kinds.values.reduce(0, +)
+        result.service = service.statistics
+        result.engine = setup.rig.engine.statistics
         result.lateAccesses = service.window.lateAccesses
-        result.stormOperations = counts
-        result.firstViolation = first
+        result.stormOperations = storm.counts
+        result.checks += findings.engineChecks
+        result.violationKinds = findings.kinds
+        result.violations = findings.count
+        result.firstViolation = findings.first
         return result
     }
 
@@ -456,17 +278,15 @@ package enum StressSession {
     /// Makes sure every INVALIDATE posted so far was acknowledged, stops the devices and
     /// checks what they report.
     static func collect(
-        _ fleet: ExternalFleet, tallies: [SyncTally], service: FaultService, seed: UInt64,
-        into result: inout StressResult, kinds: inout [String: Int], first: inout String?,
-        label: String = "device"
+        _ fleet: ExternalFleet, tallies: [SyncTally], service: FaultService, into result: inout StressResult,
+        findings: inout StressFindings, label: String = "device"
     ) throws {
         // A barrier completes once every device acknowledged every INVALIDATE posted so far.
         try service.barrier().wait()
         let synced = tallies.map(\.count)
         for (d, r) in fleet.stop().enumerated() {
             guard let r else {
-                kinds["deviceFailed", default: 0] += 1
-                if first == nil { first = "seed \(seed): \(label) \(d + 1) died or printed no summary" }
+                findings.note("deviceFailed", "\(label) \(d + 1) died or printed no summary")
                 continue
             }
             result.dmaOps += r.dmaOps
@@ -477,19 +297,13 @@ package enum StressSession {
                 ("groupNotAnsweredOnce", r.unexpectedResponses + abs(r.groups - r.success - r.invalid)),
                 ("deviceDisconnected", r.disconnected ? 1 : 0),
             ] where n > 0 {
-                kinds[k, default: 0] += n
-                if first == nil { first = "seed \(seed), \(label) \(d + 1): \(r.problems.first ?? k)" }
+                findings.note(k, count: n, "\(label) \(d + 1): \(r.problems.first ?? k)")
             }
             let owed = synced[d % synced.count]
             if r.pagesInvalidated < owed {
-                kinds["invalidationNotDelivered", default: 0] += 1
-                if first == nil {
-                    first =
-                        """
-                        seed \(seed): \(label) \(d + 1) was told of \(r.pagesInvalidated) invalidated pages, its \
-                        domain synced \(owed)
-                        """
-                }
+                findings.note(
+                    "invalidationNotDelivered",
+                    "\(label) \(d + 1) was told of \(r.pagesInvalidated) invalidated pages, its domain synced \(owed)")
             }
         }
     }
@@ -501,5 +315,258 @@ package enum StressSession {
         let scale: UInt64 = [4096, 64 << 10, 2 << 20, 8 << 20][Int(rng.next() % 4)]
         let length = 1 + rng.next() % scale
         return (start, min(length, base + total - start))
+    }
+}
+
+/// What broke during a stress run: violations by kind, the first one with the seed and
+/// what was happening, and the engine checks run.
+struct StressFindings {
+    let seed: UInt64
+    var kinds: [String: Int] = [:]
+    var first: String?
+    var engineChecks = 0
+    /// What the run was doing, for the first violation's message.
+    var doing = "starting"
+
+    init(seed: UInt64) { self.seed = seed }
+
+    /// Violations in all.
+    var count: Int { kinds.values.reduce(0, +) }
+
+    /// Counts one engine check and the violations it found.
+    mutating func record(_ violations: [InvariantViolation]) {
+        engineChecks += 1
+        for v in violations { note(v.kind.rawValue, "while \(doing): \(v)") }
+    }
+
+    /// Counts `count` violations of `kind`; the first one of the run keeps `message`.
+    mutating func note(_ kind: String, count: Int = 1, _ message: String) {
+        kinds[kind, default: 0] += count
+        if first == nil { first = "seed \(seed), \(message)" }
+    }
+}
+
+/// A stress run's setup: the memory, the service with its audits, the mappings and the
+/// in-process devices (not started).
+struct StressSetup {
+    struct Mapping {
+        var iova: UInt64
+        var host: UInt64
+    }
+
+    let options: StressOptions
+    let slice: UInt64
+    let region: HostRegion
+    let rig: Rig
+    let tallies: [SyncTally]
+    let hostTally = SyncTally()
+    var mappings: [Mapping] = []
+    var devices: [SimulatedDevice] = []
+    let ledger: DirtyLedger?
+    var totalPages: Int { Int(slice >> 12) * options.devices }
+
+    init(_ o: StressOptions, logger: Logger) throws {
+        options = o
+        slice = StressOptions.mappingBytes * UInt64(o.mappingsPerDevice)
+        if o.hugePages, let notice = try HugePages.enableForShmem() { logger.warning("\(notice)") }
+        region = try HostRegion(
+            length: slice * UInt64(o.devices), alignment: StressOptions.mappingBytes, hugePages: o.hugePages)
+        var config = EngineConfiguration()
+        config.blocksOnFault = o.hugePages
+        config.injectedBugs = o.injected
+        let pages = Int(slice >> 12) * o.devices
+        let audits = (0..<o.domains).map { _ in TranslationAudit(iovaBase: StressOptions.iovaBase, pages: pages) }
+        tallies = (0..<o.domains).map { _ in SyncTally() }
+        var serviceConfig = ServiceConfiguration()
+        serviceConfig.spinNanoseconds = 50_000
+        serviceConfig.hostEvents = o.hostChurn
+        serviceConfig.faultAround = o.faultAround
+        serviceConfig.injectedBugs = o.injected
+        serviceConfig.invalidateTimeout = .seconds(2)
+        if o.external {
+            serviceConfig.hostEngine.injectedBugs = o.injected
+            serviceConfig.hostSyncObserver = (StressSession.hostName, hostTally)
+        }
+        let observers: [any IOTLBSyncObserver] = o.external ? tallies : audits
+        rig = try Rig(engine: config, service: serviceConfig, domains: o.domains, observers: observers, logger: logger)
+        ledger =
+            o.dirtyLogInterval != nil && !o.external
+            ? DirtyLedger(iovaBase: StressOptions.iovaBase, pages: pages) : nil
+        do {
+            try mapAndMakeDevices()
+            if let ledger {
+                try rig.engine.startDirtyTracking(iova: StressOptions.iovaBase, size: UInt64(pages) << 12)
+                ledger.trackingStarted()
+            }
+        } catch {
+            rig.service.stop()
+            throw error
+        }
+    }
+
+    /// Maps each device's 2 MiB mappings and, unless the devices are external, makes them.
+    private mutating func mapAndMakeDevices() throws {
+        let o = options
+        for d in 0..<o.devices {
+            let iova = StressOptions.iovaBase + UInt64(d) * slice
+            let host = region.base + UInt64(d) * slice
+            for k in 0..<o.mappingsPerDevice {
+                let m = Mapping(
+                    iova: iova + UInt64(k) * StressOptions.mappingBytes,
+                    host: host + UInt64(k) * StressOptions.mappingBytes)
+                try rig.service.map(iova: m.iova, vaddr: m.host, size: StressOptions.mappingBytes, prot: .readWrite)
+                mappings.append(m)
+            }
+            guard !o.external else { continue }
+            var dc = DeviceConfiguration(
+                deviceID: UInt32(d + 1), iovaBase: iova, pages: Int(slice >> 12), hostBase: host,
+                physBase: region.phys! + UInt64(d) * slice)
+            dc.seed = o.seed &+ UInt64(d) &* 104_729
+            dc.burst = 8
+            dc.outstanding = o.outstanding
+            dc.credit = DeviceConfiguration.credit(outstanding: o.outstanding, burst: dc.burst)
+            dc.iotlbEntries = 32
+            dc.spinNanoseconds = 50_000
+            dc.hostMayChangeMemory = true
+            dc.dirtyLedger = ledger
+            devices.append(try rig.device(dc, domain: d % o.domains, regions: [region]))
+        }
+    }
+
+    /// One read of the dirty log over every device's memory, handed to the ledger.
+    func readDirtyLog(_ ledger: DirtyLedger) throws {
+        ledger.roundRead(
+            try rig.engine.readAndClearDirty(iova: StressOptions.iovaBase, size: UInt64(totalPages) << 12))
+    }
+
+    /// The final checks: every device came back and answered once, the dirty log lost no
+    /// write, nothing stayed locked; the devices' DMA into `result`.
+    func finish(into result: inout StressResult, findings: inout StressFindings) throws {
+        devices.forEach { $0.stop() }
+        // No device may be left waiting: each must come back within a few seconds.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !devices.allSatisfy({ $0.isFinished }) && ContinuousClock.now < deadline { usleep(1000) }
+        let stuck = devices.filter { !$0.isFinished }.count
+        if stuck > 0 {
+            findings.note(
+                "deviceLeftWaiting", count: stuck, "\(stuck) devices still waiting for an answer after the run")
+        }
+        let reports = stuck == 0 ? devices.map { $0.finish() } : []
+        findings.record(try rig.service.checkInvariants().wait())
+        if let ledger, stuck == 0 {  // the last round: every write has landed
+            try readDirtyLog(ledger)
+            let dirty = ledger.finish()
+            result.dirty = dirty
+            if dirty.missed > 0 {
+                findings.note(
+                    "dirtyWriteLost", count: dirty.missed,
+                    "\(dirty.missed) pages written but never reported by the dirty log, "
+                        + "e.g. \(dirty.firstMissed?.first ?? "")")
+            }
+        }
+        for r in reports {
+            result.dmaOps += r.dmaOps
+            result.dmaErrors += r.dmaErrors
+            result.checks += r.checks
+            for (k, n) in [
+                ("staleTranslation", r.staleTranslations), ("wrongTranslation", r.wrongTranslations),
+                ("wrongData", r.integrityErrors), ("groupNotAnsweredOnce", r.protocolErrors),
+            ] where n > 0 {
+                findings.note(k, count: n, "device side: \(r.firstProblems.first ?? k)")
+            }
+        }
+        let sent = reports.reduce(0) { $0 + $1.groups }
+        let answered = reports.reduce(0) { $0 + $1.success + $1.invalid }
+        if sent != answered {
+            findings.note(
+                "groupNotAnsweredOnce", count: abs(sent - answered),
+                "devices sent \(sent) groups and got \(answered) answers")
+        }
+        // This engine's own account: the process's VmLck also counts other users (tests
+        // running beside this one).
+        let locked = rig.engine.lockedBytes
+        if locked != 0 { findings.note("lockedMemoryLeft", "\(locked) bytes still locked after the run") }
+    }
+}
+
+/// The storm: one random operation per step, against the mappings of a stress run.
+struct StressStorm {
+    let setup: StressSetup
+    let logger: Logger
+    var rng: Xoshiro
+    var churn: HostChurn?
+    var counts: [String: Int] = [:]
+    var operations = 0
+
+    init(_ setup: StressSetup, logger: Logger) throws {
+        let o = setup.options
+        self.setup = setup
+        self.logger = logger
+        rng = Xoshiro(seed: o.seed ^ 0x57_0235)
+        if o.hostChurn && setup.rig.service.hostEventsEnabled {
+            churn = try HostChurn(
+                service: setup.rig.service, region: setup.region, slice: StressOptions.mappingBytes,
+                devices: setup.devices, maxPages: 64, seed: o.seed, iovaBase: StressOptions.iovaBase)
+        }
+    }
+
+    /// One operation, chosen at random; an operation that fails is itself a violation (a
+    /// correct engine never fails these).
+    mutating func step(_ findings: inout StressFindings) {
+        operations += 1
+        do { try operate(&findings) } catch {
+            findings.note("stormOperationFailed", "while \(findings.doing): \(error)")
+        }
+    }
+
+    private mutating func operate(_ findings: inout StressFindings) throws {
+        let (engine, service) = (setup.rig.engine, setup.rig.service)
+        let region = setup.region
+        let size = StressOptions.mappingBytes
+        let roll = rng.next() % 100
+        let m = setup.mappings[Int(rng.next() % UInt64(setup.mappings.count))]
+        switch roll {
+        case 0..<45:  // an invalidation storm through the loop: any size, unaligned edges, across mappings
+            findings.doing = "a service invalidation"
+            let (s, len) = StressSession.randomRange(&rng, base: region.base, total: region.length)
+            _ = try service.invalidate(hostAddress: s, length: len).wait()
+            counts["serviceInvalidate", default: 0] += 1
+        case 45..<75:  // from this thread, as an MMU notifier runs in the thread changing memory
+            findings.doing = "a direct invalidation"
+            let (s, len) = StressSession.randomRange(&rng, base: region.base, total: region.length)
+            try engine.invalidate(hostAddress: s, length: len)
+            counts["directInvalidate", default: 0] += 1
+        case 75..<85:  // take memory away under running faults, check, give it back
+            findings.doing = "a take-away of \(hex(m.host))"
+            try engine.invalidate(hostAddress: m.host, length: size, hostGone: true)
+            usleep(50)
+            findings.record(engine.checkInvariants())
+            try service.updateHostAddress(iova: m.iova, size: size, vaddr: m.host)
+            counts["takeAway", default: 0] += 1
+        case 85..<92:  // pre-map a whole mapping: 2 MiB blocks that later invalidations cut into
+            findings.doing = "a pre-map of \(hex(m.iova))"
+            try engine.invalidate(hostAddress: m.host, length: size)
+            do {
+                try engine.premap(iova: m.iova, size: size, write: true)
+            } catch let error as HostMemoryError {
+                logger.debug("pre-map: \(error)")  // the host may be changing it: fine
+            }
+            counts["premap", default: 0] += 1
+        case 92..<96:  // remove a mapping and create it again; faults in between are INVALID
+            findings.doing = "re-creating the mapping at \(hex(m.iova))"
+            if let ledger = setup.ledger {  // read what was written there with the removal, as a VMM must
+                ledger.alsoReported(iova: m.iova, try service.unmapReadingDirty(iova: m.iova, size: size))
+            } else {
+                try service.unmap(iova: m.iova, size: size)
+            }
+            try service.map(iova: m.iova, vaddr: m.host, size: size, prot: .readWrite)
+            counts["remap", default: 0] += 1
+        default:  // real host events
+            if churn != nil {
+                findings.doing = "a host change"
+                try churn!.step()
+                counts["hostChange", default: 0] += 1
+            }
+        }
     }
 }
