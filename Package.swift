@@ -56,7 +56,12 @@ let package = Package(
         ),
         // The device side: protocol client, fault channel end, IOTLB, DMA through
         // translations into mapped regions. What a Swift device model links.
-        .target(name: "IOPFDevice", dependencies: ["IOPFCore", "IOPFSystem", "CIOPFShim"]),
+        .target(
+            name: "IOPFDevice",
+            dependencies: [
+                "IOPFCore", "IOPFSystem", "CIOPFShim", .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         // Simulated devices, workloads, host churn, translation audit, the serve / bench /
         // stress sessions and floors, built on the service and the device API.
         .target(
@@ -65,6 +70,7 @@ let package = Package(
                 "IOPFCore", "IOPFService", "IOPFDevice", "IOPFSystem", "CIOPFShim",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
         // iopf as a vhost-user front-end: the handshake, a virtio-net driver over split
@@ -73,6 +79,7 @@ let package = Package(
             name: "IOPFVhost",
             dependencies: [
                 "IOPFCore", "IOPFService", "IOPFSimulation", "IOPFSystem", "IOPFWire", "IOPFDevice", "CIOPFShim",
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -114,6 +121,7 @@ let package = Package(
             name: "IOPFTestSupport",
             dependencies: [
                 "IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem", "IOPFCore", "IOPFWire", "CIOPFShim",
+                .product(name: "SystemPackage", package: "swift-system"),
             ],
             path: "Tests/IOPFTestSupport"
         ),
@@ -124,23 +132,32 @@ let package = Package(
         ),
         .testTarget(name: "IOPFSystemTests", dependencies: ["IOPFSystem", "CIOPFShim"]),
         .testTarget(
-            name: "IOPFDeviceTests", dependencies: ["IOPFDevice", "IOPFCore", "IOPFSystem", "IOPFWire", "CIOPFShim"]),
+            name: "IOPFDeviceTests",
+            dependencies: [
+                "IOPFDevice", "IOPFCore", "IOPFSystem", "IOPFWire", "CIOPFShim",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]),
         .testTarget(
             name: "IOPFServiceTests",
             dependencies: [
                 "IOPFTestSupport", "IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem", "IOPFCore", "CIOPFShim",
+                .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
         .testTarget(name: "IOPFSimulationTests", dependencies: ["IOPFSimulation", "IOPFService", "IOPFCore"]),
         .testTarget(
             name: "IOPFVhostTests",
-            dependencies: ["IOPFTestSupport", "IOPFVhost", "IOPFService", "IOPFSystem", "IOPFCore", "IOPFDevice"]
+            dependencies: [
+                "IOPFTestSupport", "IOPFVhost", "IOPFService", "IOPFSystem", "IOPFCore", "IOPFDevice",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
         ),
         .testTarget(
             name: "EndToEndTests",
             dependencies: [
                 "IOPFTestSupport", "IOPFFuzzing", "IOPFService", "IOPFDevice", "IOPFSimulation", "IOPFSystem",
                 "IOPFCore", "IOPFWire",
+                .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
     ]

@@ -19,6 +19,7 @@ import Glibc
 import IOPFCore
 @_exported import IOPFSystem
 import IOPFWire
+import SystemPackage
 import Synchronization
 
 /// Why a device or host client call failed.
@@ -92,12 +93,12 @@ public final class DeviceClient: @unchecked Sendable {
     public convenience init(connectingTo path: String) throws(DeviceClientError) {
         let fd: CInt
         do { fd = try Sys.connectUnix(path: path) } catch { throw .system(error) }
-        try self.init(socket: fd)
+        try self.init(socket: FileDescriptor(rawValue: fd))
     }
 
     /// Speaks the protocol over a connected SOCK_SEQPACKET socket, which it now owns.
-    public init(socket: CInt) throws(DeviceClientError) {
-        connection = try ControlConnection(socket: socket, role: .device)
+    public init(socket: FileDescriptor) throws(DeviceClientError) {
+        connection = try ControlConnection(socket: socket.rawValue, role: .device)
     }
 
     deinit {
@@ -125,10 +126,12 @@ public final class DeviceClient: @unchecked Sendable {
         do {
             let ends: DeviceChannelEnds =
                 reply.channel == .sharedRing
-                ? .shared(queue: channelFDs[0], doorbell: channelFDs[1], wake: channelFDs[2])
-                : .stream(read: channelFDs[0], write: channelFDs[0])
+                ? .shared(
+                    queue: FileDescriptor(rawValue: channelFDs[0]), doorbell: FileDescriptor(rawValue: channelFDs[1]),
+                    wake: FileDescriptor(rawValue: channelFDs[2]))
+                : .stream(read: FileDescriptor(rawValue: channelFDs[0]), write: FileDescriptor(rawValue: channelFDs[0]))
             let channel = try DeviceChannel(ends)
-            let memory = try DeviceMemory(Array(zip(reply.regions, regionFDs)))
+            let memory = try DeviceMemory(Array(zip(reply.regions, regionFDs.map(FileDescriptor.init(rawValue:)))))
             return DeviceAttachment(
                 credit: Int(reply.credit), windows: reply.windows, memory: memory, channel: channel,
                 invalidateTimeoutMs: reply.invalidateTimeoutMs)

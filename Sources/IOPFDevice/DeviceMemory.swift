@@ -7,6 +7,7 @@
 import Glibc
 import IOPFSystem
 import IOPFWire
+import SystemPackage
 
 /// One region mapped into this process.
 final class MappedRegion: @unchecked Sendable {
@@ -35,10 +36,10 @@ public final class DeviceMemory: @unchecked Sendable {
     private let regions: [MappedRegion]
 
     /// Maps each region from its fd. The fds are closed here, mapped or not.
-    public init(_ regions: [(MemoryRegionInfo, CInt)]) throws(SystemCallError) {
-        defer { for (_, fd) in regions { Sys.close(fd) } }
+    public init(_ regions: [(MemoryRegionInfo, FileDescriptor)]) throws(SystemCallError) {
+        defer { for (_, fd) in regions { Sys.close(fd.rawValue) } }
         var mapped: [MappedRegion] = []
-        for (info, fd) in regions { mapped.append(try MappedRegion(info, fd: fd)) }
+        for (info, fd) in regions { mapped.append(try MappedRegion(info, fd: fd.rawValue)) }
         self.regions = mapped.sorted { $0.phys < $1.phys }
     }
 

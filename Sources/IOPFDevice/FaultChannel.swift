@@ -13,6 +13,7 @@ import Glibc
 import IOPFSystem
 import IOPFWire
 import Synchronization
+import SystemPackage
 
 /// The device's end: send request groups, receive responses. One thread at a time, so
 /// its cursors and buffers skip Swift's dynamic exclusivity checks.
@@ -54,10 +55,10 @@ public final class DeviceChannel: @unchecked Sendable {
         do {
             switch ends {
             case .stream(let r, let w):
-                try Sys.setNonBlocking(r, true)
-                backing = .stream(read: r, write: w)
+                try Sys.setNonBlocking(r.rawValue, true)
+                backing = .stream(read: r.rawValue, write: w.rawValue)
             case .shared(let q, let doorbell, let wake):
-                backing = .shared(try SharedQueue(fd: q), doorbell: doorbell, wake: wake)
+                backing = .shared(try SharedQueue(fd: q.rawValue), doorbell: doorbell.rawValue, wake: wake.rawValue)
             }
         } catch {
             ends.close()

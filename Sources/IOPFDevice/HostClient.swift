@@ -14,6 +14,7 @@ import Glibc
 import IOPFCore
 import IOPFSystem
 import IOPFWire
+import SystemPackage
 
 /// A host's connection to the service: it hands over its memory and userfaultfd, maps IOVAs onto it, and attaches
 /// vhost-user back-ends.
@@ -24,17 +25,17 @@ public final class HostClient: @unchecked Sendable {
     public convenience init(connectingTo path: String) throws(DeviceClientError) {
         let fd: CInt
         do { fd = try Sys.connectUnix(path: path) } catch { throw .system(error) }
-        try self.init(socket: fd)
+        try self.init(socket: FileDescriptor(rawValue: fd))
     }
 
     /// A host client on a connected socket (which it owns from now on); says HELLO as a host.
-    public init(socket: CInt) throws(DeviceClientError) {
-        connection = try ControlConnection(socket: socket, role: .host)
+    public init(socket: FileDescriptor) throws(DeviceClientError) {
+        connection = try ControlConnection(socket: socket.rawValue, role: .host)
     }
 
     /// Creates a userfaultfd the service can use (UFFDIO_API with the three events) and
     /// returns it; the caller sends it with `declare` and closes its own copy after.
-    public static func makeUserfaultfd() throws(SystemCallError) -> CInt {
+    public static func makeUserfaultfd() throws(SystemCallError) -> FileDescriptor {
         // User-mode only: the service needs the events, not kernel-mode faults, and
         // unprivileged hosts get no userfaultfd without it (vm.unprivileged_userfaultfd = 0).
         let fd = try syscall("userfaultfd") { iopf_userfaultfd(O_CLOEXEC | O_NONBLOCK | CInt(UFFD_USER_MODE_ONLY)) }
@@ -46,20 +47,20 @@ public final class HostClient: @unchecked Sendable {
             Sys.close(fd)
             throw SystemCallError("ioctl(UFFDIO_API)", .init(rawValue: e == 0 ? EINVAL : e))
         }
-        return fd
+        return FileDescriptor(rawValue: fd)
     }
 
     /// HOST: hands over the address space. `memfds[k]` backs the regions whose `fdIndex`
     /// is k. The service keeps its own copies of the descriptors.
     /// Devices of this process's uid may attach to it, and of each uid in `allowedUIDs`.
     public func declare(
-        name: String, regions: [HostRegionEntry], userfaultfd: CInt, memfds: [CInt],
+        name: String, regions: [HostRegionEntry], userfaultfd: FileDescriptor, memfds: [FileDescriptor],
         allowedUIDs: [UInt32] = []
     ) throws(DeviceClientError) {
         let declaration = HostDeclaration(name: name, regions: regions, allowedUIDs: allowedUIDs)
         _ = try connection.request(
             declaration.message(id: connection.takeID()),
-            fds: [userfaultfd] + memfds, expecting: .host)
+            fds: [userfaultfd.rawValue] + memfds.map(\.rawValue), expecting: .host)
     }
 
     /// DMA_MAP: `[iova, iova + size)` → host addresses from `hostAddress`.
@@ -100,8 +101,11 @@ public final class HostClient: @unchecked Sendable {
     /// after the handshake, `channel` the front-end's end of its back-end channel; the
     /// service keeps copies, the caller keeps its own (and must not read the socket until
     /// it takes the back-end back by closing the channel, or the host detaches).
-    public func attachVhost(socket: CInt, channel: CInt, _ request: VhostAttachRequest) throws(DeviceClientError) {
-        _ = try connection.request(request.message(id: connection.takeID()), fds: [socket, channel], expecting: .vhost)
+    public func attachVhost(
+        socket: FileDescriptor, channel: FileDescriptor, _ request: VhostAttachRequest
+    ) throws(DeviceClientError) {
+        _ = try connection.request(
+            request.message(id: connection.takeID()), fds: [socket.rawValue, channel.rawValue], expecting: .vhost)
     }
 
     /// DETACH: the service tears the address space down (devices detached, mappings

@@ -77,7 +77,7 @@ package enum FuzzTargets {
             return seeds
         case "uffd-events":
             func msg(_ event: Int32, _ a: UInt64, _ b: UInt64, _ c: UInt64, move: Bool) -> [UInt8] {
-                var m = [UInt8](repeating: 0, count: UserfaultfdSource.messageBytes)
+                var m = [UInt8](repeating: 0, count: HostEventSeam.messageBytes)
                 m.withUnsafeMutableBytes { p in
                     p.storeBytes(of: UInt8(event), toByteOffset: 0, as: UInt8.self)
                     p.storeBytes(of: UInt8(move ? 1 : 0), toByteOffset: 1, as: UInt8.self)
@@ -226,7 +226,7 @@ package enum FuzzTargets {
                     addr: (1 << 30) + UInt64(p) << 12, cookie: 1)
             ])
         }
-        let size = UserfaultfdSource.messageBytes
+        let size = HostEventSeam.messageBytes
         var at = 0
         while at + size <= data.count {
             // Half the messages are moved into the mapped range so that they touch it.
@@ -237,8 +237,9 @@ package enum FuzzTargets {
                     b.storeBytes(of: host + UInt64(b[17] % 80) << 12, toByteOffset: 16, as: UInt64.self)
                 }
             }
-            let event = bytes.withUnsafeBytes { HostEvent($0) }
-            if let (range, gone) = event.invalidation, range.lowerBound < range.upperBound {
+            if let (range, gone) = bytes.withUnsafeBytes({ HostEventSeam.invalidation($0) }),
+                range.lowerBound < range.upperBound
+            {
                 _ = try? engine.invalidate(
                     hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
             }
@@ -275,15 +276,13 @@ package enum FuzzTargets {
         }
         q.store(.requestTail, tail)
         var a = GroupAssembler(deviceID: 1, pasid: nil, credit: 32)
-        var taken = 0
-        do {
-            taken = try t.poll(limit: Int(data[5]) + 1) { bytes in
-                check(bytes.count == PageRequest.byteCount, "a record of \(bytes.count) bytes")
-                if let g = a.add(bytes) { a.answered(g) }
-            }
+        // nil: refused (overrun or closed), and the service would disconnect this device.
+        let taken = t.poll(limit: Int(data[5]) + 1) { bytes in
+            check(bytes.count == PageRequest.byteCount, "a record of \(bytes.count) bytes")
+            if let g = a.add(bytes) { a.answered(g) }
+        }
+        if let taken {
             check(taken <= SharedQueue.capacity, "took \(taken) records from a ring of \(SharedQueue.capacity)")
-        } catch {
-            // Refused (overrun or closed): the service would disconnect this device.
         }
         // Start the next input from a consistent ring (the transport stored its head).
         q.store(.requestTail, q.load(.requestHead))
@@ -291,5 +290,5 @@ package enum FuzzTargets {
 
     /// One shared ring for every input (a memfd and two eventfds per input would dominate).
     /// The loop thread owns a transport; here the fuzzer's one thread does.
-    nonisolated(unsafe) static let sharedTransport: SharedRingTransport? = try? SharedRingTransport.make().0
+    nonisolated(unsafe) static let sharedTransport: SharedRingSeam? = try? SharedRingSeam()
 }

@@ -13,6 +13,7 @@ import Glibc
 @_exported import IOPFSystem
 import Logging
 import Synchronization
+import SystemPackage
 @_spi(FaultInjection) import IOPFCore
 
 /// How a fault service runs: its channels, loop, host events, deadlines and tenant limits.
@@ -625,9 +626,10 @@ public final class FaultService: Sendable {
     /// throw too). The memory table must give each region's physical base as its user
     /// address (VhostBackend.swift).
     public func attachVhost(
-        main: CInt, channel: CInt, domain: DomainID, deviceID: UInt32, runPages: Int = 512,
+        main: FileDescriptor, channel: FileDescriptor, domain: DomainID, deviceID: UInt32, runPages: Int = 512,
         faultAroundPages: Int = 16
     ) throws(ServiceError) -> VhostDevice {
+        let (main, channel) = (main.rawValue, channel.rawValue)
         guard (1...(1 << 18)).contains(runPages), runPages & (runPages - 1) == 0,
             (1...512).contains(faultAroundPages)
         else {

@@ -15,9 +15,10 @@ import Glibc
 import IOPFCore
 import IOPFSystem
 import IOPFWire
+import SystemPackage
 
 /// Why a transport gave up on its device.
-package enum TransportFault: Error {
+enum TransportFault: Error {
     /// The device closed its end (EOF, the closed flag, a failed operation).
     case closed(String)
     /// The device broke the channel's rules; `kind` names it for the statistics.
@@ -70,8 +71,8 @@ let maxResponseBacklog = 4 * SharedQueue.capacity
 /// sleepers. Each device has eventfds of its own; the doorbell is read through io_uring,
 /// and through a poll instead once a read fails with EAGAIN (the device can set
 /// O_NONBLOCK: an eventfd's flags are shared across processes), so the loop never spins.
-package final class SharedRingTransport: FaultTransport {
-    package let queue: SharedQueue
+final class SharedRingTransport: FaultTransport {
+    let queue: SharedQueue
     let doorbell: CInt
     let wake: CInt
     private let doorbellBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
@@ -85,7 +86,7 @@ package final class SharedRingTransport: FaultTransport {
     var isShared: Bool { true }
 
     /// Creates the channel; returns the transport and the device's ends (its own descriptors).
-    package static func make() throws(SystemCallError) -> (SharedRingTransport, DeviceChannelEnds) {
+    static func make() throws(SystemCallError) -> (SharedRingTransport, DeviceChannelEnds) {
         let queue = try SharedQueue.create()
         var fds: [CInt] = []
         do {
@@ -93,7 +94,9 @@ package final class SharedRingTransport: FaultTransport {
             fds.append(try Sys.eventfd(flags: CInt(EFD_CLOEXEC)))
             fds.append(try Sys.eventfd(flags: CInt(EFD_CLOEXEC | EFD_NONBLOCK)))
             let ends = DeviceChannelEnds.shared(
-                queue: try Sys.dup(queue.fd), doorbell: try Sys.dup(fds[0]), wake: try Sys.dup(fds[1]))
+                queue: FileDescriptor(rawValue: try Sys.dup(queue.fd)),
+                doorbell: FileDescriptor(rawValue: try Sys.dup(fds[0])),
+                wake: FileDescriptor(rawValue: try Sys.dup(fds[1])))
             return (SharedRingTransport(queue: queue, doorbell: fds[0], wake: fds[1]), ends)
         } catch {
             for fd in fds { Sys.close(fd) }
@@ -166,7 +169,7 @@ package final class SharedRingTransport: FaultTransport {
         if c.token.kind == .wake { wakeInFlight = false } else { doorbellArmed = nil }
     }
 
-    package func poll(limit: Int, records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault) -> Int {
+    func poll(limit: Int, records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault) -> Int {
         let tail = queue.load(.requestTail)
         let available = tail &- requestHead
         guard available != 0 else {
@@ -282,7 +285,10 @@ final class StreamTransport: FaultTransport {
         switch transport {
         case .socket:
             let (s, d) = try Sys.socketpair()
-            return (StreamTransport(read: s, write: s), .stream(read: d, write: d))
+            return (
+                StreamTransport(read: s, write: s),
+                .stream(read: FileDescriptor(rawValue: d), write: FileDescriptor(rawValue: d))
+            )
         case .pipe:
             let requests = try Sys.pipe()
             let responses: (read: CInt, write: CInt)
@@ -293,7 +299,7 @@ final class StreamTransport: FaultTransport {
             }
             return (
                 StreamTransport(read: requests.read, write: responses.write),
-                .stream(read: responses.read, write: requests.write)
+                .stream(read: FileDescriptor(rawValue: responses.read), write: FileDescriptor(rawValue: requests.write))
             )
         case .shared:
             preconditionFailure("a shared channel is not a stream")

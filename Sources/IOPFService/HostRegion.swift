@@ -14,6 +14,7 @@ import IOPFCore
 import IOPFSystem
 import IOPFWire
 import Synchronization
+import SystemPackage
 
 /// Host memory for DMA: a sealed memfd mapped shared at an aligned address, at a base of
 /// its own in the physical address space (see `PhysicalSpace`). The memfd is what another
@@ -24,8 +25,11 @@ public final class HostRegion: @unchecked Sendable {
     public let base: UInt64
     /// The region's length in bytes.
     public let length: UInt64
-    /// The sealed memfd behind the region; -1 for anonymous memory.
-    public let fd: CInt
+    /// The sealed memfd behind the region; -1 for anonymous memory. Owned by the region.
+    package let fd: CInt
+    /// The sealed memfd behind the region, owned by it (closed when it goes); nil for
+    /// anonymous memory.
+    public var descriptor: FileDescriptor? { fd >= 0 ? FileDescriptor(rawValue: fd) : nil }
     /// Where the region sits in the physical address space; nil for anonymous memory.
     public let phys: UInt64?
     /// False once the memory was moved away: the range is not the region's any more.

@@ -32,13 +32,13 @@ public struct UserfaultfdError: Error, Sendable, CustomStringConvertible {
     public var description: String
 }
 
-package final class UserfaultfdSource: @unchecked Sendable {
+final class UserfaultfdSource: @unchecked Sendable {
     static let wanted: [(UInt64, String)] = [
         (UInt64(UFFD_FEATURE_EVENT_REMOVE), "EVENT_REMOVE"),
         (UInt64(UFFD_FEATURE_EVENT_UNMAP), "EVENT_UNMAP"),
         (UInt64(UFFD_FEATURE_EVENT_REMAP), "EVENT_REMAP"),
     ]
-    package static let messageBytes = MemoryLayout<uffd_msg>.size
+    static let messageBytes = MemoryLayout<uffd_msg>.size
 
     let fd: CInt
     private let closed = Atomic<Bool>(false)
@@ -135,7 +135,7 @@ package final class UserfaultfdSource: @unchecked Sendable {
 }
 
 /// One host event, decoded from a `struct uffd_msg`.
-package enum HostEvent: Equatable {
+enum HostEvent: Equatable {
     case remove(Range<UInt64>)
     case unmap(Range<UInt64>)
     case remap(from: UInt64, to: UInt64, length: UInt64)
@@ -148,7 +148,7 @@ package enum HostEvent: Equatable {
     /// The host range this event takes away, and whether its memory is gone (UNMAP and
     /// REMAP: faults there are INVALID until the host address is updated) rather than
     /// only dropped (REMOVE). Nil for events that invalidate nothing.
-    package var invalidation: (range: Range<UInt64>, gone: Bool)? {
+    var invalidation: (range: Range<UInt64>, gone: Bool)? {
         switch self {
         case .remove(let r): (r, false)
         case .unmap(let r): (r, true)
@@ -158,7 +158,7 @@ package enum HostEvent: Equatable {
     }
 
     /// Decodes a copy of one message; never traps, whatever the bytes.
-    package init(_ bytes: UnsafeRawBufferPointer) {
+    init(_ bytes: UnsafeRawBufferPointer) {
         let msg = bytes.loadUnaligned(as: uffd_msg.self)
         switch Int32(msg.event) {
         case Int32(UFFD_EVENT_REMOVE), Int32(UFFD_EVENT_UNMAP):

@@ -28,6 +28,7 @@ import Histogram
 import IOPFCore
 import IOPFDevice
 import IOPFSystem
+import SystemPackage
 
 package struct HostOptions: Sendable {
     package var path: String
@@ -105,7 +106,7 @@ package enum HostSession {
             try client.declare(
                 name: o.name,
                 regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
-                userfaultfd: uffd, memfds: [memfd], allowedUIDs: o.allowedUIDs)
+                userfaultfd: uffd, memfds: [FileDescriptor(rawValue: memfd)], allowedUIDs: o.allowedUIDs)
         } catch {
             Sys.close(uffd)
             throw error

@@ -9,6 +9,7 @@ import IOPFDevice
 import IOPFService
 import IOPFSystem
 import Logging
+import SystemPackage
 
 /// A domain's in-process sync target: every attached in-process device's IOTLB.
 package final class DomainIOTLBs: IOTLBInvalidator, Sendable {
@@ -50,7 +51,7 @@ final class Rig {
         let domain = domains[domainIndex]
         let channel = try DeviceChannel(
             try service.attach(deviceID: dc.deviceID, pasid: dc.pasid, domain: domain, credit: dc.credit))
-        let memory = try DeviceMemory(try regions.map { ($0.info!, try Sys.dup($0.fd)) })
+        let memory = try DeviceMemory(try regions.map { ($0.info!, FileDescriptor(rawValue: try Sys.dup($0.fd))) })
         let device = SimulatedDevice(
             configuration: dc, channel: channel, memory: memory,
             translator: .pageTable(engine.pageTable(domain)), window: service.window,

@@ -2,6 +2,7 @@
 // service to a device (in-process, or by SCM_RIGHTS over the device socket).
 
 import Glibc
+import SystemPackage
 
 /// How page requests travel between a device and the service (chosen by measurement, see
 /// README "Fault channel"): shared rings in a memfd with eventfd doorbells rung only for
@@ -15,15 +16,15 @@ public enum ChannelTransport: String, Sendable, CaseIterable {
 public enum DeviceChannelEnds: Sendable {
     /// The ring memfd, the doorbell eventfd (the device rings the service) and the wake
     /// eventfd (the service rings the device).
-    case shared(queue: CInt, doorbell: CInt, wake: CInt)
+    case shared(queue: FileDescriptor, doorbell: FileDescriptor, wake: FileDescriptor)
     /// Byte streams: requests written to `write`, responses read from `read` (one
     /// descriptor for a socket).
-    case stream(read: CInt, write: CInt)
+    case stream(read: FileDescriptor, write: FileDescriptor)
 
     package var fds: [CInt] {
         switch self {
-        case .shared(let q, let d, let w): [q, d, w]
-        case .stream(let r, let w): r == w ? [r] : [r, w]
+        case .shared(let q, let d, let w): [q.rawValue, d.rawValue, w.rawValue]
+        case .stream(let r, let w): r == w ? [r.rawValue] : [r.rawValue, w.rawValue]
         }
     }
 

@@ -140,6 +140,9 @@ public enum Sys {
         _ = text.withCString { Glibc.write(2, $0, strlen($0)) }
     }
 
+    /// Closes `fd` (see `close(_: CInt)`).
+    package static func close(_ fd: FileDescriptor) { close(fd.rawValue) }
+
     /// Closes that failed with EBADF in this process (see `close`).
     package static var badCloses: Int { badCloseCount.load(ordering: .relaxed) }
     private static let badCloseCount = Atomic<Int>(0)

@@ -13,6 +13,7 @@ import Foundation
 import Glibc
 import IOPFSystem
 import IOPFWire
+import SystemPackage
 
 /// A vhost-user exchange that failed or a reply that was wrong, described for the operator.
 public struct VhostError: Error, Sendable, CustomStringConvertible {
@@ -34,16 +35,18 @@ public struct VringSetup: Sendable {
     /// IOVA of the used ring.
     public var used: UInt64
     /// The eventfd the driver kicks the back-end with.
-    public var kick: CInt
+    public var kick: FileDescriptor
     /// The eventfd the back-end signals used buffers on.
-    public var call: CInt
+    public var call: FileDescriptor
 }
 
 /// The front-end side of one vhost-user connection: negotiates, sets the memory table and vrings, and opens the
 /// back-end's request channel.
 public final class VhostFrontEnd {
     /// The connected vhost-user socket, owned by the front-end.
-    public let fd: CInt
+    package let fd: CInt
+    /// The connected vhost-user socket, owned by the front-end (closed by `close`).
+    public var socket: FileDescriptor { FileDescriptor(rawValue: fd) }
     /// How long a reply may take before the exchange fails.
     public static let replyTimeout = Duration.seconds(5)
     /// What the back-end offered and what was agreed.
@@ -162,7 +165,7 @@ public final class VhostFrontEnd {
 
     /// Gives the back-end its channel for IOTLB misses: a SOCK_SEQPACKET pair, one end
     /// sent, the other returned (one message per record, so the service reads whole ones).
-    public func openBackendChannel() throws -> CInt {
+    public func openBackendChannel() throws -> FileDescriptor {
         let (mine, theirs) = try Sys.seqpacketPair()
         defer { Sys.close(theirs) }
         do {
@@ -171,12 +174,12 @@ public final class VhostFrontEnd {
             Sys.close(mine)
             throw error
         }
-        return mine
+        return FileDescriptor(rawValue: mine)
     }
 
     /// SET_MEM_TABLE with one memfd per region, waiting for the REPLY_ACK when agreed.
-    public func setMemoryTable(_ table: VhostUser.MemoryTable, fds: [CInt]) throws {
-        try acknowledged(.setMemTable, payload: table.bytes, fds: fds)
+    public func setMemoryTable(_ table: VhostUser.MemoryTable, fds: [FileDescriptor]) throws {
+        try acknowledged(.setMemTable, payload: table.bytes, fds: fds.map(\.rawValue))
     }
 
     /// An IOTLB UPDATE sent by the front-end itself (the pinned mode's whole-memory entry).
@@ -202,8 +205,8 @@ public final class VhostFrontEnd {
                 index: v.index, descriptors: v.descriptors, used: v.used, available: v.available
             ).bytes)
         // KICK and CALL carry the index in the u64's low byte (bit 8: no fd).
-        try acknowledged(.setVringKick, payload: VhostUser.u64(UInt64(v.index)), fds: [v.kick])
-        try acknowledged(.setVringCall, payload: VhostUser.u64(UInt64(v.index)), fds: [v.call])
+        try acknowledged(.setVringKick, payload: VhostUser.u64(UInt64(v.index)), fds: [v.kick.rawValue])
+        try acknowledged(.setVringCall, payload: VhostUser.u64(UInt64(v.index)), fds: [v.call.rawValue])
     }
 
     /// Enables a ring. Without NEED_REPLY: once the rings are set up the service may be

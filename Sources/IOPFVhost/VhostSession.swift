@@ -20,6 +20,7 @@ import IOPFSimulation
 import IOPFSystem
 import IOPFWire
 import Logging
+import SystemPackage
 
 package enum VhostMode: String, Sendable, CaseIterable, Codable {
     case fault, pinned, noIOMMU
@@ -192,7 +193,8 @@ package enum VhostSession {
                 ? premappedRuns(service.engine.pageTable(domain), iova: iova, size: o.memoryBytes) : [],
             attach: { main, channel in
                 try service.attachVhost(
-                    main: main, channel: channel, domain: domain, deviceID: 1,
+                    main: FileDescriptor(rawValue: main), channel: FileDescriptor(rawValue: channel), domain: domain,
+                    deviceID: 1,
                     runPages: o.maxUpdatePages, faultAroundPages: o.faultAroundPages)
             },
             detach: { device in
@@ -234,7 +236,7 @@ package enum VhostSession {
         try host.declare(
             name: o.addressSpaceName,
             regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
-            userfaultfd: uffd, memfds: [memfd])
+            userfaultfd: uffd, memfds: [FileDescriptor(rawValue: memfd)])
         var detached = false
         defer {
             // The service lets go of the memory (and unregisters it) before it is unmapped.
@@ -251,7 +253,7 @@ package enum VhostSession {
                     Sys.close(channel)
                 }
                 try host.attachVhost(
-                    socket: main, channel: channel,
+                    socket: FileDescriptor(rawValue: main), channel: FileDescriptor(rawValue: channel),
                     VhostAttachRequest(
                         deviceID: 1, blockPages: UInt32(o.maxUpdatePages), faultAroundPages: UInt32(o.faultAroundPages))
                 )
@@ -303,14 +305,14 @@ package enum VhostSession {
         var features = VhostUser.Feature.version1 | VhostUser.Feature.protocolFeatures
         if translated { features |= VhostUser.Feature.iommuPlatform }
         try frontEnd.negotiate(features: features)
-        let channel = translated ? try frontEnd.openBackendChannel() : -1
+        let channel = translated ? try frontEnd.openBackendChannel().rawValue : -1
         var channelOwned = channel >= 0
         defer { if channelOwned { Sys.close(channel) } }
         // Without an IOMMU, guest addresses are IOVAs.
         try frontEnd.setMemoryTable(
             VhostUser.MemoryTable(regions: [
                 .init(guestAddress: iova, size: o.memoryBytes, userAddress: plumbing.userAddress, mmapOffset: 0)
-            ]), fds: [plumbing.memfd])
+            ]), fds: [FileDescriptor(rawValue: plumbing.memfd)])
         // Without an IOMMU a vring's addresses are the front-end's user addresses (the
         // buffers' are guest addresses, here the IOVAs).
         let rings = [driver.rx.setup, driver.tx.setup].map { v in

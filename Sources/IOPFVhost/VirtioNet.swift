@@ -24,6 +24,7 @@ import Foundation
 import Glibc
 import IOPFSystem
 import Synchronization
+import SystemPackage
 
 /// virtio ring descriptor flags and ring flags.
 enum Virtq {
@@ -71,7 +72,8 @@ final class SplitRing {
     var setup: VringSetup {
         VringSetup(
             index: index, size: UInt32(size), descriptors: iova, available: iova + UInt64(Self.availOffset),
-            used: iova + UInt64(Self.usedOffset), kick: kick, call: call)
+            used: iova + UInt64(Self.usedOffset), kick: FileDescriptor(rawValue: kick),
+            call: FileDescriptor(rawValue: call))
     }
 
     private func index16(_ offset: Int) -> UnsafeMutablePointer<Atomic<UInt16>> {

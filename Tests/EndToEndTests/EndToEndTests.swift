@@ -3,6 +3,7 @@
 // page table must match the bitmaps afterwards.
 
 import Foundation
+import SystemPackage
 import Testing
 import IOPFTestSupport
 @testable import IOPFCore
@@ -244,7 +245,8 @@ import IOPFTestSupport
         dc.burst = 1
         let device = SimulatedDevice(
             configuration: dc, channel: try DeviceChannel(service.attach(deviceID: 1, domain: domain)),
-            memory: try DeviceMemory([(region.info!, try Sys.dup(region.fd))]), translator: .pageTable(table))
+            memory: try DeviceMemory([(region.info!, FileDescriptor(rawValue: try Sys.dup(region.fd)))]),
+            translator: .pageTable(table))
         fanout.add(device.iotlb)
         device.start()
         while !device.isFinished { usleep(1000) }

@@ -3,6 +3,7 @@
 // names, remembers the newest sequence, and forgets page contents the host may change.
 
 import Glibc
+import SystemPackage
 import Testing
 import CIOPFShim
 @testable import IOPFCore
@@ -12,12 +13,12 @@ import CIOPFShim
 
 @Suite(.timeLimit(.minutes(2))) struct DeviceSideTests {
     /// A memfd of `size` bytes holding `value` in its first 8 bytes.
-    func memfd(size: Int, value: UInt64) throws -> CInt {
+    func memfd(size: Int, value: UInt64) throws -> FileDescriptor {
         let fd = iopf_memfd_create("iopf-device-test")
         try #require(fd >= 0 && ftruncate(fd, off_t(size)) == 0)
         var v = value
         #expect(pwrite(fd, &v, 8, 0) == 8)
-        return fd
+        return FileDescriptor(rawValue: fd)
     }
 
     @Test func dmaReachesOnlyTheRegionsItWasGivenAtTheirBases() throws {

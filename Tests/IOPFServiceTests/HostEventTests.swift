@@ -1,10 +1,11 @@
-// Real MMU-notifier events through userfaultfd: madvise, munmap and mremap on mapped
+// Real MMU-notifier events through userfaultfd: FileDescriptor(rawValue: madvise), munmap and mremap on mapped
 // memory reach the service, which unmaps, syncs, and answers later faults as the event
 // requires.
 
 import CIOPFShim
 import Foundation
 import Glibc
+import SystemPackage
 import Testing
 import IOPFTestSupport
 @testable import IOPFCore

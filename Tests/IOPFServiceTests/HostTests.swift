@@ -5,6 +5,7 @@
 
 import Foundation
 import Glibc
+import SystemPackage
 import Testing
 import IOPFTestSupport
 @testable import CIOPFShim
@@ -165,7 +166,8 @@ import IOPFTestSupport
                 let h = try HostClient(connectingTo: s.path)
                 defer { h.close() }
                 try h.declare(
-                    name: name, regions: regions ?? [m.region], userfaultfd: uffd ?? m.uffd, memfds: memfds ?? [m.memfd]
+                    name: name, regions: regions ?? [m.region], userfaultfd: FileDescriptor(rawValue: uffd ?? m.uffd),
+                    memfds: (memfds ?? [m.memfd]).map(FileDescriptor.init(rawValue:))
                 )
             }
         }

@@ -9,6 +9,7 @@ import Glibc
 import IOPFCore
 import IOPFDevice
 import Synchronization
+import SystemPackage
 import Testing
 import IOPFTestSupport
 
@@ -34,7 +35,8 @@ final class FakeBackend {
         main = fds[1]
         channel = backendChannel
         device = try s.service.attachVhost(
-            main: fds[0], channel: serviceChannel, domain: s.domain, deviceID: 9,
+            main: FileDescriptor(rawValue: fds[0]), channel: FileDescriptor(rawValue: serviceChannel),
+            domain: s.domain, deviceID: 9,
             runPages: runPages, faultAroundPages: faultAround)
     }
 
@@ -256,7 +258,9 @@ final class FakeBackend {
         func refusal(_ fds: [CInt], _ request: VhostAttachRequest = VhostAttachRequest(deviceID: 3)) -> String? {
             defer { for fd in fds { Sys.close(fd) } }
             do {
-                try host.attachVhost(socket: fds[0], channel: fds.count > 1 ? fds[1] : fds[0], request)
+                try host.attachVhost(
+                    socket: FileDescriptor(rawValue: fds[0]),
+                    channel: FileDescriptor(rawValue: fds.count > 1 ? fds[1] : fds[0]), request)
                 return nil
             } catch { return "\(error)" }
         }

@@ -7,6 +7,7 @@
 import Foundation
 import Glibc
 import Synchronization
+import SystemPackage
 import Testing
 import IOPFTestSupport
 @testable import CIOPFShim
@@ -51,7 +52,9 @@ import IOPFTestSupport
                 let host = try HostClient(connectingTo: s.path)
                 let uffd = try HostClient.makeUserfaultfd()
                 defer { Sys.close(uffd) }
-                try host.declare(name: "sparse", regions: regions, userfaultfd: uffd, memfds: fds)
+                try host.declare(
+                    name: "sparse", regions: regions, userfaultfd: uffd, memfds: fds.map(FileDescriptor.init(rawValue:))
+                )
                 try host.detach()
             }
         }
@@ -84,7 +87,7 @@ import IOPFTestSupport
         // The host's own uffd, MISSING mode, over an anonymous buffer nobody will fill.
         let trap = try HostClient.makeUserfaultfd()
         let buffer = mmap(nil, 1 << 16, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
-        #expect(iopf_uffd_register(trap, UInt64(UInt(bitPattern: buffer)), 1 << 16, 1) == 0)
+        #expect(iopf_uffd_register(trap.rawValue, UInt64(UInt(bitPattern: buffer)), 1 << 16, 1) == 0)
         let writer = DispatchSemaphore(value: 0)
         try b.keepsServing("inode lock", s.service) {
             let fd = m.memfd
@@ -117,7 +120,9 @@ import IOPFTestSupport
         let pages = 4096
         let m = try TestHostMemory(size: UInt64(pages) << 12)
         let attacker = try HostClient(connectingTo: s.path)
-        try attacker.declare(name: "churner", regions: [m.region], userfaultfd: m.uffd, memfds: [m.memfd])
+        try attacker.declare(
+            name: "churner", regions: [m.region], userfaultfd: FileDescriptor(rawValue: m.uffd),
+            memfds: [m.memfd].map(FileDescriptor.init(rawValue:)))
         // Every page mapped at 8 IOVAs: 32k mappings, aliased.
         for k in 0..<(8 * pages) {
             try attacker.map(
@@ -166,7 +171,9 @@ import IOPFTestSupport
         let s = try ListeningService { $0.maxHostMappedBytes = 64 << 40 }
         let m = try TestHostMemory(size: 1 << 30)  // sparse: nothing touched
         let host = try HostClient(connectingTo: s.path)
-        try host.declare(name: "sparse", regions: [m.region], userfaultfd: m.uffd, memfds: [m.memfd])
+        try host.declare(
+            name: "sparse", regions: [m.region], userfaultfd: FileDescriptor(rawValue: m.uffd),
+            memfds: [m.memfd].map(FileDescriptor.init(rawValue:)))
         let before = try s.service.footprint().wait().rssBytes
         // 1 GiB mapped 64 times over: a dense bitmap each would be 32 KiB; 2 GiB mappings more.
         for k in 0..<64 { try host.map(iova: UInt64(k + 1) << 30, hostAddress: m.base, size: 1 << 30, prot: [.read]) }
@@ -175,7 +182,9 @@ import IOPFTestSupport
         let s2 = try ListeningService { $0.maxHostMappedBytes = 4 << 30 }
         let host2 = try HostClient(connectingTo: s2.path)
         let m2 = try TestHostMemory(size: 1 << 30)
-        try host2.declare(name: "greedy", regions: [m2.region], userfaultfd: m2.uffd, memfds: [m2.memfd])
+        try host2.declare(
+            name: "greedy", regions: [m2.region], userfaultfd: FileDescriptor(rawValue: m2.uffd),
+            memfds: [m2.memfd].map(FileDescriptor.init(rawValue:)))
         for k in 0..<4 { try host2.map(iova: UInt64(k + 1) << 30, hostAddress: m2.base, size: 1 << 30, prot: [.read]) }
         let r = refusal { try host2.map(iova: 5 << 30, hostAddress: m2.base, size: 4096, prot: [.read]) }
         #expect(
@@ -231,7 +240,8 @@ import IOPFTestSupport
         let m = try TestHostMemory()
         let host = try HostClient(connectingTo: s.path)
         try host.declare(
-            name: "shared", regions: [m.region], userfaultfd: m.uffd, memfds: [m.memfd], allowedUIDs: [Self.nobody])
+            name: "shared", regions: [m.region], userfaultfd: FileDescriptor(rawValue: m.uffd),
+            memfds: [m.memfd].map(FileDescriptor.init(rawValue:)), allowedUIDs: [Self.nobody])
         try host.map(iova: 1 << 40, hostAddress: m.base, size: m.size, prot: [.read, .write])
         let guest = try childAsNobody([
             "device", "--connect", s.path, "--address-space", "shared", "--duration", "1",
@@ -319,7 +329,7 @@ import IOPFTestSupport
                         hostAddress: UInt64(UInt(bitPattern: p)),
                         size: 1 << 20, fdOffset: 0, fdIndex: 0)
                 ],
-                userfaultfd: uffd, memfds: [memfd])
+                userfaultfd: uffd, memfds: [FileDescriptor(rawValue: memfd)])
         }
         #expect(
             r?.errno == WireErrno.notPermitted && r?.text.contains("F_SEAL_SEAL") == true, "\(String(describing: r))")

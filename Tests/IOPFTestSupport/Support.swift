@@ -19,6 +19,7 @@
     @testable import IOPFSimulation
     @testable import IOPFSystem
     @testable import IOPFWire
+    import SystemPackage
 
     /// A service session on its own thread, listening on a fresh socket.
     package final class ListeningSession: @unchecked Sendable {
@@ -165,7 +166,7 @@
             if sealed { #expect(iopf_seal_size(memfd) == 0) }
             let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0)!
             base = UInt64(UInt(bitPattern: p))
-            uffd = try HostClient.makeUserfaultfd()
+            uffd = try HostClient.makeUserfaultfd().rawValue
         }
 
         deinit {
@@ -182,7 +183,9 @@
         /// Connects, declares `name` and maps the whole memory at `iova`.
         package func attach(_ path: String, name: String, iova: UInt64) throws -> HostClient {
             let client = try HostClient(connectingTo: path)
-            try client.declare(name: name, regions: [region], userfaultfd: uffd, memfds: [memfd])
+            try client.declare(
+                name: name, regions: [region], userfaultfd: FileDescriptor(rawValue: uffd),
+                memfds: [FileDescriptor(rawValue: memfd)])
             try client.map(iova: iova, hostAddress: base, size: size, prot: [.read, .write])
             return client
         }
