@@ -96,8 +96,8 @@ final class EventLoop {
     let ring: Ring
     let handler: FaultHandler
     let fences: InvalidationFences
-    @exclusivity(unchecked) var devices: [AttachedDevice?] = []
-    var byGeneration: [UInt32: AttachedDevice] = [:]
+    /// Every attached device (DeviceRegistry.swift).
+    @exclusivity(unchecked) var registry = DeviceRegistry()
     var peers: [Peer?] = []
     /// Hosts' address spaces (HostPeer.swift), by slot.
     var hosts: [HostSpace?] = []
@@ -117,7 +117,6 @@ final class EventLoop {
     let messageBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: WireLimits.maxMessageBytes + 1, alignment: 8)
     @exclusivity(unchecked) var running = true
     let doubleAnswer: Bool
-    @exclusivity(unchecked) var streamDevices = 0
     /// Peers whose TRANSLATE is being walked, a few pages per turn, and where the next
     /// turn starts among them.
     var translators: [Peer] = []
@@ -190,7 +189,7 @@ final class EventLoop {
                     if now - lastActivity < spin {
                         // Streams and commands progress only when the kernel runs the
                         // ring's task work; shared rings need no system call at all.
-                        if streamDevices > 0 || now - lastFlush > .microseconds(20) {
+                        if registry.streamDevices > 0 || now - lastFlush > .microseconds(20) {
                             ring.flushCompletions()
                             lastFlush = now
                         }
@@ -239,7 +238,7 @@ final class EventLoop {
     /// its doorbell.
     private func sleep() throws {
         var ready = false
-        for case let d? in devices where d.transport.isShared && !d.closing {
+        for case let d? in registry.slots where d.transport.isShared && !d.closing {
             if d.transport.announceSleep() { ready = true }
         }
         if !ready {
@@ -250,7 +249,7 @@ final class EventLoop {
             }
             try ring.submitAndWait(timeoutNanoseconds: max(timeout, 1000))
         }
-        for case let d? in devices where d.transport.isShared { d.transport.endSleep() }
+        for case let d? in registry.slots where d.transport.isShared { d.transport.endSleep() }
     }
 
     /// Handles the host events among `completions` before any fault of this turn: a fault
@@ -269,7 +268,7 @@ final class EventLoop {
     /// Takes the published requests of every shared ring. Returns how many.
     private func pollSharedRings() -> Int {
         var taken = 0
-        for case let d? in devices where d.transport.isShared && !d.closing {
+        for case let d? in registry.slots where d.transport.isShared && !d.closing {
             do {
                 taken += try d.transport.poll(limit: SharedQueue.capacity) { handleRecord(d, $0) }
             } catch {
@@ -286,7 +285,7 @@ final class EventLoop {
             try ring.prepareRead(fd: service.doorbell, into: commandBuffer, token: RingToken(kind: .commands))
             for command in service.takeCommands() { try perform(command) }
         case .deviceRead, .deviceWrite, .doorbellRead, .doorbellPoll, .wake:
-            guard c.token.slot < devices.count, let d = devices[c.token.slot], d.generation == c.token.generation else {
+            guard let d = registry.device(slot: c.token.slot, generation: c.token.generation) else {
                 return
             }
             if d.closing {
@@ -401,7 +400,7 @@ final class EventLoop {
     /// Handles every device's batched groups (before this turn's answers go out).
     private func handleBatches() {
         batching = false
-        for case let d? in devices where !d.batched.isEmpty { handleBatch(d) }
+        for case let d? in registry.slots where !d.batched.isEmpty { handleBatch(d) }
     }
 
     /// Handles a device's batched groups in one engine call and answers each.
@@ -470,7 +469,7 @@ final class EventLoop {
     /// gone page) ends the window; pages already mapped are skipped.
     private func prefetchAhead() {
         prefetching = false
-        for case let d? in devices {
+        for case let d? in registry.slots {
             if !d.neighbourJobs.isEmpty {
                 if !d.closing {
                     for job in d.neighbourJobs {
@@ -506,7 +505,7 @@ final class EventLoop {
     }
 
     private func flushResponses() throws {
-        for case let d? in devices where !d.queued.isEmpty && !d.closing {
+        for case let d? in registry.slots where !d.queued.isEmpty && !d.closing {
             do {
                 try d.transport.send(&d.queued, ring, d.token)
             } catch {
@@ -545,15 +544,18 @@ final class EventLoop {
         deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int, transport: any FaultTransport,
         windows: [DMAWindow] = [], space: HostSpace? = nil
     ) throws -> AttachedDevice {
-        let slot = devices.firstIndex { $0 == nil } ?? devices.count
+        let slot = registry.freeSlot
         let d = AttachedDevice(
             token: TokenSource(slot: slot, generation: nextGeneration()), deviceID: deviceID, pasid: pasid,
             domain: domain, credit: credit, transport: transport, windows: windows, space: space,
             engine: space?.engine ?? engine, handler: space?.handler ?? handler)
-        if slot == devices.count { devices.append(d) } else { devices[slot] = d }
-        byGeneration[d.generation] = d
-        if !transport.isShared { streamDevices += 1 }
-        try transport.arm(ring, d.token)
+        registry.enter(d)
+        do { try transport.arm(ring, d.token) } catch {
+            // Nothing of it is in the ring: it leaves every lookup at once.
+            registry.leave(d)
+            registry.release(d)
+            throw error
+        }
         return d
     }
 
@@ -574,8 +576,7 @@ final class EventLoop {
         service.logger.info("device \(d.deviceID) \(why); \(pending.count) incomplete groups answered INVALID")
         d.closing = true
         fences.remove(device: d.generation)
-        byGeneration[d.generation] = nil
-        if !d.transport.isShared { streamDevices -= 1 }
+        registry.leave(d)
         d.transport.cancel(ring, d.token)
         finishClosing(d)
     }
@@ -583,7 +584,7 @@ final class EventLoop {
     private func finishClosing(_ d: AttachedDevice) {
         guard d.closing, d.transport.inFlight == 0 else { return }
         d.transport.close()
-        if d.token.slot < devices.count, devices[d.token.slot] === d { devices[d.token.slot] = nil }
+        registry.release(d)
     }
 
     // MARK: Commands
@@ -628,7 +629,7 @@ final class EventLoop {
             f.tablePages = engines.reduce(0) { $0 + $1.liveTablePages }
             f.mappedPages = engines.reduce(0) { $0 + $1.mappedPageCount }
             f.mappings = engines.reduce(0) { $0 + $1.mappingCount }
-            f.devices = devices.count { $0 != nil }
+            f.devices = registry.count
             f.peers = peers.count { $0 != nil }
             f.hosts = hosts.count { $0 != nil }
             f.measureProcess()
@@ -673,18 +674,31 @@ final class EventLoop {
 
     // MARK: Host events
 
+    /// The one userfaultfd reader, for the service's own memory and every host's: reads
+    /// whole messages into the loop's buffer and hands each, decoded, to `handle`, which
+    /// returns what it cost, until the source has none, `budget` is spent, or `stop` says so.
+    func readEvents(
+        from source: some UserfaultfdReading, budget: Int = .max, stop: () -> Bool = { false },
+        _ handle: (HostEvent) -> Int
+    ) throws(SystemCallError) {
+        let size = UserfaultfdSource.messageBytes
+        var cost = 0
+        while cost < budget, !stop() {
+            let bytes = try source.drain(into: uffdBuffer)
+            if bytes == 0 { break }
+            for i in 0..<(bytes / size) where !stop() {
+                cost += handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[(i * size)..<((i + 1) * size)])))
+            }
+        }
+    }
+
+    /// The service's own memory: every pending event, before any fault of this turn.
     private func readHostEvents() {
         guard let uffd = service.uffd else { return }
         do {
-            while true {
-                let bytes = try uffd.drain(into: uffdBuffer)
-                if bytes == 0 { break }
-                for i in 0..<(bytes / UserfaultfdSource.messageBytes) {
-                    let at = i * UserfaultfdSource.messageBytes
-                    handle(
-                        HostEvent(
-                            UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<(at + UserfaultfdSource.messageBytes)])))
-                }
+            try readEvents(from: uffd) {
+                handle($0)
+                return 1
             }
             try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent))
         } catch {
@@ -765,7 +779,7 @@ final class EventLoop {
             closePeer(p, reason: "the service stopped", disconnected: false)
         }
         for case let p? in peers { closePeer(p, reason: "the service stopped", disconnected: false) }
-        for case let d? in devices { detach(d, reason: "closed: the service stopped") }
+        for case let d? in registry.slots { detach(d, reason: "closed: the service stopped") }
         for case let b? in vhosts { closeVhost(b, reason: "closed: the service stopped", fenced: false) }
         if let l = listener {
             Sys.close(l.fd)
@@ -781,8 +795,8 @@ final class EventLoop {
             try? ring.submitAndWait(timeoutNanoseconds: 10_000_000)
             completions.removeAll(keepingCapacity: true)
             ring.reap(into: &completions)
-            for c in completions where c.token.slot < devices.count {
-                if let d = devices[c.token.slot], d.generation == c.token.generation, d.closing {
+            for c in completions {
+                if let d = registry.device(slot: c.token.slot, generation: c.token.generation), d.closing {
                     d.transport.dropped(c)
                     finishClosing(d)
                 }

@@ -398,17 +398,8 @@ extension EventLoop {
             closePeer(s.peer, reason: "its userfaultfd failed (poll result \(c.result))", disconnected: true)
             return
         }
-        var cost = 0
         do {
-            while cost < eventCostPerTurn, !s.closed {
-                let bytes = try s.uffd.drain(into: uffdBuffer)
-                if bytes == 0 { break }
-                for i in 0..<(bytes / UserfaultfdSource.messageBytes) where !s.closed {
-                    let at = i * UserfaultfdSource.messageBytes
-                    let end = at + UserfaultfdSource.messageBytes
-                    cost += handle(HostEvent(UnsafeRawBufferPointer(rebasing: uffdBuffer[at..<end])), in: s)
-                }
-            }
+            try readEvents(from: s.uffd, budget: eventCostPerTurn, stop: { s.closed }) { handle($0, in: s) }
         } catch {
             // Fail closed: without its events the host's changes would go unseen.
             closePeer(s.peer, reason: "reading its userfaultfd failed: \(error)", disconnected: true)

@@ -48,7 +48,7 @@ struct HostRefusal: Error, CustomStringConvertible {
 }
 
 /// A host's userfaultfd, owned by the service once received.
-final class HostUserfaultfd {
+final class HostUserfaultfd: UserfaultfdReading {
     let fd: CInt
     /// The ranges the service registered and the host has not given up since.
     private(set) var registered = RangeTable<Bool> { v, _ in v }

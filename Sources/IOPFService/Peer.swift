@@ -132,7 +132,6 @@ extension EventLoop {
         if let s = p.space { teardownHost(s, reason: reason) }
         if let d = p.device {
             d.peer = nil
-            d.space?.devices.removeAll { $0 === d }
             detach(d, reason: reason)
             p.device = nil
         }
@@ -359,7 +358,7 @@ extension EventLoop {
                 return
             }
         }
-        if byGeneration.values.contains(where: {
+        if registry.byGeneration.values.contains(where: {
             $0.deviceID == request.deviceID && $0.pasid == request.pasid && $0.space === space
         }) {
             reply(
@@ -417,7 +416,6 @@ extension EventLoop {
                 space: space)
             d.peer = p
             p.device = d
-            space?.devices.append(d)
             p.state = .attached
             fences.add(
                 device: d.generation, domain: SyncDomain(space: d.space?.id ?? 0, domain: d.domain),
@@ -555,7 +553,7 @@ extension EventLoop {
                     sendVhostInvalidation(b, message)
                     continue
                 }
-                guard let d = byGeneration[generation], let p = d.peer, p.state == .attached else { continue }
+                guard let d = registry.byGeneration[generation], let p = d.peer, p.state == .attached else { continue }
                 do {
                     try Sys.send(
                         p.invalidation, message.message(id: UInt16(truncatingIfNeeded: message.sequence)),
@@ -575,7 +573,7 @@ extension EventLoop {
                 }
             }
         }
-        guard !vhostByGeneration.isEmpty || (!byGeneration.isEmpty && !peers.isEmpty) else { return }
+        guard !vhostByGeneration.isEmpty || (!registry.byGeneration.isEmpty && !peers.isEmpty) else { return }
         for generation in fences.overdue(at: .now) {
             if let b = vhostByGeneration[generation] {
                 stats.protocolError(.invalidateTimeout)
@@ -584,7 +582,7 @@ extension EventLoop {
                     fenced: true)
                 continue
             }
-            guard let d = byGeneration[generation], let p = d.peer else {
+            guard let d = registry.byGeneration[generation], let p = d.peer else {
                 fences.remove(device: generation)
                 continue
             }

@@ -32,7 +32,13 @@ public struct UserfaultfdError: Error, Sendable, CustomStringConvertible {
     public var description: String
 }
 
-final class UserfaultfdSource: @unchecked Sendable {
+/// A userfaultfd the loop reads events from: the service's own, or a host's.
+protocol UserfaultfdReading {
+    /// Reads pending messages into `buffer`; 0 when there are none. Never blocks.
+    func drain(into buffer: UnsafeMutableRawBufferPointer) throws(SystemCallError) -> Int
+}
+
+final class UserfaultfdSource: UserfaultfdReading, @unchecked Sendable {
     static let wanted: [(UInt64, String)] = [
         (UInt64(UFFD_FEATURE_EVENT_REMOVE), "EVENT_REMOVE"),
         (UInt64(UFFD_FEATURE_EVENT_UNMAP), "EVENT_UNMAP"),

@@ -1,0 +1,52 @@
+// DeviceRegistry.swift — every attached device of the loop, entered and removed in one
+// place. A device is found by the ring slot its tokens carry (completions), by its
+// generation (fences, acknowledgements, duplicate attaches), and through its host's list
+// (teardown); the loop also counts stream devices, which make it flush sooner. `enter`,
+// `leave` and `release` keep all of them in step.
+//
+// Loop thread only, as the rest of the loop's state.
+
+struct DeviceRegistry {
+    /// By ring slot; a slot is taken again only once its device's last ring operation
+    /// completed (`release`), so a late completion never reaches another device.
+    private(set) var slots: [AttachedDevice?] = []
+    /// Live devices by generation (a closing device is no longer here).
+    private(set) var byGeneration: [UInt32: AttachedDevice] = [:]
+    /// Live devices on stream channels.
+    private(set) var streamDevices = 0
+
+    /// The slot the next device gets: the first free one.
+    var freeSlot: Int { slots.firstIndex { $0 == nil } ?? slots.count }
+
+    /// Devices holding a slot, live or closing.
+    var count: Int { slots.count { $0 != nil } }
+
+    /// Enters `d`, made for `freeSlot`, everywhere it is looked up.
+    mutating func enter(_ d: AttachedDevice) {
+        let slot = d.token.slot
+        precondition(slot == slots.count || slots[slot] == nil, "slot \(slot) is taken")
+        if slot == slots.count { slots.append(d) } else { slots[slot] = d }
+        byGeneration[d.generation] = d
+        if !d.transport.isShared { streamDevices += 1 }
+        d.space?.devices.append(d)
+    }
+
+    /// `d` is closing: it leaves every lookup but its slot, which its ring operations
+    /// still name until they complete.
+    mutating func leave(_ d: AttachedDevice) {
+        guard byGeneration.removeValue(forKey: d.generation) != nil else { return }
+        if !d.transport.isShared { streamDevices -= 1 }
+        d.space?.devices.removeAll { $0 === d }
+    }
+
+    /// Frees `d`'s slot once nothing in the ring names it.
+    mutating func release(_ d: AttachedDevice) {
+        if d.token.slot < slots.count, slots[d.token.slot] === d { slots[d.token.slot] = nil }
+    }
+
+    /// The device in `slot` if it is still the one of `generation`.
+    func device(slot: Int, generation: UInt32) -> AttachedDevice? {
+        guard slot < slots.count, let d = slots[slot], d.generation == generation else { return nil }
+        return d
+    }
+}
