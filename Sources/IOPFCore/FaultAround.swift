@@ -1,4 +1,4 @@
-// FaultAround.swift — mapping ahead of sequential faults (issue 12 §1).
+// FaultAround.swift — mapping ahead of sequential faults.
 //
 // The 2021 VFIO IOPF series mapped one page per fault and measured a 63% slowdown at one
 // send; a fixed 512-page pre-map cut it to 1.6-33%. Here the window adapts, as the page

@@ -11,7 +11,8 @@
 // A fault reads the sequence and looks up its mapping under the lock, resolves the host
 // page without it, then re-takes the lock and installs only if the sequence has not
 // moved; otherwise it starts again. This closes the window in which a fault installs a
-// translation for a page that an invalidation has just taken away (seed 003).
+// translation for a page that an invalidation has just taken away (Alex Williamson's review of the 2021 VFIO IOPF
+// MMU-notifier patch).
 
 import Synchronization
 
@@ -536,7 +537,8 @@ public final class FaultEngine: Sendable {
     /// them. Unmap may remove more than asked (a block reached at its first address) or
     /// stop early (a block entered in its middle, or a hole); the range widens to whole
     /// blocks and every domain is brought to the same extent, so bitmap and tables stay in
-    /// step (seed 003: continue from `iova + unmapped`, never from `iova + requested`).
+    /// step (the review of the 2021 VFIO IOPF MMU-notifier patch: continue from `iova + unmapped`, never from `iova +
+    /// requested`).
     private func unmapRun(of m: DMAMapping, _ run: Range<Int>, _ s: inout State) throws(FatalInvalidationError)
         -> Range<Int>
     {

@@ -10,7 +10,8 @@ public struct InjectedBugs: OptionSet, Sendable, Hashable {
 
     /// The IOTLB sync does not reach the devices.
     public static let skipSync = InjectedBugs(rawValue: 1 << 0)
-    /// Invalidation clears bits by the requested size, not by what was unmapped (seed 003).
+    /// Invalidation clears bits by the requested size, not by what was unmapped (Alex Williamson's review of the 2021
+    /// VFIO IOPF MMU-notifier patch).
     public static let clearRequested = InjectedBugs(rawValue: 1 << 1)
     /// A fault installs without checking the invalidation sequence.
     public static let noRetry = InjectedBugs(rawValue: 1 << 2)

@@ -260,7 +260,7 @@ public final class IOPageTable: @unchecked Sendable {
         gather.reset()
     }
 
-    // MARK: Write protection (dirty tracking, issue 12 §3)
+    // MARK: Write protection (dirty tracking)
 
     /// Clears the write permission of every present writable leaf overlapping `[iova,
     /// iova + size)` (a block whole, even where it reaches past the range) and adds each

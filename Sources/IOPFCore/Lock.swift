@@ -5,7 +5,7 @@
 // release and reports every pair of accesses made under it as a race (hundreds per suite
 // run), hiding the real ones. Every sanitizer runtime intercepts `pthread_mutex_lock`, so
 // with this type TSan's reports mean something. Uncontended cost is the same (one atomic
-// exchange each way; measured with `iopf-microbench`, see the README).
+// exchange each way; measured with `iopf-microbench`, see docs/benchmarks.md).
 //
 // Both the mutex and the value live in one heap allocation that never moves (a pthread
 // mutex must not be copied), and the value is reached through a pointer, so `withLock`

@@ -6,7 +6,7 @@
 // charged, and each maximal physically contiguous run of one page kind is mapped with one
 // call (2 MiB / 1 GiB blocks where aligned). Runs may span batches. Any failure (limit,
 // pinning, mapping) undoes everything this call did: nothing half-mapped, half-pinned or
-// half-charged remains (seed 001).
+// half-charged remains (the "vfio/type1: Remove locked page accounting workqueue" thread).
 //
 // Seed 000's bug was an exit path that left a partially consumed batch referring to another
 // kind of page; here a batch is always consumed whole before the next is pinned, and the

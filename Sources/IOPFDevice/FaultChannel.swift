@@ -3,7 +3,7 @@
 // see IOPFCore/FaultRecord.swift). Both directions are byte streams, so records may be
 // split across reads; each side reassembles.
 //
-// Transports (chosen by measurement, see README "Fault channel"):
+// Transports (chosen by measurement, see docs/benchmarks.md, "Fault channel"):
 // - shared: a memfd with two rings (see SharedQueue.swift); eventfd doorbells are rung
 //   only when the other side sleeps, so a busy channel makes no system calls.
 // - socket: one AF_UNIX stream socketpair, full duplex; a closed device shows as EOF.

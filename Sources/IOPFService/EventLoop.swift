@@ -209,7 +209,7 @@ final class EventLoop {
                 stats.completions += completions.count
                 for c in completions { try dispatch(c) }
                 if lastActivity - lastSweep > FaultService.commandSweep {
-                    // Commands whose doorbell ring was lost (issue 11 §5) wait at most this long.
+                    // Commands whose doorbell ring was lost wait at most this long.
                     lastSweep = lastActivity
                     for command in service.takeCommands() { try perform(command) }
                     if !peers.isEmpty { sweepSilentPeers(now: lastActivity) }

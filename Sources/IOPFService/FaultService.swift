@@ -295,7 +295,8 @@ public enum ServiceError: Error, Sendable, Equatable, CustomStringConvertible {
     case stopped
     /// The event loop could not start.
     case startFailed(String)
-    /// An invalidation could not remove a translation: fatal for the engine (seed 003).
+    /// An invalidation could not remove a translation: fatal for the engine (Alex Williamson's review of the 2021 VFIO
+    /// IOPF MMU-notifier patch).
     case invalidationFailed(String)
     /// A system call failed.
     case system(SystemCallError)

@@ -273,7 +273,7 @@ public enum LockedMemoryLimits {
 /// The engine's view of this process's memory.
 public final class ProcessMemory: HostMemory {
     /// Ranges standing for device memory (MMIO-like, no page backing): pinned mappings map
-    /// them but never lock or charge them (seed 002).
+    /// them but never lock or charge them (the "vfio/type1: avoid redundant PageReserved checking" thread).
     private let deviceMemory = Lock<[Range<UInt64>]>([])
     /// Pins per page: mlock does not count, so aliased pinned mappings must.
     private let pins = Lock(PinCounts())

@@ -1,5 +1,5 @@
 // HugePages.swift — transparent huge pages behind host regions (`--huge-pages`), and
-// finding out cheaply whether one backs a 2 MiB block (issue 12 §2).
+// finding out cheaply whether one backs a 2 MiB block.
 //
 // Host regions are memfds (shmem). Shmem gets 2 MiB pages only where the kernel allows
 // it: the per-size knob hugepages-2048kB/shmem_enabled ("inherit" follows the top-level

@@ -1,4 +1,4 @@
-// OS failures planted by tests at named call sites (issue 11 §5). A planted entry is an
+// OS failures planted by tests at named call sites. A planted entry is an
 // errno to fail the next call at that site with, or 0 to let that call through, so
 // "fail the second mlock" is `[0, ENOMEM]`. Entries are taken one per call, in order.
 

@@ -34,7 +34,7 @@ package struct ExternalDeviceOptions: Sendable {
     package init(path: String) { self.path = path }
 }
 
-/// What `iopf device --json` prints; the keys are the README's.
+/// What `iopf device --json` prints; the keys are the ones RunningTheService.md lists.
 package struct ExternalDeviceResult: Codable, Sendable {
     package var deviceID: UInt32 = 0
     package var channel = ""

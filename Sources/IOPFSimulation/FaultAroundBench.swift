@@ -1,4 +1,4 @@
-// FaultAroundBench.swift — `iopf bench --scenario fault-around` (issue 12 §1): single-page
+// FaultAroundBench.swift — `iopf bench --scenario fault-around`: single-page
 // faulting against fault-around, on the same memory in the same run.
 //
 // One device first-touches fresh memory, writing whole pages: either all of it in order

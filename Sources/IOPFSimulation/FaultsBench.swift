@@ -1,4 +1,4 @@
-// FaultsBench.swift — `iopf bench --scenario faults` (issue 13 §1): how many faults one
+// FaultsBench.swift — `iopf bench --scenario faults`: how many faults one
 // service thread serves when a device keeps several groups in flight, as PRI allows (up
 // to its credit of outstanding requests).
 //

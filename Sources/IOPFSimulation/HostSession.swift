@@ -48,7 +48,7 @@ package struct HostOptions: Sendable {
     }
 }
 
-/// What `iopf host --json` prints; the keys are the README's.
+/// What `iopf host --json` prints; the keys are the ones RunningTheService.md lists.
 package struct HostResult: Codable, Sendable {
     package var name = ""
     package var memoryBytes: UInt64 = 0

@@ -5,7 +5,7 @@ import Glibc
 import SystemPackage
 
 /// How page requests travel between a device and the service (chosen by measurement, see
-/// README "Fault channel"): shared rings in a memfd with eventfd doorbells rung only for
+/// docs/benchmarks.md, "Fault channel"): shared rings in a memfd with eventfd doorbells rung only for
 /// sleepers (the default), a socketpair, or a pipe each way.
 public enum ChannelTransport: String, Sendable, CaseIterable {
     /// A shared ring with two eventfds; a stream socket pair; a pair of pipes.

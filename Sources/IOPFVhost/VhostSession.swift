@@ -59,7 +59,7 @@ package struct VhostOptions: Sendable {
     package init() {}
 }
 
-/// What one run measured; the JSON keys are the README's.
+/// What one run measured; the JSON keys are the ones VhostUser.md lists.
 /// What the run itself saw: the driver's packets, throughput, latencies, host changes.
 package struct VhostRun: Codable, Sendable, Equatable {
     package var mode: VhostMode

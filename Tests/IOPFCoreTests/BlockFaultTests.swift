@@ -1,4 +1,4 @@
-// 2 MiB mappings on fault (issue 12 §2): a fault where one huge page backs the aligned
+// 2 MiB mappings on fault: a fault where one huge page backs the aligned
 // block maps it with one entry and sets its 512 bits; invalidating any page of it removes
 // the whole block and clears the 512 bits together; anything that would make the block
 // wrong (a page of it mapped, tracked, gone, outside the mapping, host misaligned, no

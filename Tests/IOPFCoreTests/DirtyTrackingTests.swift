@@ -1,4 +1,4 @@
-// Dirty tracking (issue 12 §3): what the log reports against a model of what a device
+// Dirty tracking: what the log reports against a model of what a device
 // really wrote, under random writes, reads, invalidations and reads of the log; blocks,
 // pinned and untracked mappings; nothing lost across an invalidation or an unmap.
 

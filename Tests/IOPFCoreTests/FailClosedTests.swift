@@ -1,4 +1,4 @@
-// Fail closed: the defects found by reading the engine (issue 11 §4), each shown by a test
+// Fail closed: the defects found by reading the engine, each shown by a test
 // that failed before its fix. An unmap that fails still syncs what it unmapped and stops
 // the engine; a pinned mapping cannot be removed while it is being populated; pages are
 // charged before they are pinned; aliased pins are counted; loose record fields are

@@ -1,4 +1,4 @@
-// Fault-around (issue 12 §1): the sequential detector, and pages mapped ahead never going
+// Fault-around: the sequential detector, and pages mapped ahead never going
 // past the mapping, a page already mapped, a gone page, or an invalidation in flight.
 
 import Synchronization

@@ -1,5 +1,5 @@
 // Fault and invalidation handling: the answers, the mappings they leave behind, the
-// sequence retry, and the seed 003 review points.
+// sequence retry, and the the review of the 2021 VFIO IOPF MMU-notifier patch review points.
 
 import Synchronization
 import Testing

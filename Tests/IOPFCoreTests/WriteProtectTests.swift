@@ -1,4 +1,4 @@
-// Write protection for dirty tracking (issue 12 §3, the page-table part): present
+// Write protection for dirty tracking: present
 // writable leaves lose write permission with one gather and one sync, blocks whole, and
 // a tracked page's first write gets it back without a sync.
 

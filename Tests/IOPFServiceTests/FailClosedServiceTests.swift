@@ -1,4 +1,4 @@
-// Fail closed in the service, and OS failures injected through its seams (issue 11 §4, §5):
+// Fail closed in the service, and OS failures injected through its seams:
 // lost host events stop granting; transient io_uring submit errors are retried and a
 // fatal one fails later commands at once; an overflowed completion queue loses nothing;
 // a refused host-address update leaves nothing watched; aliased pins stay locked;

@@ -90,7 +90,7 @@ final class EventHarness {
     }
 
     /// Punching a hole in the memfd acts on the file: the pages are freed, but no uffd
-    /// event says so (the README's table); the stale translation stays until invalidated.
+    /// event says so (the table in WritingADevice.md); the stale translation stays until invalidated.
     @Test func aHolePunchedInTheMemfdRaisesNoEvent() throws {
         let h = try EventHarness()
         #expect(try h.fault(Array(0..<4)) == .success)

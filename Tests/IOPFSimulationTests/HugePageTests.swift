@@ -1,4 +1,4 @@
-// 2 MiB mappings on fault over real memory (issue 12 §2): the probe tells a huge page from
+// 2 MiB mappings on fault over real memory: the probe tells a huge page from
 // small ones, `--huge-pages` devices doing real DMA get one block per 2 MiB with every data
 // check passing, invalidations inside blocks take the block whole, and the bench shows
 // the groups saved. Needs root (the THP knob and PFNs in pagemap), as the suite does.

@@ -34,7 +34,8 @@ struct Serve: ParsableCommand {
     @Option(help: "Seconds to run (0: until SIGINT or SIGTERM).")
     var duration = 3.0
 
-    @Option(help: "Accept devices in other processes on this AF_UNIX socket (protocol: see the README).")
+    @Option(
+        help: "Accept devices and hosts in other processes on this AF_UNIX socket (protocol: IOPFWire's Protocol.md).")
     var listen: String?
 
     @Option(help: "Permissions of the --listen socket, in octal.")
@@ -108,7 +109,8 @@ struct Serve: ParsableCommand {
             """
             Threads the simulated devices share, each running its devices a DMA burst at a time and polling their \
             answers (a device waiting for an answer neither stops the others nor waits for a CPU when it comes), or \
-            each (a thread per device). 1 on a 2-core machine takes the scheduler out of the tail; see the README.
+            each (a thread per device). 1 on a 2-core machine takes the scheduler out of the tail; see \
+            docs/benchmarks.md.
             """, valueName: "N|each"))
     var deviceThreads = "each"
 
