@@ -172,22 +172,25 @@ package struct ServeRun: Codable, Sendable {
     package var problems: [String] = []
 }
 
-/// What `iopf serve --json` prints: the run's own figures and, embedded whole, the
-/// service's and the engine's statistics at its end. The JSON is one flat object (the
-/// keys scripts use: `faults`, `groups`, `protocolErrorKinds`, `hosts`, ...); in Swift the
-/// statistics' fields read through as if they were the result's own.
+/// What a session prints as JSON: the run's own figures (`Run`) and, embedded whole, the
+/// service's and the engine's statistics at its end. The JSON is one flat object (the keys
+/// scripts use: `faults`, `groups`, `protocolErrorKinds`, `hosts`, ...); in Swift the
+/// statistics' fields read through as if they were the report's own.
 @dynamicMemberLookup
-package struct ServeResult: Encodable, Sendable {
+package struct RunReport<Run: Codable & Sendable>: Encodable, Sendable {
+    /// Responses by code.
     package struct Responses: Codable, Sendable, Equatable {
         package var success = 0
         package var invalid = 0
     }
 
-    package var run = ServeRun()
+    package var run: Run
     package var service = ServiceStatistics()
     package var engine = EngineStatistics()
 
-    package subscript<T>(dynamicMember path: WritableKeyPath<ServeRun, T>) -> T {
+    package init(run: Run) { self.run = run }
+
+    package subscript<T>(dynamicMember path: WritableKeyPath<Run, T>) -> T {
         get { run[keyPath: path] }
         set { run[keyPath: path] = newValue }
     }
@@ -220,6 +223,9 @@ package struct ServeResult: Encodable, Sendable {
         try c.encode(uffdEventKinds, forKey: .uffdEventKinds)
     }
 }
+
+/// What `iopf serve --json` prints.
+package typealias ServeResult = RunReport<ServeRun>
 
 package struct ServeProgress: Sendable {
     package var elapsed: Double
@@ -296,7 +302,7 @@ package enum ServeSession {
         precondition(o.devices > 0 || o.listenPath != nil, "no devices: at least one in-process device or --listen")
         let setup = try ServeSetup(o, logger: logger)
         defer { setup.service.stop() }
-        var result = ServeResult()
+        var result = ServeResult(run: ServeRun())
         result.deviceThreads = setup.startDevices()
         var loop = try ServeLoop(setup)
         loop.run(shouldStop: shouldStop, progress: progress)

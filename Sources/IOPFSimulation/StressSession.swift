@@ -67,39 +67,9 @@ package struct StressRun: Codable, Sendable {
     package var firstViolation: String?
 }
 
-/// What `iopf stress --json` prints: the run's findings and, embedded whole, the
-/// service's and the engine's statistics at its end, as one flat object (as `serve`).
-@dynamicMemberLookup
-package struct StressResult: Encodable, Sendable {
-    package var run = StressRun()
-    package var service = ServiceStatistics()
-    package var engine = EngineStatistics()
-
-    package subscript<T>(dynamicMember path: WritableKeyPath<StressRun, T>) -> T {
-        get { run[keyPath: path] }
-        set { run[keyPath: path] = newValue }
-    }
-    package subscript<T>(dynamicMember path: KeyPath<ServiceStatistics, T>) -> T { service[keyPath: path] }
-    package subscript<T>(dynamicMember path: KeyPath<EngineStatistics, T>) -> T { engine[keyPath: path] }
-
-    /// Page requests served.
-    package var faults: Int { service.records }
-    /// Groups answered, as the service counts them.
-    package var groups: Int { service.groups }
-    /// Pages mapped ahead of faults (`--fault-around`), as the service counts them.
-    package var prefetchedPages: Int { service.prefetchedPages }
-
-    private enum Derived: String, CodingKey { case faults }
-
-    /// One object: the engine's statistics, then the service's, then the run's, then `faults`.
-    package func encode(to encoder: any Encoder) throws {
-        try engine.encode(to: encoder)
-        try service.encode(to: encoder)
-        try run.encode(to: encoder)
-        var c = encoder.container(keyedBy: Derived.self)
-        try c.encode(faults, forKey: .faults)
-    }
-}
+/// What `iopf stress --json` prints: the run's findings with the service's and the
+/// engine's statistics, as `serve` prints its run.
+package typealias StressResult = RunReport<StressRun>
 
 /// The service's footprint at one moment of a stress run.
 package struct StressSample: Sendable, Codable {
@@ -135,7 +105,7 @@ package enum StressSession {
         setup.tallies.forEach { $0.reset() }  // count from here, when every device is attached
         setup.hostTally.reset()
 
-        var result = StressResult()
+        var result = StressResult(run: StressRun())
         result.seed = o.seed
         result.devices = o.external ? "external" : "in-process"
         result.injected = InjectedBugs.names.filter { o.injected.contains($0.1) }.map(\.0)
