@@ -28,7 +28,7 @@ struct DeviceRegistry {
         if slot == slots.count { slots.append(d) } else { slots[slot] = d }
         byGeneration[d.generation] = d
         if !d.transport.isShared { streamDevices += 1 }
-        d.space?.devices.append(d)
+        d.space.devices.append(d)
     }
 
     /// `d` is closing: it leaves every lookup but its slot, which its ring operations
@@ -36,7 +36,7 @@ struct DeviceRegistry {
     mutating func leave(_ d: AttachedDevice) {
         guard byGeneration.removeValue(forKey: d.generation) != nil else { return }
         if !d.transport.isShared { streamDevices -= 1 }
-        d.space?.devices.removeAll { $0 === d }
+        d.space.devices.removeAll { $0 === d }
     }
 
     /// Frees `d`'s slot once nothing in the ring names it.

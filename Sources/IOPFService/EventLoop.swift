@@ -37,20 +37,20 @@ final class AttachedDevice {
     /// The connection that attached it; nil for in-process devices.
     var peer: Peer?
     @exclusivity(unchecked) var closing = false
-    /// The host address space it is attached to; nil: the service's own.
-    let space: HostSpace?
+    /// The address space it is attached to: the service's own (space 0) or a host's.
+    let space: AddressSpace
+    /// Its space's engine and fault handler, kept here for the fault path.
     let engine: FaultEngine
     let handler: FaultHandler
 
     init(
         token: TokenSource, deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int,
-        transport: any FaultTransport, windows: [DMAWindow] = [], space: HostSpace?, engine: FaultEngine,
-        handler: FaultHandler
+        transport: any FaultTransport, windows: [DMAWindow] = [], space: AddressSpace
     ) {
         self.token = token
         self.space = space
-        self.engine = engine
-        self.handler = handler
+        engine = space.engine
+        handler = space.handler
         self.deviceID = deviceID
         self.pasid = pasid
         self.domain = domain
@@ -100,7 +100,11 @@ final class EventLoop {
     @exclusivity(unchecked) var registry = DeviceRegistry()
     var peers: [Peer?] = []
     /// Hosts' address spaces (HostPeer.swift), by slot.
-    var hosts: [HostSpace?] = []
+    var hosts: [AddressSpace?] = []
+    /// The service's own memory: address space 0.
+    let own: AddressSpace
+    /// Every address space: the service's own, then the hosts'.
+    var spaces: [AddressSpace] { [own] + hosts.compactMap { $0 } }
     /// vhost-user back-ends (VhostBackend.swift), by slot and by generation.
     var vhosts: [VhostBackend?] = []
     var vhostByGeneration: [UInt32: VhostBackend] = [:]
@@ -151,6 +155,7 @@ final class EventLoop {
         ring = try Ring(entries: service.configuration.ringEntries)
         ring.planted = service.planted
         handler = engine.makeFaultHandler()
+        own = AddressSpace(own: engine, handler: handler)
         doubleAnswer = service.configuration.injectedBugs.contains(.doubleAnswer)
         completions.reserveCapacity(Int(service.configuration.ringEntries) * 2)
     }
@@ -542,13 +547,13 @@ final class EventLoop {
 
     func addDevice(
         deviceID: UInt32, pasid: UInt32?, domain: DomainID, credit: Int, transport: any FaultTransport,
-        windows: [DMAWindow] = [], space: HostSpace? = nil
+        windows: [DMAWindow] = [], space: AddressSpace? = nil
     ) throws -> AttachedDevice {
+        let space = space ?? own
         let slot = registry.freeSlot
         let d = AttachedDevice(
             token: TokenSource(slot: slot, generation: nextGeneration()), deviceID: deviceID, pasid: pasid,
-            domain: domain, credit: credit, transport: transport, windows: windows, space: space,
-            engine: space?.engine ?? engine, handler: space?.handler ?? handler)
+            domain: domain, credit: credit, transport: transport, windows: windows, space: space)
         registry.enter(d)
         do { try transport.arm(ring, d.token) } catch {
             // Nothing of it is in the ring: it leaves every lookup at once.
@@ -622,10 +627,10 @@ final class EventLoop {
         case .check(let ticket):
             service.publish(stats)
             ticket.complete(
-                .success(engine.checkInvariants() + hosts.compactMap { $0?.engine.checkInvariants() }.flatMap { $0 }))
+                .success(spaces.flatMap { $0.engine.checkInvariants() }))
         case .footprint(let ticket):
             var f = ServiceFootprint()
-            let engines = [engine] + hosts.compactMap { $0?.engine }
+            let engines = spaces.map(\.engine)
             f.tablePages = engines.reduce(0) { $0 + $1.liveTablePages }
             f.mappedPages = engines.reduce(0) { $0 + $1.mappedPageCount }
             f.mappings = engines.reduce(0) { $0 + $1.mappingCount }
@@ -692,14 +697,12 @@ final class EventLoop {
         }
     }
 
-    /// The service's own memory: every pending event, before any fault of this turn.
+    /// The service's own memory (address space 0): every pending event, before any fault
+    /// of this turn.
     private func readHostEvents() {
         guard let uffd = service.uffd else { return }
         do {
-            try readEvents(from: uffd) {
-                handle($0)
-                return 1
-            }
+            try readEvents(from: uffd) { handle($0, in: own) }
             try ring.preparePollIn(fd: uffd.fd, token: RingToken(kind: .hostEvent))
         } catch {
             // Fail closed: without its events the engine cannot follow the host, so it stops
@@ -718,38 +721,72 @@ final class EventLoop {
         service.logger.critical("\(reason); fault service is stopped: every request is answered INVALID")
     }
 
-    /// Turns one host event into an invalidation. The event was read: the host may now be
-    /// changing the memory, so the range is in the late window until every device dropped it.
-    private func handle(_ event: HostEvent) {
+    /// Turns one event of address space `s` into an invalidation; returns what it cost: 1,
+    /// plus the mappings it visited and the pages it unmapped. The same for the service's
+    /// own memory and a host's, but for what each owes: the own memory's events go through
+    /// the late window (in-process devices skip a range being changed) and a failure stops
+    /// the service granting; a host's gone ranges are forgotten, and a failure ends that
+    /// host alone.
+    func handle(_ event: HostEvent, in s: AddressSpace) -> Int {
         guard let (range, gone) = event.invalidation else {
-            // Never negotiated (no FORK) nor registered for (no MISSING), or a message the
-            // kernel never writes: the kernel and this loop disagree about the uffd, so
-            // nothing it says can be relied on.
-            if case .malformed(let why) = event { stopGranting("userfaultfd message is malformed: \(why)") }
-            if case .other(let kind) = event { stopGranting("userfaultfd event \(kind) was never asked for") }
-            return
+            if s.isOwn {
+                // Never negotiated (no FORK) nor registered for (no MISSING), or a message the
+                // kernel never writes: the kernel and this loop disagree about the uffd, so
+                // nothing it says can be relied on.
+                if case .malformed(let why) = event { stopGranting("userfaultfd message is malformed: \(why)") }
+                if case .other(let kind) = event { stopGranting("userfaultfd event \(kind) was never asked for") }
+            } else if case .malformed(let why) = event {
+                closePeer(s.peer, reason: "its userfaultfd gave a malformed message: \(why)", disconnected: true)
+            } else if case .other(let kind) = event {
+                // Only the host's own registrations (MISSING, say) make other kinds; they
+                // concern its threads, not the devices' translations.
+                service.logger.warning(
+                    "host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
+            }
+            return 1
         }
-        if case .remap(let from, let to, let length) = event {
-            PhysicalSpace.shared.moved(from: from, to: to, length: length)
-            service.logger.info(
-                """
-                host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered INVALID \
-                until its mapping's host address is updated
-                """
-            )
+        guard range.lowerBound < range.upperBound else { return 1 }
+        if s.isOwn {
+            if case .remap(let from, let to, let length) = event {
+                PhysicalSpace.shared.moved(from: from, to: to, length: length)
+                service.logger.info(
+                    """
+                    host memory [\(hex(from)), +\(hex(length))) moved to \(hex(to)); faults there are answered \
+                    INVALID until its mapping's host address is updated
+                    """
+                )
+            }
+            service.window.beginEvent(range)
+        } else {
+            if gone {
+                s.memory.forget(range)
+                s.uffd.forget(range)
+                noteTrackedRanges(s)
+            }
+            stats.host(s.id) { $0.uffdEvents += 1 }
         }
-        stats.count(event, source: "own")
-        service.window.beginEvent(range)
+        stats.count(event, source: s.name)
+        var cost = 1
         do {
-            _ = try engine.invalidate(
+            let outcome = try s.engine.invalidate(
                 hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
+            cost += outcome.mappingsTouched + outcome.pagesUnmapped
         } catch {
-            stopGranting(error.description)  // the engine stopped itself; say so
+            if s.isOwn {
+                stopGranting(error.description)  // the engine stopped itself; say so
+            } else {
+                service.logger.critical("host '\(s.name)': \(error)")
+                closePeer(s.peer, reason: "an invalidation in its address space failed: \(error)", disconnected: true)
+                return cost
+            }
         }
-        afterExternalDevices { [service] in
-            service.window.endEvent(range)
-            service.hostEventsHandled.add(1, ordering: .releasing)
+        if s.isOwn {
+            afterExternalDevices { [service] in
+                service.window.endEvent(range)
+                service.hostEventsHandled.add(1, ordering: .releasing)
+            }
         }
+        return cost
     }
 
     // MARK: Shutdown

@@ -1,7 +1,7 @@
 // HostPeer.swift — the loop's side of hosts in other processes: HOST (hand-over of an
 // address space), DMA_MAP / DMA_UNMAP / SYNC, the host's userfaultfd events, and teardown
 // when the host goes. Runs on the loop thread (an extension of `EventLoop`); the address
-// space itself is HostSpace.swift.
+// space itself is AddressSpace.swift.
 //
 // Ordering: a host event is read and invalidated in the same loop turn, before any fault
 // of that turn is resolved (`takeHostEvents`). Replies that promise the devices dropped
@@ -36,7 +36,7 @@ extension EventLoop {
     /// the name is ambiguous and refused rather than guessed (a squatter of another uid
     /// must not receive a device meant for someone else's host). The error never names
     /// the address spaces `p` may not see.
-    func addressSpace(named name: String, for p: Peer) -> Result<HostSpace, HostRefusal> {
+    func addressSpace(named name: String, for p: Peer) -> Result<AddressSpace, HostRefusal> {
         let admitted = hosts.compactMap { $0 }.filter { $0.name == name && !$0.closed && $0.admits(p.uid) }
         if let own = admitted.first(where: { $0.uid == p.uid }) { return .success(own) }
         if admitted.count == 1 { return .success(admitted[0]) }
@@ -200,9 +200,9 @@ extension EventLoop {
         let memoryBytes = declaration.regions.reduce(0) { $0 + $1.size }
         stats.hosts.append(
             HostRecord(id: id, name: name, pid: p.pid, regions: declaration.regions.count, memoryBytes: memoryBytes))
-        let space = HostSpace(
-            id: id, index: index, name: name, engine: engine, domain: domain, memory: memory,
-            uffd: uffd, peer: p, allowedUIDs: declaration.allowedUIDs)
+        let space = AddressSpace(
+            id: id, index: index, name: name, engine: engine,
+            host: .init(domain: domain, memory: memory, uffd: uffd, peer: p, allowedUIDs: declaration.allowedUIDs))
         if index == hosts.count { hosts.append(space) } else { hosts[index] = space }
         p.space = space
         p.state = .attached
@@ -217,7 +217,7 @@ extension EventLoop {
         )
     }
 
-    private func armHostEvents(_ s: HostSpace) {
+    private func armHostEvents(_ s: AddressSpace) {
         guard !s.closed, !s.uffdArmed else { return }
         do {
             try ring.preparePollIn(
@@ -381,7 +381,7 @@ extension EventLoop {
     }
 
     /// Publishes how many host ranges the service keeps for `s` (pruned as it moves memory).
-    private func noteTrackedRanges(_ s: HostSpace) {
+    func noteTrackedRanges(_ s: AddressSpace) {
         let tracked = s.memory.bindingCount + s.uffd.registered.count
         stats.host(s.id) { $0.trackedRanges = tracked }
     }
@@ -408,45 +408,13 @@ extension EventLoop {
         armHostEvents(s)
     }
 
-    /// Returns what the event cost: 1, plus the mappings it visited and the pages it unmapped.
-    private func handle(_ event: HostEvent, in s: HostSpace) -> Int {
-        guard let (range, gone) = event.invalidation else {
-            if case .malformed(let why) = event {
-                closePeer(s.peer, reason: "its userfaultfd gave a malformed message: \(why)", disconnected: true)
-            } else if case .other(let kind) = event {
-                // Only the host's own registrations (MISSING, say) make other kinds; they
-                // concern its threads, not the devices' translations.
-                service.logger.warning(
-                    "host '\(s.name)': ignoring userfaultfd event \(kind) (the host must not register ranges itself)")
-            }
-            return 1
-        }
-        guard range.lowerBound < range.upperBound else { return 1 }
-        if gone {
-            s.memory.forget(range)
-            s.uffd.forget(range)
-            noteTrackedRanges(s)
-        }
-        stats.count(event, source: s.name)
-        stats.host(s.id) { $0.uffdEvents += 1 }
-        do {
-            let outcome = try s.engine.invalidate(
-                hostAddress: range.lowerBound, length: range.upperBound - range.lowerBound, hostGone: gone)
-            return 1 + outcome.mappingsTouched + outcome.pagesUnmapped
-        } catch {
-            service.logger.critical("host '\(s.name)': \(error)")
-            closePeer(s.peer, reason: "an invalidation in its address space failed: \(error)", disconnected: true)
-            return 1
-        }
-    }
-
     // MARK: Teardown
 
     /// The host went (detached, disconnected, died, or misbehaved): its devices are told
     /// why and detached (incomplete groups answered INVALID), its mappings unmapped and
     /// synced, its ranges unregistered and its pending events read so that none of its
     /// threads waits for the service, and its descriptors closed. Never blocks.
-    func teardownHost(_ s: HostSpace, reason: String) {
+    func teardownHost(_ s: AddressSpace, reason: String) {
         guard !s.closed else { return }
         s.closed = true
         let devices = s.devices

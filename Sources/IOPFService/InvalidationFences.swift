@@ -19,7 +19,7 @@ import IOPFCore
 import IOPFWire
 import Synchronization
 
-/// A domain of one address space: the service's own (space 0) or a host's (HostSpace.swift).
+/// A domain of one address space: the service's own (space 0) or a host's (AddressSpace.swift).
 /// Domain ids are per engine, and every address space has an engine of its own.
 struct SyncDomain: Hashable {
     var space: UInt32

@@ -34,7 +34,7 @@ final class Peer {
     var translating: (id: UInt16, request: Translate, sequence: UInt64, entries: [UInt64])?
     var device: AttachedDevice?
     /// A host's address space, once HOST was accepted.
-    var space: HostSpace?
+    var space: AddressSpace?
     var provision: DeviceProvision?
     let pid: Int32
     let uid: UInt32
@@ -338,7 +338,7 @@ extension EventLoop {
     private func attach(_ p: Peer, _ header: MessageHeader, _ request: Attach) {
         guard let l = listener else { return }
         // Device ids are unique per address space: two hosts' devices may share one.
-        var space: HostSpace?
+        var space: AddressSpace?
         if request.addressSpaceName != nil && p.minor < 1 {
             stats.protocolError(.badState)
             let why = "ATTACH to a named address space needs protocol 1.1; HELLO negotiated 1.\(p.minor)"
@@ -359,7 +359,7 @@ extension EventLoop {
             }
         }
         if registry.byGeneration.values.contains(where: {
-            $0.deviceID == request.deviceID && $0.pasid == request.pasid && $0.space === space
+            $0.deviceID == request.deviceID && $0.pasid == request.pasid && $0.space === (space ?? own)
         }) {
             reply(
                 p,
@@ -418,7 +418,7 @@ extension EventLoop {
             p.device = d
             p.state = .attached
             fences.add(
-                device: d.generation, domain: SyncDomain(space: d.space?.id ?? 0, domain: d.domain),
+                device: d.generation, domain: SyncDomain(space: d.space.id, domain: d.domain),
                 pasid: request.pasid)
         } catch {
             transport.close()

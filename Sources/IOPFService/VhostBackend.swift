@@ -121,10 +121,10 @@ final class VhostBackend {
     let domain: DomainID
     let engine: FaultEngine
     let handler: FaultHandler
-    /// The host's address space it serves (nil: the service's own). A host's back-end was
-    /// given the host's own addresses as user addresses (QEMU's way): UPDATEs name host
-    /// addresses; the service's own, physical ones.
-    let space: HostSpace?
+    /// The address space it serves. A host's back-end was given the host's own addresses as
+    /// user addresses (QEMU's way): UPDATEs name host addresses; the service's own,
+    /// physical ones.
+    let space: AddressSpace
     /// Pages of the aligned block an UPDATE's run stays in (a power of two), and pages a
     /// miss maps (fault-around).
     let runPages: Int
@@ -153,7 +153,7 @@ final class VhostBackend {
 
     init(
         handle: VhostDevice, slot: Int, generation: UInt32, main: CInt, channel: CInt, domain: DomainID,
-        engine: FaultEngine, handler: FaultHandler, space: HostSpace?, runPages: Int, faultAroundPages: Int
+        space: AddressSpace, runPages: Int, faultAroundPages: Int
     ) {
         self.space = space
         stats.deviceID = handle.deviceID
@@ -163,8 +163,8 @@ final class VhostBackend {
         self.main = main
         self.channel = channel
         self.domain = domain
-        self.engine = engine
-        self.handler = handler
+        engine = space.engine
+        handler = space.handler
         self.runPages = runPages
         self.faultAroundPages = faultAroundPages
     }
@@ -188,7 +188,7 @@ final class VhostBackend {
     }
 
     /// The user address an UPDATE gives for `run`.
-    func userAddress(_ run: FaultEngine.MappedRun) -> UInt64 { space == nil ? run.phys : run.host }
+    func userAddress(_ run: FaultEngine.MappedRun) -> UInt64 { space.isOwn ? run.phys : run.host }
 
     /// Replaces the entries overlapping `range` with `range` itself.
     func install(_ range: Range<UInt64>) {
@@ -220,17 +220,17 @@ final class VhostBackend {
 
 extension EventLoop {
     /// Takes a back-end whose handshake is done; its misses are served from the next turn.
-    func addVhost(_ a: FaultService.VhostAttachment, space: HostSpace? = nil) {
+    func addVhost(_ a: FaultService.VhostAttachment, space: AddressSpace? = nil) {
+        let space = space ?? own
         let slot = vhosts.firstIndex { $0 == nil } ?? vhosts.count
         let b = VhostBackend(
             handle: a.handle, slot: slot, generation: nextGeneration(), main: a.main, channel: a.channel,
-            domain: a.domain, engine: space?.engine ?? engine, handler: space?.handler ?? handler,
-            space: space, runPages: a.runPages, faultAroundPages: a.faultAroundPages)
+            domain: a.domain, space: space, runPages: a.runPages, faultAroundPages: a.faultAroundPages)
         if slot == vhosts.count { vhosts.append(b) } else { vhosts[slot] = b }
         vhostByGeneration[b.generation] = b
-        fences.add(device: b.generation, domain: SyncDomain(space: space?.id ?? 0, domain: a.domain), pasid: nil)
+        fences.add(device: b.generation, domain: SyncDomain(space: space.id, domain: a.domain), pasid: nil)
         stats.externalDevices += 1
-        let to = space.map { " to host \($0.name)" } ?? ""
+        let to = space.isOwn ? "" : " to host \(space.name)"
         let shape = "\(a.faultAroundPages) pages per miss, \(a.runPages)-page blocks"
         service.logger.info("vhost-user back-end \(a.handle.deviceID) attached\(to): \(shape)")
         armVhost(b)
@@ -241,7 +241,8 @@ extension EventLoop {
     /// record (what `iopf serve --json` shows): once per batch of messages read.
     func publish(_ b: VhostBackend) {
         b.publish()
-        guard let s = b.space else { return }
+        let s = b.space
+        guard !s.isOwn else { return }
         let current = b.stats
         stats.host(s.id) { r in
             if let i = r.vhost.firstIndex(where: { $0.deviceID == current.deviceID && $0.ended == nil }) {

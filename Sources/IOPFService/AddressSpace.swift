@@ -1,8 +1,11 @@
-// HostSpace.swift — the address space of a host in another process (protocol 1.1): its
-// own engine and domain, its memory reached through the memfds it sent, and its
-// userfaultfd, on which the service registers the host's ranges so that the host's
-// madvise/munmap/mremap become invalidations. The loop's side (messages, events,
-// teardown) is HostPeer.swift.
+// AddressSpace.swift — the address spaces the loop serves. Space 0 is the service's own
+// memory (its engine, its domains, its userfaultfd, registered by `FaultService.map`);
+// every other is a host's in another process (protocol 1.1): its own engine and domain,
+// its memory reached through the memfds it sent, and its userfaultfd, on which the service
+// registers the host's ranges so that the host's madvise/munmap/mremap become
+// invalidations. Both are `AddressSpace`s: one event path (`EventLoop.readEvents`,
+// `handle(_:in:)`), one device registry, one fence key. The loop's side of a host
+// (messages, teardown) is HostPeer.swift.
 //
 // Trust: nothing the host says is taken on faith. The uffd must be a userfaultfd that went
 // through UFFDIO_API with EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP (and without EVENT_FORK,
@@ -431,46 +434,91 @@ enum HostMaps {
     }
 }
 
-/// One host's address space.
-final class HostSpace {
-    /// Never reused: the fences' domain key, and what ring tokens carry as generation.
+/// An address space the loop serves: its engine and fault handler, the userfaultfd whose
+/// events invalidate it, and the devices and vhost-user back-ends attached to it. Space 0
+/// is the service's own memory (mapped by `FaultService.map`, any number of domains,
+/// watched by the service's userfaultfd); every other is a host's, handed over by HOST,
+/// and carries what the host gave (`host`). One type, so that one event path, one
+/// registry and one fence key serve both.
+final class AddressSpace {
+    /// What a host handed over: its memory, its userfaultfd, who it is.
+    final class Host {
+        let domain: DomainID
+        let memory: RemoteHostMemory
+        let uffd: HostUserfaultfd
+        let pid: Int32
+        /// The host's uid (SO_PEERCRED): its name is unique among its uid's hosts, and its
+        /// devices must have this uid or one of `allowedUIDs`.
+        let uid: UInt32
+        let allowedUIDs: [UInt32]
+        unowned let peer: Peer
+        /// Bytes of its DMA mappings, against `maxHostMappedBytes`.
+        var mappedBytes: UInt64 = 0
+
+        init(domain: DomainID, memory: RemoteHostMemory, uffd: HostUserfaultfd, peer: Peer, allowedUIDs: [UInt32]) {
+            self.domain = domain
+            self.memory = memory
+            self.uffd = uffd
+            pid = peer.pid
+            uid = peer.uid
+            self.allowedUIDs = allowedUIDs
+            self.peer = peer
+        }
+    }
+
+    /// Never reused (0 is the service's own): the fences' domain key, and what ring tokens
+    /// carry as generation.
     let id: UInt32
+    /// Its slot among the loop's hosts; -1 for the service's own.
     let index: Int
     let name: String
     let engine: FaultEngine
     let handler: FaultHandler
-    let domain: DomainID
-    let memory: RemoteHostMemory
-    let uffd: HostUserfaultfd
-    let pid: Int32
-    /// The host's uid (SO_PEERCRED): its name is unique among its uid's hosts, and its
-    /// devices must have this uid or one of `allowedUIDs`.
-    let uid: UInt32
-    let allowedUIDs: [UInt32]
-    unowned let peer: Peer
+    /// Nil for the service's own memory.
+    let host: Host?
     var devices: [AttachedDevice] = []
-    /// Bytes of its DMA mappings, against `maxHostMappedBytes`.
-    var mappedBytes: UInt64 = 0
     var uffdArmed = false
     var closed = false
 
-    init(
-        id: UInt32, index: Int, name: String, engine: FaultEngine, domain: DomainID, memory: RemoteHostMemory,
-        uffd: HostUserfaultfd, peer: Peer, allowedUIDs: [UInt32]
-    ) {
+    /// The service's own memory.
+    init(own engine: FaultEngine, handler: FaultHandler) {
+        id = 0
+        index = -1
+        name = "own"
+        self.engine = engine
+        self.handler = handler
+        host = nil
+    }
+
+    /// A host's address space.
+    init(id: UInt32, index: Int, name: String, engine: FaultEngine, host: Host) {
+        precondition(id != 0, "address space 0 is the service's own")
         self.id = id
         self.index = index
         self.name = name
         self.engine = engine
         handler = engine.makeFaultHandler()
-        self.domain = domain
-        self.memory = memory
-        self.uffd = uffd
-        pid = peer.pid
-        uid = peer.uid
-        self.allowedUIDs = allowedUIDs
-        self.peer = peer
+        self.host = host
     }
 
-    func admits(_ uid: UInt32) -> Bool { uid == self.uid || allowedUIDs.contains(uid) }
+    var isOwn: Bool { host == nil }
+
+    // A host's parts, for code that runs for hosts only (HostPeer.swift).
+    var domain: DomainID { host!.domain }
+    var memory: RemoteHostMemory { host!.memory }
+    var uffd: HostUserfaultfd { host!.uffd }
+    var pid: Int32 { host!.pid }
+    var uid: UInt32 { host!.uid }
+    var peer: Peer { host!.peer }
+    var mappedBytes: UInt64 {
+        get { host!.mappedBytes }
+        set { host!.mappedBytes = newValue }
+    }
+
+    /// Whether a device of `uid` may attach: the host's uid or one it allowed; anyone of
+    /// the service's own (the embedder decides by its provisioner).
+    func admits(_ uid: UInt32) -> Bool {
+        guard let host else { return true }
+        return uid == host.uid || host.allowedUIDs.contains(uid)
+    }
 }
