@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "CIOPFClient", targets: ["CIOPFClient"]),
         .executable(name: "iopf", targets: ["iopf"]),
         .executable(name: "iopf-device-example", targets: ["iopf-device-example"]),
+        .executable(name: "iopf-host-example", targets: ["iopf-host-example"]),
         .executable(name: "iopf-microbench", targets: ["iopf-microbench"]),
     ],
     dependencies: [
@@ -91,6 +92,8 @@ let package = Package(
         .target(name: "CIOPFClient"),
         .executableTarget(
             name: "iopf-device-example", dependencies: ["CIOPFClient"], path: "Tools/iopf-device-example"),
+        // A host (a VMM in miniature) in C on the same library: HOST, DMA_MAP, SYNC, DETACH.
+        .executableTarget(name: "iopf-host-example", dependencies: ["CIOPFClient"], path: "Tools/iopf-host-example"),
         .executableTarget(
             name: "iopf",
             dependencies: [

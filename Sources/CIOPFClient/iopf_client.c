@@ -1,4 +1,4 @@
-/* iopf_client.c — the iopf device protocol 1.0 from the device side, in C (see
+/* iopf_client.c — the iopf protocol from the device side (1.0) and the host side (1.1), in C (see
  * iopf_client.h and Sources/IOPFWire/IOPFWire.docc/Protocol.md). Everything the service
  * sends is checked before use: header size against what was received, reply ids and
  * commands, counts against payload sizes, descriptor counts against the payload. */
@@ -6,6 +6,10 @@
 #include "iopf_client.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -18,6 +22,7 @@
 #include <unistd.h>
 
 enum { CMD_HELLO = 1, CMD_ATTACH = 2, CMD_TRANSLATE = 3, CMD_DETACH = 4, CMD_INVALIDATE = 5 };
+enum { CMD_HOST = 6, CMD_DMA_MAP = 7, CMD_DMA_UNMAP = 8, CMD_SYNC = 9 };
 enum { FLAG_REPLY = 1, FLAG_ERROR = 1 << 5 };
 enum { HEADER = 16, MAX_MESSAGE = 16384, MAX_FDS = 16, RECORD = 40 };
 
@@ -162,15 +167,48 @@ static int wait_readable_for(struct iopf_client *c, int fd, int timeout_ms) {
 
 static int wait_readable(struct iopf_client *c, int fd) { return wait_readable_for(c, fd, -1) < 0 ? -1 : 0; }
 
-/* Sends a request on the control socket and receives its reply (payload into out). */
-static int request(struct iopf_client *c, uint16_t cmd, const uint8_t *payload, size_t len, uint8_t *out, size_t cap,
-                   size_t *out_len, int *fds, int *nfds) {
+/* One whole message with `nfds` descriptors attached (SCM_RIGHTS). */
+static int send_with_fds(int fd, const uint8_t *buf, size_t len, const int *fds, int nfds) {
+    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
+    union {
+        char b[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (nfds > MAX_FDS) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (nfds > 0) {
+        memset(&control, 0, sizeof(control));
+        msg.msg_control = control.b;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *h = CMSG_FIRSTHDR(&msg);
+        h->cmsg_level = SOL_SOCKET;
+        h->cmsg_type = SCM_RIGHTS;
+        h->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(h), fds, sizeof(int) * (size_t)nfds);
+    }
+    ssize_t n;
+    do n = sendmsg(fd, &msg, MSG_NOSIGNAL); while (n < 0 && errno == EINTR);
+    if (n < 0) return -1;
+    if ((size_t)n != len) {
+        errno = EMSGSIZE;
+        return -1;
+    }
+    return 0;
+}
+
+/* Sends a request, with `send_fds` attached, on the control socket and receives its reply
+ * (payload into out). */
+static int request_fds(struct iopf_client *c, uint16_t cmd, const uint8_t *payload, size_t len, const int *send_fds,
+                       int send_nfds, uint8_t *out, size_t cap, size_t *out_len, int *fds, int *nfds) {
     uint8_t m[MAX_MESSAGE];
     if (HEADER + len > sizeof(m)) return fail(c, "request too large");
     uint16_t id = ++c->next_id;
     header(m, id, cmd, (uint32_t)(HEADER + len), 0);
     if (len) memcpy(m + HEADER, payload, len);
-    if (send_all(c->control, m, HEADER + len) != 0) return fail(c, "send: %s", strerror(errno));
+    if (send_with_fds(c->control, m, HEADER + len, send_fds, send_nfds) != 0) return fail(c, "send: %s", strerror(errno));
     if (wait_readable(c, c->control) != 0) return -1;
     int got_fds = 0;
     ssize_t n = receive(c->control, m, sizeof(m), fds, &got_fds);
@@ -193,6 +231,12 @@ static int request(struct iopf_client *c, uint16_t cmd, const uint8_t *payload, 
     memcpy(out, m + HEADER, (size_t)(n - HEADER));
     *out_len = (size_t)(n - HEADER);
     return 0;
+}
+
+/* A request without descriptors. */
+static int request(struct iopf_client *c, uint16_t cmd, const uint8_t *payload, size_t len, uint8_t *out, size_t cap,
+                   size_t *out_len, int *fds, int *nfds) {
+    return request_fds(c, cmd, payload, len, NULL, 0, out, cap, out_len, fds, nfds);
 }
 
 int iopf_connect(struct iopf_client *c, const char *path) {
@@ -364,3 +408,111 @@ void iopf_close(struct iopf_client *c) {
     if (c->control >= 0) close(c->control);
     c->channel = c->invalidation = c->control = -1;
 }
+
+/* Hosts (protocol 1.1). */
+
+int iopf_host_connect(struct iopf_client *c, const char *path) {
+    memset(c, 0, sizeof(*c));
+    c->control = c->invalidation = c->channel = -1;
+    c->pasid = -1;
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof(addr.sun_path)) return fail(c, "socket path too long");
+    strcpy(addr.sun_path, path);
+    c->control = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (c->control < 0) return fail(c, "socket: %s", strerror(errno));
+    if (connect(c->control, (struct sockaddr *)&addr, sizeof(addr)) != 0) return fail(c, "connect %s: %s", path, strerror(errno));
+    uint8_t hello[12], reply[16];
+    put16(hello, 1);     /* major */
+    put16(hello + 2, 1); /* minor: hosts are 1.1 */
+    put32(hello + 4, 0); /* a host needs no fault channel */
+    put32(hello + 8, 1); /* role: host */
+    size_t n;
+    if (request(c, CMD_HELLO, hello, sizeof(hello), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    if (n != 16 || get16(reply) != 1 || get16(reply + 2) < 1) return fail(c, "HELLO reply: the service speaks no 1.1");
+    return 0;
+}
+
+int iopf_host_userfaultfd(struct iopf_client *c) {
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+    if (fd < 0) return fail(c, "userfaultfd: %s", strerror(errno));
+    struct uffdio_api api = {.api = UFFD_API,
+                             .features = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP};
+    if (ioctl(fd, UFFDIO_API, &api) != 0) {
+        int e = errno;
+        close(fd);
+        return fail(c, "UFFDIO_API: %s", strerror(e));
+    }
+    return fd;
+}
+
+int iopf_host_declare(struct iopf_client *c, const char *name, const struct iopf_host_region *regions, int count,
+                      int uffd, const int *memfds, int memfd_count) {
+    size_t name_length = strlen(name);
+    if (name_length < 1 || name_length > 64) return fail(c, "the name must be 1-64 bytes");
+    if (count < 1 || count > 64) return fail(c, "1-64 regions");
+    if (memfd_count < 1 || memfd_count + 1 > MAX_FDS) return fail(c, "1-%d memfds", MAX_FDS - 1);
+    size_t padded = (name_length + 7) & ~(size_t)7;
+    uint8_t p[16 + 64 + 32 * 64];
+    size_t len = 16 + padded + 32 * (size_t)count;
+    memset(p, 0, len);
+    put32(p, (uint32_t)count);
+    put32(p + 4, (uint32_t)name_length);
+    put32(p + 8, 0); /* no other uids: the host's own only */
+    memcpy(p + 16, name, name_length);
+    for (int i = 0; i < count; i++) {
+        uint8_t *r = p + 16 + padded + 32 * (size_t)i;
+        put64(r, regions[i].host_address);
+        put64(r + 8, regions[i].size);
+        put64(r + 16, regions[i].fd_offset);
+        put32(r + 24, 4096);
+        put32(r + 28, regions[i].fd_index);
+    }
+    int fds[MAX_FDS];
+    fds[0] = uffd;
+    memcpy(fds + 1, memfds, sizeof(int) * (size_t)memfd_count);
+    uint8_t reply[16];
+    size_t n;
+    if (request_fds(c, CMD_HOST, p, len, fds, memfd_count + 1, reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    return n == 0 ? 0 : fail(c, "malformed HOST reply");
+}
+
+static int host_map(struct iopf_client *c, uint64_t iova, uint64_t host_address, uint64_t size, uint32_t flags) {
+    uint8_t p[32], reply[16];
+    put64(p, iova);
+    put64(p + 8, host_address);
+    put64(p + 16, size);
+    put32(p + 24, flags);
+    put32(p + 28, 0);
+    size_t n;
+    if (request(c, CMD_DMA_MAP, p, sizeof(p), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    return n == 0 ? 0 : fail(c, "malformed DMA_MAP reply");
+}
+
+int iopf_host_map(struct iopf_client *c, uint64_t iova, uint64_t host_address, uint64_t size, uint32_t prot) {
+    if (prot & ~(IOPF_HOST_READ | IOPF_HOST_WRITE)) return fail(c, "prot is IOPF_HOST_READ | IOPF_HOST_WRITE");
+    return host_map(c, iova, host_address, size, prot);
+}
+
+int iopf_host_update(struct iopf_client *c, uint64_t iova, uint64_t host_address, uint64_t size) {
+    return host_map(c, iova, host_address, size, 1u << 2); /* VADDR */
+}
+
+int iopf_host_unmap(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_t *unmapped) {
+    uint8_t p[16], reply[16];
+    put64(p, iova);
+    put64(p + 8, size);
+    size_t n;
+    if (request(c, CMD_DMA_UNMAP, p, sizeof(p), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    if (n != 8) return fail(c, "malformed DMA_UNMAP reply");
+    if (unmapped) *unmapped = get64(reply);
+    return 0;
+}
+
+int iopf_host_sync(struct iopf_client *c) {
+    uint8_t reply[16];
+    size_t n;
+    if (request(c, CMD_SYNC, NULL, 0, reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    return n == 0 ? 0 : fail(c, "malformed SYNC reply");
+}
+
+int iopf_host_detach(struct iopf_client *c) { return iopf_detach(c); }

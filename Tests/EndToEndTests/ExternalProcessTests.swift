@@ -126,14 +126,20 @@ import IOPFTestSupport
                 "host", "--connect", s.path, "--name", name, "--memory", "16M", "--churn", "\(churn)",
                 "--seconds", "0", "--json",
             ])
-        // Ready once a device can attach to its name.
+        try waitForAddressSpace(s, name, host: child)
+        return child
+    }
+
+    /// Returns once a device can attach to address space `name` (a probe that attaches and
+    /// detaches: the host's record counts it).
+    func waitForAddressSpace(_ s: ListeningSession, _ name: String, host: Child) throws {
         let deadline = ContinuousClock.now + .seconds(20)
-        while ContinuousClock.now < deadline {
+        while ContinuousClock.now < deadline && host.process.isRunning {
             if let probe = try? DeviceClient(connectingTo: s.path) {
                 defer { probe.close() }
                 if (try? probe.attach(Attach(deviceID: 999, addressSpaceName: name))) != nil {
                     try? probe.detach()
-                    return child
+                    return
                 }
             }
             usleep(20_000)
@@ -168,6 +174,35 @@ import IOPFTestSupport
         #expect((hostJSON["addressUpdates"] as? Int ?? 0) > 0 && hostJSON["mappings"] as? Int == 4, "\(hostJSON)")
         let r = try s.result()
         #expect((r.uffdEventsBySource["vm-a"] ?? 0) > 10, "\(r.uffdEventsBySource)")
+        #expect(r.hosts.count == 1 && r.hosts[0].devices == 3 && r.hosts[0].ended == "the host detached", "\(r.hosts)")
+        #expect(r.violations == 0 && r.problems.isEmpty && r.devicesFenced == 0, "\(r.problems)")
+    }
+
+    /// A host written in C on the C client (iopf-host-example, libc only) hands over sealed
+    /// memfd memory and its userfaultfd, maps it, and takes pages back with madvise and SYNC
+    /// while two `iopf device` processes DMA into its address space: each change reaches the
+    /// service as an event of that host, every SYNC returns, no device sees wrong data.
+    @Test func aHostWrittenInCServesItsDevicesThroughItsOwnMadvise() throws {
+        let s = try ListeningSession(seconds: 0)
+        let h = try Child("iopf-host-example", [s.path, "--name", "c-host", "--seconds", "0", "--interval-ms", "5"])
+        try waitForAddressSpace(s, "c-host", host: h)
+        let devices = try [
+            device(s, id: 1, space: "c-host", seconds: 2.5), device(s, id: 2, space: "c-host", seconds: 2.5),
+        ]
+        for (k, d) in devices.enumerated() {
+            let (status, json) = d.finish()
+            #expect(status == 0, "device \(k + 1) exited \(status): \(json)")
+            #expect(json["integrityErrors"] as? Int == 0 && json["disconnected"] as? Bool == false, "\(json)")
+            #expect((json["dmaOps"] as? Int ?? 0) > 50 && (json["invalidationsAcked"] as? Int ?? 0) > 0, "\(json)")
+        }
+        kill(h.process.processIdentifier, SIGTERM)
+        let (hostStatus, hostJSON) = h.finish()
+        #expect(hostStatus == 0 && (hostJSON["hostChanges"] as? Int ?? 0) > 10, "\(hostJSON)")
+        #expect(hostJSON["unmappedBytes"] as? Int == 16 << 20, "\(hostJSON)")
+        let r = try s.result()
+        #expect(
+            (r.uffdEventsBySource["c-host"] ?? 0) >= (hostJSON["hostChanges"] as? Int ?? .max),
+            "\(r.uffdEventsBySource)")
         #expect(r.hosts.count == 1 && r.hosts[0].devices == 3 && r.hosts[0].ended == "the host detached", "\(r.hosts)")
         #expect(r.violations == 0 && r.problems.isEmpty && r.devicesFenced == 0, "\(r.problems)")
     }

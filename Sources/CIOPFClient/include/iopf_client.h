@@ -1,5 +1,6 @@
-/* iopf_client.h — a device-side client of the iopf device protocol 1.0, in C, for device
- * emulators (QEMU-style device models, vfio-user servers, co-simulation). libc only.
+/* iopf_client.h — a client of the iopf protocol in C, libc only: a device (protocol 1.0),
+ * for device emulators (QEMU-style device models, vfio-user servers, co-simulation), and a
+ * host (1.1), for a VMM that hands the service its guest memory (iopf_host_*, below).
  *
  * The protocol is documented in Sources/IOPFWire/IOPFWire.docc/Protocol.md. This client
  * takes the stream fault channel (40-byte page requests written to a socket, 8-byte
@@ -128,6 +129,57 @@ int iopf_detach(struct iopf_client *c);
 
 /* Unmaps the regions and closes every socket. */
 void iopf_close(struct iopf_client *c);
+
+/* Hosts (protocol 1.1). A host hands the service its memory, memfds mapped MAP_SHARED and
+ * sealed F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL, and a userfaultfd, which the service
+ * registers on those ranges: the host's madvise/munmap/mremap then invalidate what its
+ * devices (iopf_attach with an address space, or `iopf device --address-space`) hold. The
+ * host must not read the userfaultfd or register ranges on it itself. A host connection
+ * is a `struct iopf_client` used only with these calls. */
+
+/* One region of the host's memory: where it is mapped here, its size, where it starts in
+ * memfd number `fd_index` (an index into the memfds given to iopf_host_declare). */
+struct iopf_host_region {
+    uint64_t host_address;
+    uint64_t size;
+    uint64_t fd_offset;
+    uint32_t fd_index;
+};
+
+/* DMA_MAP permission bits. */
+#define IOPF_HOST_READ 1u
+#define IOPF_HOST_WRITE 2u
+
+/* Connects to the service's socket and says HELLO as a host. */
+int iopf_host_connect(struct iopf_client *c, const char *path);
+
+/* A userfaultfd the service can use (UFFDIO_API with EVENT_REMOVE | EVENT_UNMAP |
+ * EVENT_REMAP, user faults only): the descriptor, or -1. Close it after iopf_host_declare. */
+int iopf_host_userfaultfd(struct iopf_client *c);
+
+/* HOST: declares the address space `name` (1-64 of [A-Za-z0-9._-]) over `regions`, handing
+ * over `uffd` and the memfds (the service keeps its own copies). */
+int iopf_host_declare(struct iopf_client *c, const char *name, const struct iopf_host_region *regions, int count,
+                      int uffd, const int *memfds, int memfd_count);
+
+/* DMA_MAP: [iova, iova + size) to host addresses from host_address; nothing is pinned. */
+int iopf_host_map(struct iopf_client *c, uint64_t iova, uint64_t host_address, uint64_t size, uint32_t prot);
+
+/* DMA_MAP with VADDR: the mapping exactly at [iova, iova + size) now lives at host_address
+ * (after mremap or mmap(MAP_FIXED)); returns once every device dropped the old one. */
+int iopf_host_update(struct iopf_client *c, uint64_t iova, uint64_t host_address, uint64_t size);
+
+/* DMA_UNMAP: removes the mappings inside [iova, iova + size); `unmapped` (may be NULL)
+ * gets the bytes removed. Returns once every device dropped them. */
+int iopf_host_unmap(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_t *unmapped);
+
+/* SYNC: returns once every device acknowledged every invalidation posted before, those
+ * of the host's own madvise/munmap/mremap included. */
+int iopf_host_sync(struct iopf_client *c);
+
+/* DETACH: the service tears the address space down (devices detached, mappings removed,
+ * ranges unregistered) before it answers. Then iopf_close. */
+int iopf_host_detach(struct iopf_client *c);
 
 #ifdef __cplusplus
 }
