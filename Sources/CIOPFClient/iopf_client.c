@@ -239,7 +239,10 @@ static int request(struct iopf_client *c, uint16_t cmd, const uint8_t *payload, 
     return request_fds(c, cmd, payload, len, NULL, 0, out, cap, out_len, fds, nfds);
 }
 
-int iopf_connect(struct iopf_client *c, const char *path) {
+/* Connects to the service's socket and says HELLO: version 1.`minor`, `capabilities`,
+ * `role` (0 device, 1 host). */
+static int connect_and_hello(struct iopf_client *c, const char *path, uint16_t minor, uint32_t capabilities,
+                             uint32_t role) {
     memset(c, 0, sizeof(*c));
     c->control = c->invalidation = c->channel = -1;
     c->pasid = -1;
@@ -251,13 +254,17 @@ int iopf_connect(struct iopf_client *c, const char *path) {
     if (connect(c->control, (struct sockaddr *)&addr, sizeof(addr)) != 0) return fail(c, "connect %s: %s", path, strerror(errno));
     uint8_t hello[12], reply[16];
     put16(hello, 1); /* major */
-    put16(hello + 2, 0);
-    put32(hello + 4, 1u << 1 | 1u << 2); /* stream channel, TRANSLATE */
-    put32(hello + 8, 0);                 /* role: device */
+    put16(hello + 2, minor);
+    put32(hello + 4, capabilities);
+    put32(hello + 8, role);
     size_t n;
     if (request(c, CMD_HELLO, hello, sizeof(hello), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
-    if (n != 16 || get16(reply) != 1) return fail(c, "HELLO reply: unsupported version");
+    if (n != 16 || get16(reply) != 1 || get16(reply + 2) < minor) return fail(c, "HELLO reply: unsupported version");
     return 0;
+}
+
+int iopf_connect(struct iopf_client *c, const char *path) {
+    return connect_and_hello(c, path, 0, 1u << 1 | 1u << 2 /* stream channel, TRANSLATE */, 0 /* device */);
 }
 
 int iopf_attach(struct iopf_client *c, uint32_t device_id, int pasid, uint32_t credit) {
@@ -412,24 +419,7 @@ void iopf_close(struct iopf_client *c) {
 /* Hosts (protocol 1.1). */
 
 int iopf_host_connect(struct iopf_client *c, const char *path) {
-    memset(c, 0, sizeof(*c));
-    c->control = c->invalidation = c->channel = -1;
-    c->pasid = -1;
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    if (strlen(path) >= sizeof(addr.sun_path)) return fail(c, "socket path too long");
-    strcpy(addr.sun_path, path);
-    c->control = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (c->control < 0) return fail(c, "socket: %s", strerror(errno));
-    if (connect(c->control, (struct sockaddr *)&addr, sizeof(addr)) != 0) return fail(c, "connect %s: %s", path, strerror(errno));
-    uint8_t hello[12], reply[16];
-    put16(hello, 1);     /* major */
-    put16(hello + 2, 1); /* minor: hosts are 1.1 */
-    put32(hello + 4, 0); /* a host needs no fault channel */
-    put32(hello + 8, 1); /* role: host */
-    size_t n;
-    if (request(c, CMD_HELLO, hello, sizeof(hello), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
-    if (n != 16 || get16(reply) != 1 || get16(reply + 2) < 1) return fail(c, "HELLO reply: the service speaks no 1.1");
-    return 0;
+    return connect_and_hello(c, path, 1 /* hosts are 1.1 */, 0 /* no fault channel */, 1 /* host */);
 }
 
 int iopf_host_userfaultfd(struct iopf_client *c) {
