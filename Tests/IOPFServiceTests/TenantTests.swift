@@ -17,7 +17,7 @@ import IOPFTestSupport
 @testable import IOPFSystem
 @testable import IOPFWire
 
-@Suite(.serialized, .timeLimit(.minutes(3))) struct TenantTests {
+@Suite(.serialized, .timeLimit(.minutes(6))) struct TenantTests {
     static let nobody: UInt32 = 65534
     static var canRunAsNobody: Bool {
         geteuid() == 0

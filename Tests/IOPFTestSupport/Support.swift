@@ -549,6 +549,9 @@
         package let path = "/tmp/iopf-vhost-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         private var child: Child?
 
+        /// Suites that take this turn (testpmd, and the bystander's measurements) have time
+        /// limits of 6 minutes: the wait for the turn (up to 300 s) counts against them.
+        ///
         /// One testpmd at a time in this process: suites run side by side, and two of them
         /// busy-polling two CPUs starve everything else. Tests that measure throughput take
         /// the same turn (`quietly`), so that a testpmd started by another suite is not taken
