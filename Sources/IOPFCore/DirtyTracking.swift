@@ -57,6 +57,16 @@ extension FaultEngine {
         }
     }
 
+    /// The IOVAs tracking `[iova, iova + size)` covers: the range and every mapping it
+    /// touches, whole (one interval, since each such mapping overlaps the range). Two
+    /// ranges whose spans overlap share a mapping or overlap themselves.
+    public func trackingSpan(iova: UInt64, size: UInt64) -> ClosedRange<UInt64> {
+        let last = iova + (size - 1)
+        return state.withLock { s in
+            (s.mappings.mapping(containing: iova)?.iova ?? iova)...(s.mappings.mapping(containing: last)?.iovaLast ?? last)
+        }
+    }
+
     /// Stops tracking the mappings the range touches, and forgets every tracked range it
     /// touches: write access comes back to every present leaf (no sync needed) and their
     /// bits are dropped.

@@ -164,6 +164,37 @@ public struct PageBitmap: Sendable {
         }
     }
 
+    /// The bits as the protocol's bitmaps carry them: little-endian u64 words, bit k of
+    /// word k / 64 for bit k, `(count + 63) / 64` words.
+    public var littleEndianBytes: [UInt8] {
+        var out = [UInt8](repeating: 0, count: (count + 63) / 64 * 8)
+        out.withUnsafeMutableBytes { b in
+            for c in directory.indices where directory[c] >= 0 {
+                let first = c << (Self.chunkShift - 6)
+                for k in 0..<wordsIn(chunk: c) {
+                    b.storeBytes(of: words[Int(directory[c]) + k].littleEndian, toByteOffset: (first + k) * 8, as: UInt64.self)
+                }
+            }
+        }
+        return out
+    }
+
+    /// A bitmap of `count` bits from the protocol's form (`littleEndianBytes`); bits past
+    /// `count` and bytes past its words are ignored.
+    public init(count: Int, littleEndianBytes bytes: UnsafeRawBufferPointer) {
+        self.init(count: count)
+        let words = min((count + 63) / 64, bytes.count / 8)
+        for w in 0..<words {
+            var word = UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self))
+            while word != 0 {
+                let bit = w * 64 + word.trailingZeroBitCount
+                guard bit < count else { break }
+                set(bit)
+                word &= word - 1
+            }
+        }
+    }
+
     /// Bits set here and clear in every one of `others` (same counts).
     public func population(notIn others: PageBitmap...) -> Int {
         precondition(others.allSatisfy { $0.count == count }, "bitmaps of different sizes")

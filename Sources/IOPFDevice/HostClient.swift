@@ -1,4 +1,4 @@
-// HostClient.swift — the host side of the protocol (1.1): a process that owns memory
+// HostClient.swift — the host side of the protocol (1.1; dirty tracking 1.2): a process that owns memory
 // hands the service its address space (name, region table, memfds, userfaultfd) and
 // declares DMA mappings into it, as a VMM does with VFIO type1. See Protocol.md, "Hosts".
 //
@@ -106,6 +106,46 @@ public final class HostClient: @unchecked Sendable {
     ) throws(DeviceClientError) {
         _ = try connection.request(
             request.message(id: connection.takeID()), fds: [socket.rawValue, channel.rawValue], expecting: .vhost)
+    }
+
+    /// DIRTY_START (1.2): dirty tracking starts on every mapping the range touches and on
+    /// mappings created inside it later. Returns once every device dropped its writable
+    /// translations: a write after this is logged.
+    public func startDirtyTracking(iova: UInt64, size: UInt64) throws(DeviceClientError) {
+        _ = try connection.request(
+            DirtyStartRequest(iova: iova, size: size).message(id: connection.takeID()), expecting: .dirtyStart)
+    }
+
+    /// DIRTY_STOP (1.2): stops the range started exactly as `[iova, iova + size)`.
+    public func stopDirtyTracking(iova: UInt64, size: UInt64) throws(DeviceClientError) {
+        _ = try connection.request(
+            DirtyStopRequest(iova: iova, size: size).message(id: connection.takeID()), expecting: .dirtyStop)
+    }
+
+    /// DIRTY_READ (1.2) with the bitmap inline (ranges up to 256 MiB): the pages written
+    /// since the last read, cleared now. Bit k is the page at `iova + k * 4 KiB`.
+    public func readDirty(iova: UInt64, size: UInt64) throws(DeviceClientError) -> PageBitmap {
+        let (bytes, _) = try connection.request(
+            DirtyReadRequest(iova: iova, size: size).message(id: connection.takeID()), expecting: .dirtyRead)
+        let reply: DirtyReadReply
+        do { reply = try DirtyReadReply(message: bytes) } catch { throw .protocolViolation("\(error)") }
+        let pages = Int(size >> 12)
+        guard reply.bitmap.count == DirtyLimits.bitmapBytes(pages: UInt64(pages)) else {
+            throw .protocolViolation("DIRTY_READ reply: \(reply.bitmap.count) bitmap bytes for \(pages) pages")
+        }
+        return reply.bitmap.withUnsafeBytes { PageBitmap(count: pages, littleEndianBytes: $0) }
+    }
+
+    /// DIRTY_READ (1.2) into `memfd` (sealed against shrinking) at byte `offset`: the
+    /// service writes the bitmap there before it answers. Returns the pages reported.
+    @discardableResult
+    public func readDirty(iova: UInt64, size: UInt64, into memfd: FileDescriptor, at offset: UInt64 = 0)
+        throws(DeviceClientError) -> UInt64
+    {
+        let (bytes, _) = try connection.request(
+            DirtyReadRequest(iova: iova, size: size, bitmapOffset: offset).message(id: connection.takeID()),
+            fds: [memfd.rawValue], expecting: .dirtyRead)
+        do { return try DirtyReadReply(message: bytes).reportedPages } catch { throw .protocolViolation("\(error)") }
     }
 
     /// DETACH: the service tears the address space down (devices detached, mappings

@@ -182,20 +182,7 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         var total: UInt64 = 0
         do throws(HostRefusal) {
             for (k, fd) in fds.enumerated() {
-                var st = stat()
-                guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
-                    throw HostRefusal(
-                        WireErrno.badFD, .badMemfd, "descriptor \(k + 1) (memfd \(k)) is not a regular file")
-                }
-                let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? ""
-                guard link.hasPrefix("/memfd:") else {
-                    throw HostRefusal(WireErrno.badFD, .badMemfd, "memfd \(k) is not a memfd (\(link))")
-                }
-                guard st.st_blksize == 4096 else {
-                    throw HostRefusal(
-                        WireErrno.invalid, .badMemfd,
-                        "memfd \(k) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
-                }
+                let st = try Self.inspect(fd, "memfd \(k)", kind: .badMemfd)
                 let seals = iopf_seals(fd)
                 guard seals >= 0, seals & Self.requiredSeals == Self.requiredSeals else {
                     throw HostRefusal(
@@ -249,6 +236,24 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         memfds = checked
         bytes = total
         self.probes = probes
+    }
+
+    /// Checks that `fd` is a memfd of 4 KiB pages; its stat. `what` names it in the refusal.
+    static func inspect(_ fd: CInt, _ what: String, kind: ProtocolErrorKind) throws(HostRefusal) -> stat {
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
+            throw HostRefusal(WireErrno.badFD, kind, "\(what) is not a regular file")
+        }
+        let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/\(fd)")) ?? ""
+        guard link.hasPrefix("/memfd:") else {
+            throw HostRefusal(WireErrno.badFD, kind, "\(what) is not a memfd (\(link))")
+        }
+        guard st.st_blksize == 4096 else {
+            throw HostRefusal(
+                WireErrno.invalid, kind,
+                "\(what) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
+        }
+        return st
     }
 
     /// Unmaps, gives back the physical ranges and closes. Once: the space is torn down.
@@ -454,6 +459,10 @@ final class AddressSpace {
         unowned let peer: Peer
         /// Bytes of its DMA mappings, against `maxHostMappedBytes`.
         var mappedBytes: UInt64 = 0
+        /// Ranges DIRTY_START started and no DIRTY_STOP stopped, at most `DirtyLimits.maxRanges`.
+        var dirtyRanges: [Range<UInt64>] = []
+        /// A DIRTY_READ waits for its devices: the next is refused until it is answered.
+        var dirtyReadPending = false
 
         init(domain: DomainID, memory: RemoteHostMemory, uffd: HostUserfaultfd, peer: Peer, allowedUIDs: [UInt32]) {
             self.domain = domain

@@ -273,6 +273,11 @@ public struct HostRecord: Sendable, Equatable, Codable {
     /// Host ranges the service keeps for it (bound memfd pieces and registered ranges):
     /// pruned as the host moves or unmaps memory, so it stays near its live mappings.
     public var trackedRanges = 0
+    /// Dirty tracking (DIRTY_START/STOP/READ): ranges started now, reads served, and pages
+    /// those reads reported.
+    public var dirtyRanges = 0
+    public var dirtyReads = 0
+    public var dirtyPagesReported = 0
     /// Its vhost-user back-ends (VHOST): those attached and the last few that ended.
     public var vhost: [VhostStatistics] = []
     static let keptVhostRecords = 8

@@ -221,6 +221,13 @@ extension EventLoop {
                 fds = []
                 continue
             }
+            if header.command == .dirtyRead && !header.isReply && p.state == .attached && p.role == .host
+                && p.minor >= 2
+            {
+                hostDirtyRead(p, header, payload, fds: fds)
+                fds = []
+                continue
+            }
             if fdsSent {
                 refuse(
                     p, message, kind: .unexpectedFDs, errno: WireErrno.invalid,
@@ -282,6 +289,17 @@ extension EventLoop {
                 hostMap(p, header, try DMAMapRequest(payload: payload))
             case (.dmaUnmap, .attached) where p.role == .host:
                 hostUnmap(p, header, try DMAUnmapRequest(payload: payload))
+            case (.dirtyStart, .attached) where p.role == .host && p.minor >= 2:
+                hostDirtyStart(p, header, try DirtyStartRequest(payload: payload))
+            case (.dirtyStop, .attached) where p.role == .host && p.minor >= 2:
+                hostDirtyStop(p, header, try DirtyStopRequest(payload: payload))
+            case (let c, _) where [.dirtyStart, .dirtyStop, .dirtyRead].contains(c) && p.role == .host && p.minor < 2:
+                stats.protocolError(.badState)
+                reply(
+                    p,
+                    Wire.errorReply(
+                        command: header.command, id: header.id, errno: WireErrno.notSupported,
+                        text: "\(header.command) needs protocol 1.2; HELLO agreed 1.\(p.minor)"))
             case (.sync, .attached) where p.role == .host:
                 try Wire.expectSize(.sync, payload, 0)
                 hostSync(p, header)
@@ -297,7 +315,7 @@ extension EventLoop {
                     case (.ready, .device): "ATTACH or DETACH"
                     case (.ready, .host): "HOST or DETACH"
                     case (_, .device): "TRANSLATE or DETACH"
-                    case (_, .host): "DMA_MAP, DMA_UNMAP, SYNC, VHOST or DETACH"
+                    case (_, .host): "DMA_MAP, DMA_UNMAP, SYNC, VHOST, DIRTY_START, DIRTY_STOP, DIRTY_READ or DETACH"
                     }
                 stats.protocolError(.badState)
                 reply(

@@ -14,8 +14,9 @@ public enum WireVersion {
     /// The major version: a peer with another is refused.
     public static let major: UInt16 = 1
     /// 1.1 adds the host role (HOST, DMA_MAP, DMA_UNMAP, SYNC), ATTACH by address-space
-    /// name, and the service's DETACH notice on the invalidation socket.
-    public static let minor: UInt16 = 1
+    /// name, and the service's DETACH notice on the invalidation socket. 1.2 adds dirty
+    /// tracking for hosts (DIRTY_START, DIRTY_STOP, DIRTY_READ).
+    public static let minor: UInt16 = 2
 }
 
 /// Limits both sides enforce.
@@ -58,6 +59,12 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case sync = 9
     /// VHOST: a host hands over a vhost-user back-end's sockets.
     case vhost = 10
+    /// DIRTY_START: a host starts dirty tracking on an IOVA range (1.2).
+    case dirtyStart = 11
+    /// DIRTY_STOP: a host stops dirty tracking on a range it started (1.2).
+    case dirtyStop = 12
+    /// DIRTY_READ: a host reads and clears the dirty log of a range (1.2).
+    case dirtyRead = 13
 
     public var description: String {
         switch self {
@@ -71,6 +78,9 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .dmaUnmap: "DMA_UNMAP"
         case .sync: "SYNC"
         case .vhost: "VHOST"
+        case .dirtyStart: "DIRTY_START"
+        case .dirtyStop: "DIRTY_STOP"
+        case .dirtyRead: "DIRTY_READ"
         }
     }
 }

@@ -85,6 +85,12 @@ public enum ProtocolErrorKind: String, Sendable, Hashable, CaseIterable, Codable
     case hostMemoryBudget
     /// A host's mapped IOVA space past its budget.
     case hostMappedBudget
+    /// A DIRTY_START overlapping a started range (or its mappings), past the range limit, or a
+    /// DIRTY_STOP or DIRTY_READ of a range no DIRTY_START started.
+    case badDirtyRange
+    /// A DIRTY_READ bitmap that does not fit: inline past its limit, or a memfd that is not
+    /// one, is too small, is not sealed against shrinking, or cannot be written.
+    case badDirtyBitmap
 
     // vhost-user back-ends.
     /// More vhost-user back-ends for one host than the service serves.

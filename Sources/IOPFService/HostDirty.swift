@@ -1,0 +1,193 @@
+// HostDirty.swift — dirty tracking for hosts in other processes (protocol 1.2), on the
+// loop thread: DIRTY_START, DIRTY_STOP and DIRTY_READ over the host's own engine, whose
+// tracking (DirtyTracking.swift) write-protects leaves and logs write faults.
+//
+// Exactness, as in process: a write that lands after the reply to DIRTY_START, or after
+// the reply to a DIRTY_READ, is in that range's next report or the one after. Both
+// replies wait until every device of the host acknowledged the write-protection the
+// request posted (`afterExternalDevices`): until then a device may still hold a writable
+// translation, and only writes to pages whose bits were already set can go through it.
+//
+// Trust: started ranges are at most `DirtyLimits.maxRanges` and never overlap, not even
+// through a mapping that two of them touch (a stop of one would otherwise stop the
+// other's); a stop names a started range exactly; a read lies inside one started range,
+// covers at most `DirtyLimits.maxReadBytes`, and only one is answered at a time. The
+// bitmap goes inline (at most 8 KiB) or into a memfd the host sends with the read: a
+// memfd of 4 KiB pages sealed against shrinking, large enough, mapped by the service for
+// the copy only and written through probed pages (probe.c), never with a system call on
+// the host's file. Every refusal is an error reply naming what was wrong.
+
+import CIOPFShim
+import Glibc
+import IOPFCore
+import IOPFSystem
+import IOPFWire
+
+extension EventLoop {
+    private func refuseDirty(
+        _ p: Peer, _ header: MessageHeader, _ errno: UInt32, _ kind: ProtocolErrorKind, _ text: String
+    ) {
+        stats.protocolError(kind)
+        reply(p, Wire.errorReply(command: header.command, id: header.id, errno: errno, text: text))
+    }
+
+    private func rangeText(_ r: Range<UInt64>) -> String { "[\(hex(r.lowerBound)), +\(hex(UInt64(r.count))))" }
+
+    func hostDirtyStart(_ p: Peer, _ header: MessageHeader, _ request: DirtyStartRequest) {
+        guard let s = p.space else { return }
+        let range = request.iova..<(request.iova + request.size)
+        guard range.upperBound <= IOPageTable.iovaLimit else {
+            return refuseDirty(
+                p, header, WireErrno.invalid, .badDirtyRange,
+                "DIRTY_START \(rangeText(range)) ends past the I/O address space (\(hex(IOPageTable.iovaLimit)))")
+        }
+        guard s.host!.dirtyRanges.count < DirtyLimits.maxRanges else {
+            return refuseDirty(
+                p, header, WireErrno.noSpace, .badDirtyRange,
+                "DIRTY_START: \(DirtyLimits.maxRanges) ranges are started already (stop one first)")
+        }
+        let span = s.engine.trackingSpan(iova: request.iova, size: request.size)
+        if let other = s.host!.dirtyRanges.first(where: {
+            s.engine.trackingSpan(iova: $0.lowerBound, size: UInt64($0.count)).overlaps(span)
+        }) {
+            return refuseDirty(
+                p, header, WireErrno.exists, .badDirtyRange,
+                """
+                DIRTY_START \(rangeText(range)) overlaps the started range \(rangeText(other)), itself or through a \
+                mapping both touch (tracking covers whole mappings)
+                """)
+        }
+        do { try s.engine.startDirtyTracking(iova: request.iova, size: request.size) } catch {
+            return refuseDirty(p, header, WireErrno.invalid, .badDirtyRange, "DIRTY_START: \(error)")
+        }
+        s.host!.dirtyRanges.append(range)
+        stats.host(s.id) { $0.dirtyRanges += 1 }
+        afterExternalDevices(space: s.id) { [self] in
+            reply(p, Wire.message(command: .dirtyStart, id: header.id, flags: .reply))
+        }
+    }
+
+    func hostDirtyStop(_ p: Peer, _ header: MessageHeader, _ request: DirtyStopRequest) {
+        guard let s = p.space else { return }
+        let range = request.iova..<(request.iova + request.size)
+        guard let i = s.host!.dirtyRanges.firstIndex(of: range) else {
+            return refuseDirty(
+                p, header, WireErrno.noEntry, .badDirtyRange,
+                "DIRTY_STOP \(rangeText(range)) is not a started range (a stop names exactly what DIRTY_START started)")
+        }
+        do { try s.engine.stopDirtyTracking(iova: request.iova, size: request.size) } catch {
+            return refuseDirty(p, header, WireErrno.invalid, .badDirtyRange, "DIRTY_STOP: \(error)")
+        }
+        s.host!.dirtyRanges.remove(at: i)
+        stats.host(s.id) { $0.dirtyRanges -= 1 }
+        // Write access comes back: no device needs to drop anything.
+        reply(p, Wire.message(command: .dirtyStop, id: header.id, flags: .reply))
+    }
+
+    /// DIRTY_READ; owns `fds` (none, or the bitmap's memfd), closed before it returns.
+    func hostDirtyRead(_ p: Peer, _ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: [CInt]) {
+        defer { for fd in fds { Sys.close(fd) } }
+        guard let s = p.space else { return }
+        let request: DirtyReadRequest
+        do { request = try DirtyReadRequest(payload: payload) } catch {
+            return refuseDirty(p, header, error.errno, error.kind, error.description)
+        }
+        let range = request.iova..<(request.iova + request.size)
+        guard !s.host!.dirtyReadPending else {
+            return refuseDirty(
+                p, header, WireErrno.busy, .badState,
+                "DIRTY_READ: the previous read is not answered yet (one at a time per host)")
+        }
+        guard s.host!.dirtyRanges.contains(where: { $0.contains(range.lowerBound) && range.upperBound <= $0.upperBound })
+        else {
+            return refuseDirty(
+                p, header, WireErrno.noEntry, .badDirtyRange,
+                "DIRTY_READ \(rangeText(range)) is not inside a started range (tracking is stopped there)")
+        }
+        guard fds.count <= 1 else {
+            return refuseDirty(
+                p, header, WireErrno.badFD, .badDirtyBitmap,
+                "DIRTY_READ carries one descriptor (the bitmap's memfd) or none, got \(fds.count)")
+        }
+        let bytes = request.bitmapBytes
+        if fds.isEmpty {
+            guard bytes <= DirtyLimits.maxInlineBitmapBytes, request.bitmapOffset == 0 else {
+                return refuseDirty(
+                    p, header, WireErrno.messageSize, .badDirtyBitmap,
+                    """
+                    DIRTY_READ \(rangeText(range)) needs a \(bytes)-byte bitmap: inline ones hold \
+                    \(DirtyLimits.maxInlineBitmapBytes) bytes at offset 0; send a memfd for more
+                    """)
+            }
+        } else {
+            do { try Self.checkBitmapMemfd(fds[0], end: request.bitmapOffset + UInt64(bytes)) } catch {
+                return refuseDirty(p, header, error.errno, error.kind, "DIRTY_READ: \(error.description)")
+            }
+        }
+        let bits: PageBitmap
+        do { bits = try s.engine.readAndClearDirty(iova: request.iova, size: request.size) } catch {
+            return refuseDirty(p, header, WireErrno.invalid, .badDirtyRange, "DIRTY_READ: \(error)")
+        }
+        let reported = UInt64(bits.population)
+        var inline: [UInt8] = []
+        if fds.isEmpty {
+            inline = bits.littleEndianBytes
+        } else {
+            // The bits are read and cleared: a memfd that cannot take them loses them, which
+            // the host is told (the range then reports nothing until its next writes).
+            do { try Self.write(bits.littleEndianBytes, into: fds[0], at: request.bitmapOffset, probes: probes) } catch {
+                return refuseDirty(p, header, error.errno, error.kind, "DIRTY_READ: \(error.description)")
+            }
+        }
+        stats.host(s.id) {
+            $0.dirtyReads += 1
+            $0.dirtyPagesReported += Int(reported)
+        }
+        s.host!.dirtyReadPending = true
+        afterExternalDevices(space: s.id) { [self] in
+            s.host!.dirtyReadPending = false
+            reply(p, DirtyReadReply(reportedPages: reported, bitmap: inline).message(id: header.id, flags: .reply))
+        }
+    }
+
+    /// The bitmap's memfd: a memfd of 4 KiB pages, sealed against shrinking (the service
+    /// writes through a mapping, where a shrink would be SIGBUS), at least `end` bytes.
+    private static func checkBitmapMemfd(_ fd: CInt, end: UInt64) throws(HostRefusal) {
+        let st = try RemoteHostMemory.inspect(fd, "the bitmap's memfd", kind: .badDirtyBitmap)
+        let seals = iopf_seals(fd)
+        guard seals >= 0, seals & RemoteHostMemory.sealShrink != 0 else {
+            throw HostRefusal(
+                WireErrno.notPermitted, .badDirtyBitmap, "the bitmap's memfd is not sealed with F_SEAL_SHRINK")
+        }
+        guard seals & (RemoteHostMemory.sealWrite | RemoteHostMemory.sealFutureWrite) == 0 else {
+            throw HostRefusal(WireErrno.notPermitted, .badDirtyBitmap, "the bitmap's memfd is sealed against writing")
+        }
+        guard UInt64(max(st.st_size, 0)) >= end else {
+            throw HostRefusal(
+                WireErrno.invalid, .badDirtyBitmap,
+                "the bitmap's memfd has \(st.st_size) bytes; the bitmap ends at byte \(end)")
+        }
+    }
+
+    /// Copies `bytes` into the memfd at `offset` through a mapping of just those pages,
+    /// confirmed by touching them first (a page the kernel cannot give is an error, not a
+    /// SIGBUS on the loop thread).
+    private static func write(_ bytes: [UInt8], into fd: CInt, at offset: UInt64, probes: Bool) throws(HostRefusal) {
+        let first = offset & ~0xFFF
+        let length = Int((offset + UInt64(bytes.count) + 0xFFF) & ~0xFFF - first)
+        guard let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, off_t(first)),
+            p != MAP_FAILED
+        else {
+            throw HostRefusal(
+                WireErrno.invalid, .badDirtyBitmap, "cannot map the bitmap's memfd for writing: errno \(Glibc.errno)")
+        }
+        defer { munmap(p, length) }
+        do {
+            try ProcessMemory.confirm(
+                address: UInt64(UInt(bitPattern: p)), pageCount: length >> 12, write: true, probes: probes, planted: nil)
+        } catch {
+            throw HostRefusal(WireErrno.fault, .badDirtyBitmap, "the bitmap's memfd: \(error.reason)")
+        }
+        bytes.withUnsafeBytes { (p + Int(offset - first)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    }
+}
