@@ -25,7 +25,9 @@ package struct DirtySummary: Sendable, Codable, Equatable {
     /// Pages the log reported, and pages devices really wrote, summed over rounds.
     package var reported = 0
     package var written = 0
-    /// Pages written but not reported (must be 0), and reported but not written.
+    /// Pages written but not reported (must be 0), and reported but not written in that
+    /// round or the one before (a write fault sets a page's bit before its store, which
+    /// may land after the read: the page is then reported again in the next round).
     package var missed = 0
     package var extra = 0
     /// Pages handed in too late to judge (a device stalled for many rounds).

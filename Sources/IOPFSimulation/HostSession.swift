@@ -12,6 +12,9 @@
 //   move      mremap of the whole mapping to its other home, re-declared there (VADDR to
 //             a new address), then the old home replaced by a reservation: UNMAP
 //
+// Or, with `dirtyLogMilliseconds`, it runs migration-like rounds of the dirty log instead
+// (HostDirtyLog.swift).
+//
 // Each change is followed by SYNC; the time from just before the change to the SYNC reply
 // is the invalidation latency (host's change to the last device acknowledgement).
 //
@@ -42,6 +45,9 @@ package struct HostOptions: Sendable {
     package var seed: UInt64 = 1
     /// Uids besides this process's own whose devices may attach (HOST's allowed uids).
     package var allowedUIDs: [UInt32] = []
+    /// Milliseconds between reads of the dirty log over all the memory (0: no tracking).
+    /// Not with `churnMilliseconds`: a freed page reads as zero, a change no device made.
+    package var dirtyLogMilliseconds = 0.0
     package init(path: String, name: String) {
         self.path = path
         self.name = name
@@ -60,6 +66,8 @@ package struct HostResult: Codable, Sendable {
     /// From just before each change (the madvise, mmap or mremap call) to the reply of the
     /// SYNC after it: the last device acknowledgement.
     package var invalidationLatencyNs = LatencySummary(Histogram<UInt64>())
+    /// With `--dirty-log`: the log's reports against the pages whose content changed.
+    package var dirty: DirtySummary?
     package var elapsedSeconds = 0.0
     package var problems: [String] = []
 }
@@ -77,6 +85,9 @@ package enum HostSession {
     package static func run(_ o: HostOptions, shouldStop: @escaping () -> Bool = { false }) throws -> HostResult {
         guard o.mappings >= 1, o.memoryBytes % (UInt64(o.mappings) << 12) == 0 else {
             throw SystemCallError("--memory must be a multiple of --mappings × 4 KiB", .invalidArgument)
+        }
+        guard o.dirtyLogMilliseconds == 0 || o.churnMilliseconds == 0 else {
+            throw SystemCallError("--dirty-log and --churn do not go together", .invalidArgument)
         }
         let started = ContinuousClock.now
         let slice = o.memoryBytes / UInt64(o.mappings)
@@ -129,7 +140,24 @@ package enum HostSession {
         func home(_ k: Int, _ away: Bool) -> UInt64 { base + (away ? o.memoryBytes : 0) + UInt64(k) * slice }
         let interval = Duration.nanoseconds(Int64(o.churnMilliseconds * 1e6))
         var next = ContinuousClock.now + interval
+        let dirtyLog =
+            o.dirtyLogMilliseconds > 0
+            ? try HostDirtyLog(
+                client: client, iova: HostLayout.iovaBase, size: o.memoryBytes, memory: UnsafeRawPointer(reserve))
+            : nil
+        let readInterval = Duration.nanoseconds(Int64(o.dirtyLogMilliseconds * 1e6))
+        var nextRead = ContinuousClock.now + readInterval
         while !shouldStop() && (o.seconds == 0 || ContinuousClock.now - started < .seconds(o.seconds)) {
+            if let dirtyLog {
+                let now = ContinuousClock.now
+                if now >= nextRead {
+                    try dirtyLog.round()
+                    nextRead = now + readInterval
+                } else {
+                    usleep(UInt32(min(10_000, max(100, (nextRead - now).nanoseconds / 1000))))
+                }
+                continue
+            }
             guard o.churnMilliseconds > 0 else {
                 usleep(10_000)
                 continue
@@ -197,6 +225,11 @@ package enum HostSession {
             }
             result.hostChanges += 1
             result.changesByKind[change.rawValue, default: 0] += 1
+        }
+        if let dirtyLog {
+            let d = try dirtyLog.finish()
+            if d.missed > 0 { result.problems += ["the dirty log missed \(d.missed) written pages"] + (d.firstMissed ?? []) }
+            result.dirty = d
         }
         do { try client.detach() } catch { result.problems.append("DETACH: \(error)") }
         result.invalidationLatencyNs = LatencySummary(latency)

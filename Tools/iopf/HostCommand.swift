@@ -14,7 +14,8 @@ struct Host: ParsableCommand {
             maps it for DMA as --mappings equal mappings from IOVA 0x10000000000, then every --churn \
             milliseconds changes 1-64 pages of one mapping (madvise DONTNEED or REMOVE, mmap MAP_FIXED, \
             mremap, or a move of the whole mapping), waits for the devices (SYNC) and re-declares moved \
-            mappings. Devices attach with `iopf device --address-space NAME`; device n works in mapping \
+            mappings. With --dirty-log it instead reads the dirty log every MS milliseconds while its devices \
+            write, and checks each report against the pages whose content changed. Devices attach with `iopf device --address-space NAME`; device n works in mapping \
             (n - 1) mod --mappings. Exit status: 0 on a clean run; 2 when it could not connect or the \
             service refused the hand-over (the reason on standard error).
             """
@@ -34,6 +35,14 @@ struct Host: ParsableCommand {
 
     @Option(help: "Milliseconds between changes to the memory (0: none).")
     var churn = 0.0
+
+    @Option(
+        name: .customLong("dirty-log"),
+        help: ArgumentHelp(
+            "Milliseconds between reads of the dirty log over all the memory, as a migrating VMM does; "
+                + "the JSON's `dirty` holds the reports against the pages whose content changed (not with --churn).",
+            valueName: "MS"))
+    var dirtyLog = 0.0
 
     @Option(help: "Seconds to run (0: until SIGINT or SIGTERM).")
     var seconds = 0.0
@@ -65,8 +74,12 @@ struct Host: ParsableCommand {
         guard allowedUIDs.count <= HostDeclaration.maxAllowedUIDs else {
             throw ValidationError("--allow-uid at most \(HostDeclaration.maxAllowedUIDs) times")
         }
-        guard churn >= 0, seconds >= 0 && seconds <= 86_400 else {
-            throw ValidationError("--churn and --seconds must not be negative")
+        guard churn >= 0, dirtyLog >= 0, seconds >= 0 && seconds <= 86_400 else {
+            throw ValidationError("--churn, --dirty-log and --seconds must not be negative")
+        }
+        guard churn == 0 || dirtyLog == 0 else {
+            throw ValidationError(
+                "--dirty-log and --churn do not go together: a page freed by the churn changes with no device writing it")
         }
     }
 
@@ -78,6 +91,7 @@ struct Host: ParsableCommand {
         o.seconds = seconds
         o.seed = seed
         o.allowedUIDs = allowedUIDs
+        o.dirtyLogMilliseconds = dirtyLog
         Signals.stopOnInterrupt()
         let r: HostResult
         do {
@@ -105,6 +119,14 @@ struct Host: ParsableCommand {
                 \(l.max / 1000) µs
                 """
             )
+            if let d = r.dirty {
+                print(
+                    """
+                      dirty log: \(d.rounds) rounds, \(d.reported) pages reported, \(d.written) written, \(d.missed) \
+                    missed, \(d.extra) extra; read p50 \(d.readNs.p50 / 1000) µs, p99 \(d.readNs.p99 / 1000) µs
+                    """
+                )
+            }
             for p in r.problems { print("  ! \(p)") }
         }
     }
