@@ -171,7 +171,7 @@ package enum FuzzTargets {
                 (try? P(payload: w.bytes.withUnsafeBytes { UnsafeRawBufferPointer($0) })) == p,
                 "\(P.self) does not round-trip")
         }
-        switch data[0] % 13 {
+        switch data[0] % 17 {
         case 0: roundTrip(Hello.self)
         case 1: roundTrip(HelloReply.self)
         case 2: roundTrip(Attach.self)
@@ -184,6 +184,10 @@ package enum FuzzTargets {
         case 9: roundTrip(DMAMapRequest.self)
         case 10: roundTrip(DMAUnmapRequest.self)
         case 11: roundTrip(VhostAttachRequest.self)
+        case 12: roundTrip(DirtyStartRequest.self)
+        case 13: roundTrip(DirtyStopRequest.self)
+        case 14: roundTrip(DirtyReadRequest.self)
+        case 15: roundTrip(DirtyReadReply.self)
         default: roundTrip(DMAUnmapReply.self)
         }
     }

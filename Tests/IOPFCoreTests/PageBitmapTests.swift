@@ -169,4 +169,17 @@ import Testing
         #expect(bitmap.isEmpty && bitmap == PageBitmap(count: pages))
         #expect(bitmap.allocatedBytes == 2 * PageBitmap.chunkBits / 8, "clearing frees nothing")
     }
+
+    /// The protocol's form (little-endian words) carries exactly the bits, across chunks
+    /// never allocated, and ignores bits past the count.
+    @Test func littleEndianBytesRoundTrip() {
+        let pages = 3 * PageBitmap.chunkBits + 77
+        var b = PageBitmap(count: pages)
+        for p in [0, 63, 64, 65, 2 * PageBitmap.chunkBits + 5, pages - 1] { b.set(p) }
+        let bytes = b.littleEndianBytes
+        #expect(bytes.count == (pages + 63) / 64 * 8 && bytes[0] == 1 && bytes[7] == 0x80 && bytes[8] == 3)
+        #expect(bytes.withUnsafeBytes { PageBitmap(count: pages, littleEndianBytes: $0) } == b)
+        let shorter = bytes.withUnsafeBytes { PageBitmap(count: pages - 1, littleEndianBytes: $0) }
+        #expect(shorter.population == b.population - 1)
+    }
 }

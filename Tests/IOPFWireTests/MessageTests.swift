@@ -43,6 +43,32 @@ import Testing
         #expect(try roundTrip(map) == map && map.updatesHostAddress)
         #expect(try roundTrip(DMAUnmapRequest(iova: 1 << 40, size: 4096)) == DMAUnmapRequest(iova: 1 << 40, size: 4096))
         #expect(try roundTrip(DMAUnmapReply(bytes: 1 << 20)) == DMAUnmapReply(bytes: 1 << 20))
+        let start = DirtyStartRequest(iova: 1 << 40, size: 1 << 30)
+        let stop = DirtyStopRequest(iova: 1 << 40, size: 1 << 30)
+        let read = DirtyReadRequest(iova: 1 << 40, size: 1 << 30, bitmapOffset: 64)
+        let dirty = DirtyReadReply(reportedPages: 3, bitmap: [0x15, 0, 0, 0, 0, 0, 0, 0])
+        #expect(try roundTrip(start) == start && roundTrip(stop) == stop && roundTrip(read) == read)
+        #expect(try roundTrip(dirty) == dirty && read.bitmapBytes == 32768)
+    }
+
+    /// Dirty-tracking messages refuse empty, unaligned, wrapping and oversized ranges, and
+    /// replies whose bitmap is not whole words within the inline limit.
+    @Test func dirtyMessagesRefuseMalformedFields() throws {
+        func refused<P: WirePayload>(_: P.Type, _ bytes: [UInt8]) -> Bool { (try? P(message: bytes)) == nil }
+        #expect(refused(DirtyStartRequest.self, DirtyStartRequest(iova: 0, size: 0).message(id: 1)))
+        #expect(refused(DirtyStartRequest.self, DirtyStartRequest(iova: 0x800, size: 4096).message(id: 1)))
+        #expect(refused(DirtyStopRequest.self, DirtyStopRequest(iova: 0, size: 0x1800).message(id: 1)))
+        #expect(refused(DirtyStopRequest.self, DirtyStopRequest(iova: UInt64.max - 4095, size: 8192).message(id: 1)))
+        #expect(refused(DirtyReadRequest.self, DirtyReadRequest(iova: 0, size: 128 << 30).message(id: 1)))
+        #expect(refused(DirtyReadRequest.self, DirtyReadRequest(iova: 0, size: 4096, bitmapOffset: 4).message(id: 1)))
+        #expect(!refused(DirtyReadRequest.self, DirtyReadRequest(iova: 0, size: 64 << 30).message(id: 1)))
+        #expect(refused(DirtyReadReply.self, DirtyReadReply(reportedPages: 1, bitmap: [1, 2, 3]).message(id: 1)))
+        #expect(refused(DirtyReadReply.self, DirtyReadReply(reportedPages: 65, bitmap: [255] + [UInt8](repeating: 0, count: 7)).message(id: 1)))
+        let big = DirtyReadReply(reportedPages: 0, bitmap: [UInt8](repeating: 0, count: 8200))
+        #expect(refused(DirtyReadReply.self, big.message(id: 1)))
+        var truncated = DirtyReadReply(reportedPages: 0, bitmap: [UInt8](repeating: 0, count: 16)).message(id: 1)
+        truncated.removeLast(8)
+        #expect(refused(DirtyReadReply.self, truncated))
     }
 
     /// Host messages and named ATTACHes refuse what the document says is malformed.
