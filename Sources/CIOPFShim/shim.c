@@ -86,6 +86,10 @@ int iopf_set_idle_priority(void) {
 
 int iopf_memfd_create_sealable(const char *name) { return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING); }
 
+int iopf_memfd_create_huge(const char *name) {
+    return memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB | (21u << 26) /* MFD_HUGE_2MB */);
+}
+
 int iopf_seal_size(int fd) { return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL); }
 
 int iopf_size_is_sealed(int fd) {

@@ -148,6 +148,8 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         let base: UInt64
         let device: (major: UInt32, minor: UInt32)
         let inode: UInt64
+        /// 4 KiB, or 2 MiB for a hugetlbfs memfd (MFD_HUGETLB).
+        let pageSize: UInt64
     }
 
     struct Binding: Equatable {
@@ -182,7 +184,7 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         var total: UInt64 = 0
         do throws(HostRefusal) {
             for (k, fd) in fds.enumerated() {
-                let st = try Self.inspect(fd, "memfd \(k)", kind: .badMemfd)
+                let st = try Self.inspect(fd, "memfd \(k)", kind: .badMemfd, hugePages: true)
                 let seals = iopf_seals(fd)
                 guard seals >= 0, seals & Self.requiredSeals == Self.requiredSeals else {
                     throw HostRefusal(
@@ -226,7 +228,7 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
                         device: (
                             UInt32((dev >> 8) & 0xFFF | (dev >> 32) & ~0xFFF), UInt32(dev & 0xFF | (dev >> 12) & ~0xFF)
                         ),
-                        inode: UInt64(st.st_ino)))
+                        inode: UInt64(st.st_ino), pageSize: UInt64(st.st_blksize)))
             }
         } catch {
             Self.unmap(checked)
@@ -238,8 +240,11 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         self.probes = probes
     }
 
-    /// Checks that `fd` is a memfd of 4 KiB pages; its stat. `what` names it in the refusal.
-    static func inspect(_ fd: CInt, _ what: String, kind: ProtocolErrorKind) throws(HostRefusal) -> stat {
+    /// Checks that `fd` is a memfd of 4 KiB pages, or of 2 MiB hugetlbfs pages when
+    /// `hugePages`; its stat. `what` names it in the refusal.
+    static func inspect(_ fd: CInt, _ what: String, kind: ProtocolErrorKind, hugePages: Bool = false)
+        throws(HostRefusal) -> stat
+    {
         var st = stat()
         guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
             throw HostRefusal(WireErrno.badFD, kind, "\(what) is not a regular file")
@@ -248,10 +253,11 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         guard link.hasPrefix("/memfd:") else {
             throw HostRefusal(WireErrno.badFD, kind, "\(what) is not a memfd (\(link))")
         }
-        guard st.st_blksize == 4096 else {
+        guard st.st_blksize == 4096 || (hugePages && st.st_blksize == hugeBlockBytes) else {
             throw HostRefusal(
                 WireErrno.invalid, kind,
-                "\(what) has \(st.st_blksize)-byte pages: only 4 KiB pages are supported (no hugetlb)")
+                "\(what) has \(st.st_blksize)-byte pages: "
+                    + (hugePages ? "4 KiB or 2 MiB (hugetlbfs) pages are supported" : "only 4 KiB pages are supported"))
         }
         return st
     }
@@ -319,6 +325,18 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
                 reason: "the host's memfd at offset \(hex(offset)): \(error.reason)")
         }
         for i in 0..<pageCount { physical.append(m.phys + offset + UInt64(i) << 12) }
+    }
+
+    /// Whether any memfd is of 2 MiB pages: the host's engine then maps 2 MiB blocks on fault.
+    var hasHugePages: Bool { memfds.contains { $0.pageSize == hugeBlockBytes } }
+
+    /// The 2 MiB block at `address` when one huge page of a hugetlbfs memfd backs it: the
+    /// engine asks after resolving the block's pages, which faulted the huge page in.
+    func hugeBlock(at address: UInt64) -> UInt64? {
+        guard let (m, offset) = locate(address, pages: hugeBlockPages), m.pageSize == hugeBlockBytes,
+            offset & (hugeBlockBytes - 1) == 0
+        else { return nil }
+        return m.phys + offset
     }
 
     func currentPhysical(of address: UInt64) -> UInt64? {

@@ -218,6 +218,7 @@ final class EventLoop {
                     lastSweep = lastActivity
                     for command in service.takeCommands() { try perform(command) }
                     if !peers.isEmpty { sweepSilentPeers(now: lastActivity) }
+                    for case let h? in hosts { noteHostFaults(h) }
                 }
                 serveExternalDevices()
                 if batching { handleBatches() }

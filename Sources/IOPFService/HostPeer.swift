@@ -136,13 +136,20 @@ extension EventLoop {
             refuse(r)
         }
         for (i, r) in declaration.regions.enumerated() {
-            guard r.pageSize == 4096 else {
+            let m = memory.memfds[Int(r.fdIndex)]
+            guard UInt64(r.pageSize) == m.pageSize else {
                 return fail(
                     HostRefusal(
-                        WireErrno.notSupported, .badRegionTable,
-                        "region \(i): page size \(r.pageSize) is not supported (4 KiB pages only)"))
+                        WireErrno.invalid, .badRegionTable,
+                        "region \(i): page size \(r.pageSize) but memfd \(r.fdIndex) has \(m.pageSize)-byte pages"))
             }
-            let m = memory.memfds[Int(r.fdIndex)]
+            for (what, v) in [("address", r.hostAddress), ("size", r.size), ("fd offset", r.fdOffset)]
+            where v & (m.pageSize - 1) != 0 {
+                return fail(
+                    HostRefusal(
+                        WireErrno.invalid, .badRegionTable,
+                        "region \(i): \(what) \(hex(v)) is not aligned to its memfd's \(m.pageSize >> 10) KiB pages"))
+            }
             guard r.fdOffset + r.size <= m.size else {
                 return fail(
                     HostRefusal(
@@ -182,7 +189,13 @@ extension EventLoop {
             }
         }
         memory.bind(pieces)
-        let engine = FaultEngine(memory: memory, configuration: service.configuration.hostEngine)
+        var engineConfiguration = service.configuration.hostEngine
+        if memory.hasHugePages {
+            // As for the service's own memory on huge pages: a fault maps the 2 MiB block.
+            engineConfiguration.pageSizes.insert(.size2M)
+            engineConfiguration.blocksOnFault = true
+        }
+        let engine = FaultEngine(memory: memory, configuration: engineConfiguration)
         let domain: DomainID
         do {
             domain = try engine.createDomain(
@@ -380,6 +393,15 @@ extension EventLoop {
         }
     }
 
+    /// Publishes the faults served in `s`'s space and the 2 MiB blocks they mapped.
+    func noteHostFaults(_ s: AddressSpace) {
+        let e = s.engine.statistics
+        stats.host(s.id) {
+            $0.faults = e.requests
+            $0.blockMappings = e.blockMappings
+        }
+    }
+
     /// Publishes how many host ranges the service keeps for `s` (pruned as it moves memory).
     func noteTrackedRanges(_ s: AddressSpace) {
         let tracked = s.memory.bindingCount + s.uffd.registered.count
@@ -433,6 +455,7 @@ extension EventLoop {
         for case let b? in vhosts where b.space === s {
             closeVhost(b, reason: "detached: its host '\(s.name)' went away: \(reason)", fenced: false)
         }
+        noteHostFaults(s)
         do { _ = try s.engine.removeMappings(iova: 0, size: IOPageTable.iovaLimit) } catch {
             service.logger.critical("host '\(s.name)': removing its mappings failed: \(error)")
         }

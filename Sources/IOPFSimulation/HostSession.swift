@@ -48,6 +48,9 @@ package struct HostOptions: Sendable {
     /// Milliseconds between reads of the dirty log over all the memory (0: no tracking).
     /// Not with `churnMilliseconds`: a freed page reads as zero, a change no device made.
     package var dirtyLogMilliseconds = 0.0
+    /// Back the memory with 2 MiB hugetlbfs pages (MFD_HUGETLB) instead of 4 KiB shmem.
+    /// Not with `churnMilliseconds`: its changes are 4 KiB pages.
+    package var hugePages = false
     package init(path: String, name: String) {
         self.path = path
         self.name = name
@@ -89,21 +92,40 @@ package enum HostSession {
         guard o.dirtyLogMilliseconds == 0 || o.churnMilliseconds == 0 else {
             throw SystemCallError("--dirty-log and --churn do not go together", .invalidArgument)
         }
+        let pageSize: UInt64 = o.hugePages ? hugeBlockBytes : 4096
+        guard !o.hugePages || (o.churnMilliseconds == 0 && o.memoryBytes % (UInt64(o.mappings) * pageSize) == 0)
+        else {
+            throw SystemCallError(
+                "--huge-pages needs --memory a multiple of --mappings × 2 MiB, and no --churn", .invalidArgument)
+        }
         let started = ContinuousClock.now
         let slice = o.memoryBytes / UInt64(o.mappings)
         // The memfd, sealed: the size can never change.
-        let memfd = try syscall("memfd_create") { iopf_memfd_create_sealable("iopf-host-\(o.name)") }
+        let memfd = try syscall(o.hugePages ? "memfd_create(MFD_HUGETLB)" : "memfd_create") {
+            o.hugePages
+                ? iopf_memfd_create_huge("iopf-host-\(o.name)") : iopf_memfd_create_sealable("iopf-host-\(o.name)")
+        }
         defer { Sys.close(memfd) }
         _ = try syscall("ftruncate") { ftruncate(memfd, off_t(o.memoryBytes)) }
         _ = try syscall("fcntl(F_ADD_SEALS)") { iopf_seal_size(memfd) }
-        // Two homes per mapping: the memory at `base`, a reservation after it for moves.
-        let reserve = mmap(nil, Int(2 * o.memoryBytes), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        guard let reserve, reserve != MAP_FAILED else { throw SystemCallError("mmap", .init(rawValue: errno)) }
-        defer { munmap(reserve, Int(2 * o.memoryBytes)) }
-        let base = UInt64(UInt(bitPattern: reserve))
+        // Two homes per mapping: the memory at `base`, a reservation after it for moves;
+        // aligned to the page size (hugetlbfs maps only at 2 MiB boundaries).
+        let reserved = Int(2 * o.memoryBytes + pageSize)
+        let reservation = mmap(nil, reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let reservation, reservation != MAP_FAILED else { throw SystemCallError("mmap", .init(rawValue: errno)) }
+        defer { munmap(reservation, reserved) }
+        let base = (UInt64(UInt(bitPattern: reservation)) + pageSize - 1) & ~(pageSize - 1)
+        let reserve = UnsafeMutableRawPointer(bitPattern: UInt(base))!
+        // Huge pages are reserved here (no MAP_NORESERVE): too few free is ENOMEM now, not SIGBUS later.
         guard mmap(reserve, Int(o.memoryBytes), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, memfd, 0) == reserve
         else {
-            throw SystemCallError("mmap(MAP_FIXED) of the memfd", .init(rawValue: errno))
+            let e = errno
+            if o.hugePages && e == ENOMEM {
+                throw SystemCallError(
+                    "mmap of \(o.memoryBytes >> 21) huge pages: not that many free "
+                        + "(HugePages_Free in /proc/meminfo; raise /proc/sys/vm/nr_hugepages)", .init(rawValue: e))
+            }
+            throw SystemCallError("mmap(MAP_FIXED) of the memfd", .init(rawValue: e))
         }
         writeTags(base: base, pages: Int(o.memoryBytes >> 12))
         let scratch = mmap(nil, 64 << 12, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
@@ -116,7 +138,10 @@ package enum HostSession {
         do {
             try client.declare(
                 name: o.name,
-                regions: [HostRegionEntry(hostAddress: base, size: o.memoryBytes, fdOffset: 0, fdIndex: 0)],
+                regions: [
+                    HostRegionEntry(
+                        hostAddress: base, size: o.memoryBytes, fdOffset: 0, pageSize: UInt32(pageSize), fdIndex: 0)
+                ],
                 userfaultfd: uffd, memfds: [FileDescriptor(rawValue: memfd)], allowedUIDs: o.allowedUIDs)
         } catch {
             Sys.close(uffd)

@@ -147,13 +147,13 @@ import IOPFTestSupport
         throw ServiceError.invalidRequest("host \(name) never attached")
     }
 
-    func device(_ s: ListeningSession, id: Int, space: String, seconds: Double) throws -> Child {
+    func device(_ s: ListeningSession, id: Int, space: String, seconds: Double, extra: [String] = []) throws -> Child {
         try Child(
             "iopf",
             [
                 "device", "--connect", s.path, "--address-space", space, "--device-id", "\(id)",
                 "--duration", "\(seconds)", "--seed", "\(id)", "--json",
-            ])
+            ] + extra)
     }
 
     @Test func aHostAndTwoDevicesInTheirOwnProcesses() throws {
@@ -247,6 +247,36 @@ import IOPFTestSupport
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
         // The only refusals: probes that tried to attach before their host was there.
         #expect(r.protocolErrorKinds.keys.allSatisfy { $0 == .unknownAddressSpace }, "\(r.protocolErrorKinds)")
+    }
+
+    /// `iopf host --huge-pages` in its own process: its device's sequential DMA over all
+    /// of its 32 MiB costs one fault per 2 MiB block at most, each mapped as a block.
+    @Test func aHostOnHugePagesInItsOwnProcessTakesAFaultPerBlock() throws {
+        guard let reservation = HugePageReservation(pages: 16) else {
+            Issue.record("no 2 MiB huge pages could be reserved (/proc/sys/vm/nr_hugepages)")
+            return
+        }
+        defer { withExtendedLifetime(reservation) {} }
+        let s = try ListeningSession(seconds: 0)
+        let h = try Child(
+            "iopf",
+            [
+                "host", "--connect", s.path, "--name", "huge", "--memory", "32M", "--mappings", "1", "--huge-pages",
+                "--json",
+            ])
+        try waitForAddressSpace(s, "huge", host: h)
+        let (status, json) = try device(s, id: 1, space: "huge", seconds: 2, extra: ["--workload", "sequential"])
+            .finish()
+        #expect(status == 0 && json["integrityErrors"] as? Int == 0 && (json["dmaOps"] as? Int ?? 0) > 200, "\(json)")
+        kill(h.process.processIdentifier, SIGTERM)
+        #expect(h.finish().status == 0)
+        let r = try s.result()
+        let record = r.hosts.first { $0.name == "huge" }
+        // 16 blocks: the probe's attach faults nothing; every fault maps (and maps ahead) whole blocks.
+        #expect(
+            record.map { (1...16).contains($0.faults) && (1...16).contains($0.blockMappings) } == true,
+            "\(String(describing: record))")
+        #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
     }
 
     @Test func aKilledHostDetachesItsDevicesAndANewHostTakesItsName() throws {

@@ -236,4 +236,63 @@ import IOPFTestSupport
         let kinds = s.service.statistics.protocolErrorKinds
         #expect(kinds[.badUserfaultfd] == 2 && kinds[.notHostMemory] == 4 && kinds[.badMemfd] == 1, "\(kinds)")
     }
+
+    /// A hugetlbfs memfd is taken with its 2 MiB page size and served in whole blocks: one
+    /// fault maps the block, its other pages translate without faults, and a madvise of the
+    /// huge page takes the block away.
+    @Test func aHostOnHugePagesIsServedInWholeBlocks() throws {
+        guard let reservation = HugePageReservation(pages: 2) else {
+            Issue.record("no 2 MiB huge pages could be reserved (/proc/sys/vm/nr_hugepages)")
+            return
+        }
+        defer { withExtendedLifetime(reservation) {} }
+        let s = try ListeningService()
+        let size: UInt64 = 4 << 20
+        let fd = iopf_memfd_create_huge("iopf-test-huge")
+        #expect(fd >= 0 && ftruncate(fd, off_t(size)) == 0 && iopf_seal_size(fd) == 0)
+        defer { Sys.close(fd) }
+        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)!
+        #expect(p != MAP_FAILED)
+        defer { munmap(p, Int(size)) }
+        let base = UInt64(UInt(bitPattern: p))
+        func declare(_ region: HostRegionEntry) throws -> (HostClient, (errno: UInt32, text: String)?) {
+            let host = try HostClient(connectingTo: s.path)
+            let uffd = try HostClient.makeUserfaultfd()
+            defer { Sys.close(uffd) }
+            let r = refusal {
+                try host.declare(
+                    name: "vm-huge", regions: [region], userfaultfd: uffd, memfds: [FileDescriptor(rawValue: fd)])
+            }
+            return (host, r)
+        }
+        let wrongSize = try declare(HostRegionEntry(hostAddress: base, size: size, fdOffset: 0, fdIndex: 0)).1
+        #expect(wrongSize?.errno == WireErrno.invalid && wrongSize?.text.contains("has 2097152-byte pages") == true)
+        let unaligned = try declare(
+            HostRegionEntry(hostAddress: base + 4096, size: 2 << 20, fdOffset: 4096, pageSize: 2 << 20, fdIndex: 0)
+        ).1
+        #expect(unaligned?.errno == WireErrno.invalid && unaligned?.text.contains("not aligned") == true)
+        let (host, refused) = try declare(
+            HostRegionEntry(hostAddress: base, size: size, fdOffset: 0, pageSize: 2 << 20, fdIndex: 0))
+        #expect(refused == nil)
+        try host.map(iova: Self.iova, hostAddress: base, size: size, prot: [.read, .write])
+        let client = try DeviceClient(connectingTo: s.path)
+        let a = try client.attach(Attach(deviceID: 4, addressSpaceName: "vm-huge"))
+        client.serveInvalidations { _ in true }
+        #expect(try fault(a, device: 4, iova: Self.iova + 5 << 12, cookie: 1) == .success)
+        let entries = try client.translate(iova: Self.iova, pages: 512).entries
+        #expect(entries.allSatisfy { $0 != 0 }, "the faulted block translates whole")
+        #expect(entries[300] & ~0xFFF == (entries[5] & ~0xFFF) + 295 << 12)
+        #expect(try client.translate(iova: Self.iova + 2 << 20, pages: 1).entries == [0], "the next block waits")
+        #expect(a.memory.store(entries[300] & ~0xFFF, 0xB10C))
+        #expect(p.load(fromByteOffset: 300 << 12, as: UInt64.self) == 0xB10C)
+        #expect(s.waitUntil { $0.hosts.first?.blockMappings == 1 && $0.hosts.first?.faults == 1 })
+        // The host gives the huge page back: REMOVE, and the block is gone once SYNC returns.
+        #expect(madvise(p, 2 << 20, MADV_DONTNEED) == 0)
+        try host.sync()
+        #expect(try client.translate(iova: Self.iova + 300 << 12, pages: 1).entries == [0])
+        #expect(try fault(a, device: 4, iova: Self.iova + 7 << 12, cookie: 2) == .success)
+        #expect(s.waitUntil { $0.hosts.first?.blockMappings == 2 })
+        try client.detach()
+        try host.detach()
+    }
 }

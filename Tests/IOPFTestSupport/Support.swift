@@ -309,6 +309,49 @@
 
     /// Held by a test that counts this process's descriptors, and by one that holds hundreds
     /// for a while (suites run side by side).
+    /// 2 MiB hugetlbfs pages for a test: raises /proc/sys/vm/nr_hugepages so that `pages`
+    /// more are free, and puts the setting back when the last holder lets go (tests run
+    /// side by side in one process). Nil when the kernel would not give them (not root).
+    package final class HugePageReservation: @unchecked Sendable {
+        static let knob = "/proc/sys/vm/nr_hugepages"
+        static let state = Lock<(holders: Int, original: Int?)>((0, nil))
+        let pages: Int
+
+        package init?(pages: Int) {
+            self.pages = pages
+            let ok = Self.state.withLock { s -> Bool in
+                guard let now = Self.read() else { return false }
+                if s.holders == 0 { s.original = now }
+                guard Self.write(now + pages), Self.read() == now + pages else {
+                    _ = Self.write(now)
+                    if s.holders == 0 { s.original = nil }
+                    return false
+                }
+                s.holders += 1
+                return true
+            }
+            if !ok { return nil }
+        }
+
+        deinit {
+            Self.state.withLock { s in
+                s.holders -= 1
+                if s.holders == 0, let original = s.original {
+                    _ = Self.write(original)
+                    s.original = nil
+                } else if let now = Self.read() {
+                    _ = Self.write(max(now - pages, 0))
+                }
+            }
+        }
+
+        static func read() -> Int? {
+            (Sys.readText(knob)?.trimmingCharacters(in: .whitespacesAndNewlines)).flatMap { Int($0) }
+        }
+
+        static func write(_ n: Int) -> Bool { (try? "\(n)".write(toFile: knob, atomically: false, encoding: .utf8)) != nil }
+    }
+
     package let descriptorCounting = DispatchSemaphore(value: 1)
 
     package func openFDs() -> Int {

@@ -44,6 +44,11 @@ struct Host: ParsableCommand {
             valueName: "MS"))
     var dirtyLog = 0.0
 
+    @Flag(
+        name: .customLong("huge-pages"),
+        help: "Back the memory with 2 MiB hugetlbfs pages (MFD_HUGETLB; reserve them in /proc/sys/vm/nr_hugepages).")
+    var hugePages = false
+
     @Option(help: "Seconds to run (0: until SIGINT or SIGTERM).")
     var seconds = 0.0
 
@@ -77,6 +82,10 @@ struct Host: ParsableCommand {
         guard churn >= 0, dirtyLog >= 0, seconds >= 0 && seconds <= 86_400 else {
             throw ValidationError("--churn, --dirty-log and --seconds must not be negative")
         }
+        guard !hugePages || (churn == 0 && bytes % (UInt64(mappings) << 21) == 0) else {
+            throw ValidationError(
+                "--huge-pages needs --memory a multiple of --mappings × 2 MiB, and no --churn (its changes are 4 KiB)")
+        }
         guard churn == 0 || dirtyLog == 0 else {
             throw ValidationError(
                 "--dirty-log and --churn do not go together: a page freed by the churn changes with no device writing it")
@@ -92,6 +101,7 @@ struct Host: ParsableCommand {
         o.seed = seed
         o.allowedUIDs = allowedUIDs
         o.dirtyLogMilliseconds = dirtyLog
+        o.hugePages = hugePages
         Signals.stopOnInterrupt()
         let r: HostResult
         do {

@@ -44,6 +44,9 @@ int iopf_memfd_create(const char *name);
 /// memfd_create(2) with MFD_CLOEXEC | MFD_ALLOW_SEALING.
 int iopf_memfd_create_sealable(const char *name);
 
+/// memfd_create(2) of 2 MiB hugetlbfs pages: MFD_HUGETLB | MFD_HUGE_2MB, sealable.
+int iopf_memfd_create_huge(const char *name);
+
 /// fcntl(F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL): the size can never change.
 int iopf_seal_size(int fd);
 
