@@ -273,9 +273,11 @@ public struct HostRecord: Sendable, Equatable, Codable {
     /// Host ranges the service keeps for it (bound memfd pieces and registered ranges):
     /// pruned as the host moves or unmaps memory, so it stays near its live mappings.
     public var trackedRanges = 0
-    /// Page requests served in its address space, and how many of them were mapped as a
-    /// whole 2 MiB block (hugetlbfs memory): refreshed every 100 ms and when it ends.
+    /// Page requests served in its address space, the pages they mapped (those around and
+    /// ahead included), and the 2 MiB blocks among them (hugetlbfs memory): refreshed
+    /// every 100 ms and when it ends.
     public var faults = 0
+    public var mappedPages = 0
     public var blockMappings = 0
     /// Dirty tracking (DIRTY_START/STOP/READ): ranges started now, reads served, and pages
     /// those reads reported.

@@ -398,6 +398,7 @@ extension EventLoop {
         let e = s.engine.statistics
         stats.host(s.id) {
             $0.faults = e.requests
+            $0.mappedPages = e.mappedPages
             $0.blockMappings = e.blockMappings
         }
     }
