@@ -63,9 +63,14 @@ public final class HostClient: @unchecked Sendable {
             fds: [userfaultfd.rawValue] + memfds.map(\.rawValue), expecting: .host)
     }
 
-    /// DMA_MAP: `[iova, iova + size)` → host addresses from `hostAddress`.
-    public func map(iova: UInt64, hostAddress: UInt64, size: UInt64, prot: Protection) throws(DeviceClientError) {
-        let flags = (prot.contains(.read) ? DMAMapRequest.read : 0) | (prot.contains(.write) ? DMAMapRequest.write : 0)
+    /// DMA_MAP: `[iova, iova + size)` → host addresses from `hostAddress`, on fault; or,
+    /// `pinned` (1.2), pinned and mapped whole before it returns, as VFIO type1 maps.
+    public func map(iova: UInt64, hostAddress: UInt64, size: UInt64, prot: Protection, pinned: Bool = false)
+        throws(DeviceClientError)
+    {
+        let flags =
+            (prot.contains(.read) ? DMAMapRequest.read : 0) | (prot.contains(.write) ? DMAMapRequest.write : 0)
+            | (pinned ? DMAMapRequest.pin : 0)
         _ = try connection.request(
             DMAMapRequest(iova: iova, hostAddress: hostAddress, size: size, flags: flags)
                 .message(id: connection.takeID()), expecting: .dmaMap)

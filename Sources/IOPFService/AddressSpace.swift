@@ -176,6 +176,9 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
     }
 
     private let bindings = Lock(RangeTable<Place> { Place(memfd: $0.memfd, offset: $0.offset + $1) })
+    /// Pins per page of the service's mappings, and the runs pinned by host address.
+    private let pins = Lock(PinCounts())
+    private let pinned = Lock<[(host: Range<UInt64>, service: UInt64)]>([])
 
     /// Takes the memfds (all closed on a throw) after checking each one, and maps each
     /// into the service. `budget`: the bytes all of them may hold together.
@@ -343,11 +346,80 @@ final class RemoteHostMemory: HostMemory, @unchecked Sendable {
         locate(address & ~0xFFF, pages: 1).map { $0.0.phys + $0.1 + (address & 0xFFF) }
     }
 
+    /// Pins through the service's own mapping of the memfds (mlock, the raw system call:
+    /// sanitizers make the libc one a no-op), as VFIO type1 pins the VMM's pages. Runs on
+    /// a pinning worker, never the loop (HostPinning.swift). Each pinned run is kept by
+    /// its host address so that `unpin` finds its pages after the host moved or unmapped
+    /// them (and `movePins` after a VADDR update).
     func pin(address: UInt64, pageCount: Int, into pages: inout [PinnedPage]) throws(HostMemoryError) {
-        throw HostMemoryError(address: address, reason: "pinned mappings are not offered to hosts in other processes")
+        var done: [(host: Range<UInt64>, service: UInt64)] = []
+        var cursor = address
+        let end = address + UInt64(pageCount) << 12
+        do throws(HostMemoryError) {
+            while cursor < end {
+                let piece = bindings.withLock { b -> (Memfd, UInt64, UInt64)? in
+                    guard let x = b.entry(containing: cursor) else { return nil }
+                    let length = min(x.range.upperBound, end) - cursor
+                    return (memfds[x.value.memfd], x.value.offset + (cursor - x.range.lowerBound), length)
+                }
+                guard let (m, offset, length) = piece else {
+                    throw HostMemoryError(
+                        address: cursor, reason: "not the host's memory now (unmapped, moved, or outside its regions)")
+                }
+                let service = m.base + offset
+                try pins.withLock { (pins: inout PinCounts) throws(HostMemoryError) in
+                    guard iopf_mlock(UnsafeRawPointer(bitPattern: UInt(service)), Int(length)) == 0 else {
+                        let e = Glibc.errno
+                        throw HostMemoryError(
+                            address: cursor,
+                            reason: e == ENOMEM || e == EAGAIN
+                                ? "the host's memfd could not be locked in memory (errno \(e): no memory for it)"
+                                : "mlock of the host's memfd: errno \(e)")
+                    }
+                    pins.add(service..<(service + length))
+                }
+                done.append((cursor..<(cursor + length), service))
+                for i in 0..<Int(length >> 12) {
+                    pages.append(PinnedPage(phys: m.phys + offset + UInt64(i) << 12, chargeable: true))
+                }
+                cursor += length
+            }
+        } catch {
+            release(done)
+            throw error
+        }
+        pinned.withLock { $0 += done }
     }
 
-    func unpin(address: UInt64, pageCount: Int) {}
+    func unpin(address: UInt64, pageCount: Int) {
+        let range = address..<(address + UInt64(pageCount) << 12)
+        let taken = pinned.withLock { runs in
+            let inside = runs.filter { range.contains($0.host.lowerBound) }
+            runs.removeAll { range.contains($0.host.lowerBound) }
+            return inside
+        }
+        release(taken)
+    }
+
+    /// A pinned mapping's host address changed (DMA_MAP with VADDR): its runs follow it.
+    func movePins(from old: UInt64, to new: UInt64, size: UInt64) {
+        pinned.withLock { runs in
+            for i in runs.indices where (old..<(old + size)).contains(runs[i].host.lowerBound) {
+                let start = runs[i].host.lowerBound - old + new
+                runs[i].host = start..<(start + UInt64(runs[i].host.count))
+            }
+        }
+    }
+
+    private func release(_ runs: [(host: Range<UInt64>, service: UInt64)]) {
+        pins.withLock { pins in
+            for r in runs {
+                for free in pins.remove(r.service..<(r.service + UInt64(r.host.count))) {
+                    _ = iopf_munlock(UnsafeRawPointer(bitPattern: UInt(free.lowerBound)), free.count)
+                }
+            }
+        }
+    }
 }
 
 /// /proc/PID/maps of a host, to check that a range really is the host's memfd memory.
@@ -481,6 +553,9 @@ final class AddressSpace {
         var dirtyRanges: [Range<UInt64>] = []
         /// A DIRTY_READ waits for its devices: the next is refused until it is answered.
         var dirtyReadPending = false
+        /// A pinned DMA_MAP is being pinned on its worker: the host's socket is not read,
+        /// and a teardown leaves the mappings and memory to the pin's completion.
+        var pinInFlight = false
 
         init(domain: DomainID, memory: RemoteHostMemory, uffd: HostUserfaultfd, peer: Peer, allowedUIDs: [UInt32]) {
             self.domain = domain
@@ -537,6 +612,8 @@ final class AddressSpace {
     var pid: Int32 { host!.pid }
     var uid: UInt32 { host!.uid }
     var peer: Peer { host!.peer }
+    /// Bytes of its pinned mappings (what its engine charged), against `maxHostPinnedBytes`.
+    var pinnedBytes: UInt64 { UInt64(engine.lockedMemory.lockedPages) << 12 }
     var mappedBytes: UInt64 {
         get { host!.mappedBytes }
         set { host!.mappedBytes = newValue }

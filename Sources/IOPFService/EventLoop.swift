@@ -107,6 +107,9 @@ final class EventLoop {
     var spaces: [AddressSpace] { [own] + hosts.compactMap { $0 } }
     /// vhost-user back-ends (VhostBackend.swift), by slot and by generation.
     var vhosts: [VhostBackend?] = []
+    /// Hosts whose pinned DMA_MAP is on a worker (HostPinning.swift), by space id.
+    var pinning: [UInt32: AddressSpace] = [:]
+    let pinWorkers = DispatchGroup()
     var vhostByGeneration: [UInt32: VhostBackend] = [:]
     var nextSpaceID: UInt32 = 0
     var listener: (fd: CInt, path: String, provisioner: any DeviceProvisioner)?
@@ -598,6 +601,8 @@ final class EventLoop {
     private func perform(_ command: FaultService.Command) throws {
         // Tickets publish this turn's statistics before completing: their waiters read them next.
         switch command {
+        case .hostPinned(let c):
+            hostPinned(c)
         case .attachVhost(let a):
             addVhost(a)
         case .detachVhost(let handle, let ticket):
@@ -809,7 +814,7 @@ final class EventLoop {
                 Sys.close(a.channel)
             case .detachVhost(_, let ticket): ticket.complete(.success(()))
             case .listen(let fd, _, _): Sys.close(fd)
-            case .stop: break
+            case .hostPinned, .stop: break
             }
         }
         // Devices first, so that a host's teardown does not tell them their host went away.
@@ -819,6 +824,7 @@ final class EventLoop {
         for case let p? in peers { closePeer(p, reason: "the service stopped", disconnected: false) }
         for case let d? in registry.slots { detach(d, reason: "closed: the service stopped") }
         for case let b? in vhosts { closeVhost(b, reason: "closed: the service stopped", fenced: false) }
+        finishPinning()
         if let l = listener {
             Sys.close(l.fd)
             unlink(l.path)

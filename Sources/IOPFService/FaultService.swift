@@ -47,6 +47,10 @@ public struct ServiceConfiguration: Sendable {
     /// Bytes of DMA mappings one host may hold, their sizes added (a buffer mapped at two
     /// IOVAs counts twice): bounds its bitmaps and the work of its invalidations.
     public var maxHostMappedBytes: UInt64 = 4 << 40
+    /// Bytes one host may have pinned (DMA_MAP with PIN) at once, besides its own
+    /// RLIMIT_MEMLOCK: pinning populates and locks its memfds, so a sparse memfd pinned
+    /// whole would become that much of this machine's memory. Half the RAM by default.
+    public var maxHostPinnedBytes: UInt64 = UInt64(max(sysconf(CInt(_SC_PHYS_PAGES)), 0)) * 4096 / 2
     /// Mapping ahead of sequential faults, per device (FaultAround.swift).
     public var faultAround = FaultAroundPolicy.off
     /// The CPU the service thread runs on alone, as a device's IOMMU works beside the CPUs
@@ -81,6 +85,8 @@ public struct TenantLimits: Sendable, Equatable {
     public var maxHostMemoryBytes = ServiceConfiguration().maxHostMemoryBytes
     /// IOVA space one host may map, in bytes.
     public var maxHostMappedBytes = ServiceConfiguration().maxHostMappedBytes
+    /// Memory one host may have pinned, in bytes.
+    public var maxHostPinnedBytes = ServiceConfiguration().maxHostPinnedBytes
     /// The limits of a default `ServiceConfiguration`.
     public init() {}
 
@@ -91,6 +97,7 @@ public struct TenantLimits: Sendable, Equatable {
         c.maxHostsPerUID = maxHostsPerUID
         c.maxHostMemoryBytes = maxHostMemoryBytes
         c.maxHostMappedBytes = maxHostMappedBytes
+        c.maxHostPinnedBytes = maxHostPinnedBytes
     }
 }
 
@@ -278,6 +285,8 @@ public struct HostRecord: Sendable, Equatable, Codable {
     /// every 100 ms and when it ends.
     public var faults = 0
     public var mappedPages = 0
+    /// Bytes of its pinned mappings (DMA_MAP with PIN), locked in memory.
+    public var pinnedBytes = 0
     public var blockMappings = 0
     /// Dirty tracking (DIRTY_START/STOP/READ): ranges started now, reads served, and pages
     /// those reads reported.
@@ -394,6 +403,8 @@ public final class FaultService: Sendable {
         case barrier(Ticket<Void>)
         case attachVhost(VhostAttachment)
         case detachVhost(VhostDevice, Ticket<Void>)
+        /// A host's pinned DMA_MAP finished on its worker thread (HostPinning.swift).
+        case hostPinned(PinCompletion)
         case stop
     }
 
@@ -785,7 +796,7 @@ public final class FaultService: Sendable {
         do { try send(command) } catch { ticket.complete(.failure(error)) }
     }
 
-    private func send(_ command: Command) throws(ServiceError) {
+    func send(_ command: Command) throws(ServiceError) {
         let accepted = commands.withLock { c in
             if c.accepting { c.queue.append(command) }
             return c.accepting

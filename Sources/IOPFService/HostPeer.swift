@@ -190,6 +190,9 @@ extension EventLoop {
         }
         memory.bind(pieces)
         var engineConfiguration = service.configuration.hostEngine
+        // Pins are charged to the host, as VFIO charges the VMM's locked_vm.
+        (engineConfiguration.lockedMemoryLimit, engineConfiguration.bypassesLockedMemoryLimit) =
+            HostLockLimit.of(pid: p.pid)
         if memory.hasHugePages {
             // As for the service's own memory on huge pages: a fault maps the 2 MiB block.
             engineConfiguration.pageSizes.insert(.size2M)
@@ -278,6 +281,7 @@ extension EventLoop {
             } catch {
                 return refuse(WireErrno.invalid, .badMapping, "\(error)")
             }
+            s.memory.movePins(from: m.vaddr, to: request.hostAddress, size: request.size)
             stats.host(s.id) { $0.addressUpdates += 1 }
             noteTrackedRanges(s)
             afterExternalDevices(space: s.id) { [self] in
@@ -311,14 +315,14 @@ extension EventLoop {
                 "DMA map: \(hex(request.size)) more bytes would pass this host's budget of \(hex(limit)) "
                     + "mapped bytes (--max-host-mapped); \(hex(s.mappedBytes)) are mapped")
         }
+        if request.flags & DMAMapRequest.pin != 0 {
+            guard p.minor >= 2 else {
+                return refuse(WireErrno.notSupported, .badState, "DMA_MAP with PIN needs protocol 1.2")
+            }
+            return hostMapPinned(p, header, request, prot: prot, s: s)
+        }
         do { try s.engine.map(iova: request.iova, vaddr: request.hostAddress, size: request.size, prot: prot) } catch {
-            let errno =
-                switch error {
-                case .overlap: WireErrno.exists
-                case .entryLimit: WireErrno.noSpace
-                default: WireErrno.invalid
-                }
-            return refuse(errno, .badMapping, error.description)
+            return refuse(error.errno, .badMapping, error.description)
         }
         s.mappedBytes = mapped
         stats.host(s.id) { $0.mappings += 1 }
@@ -333,7 +337,10 @@ extension EventLoop {
             reply(p, Wire.errorReply(command: .dmaUnmap, id: header.id, errno: WireErrno.invalid, text: "\(error)"))
             return
         }
-        stats.host(s.id) { $0.unmaps += removed.count }
+        stats.host(s.id) {
+            $0.unmaps += removed.count
+            $0.pinnedBytes = Int(clamping: s.pinnedBytes)
+        }
         let bytes = removed.reduce(0) { $0 + UInt64($1.count) }
         s.mappedBytes -= bytes
         afterExternalDevices(space: s.id) { [self] in
@@ -433,6 +440,14 @@ extension EventLoop {
 
     // MARK: Teardown
 
+    /// Removes a torn-down host's mappings (unpinning what was pinned) and unmaps its memfds.
+    func releaseMemory(_ s: AddressSpace) {
+        do { _ = try s.engine.removeMappings(iova: 0, size: IOPageTable.iovaLimit) } catch {
+            service.logger.critical("host '\(s.name)': removing its mappings failed: \(error)")
+        }
+        s.memory.close()
+    }
+
     /// The host went (detached, disconnected, died, or misbehaved): its devices are told
     /// why and detached (incomplete groups answered INVALID), its mappings unmapped and
     /// synced, its ranges unregistered and its pending events read so that none of its
@@ -457,15 +472,13 @@ extension EventLoop {
             closeVhost(b, reason: "detached: its host '\(s.name)' went away: \(reason)", fenced: false)
         }
         noteHostFaults(s)
-        do { _ = try s.engine.removeMappings(iova: 0, size: IOPageTable.iovaLimit) } catch {
-            service.logger.critical("host '\(s.name)': removing its mappings failed: \(error)")
-        }
+        // A pin still on its worker touches the mappings and memory: its completion lets go of them.
+        if !s.host!.pinInFlight { releaseMemory(s) }
         if s.uffdArmed {
             try? ring.prepareCancel(RingToken(kind: .hostSpaceEvent, slot: s.index, generation: s.id))
             s.uffdArmed = false
         }
         s.uffd.release(scratch: uffdBuffer)
-        s.memory.close()
         if s.index < hosts.count, hosts[s.index] === s { hosts[s.index] = nil }
         stats.endHost(s.id, reason: reason)
         service.logger.info("host '\(s.name)' (pid \(s.pid)) torn down: \(reason); \(devices.count) devices detached")

@@ -32,6 +32,8 @@ final class Peer {
     /// A TRANSLATE being walked a few pages per turn (`advanceTranslations`): its request,
     /// the invalidation sequence read before the walk, and the entries so far.
     var translating: (id: UInt16, request: Translate, sequence: UInt64, entries: [UInt64])?
+    /// A host's pinned DMA_MAP is on its worker: nothing more is read from it until it is answered.
+    var pinning = false
     var device: AttachedDevice?
     /// A host's address space, once HOST was accepted.
     var space: AddressSpace?
@@ -168,8 +170,8 @@ extension EventLoop {
 
     func readControl(_ p: Peer) {
         for _ in 0..<messagesPerTurn where p.state != .closed {
-            // Its TRANSLATE is still being walked: the rest waits, in order.
-            guard p.translating == nil else { return }
+            // Its TRANSLATE is still being walked, or its pin still pinned: the rest waits, in order.
+            guard p.translating == nil && !p.pinning else { return }
             let got: Sys.Received
             do {
                 got = try Sys.receive(p.control, into: messageBuffer, maxFDs: WireLimits.maxFDs, nonBlocking: true)

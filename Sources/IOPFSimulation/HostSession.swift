@@ -51,6 +51,8 @@ package struct HostOptions: Sendable {
     /// Back the memory with 2 MiB hugetlbfs pages (MFD_HUGETLB) instead of 4 KiB shmem.
     /// Not with `churnMilliseconds`: its changes are 4 KiB pages.
     package var hugePages = false
+    /// Map with PIN (VFIO type1 semantics): pinned and mapped whole before the devices start.
+    package var pinned = false
     package init(path: String, name: String) {
         self.path = path
         self.name = name
@@ -69,6 +71,9 @@ package struct HostResult: Codable, Sendable {
     /// From just before each change (the madvise, mmap or mremap call) to the reply of the
     /// SYNC after it: the last device acknowledgement.
     package var invalidationLatencyNs = LatencySummary(Histogram<UInt64>())
+    /// Whether the mappings were pinned, and how long all DMA_MAPs took (pinning included).
+    package var pinned = false
+    package var mapSeconds = 0.0
     /// With `--dirty-log`: the log's reports against the pages whose content changed.
     package var dirty: DirtySummary?
     package var elapsedSeconds = 0.0
@@ -148,13 +153,16 @@ package enum HostSession {
             throw error
         }
         Sys.close(uffd)  // the service's copy is the only one now: it unregisters everything when it lets go
+        let mapping = ContinuousClock.now
         for k in 0..<o.mappings {
             try client.map(
                 iova: HostLayout.iovaBase + UInt64(k) * slice, hostAddress: base + UInt64(k) * slice, size: slice,
-                prot: [.read, .write])
+                prot: [.read, .write], pinned: o.pinned)
         }
 
         var result = HostResult()
+        result.pinned = o.pinned
+        result.mapSeconds = (ContinuousClock.now - mapping).seconds
         result.name = o.name
         result.memoryBytes = o.memoryBytes
         result.mappings = o.mappings

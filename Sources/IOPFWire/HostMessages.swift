@@ -175,7 +175,8 @@ public struct HostDeclaration: WirePayload {
 }
 
 /// DMA_MAP request: 32 bytes. Adds the mapping `[iova, iova + size)` → host addresses from
-/// `hostAddress` (VFIO_IOMMU_MAP_DMA, fault-driven: nothing is pinned), or with VADDR
+/// `hostAddress` (VFIO_IOMMU_MAP_DMA, fault-driven: nothing is pinned; with PIN, protocol
+/// 1.2, pinned and mapped whole before the reply, as VFIO type1 does), or with VADDR
 /// points an existing mapping, exactly `[iova, iova + size)`, at new host addresses
 /// (VFIO_DMA_MAP_FLAG_VADDR; READ and WRITE must then be 0). Reply: empty, sent once
 /// every device dropped translations to the old host addresses.
@@ -187,6 +188,8 @@ public struct DMAMapRequest: WirePayload {
     public static let write: UInt32 = 1 << 1
     /// DMA_MAP flag: update the host address of an existing mapping (VFIO's `VFIO_DMA_MAP_FLAG_VADDR`).
     public static let vaddr: UInt32 = 1 << 2
+    /// DMA_MAP flag (1.2): pin the pages and map them all now (VFIO type1), instead of on fault.
+    public static let pin: UInt32 = 1 << 3
 
     /// The first IOVA to map.
     public var iova: UInt64
@@ -194,7 +197,7 @@ public struct DMAMapRequest: WirePayload {
     public var hostAddress: UInt64
     /// The size in bytes, page aligned.
     public var size: UInt64
-    /// `read`, `write` and `vaddr` bits.
+    /// `read`, `write`, `vaddr` and `pin` bits.
     public var flags: UInt32
 
     /// A DMA_MAP of `size` bytes at `iova` onto `hostAddress`.
@@ -216,8 +219,8 @@ public struct DMAMapRequest: WirePayload {
         size = r.u64()
         flags = r.u32()
         guard r.u32() == 0 else { throw .reservedNonZero(field: "DMA_MAP reserved") }
-        guard flags & ~(Self.read | Self.write | Self.vaddr) == 0 else {
-            throw .outOfRange(field: "DMA_MAP.flags", value: UInt64(flags), allowed: "bits 0-2")
+        guard flags & ~(Self.read | Self.write | Self.vaddr | Self.pin) == 0 else {
+            throw .outOfRange(field: "DMA_MAP.flags", value: UInt64(flags), allowed: "bits 0-3")
         }
         if flags & Self.vaddr != 0 && flags != Self.vaddr {
             throw .outOfRange(

@@ -151,6 +151,8 @@ public enum WireErrno {
     public static let noEntry: UInt32 = 2  // ENOENT
     /// EBADF.
     public static let badFD: UInt32 = 9  // EBADF
+    /// ENOMEM.
+    public static let noMemory: UInt32 = 12  // ENOMEM
     /// EFAULT.
     public static let fault: UInt32 = 14  // EFAULT
     /// EBUSY.

@@ -85,6 +85,9 @@ public enum ProtocolErrorKind: String, Sendable, Hashable, CaseIterable, Codable
     case hostMemoryBudget
     /// A host's mapped IOVA space past its budget.
     case hostMappedBudget
+    /// A host's pinned memory past its budget or its RLIMIT_MEMLOCK, or memory that could
+    /// not be pinned.
+    case hostPinnedBudget
     /// A DIRTY_START overlapping a started range (or its mappings), past the range limit, or a
     /// DIRTY_STOP or DIRTY_READ of a range no DIRTY_START started.
     case badDirtyRange

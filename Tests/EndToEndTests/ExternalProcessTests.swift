@@ -279,6 +279,25 @@ import IOPFTestSupport
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
     }
 
+    /// `iopf host --pinned` in its own process: its memory is pinned and mapped before its
+    /// device starts, which then does its DMA without a single fault.
+    @Test func aPinnedHostInItsOwnProcessGivesItsDevicesNoFaultToTake() throws {
+        let s = try ListeningSession(seconds: 0)
+        let h = try Child(
+            "iopf", ["host", "--connect", s.path, "--name", "pinned", "--memory", "32M", "--pinned", "--json"])
+        try waitForAddressSpace(s, "pinned", host: h)
+        let (status, json) = try device(s, id: 1, space: "pinned", seconds: 1.5).finish()
+        #expect(status == 0 && json["integrityErrors"] as? Int == 0 && (json["dmaOps"] as? Int ?? 0) > 100, "\(json)")
+        #expect(json["faults"] as? Int == 0, "\(json)")
+        kill(h.process.processIdentifier, SIGTERM)
+        let (hostStatus, hostJSON) = h.finish()
+        #expect(hostStatus == 0 && hostJSON["pinned"] as? Bool == true && (hostJSON["mapSeconds"] as? Double ?? 0) > 0)
+        let r = try s.result()
+        let record = r.hosts.first { $0.name == "pinned" }
+        #expect(record?.pinnedBytes == 32 << 20 && record?.faults == 0, "\(String(describing: record))")
+        #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
+    }
+
     @Test func aKilledHostDetachesItsDevicesAndANewHostTakesItsName() throws {
         let s = try ListeningSession(seconds: 0)
         let h = try host(s, name: "vm-k")

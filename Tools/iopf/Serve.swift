@@ -168,6 +168,12 @@ struct Serve: ParsableCommand {
     @Option(help: ArgumentHelp("DMA-mapped bytes one host may hold, their sizes added (e.g. 4T).", valueName: "SIZE"))
     var maxHostMapped = "4T"
 
+    @Option(
+        help: ArgumentHelp(
+            "Bytes one host may have pinned (DMA_MAP with PIN) at once, besides its RLIMIT_MEMLOCK "
+                + "(default: half the RAM).", valueName: "SIZE"))
+    var maxHostPinned: String?
+
     @Option(help: "Hosts one uid may have attached at once.")
     var maxHostsPerUid = ServiceConfiguration().maxHostsPerUID
 
@@ -208,7 +214,10 @@ struct Serve: ParsableCommand {
             throw ValidationError(
                 "--device-memory '\(deviceMemory)' must be a multiple of 4 KiB from 4K to 1G, e.g. 64M")
         }
-        for (flag, value) in [("--max-host-memory", maxHostMemory), ("--max-host-mapped", maxHostMapped)] {
+        for (flag, value) in [
+            ("--max-host-memory", maxHostMemory), ("--max-host-mapped", maxHostMapped),
+            ("--max-host-pinned", maxHostPinned ?? "4K"),
+        ] {
             guard let bytes = parseSize(value), bytes >= 4096 else {
                 throw ValidationError("\(flag) '\(value)' is not a size like 64G")
             }
@@ -300,6 +309,7 @@ struct Serve: ParsableCommand {
         o.invalidateTimeout = .milliseconds(invalidateTimeout)
         o.tenantLimits.maxHostMemoryBytes = parseSize(maxHostMemory)!
         o.tenantLimits.maxHostMappedBytes = parseSize(maxHostMapped)!
+        if let maxHostPinned { o.tenantLimits.maxHostPinnedBytes = parseSize(maxHostPinned)! }
         o.tenantLimits.maxHostsPerUID = maxHostsPerUid
         o.tenantLimits.maxPeersPerUID = maxPeersPerUid
         o.tenantLimits.greetingTimeout = .milliseconds(greetingTimeout)
