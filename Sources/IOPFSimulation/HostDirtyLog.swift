@@ -71,6 +71,8 @@ final class HostDirtyLog {
     }
 
     /// One round: read and clear the log, scan the memory, judge the round before.
+    /// Optimized even in debug builds: the scan of a GiB is the round's cost.
+    @_optimize(speed)
     func round() throws {
         let t0 = ContinuousClock.now
         let report: PageBitmap
@@ -125,7 +127,7 @@ final class HostDirtyLog {
 
     /// A page's hash: four independent multiply-xor lanes over its words, so the scan runs
     /// at memory speed rather than one multiplication's latency per word.
-    @inline(__always)
+    @inline(__always) @_optimize(speed)
     static func hash(_ page: UnsafeRawPointer) -> UInt64 {
         let k: UInt64 = 0x9E37_79B9_7F4A_7C15
         var (a, b, c, d): (UInt64, UInt64, UInt64, UInt64) = (1, 2, 3, 4)

@@ -220,9 +220,9 @@ import IOPFTestSupport
             try waitForAddressSpace(s, name, host: child)
             return child
         }
-        let hosts = [try migrating("mig-inline", memory: "32M"), try migrating("mig-memfd", memory: "288M")]
+        let hosts = [try migrating("mig-inline", memory: "32M"), try migrating("mig-memfd", memory: "264M")]
         let devices = try [
-            device(s, id: 1, space: "mig-inline", seconds: 3), device(s, id: 2, space: "mig-memfd", seconds: 3),
+            device(s, id: 1, space: "mig-inline", seconds: 4), device(s, id: 2, space: "mig-memfd", seconds: 4),
         ]
         for d in devices {
             let (status, json) = d.finish()
@@ -237,7 +237,7 @@ import IOPFTestSupport
                 dirty["rounds"] as? Int ?? 0, dirty["written"] as? Int ?? 0, dirty["reported"] as? Int ?? 0
             )
             #expect(status == 0 && (json["problems"] as? [String])?.isEmpty == true, "\(json)")
-            #expect(rounds >= 3 && written > 20 && dirty["missed"] as? Int == 0, "\(dirty)")
+            #expect(rounds >= 3 && written > 20 && dirty["missed"] as? Int == 0, "\(json["name"] ?? ""): \(dirty)")
             // Extra: a write fault sets its page's bit before the store, which may land after
             // the read and the scan (the page is then reported again next round).
             #expect((dirty["extra"] as? Int ?? .max) * 2 <= reported, "\(dirty)")

@@ -103,28 +103,35 @@ import IOPFTestSupport
         #expect(stats.hosts.first { $0.name == "small" }?.pinnedBytes == 0)
     }
 
-    /// Pinning 256 MiB is a worker's job: the bystander keeps its throughput while hosts pin
+    /// Pinning is a worker's job: the bystander keeps its throughput while hosts pin
     /// and unpin, and hosts that hang up while their pin runs (torn down once it is done,
     /// as their socket is not read meanwhile) leave nothing locked.
     @Test func pinningRunsOffTheLoopAndAHostThatLeavesMidPinBreaksNothing() throws {
         let s = try ListeningService()
         let b = try Bystander(s.path)
         defer { b.finish() }
-        let m = try TestHostMemory(size: 256 << 20)
+        let m = try TestHostMemory(size: 64 << 20)
         let locked = Self.lockedKiB()
         let stop = Atomic<Bool>(false)
         let pins = Atomic<Int>(0)
+        let pinned = Atomic<Int>(0)
         let path = s.path
-        try b.keepsServing("a host pinning 256 MiB", s.service) {
+        let finished = DispatchSemaphore(value: 0)
+        try b.keepsServing("a host pinning 64 MiB", s.service) {
             attackerThread(idle: false) {
+                defer { finished.signal() }
                 while !stop.load(ordering: .relaxed) {
                     if pins.load(ordering: .relaxed) % 2 == 0 {
                         guard let host = try? HostClient(connectingTo: path) else { continue }
                         try? host.declare(
                             name: "pinner", regions: [m.region], userfaultfd: FileDescriptor(rawValue: m.uffd),
                             memfds: [FileDescriptor(rawValue: m.memfd)])
-                        try? host.map(
-                            iova: Self.iova, hostAddress: m.base, size: m.size, prot: [.read, .write], pinned: true)
+                        if (try? host.map(
+                            iova: Self.iova, hostAddress: m.base, size: m.size, prot: [.read, .write], pinned: true))
+                            != nil
+                        {
+                            pinned.add(1, ordering: .relaxed)
+                        }
                         _ = try? host.unmap(iova: Self.iova, size: m.size)
                         try? host.detach()
                     } else {
@@ -142,11 +149,13 @@ import IOPFTestSupport
                             ).message(id: 3))
                     }
                     pins.add(1, ordering: .relaxed)
+                    usleep(2000)  // the name is taken until the last host's pin is done
                 }
             }
             return { stop.store(true, ordering: .relaxed) }
         }
-        #expect(pins.load(ordering: .relaxed) >= 2)
+        #expect(finished.wait(timeout: .now() + 30) == .success)
+        #expect(pins.load(ordering: .relaxed) >= 2 && pinned.load(ordering: .relaxed) >= 1)
         // Every pin finished and was let go: nothing stays locked once the hosts are gone.
         let deadline = ContinuousClock.now + .seconds(20)
         while Self.lockedKiB() != locked && ContinuousClock.now < deadline { usleep(20_000) }

@@ -111,7 +111,7 @@ import Testing
         padded[16 + 16 + 3] = 1  // a non-zero byte in the name's padding
         #expect(error(HostDeclaration.self, padded) == .reservedNonZero(field: "HOST name padding"))
         #expect(
-            error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 8).message(id: 1))?.kind
+            error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 16).message(id: 1))?.kind
                 == .badField)
         #expect(
             error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 5).message(id: 1))?.kind
