@@ -47,6 +47,9 @@ int iopf_memfd_create_sealable(const char *name);
 /// memfd_create(2) of 2 MiB hugetlbfs pages: MFD_HUGETLB | MFD_HUGE_2MB, sealable.
 int iopf_memfd_create_huge(const char *name);
 
+/// Hashes `pages` 4 KiB pages from `base` into `out` (one u64 each); not sanitized.
+void iopf_hash_pages(const void *base, size_t pages, uint64_t *out);
+
 /// fcntl(F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL): the size can never change.
 int iopf_seal_size(int fd);
 
