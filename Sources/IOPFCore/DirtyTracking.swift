@@ -63,7 +63,8 @@ extension FaultEngine {
     public func trackingSpan(iova: UInt64, size: UInt64) -> ClosedRange<UInt64> {
         let last = iova + (size - 1)
         return state.withLock { s in
-            (s.mappings.mapping(containing: iova)?.iova ?? iova)...(s.mappings.mapping(containing: last)?.iovaLast ?? last)
+            (s.mappings.mapping(containing: iova)?.iova ?? iova)...(s.mappings.mapping(containing: last)?.iovaLast
+                ?? last)
         }
     }
 

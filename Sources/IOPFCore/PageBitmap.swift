@@ -172,7 +172,8 @@ public struct PageBitmap: Sendable {
             for c in directory.indices where directory[c] >= 0 {
                 let first = c << (Self.chunkShift - 6)
                 for k in 0..<wordsIn(chunk: c) {
-                    b.storeBytes(of: words[Int(directory[c]) + k].littleEndian, toByteOffset: (first + k) * 8, as: UInt64.self)
+                    b.storeBytes(
+                        of: words[Int(directory[c]) + k].littleEndian, toByteOffset: (first + k) * 8, as: UInt64.self)
                 }
             }
         }

@@ -280,18 +280,19 @@ public struct HostRecord: Sendable, Equatable, Codable {
     /// Host ranges the service keeps for it (bound memfd pieces and registered ranges):
     /// pruned as the host moves or unmaps memory, so it stays near its live mappings.
     public var trackedRanges = 0
-    /// Page requests served in its address space, the pages they mapped (those around and
-    /// ahead included), and the 2 MiB blocks among them (hugetlbfs memory): refreshed
-    /// every 100 ms and when it ends.
+    /// Page requests served in its address space (refreshed every 100 ms and when it ends).
     public var faults = 0
+    /// Pages those faults mapped, those around and ahead included.
     public var mappedPages = 0
     /// Bytes of its pinned mappings (DMA_MAP with PIN), locked in memory.
     public var pinnedBytes = 0
+    /// 2 MiB blocks among the pages mapped (hugetlbfs memory), one entry each.
     public var blockMappings = 0
-    /// Dirty tracking (DIRTY_START/STOP/READ): ranges started now, reads served, and pages
-    /// those reads reported.
+    /// Dirty-tracking ranges it has started now (DIRTY_START, less DIRTY_STOP).
     public var dirtyRanges = 0
+    /// DIRTY_READs served.
     public var dirtyReads = 0
+    /// Pages those reads reported dirty.
     public var dirtyPagesReported = 0
     /// Its vhost-user back-ends (VHOST): those attached and the last few that ended.
     public var vhost: [VhostStatistics] = []

@@ -98,7 +98,8 @@ extension EventLoop {
                 p, header, WireErrno.busy, .badState,
                 "DIRTY_READ: the previous read is not answered yet (one at a time per host)")
         }
-        guard s.host!.dirtyRanges.contains(where: { $0.contains(range.lowerBound) && range.upperBound <= $0.upperBound })
+        guard
+            s.host!.dirtyRanges.contains(where: { $0.contains(range.lowerBound) && range.upperBound <= $0.upperBound })
         else {
             return refuseDirty(
                 p, header, WireErrno.noEntry, .badDirtyRange,
@@ -135,7 +136,8 @@ extension EventLoop {
         } else {
             // The bits are read and cleared: a memfd that cannot take them loses them, which
             // the host is told (the range then reports nothing until its next writes).
-            do { try Self.write(bits.littleEndianBytes, into: fds[0], at: request.bitmapOffset, probes: probes) } catch {
+            do { try Self.write(bits.littleEndianBytes, into: fds[0], at: request.bitmapOffset, probes: probes) } catch
+            {
                 return refuseDirty(p, header, error.errno, error.kind, "DIRTY_READ: \(error.description)")
             }
         }
@@ -184,7 +186,8 @@ extension EventLoop {
         defer { munmap(p, length) }
         do {
             try ProcessMemory.confirm(
-                address: UInt64(UInt(bitPattern: p)), pageCount: length >> 12, write: true, probes: probes, planted: nil)
+                address: UInt64(UInt(bitPattern: p)), pageCount: length >> 12, write: true, probes: probes, planted: nil
+            )
         } catch {
             throw HostRefusal(WireErrno.fault, .badDirtyBitmap, "the bitmap's memfd: \(error.reason)")
         }

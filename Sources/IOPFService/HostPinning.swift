@@ -38,7 +38,8 @@ struct PinCompletion: Sendable {
 enum HostLockLimit {
     static func of(pid: Int32) -> (bytes: UInt64, bypasses: Bool) {
         let status = Sys.readText("/proc/\(pid)/status") ?? ""
-        let capEff = status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
+        let capEff =
+            status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
             .flatMap { UInt64($0.dropFirst(7).trimmingCharacters(in: .whitespaces), radix: 16) } ?? 0
         let ipcLock: UInt64 = 1 << 14  // CAP_IPC_LOCK
         let limits = Sys.readText("/proc/\(pid)/limits") ?? ""
@@ -51,7 +52,8 @@ enum HostLockLimit {
 
 extension EventLoop {
     /// DMA_MAP with PIN: checked here, pinned on a worker, answered by `hostPinned`.
-    func hostMapPinned(_ p: Peer, _ header: MessageHeader, _ request: DMAMapRequest, prot: Protection, s: AddressSpace) {
+    func hostMapPinned(_ p: Peer, _ header: MessageHeader, _ request: DMAMapRequest, prot: Protection, s: AddressSpace)
+    {
         let limit = service.configuration.maxHostPinnedBytes
         let (pinned, overflow) = s.pinnedBytes.addingReportingOverflow(request.size)
         guard !overflow, pinned <= limit else {

@@ -261,7 +261,9 @@ package enum HostSession {
         }
         if let dirtyLog {
             let d = try dirtyLog.finish()
-            if d.missed > 0 { result.problems += ["the dirty log missed \(d.missed) written pages"] + (d.firstMissed ?? []) }
+            if d.missed > 0 {
+                result.problems += ["the dirty log missed \(d.missed) written pages"] + (d.firstMissed ?? [])
+            }
             result.dirty = d
         }
         do { try client.detach() } catch { result.problems.append("DETACH: \(error)") }

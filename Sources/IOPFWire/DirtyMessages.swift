@@ -129,7 +129,8 @@ public struct DirtyReadRequest: WirePayload {
         guard bitmapOffset & 7 == 0, bitmapOffset <= UInt64.max - UInt64(DirtyLimits.bitmapBytes(pages: size >> 12))
         else {
             throw .outOfRange(
-                field: "DIRTY_READ.bitmapOffset", value: bitmapOffset, allowed: "8-aligned, offset + bitmap not wrapping")
+                field: "DIRTY_READ.bitmapOffset", value: bitmapOffset,
+                allowed: "8-aligned, offset + bitmap not wrapping")
         }
     }
 
@@ -167,7 +168,8 @@ public struct DirtyReadReply: WirePayload {
         }
         try Wire.expectSize(.dirtyRead, p, 16 + Int(count))
         guard reportedPages <= count * 8 || count == 0 else {
-            throw .outOfRange(field: "DIRTY_READ reply pages", value: reportedPages, allowed: "at most the bitmap's bits")
+            throw .outOfRange(
+                field: "DIRTY_READ reply pages", value: reportedPages, allowed: "at most the bitmap's bits")
         }
         bitmap = Array(p[16...])
     }

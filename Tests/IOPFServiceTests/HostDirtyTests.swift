@@ -212,7 +212,9 @@ import IOPFTestSupport
         var t0 = ContinuousClock.now
         try raw.send(DirtyStartRequest(iova: Self.iova, size: m.size).message(id: 4))
         #expect(try raw.receive()?.header.isError == false)
-        #expect(ContinuousClock.now - t0 >= .milliseconds(400), "DIRTY_START answered before its device dropped write access")
+        #expect(
+            ContinuousClock.now - t0 >= .milliseconds(400),
+            "DIRTY_START answered before its device dropped write access")
         let second = try silentWriter(2, page: 11)
         t0 = ContinuousClock.now
         try raw.send(DirtyReadRequest(iova: Self.iova, size: m.size).message(id: 5))
@@ -221,7 +223,9 @@ import IOPFTestSupport
         #expect(busy?.header.id == 6 && busy?.header.error == WireErrno.busy)
         let read = try raw.receive()
         #expect(read?.header.id == 5 && read?.header.isError == false)
-        #expect(ContinuousClock.now - t0 >= .milliseconds(400), "DIRTY_READ answered before its device dropped write access")
+        #expect(
+            ContinuousClock.now - t0 >= .milliseconds(400), "DIRTY_READ answered before its device dropped write access"
+        )
         let reply = try DirtyReadReply(payload: read?.payload ?? [], from: 0)
         #expect(reply.reportedPages == 1)
         #expect(reply.bitmap.withUnsafeBytes { PageBitmap(count: 256, littleEndianBytes: $0) }.test(11))

@@ -71,7 +71,8 @@ import IOPFTestSupport
         let r = refusal {
             try host.map(iova: Self.iova, hostAddress: m.base, size: m.size, prot: [.read, .write], pinned: true)
         }
-        #expect(r?.errno == WireErrno.noSpace && r?.text.contains("--max-host-pinned") == true, "\(String(describing: r))")
+        #expect(
+            r?.errno == WireErrno.noSpace && r?.text.contains("--max-host-pinned") == true, "\(String(describing: r))")
         // Within it: taken; the same IOVA again: refused as an overlap, nothing more locked.
         try host.map(iova: Self.iova, hostAddress: m.base, size: 512 << 10, prot: [.read, .write], pinned: true)
         let overlap = refusal {

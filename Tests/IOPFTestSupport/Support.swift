@@ -349,7 +349,9 @@
             (Sys.readText(knob)?.trimmingCharacters(in: .whitespacesAndNewlines)).flatMap { Int($0) }
         }
 
-        static func write(_ n: Int) -> Bool { (try? "\(n)".write(toFile: knob, atomically: false, encoding: .utf8)) != nil }
+        static func write(_ n: Int) -> Bool {
+            (try? "\(n)".write(toFile: knob, atomically: false, encoding: .utf8)) != nil
+        }
     }
 
     package let descriptorCounting = DispatchSemaphore(value: 1)

@@ -63,7 +63,10 @@ import Testing
         #expect(refused(DirtyReadRequest.self, DirtyReadRequest(iova: 0, size: 4096, bitmapOffset: 4).message(id: 1)))
         #expect(!refused(DirtyReadRequest.self, DirtyReadRequest(iova: 0, size: 64 << 30).message(id: 1)))
         #expect(refused(DirtyReadReply.self, DirtyReadReply(reportedPages: 1, bitmap: [1, 2, 3]).message(id: 1)))
-        #expect(refused(DirtyReadReply.self, DirtyReadReply(reportedPages: 65, bitmap: [255] + [UInt8](repeating: 0, count: 7)).message(id: 1)))
+        #expect(
+            refused(
+                DirtyReadReply.self,
+                DirtyReadReply(reportedPages: 65, bitmap: [255] + [UInt8](repeating: 0, count: 7)).message(id: 1)))
         let big = DirtyReadReply(reportedPages: 0, bitmap: [UInt8](repeating: 0, count: 8200))
         #expect(refused(DirtyReadReply.self, big.message(id: 1)))
         var truncated = DirtyReadReply(reportedPages: 0, bitmap: [UInt8](repeating: 0, count: 16)).message(id: 1)
@@ -111,7 +114,8 @@ import Testing
         padded[16 + 16 + 3] = 1  // a non-zero byte in the name's padding
         #expect(error(HostDeclaration.self, padded) == .reservedNonZero(field: "HOST name padding"))
         #expect(
-            error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 16).message(id: 1))?.kind
+            error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 16).message(id: 1))?
+                .kind
                 == .badField)
         #expect(
             error(DMAMapRequest.self, DMAMapRequest(iova: 0, hostAddress: 0, size: 4096, flags: 5).message(id: 1))?.kind

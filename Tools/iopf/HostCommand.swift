@@ -94,7 +94,8 @@ struct Host: ParsableCommand {
         }
         guard churn == 0 || dirtyLog == 0 else {
             throw ValidationError(
-                "--dirty-log and --churn do not go together: a page freed by the churn changes with no device writing it")
+                "--dirty-log and --churn do not go together: a page freed by the churn changes with no device writing it"
+            )
         }
     }
 
@@ -127,7 +128,9 @@ struct Host: ParsableCommand {
                 \(String(format: "%.2f", r.elapsedSeconds)) s
                 """
             )
-            print("  DMA_MAP of all mappings\(r.pinned ? ", pinned," : "") \(String(format: "%.1f", r.mapSeconds * 1000)) ms")
+            print(
+                "  DMA_MAP of all mappings\(r.pinned ? ", pinned," : "") \(String(format: "%.1f", r.mapSeconds * 1000)) ms"
+            )
             let kinds = r.changesByKind.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }
             print(
                 "  host changes \(r.hostChanges) \(kinds.joined(separator: ", ")); address updates \(r.addressUpdates)")
