@@ -34,26 +34,22 @@ private func decodeRange(_ c: Command, _ r: inout WireReader) throws(WireError) 
     return (iova, size)
 }
 
-/// DIRTY_START request: 16 bytes {iova, size}. Tracking starts on every mapping the range
-/// touches, and on mappings created inside it later. Reply: empty, sent once every device
-/// of the host dropped its writable translations (a write after the reply is logged).
-public struct DirtyStartRequest: WirePayload {
-    public static let command = Command.dirtyStart
+/// What DIRTY_START and DIRTY_STOP carry: 16 bytes {iova, size}, a page-aligned range.
+public protocol DirtyRangeRequest: WirePayload {
     /// The first IOVA of the range.
-    public var iova: UInt64
+    var iova: UInt64 { get }
     /// The range's size in bytes, page-aligned.
-    public var size: UInt64
+    var size: UInt64 { get }
+    /// A request for `size` bytes at `iova`.
+    init(iova: UInt64, size: UInt64)
+}
 
-    /// A DIRTY_START of `size` bytes at `iova`.
-    public init(iova: UInt64, size: UInt64) {
-        self.iova = iova
-        self.size = size
-    }
-
+extension DirtyRangeRequest {
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
-        try Wire.expectSize(.dirtyStart, p, 16)
+        try Wire.expectSize(Self.command, p, 16)
         var r = WireReader(p)
-        (iova, size) = try decodeRange(.dirtyStart, &r)
+        let (iova, size) = try decodeRange(Self.command, &r)
+        self.init(iova: iova, size: size)
     }
 
     public func encode(into w: inout WireWriter) {
@@ -62,31 +58,22 @@ public struct DirtyStartRequest: WirePayload {
     }
 }
 
-/// DIRTY_STOP request: 16 bytes {iova, size}, exactly a range DIRTY_START started. Reply:
-/// empty.
-public struct DirtyStopRequest: WirePayload {
-    public static let command = Command.dirtyStop
-    /// The first IOVA of the started range.
+/// DIRTY_START request: tracking starts on every mapping the range touches, and on
+/// mappings created inside it later. Reply: empty, sent once every device of the host
+/// dropped its writable translations (a write after the reply is logged).
+public struct DirtyStartRequest: DirtyRangeRequest {
+    public static let command = Command.dirtyStart
     public var iova: UInt64
-    /// The started range's size in bytes.
     public var size: UInt64
+    public init(iova: UInt64, size: UInt64) { (self.iova, self.size) = (iova, size) }
+}
 
-    /// A DIRTY_STOP of the range started as `size` bytes at `iova`.
-    public init(iova: UInt64, size: UInt64) {
-        self.iova = iova
-        self.size = size
-    }
-
-    public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
-        try Wire.expectSize(.dirtyStop, p, 16)
-        var r = WireReader(p)
-        (iova, size) = try decodeRange(.dirtyStop, &r)
-    }
-
-    public func encode(into w: inout WireWriter) {
-        w.u64(iova)
-        w.u64(size)
-    }
+/// DIRTY_STOP request: exactly a range DIRTY_START started. Reply: empty.
+public struct DirtyStopRequest: DirtyRangeRequest {
+    public static let command = Command.dirtyStop
+    public var iova: UInt64
+    public var size: UInt64
+    public init(iova: UInt64, size: UInt64) { (self.iova, self.size) = (iova, size) }
 }
 
 /// DIRTY_READ request: 24 bytes {iova, size, bitmap offset}. Reports the pages written in

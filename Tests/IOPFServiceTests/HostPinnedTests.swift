@@ -30,10 +30,7 @@ import IOPFTestSupport
     @Test func aPinnedMappingIsLockedAndMappedWholeAndOutlivesTheHostsEvents() throws {
         let s = try ListeningService()
         let m = try TestHostMemory(size: 2 << 20)
-        let host = try HostClient(connectingTo: s.path)
-        try host.declare(
-            name: "vm-pin", regions: [m.region], userfaultfd: FileDescriptor(rawValue: m.uffd),
-            memfds: [FileDescriptor(rawValue: m.memfd)])
+        let host = try m.declare(s.path, name: "vm-pin")
         let locked = Self.lockedKiB()
         try host.map(iova: Self.iova, hostAddress: m.base, size: m.size, prot: [.read, .write], pinned: true)
         #expect(Self.lockedKiB() - locked == 2048, "the service locked the host's 2 MiB")
@@ -63,10 +60,7 @@ import IOPFTestSupport
     @Test func pinsPastABudgetAreRefusedAndLeaveNothing() throws {
         let s = try ListeningService { $0.maxHostPinnedBytes = 1 << 20 }
         let m = try TestHostMemory(size: 2 << 20)
-        let host = try HostClient(connectingTo: s.path)
-        try host.declare(
-            name: "vm-pin", regions: [m.region], userfaultfd: FileDescriptor(rawValue: m.uffd),
-            memfds: [FileDescriptor(rawValue: m.memfd)])
+        let host = try m.declare(s.path, name: "vm-pin")
         let locked = Self.lockedKiB()
         let r = refusal {
             try host.map(iova: Self.iova, hostAddress: m.base, size: m.size, prot: [.read, .write], pinned: true)

@@ -180,12 +180,18 @@
             UnsafeMutableRawPointer(bitPattern: UInt(base + offset))!
         }
 
-        /// Connects, declares `name` and maps the whole memory at `iova`.
-        package func attach(_ path: String, name: String, iova: UInt64) throws -> HostClient {
+        /// Connects and declares `name`, mapping nothing.
+        package func declare(_ path: String, name: String) throws -> HostClient {
             let client = try HostClient(connectingTo: path)
             try client.declare(
                 name: name, regions: [region], userfaultfd: FileDescriptor(rawValue: uffd),
                 memfds: [FileDescriptor(rawValue: memfd)])
+            return client
+        }
+
+        /// Connects, declares `name` and maps the whole memory at `iova`.
+        package func attach(_ path: String, name: String, iova: UInt64) throws -> HostClient {
+            let client = try declare(path, name: name)
             try client.map(iova: iova, hostAddress: base, size: size, prot: [.read, .write])
             return client
         }
