@@ -63,12 +63,20 @@ package enum BenchSession {
     /// Measures one (size, touch, mode) run on fresh memory.
     /// Measures the run, then its floor on fresh memory of the same size: mlock of the whole
     /// size for pinned, one MADV_POPULATE_WRITE per page over the touched pages for fault.
-    /// After, not before: the run meets the colder memory, so the ratio errs against iopf.
+    ///
+    /// Each starts on memory warmed just before (`Floors.warmUp` of the size): this VM's
+    /// hypervisor backs guest pages lazily and takes back what stays free, so the first
+    /// clear of a page it took back costs several times a warm one. Unwarmed, a pinned run
+    /// that followed the fault run met such pages and the floor after it reused the run's
+    /// own warm ones: the kernel's `clear_page` took 3.4x the samples in the pinned map as
+    /// in the floor for the same bytes, with every other kernel and iopf frame within 10%.
     package static func measureWithFloor(
         size: UInt64, touch: Double, mode: MemoryMode, dmaSeconds: Double,
         logger: Logger = Logger(label: "iopf.bench")
     ) throws -> BenchRow {
+        try Floors.warmUp(bytes: size)
         var row = try measure(size: size, touch: touch, mode: mode, dmaSeconds: dmaSeconds, logger: logger)
+        try Floors.warmUp(bytes: size)
         let floor =
             mode == .pinned
             ? try Floors.mlockPerGiB(bytes: row.sizeBytes)
