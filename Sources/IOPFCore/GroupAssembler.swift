@@ -29,6 +29,17 @@ public struct PageRequestGroup: Sendable {
     public var counted: Int
     /// Why the group is to be answered INVALID without being handled; nil for a good group.
     public var failure: GroupFailure?
+
+    /// A group of `requests` with `cookie`, `counted` of them against the credit.
+    public init(cookie: UInt32, requests: [PageRequest], counted: Int, failure: GroupFailure? = nil) {
+        self.cookie = cookie
+        self.requests = requests
+        self.counted = counted
+        self.failure = failure
+    }
+
+    /// A group of nothing: what a group moved out of a collection leaves behind.
+    public static var empty: PageRequestGroup { PageRequestGroup(cookie: 0, requests: [], counted: 0) }
 }
 
 /// Assembles one device's page-request records into groups, checking each record and the device's credit.
@@ -46,6 +57,10 @@ public struct GroupAssembler: Sendable {
     /// Well-formed records accepted.
     public private(set) var records = 0
     private var partial: [PageRequestGroup?]
+    /// Request arrays of answered groups, emptied with their capacity kept: a new group
+    /// takes one, so that assembling a group allocates nothing once the device is warm.
+    private var spares: [[PageRequest]] = []
+    static let maxSpares = 64
     /// Groups started and not yet complete.
     public private(set) var partialGroups = 0
     /// Why the last record given to `add` was refused; nil when it was accepted.
@@ -58,6 +73,7 @@ public struct GroupAssembler: Sendable {
         self.pasid = pasid
         self.credit = credit
         partial = Array(repeating: nil, count: Int(PageRequest.maxGroupIndex) + 1)
+        spares.reserveCapacity(Self.maxSpares)
     }
 
     /// Takes one 40-byte record (the caller's private copy). Returns the group it completed.
@@ -83,7 +99,7 @@ public struct GroupAssembler: Sendable {
         }
         records += 1
         let g = Int(request.groupIndex)
-        var group = take(g) ?? PageRequestGroup(cookie: request.cookie, requests: [], counted: 0)
+        var group = take(g) ?? PageRequestGroup(cookie: request.cookie, requests: spares.popLast() ?? [], counted: 0)
         if group.cookie != request.cookie {
             record(.malformed, in: &group)  // one group, one cookie
         } else if request.deviceID != deviceID || (request.flags.contains(.pasidValid) ? request.pasid : nil) != pasid {
@@ -98,9 +114,15 @@ public struct GroupAssembler: Sendable {
         return finish(group, index: g, last: request.isLastPage)
     }
 
-    /// Releases a handled group's credit.
-    public mutating func answered(_ group: PageRequestGroup) {
+    /// Releases a handled group's credit, and keeps its request array for a later group
+    /// (it allocates nothing again if the caller gave up its own copies).
+    public mutating func answered(_ group: consuming PageRequestGroup) {
         outstanding -= group.counted
+        var requests: [PageRequest] = []
+        swap(&requests, &group.requests)
+        guard requests.capacity > 0, spares.count < Self.maxSpares else { return }
+        requests.removeAll(keepingCapacity: true)
+        spares.append(requests)
     }
 
     /// Every incomplete group (for answering INVALID when the device goes away), credit released.

@@ -131,11 +131,23 @@ public final class DeviceChannel: @unchecked Sendable {
     /// (-1: forever). Returns the whole responses that arrived (maybe none on timeout);
     /// nil when the service closed the channel.
     public func receive(spinNanoseconds: Int64, timeoutMs: CInt = -1) throws -> [PageResponse]? {
+        var out: [PageResponse] = []
+        return try receive(into: &out, spinNanoseconds: spinNanoseconds, timeoutMs: timeoutMs) ? out : nil
+    }
+
+    /// `receive` into `responses`, emptied first with its capacity kept: a device that
+    /// reuses one array allocates nothing per answer. False when the service closed the
+    /// channel.
+    public func receive(into responses: inout [PageResponse], spinNanoseconds: Int64, timeoutMs: CInt = -1) throws
+        -> Bool
+    {
+        responses.removeAll(keepingCapacity: true)
         switch backing {
         case .stream(let readFD, _):
-            return try receiveStream(readFD, spinNanoseconds: spinNanoseconds, timeoutMs: timeoutMs)
+            return try receiveStream(readFD, into: &responses, spinNanoseconds: spinNanoseconds, timeoutMs: timeoutMs)
         case .shared(let q, _, let wake):
-            return try receiveShared(q, wake: wake, spinNanoseconds: spinNanoseconds, timeoutMs: timeoutMs)
+            return try receiveShared(
+                q, wake: wake, into: &responses, spinNanoseconds: spinNanoseconds, timeoutMs: timeoutMs)
         }
     }
 
@@ -148,39 +160,51 @@ public final class DeviceChannel: @unchecked Sendable {
     /// The whole responses that arrived, without waiting (no system call on a shared
     /// ring); nil when the service closed the channel.
     public func poll() throws -> [PageResponse]? {
+        var out: [PageResponse] = []
+        return try poll(into: &out) ? out : nil
+    }
+
+    /// `poll` into `responses`, emptied first with its capacity kept. False when the
+    /// service closed the channel.
+    public func poll(into responses: inout [PageResponse]) throws -> Bool {
+        responses.removeAll(keepingCapacity: true)
         switch backing {
         case .stream(let readFD, _):
-            return try receiveStream(readFD, spinNanoseconds: 0, timeoutMs: 0, waits: false)
+            return try receiveStream(readFD, into: &responses, spinNanoseconds: 0, timeoutMs: 0, waits: false)
         case .shared(let q, _, _):
             let tail = q.load(.responseTail)
-            if tail != responseHead { return try takeShared(q, upTo: tail) }
-            return q.load(.serviceClosed) != 0 ? nil : []
+            if tail != responseHead {
+                try takeShared(q, upTo: tail, into: &responses)
+                return true
+            }
+            return q.load(.serviceClosed) == 0
         }
     }
 
-    private func takeShared(_ q: SharedQueue, upTo tail: UInt32) throws -> [PageResponse] {
+    private func takeShared(_ q: SharedQueue, upTo tail: UInt32, into out: inout [PageResponse]) throws {
         answeredAt = q.answeredAt  // after the tail's acquire load: at least that publication's
-        var out: [PageResponse] = []
-        out.reserveCapacity(Int(tail &- responseHead))
+        out.reserveCapacity(out.count + Int(tail &- responseHead))
         while responseHead != tail {
             out.append(try PageResponse(bytes: UnsafeRawBufferPointer(q.responseSlot(responseHead))))
             responseHead &+= 1
         }
         q.store(.responseHead, responseHead)
-        return out
     }
 
-    private func receiveShared(_ q: SharedQueue, wake: CInt, spinNanoseconds: Int64, timeoutMs: CInt) throws
-        -> [PageResponse]?
-    {
+    private func receiveShared(
+        _ q: SharedQueue, wake: CInt, into out: inout [PageResponse], spinNanoseconds: Int64, timeoutMs: CInt
+    ) throws -> Bool {
         let spinStart = ContinuousClock.now
         let spinUntil = spinStart + .nanoseconds(spinNanoseconds)
         var slept = false
         while true {
             let tail = q.load(.responseTail)
-            if tail != responseHead { return try takeShared(q, upTo: tail) }
-            if q.load(.serviceClosed) != 0 { return nil }
-            if slept && timeoutMs >= 0 { return [] }
+            if tail != responseHead {
+                try takeShared(q, upTo: tail, into: &out)
+                return true
+            }
+            if q.load(.serviceClosed) != 0 { return false }
+            if slept && timeoutMs >= 0 { return true }
             let now = ContinuousClock.now
             if now < spinUntil {
                 // Poll without a system call for the first microseconds (a typical answer),
@@ -202,9 +226,9 @@ public final class DeviceChannel: @unchecked Sendable {
         }
     }
 
-    private func receiveStream(_ readFD: CInt, spinNanoseconds: Int64, timeoutMs: CInt, waits: Bool = true) throws
-        -> [PageResponse]?
-    {
+    private func receiveStream(
+        _ readFD: CInt, into out: inout [PageResponse], spinNanoseconds: Int64, timeoutMs: CInt, waits: Bool = true
+    ) throws -> Bool {
         let spinUntil = ContinuousClock.now + .nanoseconds(spinNanoseconds)
         var slept = false
         while true {
@@ -215,13 +239,12 @@ public final class DeviceChannel: @unchecked Sendable {
                     return -1
                 }
             }
-            if n == 0 { return nil }
+            if n == 0 { return false }
             if n > 0 {
                 received += n
                 let whole = received / PageResponse.byteCount
                 guard whole > 0 else { continue }
-                var out: [PageResponse] = []
-                out.reserveCapacity(whole)
+                out.reserveCapacity(out.count + whole)
                 try receiveBuffer.withUnsafeBytes { b in
                     for i in 0..<whole {
                         let start = i * PageResponse.byteCount
@@ -233,9 +256,9 @@ public final class DeviceChannel: @unchecked Sendable {
                 let used = whole * PageResponse.byteCount
                 receiveBuffer.replaceSubrange(0..<(received - used), with: receiveBuffer[used..<received])
                 received -= used
-                return out
+                return true
             }
-            if !waits || (slept && timeoutMs >= 0) { return [] }
+            if !waits || (slept && timeoutMs >= 0) { return true }
             if ContinuousClock.now < spinUntil {
                 sched_yield()  // let the service run on this 2-core machine
             } else {

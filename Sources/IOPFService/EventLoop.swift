@@ -354,8 +354,9 @@ final class EventLoop {
         if let group { complete(d, group) }
     }
 
-    /// Answers a complete group once, with the code of the whole group.
-    private func complete(_ d: AttachedDevice, _ group: PageRequestGroup) {
+    /// Answers a complete group once, with the code of the whole group. Groups are passed
+    /// on, never copied, so that their request arrays go back to the assembler unshared.
+    private func complete(_ d: AttachedDevice, _ group: consuming PageRequestGroup) {
         guard group.failure == nil, group.requests.allSatisfy({ d.inWindows($0.page) }) else {
             answer(d, group, .invalid)
             return
@@ -371,12 +372,12 @@ final class EventLoop {
             // Nothing to map before the answer: handled with the turn's other such groups;
             // its resident neighbours, if looked for, are mapped once the answers are out.
             d.faultAround.record(iova: last, mappedAhead: 0)
-            d.batched.append(group)
-            batching = true
             if neighbours > 0 && d.neighbourJobs.count < Self.maxNeighbourJobs {
                 d.neighbourJobs.append((last, group.requests[group.requests.count - 1].wantsWrite))
                 prefetching = true
             }
+            d.batched.append(group)
+            batching = true
             return
         }
         handleBatch(d)  // earlier groups first
@@ -398,12 +399,13 @@ final class EventLoop {
     }
 
     /// Queues a group's single answer and releases its credit.
-    private func answer(_ d: AttachedDevice, _ group: PageRequestGroup, _ code: ResponseCode) {
+    private func answer(_ d: AttachedDevice, _ group: consuming PageRequestGroup, _ code: ResponseCode) {
+        let cookie = group.cookie
         d.assembler.answered(group)
         stats.groups += 1
         if code == .success { stats.success += 1 } else { stats.invalid += 1 }
-        d.queued.append(PageResponse(cookie: group.cookie, code: code))
-        if doubleAnswer { d.queued.append(PageResponse(cookie: group.cookie, code: code)) }
+        d.queued.append(PageResponse(cookie: cookie, code: code))
+        if doubleAnswer { d.queued.append(PageResponse(cookie: cookie, code: code)) }
     }
 
     /// Handles every device's batched groups (before this turn's answers go out).
@@ -416,9 +418,9 @@ final class EventLoop {
     private func handleBatch(_ d: AttachedDevice) {
         guard !d.batched.isEmpty else { return }
         if d.batched.count == 1 {
-            let group = d.batched[0]
-            d.batched.removeAll(keepingCapacity: true)
-            answer(d, group, d.handler.handle(group.requests).code)
+            let group = d.batched.removeLast()
+            let code = d.handler.handle(group.requests).code
+            answer(d, group, code)
             return
         }
         d.batchRequests.removeAll(keepingCapacity: true)
@@ -428,7 +430,12 @@ final class EventLoop {
             d.batchEnds.append(d.batchRequests.count)
         }
         d.handler.handle(batch: d.batchRequests, ends: d.batchEnds) { outcomes in
-            for (group, outcome) in zip(d.batched, outcomes) { answer(d, group, outcome.code) }
+            for (i, outcome) in outcomes.enumerated() {
+                // Moved out of the batch, so that the assembler gets its array back unshared.
+                var group = PageRequestGroup.empty
+                swap(&group, &d.batched[i])
+                answer(d, group, outcome.code)
+            }
         }
         stats.batchedGroups += d.batched.count
         d.batched.removeAll(keepingCapacity: true)

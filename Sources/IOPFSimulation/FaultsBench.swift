@@ -70,6 +70,8 @@ package enum FaultsBench {
         var sentAt = [ContinuousClock.Instant](repeating: .now, count: 2 * maxOutstanding)
         var records: [PageRequest] = []
         records.reserveCapacity(outstanding)
+        var responses: [PageResponse] = []
+        responses.reserveCapacity(outstanding)
         var sent: UInt32 = 0
         var answered: UInt32 = 0
         var next = 0
@@ -100,7 +102,7 @@ package enum FaultsBench {
                 sent &+= UInt32(records.count)
             }
             if sent == answered { break }  // the deadline passed and every answer is in
-            guard let responses = try channel.receive(spinNanoseconds: 1_000_000_000, timeoutMs: 5000) else {
+            guard try channel.receive(into: &responses, spinNanoseconds: 1_000_000_000, timeoutMs: 5000) else {
                 row.problems.append("the service closed the channel")
                 break
             }

@@ -351,19 +351,21 @@ package final class SimulatedDevice: @unchecked Sendable {
 
     /// Bursts whose answers are in (SUCCESS), in order, not yet resumed.
     private var answered: [Burst] = []
+    /// The answers of the last receive (one array, reused: no allocation per answer).
+    private var responses: [PageResponse] = []
+    /// The records of the group being sent (reused likewise).
+    private var outgoing: [PageRequest] = []
 
     /// Takes the answers that arrived (waiting for at least one with `wait`): records
     /// their latency, and moves the bursts they answer to `answered`. False when the
     /// channel is gone and the device must stop.
     private func collectAnswers(wait: Bool) -> Bool {
-        let responses: [PageResponse]
         do {
             guard
-                let r = wait
-                    ? try channel.receive(spinNanoseconds: configuration.spinNanoseconds)
-                    : try channel.poll()
+                wait
+                    ? try channel.receive(into: &responses, spinNanoseconds: configuration.spinNanoseconds)
+                    : try channel.poll(into: &responses)
             else { return false }
-            responses = r
         } catch {
             if !stopFlag.load(ordering: .relaxed) { problem("channel failed: \(error)") }
             return false
@@ -619,16 +621,18 @@ package final class SimulatedDevice: @unchecked Sendable {
         groupIndex = (groupIndex + 1) & PageRequest.maxGroupIndex
         let perm: PageRequest.Permission = write ? [.read, .write] : [.read]
         var flags: PageRequest.Flags = configuration.pasid == nil ? [] : [.pasidValid]
-        let records = pages.enumerated().map { k, p in
+        outgoing.removeAll(keepingCapacity: true)
+        for (k, p) in pages.enumerated() {
             if k == pages.count - 1 { flags.insert(.lastPage) }
-            return PageRequest(
-                flags: flags, deviceID: configuration.deviceID, pasid: configuration.pasid ?? 0,
-                groupIndex: groupIndex, perm: perm, addr: configuration.iovaBase + UInt64(p) << 12, cookie: cookie)
+            outgoing.append(
+                PageRequest(
+                    flags: flags, deviceID: configuration.deviceID, pasid: configuration.pasid ?? 0,
+                    groupIndex: groupIndex, perm: perm, addr: configuration.iovaBase + UInt64(p) << 12, cookie: cookie))
         }
-        report.faults += records.count
+        report.faults += outgoing.count
         report.groups += 1
         do {
-            try channel.send(records)
+            try channel.send(outgoing)
             return cookie
         } catch {
             if !stopFlag.load(ordering: .relaxed) { problem("channel failed: \(error)") }
