@@ -434,7 +434,7 @@ final class EventLoop {
                 // Moved out of the batch, so that the assembler gets its array back unshared.
                 var group = PageRequestGroup.empty
                 swap(&group, &d.batched[i])
-                answer(d, group, outcome.code)
+                answer(d, consume group, outcome.code)
             }
         }
         stats.batchedGroups += d.batched.count
