@@ -63,6 +63,11 @@ struct Microbench: ParsableCommand {
     @Option(help: "With --compare: the slow-down accepted as noise, as a fraction (0.2: 20% slower).")
     var tolerance = 0.2
 
+    @Flag(
+        help: ArgumentHelp(
+            "With --compare: judge allocations only (they do not depend on the machine's speed: CI runs this)."))
+    var allocationsOnly = false
+
     func validate() throws {
         guard tolerance >= 0 else { throw ValidationError("--tolerance must not be negative, got \(tolerance)") }
         guard `repeat` >= 1 else { throw ValidationError("--repeat must be at least 1, got \(`repeat`)") }
@@ -130,7 +135,7 @@ struct Microbench: ParsableCommand {
             let ratio = r.nsPerUnit / max(b.nsPerUnit, 1e-9)
             var verdict = ratio > 1 + tolerance ? "SLOWER" : ratio < 1 / (1 + tolerance) ? "faster" : "same"
             if r.mallocs > b.mallocs { verdict += ", mallocs \(b.mallocs) -> \(r.mallocs)" }
-            if ratio > 1 + tolerance || r.mallocs > b.mallocs { worse.append(r.name) }
+            if (ratio > 1 + tolerance && !allocationsOnly) || r.mallocs > b.mallocs { worse.append(r.name) }
             print(
                 pad(r.name, 44) + pad(String(format: "%.2f ns", b.nsPerUnit), 14)
                     + pad(String(format: "%.2f ns", r.nsPerUnit), 14)
