@@ -23,6 +23,7 @@
 
 enum { CMD_HELLO = 1, CMD_ATTACH = 2, CMD_TRANSLATE = 3, CMD_DETACH = 4, CMD_INVALIDATE = 5 };
 enum { CMD_HOST = 6, CMD_DMA_MAP = 7, CMD_DMA_UNMAP = 8, CMD_SYNC = 9 };
+enum { CMD_DIRTY_START = 11, CMD_DIRTY_STOP = 12, CMD_DIRTY_READ = 13 };
 enum { FLAG_REPLY = 1, FLAG_ERROR = 1 << 5 };
 enum { HEADER = 16, MAX_MESSAGE = 16384, MAX_FDS = 16, RECORD = 40 };
 
@@ -241,8 +242,8 @@ static int request(struct iopf_client *c, uint16_t cmd, const uint8_t *payload, 
 
 /* Connects to the service's socket and says HELLO: version 1.`minor`, `capabilities`,
  * `role` (0 device, 1 host). */
-static int connect_and_hello(struct iopf_client *c, const char *path, uint16_t minor, uint32_t capabilities,
-                             uint32_t role) {
+static int connect_and_hello(struct iopf_client *c, const char *path, uint16_t minor, uint16_t min_minor,
+                             uint32_t capabilities, uint32_t role) {
     memset(c, 0, sizeof(*c));
     c->control = c->invalidation = c->channel = -1;
     c->pasid = -1;
@@ -259,12 +260,14 @@ static int connect_and_hello(struct iopf_client *c, const char *path, uint16_t m
     put32(hello + 8, role);
     size_t n;
     if (request(c, CMD_HELLO, hello, sizeof(hello), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
-    if (n != 16 || get16(reply) != 1 || get16(reply + 2) < minor) return fail(c, "HELLO reply: unsupported version");
+    if (n != 16 || get16(reply) != 1 || get16(reply + 2) < min_minor || get16(reply + 2) > minor)
+        return fail(c, "HELLO reply: unsupported version");
+    c->minor = get16(reply + 2);
     return 0;
 }
 
 int iopf_connect(struct iopf_client *c, const char *path) {
-    return connect_and_hello(c, path, 0, 1u << 1 | 1u << 2 /* stream channel, TRANSLATE */, 0 /* device */);
+    return connect_and_hello(c, path, 0, 0, 1u << 1 | 1u << 2 /* stream channel, TRANSLATE */, 0 /* device */);
 }
 
 int iopf_attach(struct iopf_client *c, uint32_t device_id, int pasid, uint32_t credit) {
@@ -419,7 +422,8 @@ void iopf_close(struct iopf_client *c) {
 /* Hosts (protocol 1.1). */
 
 int iopf_host_connect(struct iopf_client *c, const char *path) {
-    return connect_and_hello(c, path, 1 /* hosts are 1.1 */, 0 /* no fault channel */, 1 /* host */);
+    /* Hosts are 1.1; 1.2 adds dirty tracking and PIN, which need the service to grant it. */
+    return connect_and_hello(c, path, 2, 1, 0 /* no fault channel */, 1 /* host */);
 }
 
 int iopf_host_userfaultfd(struct iopf_client *c) {
@@ -479,7 +483,9 @@ static int host_map(struct iopf_client *c, uint64_t iova, uint64_t host_address,
 }
 
 int iopf_host_map(struct iopf_client *c, uint64_t iova, uint64_t host_address, uint64_t size, uint32_t prot) {
-    if (prot & ~(IOPF_HOST_READ | IOPF_HOST_WRITE)) return fail(c, "prot is IOPF_HOST_READ | IOPF_HOST_WRITE");
+    if (prot & ~(IOPF_HOST_READ | IOPF_HOST_WRITE | IOPF_HOST_PIN))
+        return fail(c, "prot is IOPF_HOST_READ | IOPF_HOST_WRITE, and IOPF_HOST_PIN");
+    if ((prot & IOPF_HOST_PIN) && c->minor < 2) return fail(c, "PIN needs protocol 1.2; the service granted 1.%u", c->minor);
     return host_map(c, iova, host_address, size, prot);
 }
 
@@ -496,6 +502,58 @@ int iopf_host_unmap(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_
     if (n != 8) return fail(c, "malformed DMA_UNMAP reply");
     if (unmapped) *unmapped = get64(reply);
     return 0;
+}
+
+static int dirty_range(struct iopf_client *c, uint16_t cmd, uint64_t iova, uint64_t size) {
+    if (c->minor < 2) return fail(c, "dirty tracking needs protocol 1.2; the service granted 1.%u", c->minor);
+    uint8_t p[16], reply[16];
+    put64(p, iova);
+    put64(p + 8, size);
+    size_t n;
+    if (request(c, cmd, p, sizeof(p), reply, sizeof(reply), &n, NULL, NULL) != 0) return -1;
+    return n == 0 ? 0 : fail(c, "malformed reply");
+}
+
+int iopf_host_dirty_start(struct iopf_client *c, uint64_t iova, uint64_t size) {
+    return dirty_range(c, CMD_DIRTY_START, iova, size);
+}
+
+int iopf_host_dirty_stop(struct iopf_client *c, uint64_t iova, uint64_t size) {
+    return dirty_range(c, CMD_DIRTY_STOP, iova, size);
+}
+
+/* DIRTY_READ, inline when memfd < 0: the reply is checked before a byte is copied. */
+static int dirty_read(struct iopf_client *c, uint64_t iova, uint64_t size, int memfd, uint64_t offset,
+                      uint64_t *bitmap, size_t words, uint64_t *reported) {
+    if (c->minor < 2) return fail(c, "dirty tracking needs protocol 1.2; the service granted 1.%u", c->minor);
+    uint64_t need = ((size >> 12) + 63) / 64;
+    if (memfd < 0 && words < need) return fail(c, "the bitmap holds %zu words, the range needs %llu", words,
+                                               (unsigned long long)need);
+    uint8_t p[24], reply[MAX_MESSAGE];
+    put64(p, iova);
+    put64(p + 8, size);
+    put64(p + 16, offset);
+    size_t n;
+    int fds[1] = {memfd};
+    if (request_fds(c, CMD_DIRTY_READ, p, sizeof(p), fds, memfd < 0 ? 0 : 1, reply, sizeof(reply), &n, NULL, NULL) != 0)
+        return -1;
+    uint64_t inline_bytes = n >= 16 ? get64(reply + 8) : 0;
+    if (n < 16 || n != 16 + inline_bytes || (memfd < 0 ? inline_bytes != need * 8 : inline_bytes != 0))
+        return fail(c, "malformed DIRTY_READ reply (%zu bytes)", n);
+    for (uint64_t w = 0; memfd < 0 && w < need; w++) bitmap[w] = get64(reply + 16 + 8 * w);
+    if (reported) *reported = get64(reply);
+    return 0;
+}
+
+int iopf_host_dirty_read(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_t *bitmap, size_t words,
+                         uint64_t *reported) {
+    return dirty_read(c, iova, size, -1, 0, bitmap, words, reported);
+}
+
+int iopf_host_dirty_read_memfd(struct iopf_client *c, uint64_t iova, uint64_t size, int memfd, uint64_t offset,
+                               uint64_t *reported) {
+    if (memfd < 0) return fail(c, "no memfd");
+    return dirty_read(c, iova, size, memfd, offset, NULL, 0, reported);
 }
 
 int iopf_host_sync(struct iopf_client *c) {

@@ -298,6 +298,40 @@ import IOPFTestSupport
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
     }
 
+    /// The C host on protocol 1.2: with `--dirty-log` it reads the pages its Swift devices
+    /// write, a share of its memory each round; with `--pinned` too its devices never fault
+    /// and every read reports every page (pinned memory is not tracked, as with VFIO).
+    @Test func aHostWrittenInCReadsItsDirtyLogAndPins() throws {
+        let s = try ListeningSession(seconds: 0)
+        for pinned in [false, true] {
+            let name = pinned ? "c-pinned" : "c-dirty"
+            let h = try Child(
+                "iopf-host-example",
+                [s.path, "--name", name, "--seconds", "0", "--interval-ms", "20", "--dirty-log"]
+                    + (pinned ? ["--pinned"] : []))
+            try waitForAddressSpace(s, name, host: h)
+            let (status, json) = try device(s, id: 1, space: name, seconds: 1.5).finish()
+            #expect(status == 0 && json["integrityErrors"] as? Int == 0, "\(json)")
+            #expect(pinned ? json["faults"] as? Int == 0 : (json["faults"] as? Int ?? 0) > 0, "\(json)")
+            kill(h.process.processIdentifier, SIGTERM)
+            let (hostStatus, hostJSON) = h.finish()
+            let rounds = hostJSON["dirtyRounds"] as? Int ?? 0
+            let reported = hostJSON["dirtyPagesReported"] as? Int ?? -1
+            #expect(hostStatus == 0 && rounds >= 5 && hostJSON["pinned"] as? Bool == pinned, "\(hostJSON)")
+            if pinned {
+                #expect(reported == rounds * 4096, "\(hostJSON)")  // 16 MiB, every page every round
+            } else {
+                #expect(reported > 0 && reported < rounds * 4096, "\(hostJSON)")
+            }
+        }
+        let r = try s.result()
+        #expect(r.hosts.count == 2 && r.hosts.allSatisfy { $0.dirtyReads >= 5 }, "\(r.hosts)")
+        let pinnedHost = r.hosts.first { $0.name == "c-pinned" }
+        #expect(
+            pinnedHost.map { $0.faults == 0 && $0.dirtyPagesReported == $0.dirtyReads * 4096 } == true, "\(r.hosts)")
+        #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
+    }
+
     @Test func aKilledHostDetachesItsDevicesAndANewHostTakesItsName() throws {
         let s = try ListeningSession(seconds: 0)
         let h = try host(s, name: "vm-k")

@@ -6,7 +6,12 @@
  * --seconds, detaches, and prints one JSON object.
  *
  *   iopf-host-example PATH [--name NAME] [--memory MIB] [--mappings N] [--seconds S]
- *                          [--interval-ms MS]
+ *                          [--interval-ms MS] [--pinned] [--dirty-log]
+ *
+ * --pinned maps with PIN (protocol 1.2: pinned and mapped before its devices start).
+ * --dirty-log, instead of taking pages back, starts dirty tracking (1.2) and every
+ * --interval-ms reads and clears the log inline (--memory up to 256 MiB), counting the
+ * pages its devices wrote.
  *
  * The memory is mapped read and write in N equal DMA mappings (default 4) from IOVA
  * 1 << 40; `iopf device --address-space NAME --device-id K` works in mapping (K - 1) mod N.
@@ -43,26 +48,31 @@ static int die(struct iopf_client *c, const char *what) {
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: iopf-host-example PATH [--name NAME] [--memory MIB] [--mappings N] [--seconds S] "
-                        "[--interval-ms MS]\n");
+                        "[--interval-ms MS] [--pinned] [--dirty-log]\n");
         return 2;
     }
     const char *path = argv[1], *name = "c-host";
+    int pinned = 0, dirty_log = 0;
     unsigned long mib = 16, interval_ms = 5, mappings = 4;
     double seconds = 3;
-    for (int i = 2; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--name")) name = argv[i + 1];
-        else if (!strcmp(argv[i], "--memory")) mib = strtoul(argv[i + 1], NULL, 10);
-        else if (!strcmp(argv[i], "--seconds")) seconds = strtod(argv[i + 1], NULL);
-        else if (!strcmp(argv[i], "--mappings")) mappings = strtoul(argv[i + 1], NULL, 10);
-        else if (!strcmp(argv[i], "--interval-ms")) interval_ms = strtoul(argv[i + 1], NULL, 10);
+    for (int i = 2; i < argc; i++) {
+        const char *value = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(argv[i], "--pinned")) pinned = 1;
+        else if (!strcmp(argv[i], "--dirty-log")) dirty_log = 1;
+        else if (value && !strcmp(argv[i], "--name")) name = argv[++i];
+        else if (value && !strcmp(argv[i], "--memory")) mib = strtoul(argv[++i], NULL, 10);
+        else if (value && !strcmp(argv[i], "--seconds")) seconds = strtod(argv[++i], NULL);
+        else if (value && !strcmp(argv[i], "--mappings")) mappings = strtoul(argv[++i], NULL, 10);
+        else if (value && !strcmp(argv[i], "--interval-ms")) interval_ms = strtoul(argv[++i], NULL, 10);
         else {
-            fprintf(stderr, "iopf-host-example: unknown option %s\n", argv[i]);
+            fprintf(stderr, "iopf-host-example: unknown option or missing value: %s\n", argv[i]);
             return 2;
         }
     }
-    if (mib < 1 || mib > 4096 || seconds < 0 || mappings < 1 || mappings > 256 || ((mib << 8) % mappings) != 0) {
-        fprintf(stderr, "iopf-host-example: --memory must be 1-4096 MiB, --mappings 1-256 dividing its pages, "
-                        "--seconds at least 0\n");
+    if (mib < 1 || mib > 4096 || seconds < 0 || mappings < 1 || mappings > 256 || ((mib << 8) % mappings) != 0 ||
+        (dirty_log && mib > 256)) {
+        fprintf(stderr, "iopf-host-example: --memory must be 1-4096 MiB (256 with --dirty-log), --mappings 1-256 "
+                        "dividing its pages, --seconds at least 0\n");
         return 2;
     }
     /* A parent may have blocked these (a blocked mask survives exec): unblock them. */
@@ -97,9 +107,13 @@ int main(int argc, char **argv) {
     close(uffd); /* the service's copy is the one that matters; this process never reads it */
     uint64_t slice = size / mappings;
     for (unsigned long k = 0; k < mappings; k++) {
-        if (iopf_host_map(&c, iova + k * slice, region.host_address + k * slice, slice, IOPF_HOST_READ | IOPF_HOST_WRITE) != 0)
+        if (iopf_host_map(&c, iova + k * slice, region.host_address + k * slice, slice,
+                          IOPF_HOST_READ | IOPF_HOST_WRITE | (pinned ? IOPF_HOST_PIN : 0)) != 0)
             return die(&c, "DMA_MAP");
     }
+    if (dirty_log && iopf_host_dirty_start(&c, iova, size) != 0) return die(&c, "DIRTY_START");
+    uint64_t *bitmap = dirty_log ? calloc((size >> 12) / 64 + 1, sizeof(uint64_t)) : NULL;
+    unsigned long rounds = 0, reported_total = 0;
 
     /* Take pages back, as a balloon would: each change is seen by the service through the
      * userfaultfd, and SYNC returns once every device dropped what it held there. */
@@ -108,6 +122,20 @@ int main(int argc, char **argv) {
     unsigned int seed = 1;
     while (!stop && (seconds == 0 || now() - start < seconds)) {
         usleep((useconds_t)(interval_ms * 1000));
+        if (dirty_log) {
+            uint64_t reported = 0, set = 0;
+            if (iopf_host_dirty_read(&c, iova, size, bitmap, (size >> 12) / 64 + 1, &reported) != 0)
+                return die(&c, "DIRTY_READ");
+            for (uint64_t w = 0; w < ((size >> 12) + 63) / 64; w++) set += (uint64_t)__builtin_popcountll(bitmap[w]);
+            if (set != reported) {
+                fprintf(stderr, "iopf-host-example: DIRTY_READ reported %llu pages, its bitmap %llu\n",
+                        (unsigned long long)reported, (unsigned long long)set);
+                return 2;
+            }
+            rounds++;
+            reported_total += (unsigned long)reported;
+            continue;
+        }
         uint64_t pages = size >> 12;
         uint64_t first = (uint64_t)rand_r(&seed) % pages, count = 1 + (uint64_t)rand_r(&seed) % 16;
         if (first + count > pages) count = pages - first;
@@ -123,6 +151,8 @@ int main(int argc, char **argv) {
         changes++;
         pages_removed += (unsigned long)count;
     }
+    if (dirty_log && iopf_host_dirty_stop(&c, iova, size) != 0) return die(&c, "DIRTY_STOP");
+    free(bitmap);
     uint64_t unmapped = 0;
     if (iopf_host_unmap(&c, iova, size, &unmapped) != 0) return die(&c, "DMA_UNMAP");
     if (iopf_host_detach(&c) != 0) return die(&c, "DETACH");
@@ -130,8 +160,10 @@ int main(int argc, char **argv) {
     munmap(memory, size);
     close(memfd);
     printf("{\"name\": \"%s\", \"memoryBytes\": %llu, \"hostChanges\": %lu, \"pagesRemoved\": %lu, "
-           "\"unmappedBytes\": %llu, \"syncMeanNs\": %.0f, \"syncMaxNs\": %.0f}\n",
+           "\"unmappedBytes\": %llu, \"syncMeanNs\": %.0f, \"syncMaxNs\": %.0f, \"pinned\": %s, "
+           "\"dirtyRounds\": %lu, \"dirtyPagesReported\": %lu}\n",
            name, (unsigned long long)size, changes, pages_removed, (unsigned long long)unmapped,
-           changes ? sync_total / (double)changes * 1e9 : 0.0, sync_max * 1e9);
+           changes ? sync_total / (double)changes * 1e9 : 0.0, sync_max * 1e9, pinned ? "true" : "false", rounds,
+           reported_total);
     return 0;
 }

@@ -86,6 +86,7 @@ struct iopf_client {
     unsigned long invalidations_acked;
     iopf_invalidate_fn on_invalidate;
     void *on_invalidate_ctx;
+    uint16_t minor; /* the protocol minor the service granted */
     char error[256];
 };
 
@@ -130,7 +131,7 @@ int iopf_detach(struct iopf_client *c);
 /* Unmaps the regions and closes every socket. */
 void iopf_close(struct iopf_client *c);
 
-/* Hosts (protocol 1.1). A host hands the service its memory, memfds mapped MAP_SHARED and
+/* Hosts (protocol 1.1; dirty tracking and PIN 1.2). A host hands the service its memory, memfds mapped MAP_SHARED and
  * sealed F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL, and a userfaultfd, which the service
  * registers on those ranges: the host's madvise/munmap/mremap then invalidate what its
  * devices (iopf_attach with an address space, or `iopf device --address-space`) hold. The
@@ -146,9 +147,11 @@ struct iopf_host_region {
     uint32_t fd_index;
 };
 
-/* DMA_MAP permission bits. */
+/* DMA_MAP permission bits, and PIN (protocol 1.2): pinned and mapped whole before the
+ * reply, as VFIO type1 maps, charged to this process's RLIMIT_MEMLOCK. */
 #define IOPF_HOST_READ 1u
 #define IOPF_HOST_WRITE 2u
+#define IOPF_HOST_PIN 8u
 
 /* Connects to the service's socket and says HELLO as a host. */
 int iopf_host_connect(struct iopf_client *c, const char *path);
@@ -162,7 +165,8 @@ int iopf_host_userfaultfd(struct iopf_client *c);
 int iopf_host_declare(struct iopf_client *c, const char *name, const struct iopf_host_region *regions, int count,
                       int uffd, const int *memfds, int memfd_count);
 
-/* DMA_MAP: [iova, iova + size) to host addresses from host_address; nothing is pinned. */
+/* DMA_MAP: [iova, iova + size) to host addresses from host_address; nothing is pinned
+ * unless `prot` has IOPF_HOST_PIN. */
 int iopf_host_map(struct iopf_client *c, uint64_t iova, uint64_t host_address, uint64_t size, uint32_t prot);
 
 /* DMA_MAP with VADDR: the mapping exactly at [iova, iova + size) now lives at host_address
@@ -176,6 +180,24 @@ int iopf_host_unmap(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_
 /* SYNC: returns once every device acknowledged every invalidation posted before, those
  * of the host's own madvise/munmap/mremap included. */
 int iopf_host_sync(struct iopf_client *c);
+
+/* Dirty tracking (protocol 1.2), for migration. DIRTY_START: tracking on every mapping
+ * [iova, iova + size) touches; returns once every device dropped its write access, so a
+ * later write is logged. DIRTY_STOP names exactly a started range. */
+int iopf_host_dirty_start(struct iopf_client *c, uint64_t iova, uint64_t size);
+int iopf_host_dirty_stop(struct iopf_client *c, uint64_t iova, uint64_t size);
+
+/* DIRTY_READ with the bitmap inline (ranges up to 256 MiB): the pages written in [iova,
+ * iova + size) since the last read, cleared. Bit k of `bitmap` (bit k % 64 of word k / 64)
+ * is the page at iova + k * 4 KiB; `words` must hold ceil(pages / 64). `reported` (may be
+ * NULL) gets the pages set. */
+int iopf_host_dirty_read(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_t *bitmap, size_t words,
+                         uint64_t *reported);
+
+/* DIRTY_READ into `memfd` (sealed F_SEAL_SHRINK, at least offset + bitmap bytes) at byte
+ * `offset` (8-aligned), for ranges up to 64 GiB. */
+int iopf_host_dirty_read_memfd(struct iopf_client *c, uint64_t iova, uint64_t size, int memfd, uint64_t offset,
+                               uint64_t *reported);
 
 /* DETACH: the service tears the address space down (devices detached, mappings removed,
  * ranges unregistered) before it answers. Then iopf_close. */
