@@ -111,6 +111,10 @@ extension EventLoop {
                 "DIRTY_READ carries one descriptor (the bitmap's memfd) or none, got \(fds.count)")
         }
         let bytes = request.bitmapBytes
+        // The memfd is checked, mapped and its pages confirmed before the log is read: a
+        // bitmap that cannot be written is refused with the bits still in the log.
+        var window: BitmapWindow?
+        defer { window?.close() }
         if fds.isEmpty {
             guard bytes <= DirtyLimits.maxInlineBitmapBytes, request.bitmapOffset == 0 else {
                 return refuseDirty(
@@ -121,7 +125,9 @@ extension EventLoop {
                     """)
             }
         } else {
-            do { try Self.checkBitmapMemfd(fds[0], end: request.bitmapOffset + UInt64(bytes)) } catch {
+            do {
+                window = try BitmapWindow(fds[0], offset: request.bitmapOffset, bytes: bytes, probes: probes)
+            } catch {
                 return refuseDirty(p, header, error.errno, error.kind, "DIRTY_READ: \(error.description)")
             }
         }
@@ -131,16 +137,7 @@ extension EventLoop {
         }
         let reported = UInt64(bits.population)
         var inline: [UInt8] = []
-        if fds.isEmpty {
-            inline = bits.littleEndianBytes
-        } else {
-            // The bits are read and cleared: a memfd that cannot take them loses them, which
-            // the host is told (the range then reports nothing until its next writes).
-            do { try Self.write(bits.littleEndianBytes, into: fds[0], at: request.bitmapOffset, probes: probes) } catch
-            {
-                return refuseDirty(p, header, error.errno, error.kind, "DIRTY_READ: \(error.description)")
-            }
-        }
+        if let window { window.copy(bits.littleEndianBytes) } else { inline = bits.littleEndianBytes }
         stats.host(s.id) {
             $0.dirtyReads += 1
             $0.dirtyPagesReported += Int(reported)
@@ -151,10 +148,19 @@ extension EventLoop {
             reply(p, DirtyReadReply(reportedPages: reported, bitmap: inline).message(id: header.id, flags: .reply))
         }
     }
+}
 
-    /// The bitmap's memfd: a memfd of 4 KiB pages, sealed against shrinking (the service
-    /// writes through a mapping, where a shrink would be SIGBUS), at least `end` bytes.
-    private static func checkBitmapMemfd(_ fd: CInt, end: UInt64) throws(HostRefusal) {
+/// Where a DIRTY_READ's bitmap goes in the host's memfd: the memfd checked (4 KiB pages,
+/// sealed against shrinking, not against writing, large enough) and just the bitmap's pages
+/// mapped, confirmed by touching them (probe.c), so that the copy cannot fault: a page
+/// the kernel cannot give is an error here, not a SIGBUS on the loop thread. No system
+/// call on the host's file, whose inode lock the host could hold.
+struct BitmapWindow {
+    private let mapping: UnsafeMutableRawPointer
+    private let length: Int
+    private let start: Int
+
+    init(_ fd: CInt, offset: UInt64, bytes: Int, probes: Bool) throws(HostRefusal) {
         let st = try RemoteHostMemory.inspect(fd, "the bitmap's memfd", kind: .badDirtyBitmap)
         let seals = iopf_seals(fd)
         guard seals >= 0, seals & RemoteHostMemory.sealShrink != 0 else {
@@ -164,33 +170,36 @@ extension EventLoop {
         guard seals & (RemoteHostMemory.sealWrite | RemoteHostMemory.sealFutureWrite) == 0 else {
             throw HostRefusal(WireErrno.notPermitted, .badDirtyBitmap, "the bitmap's memfd is sealed against writing")
         }
+        let end = offset + UInt64(bytes)
         guard UInt64(max(st.st_size, 0)) >= end else {
             throw HostRefusal(
                 WireErrno.invalid, .badDirtyBitmap,
                 "the bitmap's memfd has \(st.st_size) bytes; the bitmap ends at byte \(end)")
         }
-    }
-
-    /// Copies `bytes` into the memfd at `offset` through a mapping of just those pages,
-    /// confirmed by touching them first (a page the kernel cannot give is an error, not a
-    /// SIGBUS on the loop thread).
-    private static func write(_ bytes: [UInt8], into fd: CInt, at offset: UInt64, probes: Bool) throws(HostRefusal) {
         let first = offset & ~0xFFF
-        let length = Int((offset + UInt64(bytes.count) + 0xFFF) & ~0xFFF - first)
+        length = Int((end + 0xFFF) & ~0xFFF - first)
+        start = Int(offset - first)
         guard let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, off_t(first)),
             p != MAP_FAILED
         else {
             throw HostRefusal(
                 WireErrno.invalid, .badDirtyBitmap, "cannot map the bitmap's memfd for writing: errno \(Glibc.errno)")
         }
-        defer { munmap(p, length) }
+        mapping = p
         do {
             try ProcessMemory.confirm(
                 address: UInt64(UInt(bitPattern: p)), pageCount: length >> 12, write: true, probes: probes, planted: nil
             )
         } catch {
+            munmap(p, length)
             throw HostRefusal(WireErrno.fault, .badDirtyBitmap, "the bitmap's memfd: \(error.reason)")
         }
-        bytes.withUnsafeBytes { (p + Int(offset - first)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
     }
+
+    /// Copies the bitmap in (its pages were confirmed).
+    func copy(_ bytes: [UInt8]) {
+        bytes.withUnsafeBytes { (mapping + start).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    }
+
+    func close() { munmap(mapping, length) }
 }

@@ -66,6 +66,21 @@ extension EventLoop {
                     text: "DMA map: pinning \(hex(request.size)) more bytes would pass this host's budget of "
                         + "\(hex(limit)) pinned bytes (--max-host-pinned); \(hex(s.pinnedBytes)) are pinned"))
         }
+        // The host's own limit, checked here as the engine's charge would (one pin per host
+        // at a time, so nothing charges in between): a refusal needs no worker.
+        let account = s.engine.lockedMemory
+        let pages = Int(clamping: request.size >> 12)
+        if !account.bypassesLimit && account.lockedPages + pages > account.limitPages {
+            stats.protocolError(.hostPinnedBudget)
+            let b = { (pages: Int) in hex(UInt64(pages) << 12) }
+            return reply(
+                p,
+                Wire.errorReply(
+                    command: .dmaMap, id: header.id, errno: WireErrno.noMemory,
+                    text: "DMA map with PIN: \(b(pages)) more bytes would pass this host's RLIMIT_MEMLOCK of "
+                        + "\(b(account.limitPages)) (\(b(account.lockedPages)) are locked); raise it or give the host "
+                        + "CAP_IPC_LOCK"))
+        }
         s.host!.pinInFlight = true
         p.pinning = true
         pinning[s.id] = s
@@ -81,11 +96,8 @@ extension EventLoop {
             } catch let e as DMAMapError {
                 done.failure = (e.errno, .badMapping, e.description)
             } catch {
-                let text = "\(error)"
-                done.failure = (
-                    text.contains("RLIMIT_MEMLOCK") ? WireErrno.noMemory : WireErrno.fault, .hostPinnedBudget,
-                    "DMA map with PIN: \(text)"
-                )
+                // The limit was checked before: what is left is memory the kernel would not lock.
+                done.failure = (WireErrno.fault, .hostPinnedBudget, "DMA map with PIN: \(error)")
             }
             try? service.send(.hostPinned(done))
         }

@@ -91,7 +91,13 @@ import IOPFTestSupport
         #expect(Self.setBits(try host.readDirty(iova: Self.iova + 128 << 12, size: 64 << 12)) == [2])
         // Into a memfd at an offset: the bitmap lands there, the reply says how many pages.
         let fd = Self.bitmapMemfd(4096)
-        defer { Sys.close(fd) }
+        let small = Self.bitmapMemfd(16)
+        defer { for f in [fd, small] { Sys.close(f) } }
+        // A bitmap that cannot be written is refused before the log is read: nothing is lost.
+        let tooSmall = refusal {
+            try host.readDirty(iova: Self.iova, size: m.size, into: FileDescriptor(rawValue: small))
+        }
+        #expect(tooSmall?.errno == WireErrno.invalid, "\(String(describing: tooSmall))")
         #expect(try host.readDirty(iova: Self.iova, size: m.size, into: FileDescriptor(rawValue: fd), at: 64) == 1)
         var words = [UInt64](repeating: 0, count: 4)
         #expect(words.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 32, 64) } == 32)

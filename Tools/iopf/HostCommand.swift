@@ -15,7 +15,8 @@ struct Host: ParsableCommand {
             milliseconds changes 1-64 pages of one mapping (madvise DONTNEED or REMOVE, mmap MAP_FIXED, \
             mremap, or a move of the whole mapping), waits for the devices (SYNC) and re-declares moved \
             mappings. With --dirty-log it instead reads the dirty log every MS milliseconds while its devices \
-            write, and checks each report against the pages whose content changed. Devices attach with `iopf device --address-space NAME`; device n works in mapping \
+            write, and checks each report against the pages whose content changed. Devices attach with \
+            `iopf device --address-space NAME`; device n works in mapping \
             (n - 1) mod --mappings. Exit status: 0 on a clean run; 2 when it could not connect or the \
             service refused the hand-over (the reason on standard error).
             """
@@ -94,7 +95,8 @@ struct Host: ParsableCommand {
         }
         guard churn == 0 || dirtyLog == 0 else {
             throw ValidationError(
-                "--dirty-log and --churn do not go together: a page freed by the churn changes with no device writing it"
+                "--dirty-log and --churn do not go together: "
+                    + "a page freed by the churn changes with no device writing it"
             )
         }
     }
@@ -129,7 +131,8 @@ struct Host: ParsableCommand {
                 """
             )
             print(
-                "  DMA_MAP of all mappings\(r.pinned ? ", pinned," : "") \(String(format: "%.1f", r.mapSeconds * 1000)) ms"
+                "  DMA_MAP of all mappings\(r.pinned ? ", pinned," : "") "
+                    + "\(String(format: "%.1f", r.mapSeconds * 1000)) ms"
             )
             let kinds = r.changesByKind.sorted { $0.key < $1.key }.map { "\($0.value) \($0.key)" }
             print(
