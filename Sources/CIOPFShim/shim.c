@@ -79,6 +79,15 @@ int iopf_set_cpu_affinity(int cpu, int only) {
 
 int iopf_current_cpu(void) { return sched_getcpu(); }
 
+int iopf_allowed_cpus(int *last) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return -1;
+    *last = -1;
+    for (int i = 0; i < CPU_SETSIZE; i++) if (CPU_ISSET(i, &set)) *last = i;
+    return CPU_COUNT(&set);
+}
+
 int iopf_set_idle_priority(void) {
     struct sched_param p = { .sched_priority = 0 };
     return sched_setscheduler(0, SCHED_IDLE, &p);

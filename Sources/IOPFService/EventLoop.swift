@@ -4,8 +4,9 @@
 // reaped together, responses written back together, one submit per loop turn.
 //
 // Latency: a thread wake-up costs about 10 µs here, so after any activity the loop
-// busy-polls (shared rings in memory, streams through the completion queue) for
-// `spinNanoseconds` before it sleeps in io_uring.
+// busy-polls (shared rings in memory, streams through the completion queue) before it
+// sleeps in io_uring, for a window adapted to how far apart work arrives (SpinWindow.swift),
+// at most `spinNanoseconds`.
 //
 // Ownership: the loop, its devices' state, their transports and the ring are touched by
 // the service thread only, so their hot stored properties are `@exclusivity(unchecked)`
@@ -147,6 +148,8 @@ final class EventLoop {
     static let syncPages = 128
     /// Over huge pages a full window (512 pages) sends this many blocks to the background.
     static let blocksPerFullWindow = 8
+    /// How long the loop spins after its last work before it sleeps (SpinWindow.swift).
+    var spin: SpinWindow
     /// Room for 16 userfaultfd messages per read.
     let uffdBuffer = UnsafeMutableRawBufferPointer.allocate(
         byteCount: 16 * UserfaultfdSource.messageBytes, alignment: 8)
@@ -160,6 +163,7 @@ final class EventLoop {
         handler = engine.makeFaultHandler()
         own = AddressSpace(own: engine, handler: handler)
         doubleAnswer = service.configuration.injectedBugs.contains(.doubleAnswer)
+        spin = SpinWindow(maximum: service.configuration.spinNanoseconds)
         completions.reserveCapacity(Int(service.configuration.ringEntries) * 2)
     }
 
@@ -183,7 +187,7 @@ final class EventLoop {
             var lastActivity = ContinuousClock.now
             var lastFlush = lastActivity
             var lastSweep = lastActivity
-            let spin = Duration.nanoseconds(service.configuration.spinNanoseconds)
+            var idle = false
             while running {
                 try ring.submit()
                 completions.removeAll(keepingCapacity: true)
@@ -193,8 +197,9 @@ final class EventLoop {
                 if completions.isEmpty && work == 0 && !prefetching && translators.isEmpty
                     && !fences.pending.load(ordering: .acquiring)
                 {
+                    idle = true
                     let now = ContinuousClock.now
-                    if now - lastActivity < spin {
+                    if now - lastActivity < .nanoseconds(spin.nanoseconds) {
                         // Streams and commands progress only when the kernel runs the
                         // ring's task work; shared rings need no system call at all.
                         if registry.streamDevices > 0 || now - lastFlush > .microseconds(20) {
@@ -204,13 +209,20 @@ final class EventLoop {
                         ring.reap(into: &completions)
                         if completions.isEmpty { continue }
                     } else {
+                        stats.sleeps += 1
                         try sleep()
                         ring.reap(into: &completions)
                         takeHostEvents()
                         work = pollSharedRings()
                     }
                 }
-                lastActivity = ContinuousClock.now
+                let now = ContinuousClock.now
+                if idle {
+                    idle = false
+                    spin.idleEnded(after: (now - lastActivity).nanoseconds)
+                    stats.spinNanoseconds = spin.nanoseconds
+                }
+                lastActivity = now
                 stats.loopTurns += 1
                 translateBudget = translatePagesPerTurn
                 stats.completionOverflows = ring.overflowsSeen

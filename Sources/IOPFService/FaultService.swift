@@ -20,7 +20,8 @@ import SystemPackage
 public struct ServiceConfiguration: Sendable {
     /// The fault channel of in-process devices (external devices choose in ATTACH).
     public var transport = ChannelTransport.shared
-    /// How long the loop busy-polls after activity before sleeping.
+    /// How long the loop busy-polls after activity before sleeping, at most: the loop
+    /// spins shorter while work arrives further apart than this (SpinWindow.swift).
     public var spinNanoseconds: Int64 = 200_000
     /// Submission queue entries of the loop's io_uring.
     public var ringEntries: UInt32 = 256
@@ -143,6 +144,11 @@ public struct ServiceStatistics: Sendable, Equatable, Codable {
     public var doorbellWriteFailures = 0
     /// Turns of the event loop.
     public var loopTurns = 0
+    /// Times the loop slept in io_uring (its spin ended with nothing to do).
+    public var sleeps = 0
+    /// The loop's spin window when it last went idle, adapted to how far apart work
+    /// arrives (at most `ServiceConfiguration.spinNanoseconds`).
+    public var spinNanoseconds: Int64 = 0
     /// Groups handled together with others of their device in one engine call.
     public var batchedGroups = 0
     /// io_uring completions handled.

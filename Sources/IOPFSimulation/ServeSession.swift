@@ -150,6 +150,8 @@ package struct ServeRun: Codable, Sendable {
     /// Threads the in-process devices ran on (`--device-threads`; as many as devices when
     /// each had its own).
     package var deviceThreads = 0
+    /// The CPU the service thread ran on alone (`--service-cpu`); nil: no placement.
+    package var serviceCPU: Int?
     /// Host changes made by `--host-churn`.
     package var hostChanges = 0
     /// Device accesses through a translation after its host event was read but before
@@ -304,6 +306,7 @@ package enum ServeSession {
         defer { setup.service.stop() }
         var result = ServeResult(run: ServeRun())
         result.deviceThreads = setup.startDevices()
+        result.serviceCPU = o.serviceCPU
         var loop = try ServeLoop(setup)
         loop.run(shouldStop: shouldStop, progress: progress)
         setup.summarize(loop, into: &result)

@@ -38,6 +38,14 @@ public enum Sys {
     /// Online CPUs.
     public static var onlineCPUs: Int { max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
 
+    /// The CPUs the calling thread may run on (its affinity mask, which taskset and
+    /// cpusets narrow): how many, and the highest.
+    public static var allowedCPUs: (count: Int, last: Int) {
+        var last: CInt = -1
+        let n = iopf_allowed_cpus(&last)
+        return n > 0 ? (Int(n), Int(last)) : (onlineCPUs, onlineCPUs - 1)
+    }
+
     /// The CPU the calling thread runs on now.
     public static var currentCPU: Int { Int(iopf_current_cpu()) }
 

@@ -19,13 +19,13 @@ final class Harness {
     let service: FaultService
     static let iova: UInt64 = 1 << 20
 
-    init(transport: ChannelTransport) throws {
+    init(transport: ChannelTransport, spinNanoseconds: Int64 = 20_000) throws {
         region = try HostRegion(length: 1 << 20)
         engine = FaultEngine(memory: ProcessMemory())
         domain = try engine.createDomain(invalidator: DomainIOTLBs())
         var config = ServiceConfiguration()
         config.transport = transport
-        config.spinNanoseconds = 20_000
+        config.spinNanoseconds = spinNanoseconds
         service = try FaultService(engine: engine, configuration: config)
         try service.start()
         try engine.map(iova: Self.iova, vaddr: region.base, size: region.length, prot: .readWrite)

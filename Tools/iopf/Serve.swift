@@ -139,10 +139,11 @@ struct Serve: ParsableCommand {
         help: ArgumentHelp(
             """
             The CPU the service thread runs on alone, the in-process devices on the others (an IOMMU does not take \
-            the devices' CPUs); 'none', the default, leaves placement to the scheduler.
+            the devices' CPUs); auto: the last CPU this process may use when it may use two or more; none: \
+            placement left to the scheduler.
             """,
-            valueName: "N|none"))
-    var serviceCPU: String?
+            valueName: "N|auto|none"))
+    var serviceCPU = "auto"
 
     @Flag(
         help:
@@ -190,8 +191,11 @@ struct Serve: ParsableCommand {
         guard FaultAroundPolicy(faultAround) != nil else {
             throw ValidationError("--fault-around must be off, adaptive or a page count 1...512, got '\(faultAround)'")
         }
-        if let serviceCPU, serviceCPU != "none", !(Int(serviceCPU).map { (0..<Sys.onlineCPUs).contains($0) } ?? false) {
-            throw ValidationError("--service-cpu must be none or a CPU 0...\(Sys.onlineCPUs - 1), got '\(serviceCPU)'")
+        if serviceCPU != "none" && serviceCPU != "auto",
+            !(Int(serviceCPU).map { (0..<Sys.onlineCPUs).contains($0) } ?? false)
+        {
+            throw ValidationError(
+                "--service-cpu must be auto, none or a CPU 0...\(Sys.onlineCPUs - 1), got '\(serviceCPU)'")
         }
         guard devices >= 0 && devices <= 4096 else {
             throw ValidationError("--devices must be 0...4096, got \(devices)")
@@ -300,7 +304,13 @@ struct Serve: ParsableCommand {
         o.deviceThreads = deviceThreads == "each" ? nil : Int(deviceThreads)
         o.faultAround = FaultAroundPolicy(faultAround)!
         o.hugePages = hugePages
-        if let serviceCPU { o.serviceCPU = serviceCPU == "none" ? nil : Int(serviceCPU) }
+        switch serviceCPU {
+        case "none": o.serviceCPU = nil
+        case "auto":
+            let cpus = Sys.allowedCPUs
+            o.serviceCPU = cpus.count >= 2 ? cpus.last : nil
+        default: o.serviceCPU = Int(serviceCPU)
+        }
         o.seed = seed
         o.hostChurnInterval = hostChurn / 1000
         o.listenPath = listen
@@ -350,6 +360,7 @@ struct Serve: ParsableCommand {
             let placement = r.deviceThreads == devices ? "a thread each" : "sharing \(r.deviceThreads) thread(s)"
             print("devices: \(rate), \(placement), \(devicePriority) priority, \(outstanding) group(s) in flight each")
         }
+        if let cpu = r.serviceCPU { print("service thread: CPU \(cpu), alone (--service-cpu)") }
         row("DMA operations", "\(r.dmaOps) (\(r.dmaErrors) errors)")
         row("page requests (faults)", "\(r.faults) in \(r.groups) groups")
         row("responses", "\(r.responses.success) success, \(r.responses.invalid) invalid")

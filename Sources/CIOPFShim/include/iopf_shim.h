@@ -104,6 +104,8 @@ int iopf_set_cpu_affinity(int cpu, int only);
 
 /// sched_getcpu(3): the CPU the calling thread runs on now.
 int iopf_current_cpu(void);
+/// CPUs the calling thread may run on (its affinity mask): how many, and the highest in *last.
+int iopf_allowed_cpus(int *last);
 /* The calling thread runs only when no normal thread wants its CPU (SCHED_IDLE). */
 int iopf_set_idle_priority(void);
 
