@@ -14,6 +14,9 @@ struct DeviceRegistry {
     private(set) var byGeneration: [UInt32: AttachedDevice] = [:]
     /// Live devices on stream channels.
     private(set) var streamDevices = 0
+    /// Live devices on shared rings, with their transport as its own class: the loop polls
+    /// these on every turn and every spin, where a dynamic call per device showed.
+    private(set) var polled: [(device: AttachedDevice, ring: SharedRingTransport)] = []
 
     /// The slot the next device gets: the first free one.
     var freeSlot: Int { slots.firstIndex { $0 == nil } ?? slots.count }
@@ -27,7 +30,7 @@ struct DeviceRegistry {
         precondition(slot == slots.count || slots[slot] == nil, "slot \(slot) is taken")
         if slot == slots.count { slots.append(d) } else { slots[slot] = d }
         byGeneration[d.generation] = d
-        if !d.transport.isShared { streamDevices += 1 }
+        if let ring = d.transport as? SharedRingTransport { polled.append((d, ring)) } else { streamDevices += 1 }
         d.space.devices.append(d)
     }
 
@@ -35,7 +38,7 @@ struct DeviceRegistry {
     /// still name until they complete.
     mutating func leave(_ d: AttachedDevice) {
         guard byGeneration.removeValue(forKey: d.generation) != nil else { return }
-        if !d.transport.isShared { streamDevices -= 1 }
+        if d.transport is SharedRingTransport { polled.removeAll { $0.device === d } } else { streamDevices -= 1 }
         d.space.devices.removeAll { $0 === d }
     }
 

@@ -198,23 +198,15 @@ final class EventLoop {
                     && !fences.pending.load(ordering: .acquiring)
                 {
                     idle = true
-                    let now = ContinuousClock.now
-                    if now - lastActivity < .nanoseconds(spin.nanoseconds) {
-                        // Streams and commands progress only when the kernel runs the
-                        // ring's task work; shared rings need no system call at all.
-                        if registry.streamDevices > 0 || now - lastFlush > .microseconds(20) {
-                            ring.flushCompletions()
-                            lastFlush = now
-                        }
-                        ring.reap(into: &completions)
-                        if completions.isEmpty { continue }
-                    } else {
+                    if !spinForWork(since: lastActivity, lastFlush: &lastFlush)
+                        && !fences.pending.load(ordering: .acquiring)
+                    {
                         stats.sleeps += 1
                         try sleep()
-                        ring.reap(into: &completions)
-                        takeHostEvents()
-                        work = pollSharedRings()
                     }
+                    ring.reap(into: &completions)
+                    takeHostEvents()
+                    work = pollSharedRings()
                 }
                 let now = ContinuousClock.now
                 if idle {
@@ -253,6 +245,32 @@ final class EventLoop {
         shutdown()
     }
 
+    /// Busy-polls the shared rings and the completion queue until either has work (true)
+    /// or the spin window since `lastActivity` has passed (false). Takes nothing: the turn
+    /// reaps host events before it takes faults. The clock is read every 16 polls (a read
+    /// cost as much as a poll), and the kernel is asked to post completions at each poll
+    /// while stream devices are attached (they progress only then), every 20 µs otherwise.
+    private func spinForWork(
+        since lastActivity: ContinuousClock.Instant, lastFlush: inout ContinuousClock.Instant
+    ) -> Bool {
+        let window = Duration.nanoseconds(spin.nanoseconds)
+        let streams = registry.streamDevices > 0
+        var polls = 0
+        while true {
+            if ring.hasCompletions || registry.polled.contains(where: { $0.ring.hasRequests }) { return true }
+            if streams { ring.flushCompletions() }
+            polls &+= 1
+            if polls & 15 == 0 {
+                let now = ContinuousClock.now
+                if now - lastActivity >= window || fences.pending.load(ordering: .acquiring) { return false }
+                if !streams && now - lastFlush > .microseconds(20) {
+                    ring.flushCompletions()
+                    lastFlush = now
+                }
+            }
+        }
+    }
+
     /// Sleeps in io_uring until a completion, the doorbell, or the nearest invalidation
     /// deadline. Shared rings are told first, then looked at once more, so a device that
     /// published before seeing the flag is not missed and one that published after rings
@@ -289,9 +307,9 @@ final class EventLoop {
     /// Takes the published requests of every shared ring. Returns how many.
     private func pollSharedRings() -> Int {
         var taken = 0
-        for case let d? in registry.slots where d.transport.isShared && !d.closing {
+        for (d, ring) in registry.polled {
             do {
-                taken += try d.transport.poll(limit: SharedQueue.capacity) { handleRecord(d, $0) }
+                taken += try ring.poll(limit: SharedQueue.capacity) { handleRecord(d, $0) }
             } catch {
                 fault(d, error)
                 taken += 1
@@ -420,10 +438,15 @@ final class EventLoop {
         if doubleAnswer { d.queued.append(PageResponse(cookie: cookie, code: code)) }
     }
 
-    /// Handles every device's batched groups (before this turn's answers go out).
+    /// Handles every device's batched groups, and sends each device its answers as soon
+    /// as its own groups are handled: a device's answer does not wait for the pages of the
+    /// devices after it (first touches cost about 5 µs a page here).
     private func handleBatches() {
         batching = false
-        for case let d? in registry.slots where !d.batched.isEmpty { handleBatch(d) }
+        for case let d? in registry.slots where !d.batched.isEmpty {
+            handleBatch(d)
+            flushResponses(d)
+        }
     }
 
     /// Handles a device's batched groups in one engine call and answers each.
@@ -533,12 +556,16 @@ final class EventLoop {
     }
 
     private func flushResponses() throws {
-        for case let d? in registry.slots where !d.queued.isEmpty && !d.closing {
-            do {
-                try d.transport.send(&d.queued, ring, d.token)
-            } catch {
-                fault(d, error)
-            }
+        for case let d? in registry.slots where !d.queued.isEmpty { flushResponses(d) }
+    }
+
+    /// Sends a device the answers queued for it.
+    private func flushResponses(_ d: AttachedDevice) {
+        guard !d.queued.isEmpty && !d.closing else { return }
+        do {
+            try d.transport.send(&d.queued, ring, d.token)
+        } catch {
+            fault(d, error)
         }
     }
 

@@ -208,6 +208,9 @@ final class Ring {
         }
     }
 
+    /// Whether completions are ready to reap (two loads: no call into liburing).
+    var hasCompletions: Bool { !backlog.isEmpty || io_uring_cq_ready(&ring) > 0 }
+
     /// Lets the kernel post pending completions (task work) without sleeping.
     func flushCompletions() {
         _ = io_uring_get_events(&ring)
