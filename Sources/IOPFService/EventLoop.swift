@@ -198,15 +198,16 @@ final class EventLoop {
                     && !fences.pending.load(ordering: .acquiring)
                 {
                     idle = true
-                    if !spinForWork(since: lastActivity, lastFlush: &lastFlush)
-                        && !fences.pending.load(ordering: .acquiring)
-                    {
-                        stats.sleeps += 1
-                        try sleep()
+                    work = spinForWork(since: lastActivity, lastFlush: &lastFlush)
+                    if work == 0 {
+                        if !ring.hasCompletions && !fences.pending.load(ordering: .acquiring) {
+                            stats.sleeps += 1
+                            try sleep()
+                        }
+                        ring.reap(into: &completions)
+                        takeHostEvents()
+                        work = pollSharedRings()
                     }
-                    ring.reap(into: &completions)
-                    takeHostEvents()
-                    work = pollSharedRings()
                 }
                 let now = ContinuousClock.now
                 if idle {
@@ -245,24 +246,28 @@ final class EventLoop {
         shutdown()
     }
 
-    /// Busy-polls the shared rings and the completion queue until either has work (true)
-    /// or the spin window since `lastActivity` has passed (false). Takes nothing: the turn
-    /// reaps host events before it takes faults. The clock is read every 16 polls (a read
-    /// cost as much as a poll), and the kernel is asked to post completions at each poll
-    /// while stream devices are attached (they progress only then), every 20 µs otherwise.
+    /// Busy-polls the shared rings and the completion queue until either has work or the
+    /// spin window since `lastActivity` has passed. Returns the records taken; 0 when the
+    /// window passed or completions are ready, which the turn reaps before it takes
+    /// records (host events before faults, as at the top of the loop). The clock is read
+    /// every 16 polls (a read cost as much as a poll), and the kernel is asked to post
+    /// completions at each poll while stream devices are attached (they progress only
+    /// then), every 20 µs otherwise.
     private func spinForWork(
         since lastActivity: ContinuousClock.Instant, lastFlush: inout ContinuousClock.Instant
-    ) -> Bool {
+    ) -> Int {
         let window = Duration.nanoseconds(spin.nanoseconds)
         let streams = registry.streamDevices > 0
         var polls = 0
         while true {
-            if ring.hasCompletions || registry.polled.contains(where: { $0.ring.hasRequests }) { return true }
+            if ring.hasCompletions { return 0 }
+            let taken = pollSharedRings()
+            if taken > 0 { return taken }
             if streams { ring.flushCompletions() }
             polls &+= 1
             if polls & 15 == 0 {
                 let now = ContinuousClock.now
-                if now - lastActivity >= window || fences.pending.load(ordering: .acquiring) { return false }
+                if now - lastActivity >= window || fences.pending.load(ordering: .acquiring) { return 0 }
                 if !streams && now - lastFlush > .microseconds(20) {
                     ring.flushCompletions()
                     lastFlush = now
