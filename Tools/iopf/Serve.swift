@@ -74,7 +74,13 @@ struct Serve: ParsableCommand {
     )
     var transport = "shared"
 
-    @Option(help: "Microseconds the service and devices busy-poll before sleeping.")
+    @Option(
+        help:
+            """
+            Microseconds the simulated devices busy-poll for an answer before sleeping, and the service at most \
+            after its last work (it spins less while work comes further apart: KVM's halt-polling rule).
+            """
+    )
     var spinMicroseconds = 200
 
     @Option(
