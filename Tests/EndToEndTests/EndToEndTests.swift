@@ -332,6 +332,34 @@ import IOPFTestSupport
         #expect(cpus.count == 3 && cpus[0] == 1 && cpus[1] != 1 && cpus[2] == -1, "\(cpus)")
     }
 
+    /// `iopf serve` places its service thread by default (`--service-cpu auto`): on the
+    /// last CPU the process may use when it may use two or more, nowhere when it may use
+    /// one (taskset) or is told `none`.
+    @Test(.enabled(if: Sys.allowedCPUs.count >= 2 && FileManager.default.isExecutableFile(atPath: "/usr/bin/taskset")))
+    func serveGivesItsServiceThreadTheLastAllowedCPU() throws {
+        let iopf = try Child.buildDirectory.appendingPathComponent("iopf").path
+        let run = ["serve", "--json", "--devices", "1", "--memory", "4M", "--duration", "0.3"]
+        let placed = try Child(iopf, run, absolute: true).finish()
+        #expect(placed.status == 0)
+        #expect(placed.json["serviceCPU"] as? Int == Sys.allowedCPUs.last, "\(placed.json["serviceCPU"] ?? "none")")
+        let none = try Child(iopf, run + ["--service-cpu", "none"], absolute: true).finish()
+        #expect(none.status == 0 && none.json["serviceCPU"] == nil && none.json["dmaOps"] != nil)
+        let oneCPU = try Child("/usr/bin/taskset", ["-c", "0", iopf] + run, absolute: true).finish()
+        #expect(oneCPU.status == 0 && oneCPU.json["serviceCPU"] == nil && oneCPU.json["dmaOps"] != nil)
+        // What auto reads: a thread allowed one CPU sees that one.
+        let seen = Lock<[Int]>([])
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            if (try? Sys.setCPUAffinity(1, only: true)) != nil {
+                let cpus = Sys.allowedCPUs
+                seen.withLock { $0 = [cpus.count, cpus.last] }
+            }
+            done.signal()
+        }.start()
+        done.wait()
+        #expect(seen.withLock { $0 } == [1, 1])
+    }
+
     /// `bench --scenario faults`: every fault answered SUCCESS, with several groups in
     /// flight the loop takes them in batches, and the device re-faults memory it walked
     /// (invalidating it first) without anything going wrong.
