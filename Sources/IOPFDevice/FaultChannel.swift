@@ -31,6 +31,9 @@ public final class DeviceChannel: @unchecked Sendable {
     @exclusivity(unchecked) private var received = 0
     @exclusivity(unchecked) private var requestTail: UInt32 = 0
     @exclusivity(unchecked) private var responseHead: UInt32 = 0
+    /// The service's request head when last read: read again only when the ring looks
+    /// full, as each read moves a line the service writes.
+    @exclusivity(unchecked) private var requestHeadSeen: UInt32 = 0
     private let closed = Atomic<Bool>(false)
     /// Whether a wait for responses yields the CPU after its first 4 µs (so the service
     /// runs on an oversubscribed machine). A device that cannot take the service's CPU
@@ -102,7 +105,9 @@ public final class DeviceChannel: @unchecked Sendable {
                 // Full only while the service is behind (credit keeps a device well under the
                 // capacity): wait, but not forever on a service that stopped consuming.
                 var deadline: ContinuousClock.Instant?
-                while requestTail &- q.load(.requestHead) >= UInt32(SharedQueue.capacity) {
+                while requestTail &- requestHeadSeen >= UInt32(SharedQueue.capacity) {
+                    requestHeadSeen = q.load(.requestHead)
+                    if requestTail &- requestHeadSeen < UInt32(SharedQueue.capacity) { break }
                     if q.load(.serviceClosed) != 0 { throw SystemCallError("send", .brokenPipe) }
                     let now = ContinuousClock.now
                     if deadline == nil { deadline = now + .seconds(5) }

@@ -29,6 +29,10 @@ package struct FaultsRow: Codable, Sendable {
     package var loopTurns = 0
     /// Invalidations the device ran to make its pages fault again.
     package var invalidations = 0
+    /// This machine's floor for one in flight, measured just after the run
+    /// (`Floors.crossCoreRoundTrip`; the caller fills it in): a request and its answer
+    /// each hand at least one cache line between the device's CPU and the service's.
+    package var crossCoreRoundTripNs: Double?
     package var problems: [String] = []
 
     package init(outstanding: Int) { self.outstanding = outstanding }

@@ -1,12 +1,14 @@
 // Floors.swift — the machine's own floors, measured in the same run as the service so
 // that results can be stated as ratios: a userfaultfd fault round trip, populating a page
-// with MADV_POPULATE_WRITE, and mlock of fresh memory per GiB.
+// with MADV_POPULATE_WRITE, mlock of fresh memory per GiB, and a cache line handed between
+// two CPUs and back.
 
 import CIOPFShim
 import Foundation
 import Glibc
 import IOPFService
 import IOPFSystem
+import Synchronization
 
 package struct Floors: Codable, Sendable {
     /// With a handler thread sleeping in read(2), the usual way to serve userfaultfd.
@@ -16,13 +18,62 @@ package struct Floors: Codable, Sendable {
     package var uffdRoundTripPolledNs: Double
     package var populateNsPerPage: Double
     package var mlockSecondsPerGiB: Double
+    /// A cache line handed to another CPU and back (`crossCoreRoundTrip`); nil on one CPU.
+    package var crossCoreRoundTripNs: Double?
 
     package static func measure(pages: Int = 16384, mlockBytes: UInt64 = 256 << 20) throws -> Floors {
         Floors(
             uffdRoundTripNs: try userfaultfdRoundTrip(pages: pages, polled: false),
             uffdRoundTripPolledNs: try userfaultfdRoundTrip(pages: pages, polled: true),
             populateNsPerPage: try populatePerPage(pages: pages),
-            mlockSecondsPerGiB: try mlockPerGiB(bytes: mlockBytes))
+            mlockSecondsPerGiB: try mlockPerGiB(bytes: mlockBytes),
+            crossCoreRoundTripNs: crossCoreRoundTrip())
+    }
+
+    /// Nanoseconds for a thread to store to a cache line and see another thread, on
+    /// another CPU, store its reply there: the least a request and its answer through
+    /// shared memory cost, at the machine's speed of the moment (this VM has two). The
+    /// median of 5 batches of `roundTrips`; nil when this process may use one CPU only.
+    package static func crossCoreRoundTrip(roundTrips: Int = 50_000) -> Double? {
+        let cpus = Sys.allowedCPUs
+        guard cpus.count >= 2 else { return nil }
+        let batches = 5
+        let line = CacheLine()
+        let results = Mutex<[Double]>([])
+        let done = DispatchGroup()
+        done.enter()
+        Thread {  // the responder: turns every odd value into the next even one
+            _ = try? Sys.setCPUAffinity(cpus.last, only: true)
+            let end = UInt64(2 * roundTrips * batches)
+            var seen: UInt64 = 0
+            while seen < end {
+                let v = line.value.load(ordering: .acquiring)
+                if v & 1 == 1 && v != seen {
+                    line.value.store(v + 1, ordering: .releasing)
+                    seen = v + 1
+                }
+            }
+            done.leave()
+        }.start()
+        done.enter()
+        Thread {  // the caller, on any other CPU
+            _ = try? Sys.setCPUAffinity(cpus.last, only: false)
+            var next: UInt64 = 1
+            for _ in 0..<batches {
+                let start = ContinuousClock.now
+                for _ in 0..<roundTrips {
+                    line.value.store(next, ordering: .releasing)
+                    while line.value.load(ordering: .acquiring) != next + 1 {}
+                    next += 2
+                }
+                let ns = nanoseconds(ContinuousClock.now - start) / Double(roundTrips)
+                results.withLock { $0.append(ns) }
+            }
+            done.leave()
+        }.start()
+        done.wait()
+        let sorted = results.withLock { $0 }.sorted()
+        return sorted[sorted.count / 2]
     }
 
     /// Mean time for a thread to touch a missing page of a userfaultfd-registered range and
@@ -114,6 +165,11 @@ package struct Floors: Codable, Sendable {
         let info = (Sys.readText("/proc/meminfo")) ?? ""
         let line = info.split(separator: "\n").first { $0.hasPrefix("MemAvailable:") }
         return line.flatMap(ServeSession.procBytes) ?? 0
+    }
+
+    /// One word alone in its cache line (a class instance of its own).
+    private final class CacheLine: Sendable {
+        let value = Atomic<UInt64>(0)
     }
 
     static func nanoseconds(_ d: Duration) -> Double {

@@ -245,7 +245,8 @@ struct Bench: ParsableCommand {
 
     func runFaults(logger: Logger) throws {
         Output.progress("faults: \(outstanding) in flight for \(seconds) s")
-        let row = try FaultsBench.measure(outstanding: outstanding, seconds: seconds, logger: logger)
+        var row = try FaultsBench.measure(outstanding: outstanding, seconds: seconds, logger: logger)
+        row.crossCoreRoundTripNs = Floors.crossCoreRoundTrip()
         Output.progress(nil)
         if json {
             try Output.printJSON(row)
@@ -266,6 +267,12 @@ struct Bench: ParsableCommand {
                         + "max %.1f µs",
                     Double(l.p50) / 1000, Double(l.p90) / 1000, Double(l.p99) / 1000, Double(l.p999) / 1000,
                     Double(l.max) / 1000))
+            if let floor = row.crossCoreRoundTripNs {
+                print(
+                    String(
+                        format: "floor: a cache line to another CPU and back %.0f ns (p50 %.1f× that)", floor,
+                        Double(l.p50) / floor))
+            }
         }
         if !row.problems.isEmpty {
             print("problems: \(row.problems.prefix(3).joined(separator: "; "))")

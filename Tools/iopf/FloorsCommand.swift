@@ -9,7 +9,10 @@ import IOPFService
 struct FloorsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "floors",
-        abstract: "Measure this machine's floors: userfaultfd round trip, MADV_POPULATE_WRITE per page, mlock per GiB."
+        abstract: """
+            Measure this machine's floors: userfaultfd round trip, MADV_POPULATE_WRITE per page, mlock per GiB, a \
+            cache line to another CPU and back.
+            """
     )
 
     @Flag(help: "Print JSON.")
@@ -27,6 +30,9 @@ struct FloorsCommand: ParsableCommand {
                     format: "userfaultfd fault round trip   %8.0f ns (handler busy-polling)", f.uffdRoundTripPolledNs))
             print(String(format: "MADV_POPULATE_WRITE per page   %8.0f ns", f.populateNsPerPage))
             print(String(format: "mlock of fresh memory          %8.3f s/GiB", f.mlockSecondsPerGiB))
+            if let ns = f.crossCoreRoundTripNs {
+                print(String(format: "cache line to a CPU and back   %8.0f ns", ns))
+            }
         }
     }
 }
