@@ -230,7 +230,7 @@ final class EventLoop {
                 }
                 serveExternalDevices()
                 if batching { handleBatches() }
-                try flushResponses()
+                flushResponses()
                 if !translators.isEmpty { advanceTranslations() }
                 if prefetching { prefetchAhead() }
                 runDeferred()
@@ -282,8 +282,8 @@ final class EventLoop {
     /// its doorbell.
     private func sleep() throws {
         var ready = false
-        for case let d? in registry.slots where d.transport.isShared && !d.closing {
-            if d.transport.announceSleep() { ready = true }
+        for (_, ring) in registry.polled {
+            if ring.announceSleep() { ready = true }
         }
         if !ready {
             var timeout: Int64 = 100_000_000
@@ -560,7 +560,7 @@ final class EventLoop {
         }
     }
 
-    private func flushResponses() throws {
+    private func flushResponses() {
         for case let d? in registry.slots where !d.queued.isEmpty { flushResponses(d) }
     }
 

@@ -173,9 +173,6 @@ final class SharedRingTransport: FaultTransport {
         if c.token.kind == .wake { wakeInFlight = false } else { doorbellArmed = nil }
     }
 
-    /// Whether the device published records not yet taken (one load).
-    var hasRequests: Bool { queue.load(.requestTail) != requestHead }
-
     func poll(limit: Int, records body: (UnsafeRawBufferPointer) -> Void) throws(TransportFault) -> Int {
         let tail = queue.load(.requestTail)
         let available = tail &- requestHead
