@@ -13,11 +13,13 @@ import Synchronization
 
 package final class SharedQueue: @unchecked Sendable {
     package typealias Field = SharedRingLayout.Field
-    package static let capacity = SharedRingLayout.entries
-    package static var byteCount: Int { SharedRingLayout.byteCount }
+    @inlinable package static var capacity: Int { SharedRingLayout.entries }
+    @inlinable package static var byteCount: Int { SharedRingLayout.byteCount }
 
     package let fd: CInt
-    private let base: UnsafeMutableRawPointer
+    /// Inlinable from the service and the device modules: each poll of a spin is a few of
+    /// these loads, and a call per load showed in profiles of one fault in flight.
+    @usableFromInline let base: UnsafeMutableRawPointer
 
     /// Creates a sealed memfd of the ring's size and maps it; the caller owns `fd`.
     package static func create() throws(SystemCallError) -> SharedQueue {
@@ -54,48 +56,52 @@ package final class SharedQueue: @unchecked Sendable {
 
     deinit { munmap(base, Self.byteCount) }
 
-    @inline(__always)
-    private func atomic(_ f: Field) -> UnsafeMutablePointer<Atomic<UInt32>> {
+    @inlinable @inline(__always)
+    func atomic(_ f: Field) -> UnsafeMutablePointer<Atomic<UInt32>> {
         (base + f.offset).assumingMemoryBound(to: Atomic<UInt32>.self)
     }
 
-    @inline(__always) package func load(_ f: Field) -> UInt32 { atomic(f).pointee.load(ordering: .acquiring) }
-    @inline(__always) package func store(_ f: Field, _ v: UInt32) { atomic(f).pointee.store(v, ordering: .releasing) }
-    @inline(__always) package func storeSequential(_ f: Field, _ v: UInt32) {
+    @inlinable @inline(__always) package func load(_ f: Field) -> UInt32 {
+        atomic(f).pointee.load(ordering: .acquiring)
+    }
+    @inlinable @inline(__always) package func store(_ f: Field, _ v: UInt32) {
+        atomic(f).pointee.store(v, ordering: .releasing)
+    }
+    @inlinable @inline(__always) package func storeSequential(_ f: Field, _ v: UInt32) {
         atomic(f).pointee.store(v, ordering: .sequentiallyConsistent)
     }
-    @inline(__always) package func loadSequential(_ f: Field) -> UInt32 {
+    @inlinable @inline(__always) package func loadSequential(_ f: Field) -> UInt32 {
         atomic(f).pointee.load(ordering: .sequentiallyConsistent)
     }
 
     /// The service's "answered at" stamp: when it published its latest responses
     /// (`Sys.monotonicNanoseconds`). Stored before the tail is published, read after it.
-    @inline(__always) package var answeredAt: UInt64 {
+    @inlinable @inline(__always) package var answeredAt: UInt64 {
         get { answeredAtWord.pointee.load(ordering: .relaxed) }
         set { answeredAtWord.pointee.store(newValue, ordering: .relaxed) }
     }
 
     /// Whether the device asked for "answered at" stamps (any value but 0).
-    @inline(__always) package var stampsWanted: Bool {
+    @inlinable @inline(__always) package var stampsWanted: Bool {
         get { stampsWantedWord.pointee.load(ordering: .relaxed) != 0 }
         set { stampsWantedWord.pointee.store(newValue ? 1 : 0, ordering: .releasing) }
     }
 
-    private var answeredAtWord: UnsafeMutablePointer<Atomic<UInt64>> {
+    @inlinable var answeredAtWord: UnsafeMutablePointer<Atomic<UInt64>> {
         (base + SharedRingLayout.answeredAtOffset).assumingMemoryBound(to: Atomic<UInt64>.self)
     }
 
-    private var stampsWantedWord: UnsafeMutablePointer<Atomic<UInt32>> {
+    @inlinable var stampsWantedWord: UnsafeMutablePointer<Atomic<UInt32>> {
         (base + SharedRingLayout.stampsWantedOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     package func requestSlot(_ index: UInt32) -> UnsafeMutableRawBufferPointer {
         let offset = SharedRingLayout.requestSlotsOffset + Int(index % UInt32(Self.capacity)) * PageRequest.byteCount
         return UnsafeMutableRawBufferPointer(start: base + offset, count: PageRequest.byteCount)
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     package func responseSlot(_ index: UInt32) -> UnsafeMutableRawBufferPointer {
         let offset = SharedRingLayout.responseSlotsOffset + Int(index % UInt32(Self.capacity)) * PageResponse.byteCount
         return UnsafeMutableRawBufferPointer(start: base + offset, count: PageResponse.byteCount)
@@ -103,7 +109,7 @@ package final class SharedQueue: @unchecked Sendable {
 
     /// Copies request slot `index` out of shared memory once and hands the private copy to
     /// `body`: whatever the other side writes meanwhile, validation and use see one value.
-    @inline(__always)
+    @inlinable @inline(__always)
     package func copyRequest<R>(_ index: UInt32, _ body: (UnsafeRawBufferPointer) -> R) -> R {
         var copy: (UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0)
         return withUnsafeMutableBytes(of: &copy) { c in

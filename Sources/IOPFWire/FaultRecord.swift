@@ -22,7 +22,7 @@
 /// One page request: `struct iommu_hwpt_pgfault`.
 public struct PageRequest: Sendable, Hashable {
     /// The record's size: iommufd's `struct iommu_hwpt_pgfault`.
-    public static let byteCount = 40
+    @inlinable public static var byteCount: Int { 40 }
     /// PCIe PRI page request group index is 9 bits.
     public static let maxGroupIndex: UInt32 = 511
     /// PCIe PASIDs are 20 bits.
@@ -206,7 +206,7 @@ public enum ResponseCode: UInt32, Sendable, Hashable {
 /// `struct iommu_hwpt_page_response`.
 public struct PageResponse: Sendable, Hashable {
     /// The response's size: iommufd's `struct iommu_hwpt_page_response`.
-    public static let byteCount = 8
+    @inlinable public static var byteCount: Int { 8 }
     /// The cookie of the group answered.
     public var cookie: UInt32
     /// How the group was answered.

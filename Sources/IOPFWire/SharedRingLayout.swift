@@ -29,22 +29,22 @@
 /// The layout of the shared ring pair: a header page of indices and flags, then the request and response slots.
 public enum SharedRingLayout {
     /// Slots in each ring.
-    public static let entries = 256
+    @inlinable public static var entries: Int { 256 }
     /// The header page's size.
-    public static let headerBytes = 4096
+    @inlinable public static var headerBytes: Int { 4096 }
     /// Where the request slots start.
-    public static let requestSlotsOffset = headerBytes
+    @inlinable public static var requestSlotsOffset: Int { headerBytes }
     /// Where the response slots start.
-    public static let responseSlotsOffset = headerBytes + entries * PageRequest.byteCount
+    @inlinable public static var responseSlotsOffset: Int { headerBytes + entries * PageRequest.byteCount }
     /// The size of the whole mapping.
-    public static let byteCount = responseSlotsOffset + entries * PageResponse.byteCount
+    @inlinable public static var byteCount: Int { responseSlotsOffset + entries * PageResponse.byteCount }
 
     /// The service's "answered at" stamp (UInt64, CLOCK_MONOTONIC ns), on the response
     /// tail's cache line: the device reads it with the tail at no extra transfer.
-    public static let answeredAtOffset = 200
+    @inlinable public static var answeredAtOffset: Int { 200 }
     /// Set (not 0) by a device that wants the stamp; the service reads it on the line it
     /// writes anyway.
-    public static let stampsWantedOffset = 208
+    @inlinable public static var stampsWantedOffset: Int { 208 }
 
     /// The header's UInt32 fields, each on its own 64-byte cache line.
     public enum Field: Int, CaseIterable, Sendable {
@@ -52,6 +52,6 @@ public enum SharedRingLayout {
         case requestHead = 0, requestTail, responseHead, responseTail, deviceWaiting, serviceWaiting, deviceClosed,
             serviceClosed
         /// The field's offset in the header page.
-        public var offset: Int { rawValue * 64 }
+        @inlinable public var offset: Int { rawValue * 64 }
     }
 }
