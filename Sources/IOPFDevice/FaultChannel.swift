@@ -203,10 +203,14 @@ public final class DeviceChannel: @unchecked Sendable {
         let spinUntil = spinStart + .nanoseconds(spinNanoseconds)
         var slept = false
         while true {
-            let tail = q.load(.responseTail)
-            if tail != responseHead {
-                try takeShared(q, upTo: tail, into: &out)
-                return true
+            // Look at the tail 16 times between clock reads: an answer is taken within a
+            // load of its publication, not a clock read later.
+            for _ in 0..<16 {
+                let tail = q.load(.responseTail)
+                if tail != responseHead {
+                    try takeShared(q, upTo: tail, into: &out)
+                    return true
+                }
             }
             if q.load(.serviceClosed) != 0 { return false }
             if slept && timeoutMs >= 0 { return true }
