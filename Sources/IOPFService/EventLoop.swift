@@ -189,6 +189,7 @@ final class EventLoop {
             var lastSweep = lastActivity
             var idle = false
             while running {
+                registry.endTurn()
                 try ring.submit()
                 completions.removeAll(keepingCapacity: true)
                 ring.reap(into: &completions)
@@ -282,8 +283,8 @@ final class EventLoop {
     /// its doorbell.
     private func sleep() throws {
         var ready = false
-        for (_, ring) in registry.polled {
-            if ring.announceSleep() { ready = true }
+        for p in registry.polled {
+            if p.ring.announceSleep() { ready = true }
         }
         if !ready {
             var timeout: Int64 = 100_000_000
@@ -312,11 +313,11 @@ final class EventLoop {
     /// Takes the published requests of every shared ring. Returns how many.
     private func pollSharedRings() -> Int {
         var taken = 0
-        for (d, ring) in registry.polled {
+        for p in registry.polled {
             do {
-                taken += try ring.poll(limit: SharedQueue.capacity) { handleRecord(d, $0) }
+                taken += try p.ring.poll(limit: SharedQueue.capacity) { handleRecord(p.device, $0) }
             } catch {
-                fault(d, error)
+                fault(p.device, error)
                 taken += 1
             }
         }
