@@ -10,7 +10,7 @@
 // - pipe: two pipes, one per direction.
 
 import Glibc
-import IOPFSystem
+@_spi(SharedRings) import IOPFSystem
 import IOPFWire
 import Synchronization
 import SystemPackage

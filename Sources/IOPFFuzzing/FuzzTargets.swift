@@ -5,7 +5,7 @@
 // a violated property is a trap, which libFuzzer reports like a crash.
 
 import IOPFCore
-import IOPFSystem
+@_spi(SharedRings) import IOPFSystem
 import IOPFWire
 import CIOPFShim
 import IOPFService

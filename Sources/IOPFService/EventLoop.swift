@@ -19,7 +19,7 @@
 import CIOPFShim
 import Foundation
 import Glibc
-import IOPFSystem
+@_spi(SharedRings) import IOPFSystem
 import IOPFWire
 import Logging
 @_spi(FaultInjection) import IOPFCore

@@ -11,6 +11,7 @@ import Dispatch
 import Foundation
 import Glibc
 @_exported import IOPFSystem
+@_spi(SharedRings) import IOPFSystem
 import Logging
 import Synchronization
 import SystemPackage

@@ -13,7 +13,7 @@
 import CIOPFShim
 import Glibc
 import IOPFCore
-import IOPFSystem
+@_spi(SharedRings) import IOPFSystem
 import IOPFWire
 import SystemPackage
 

@@ -4,7 +4,7 @@
 // 816 against 856 ns p50, interleaved runs): the optimizer stops specializing it for its
 // one caller.
 
-import IOPFSystem
+@_spi(SharedRings) import IOPFSystem
 
 /// A shared-ring transport as the loop holds it, for a fuzzer playing the device.
 package final class SharedRingSeam {

@@ -13,7 +13,7 @@
 import Foundation
 import Glibc
 import IOPFCore
-import IOPFSystem
+@_spi(SharedRings) import IOPFSystem
 import IOPFWire
 
 final class Peer {

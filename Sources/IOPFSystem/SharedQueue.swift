@@ -11,10 +11,15 @@ import Glibc
 import IOPFWire
 import Synchronization
 
-package final class SharedQueue: @unchecked Sendable {
-    package typealias Field = SharedRingLayout.Field
-    @inlinable package static var capacity: Int { SharedRingLayout.entries }
-    @inlinable package static var byteCount: Int { SharedRingLayout.byteCount }
+/// One mapping of a fault channel's rings. SPI rather than `package`: Swift inlines a
+/// `package` member into another module of the package only with library evolution on, and
+/// the service's and the device's spins are loads of these rings.
+@_spi(SharedRings) public final class SharedQueue: @unchecked Sendable {
+    public typealias Field = SharedRingLayout.Field
+    /// Slots in each ring.
+    @inlinable public static var capacity: Int { SharedRingLayout.entries }
+    /// The size of the mapping.
+    @inlinable public static var byteCount: Int { SharedRingLayout.byteCount }
 
     package let fd: CInt
     /// Inlinable from the service and the device modules: each poll of a spin is a few of
@@ -61,28 +66,32 @@ package final class SharedQueue: @unchecked Sendable {
         (base + f.offset).assumingMemoryBound(to: Atomic<UInt32>.self)
     }
 
-    @inlinable @inline(__always) package func load(_ f: Field) -> UInt32 {
+    /// `f`, with acquire ordering.
+    @inlinable @inline(__always) public func load(_ f: Field) -> UInt32 {
         atomic(f).pointee.load(ordering: .acquiring)
     }
-    @inlinable @inline(__always) package func store(_ f: Field, _ v: UInt32) {
+    /// Stores `v` in `f` with release ordering.
+    @inlinable @inline(__always) public func store(_ f: Field, _ v: UInt32) {
         atomic(f).pointee.store(v, ordering: .releasing)
     }
-    @inlinable @inline(__always) package func storeSequential(_ f: Field, _ v: UInt32) {
+    /// Stores `v` in `f`, sequentially consistent (before a load of the other side's flag).
+    @inlinable @inline(__always) public func storeSequential(_ f: Field, _ v: UInt32) {
         atomic(f).pointee.store(v, ordering: .sequentiallyConsistent)
     }
-    @inlinable @inline(__always) package func loadSequential(_ f: Field) -> UInt32 {
+    /// `f`, sequentially consistent (after a store of this side's flag).
+    @inlinable @inline(__always) public func loadSequential(_ f: Field) -> UInt32 {
         atomic(f).pointee.load(ordering: .sequentiallyConsistent)
     }
 
     /// The service's "answered at" stamp: when it published its latest responses
     /// (`Sys.monotonicNanoseconds`). Stored before the tail is published, read after it.
-    @inlinable @inline(__always) package var answeredAt: UInt64 {
+    @inlinable @inline(__always) public var answeredAt: UInt64 {
         get { answeredAtWord.pointee.load(ordering: .relaxed) }
         set { answeredAtWord.pointee.store(newValue, ordering: .relaxed) }
     }
 
     /// Whether the device asked for "answered at" stamps (any value but 0).
-    @inlinable @inline(__always) package var stampsWanted: Bool {
+    @inlinable @inline(__always) public var stampsWanted: Bool {
         get { stampsWantedWord.pointee.load(ordering: .relaxed) != 0 }
         set { stampsWantedWord.pointee.store(newValue ? 1 : 0, ordering: .releasing) }
     }
@@ -95,14 +104,16 @@ package final class SharedQueue: @unchecked Sendable {
         (base + SharedRingLayout.stampsWantedOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
     }
 
+    /// Request slot `index` (modulo the capacity).
     @inlinable @inline(__always)
-    package func requestSlot(_ index: UInt32) -> UnsafeMutableRawBufferPointer {
+    public func requestSlot(_ index: UInt32) -> UnsafeMutableRawBufferPointer {
         let offset = SharedRingLayout.requestSlotsOffset + Int(index % UInt32(Self.capacity)) * PageRequest.byteCount
         return UnsafeMutableRawBufferPointer(start: base + offset, count: PageRequest.byteCount)
     }
 
+    /// Response slot `index` (modulo the capacity).
     @inlinable @inline(__always)
-    package func responseSlot(_ index: UInt32) -> UnsafeMutableRawBufferPointer {
+    public func responseSlot(_ index: UInt32) -> UnsafeMutableRawBufferPointer {
         let offset = SharedRingLayout.responseSlotsOffset + Int(index % UInt32(Self.capacity)) * PageResponse.byteCount
         return UnsafeMutableRawBufferPointer(start: base + offset, count: PageResponse.byteCount)
     }
@@ -110,7 +121,7 @@ package final class SharedQueue: @unchecked Sendable {
     /// Copies request slot `index` out of shared memory once and hands the private copy to
     /// `body`: whatever the other side writes meanwhile, validation and use see one value.
     @inlinable @inline(__always)
-    package func copyRequest<R>(_ index: UInt32, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+    public func copyRequest<R>(_ index: UInt32, _ body: (UnsafeRawBufferPointer) -> R) -> R {
         var copy: (UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0)
         return withUnsafeMutableBytes(of: &copy) { c in
             c.copyMemory(from: UnsafeRawBufferPointer(requestSlot(index)))

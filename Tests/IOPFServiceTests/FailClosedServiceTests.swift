@@ -14,7 +14,7 @@ import IOPFTestSupport
 @testable import IOPFDevice
 @testable import IOPFService
 @testable import IOPFSimulation
-@testable import IOPFSystem
+@_spi(SharedRings) @testable import IOPFSystem
 
 @Suite(.serialized, .timeLimit(.minutes(2))) struct FailClosedServiceTests {
     @Test func aReadErrorOnTheUserfaultfdStopsGranting() throws {

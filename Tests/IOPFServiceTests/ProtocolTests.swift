@@ -11,7 +11,7 @@ import IOPFTestSupport
 @testable import IOPFDevice
 @testable import IOPFService
 @testable import IOPFSimulation
-@testable import IOPFSystem
+@_spi(SharedRings) @testable import IOPFSystem
 
 @Suite(.serialized, .timeLimit(.minutes(5))) struct ProtocolTests {
     @Test func aDeviceAttachesFaultsTranslatesAndWritesTheHostsMemory() throws {

@@ -4,7 +4,7 @@
 
 import Glibc
 import Testing
-@testable import IOPFSystem
+@_spi(SharedRings) @testable import IOPFSystem
 
 @Suite(.timeLimit(.minutes(2))) struct SystemTests {
     @Test func aDescriptorSentWithAMessageIsTheSameOpenFile() throws {
