@@ -503,7 +503,10 @@
             var during = rate(over: 1.0)
             if during < 0.5 * before { during = max(during, rate(over: 1.0)) }
             stop()
-            let after = rate(over: 0.5)
+            // After too: a window short of a quarter is measured up to twice more (another
+            // suite's moment of load passes; a service the attack left broken stays slow).
+            var after = rate(over: 0.5)
+            for _ in 0..<2 where after < 0.25 * before { after = max(after, rate(over: 0.5)) }
             check(what, service, alone: min(before, after), during: during)
             #expect(
                 after >= 0.25 * before,
