@@ -56,7 +56,7 @@ struct DeviceRegistry {
     }
 
     /// At the top of a loop turn, when no poll is in progress: devices that left may go.
-    mutating func endTurn() {
+    mutating func beginTurn() {
         if !departed.isEmpty { departed.removeAll(keepingCapacity: true) }
     }
 

@@ -189,7 +189,7 @@ final class EventLoop {
             var lastSweep = lastActivity
             var idle = false
             while running {
-                registry.endTurn()
+                registry.beginTurn()
                 try ring.submit()
                 completions.removeAll(keepingCapacity: true)
                 ring.reap(into: &completions)

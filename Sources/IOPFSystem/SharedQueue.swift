@@ -22,8 +22,7 @@ import Synchronization
     @inlinable public static var byteCount: Int { SharedRingLayout.byteCount }
 
     package let fd: CInt
-    /// Inlinable from the service and the device modules: each poll of a spin is a few of
-    /// these loads, and a call per load showed in profiles of one fault in flight.
+    /// The mapping; `@usableFromInline` for the inlined accessors.
     @usableFromInline let base: UnsafeMutableRawPointer
 
     /// Creates a sealed memfd of the ring's size and maps it; the caller owns `fd`.
