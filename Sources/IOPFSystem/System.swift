@@ -61,6 +61,8 @@ public enum Sys {
     public struct Mapping: Sendable {
         /// The mapping's addresses.
         public var range: Range<UInt64>
+        /// The inode of the file it maps (0 for anonymous memory): a memfd's is its own.
+        public var inode: UInt64 = 0
         /// Its `VmFlags` mnemonics: `lo` locked (VM_LOCKED), `um`/`uw` registered with a
         /// userfaultfd, …
         public var flags: Set<Substring> = []
@@ -71,22 +73,28 @@ public enum Sys {
     /// This process's mappings that overlap `range`, from /proc/self/smaps (empty when
     /// it cannot be read).
     public static func mappings(overlapping range: Range<UInt64>) -> [Mapping] {
+        mappings().filter { $0.range.overlaps(range) }
+    }
+
+    /// Every mapping of this process, from /proc/self/smaps (empty when it cannot be read).
+    public static func mappings() -> [Mapping] {
         guard let smaps = readText("/proc/self/smaps") else { return [] }
         var out: [Mapping] = []
         for line in smaps.split(separator: "\n") {
-            // A mapping's first line: "start-end perms offset dev inode path", in hex.
+            // A mapping's first line: "start-end perms offset dev inode path", the inode in decimal.
             if let dash = line.firstIndex(of: "-"), let space = line.firstIndex(of: " "), dash < space,
                 let lo = UInt64(line[..<dash], radix: 16),
                 let hi = UInt64(line[line.index(after: dash)..<space], radix: 16)
             {
-                out.append(Mapping(range: lo..<hi))
+                let inode = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true).dropFirst(4).first
+                out.append(Mapping(range: lo..<hi, inode: inode.flatMap { UInt64($0) } ?? 0))
             } else if !out.isEmpty, line.hasPrefix("VmFlags:") {
                 out[out.count - 1].flags = Set(line.split(separator: " ").dropFirst())
             } else if !out.isEmpty, line.hasPrefix("Locked:") {
                 out[out.count - 1].lockedKB = Int(line.split(separator: " ").dropFirst().first ?? "") ?? -1
             }
         }
-        return out.filter { $0.range.overlaps(range) }
+        return out
     }
 
     /// Lets the calling thread run only when no normal thread wants its CPU (SCHED_IDLE):

@@ -20,20 +20,13 @@ import IOPFTestSupport
 @Suite(.serialized, .timeLimit(.minutes(6))) struct HostPinnedTests {
     static let iova: UInt64 = 1 << 40
 
-    /// Kilobytes this process has locked (VmLck).
-    static func lockedKiB() -> Int {
-        let status = Sys.readText("/proc/self/status") ?? ""
-        let line = status.split(separator: "\n").first { $0.hasPrefix("VmLck:") } ?? ""
-        return Int(line.split(whereSeparator: \.isWhitespace).dropFirst().first ?? "") ?? -1
-    }
-
     @Test func aPinnedMappingIsLockedAndMappedWholeAndOutlivesTheHostsEvents() throws {
         let s = try ListeningService()
         let m = try TestHostMemory(size: 2 << 20)
         let host = try m.declare(s.path, name: "vm-pin")
-        let locked = Self.lockedKiB()
+        #expect(m.lockedKiB() == 0)
         try host.map(iova: Self.iova, hostAddress: m.base, size: m.size, prot: [.read, .write], pinned: true)
-        #expect(Self.lockedKiB() - locked == 2048, "the service locked the host's 2 MiB")
+        #expect(m.lockedKiB() == 2048, "the service locked the host's 2 MiB")
         let client = try DeviceClient(connectingTo: s.path)
         let a = try client.attach(Attach(deviceID: 2, addressSpaceName: "vm-pin"))
         client.serveInvalidations { _ in true }
@@ -50,7 +43,7 @@ import IOPFTestSupport
         #expect(s.waitUntil { $0.hosts.first?.pinnedBytes == 2 << 20 && $0.hosts.first?.faults == 0 })
         // DMA_UNMAP unlocks, and the IOVA is gone.
         #expect(try host.unmap(iova: Self.iova, size: m.size) == m.size)
-        #expect(Self.lockedKiB() == locked)
+        #expect(m.lockedKiB() == 0)
         #expect(try fault(a, device: 2, iova: Self.iova, cookie: 1) == .invalid)
         #expect(s.waitUntil { $0.hosts.first?.pinnedBytes == 0 })
         try client.detach()
@@ -61,23 +54,23 @@ import IOPFTestSupport
         let s = try ListeningService { $0.maxHostPinnedBytes = 1 << 20 }
         let m = try TestHostMemory(size: 2 << 20)
         let host = try m.declare(s.path, name: "vm-pin")
-        let locked = Self.lockedKiB()
         let r = refusal {
             try host.map(iova: Self.iova, hostAddress: m.base, size: m.size, prot: [.read, .write], pinned: true)
         }
         #expect(
             r?.errno == WireErrno.noSpace && r?.text.contains("--max-host-pinned") == true, "\(String(describing: r))")
+        #expect(m.lockedKiB() == 0)
         // Within it: taken; the same IOVA again: refused as an overlap, nothing more locked.
         try host.map(iova: Self.iova, hostAddress: m.base, size: 512 << 10, prot: [.read, .write], pinned: true)
         let overlap = refusal {
             try host.map(iova: Self.iova, hostAddress: m.base, size: 4096, prot: [.read], pinned: true)
         }
         #expect(overlap?.errno == WireErrno.exists, "\(String(describing: overlap))")
-        #expect(Self.lockedKiB() - locked == 512)
+        #expect(m.lockedKiB() == 512)
         let kinds = s.waitFor { $0.protocolErrorKinds[.badMapping] == 1 }.protocolErrorKinds
         #expect(kinds[.hostPinnedBudget] == 1 && kinds[.badMapping] == 1, "\(kinds)")
         try host.detach()
-        #expect(Self.lockedKiB() == locked, "a host that goes takes its pins with it")
+        #expect(m.lockedKiB() == 0, "a host that goes takes its pins with it")
     }
 
     /// A host of another uid whose RLIMIT_MEMLOCK is 2 MiB cannot pin 16 MiB, as VFIO
@@ -106,7 +99,6 @@ import IOPFTestSupport
         let b = try Bystander(s.path)
         defer { b.finish() }
         let m = try TestHostMemory(size: 16 << 20)
-        let locked = Self.lockedKiB()
         let stop = Atomic<Bool>(false)
         let pins = Atomic<Int>(0)
         let pinned = Atomic<Int>(0)
@@ -161,8 +153,8 @@ import IOPFTestSupport
         #expect(pins.load(ordering: .relaxed) >= 2 && pinned.load(ordering: .relaxed) >= 1)
         // Every pin finished and was let go: nothing stays locked once the hosts are gone.
         let deadline = ContinuousClock.now + .seconds(20)
-        while Self.lockedKiB() != locked && ContinuousClock.now < deadline { usleep(20_000) }
-        #expect(Self.lockedKiB() == locked)
+        while m.lockedKiB() != 0 && ContinuousClock.now < deadline { usleep(20_000) }
+        #expect(m.lockedKiB() == 0)
         #expect(try s.service.checkInvariants().wait().isEmpty)
     }
 }

@@ -175,6 +175,15 @@
             if uffd >= 0 { Sys.close(uffd) }
         }
 
+        /// KiB of this memory locked in this process: mappings of its memfd flagged `lo`
+        /// (VM_LOCKED), as VmLck counts them, but not what tests running beside lock.
+        package func lockedKiB() -> Int {
+            var st = stat()
+            guard fstat(memfd, &st) == 0 else { return -1 }
+            let mine = Sys.mappings().filter { $0.inode == UInt64(st.st_ino) && $0.flags.contains("lo") }
+            return Int(mine.reduce(0) { $0 + $1.range.upperBound - $1.range.lowerBound } >> 10)
+        }
+
         package var region: HostRegionEntry { HostRegionEntry(hostAddress: base, size: size, fdOffset: 0, fdIndex: 0) }
         package func pointer(_ offset: UInt64) -> UnsafeMutableRawPointer {
             UnsafeMutableRawPointer(bitPattern: UInt(base + offset))!
