@@ -422,8 +422,9 @@ void iopf_close(struct iopf_client *c) {
 /* Hosts (protocol 1.1). */
 
 int iopf_host_connect(struct iopf_client *c, const char *path) {
-    /* Hosts are 1.1; 1.2 adds dirty tracking and PIN, which need the service to grant it. */
-    return connect_and_hello(c, path, 2, 1, 0 /* no fault channel */, 1 /* host */);
+    /* Hosts are 1.1; 1.2 adds dirty tracking and PIN, 1.3 DMA_UNMAP's GET_DIRTY: each
+     * needs the service to grant it. */
+    return connect_and_hello(c, path, 3, 1, 0 /* no fault channel */, 1 /* host */);
 }
 
 int iopf_host_userfaultfd(struct iopf_client *c) {
@@ -522,38 +523,56 @@ int iopf_host_dirty_stop(struct iopf_client *c, uint64_t iova, uint64_t size) {
     return dirty_range(c, CMD_DIRTY_STOP, iova, size);
 }
 
-/* DIRTY_READ, inline when memfd < 0: the reply is checked before a byte is copied. */
-static int dirty_read(struct iopf_client *c, uint64_t iova, uint64_t size, int memfd, uint64_t offset,
-                      uint64_t *bitmap, size_t words, uint64_t *reported) {
-    if (c->minor < 2) return fail(c, "dirty tracking needs protocol 1.2; the service granted 1.%u", c->minor);
+/* DIRTY_READ, or with `unmap` DMA_UNMAP with GET_DIRTY (1.3), whose request has flags and
+ * whose reply starts with the bytes unmapped; inline when memfd < 0. The reply is checked
+ * before a byte is copied. */
+static int dirty_read(struct iopf_client *c, int unmap, uint64_t iova, uint64_t size, int memfd, uint64_t offset,
+                      uint64_t *bitmap, size_t words, uint64_t *unmapped, uint64_t *reported) {
+    uint16_t need_minor = unmap ? 3 : 2;
+    if (c->minor < need_minor)
+        return fail(c, "%s needs protocol 1.%u; the service granted 1.%u", unmap ? "GET_DIRTY" : "dirty tracking",
+                    need_minor, c->minor);
     uint64_t need = ((size >> 12) + 63) / 64;
     if (memfd < 0 && words < need) return fail(c, "the bitmap holds %zu words, the range needs %llu", words,
                                                (unsigned long long)need);
-    uint8_t p[24], reply[MAX_MESSAGE];
+    uint8_t p[32], reply[MAX_MESSAGE];
     put64(p, iova);
     put64(p + 8, size);
-    put64(p + 16, offset);
-    size_t n;
+    if (unmap) {
+        put32(p + 16, 1); /* GET_DIRTY */
+        put32(p + 20, 0);
+        put64(p + 24, offset);
+    } else {
+        put64(p + 16, offset);
+    }
+    size_t n, at = unmap ? 8 : 0; /* where the dirty part of the reply starts */
     int fds[1] = {memfd};
-    if (request_fds(c, CMD_DIRTY_READ, p, sizeof(p), fds, memfd < 0 ? 0 : 1, reply, sizeof(reply), &n, NULL, NULL) != 0)
+    if (request_fds(c, unmap ? CMD_DMA_UNMAP : CMD_DIRTY_READ, p, unmap ? 32 : 24, fds, memfd < 0 ? 0 : 1, reply,
+                    sizeof(reply), &n, NULL, NULL) != 0)
         return -1;
-    uint64_t inline_bytes = n >= 16 ? get64(reply + 8) : 0;
-    if (n < 16 || n != 16 + inline_bytes || (memfd < 0 ? inline_bytes != need * 8 : inline_bytes != 0))
-        return fail(c, "malformed DIRTY_READ reply (%zu bytes)", n);
-    for (uint64_t w = 0; memfd < 0 && w < need; w++) bitmap[w] = get64(reply + 16 + 8 * w);
-    if (reported) *reported = get64(reply);
+    uint64_t inline_bytes = n >= at + 16 ? get64(reply + at + 8) : 0;
+    if (n < at + 16 || n != at + 16 + inline_bytes || (memfd < 0 ? inline_bytes != need * 8 : inline_bytes != 0))
+        return fail(c, "malformed %s reply (%zu bytes)", unmap ? "DMA_UNMAP" : "DIRTY_READ", n);
+    for (uint64_t w = 0; memfd < 0 && w < need; w++) bitmap[w] = get64(reply + at + 16 + 8 * w);
+    if (unmapped) *unmapped = get64(reply);
+    if (reported) *reported = get64(reply + at);
     return 0;
 }
 
 int iopf_host_dirty_read(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_t *bitmap, size_t words,
                          uint64_t *reported) {
-    return dirty_read(c, iova, size, -1, 0, bitmap, words, reported);
+    return dirty_read(c, 0, iova, size, -1, 0, bitmap, words, NULL, reported);
 }
 
 int iopf_host_dirty_read_memfd(struct iopf_client *c, uint64_t iova, uint64_t size, int memfd, uint64_t offset,
                                uint64_t *reported) {
     if (memfd < 0) return fail(c, "no memfd");
-    return dirty_read(c, iova, size, memfd, offset, NULL, 0, reported);
+    return dirty_read(c, 0, iova, size, memfd, offset, NULL, 0, NULL, reported);
+}
+
+int iopf_host_unmap_dirty(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_t *bitmap, size_t words,
+                          uint64_t *unmapped, uint64_t *reported) {
+    return dirty_read(c, 1, iova, size, -1, 0, bitmap, words, unmapped, reported);
 }
 
 int iopf_host_sync(struct iopf_client *c) {

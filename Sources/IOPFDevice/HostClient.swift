@@ -134,11 +134,7 @@ public final class HostClient: @unchecked Sendable {
             DirtyReadRequest(iova: iova, size: size).message(id: connection.takeID()), expecting: .dirtyRead)
         let reply: DirtyReadReply
         do { reply = try DirtyReadReply(message: bytes) } catch { throw .protocolViolation("\(error)") }
-        let pages = Int(size >> 12)
-        guard reply.bitmap.count == DirtyLimits.bitmapBytes(pages: UInt64(pages)) else {
-            throw .protocolViolation("DIRTY_READ reply: \(reply.bitmap.count) bitmap bytes for \(pages) pages")
-        }
-        return reply.bitmap.withUnsafeBytes { PageBitmap(count: pages, littleEndianBytes: $0) }
+        return try Self.bitmap(reply, size: size, "DIRTY_READ")
     }
 
     /// DIRTY_READ (1.2) into `memfd` (sealed against shrinking) at byte `offset`: the
@@ -151,6 +147,51 @@ public final class HostClient: @unchecked Sendable {
             DirtyReadRequest(iova: iova, size: size, bitmapOffset: offset).message(id: connection.takeID()),
             fds: [memfd.rawValue], expecting: .dirtyRead)
         do { return try DirtyReadReply(message: bytes).reportedPages } catch { throw .protocolViolation("\(error)") }
+    }
+
+    /// DMA_UNMAP with GET_DIRTY (1.3; VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP), the bitmap
+    /// inline (ranges up to 256 MiB, inside a started range): removes the whole mappings
+    /// inside the range and returns the bytes unmapped and the pages written there since
+    /// the last read of the log, read with the removal so that no write falls between.
+    public func unmapReadingDirty(iova: UInt64, size: UInt64) throws(DeviceClientError) -> (
+        bytes: UInt64, dirty: PageBitmap
+    ) {
+        let reply = try unmapReadingDirty(DMAUnmapRequest(iova: iova, size: size, flags: DMAUnmapRequest.getDirty))
+        return (reply.bytes, try Self.bitmap(reply.dirty!, size: size, "DMA_UNMAP"))
+    }
+
+    /// DMA_UNMAP with GET_DIRTY (1.3), the bitmap written into `memfd` (sealed against
+    /// shrinking) at byte `offset` before the reply. Returns the bytes unmapped and the
+    /// pages reported.
+    public func unmapReadingDirty(iova: UInt64, size: UInt64, into memfd: FileDescriptor, at offset: UInt64 = 0)
+        throws(DeviceClientError) -> (bytes: UInt64, reportedPages: UInt64)
+    {
+        let reply = try unmapReadingDirty(
+            DMAUnmapRequest(iova: iova, size: size, flags: DMAUnmapRequest.getDirty, bitmapOffset: offset),
+            fds: [memfd.rawValue])
+        return (reply.bytes, reply.dirty!.reportedPages)
+    }
+
+    private func unmapReadingDirty(_ request: DMAUnmapRequest, fds: [CInt] = []) throws(DeviceClientError)
+        -> DMAUnmapReply
+    {
+        let (bytes, _) = try connection.request(
+            request.message(id: connection.takeID()), fds: fds, expecting: .dmaUnmap)
+        let reply: DMAUnmapReply
+        do { reply = try DMAUnmapReply(message: bytes) } catch { throw .protocolViolation("\(error)") }
+        guard reply.dirty != nil else { throw .protocolViolation("DMA_UNMAP reply: no dirty pages after GET_DIRTY") }
+        return reply
+    }
+
+    /// The inline bitmap of a log read over `size` bytes, checked to have its bits.
+    private static func bitmap(_ reply: DirtyReadReply, size: UInt64, _ what: String) throws(DeviceClientError)
+        -> PageBitmap
+    {
+        let pages = Int(size >> 12)
+        guard reply.bitmap.count == DirtyLimits.bitmapBytes(pages: UInt64(pages)) else {
+            throw .protocolViolation("\(what) reply: \(reply.bitmap.count) bitmap bytes for \(pages) pages")
+        }
+        return reply.bitmap.withUnsafeBytes { PageBitmap(count: pages, littleEndianBytes: $0) }
     }
 
     /// DETACH: the service tears the address space down (devices detached, mappings

@@ -68,6 +68,10 @@ package enum FuzzTargets {
                         ]), tag: 8),
                 payload(DMAMapRequest(iova: 1 << 30, hostAddress: 0x7f00_0000_0000, size: 1 << 21, flags: 3), tag: 9),
                 payload(DMAUnmapRequest(iova: 1 << 30, size: 1 << 21), tag: 10),
+                payload(
+                    DMAUnmapRequest(iova: 1 << 30, size: 1 << 21, flags: DMAUnmapRequest.getDirty, bitmapOffset: 64),
+                    tag: 10),
+                payload(DMAUnmapReply(bytes: 1 << 21, dirty: DirtyReadReply(reportedPages: 0, bitmap: [])), tag: 16),
             ]
             let miss = VhostUser.IOTLBMessage(iova: 1 << 30, size: 0, userAddress: 0, permission: 3, kind: .miss)
             seeds += [

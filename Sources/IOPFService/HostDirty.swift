@@ -93,48 +93,90 @@ extension EventLoop {
             return refuseDirty(p, header, error.errno, error.kind, error.description)
         }
         let range = request.iova..<(request.iova + request.size)
-        guard !s.host!.dirtyReadPending else {
-            return refuseDirty(
-                p, header, WireErrno.busy, .badState,
-                "DIRTY_READ: the previous read is not answered yet (one at a time per host)")
+        let window: BitmapWindow?
+        do { window = try bitmapTarget(s, "DIRTY_READ", range, offset: request.bitmapOffset, fds: fds) } catch {
+            return refuseDirty(p, header, error.errno, error.kind, error.description)
         }
-        guard
-            s.host!.dirtyRanges.contains(where: { $0.contains(range.lowerBound) && range.upperBound <= $0.upperBound })
-        else {
-            return refuseDirty(
-                p, header, WireErrno.noEntry, .badDirtyRange,
-                "DIRTY_READ \(rangeText(range)) is not inside a started range (tracking is stopped there)")
-        }
-        guard fds.count <= 1 else {
-            return refuseDirty(
-                p, header, WireErrno.badFD, .badDirtyBitmap,
-                "DIRTY_READ carries one descriptor (the bitmap's memfd) or none, got \(fds.count)")
-        }
-        let bytes = request.bitmapBytes
-        // The memfd is checked, mapped and its pages confirmed before the log is read: a
-        // bitmap that cannot be written is refused with the bits still in the log.
-        var window: BitmapWindow?
         defer { window?.close() }
-        if fds.isEmpty {
-            guard bytes <= DirtyLimits.maxInlineBitmapBytes, request.bitmapOffset == 0 else {
-                return refuseDirty(
-                    p, header, WireErrno.messageSize, .badDirtyBitmap,
-                    """
-                    DIRTY_READ \(rangeText(range)) needs a \(bytes)-byte bitmap: inline ones hold \
-                    \(DirtyLimits.maxInlineBitmapBytes) bytes at offset 0; send a memfd for more
-                    """)
-            }
-        } else {
-            do {
-                window = try BitmapWindow(fds[0], offset: request.bitmapOffset, bytes: bytes, probes: probes)
-            } catch {
-                return refuseDirty(p, header, error.errno, error.kind, "DIRTY_READ: \(error.description)")
-            }
-        }
         let bits: PageBitmap
         do { bits = try s.engine.readAndClearDirty(iova: request.iova, size: request.size) } catch {
             return refuseDirty(p, header, WireErrno.invalid, .badDirtyRange, "DIRTY_READ: \(error)")
         }
+        let dirty = report(s, bits, window)
+        afterExternalDevices(space: s.id) { [self] in
+            s.host!.dirtyReadPending = false
+            reply(p, dirty.message(id: header.id, flags: .reply))
+        }
+    }
+
+    /// DMA_UNMAP with GET_DIRTY (1.3): the range's dirty pages read under the engine's lock
+    /// with the removal (`FaultEngine.unmapReadingDirty`), so no write falls between; the
+    /// range, the bitmap and the one-read-at-a-time rule are DIRTY_READ's. Nothing is
+    /// removed and no bit is lost when it is refused.
+    func hostUnmapReadingDirty(
+        _ p: Peer, _ header: MessageHeader, _ s: AddressSpace, _ request: DMAUnmapRequest, fds: [CInt]
+    ) {
+        let range = request.iova..<(request.iova + request.size)
+        let window: BitmapWindow?
+        do {
+            window = try bitmapTarget(s, "DMA_UNMAP with GET_DIRTY", range, offset: request.bitmapOffset, fds: fds)
+        } catch { return refuseDirty(p, header, error.errno, error.kind, error.description) }
+        defer { window?.close() }
+        let removed: (hostRanges: [Range<UInt64>], dirty: PageBitmap)
+        do { removed = try s.engine.unmapReadingDirty(iova: request.iova, size: request.size) } catch {
+            return refuseDirty(p, header, WireErrno.invalid, .badMapping, "\(error)")
+        }
+        let bytes = noteUnmapped(s, removed.hostRanges)
+        let dirty = report(s, removed.dirty, window)
+        afterExternalDevices(space: s.id) { [self] in
+            s.host!.dirtyReadPending = false
+            reply(p, DMAUnmapReply(bytes: bytes, dirty: dirty).message(id: header.id, flags: .reply))
+        }
+    }
+
+    /// Checks what a read of the log over `range` needs before the log is read: no read of
+    /// the host's unanswered, the range inside one started range, and a bitmap that can be
+    /// written (inline within 8 KiB, or a checked memfd window, returned mapped). A bitmap
+    /// that cannot be written is refused with the bits still in the log.
+    private func bitmapTarget(
+        _ s: AddressSpace, _ what: String, _ range: Range<UInt64>, offset: UInt64, fds: [CInt]
+    ) throws(HostRefusal) -> BitmapWindow? {
+        guard !s.host!.dirtyReadPending else {
+            throw HostRefusal(
+                WireErrno.busy, .badState, "\(what): the previous read is not answered yet (one at a time per host)")
+        }
+        guard
+            s.host!.dirtyRanges.contains(where: { $0.contains(range.lowerBound) && range.upperBound <= $0.upperBound })
+        else {
+            throw HostRefusal(
+                WireErrno.noEntry, .badDirtyRange,
+                "\(what) \(rangeText(range)) is not inside a started range (tracking is stopped there)")
+        }
+        guard fds.count <= 1 else {
+            throw HostRefusal(
+                WireErrno.badFD, .badDirtyBitmap,
+                "\(what) carries one descriptor (the bitmap's memfd) or none, got \(fds.count)")
+        }
+        let bytes = DirtyLimits.bitmapBytes(pages: UInt64(range.count) >> 12)
+        guard let fd = fds.first else {
+            guard bytes <= DirtyLimits.maxInlineBitmapBytes, offset == 0 else {
+                throw HostRefusal(
+                    WireErrno.messageSize, .badDirtyBitmap,
+                    """
+                    \(what) \(rangeText(range)) needs a \(bytes)-byte bitmap: inline ones hold \
+                    \(DirtyLimits.maxInlineBitmapBytes) bytes at offset 0; send a memfd for more
+                    """)
+            }
+            return nil
+        }
+        do { return try BitmapWindow(fd, offset: offset, bytes: bytes, probes: probes) } catch {
+            throw HostRefusal(error.errno, error.kind, "\(what): \(error.description)")
+        }
+    }
+
+    /// Counts a read of the log, copies its bits into `window` or the reply, and marks the
+    /// host's read pending until the reply.
+    private func report(_ s: AddressSpace, _ bits: PageBitmap, _ window: BitmapWindow?) -> DirtyReadReply {
         let reported = UInt64(bits.population)
         var inline: [UInt8] = []
         if let window { window.copy(bits.littleEndianBytes) } else { inline = bits.littleEndianBytes }
@@ -143,10 +185,7 @@ extension EventLoop {
             $0.dirtyPagesReported += Int(reported)
         }
         s.host!.dirtyReadPending = true
-        afterExternalDevices(space: s.id) { [self] in
-            s.host!.dirtyReadPending = false
-            reply(p, DirtyReadReply(reportedPages: reported, bitmap: inline).message(id: header.id, flags: .reply))
-        }
+        return DirtyReadReply(reportedPages: reported, bitmap: inline)
     }
 }
 

@@ -329,23 +329,48 @@ extension EventLoop {
         reply(p, Wire.message(command: .dmaMap, id: header.id, flags: .reply))
     }
 
-    func hostUnmap(_ p: Peer, _ header: MessageHeader, _ request: DMAUnmapRequest) {
+    /// DMA_UNMAP; owns `fds` (none, or with GET_DIRTY the bitmap's memfd), closed before
+    /// it returns. With GET_DIRTY (1.3) the log is read with the removal (`HostDirty.swift`).
+    func hostUnmap(_ p: Peer, _ header: MessageHeader, _ payload: UnsafeRawBufferPointer, fds: [CInt]) {
+        defer { for fd in fds { Sys.close(fd) } }
         guard let s = p.space else { return }
+        func refuse(_ errno: UInt32, _ kind: ProtocolErrorKind, _ text: String) {
+            stats.protocolError(kind)
+            reply(p, Wire.errorReply(command: .dmaUnmap, id: header.id, errno: errno, text: text))
+        }
+        let request: DMAUnmapRequest
+        do { request = try DMAUnmapRequest(payload: payload) } catch {
+            return refuse(error.errno, error.kind, error.description)
+        }
+        guard !request.isExtended || p.minor >= 3 else {
+            return refuse(
+                WireErrno.notSupported, .badState, "DMA_UNMAP with flags needs protocol 1.3; HELLO agreed 1.\(p.minor)")
+        }
+        if request.flags & DMAUnmapRequest.getDirty != 0 {
+            return hostUnmapReadingDirty(p, header, s, request, fds: fds)
+        }
+        guard fds.isEmpty else {
+            return refuse(WireErrno.invalid, .unexpectedFDs, "DMA_UNMAP carries a descriptor only with GET_DIRTY")
+        }
         let removed: [Range<UInt64>]
         do { removed = try s.engine.removeMappings(iova: request.iova, size: request.size) } catch {
-            stats.protocolError(.badMapping)
-            reply(p, Wire.errorReply(command: .dmaUnmap, id: header.id, errno: WireErrno.invalid, text: "\(error)"))
-            return
+            return refuse(WireErrno.invalid, .badMapping, "\(error)")
         }
+        let bytes = noteUnmapped(s, removed)
+        afterExternalDevices(space: s.id) { [self] in
+            reply(p, DMAUnmapReply(bytes: bytes).message(id: header.id, flags: .reply))
+        }
+    }
+
+    /// Counts the mappings a DMA_UNMAP removed; returns their bytes.
+    func noteUnmapped(_ s: AddressSpace, _ removed: [Range<UInt64>]) -> UInt64 {
         stats.host(s.id) {
             $0.unmaps += removed.count
             $0.pinnedBytes = Int(clamping: s.pinnedBytes)
         }
         let bytes = removed.reduce(0) { $0 + UInt64($1.count) }
         s.mappedBytes -= bytes
-        afterExternalDevices(space: s.id) { [self] in
-            reply(p, DMAUnmapReply(bytes: bytes).message(id: header.id, flags: .reply))
-        }
+        return bytes
     }
 
     /// VHOST: serve a vhost-user back-end in the host's address space. Takes `fds` (closed

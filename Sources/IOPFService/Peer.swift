@@ -230,6 +230,11 @@ extension EventLoop {
                 fds = []
                 continue
             }
+            if header.command == .dmaUnmap && !header.isReply && p.state == .attached && p.role == .host {
+                hostUnmap(p, header, payload, fds: fds)
+                fds = []
+                continue
+            }
             if fdsSent {
                 refuse(
                     p, message, kind: .unexpectedFDs, errno: WireErrno.invalid,
@@ -289,8 +294,6 @@ extension EventLoop {
                 translate(p, header, try Translate(payload: payload))
             case (.dmaMap, .attached) where p.role == .host:
                 hostMap(p, header, try DMAMapRequest(payload: payload))
-            case (.dmaUnmap, .attached) where p.role == .host:
-                hostUnmap(p, header, try DMAUnmapRequest(payload: payload))
             case (.dirtyStart, .attached) where p.role == .host && p.minor >= 2:
                 hostDirtyStart(p, header, try DirtyStartRequest(payload: payload))
             case (.dirtyStop, .attached) where p.role == .host && p.minor >= 2:

@@ -24,6 +24,12 @@ public enum DirtyLimits {
 private func decodeRange(_ c: Command, _ r: inout WireReader) throws(WireError) -> (UInt64, UInt64) {
     let iova = r.u64()
     let size = r.u64()
+    try checkDirtyRange(c, iova: iova, size: size)
+    return (iova, size)
+}
+
+/// Checks that a range whose dirty log is read is page-aligned, non-empty and not wrapping.
+func checkDirtyRange(_ c: Command, iova: UInt64, size: UInt64) throws(WireError) {
     guard size > 0 else { throw .outOfRange(field: "\(c).size", value: 0, allowed: "> 0") }
     for (what, v) in [("iova", iova), ("size", size)] where v & 0xFFF != 0 {
         throw .unaligned(field: "\(c).\(what)", value: v)
@@ -31,7 +37,6 @@ private func decodeRange(_ c: Command, _ r: inout WireReader) throws(WireError) 
     guard iova <= UInt64.max - (size - 1) else {
         throw .outOfRange(field: "\(c).size", value: size, allowed: "iova + size must not wrap")
     }
-    return (iova, size)
 }
 
 /// What DIRTY_START and DIRTY_STOP carry: 16 bytes {iova, size}, a page-aligned range.

@@ -237,47 +237,107 @@ public struct DMAMapRequest: WirePayload {
     }
 }
 
-/// DMA_UNMAP request: 16 bytes. Removes the whole mappings inside `[iova, iova + size)`.
+/// DMA_UNMAP request: 16 bytes, or 32 with flags (protocol 1.3). Removes the whole mappings
+/// inside `[iova, iova + size)`. With `getDirty` (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP) the
+/// reply also reports the pages written there since the last read of the dirty log, read
+/// with the removal so that no write falls between: the range lies inside one started range
+/// and holds at most `DirtyLimits.maxReadBytes`, and the bitmap comes inline or goes to a
+/// memfd sent with the request at `bitmapOffset`, as DIRTY_READ's.
 public struct DMAUnmapRequest: WirePayload {
     public static let command = Command.dmaUnmap
+    /// Flag bit 0: report the range's dirty pages with the unmap.
+    public static let getDirty: UInt32 = 1 << 0
     /// The first IOVA to unmap.
     public var iova: UInt64
     /// The size in bytes; mappings inside are removed whole.
     public var size: UInt64
+    /// `getDirty` or 0.
+    public var flags: UInt32
+    /// Where the bitmap goes in the memfd sent with a `getDirty` request (0 inline).
+    public var bitmapOffset: UInt64
 
-    /// A DMA_UNMAP of `size` bytes at `iova`.
-    public init(iova: UInt64, size: UInt64) {
+    /// A DMA_UNMAP of `size` bytes at `iova`; with `getDirty` in `flags`, reading the log too.
+    public init(iova: UInt64, size: UInt64, flags: UInt32 = 0, bitmapOffset: UInt64 = 0) {
         self.iova = iova
         self.size = size
+        self.flags = flags
+        self.bitmapOffset = bitmapOffset
     }
 
+    /// Whether it is the 32-byte form (protocol 1.3): sent when a flag or an offset is set.
+    public var isExtended: Bool { flags != 0 || bitmapOffset != 0 }
+
+    /// Pages the range covers: bits of a `getDirty` bitmap.
+    public var bitmapBytes: Int { DirtyLimits.bitmapBytes(pages: size >> 12) }
+
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
-        try Wire.expectSize(.dmaUnmap, p, 16)
+        guard p.count == 16 || p.count == 32 else { throw .payloadSize(.dmaUnmap, got: p.count, expected: 32) }
         var r = WireReader(p)
         iova = r.u64()
         size = r.u64()
+        guard p.count == 32 else {
+            (flags, bitmapOffset) = (0, 0)
+            return
+        }
+        flags = r.u32()
+        let reserved = r.u32()
+        bitmapOffset = r.u64()
+        guard flags & ~Self.getDirty == 0 else {
+            throw .outOfRange(field: "DMA_UNMAP.flags", value: UInt64(flags), allowed: "bit 0 (GET_DIRTY) only")
+        }
+        guard reserved == 0 else { throw .reservedNonZero(field: "DMA_UNMAP.reserved") }
+        guard flags & Self.getDirty != 0 else {
+            guard bitmapOffset == 0 else {
+                throw .outOfRange(field: "DMA_UNMAP.bitmapOffset", value: bitmapOffset, allowed: "0 without GET_DIRTY")
+            }
+            return
+        }
+        try checkDirtyRange(.dmaUnmap, iova: iova, size: size)
+        guard size <= DirtyLimits.maxReadBytes else {
+            throw .outOfRange(
+                field: "DMA_UNMAP.size", value: size, allowed: "at most \(DirtyLimits.maxReadBytes) with GET_DIRTY")
+        }
+        guard bitmapOffset & 7 == 0, bitmapOffset <= UInt64.max - UInt64(bitmapBytes) else {
+            throw .outOfRange(
+                field: "DMA_UNMAP.bitmapOffset", value: bitmapOffset, allowed: "8-aligned, offset + bitmap not wrapping"
+            )
+        }
     }
 
     public func encode(into w: inout WireWriter) {
         w.u64(iova)
         w.u64(size)
+        guard isExtended else { return }
+        w.u32(flags)
+        w.u32(0)
+        w.u64(bitmapOffset)
     }
 }
 
 /// DMA_UNMAP reply: 8 bytes, the bytes unmapped (as VFIO_IOMMU_UNMAP_DMA's `size`), sent
-/// once every device dropped the translations.
+/// once every device dropped the translations; after a GET_DIRTY request, then a
+/// DIRTY_READ reply's payload (pages reported, inline bitmap bytes, the inline bitmap).
 public struct DMAUnmapReply: WirePayload {
     public static let command = Command.dmaUnmap
     /// Bytes unmapped.
     public var bytes: UInt64
-    /// A reply of `bytes` unmapped.
-    public init(bytes: UInt64) { self.bytes = bytes }
+    /// The dirty pages of the range, after a GET_DIRTY request.
+    public var dirty: DirtyReadReply?
+    /// A reply of `bytes` unmapped, and `dirty` after a GET_DIRTY request.
+    public init(bytes: UInt64, dirty: DirtyReadReply? = nil) {
+        self.bytes = bytes
+        self.dirty = dirty
+    }
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
-        try Wire.expectSize(.dmaUnmap, p, 8)
+        guard p.count >= 8 else { throw .payloadSize(.dmaUnmap, got: p.count, expected: 8) }
         var r = WireReader(p)
         bytes = r.u64()
+        dirty = p.count == 8 ? nil : try DirtyReadReply(payload: UnsafeRawBufferPointer(rebasing: p[8...]))
     }
-    public func encode(into w: inout WireWriter) { w.u64(bytes) }
+    public func encode(into w: inout WireWriter) {
+        w.u64(bytes)
+        dirty?.encode(into: &w)
+    }
 }
 
 /// VHOST (protocol 1.1, host → service): the service is to serve a vhost-user back-end in

@@ -15,8 +15,9 @@ public enum WireVersion {
     public static let major: UInt16 = 1
     /// 1.1 adds the host role (HOST, DMA_MAP, DMA_UNMAP, SYNC), ATTACH by address-space
     /// name, and the service's DETACH notice on the invalidation socket. 1.2 adds dirty
-    /// tracking for hosts (DIRTY_START, DIRTY_STOP, DIRTY_READ).
-    public static let minor: UInt16 = 2
+    /// tracking for hosts (DIRTY_START, DIRTY_STOP, DIRTY_READ). 1.3 adds DMA_UNMAP's
+    /// GET_DIRTY: unmap and read the log in one step.
+    public static let minor: UInt16 = 3
 }
 
 /// Limits both sides enforce.

@@ -298,9 +298,10 @@ import IOPFTestSupport
         #expect(r.violations == 0 && r.problems.isEmpty, "\(r.problems)")
     }
 
-    /// The C host on protocol 1.2: with `--dirty-log` it reads the pages its Swift devices
-    /// write, a share of its memory each round; with `--pinned` too its devices never fault
-    /// and every read reports every page (pinned memory is not tracked, as with VFIO).
+    /// The C host on protocol 1.3: with `--dirty-log` it reads the pages its Swift devices
+    /// write, a share of its memory each round, and last with its unmap (GET_DIRTY); with
+    /// `--pinned` too its devices never fault and every read reports every page (pinned
+    /// memory is not tracked, as with VFIO).
     @Test func aHostWrittenInCReadsItsDirtyLogAndPins() throws {
         let s = try ListeningSession(seconds: 0)
         for pinned in [false, true] {
@@ -318,6 +319,9 @@ import IOPFTestSupport
             let rounds = hostJSON["dirtyRounds"] as? Int ?? 0
             let reported = hostJSON["dirtyPagesReported"] as? Int ?? -1
             #expect(hostStatus == 0 && rounds >= 5 && hostJSON["pinned"] as? Bool == pinned, "\(hostJSON)")
+            // Its unmap (GET_DIRTY, 1.3) is the last round: every page when pinned.
+            let atUnmap = hostJSON["unmapDirtyPages"] as? Int ?? -1
+            #expect(pinned ? atUnmap == 4096 : atUnmap >= 0, "\(hostJSON)")
             if pinned {
                 #expect(reported == rounds * 4096, "\(hostJSON)")  // 16 MiB, every page every round
             } else {
@@ -325,7 +329,7 @@ import IOPFTestSupport
             }
         }
         let r = try s.result()
-        #expect(r.hosts.count == 2 && r.hosts.allSatisfy { $0.dirtyReads >= 5 }, "\(r.hosts)")
+        #expect(r.hosts.count == 2 && r.hosts.allSatisfy { $0.dirtyReads >= 6 }, "\(r.hosts)")
         let pinnedHost = r.hosts.first { $0.name == "c-pinned" }
         #expect(
             pinnedHost.map { $0.faults == 0 && $0.dirtyPagesReported == $0.dirtyReads * 4096 } == true, "\(r.hosts)")

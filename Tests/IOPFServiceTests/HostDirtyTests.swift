@@ -112,6 +112,72 @@ import IOPFTestSupport
         #expect(stats.protocolErrorKinds[.badDirtyRange] == 1)
     }
 
+    /// DMA_UNMAP with GET_DIRTY (1.3): the pages written since the last read come back with
+    /// the unmap, inline or in a memfd, once and only once; the IOVAs are gone; a refused
+    /// one removes nothing and loses no bit; a 1.2 host is told it needs 1.3.
+    @Test func anUnmapReadsTheLogWithTheRemoval() throws {
+        let s = try ListeningService()
+        let m = try TestHostMemory()
+        let host = try m.declare(s.path, name: "vm-u")
+        let half = m.size / 2  // two mappings of 128 pages
+        try host.map(iova: Self.iova, hostAddress: m.base, size: half, prot: [.read, .write])
+        try host.map(iova: Self.iova + half, hostAddress: m.base + half, size: half, prot: [.read, .write])
+        var w = try Writer(s.path, space: "vm-u")
+        try host.startDirtyTracking(iova: Self.iova, size: m.size)
+        for page in [3, 100, 200] { try w.write(page: page, UInt64(page)) }
+        // Refused before anything is read or removed: a range that cuts a mapping, one
+        // outside the started range, a bitmap too small.
+        let cut = refusal { _ = try host.unmapReadingDirty(iova: Self.iova, size: 64 << 12) }
+        #expect(cut?.errno == WireErrno.invalid, "\(String(describing: cut))")
+        let outside = refusal { _ = try host.unmapReadingDirty(iova: Self.iova + m.size, size: 4096) }
+        #expect(outside?.errno == WireErrno.noEntry && outside?.text.contains("not inside a started range") == true)
+        let small = Self.bitmapMemfd(8)
+        let fd = Self.bitmapMemfd(4096)
+        defer { for f in [small, fd] { Sys.close(f) } }
+        let tooSmall = refusal {
+            _ = try host.unmapReadingDirty(iova: Self.iova, size: half, into: FileDescriptor(rawValue: small))
+        }
+        #expect(tooSmall?.errno == WireErrno.invalid && tooSmall?.text.contains("GET_DIRTY") == true)
+        #expect(try w.writable(page: 3), "a refused unmap left the mapping and its write access")
+        // The first mapping goes with its two pages; they are not reported again.
+        let (bytes, dirty) = try host.unmapReadingDirty(iova: Self.iova, size: half)
+        #expect(bytes == half && Self.setBits(dirty) == [3, 100])
+        #expect(try fault(w.attachment, device: 5, iova: Self.iova + 3 << 12, cookie: 900) == .invalid)
+        #expect(Self.setBits(try host.readDirty(iova: Self.iova, size: m.size)) == [200])
+        // Into a memfd at an offset: the bitmap of the second mapping, one page written.
+        try w.write(page: 201, 0x201)
+        let second = try host.unmapReadingDirty(
+            iova: Self.iova + half, size: half, into: FileDescriptor(rawValue: fd), at: 8)
+        #expect(second.bytes == half && second.reportedPages == 1)
+        var words = [UInt64](repeating: 0, count: 3)
+        #expect(words.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 24, 0) } == 24)
+        #expect(words == [0, 0, 1 << (201 - 128 - 64)])
+        #expect(m.pointer(201 << 12).load(as: UInt64.self) == 0x201)
+        let record = s.waitFor { $0.hosts.first?.unmaps == 2 }.hosts[0]
+        #expect(record.unmaps == 2 && record.dirtyReads == 3 && record.dirtyPagesReported == 4, "\(record)")
+        // A host that agreed 1.2 sends the 32-byte form: not supported, said so.
+        let old = try TestHostMemory()
+        let raw = try RawPeer(s.path)
+        try raw.send(Hello(minor: 2, role: .host).message(id: 1))
+        _ = try raw.receive()
+        try raw.send(HostDeclaration(name: "vm-old", regions: [old.region]).message(id: 2), fds: [old.uffd, old.memfd])
+        #expect(try raw.receive()?.header.isError == false)
+        try raw.send(
+            DMAUnmapRequest(iova: Self.iova, size: 4096, flags: DMAUnmapRequest.getDirty).message(id: 3))
+        let refused = try raw.receive()
+        let text = refused.map { r in r.payload.withUnsafeBytes { Wire.errorText($0) } } ?? ""
+        #expect(refused?.header.isError == true && text.contains("needs protocol 1.3"), "\(text)")
+        // A descriptor on a plain unmap, an unknown flag: errors naming what was wrong.
+        try raw.send(DMAUnmapRequest(iova: Self.iova, size: 4096).message(id: 4), fds: [fd])
+        #expect(try raw.receive()?.header.isError == true)
+        try raw.send(DMAUnmapRequest(iova: Self.iova, size: 4096, flags: 2).message(id: 5))
+        #expect(try raw.receive()?.header.isError == true)
+        let kinds = s.waitFor { $0.protocolErrorKinds[.unexpectedFDs] == 1 }.protocolErrorKinds
+        #expect(kinds[.unexpectedFDs] == 1 && kinds[.badField] == 1, "\(kinds)")
+        try w.client.detach()
+        try host.detach()
+    }
+
     @Test func hostileDirtyRequestsAreRefusedSayingWhyAndTheBystanderKeepsServing() throws {
         let s = try ListeningService()
         let b = try Bystander(s.path)

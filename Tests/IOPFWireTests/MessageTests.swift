@@ -43,6 +43,12 @@ import Testing
         #expect(try roundTrip(map) == map && map.updatesHostAddress)
         #expect(try roundTrip(DMAUnmapRequest(iova: 1 << 40, size: 4096)) == DMAUnmapRequest(iova: 1 << 40, size: 4096))
         #expect(try roundTrip(DMAUnmapReply(bytes: 1 << 20)) == DMAUnmapReply(bytes: 1 << 20))
+        // 1.3: GET_DIRTY, 32 bytes; its reply carries a DIRTY_READ reply after the bytes.
+        let unmapDirty = DMAUnmapRequest(iova: 1 << 40, size: 1 << 20, flags: DMAUnmapRequest.getDirty, bitmapOffset: 8)
+        #expect(try roundTrip(unmapDirty) == unmapDirty && unmapDirty.message(id: 1).count == 16 + 32)
+        let unmapReply = DMAUnmapReply(
+            bytes: 1 << 20, dirty: DirtyReadReply(reportedPages: 1, bitmap: [1, 0, 0, 0, 0, 0, 0, 0]))
+        #expect(try roundTrip(unmapReply) == unmapReply && unmapReply.message(id: 1).count == 16 + 8 + 16 + 8)
         let start = DirtyStartRequest(iova: 1 << 40, size: 1 << 30)
         let stop = DirtyStopRequest(iova: 1 << 40, size: 1 << 30)
         let read = DirtyReadRequest(iova: 1 << 40, size: 1 << 30, bitmapOffset: 64)
@@ -123,6 +129,20 @@ import Testing
         #expect(
             error(DMAUnmapRequest.self, Array(DMAUnmapRequest(iova: 0, size: 4096).message(id: 1).dropLast()))?.kind
                 == .badSize)
+        // GET_DIRTY's range and bitmap offset are checked as DIRTY_READ's; unknown flags refused.
+        for bad in [
+            DMAUnmapRequest(iova: 0, size: 4096, flags: 2),
+            DMAUnmapRequest(iova: 0, size: 4095, flags: DMAUnmapRequest.getDirty),
+            DMAUnmapRequest(iova: 0, size: 4096, flags: DMAUnmapRequest.getDirty, bitmapOffset: 4),
+            DMAUnmapRequest(iova: 0, size: 1 << 40, flags: DMAUnmapRequest.getDirty),
+            DMAUnmapRequest(iova: 0, size: 4096, bitmapOffset: 8),
+        ] {
+            #expect(error(DMAUnmapRequest.self, bad.message(id: 1))?.kind == .badField, "\(bad)")
+        }
+        var reserved = DMAUnmapRequest(iova: 0, size: 4096, flags: DMAUnmapRequest.getDirty).message(id: 1)
+        reserved[16 + 20] = 1
+        #expect(error(DMAUnmapRequest.self, reserved) == .reservedNonZero(field: "DMA_UNMAP.reserved"))
+        #expect(error(DMAUnmapRequest.self, Array(reserved.dropLast(8)))?.kind == .badSize)
     }
 
     /// The worked example of the protocol document, byte for byte.

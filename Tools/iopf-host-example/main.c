@@ -151,19 +151,33 @@ int main(int argc, char **argv) {
         changes++;
         pages_removed += (unsigned long)count;
     }
-    if (dirty_log && iopf_host_dirty_stop(&c, iova, size) != 0) return die(&c, "DIRTY_STOP");
+    /* With the log on, the unmap is a last round: GET_DIRTY reports what was written since
+     * the last read, as QEMU asks VFIO when a mapping goes during migration. */
+    uint64_t unmapped = 0, unmap_reported = 0;
+    if (dirty_log) {
+        if (iopf_host_unmap_dirty(&c, iova, size, bitmap, (size >> 12) / 64 + 1, &unmapped, &unmap_reported) != 0)
+            return die(&c, "DMA_UNMAP with GET_DIRTY");
+        uint64_t set = 0;
+        for (uint64_t w = 0; w < ((size >> 12) + 63) / 64; w++) set += (uint64_t)__builtin_popcountll(bitmap[w]);
+        if (set != unmap_reported) {
+            fprintf(stderr, "iopf-host-example: DMA_UNMAP reported %llu pages, its bitmap %llu\n",
+                    (unsigned long long)unmap_reported, (unsigned long long)set);
+            return 2;
+        }
+        if (iopf_host_dirty_stop(&c, iova, size) != 0) return die(&c, "DIRTY_STOP");
+    } else if (iopf_host_unmap(&c, iova, size, &unmapped) != 0) {
+        return die(&c, "DMA_UNMAP");
+    }
     free(bitmap);
-    uint64_t unmapped = 0;
-    if (iopf_host_unmap(&c, iova, size, &unmapped) != 0) return die(&c, "DMA_UNMAP");
     if (iopf_host_detach(&c) != 0) return die(&c, "DETACH");
     iopf_close(&c);
     munmap(memory, size);
     close(memfd);
     printf("{\"name\": \"%s\", \"memoryBytes\": %llu, \"hostChanges\": %lu, \"pagesRemoved\": %lu, "
            "\"unmappedBytes\": %llu, \"syncMeanNs\": %.0f, \"syncMaxNs\": %.0f, \"pinned\": %s, "
-           "\"dirtyRounds\": %lu, \"dirtyPagesReported\": %lu}\n",
+           "\"dirtyRounds\": %lu, \"dirtyPagesReported\": %lu, \"unmapDirtyPages\": %llu}\n",
            name, (unsigned long long)size, changes, pages_removed, (unsigned long long)unmapped,
            changes ? sync_total / (double)changes * 1e9 : 0.0, sync_max * 1e9, pinned ? "true" : "false", rounds,
-           reported_total);
+           reported_total, (unsigned long long)unmap_reported);
     return 0;
 }

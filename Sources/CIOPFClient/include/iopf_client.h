@@ -131,8 +131,8 @@ int iopf_detach(struct iopf_client *c);
 /* Unmaps the regions and closes every socket. */
 void iopf_close(struct iopf_client *c);
 
-/* Hosts (protocol 1.1; dirty tracking and PIN 1.2). A host hands the service its memory, memfds mapped MAP_SHARED and
- * sealed F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL, and a userfaultfd, which the service
+/* Hosts (protocol 1.1; dirty tracking and PIN 1.2, GET_DIRTY 1.3). A host hands the
+ * service its memory, memfds mapped MAP_SHARED and sealed F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL, and a userfaultfd, which the service
  * registers on those ranges: the host's madvise/munmap/mremap then invalidate what its
  * devices (iopf_attach with an address space, or `iopf device --address-space`) hold. The
  * host must not read the userfaultfd or register ranges on it itself. A host connection
@@ -198,6 +198,13 @@ int iopf_host_dirty_read(struct iopf_client *c, uint64_t iova, uint64_t size, ui
  * `offset` (8-aligned), for ranges up to 64 GiB. */
 int iopf_host_dirty_read_memfd(struct iopf_client *c, uint64_t iova, uint64_t size, int memfd, uint64_t offset,
                                uint64_t *reported);
+
+/* DMA_UNMAP with GET_DIRTY (protocol 1.3; VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP), the
+ * bitmap inline (ranges up to 256 MiB, inside a started range): removes the whole mappings
+ * inside and reports the pages written there since the last read, read with the removal
+ * so that no write falls between. `unmapped` gets the bytes unmapped. */
+int iopf_host_unmap_dirty(struct iopf_client *c, uint64_t iova, uint64_t size, uint64_t *bitmap, size_t words,
+                          uint64_t *unmapped, uint64_t *reported);
 
 /* DETACH: the service tears the address space down (devices detached, mappings removed,
  * ranges unregistered) before it answers. Then iopf_close. */
