@@ -251,6 +251,7 @@ import IOPFTestSupport
                     _ = refusal { _ = try host.readDirty(iova: 1 << 30, size: 1 << 30) }
                     _ = refusal { try host.readDirty(iova: 0, size: 4096, into: FileDescriptor(rawValue: small)) }
                     _ = refusal { try host.stopDirtyTracking(iova: 1 << 30, size: 4096) }
+                    _ = refusal { _ = try host.unmapReadingDirty(iova: 1 << 30, size: 1 << 30) }
                 }
             }
             return { stop.store(true, ordering: .relaxed) }
