@@ -12,7 +12,7 @@ import IOPFTestSupport
 @testable import IOPFSimulation
 @testable import IOPFSystem
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct EndToEndTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct EndToEndTests {
     /// Sequential DMA with adaptive fault-around: the data checks pass, pages mapped
     /// ahead are counted, and the devices need several times fewer groups than with
     /// single pages, in the same workload. Invalidations keep running in between.
@@ -261,7 +261,7 @@ import IOPFTestSupport
     }
 }
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct PinnedModeTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct PinnedModeTests {
     @Test func servePinnedLocksEverythingAndTakesNoFaults() throws {
         var o = ServeOptions()
         o.mode = .pinned

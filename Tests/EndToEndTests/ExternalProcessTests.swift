@@ -13,7 +13,7 @@ import IOPFTestSupport
 @testable import IOPFDevice
 @testable import IOPFWire
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct ExternalProcessTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct ExternalProcessTests {
     func device(
         _ s: ListeningSession, id: Int, channel: String = "shared", seconds: Double = 2,
         extra: [String] = []
@@ -118,7 +118,7 @@ import IOPFTestSupport
 
 /// Hosts in their own processes: `iopf host` with churn, `iopf device --address-space`
 /// processes, the service in this one.
-@Suite(.serialized, .timeLimit(.minutes(5))) struct HostProcessTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct HostProcessTests {
     func host(_ s: ListeningSession, name: String, churn: Double = 3) throws -> Child {
         let child = try Child(
             "iopf",

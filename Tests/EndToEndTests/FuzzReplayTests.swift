@@ -8,7 +8,7 @@ import Testing
 import IOPFTestSupport
 import IOPFFuzzing
 
-@Suite(.timeLimit(.minutes(5))) struct FuzzReplayTests {
+@Suite(.timeLimit(.minutes(15))) struct FuzzReplayTests {
     static let corpus = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .appendingPathComponent("../../Tools/fuzz/corpus").standardized
 

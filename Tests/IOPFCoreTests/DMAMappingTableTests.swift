@@ -3,7 +3,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct DMAMappingTableTests {
+@Suite(.timeLimit(.minutes(15))) struct DMAMappingTableTests {
     @Test func validatesLikeType1() {
         var t = DMAMappingTable()
         #expect(throws: DMAMapError.zeroSize(iova: 0)) { try t.insert(iova: 0, vaddr: 0, size: 0, prot: .read) }

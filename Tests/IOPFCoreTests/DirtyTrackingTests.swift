@@ -5,7 +5,7 @@
 import Testing
 @_spi(FaultInjection) @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct DirtyTrackingTests {
+@Suite(.timeLimit(.minutes(15))) struct DirtyTrackingTests {
     static let host: UInt64 = 0x7f00_0000_0000
     static let iova: UInt64 = 0x1_0000_0000
 

@@ -8,7 +8,7 @@ import Synchronization
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct FailClosedTests {
+@Suite(.timeLimit(.minutes(15))) struct FailClosedTests {
     static let host: UInt64 = 0x7000_0000_0000
     static let iova: UInt64 = 1 << 30
 

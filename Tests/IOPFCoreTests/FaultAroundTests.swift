@@ -5,7 +5,7 @@ import Synchronization
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct FaultAroundTests {
+@Suite(.timeLimit(.minutes(15))) struct FaultAroundTests {
     static let host: UInt64 = 0x7f00_0000_0000
     static let iova: UInt64 = 0x1_0000_0000
     let memory = SimulatedHostMemory()

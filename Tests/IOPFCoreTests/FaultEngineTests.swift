@@ -5,7 +5,7 @@ import Synchronization
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct FaultEngineTests {
+@Suite(.timeLimit(.minutes(15))) struct FaultEngineTests {
     static let host: UInt64 = 0x7f00_0000_0000
     let memory = SimulatedHostMemory()
 

@@ -4,7 +4,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct GroupAssemblerTests {
+@Suite(.timeLimit(.minutes(15))) struct GroupAssemblerTests {
     func record(page: UInt64, cookie: UInt32, group: UInt32 = 1, last: Bool = true, device: UInt32 = 1) -> [UInt8] {
         PageRequest(
             flags: last ? [.lastPage] : [], deviceID: device, groupIndex: group, perm: [.read],

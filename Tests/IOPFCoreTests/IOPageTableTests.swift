@@ -4,7 +4,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct IOPageTableTests {
+@Suite(.timeLimit(.minutes(15))) struct IOPageTableTests {
     @Test func mapsAndTranslatesEachPageSize() throws {
         let t = IOPageTable()
         try t.map(iova: 0x1000, phys: 0xA000, size: 4 * KiB, prot: .read)

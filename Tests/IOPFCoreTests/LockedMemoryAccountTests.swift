@@ -3,7 +3,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct LockedMemoryAccountTests {
+@Suite(.timeLimit(.minutes(15))) struct LockedMemoryAccountTests {
     @Test func chargesAndRefusesWithoutChangingAnything() throws {
         let a = LockedMemoryAccount(limitBytes: 100 * 4096, bypassesLimit: false)
         try a.charge(pages: 60)

@@ -6,7 +6,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct ModelTests {
+@Suite(.timeLimit(.minutes(15))) struct ModelTests {
     struct ModelMapping {
         var iova: UInt64
         var vaddr: UInt64

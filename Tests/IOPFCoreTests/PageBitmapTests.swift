@@ -5,7 +5,7 @@ import BitCollections
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct PageBitmapTests {
+@Suite(.timeLimit(.minutes(15))) struct PageBitmapTests {
     static let universes = [0, 1, 2, 63, 64, 65, 127, 128, 130, 200]
 
     static func randomPair(count: Int, using rng: inout SeededGenerator) -> (PageBitmap, BitSet) {
@@ -130,7 +130,7 @@ import Testing
 
 /// The sparse storage: bitmaps of several chunks, with ranges across chunk edges, against
 /// the oracle; and a huge bitmap that costs its directory, not its size.
-@Suite(.timeLimit(.minutes(2))) struct SparsePageBitmapTests {
+@Suite(.timeLimit(.minutes(15))) struct SparsePageBitmapTests {
     @Test func rangesAcrossChunksMatchOracle() {
         let count = 3 * PageBitmap.chunkBits + 77
         var rng = SeededGenerator(seed: 42)

@@ -4,7 +4,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct PinnedMappingTests {
+@Suite(.timeLimit(.minutes(15))) struct PinnedMappingTests {
     static let host: UInt64 = 0x7000_0000_0000  // 2 MiB aligned, so are its physical addresses
 
     func engine(limitPages: Int = .max, bypass: Bool = false) throws -> (FaultEngine, SimulatedHostMemory) {

@@ -5,7 +5,7 @@
 import Testing
 @testable import IOPFCore
 
-@Suite(.timeLimit(.minutes(2))) struct WriteProtectTests {
+@Suite(.timeLimit(.minutes(15))) struct WriteProtectTests {
     @Test func writableLeavesInTheRangeLoseWriteWithOneSync() throws {
         let t = IOPageTable()
         let inv = RecordingInvalidator()

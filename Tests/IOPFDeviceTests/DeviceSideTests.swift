@@ -11,7 +11,7 @@ import CIOPFShim
 @testable import IOPFSystem
 @testable import IOPFWire
 
-@Suite(.timeLimit(.minutes(2))) struct DeviceSideTests {
+@Suite(.timeLimit(.minutes(15))) struct DeviceSideTests {
     /// A memfd of `size` bytes holding `value` in its first 8 bytes.
     func memfd(size: Int, value: UInt64) throws -> FileDescriptor {
         let fd = iopf_memfd_create("iopf-device-test")

@@ -16,7 +16,7 @@ import IOPFTestSupport
 @testable import IOPFSimulation
 @_spi(SharedRings) @testable import IOPFSystem
 
-@Suite(.serialized, .timeLimit(.minutes(2))) struct FailClosedServiceTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct FailClosedServiceTests {
     @Test func aReadErrorOnTheUserfaultfdStopsGranting() throws {
         let h = try EventHarness()
         #expect(try h.fault([0]) == .success)

@@ -72,7 +72,7 @@ final class Harness {
     }
 }
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct FaultChannelTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct FaultChannelTests {
     @Test(arguments: [ChannelTransport.socket, .pipe])
     func recordsSplitAcrossReadsAreReassembled(transport: ChannelTransport) throws {
         let h = try Harness(transport: transport)

@@ -16,7 +16,7 @@ import IOPFTestSupport
 @testable import IOPFSystem
 @testable import IOPFWire
 
-@Suite(.serialized, .timeLimit(.minutes(6))) struct HostDirtyTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct HostDirtyTests {
     static let iova: UInt64 = 1 << 40
 
     /// A device of the host that writes a page the way hardware with ATS would: translate,

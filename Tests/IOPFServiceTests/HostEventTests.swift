@@ -64,7 +64,7 @@ final class EventHarness {
     func marked(_ page: Int) -> Bool { engine.isMarkedMapped(iova: Self.iova + UInt64(page) << 12) }
 }
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct HostEventTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct HostEventTests {
     /// Shared memory is taken back with MADV_REMOVE (it frees the pages); MADV_DONTNEED
     /// raises the same REMOVE event but leaves the shared pages' contents alone.
     @Test(arguments: [MADV_REMOVE, MADV_DONTNEED])

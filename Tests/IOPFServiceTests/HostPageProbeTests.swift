@@ -11,7 +11,7 @@ import IOPFCore
 @testable import IOPFService
 @testable import IOPFSystem
 
-@Suite(.timeLimit(.minutes(5))) struct HostPageProbeTests {
+@Suite(.timeLimit(.minutes(15))) struct HostPageProbeTests {
     /// Touching and asking the kernel (`touchingPages: false`) agree.
     @Test(arguments: [true, false]) func touchingConfirmsTheSamePageAndChangesNoByte(touchingPages: Bool) throws {
         let region = try HostRegion(length: 8 << 12)

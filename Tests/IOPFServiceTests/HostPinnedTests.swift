@@ -17,7 +17,7 @@ import IOPFTestSupport
 @testable import IOPFSystem
 @testable import IOPFWire
 
-@Suite(.serialized, .timeLimit(.minutes(6))) struct HostPinnedTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct HostPinnedTests {
     static let iova: UInt64 = 1 << 40
 
     @Test func aPinnedMappingIsLockedAndMappedWholeAndOutlivesTheHostsEvents() throws {

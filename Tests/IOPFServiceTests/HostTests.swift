@@ -15,7 +15,7 @@ import IOPFTestSupport
 @testable import IOPFSystem
 @testable import IOPFWire
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct HostTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct HostTests {
     static let iova: UInt64 = 1 << 40
 
     @Test func aDeviceReachesTheHostsMemoryAndTheHostsChangesBecomeInvalidations() throws {

@@ -93,7 +93,7 @@ final class FakeBackend {
     }
 }
 
-@Suite(.serialized, .timeLimit(.minutes(6))) struct HostileVhostTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct HostileVhostTests {
     /// A miss is a page fault: the UPDATE names the whole mapped run in the block, at the
     /// physical address of its first page; a later miss beside it merges the two entries
     /// (INVALIDATE of the run, then its UPDATE); an invalidation reaches the back-end and

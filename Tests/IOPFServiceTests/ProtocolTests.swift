@@ -13,7 +13,7 @@ import IOPFTestSupport
 @testable import IOPFSimulation
 @_spi(SharedRings) @testable import IOPFSystem
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct ProtocolTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct ProtocolTests {
     @Test func aDeviceAttachesFaultsTranslatesAndWritesTheHostsMemory() throws {
         let s = try ListeningService()
         let (client, a) = try s.device(7)

@@ -6,7 +6,7 @@ import Testing
 @testable import IOPFDevice
 @testable import IOPFService
 
-@Suite(.serialized, .timeLimit(.minutes(2))) struct SpinWindowTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct SpinWindowTests {
     @Test func coveredIdleKeepsTheWindowShortIdleGrowsItLongIdleShrinksIt() {
         var w = SpinWindow(maximum: 200_000)
         #expect(w.nanoseconds == 200_000)

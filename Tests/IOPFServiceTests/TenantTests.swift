@@ -17,7 +17,7 @@ import IOPFTestSupport
 @testable import IOPFSystem
 @testable import IOPFWire
 
-@Suite(.serialized, .timeLimit(.minutes(6))) struct TenantTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct TenantTests {
     static let nobody: UInt32 = 65534
     static var canRunAsNobody: Bool {
         geteuid() == 0
@@ -403,7 +403,7 @@ import IOPFTestSupport
 }
 
 /// Where the protocol document and the service disagreed, and how killed devices count.
-@Suite(.serialized, .timeLimit(.minutes(2))) struct ProtocolAgreementTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct ProtocolAgreementTests {
     @Test func aRecordWithCookieZeroIsAnsweredInvalid() throws {
         let s = try ListeningService()
         let (_, a) = try s.device(7, stream: true)

@@ -10,7 +10,7 @@ import IOPFTestSupport
 @testable import IOPFSystem
 @testable import IOPFWire
 
-@Suite(.serialized, .timeLimit(.minutes(6))) struct VhostBackendTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct VhostBackendTests {
     /// One request and its reply over the stream socket: the header, then exactly its size.
     func ask(_ fd: CInt, _ request: VhostUser.Request) throws -> UInt64 {
         try Sys.send(fd, VhostUser.message(request), nonBlocking: false)

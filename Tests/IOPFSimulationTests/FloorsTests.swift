@@ -6,7 +6,7 @@ import Testing
 @testable import IOPFSimulation
 @testable import IOPFSystem
 
-@Suite(.serialized, .timeLimit(.minutes(2))) struct FloorsTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct FloorsTests {
     /// Two threads on two CPUs hand a cache line back and forth: at least some tens of
     /// nanoseconds (the line really moves between caches), well under a scheduler's
     /// wake-up (both spin); none when the process may use one CPU.

@@ -10,7 +10,7 @@ import Testing
 @testable import IOPFService
 @testable import IOPFSimulation
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct HugePageTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct HugePageTests {
     /// Populates one page in the middle of each region's first block, then asks.
     @Test func theProbeTellsAHugePageFromSmallOnes() throws {
         _ = try HugePages.enableForShmem()

@@ -8,7 +8,7 @@ import Testing
 @_spi(FaultInjection) @testable import IOPFService
 @testable import IOPFSimulation
 
-@Suite(.serialized, .timeLimit(.minutes(5))) struct StressTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct StressTests {
     static func run(
         _ bugs: InjectedBugs, seconds: Double = 3, external: Bool = false, seed: UInt64 = 11,
         outstanding: Int = 1

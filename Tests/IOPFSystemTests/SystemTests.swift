@@ -6,7 +6,7 @@ import Glibc
 import Testing
 @_spi(SharedRings) @testable import IOPFSystem
 
-@Suite(.timeLimit(.minutes(2))) struct SystemTests {
+@Suite(.timeLimit(.minutes(15))) struct SystemTests {
     @Test func aDescriptorSentWithAMessageIsTheSameOpenFile() throws {
         let (a, b) = try Sys.seqpacketPair()
         defer { Sys.close(a); Sys.close(b) }

@@ -29,7 +29,7 @@ func niceThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws 
     return try result.withLock { $0! }.get()
 }
 
-@Suite(.serialized, .timeLimit(.minutes(6))) struct VhostTrafficTests {
+@Suite(.serialized, .timeLimit(.minutes(15))) struct VhostTrafficTests {
     /// 10 s of traffic under an invalidation every 5 ms and a madvise(MADV_DONTNEED) of
     /// the driver's memory every 5 ms (seen through userfaultfd): every payload intact,
     /// misses served, every invalidation acknowledged by the back-end.

@@ -3,7 +3,7 @@
 import Testing
 @testable import IOPFWire
 
-@Suite(.timeLimit(.minutes(2))) struct FaultRecordTests {
+@Suite(.timeLimit(.minutes(15))) struct FaultRecordTests {
     static let sample = PageRequest(
         flags: [.pasidValid, .lastPage], deviceID: 7, pasid: 42, groupIndex: 511,
         perm: [.read, .write], addr: 0xdead_b123, length: 0, cookie: 0x1234_5678)

@@ -4,7 +4,7 @@
 import Testing
 @testable import IOPFWire
 
-@Suite(.timeLimit(.minutes(2))) struct MessageTests {
+@Suite(.timeLimit(.minutes(15))) struct MessageTests {
     func roundTrip<P: WirePayload>(_ p: P) throws -> P {
         let bytes = p.message(id: 9)
         let header = try bytes.withUnsafeBytes { try MessageHeader(message: $0) }

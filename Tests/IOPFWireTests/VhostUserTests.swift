@@ -5,7 +5,7 @@
 import Testing
 @testable import IOPFWire
 
-@Suite(.timeLimit(.minutes(2))) struct VhostUserTests {
+@Suite(.timeLimit(.minutes(15))) struct VhostUserTests {
     /// The decoder's result, or the `DecodeError` it threw (anything else fails the test).
     func decode<T>(_ bytes: [UInt8], _ body: (UnsafeRawBufferPointer) throws -> T) -> Result<T, VhostUser.DecodeError> {
         bytes.withUnsafeBytes { p in
