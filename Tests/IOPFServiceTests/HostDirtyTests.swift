@@ -172,7 +172,8 @@ import IOPFTestSupport
         #expect(try raw.receive()?.header.isError == true)
         try raw.send(DMAUnmapRequest(iova: Self.iova, size: 4096, flags: 2).message(id: 5))
         #expect(try raw.receive()?.header.isError == true)
-        let kinds = s.waitFor { $0.protocolErrorKinds[.unexpectedFDs] == 1 }.protocolErrorKinds
+        let kinds = s.waitFor { $0.protocolErrorKinds[.unexpectedFDs] == 1 && $0.protocolErrorKinds[.badField] == 1 }
+            .protocolErrorKinds
         #expect(kinds[.unexpectedFDs] == 1 && kinds[.badField] == 1, "\(kinds)")
         try w.client.detach()
         try host.detach()
