@@ -39,6 +39,19 @@ func checkDirtyRange(_ c: Command, iova: UInt64, size: UInt64) throws(WireError)
     }
 }
 
+/// Checks a read of the log (DIRTY_READ, DMA_UNMAP with GET_DIRTY): its range, at most
+/// `DirtyLimits.maxReadBytes`, and a bitmap offset 8-aligned with the bitmap not wrapping.
+func checkDirtyRead(_ c: Command, iova: UInt64, size: UInt64, bitmapOffset: UInt64) throws(WireError) {
+    try checkDirtyRange(c, iova: iova, size: size)
+    guard size <= DirtyLimits.maxReadBytes else {
+        throw .outOfRange(field: "\(c).size", value: size, allowed: "at most \(DirtyLimits.maxReadBytes)")
+    }
+    guard bitmapOffset & 7 == 0, bitmapOffset <= UInt64.max - UInt64(DirtyLimits.bitmapBytes(pages: size >> 12)) else {
+        throw .outOfRange(
+            field: "\(c).bitmapOffset", value: bitmapOffset, allowed: "8-aligned, offset + bitmap not wrapping")
+    }
+}
+
 /// What DIRTY_START and DIRTY_STOP carry: 16 bytes {iova, size}, a page-aligned range.
 public protocol DirtyRangeRequest: WirePayload {
     /// The first IOVA of the range.
@@ -113,17 +126,10 @@ public struct DirtyReadRequest: WirePayload {
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
         try Wire.expectSize(.dirtyRead, p, 24)
         var r = WireReader(p)
-        (iova, size) = try decodeRange(.dirtyRead, &r)
+        iova = r.u64()
+        size = r.u64()
         bitmapOffset = r.u64()
-        guard size <= DirtyLimits.maxReadBytes else {
-            throw .outOfRange(field: "DIRTY_READ.size", value: size, allowed: "at most \(DirtyLimits.maxReadBytes)")
-        }
-        guard bitmapOffset & 7 == 0, bitmapOffset <= UInt64.max - UInt64(DirtyLimits.bitmapBytes(pages: size >> 12))
-        else {
-            throw .outOfRange(
-                field: "DIRTY_READ.bitmapOffset", value: bitmapOffset,
-                allowed: "8-aligned, offset + bitmap not wrapping")
-        }
+        try checkDirtyRead(.dirtyRead, iova: iova, size: size, bitmapOffset: bitmapOffset)
     }
 
     public func encode(into w: inout WireWriter) {

@@ -267,9 +267,6 @@ public struct DMAUnmapRequest: WirePayload {
     /// Whether it is the 32-byte form (protocol 1.3): sent when a flag or an offset is set.
     public var isExtended: Bool { flags != 0 || bitmapOffset != 0 }
 
-    /// Pages the range covers: bits of a `getDirty` bitmap.
-    public var bitmapBytes: Int { DirtyLimits.bitmapBytes(pages: size >> 12) }
-
     public init(payload p: UnsafeRawBufferPointer) throws(WireError) {
         guard p.count == 16 || p.count == 32 else { throw .payloadSize(.dmaUnmap, got: p.count, expected: 32) }
         var r = WireReader(p)
@@ -292,16 +289,7 @@ public struct DMAUnmapRequest: WirePayload {
             }
             return
         }
-        try checkDirtyRange(.dmaUnmap, iova: iova, size: size)
-        guard size <= DirtyLimits.maxReadBytes else {
-            throw .outOfRange(
-                field: "DMA_UNMAP.size", value: size, allowed: "at most \(DirtyLimits.maxReadBytes) with GET_DIRTY")
-        }
-        guard bitmapOffset & 7 == 0, bitmapOffset <= UInt64.max - UInt64(bitmapBytes) else {
-            throw .outOfRange(
-                field: "DMA_UNMAP.bitmapOffset", value: bitmapOffset, allowed: "8-aligned, offset + bitmap not wrapping"
-            )
-        }
+        try checkDirtyRead(.dmaUnmap, iova: iova, size: size, bitmapOffset: bitmapOffset)
     }
 
     public func encode(into w: inout WireWriter) {
